@@ -1,0 +1,313 @@
+//! Framing on top of rumqttc's `mqttbytes` codec: the checks it leaves out (fixed-header flag
+//! bits, the CONNECT header before the full parse) and a PUBLISH encoder that needs no copy of the
+//! topic.
+
+use bytes::{BufMut, BytesMut};
+use rumqttc::mqttbytes::{self, v4::Packet, QoS};
+
+/// CONNACK return codes of MQTT 3.1.1 that the broker sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnackCode {
+    /// 0x00: connection accepted.
+    Accepted = 0,
+    /// 0x01: the protocol level is not supported.
+    UnacceptableProtocolVersion = 1,
+    /// 0x02: the client identifier is not allowed.
+    IdentifierRejected = 2,
+}
+
+/// Why the bytes from a client are not a valid packet. Every variant closes the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The remaining length exceeds `mqtt.max_packet_size`.
+    #[error("packet of {size} bytes exceeds the maximum packet size of {max}")]
+    TooLarge {
+        /// Declared remaining length.
+        size: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// Reserved flag bits are wrong for the packet type.
+    #[error("invalid fixed-header flags {flags:#06b} for packet type {packet_type}")]
+    BadFlags {
+        /// The packet type nibble.
+        packet_type: u8,
+        /// The flags nibble.
+        flags: u8,
+    },
+    /// The packet could not be decoded.
+    #[error("malformed packet: {0}")]
+    Malformed(mqttbytes::Error),
+    /// The CONNECT is not MQTT 3.1.1; the client gets CONNACK 0x01.
+    #[error("unsupported protocol {name:?} level {level}")]
+    UnsupportedProtocol {
+        /// Protocol name from the CONNECT.
+        name: String,
+        /// Protocol level from the CONNECT.
+        level: u8,
+    },
+    /// The CONNECT's flags break the specification (reserved bit, password without user name).
+    #[error("invalid CONNECT flags {0:#010b}")]
+    BadConnectFlags(u8),
+}
+
+/// Checks the fixed header at the start of `buf` and decodes one packet when complete.
+///
+/// Returns `Ok(None)` when more bytes are needed.
+pub fn read_packet(buf: &mut BytesMut, max_size: usize) -> Result<Option<Packet>, CodecError> {
+    let Some(&byte1) = buf.first() else {
+        return Ok(None);
+    };
+    check_flags(byte1)?;
+    let header = match mqttbytes::check(buf.iter(), max_size) {
+        Ok(header) => header,
+        Err(mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(mqttbytes::Error::PayloadSizeLimitExceeded(size)) => {
+            return Err(CodecError::TooLarge {
+                size,
+                max: max_size,
+            })
+        }
+        Err(e) => return Err(CodecError::Malformed(e)),
+    };
+    if byte1 >> 4 == 1 {
+        check_connect_header(&buf[..header.frame_length()])?;
+    }
+    Packet::read(buf, max_size)
+        .map(Some)
+        .map_err(CodecError::Malformed)
+}
+
+/// MQTT 3.1.1 section 2.2.2: the flags each packet type must carry.
+fn check_flags(byte1: u8) -> Result<(), CodecError> {
+    let packet_type = byte1 >> 4;
+    let flags = byte1 & 0x0f;
+    let ok = match packet_type {
+        // PUBLISH: QoS 3 is invalid; DUP must be 0 for QoS 0.
+        3 => {
+            let qos = (flags >> 1) & 0b11;
+            qos != 3 && !(qos == 0 && flags & 0b1000 != 0)
+        }
+        6 | 8 | 10 => flags == 0b0010,
+        _ => flags == 0,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(CodecError::BadFlags { packet_type, flags })
+    }
+}
+
+/// Looks at the protocol name, level and flags of a complete CONNECT frame before the full
+/// decode, so that an unsupported protocol gets CONNACK 0x01 instead of a bare close.
+fn check_connect_header(frame: &[u8]) -> Result<(), CodecError> {
+    // Skip the fixed header: byte 1 plus 1-4 remaining-length bytes.
+    let mut i = 1;
+    while i < frame.len() && frame[i] & 0x80 != 0 {
+        i += 1;
+    }
+    let var = &frame[(i + 1).min(frame.len())..];
+    let malformed = || CodecError::Malformed(mqttbytes::Error::MalformedPacket);
+    if var.len() < 2 {
+        return Err(malformed());
+    }
+    let name_len = u16::from_be_bytes([var[0], var[1]]) as usize;
+    if var.len() < 2 + name_len + 2 {
+        return Err(malformed());
+    }
+    let name = &var[2..2 + name_len];
+    let level = var[2 + name_len];
+    let flags = var[3 + name_len];
+    match (name, level) {
+        (b"MQTT", 4) => {}
+        (b"MQTT", _) | (b"MQIsdp", _) => {
+            return Err(CodecError::UnsupportedProtocol {
+                name: String::from_utf8_lossy(name).into_owned(),
+                level,
+            })
+        }
+        _ => return Err(CodecError::Malformed(mqttbytes::Error::InvalidProtocol)),
+    }
+    let reserved = flags & 0b1 != 0;
+    let password_without_user = flags & 0b0100_0000 != 0 && flags & 0b1000_0000 == 0;
+    if reserved || password_without_user {
+        return Err(CodecError::BadConnectFlags(flags));
+    }
+    Ok(())
+}
+
+/// Appends a PUBLISH to `buf` (pkid is ignored for QoS 0).
+pub fn write_publish(
+    buf: &mut BytesMut,
+    topic: &str,
+    payload: &[u8],
+    qos: QoS,
+    pkid: u16,
+    retain: bool,
+    dup: bool,
+) {
+    let mut byte1 = 0b0011_0000 | ((qos as u8) << 1);
+    if retain {
+        byte1 |= 1;
+    }
+    if dup {
+        byte1 |= 0b1000;
+    }
+    let mut remaining = 2 + topic.len() + payload.len();
+    if qos != QoS::AtMostOnce {
+        remaining += 2;
+    }
+    buf.reserve(5 + remaining);
+    buf.put_u8(byte1);
+    write_remaining_length(buf, remaining);
+    buf.put_u16(topic.len() as u16);
+    buf.put_slice(topic.as_bytes());
+    if qos != QoS::AtMostOnce {
+        buf.put_u16(pkid);
+    }
+    buf.put_slice(payload);
+}
+
+fn write_remaining_length(buf: &mut BytesMut, mut len: usize) {
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        buf.put_u8(byte);
+        if len == 0 {
+            break;
+        }
+    }
+}
+
+/// Appends any other packet using rumqttc's encoder.
+pub fn write_packet(buf: &mut BytesMut, packet: &Packet) {
+    // Broker-generated control packets are a few bytes; the size limit cannot be hit.
+    if let Err(error) = packet.write(buf, usize::MAX) {
+        tracing::error!(%error, ?packet, "Cannot encode packet.");
+    }
+}
+
+/// A fixed label for a packet type, for metrics.
+pub fn packet_label(packet: &Packet) -> &'static str {
+    match packet {
+        Packet::Connect(_) => "connect",
+        Packet::ConnAck(_) => "connack",
+        Packet::Publish(_) => "publish",
+        Packet::PubAck(_) => "puback",
+        Packet::PubRec(_) => "pubrec",
+        Packet::PubRel(_) => "pubrel",
+        Packet::PubComp(_) => "pubcomp",
+        Packet::Subscribe(_) => "subscribe",
+        Packet::SubAck(_) => "suback",
+        Packet::Unsubscribe(_) => "unsubscribe",
+        Packet::UnsubAck(_) => "unsuback",
+        Packet::PingReq => "pingreq",
+        Packet::PingResp => "pingresp",
+        Packet::Disconnect => "disconnect",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::mqttbytes::v4::Connect;
+
+    fn connect_bytes(level: u8, flags: u8) -> BytesMut {
+        let mut b = BytesMut::new();
+        write_packet(&mut b, &Packet::Connect(Connect::new("c")));
+        // byte 0 type, byte 1 remaining length, 2-3 name length, 4-7 "MQTT", 8 level, 9 flags
+        b[8] = level;
+        b[9] = flags;
+        b
+    }
+
+    #[test]
+    fn accepts_a_plain_connect() {
+        let mut b = connect_bytes(4, 0b10);
+        assert!(matches!(
+            read_packet(&mut b, 1024),
+            Ok(Some(Packet::Connect(_)))
+        ));
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn refuses_other_protocol_levels_and_bad_flags() {
+        for level in [3, 5, 6] {
+            let mut b = connect_bytes(level, 0b10);
+            assert!(matches!(
+                read_packet(&mut b, 1024),
+                Err(CodecError::UnsupportedProtocol { .. })
+            ));
+        }
+        let mut b = connect_bytes(4, 0b11);
+        assert!(matches!(
+            read_packet(&mut b, 1024),
+            Err(CodecError::BadConnectFlags(_))
+        ));
+        let mut b = connect_bytes(4, 0b0100_0010);
+        assert!(matches!(
+            read_packet(&mut b, 1024),
+            Err(CodecError::BadConnectFlags(_))
+        ));
+    }
+
+    #[test]
+    fn checks_fixed_header_flags() {
+        // SUBSCRIBE must carry 0b0010.
+        let mut b = BytesMut::from(&[0x80u8, 0x00][..]);
+        assert!(matches!(
+            read_packet(&mut b, 1024),
+            Err(CodecError::BadFlags { .. })
+        ));
+        // PINGREQ with a flag bit set.
+        let mut b = BytesMut::from(&[0xC1u8, 0x00][..]);
+        assert!(read_packet(&mut b, 1024).is_err());
+        // PUBLISH QoS 3.
+        let mut b = BytesMut::from(&[0x36u8, 0x00][..]);
+        assert!(read_packet(&mut b, 1024).is_err());
+    }
+
+    #[test]
+    fn waits_for_more_bytes_and_limits_size() {
+        let mut b = BytesMut::from(&[0x30u8][..]);
+        assert!(matches!(read_packet(&mut b, 1024), Ok(None)));
+        let mut b = BytesMut::from(&[0x30u8, 0xff, 0xff, 0x03][..]);
+        assert!(matches!(
+            read_packet(&mut b, 1024),
+            Err(CodecError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn publish_encoding_round_trips() {
+        for (qos, pkid) in [
+            (QoS::AtMostOnce, 0),
+            (QoS::AtLeastOnce, 7),
+            (QoS::ExactlyOnce, 9),
+        ] {
+            let payload = vec![7u8; 300];
+            let mut b = BytesMut::new();
+            write_publish(
+                &mut b,
+                "a/b",
+                &payload,
+                qos,
+                pkid,
+                true,
+                qos != QoS::AtMostOnce,
+            );
+            let Ok(Some(Packet::Publish(p))) = read_packet(&mut b, 1024) else {
+                panic!("publish did not decode");
+            };
+            assert_eq!(p.topic, "a/b");
+            assert_eq!(p.qos, qos);
+            assert_eq!(p.pkid, pkid);
+            assert!(p.retain);
+            assert_eq!(&p.payload[..], &payload[..]);
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The MQTT 3.1.1 side of the broker: the listener, one task per connection, sessions, topic
+//! matching, subscriptions, retained messages and fan-out.
+//!
+//! Data flows one way: [`listener`] accepts sockets and spawns a [`connection`] task each; the
+//! connection decodes packets ([`codec`]), keeps its [`session`] and hands messages to the
+//! [`router`]; connection lifecycle events go out on the presence channel.
+
+pub mod codec;
+pub mod connection;
+pub mod listener;
+pub mod router;
+pub mod session;
+pub mod topic;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::config::MqttConfig;
+use crate::metrics::metrics;
+use crate::presence::EventSender;
+use router::Router;
+use session::Session;
+
+pub use listener::serve;
+
+/// The outcome of [`Shared::attach`].
+pub struct Attached {
+    /// CONNACK's session-present flag.
+    pub session_present: bool,
+    /// Subscriptions of a discarded previous session, to remove from the router.
+    pub dropped_subscriptions: Vec<Box<str>>,
+}
+
+/// What every connection task shares.
+pub struct Shared {
+    /// Listener and protocol settings.
+    pub config: MqttConfig,
+    /// Subscriptions, retained messages, fan-out.
+    pub router: Router,
+    /// Client id -> session, for takeover and persistent sessions.
+    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    /// Where connection events go.
+    pub events: EventSender,
+    /// Last connection sequence number handed out.
+    seq: AtomicU64,
+    /// Last session key handed out.
+    session_key: AtomicU64,
+    /// Signalled whenever a connection closes, so that an accept loop out of file descriptors
+    /// retries at once.
+    pub connection_closed: Notify,
+}
+
+impl Shared {
+    /// Shared state for one listener.
+    pub fn new(config: MqttConfig, events: EventSender) -> Self {
+        Self {
+            router: Router::new(config.max_queued_messages),
+            config,
+            sessions: Mutex::new(HashMap::new()),
+            events,
+            seq: AtomicU64::new(0),
+            session_key: AtomicU64::new(0),
+            connection_closed: Notify::new(),
+        }
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session of `client_id`, created empty when there is none.
+    pub fn session(&self, client_id: &str) -> Arc<Session> {
+        let mut sessions = self.sessions();
+        if let Some(s) = sessions.get(client_id) {
+            return Arc::clone(s);
+        }
+        let key = self.session_key.fetch_add(1, Ordering::Relaxed) + 1;
+        let client_id: Arc<str> = client_id.into();
+        let session = Arc::new(Session::new(Arc::clone(&client_id), key));
+        sessions.insert(client_id, Arc::clone(&session));
+        session
+    }
+
+    /// Makes `owner` the owner of `session`, unless the session was unregistered meanwhile (then
+    /// the caller starts over with a fresh one). A clean-session connect discards the previous
+    /// state. The caller must have made any previous owner close first.
+    pub fn attach(
+        &self,
+        session: &Arc<Session>,
+        owner: session::Owner,
+        clean_session: bool,
+    ) -> Option<Attached> {
+        let sessions = self.sessions();
+        if !sessions
+            .get(&session.client_id)
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
+            return None;
+        }
+        let mut st = session.state();
+        let was_persistent = st.persistent;
+        let mut dropped = Vec::new();
+        let session_present = if clean_session {
+            dropped = st.clear();
+            false
+        } else {
+            was_persistent
+        };
+        st.persistent = !clean_session;
+        st.owner = Some(owner);
+        drop(st);
+        drop(sessions);
+        match (was_persistent, !clean_session) {
+            (false, true) => metrics().persistent_sessions.inc(),
+            (true, false) => metrics().persistent_sessions.dec(),
+            _ => {}
+        }
+        Some(Attached {
+            session_present,
+            dropped_subscriptions: dropped,
+        })
+    }
+
+    /// Ends `session_id`'s ownership of `session`. A session that is not persistent is then
+    /// forgotten; the returned filters must be removed from the router.
+    pub fn detach(
+        &self,
+        session: &Arc<Session>,
+        session_id: crate::presence::SessionId,
+    ) -> Vec<Box<str>> {
+        let mut sessions = self.sessions();
+        let mut st = session.state();
+        if st
+            .owner
+            .as_ref()
+            .is_some_and(|o| o.session_id == session_id)
+        {
+            st.owner = None;
+        }
+        if st.owner.is_some() || st.persistent {
+            return Vec::new();
+        }
+        let dropped = st.clear();
+        drop(st);
+        if sessions
+            .get(&session.client_id)
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
+            sessions.remove(&session.client_id);
+        }
+        dropped
+    }
+
+    /// The next connection sequence number (broker-wide, increasing).
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}

@@ -1,0 +1,393 @@
+//! Sessions: the state the broker keeps per client id, across connections when
+//! clean_session = false (subscriptions, queued and in-flight messages, QoS 2 receipts).
+//!
+//! A [`Session`] is shared between the connection that currently owns it, the router (which
+//! enqueues messages for it) and the registry. Locking rule: a session's state lock is never held
+//! while taking the router's subscription lock.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::QoS;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::codec;
+use crate::metrics::metrics;
+use crate::presence::SessionId;
+
+/// A message as routed: shared by every subscriber it goes to.
+#[derive(Debug)]
+pub struct Message {
+    /// The topic it was published to.
+    pub topic: Box<str>,
+    /// Its own copy of the payload, so that it never pins a connection's read buffer.
+    pub payload: Bytes,
+    /// The QoS it was published with.
+    pub qos: QoS,
+    /// The publisher's retain flag.
+    pub retain: bool,
+}
+
+/// One message waiting for a client.
+#[derive(Debug, Clone)]
+struct Outgoing {
+    message: Arc<Message>,
+    /// min(publish QoS, subscription QoS).
+    qos: QoS,
+    /// Set only when it is a retained message sent in answer to a SUBSCRIBE.
+    retain: bool,
+}
+
+/// Where an outgoing QoS 1/2 message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published,
+    /// PUBREL sent, waiting for PUBCOMP.
+    Released,
+}
+
+#[derive(Debug)]
+struct Inflight {
+    pkid: u16,
+    out: Outgoing,
+    stage: Stage,
+}
+
+/// The connection that currently owns a session.
+#[derive(Debug, Clone)]
+pub struct Owner {
+    /// The owning connection's id.
+    pub session_id: SessionId,
+    /// Cancelled to make the owner close with reason takeover.
+    pub kick: CancellationToken,
+    /// Cancelled by the owner once it has detached and emitted its Disconnected event.
+    pub closed: CancellationToken,
+}
+
+/// Mutable session state, behind [`Session::state`].
+#[derive(Debug, Default)]
+pub struct SessionState {
+    /// clean_session = false: the state outlives the connection.
+    pub persistent: bool,
+    /// The connection using the session now, if any.
+    pub owner: Option<Owner>,
+    /// Topic filter -> granted QoS.
+    pub subscriptions: HashMap<Box<str>, QoS>,
+    /// Messages not yet sent (beyond the in-flight window, or written out soon).
+    pending: VecDeque<Outgoing>,
+    /// QoS 1/2 messages sent and not yet acknowledged, oldest first.
+    inflight: VecDeque<Inflight>,
+    /// Last packet id used for an outgoing message.
+    last_pkid: u16,
+    /// Packet ids of QoS 2 messages received and not yet released (PUBREL).
+    incoming_qos2: HashSet<u16>,
+}
+
+impl SessionState {
+    /// Forgets everything but the owner (a clean-session connect, or a session that ends).
+    /// Returns the subscriptions the router must drop.
+    pub fn clear(&mut self) -> Vec<Box<str>> {
+        metrics().messages_queued.sub(self.pending.len() as i64);
+        self.pending = VecDeque::new();
+        self.inflight = VecDeque::new();
+        self.incoming_qos2 = HashSet::new();
+        self.last_pkid = 0;
+        std::mem::take(&mut self.subscriptions)
+            .into_keys()
+            .collect()
+    }
+
+    /// Whether a message was queued or sent since the session started.
+    pub fn has_messages(&self) -> bool {
+        !self.pending.is_empty() || !self.inflight.is_empty()
+    }
+
+    /// Records a received QoS 2 packet id; false when it was already recorded (a redelivery that
+    /// must not be routed again).
+    pub fn receive_qos2(&mut self, pkid: u16) -> bool {
+        self.incoming_qos2.insert(pkid)
+    }
+
+    /// Forgets a received QoS 2 packet id (PUBREL).
+    pub fn release_qos2(&mut self, pkid: u16) {
+        self.incoming_qos2.remove(&pkid);
+    }
+
+    /// PUBACK: the QoS 1 message is delivered.
+    pub fn puback(&mut self, pkid: u16) -> bool {
+        self.remove_inflight(pkid, Stage::Published, QoS::AtLeastOnce)
+    }
+
+    /// PUBREC: the QoS 2 message is received; the caller sends PUBREL.
+    pub fn pubrec(&mut self, pkid: u16) -> bool {
+        match self
+            .inflight
+            .iter_mut()
+            .find(|f| f.pkid == pkid && f.out.qos == QoS::ExactlyOnce)
+        {
+            Some(f) => {
+                f.stage = Stage::Released;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// PUBCOMP: the QoS 2 exchange is complete.
+    pub fn pubcomp(&mut self, pkid: u16) -> bool {
+        self.remove_inflight(pkid, Stage::Released, QoS::ExactlyOnce)
+    }
+
+    fn remove_inflight(&mut self, pkid: u16, stage: Stage, qos: QoS) -> bool {
+        match self
+            .inflight
+            .iter()
+            .position(|f| f.pkid == pkid && f.stage == stage && f.out.qos == qos)
+        {
+            Some(i) => {
+                self.inflight.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Writes every in-flight message again (PUBLISH with DUP, or PUBREL), as a reconnecting
+    /// persistent session requires.
+    pub fn write_inflight(&self, buf: &mut BytesMut) -> usize {
+        for f in &self.inflight {
+            match f.stage {
+                Stage::Published => codec::write_publish(
+                    buf,
+                    &f.out.message.topic,
+                    &f.out.message.payload,
+                    f.out.qos,
+                    f.pkid,
+                    f.out.retain,
+                    true,
+                ),
+                Stage::Released => codec::write_packet(
+                    buf,
+                    &rumqttc::mqttbytes::v4::Packet::PubRel(rumqttc::mqttbytes::v4::PubRel::new(
+                        f.pkid,
+                    )),
+                ),
+            }
+        }
+        self.inflight.len()
+    }
+
+    /// Moves pending messages into `buf` until it holds `limit` bytes or the in-flight window is
+    /// full. Returns how many PUBLISH packets were written.
+    pub fn write_pending(
+        &mut self,
+        buf: &mut BytesMut,
+        limit: usize,
+        max_inflight: usize,
+    ) -> usize {
+        let mut written = 0;
+        while buf.len() < limit {
+            let Some(front) = self.pending.front() else {
+                break;
+            };
+            let pkid = if front.qos == QoS::AtMostOnce {
+                0
+            } else {
+                if self.inflight.len() >= max_inflight {
+                    break;
+                }
+                self.next_pkid()
+            };
+            let Some(out) = self.pending.pop_front() else {
+                break;
+            };
+            metrics().messages_queued.dec();
+            codec::write_publish(
+                buf,
+                &out.message.topic,
+                &out.message.payload,
+                out.qos,
+                pkid,
+                out.retain,
+                false,
+            );
+            if out.qos != QoS::AtMostOnce {
+                self.inflight.push_back(Inflight {
+                    pkid,
+                    out,
+                    stage: Stage::Published,
+                });
+            }
+            written += 1;
+        }
+        if self.pending.is_empty() && self.pending.capacity() > 16 {
+            self.pending = VecDeque::new();
+        }
+        written
+    }
+
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.last_pkid = self.last_pkid.wrapping_add(1);
+            if self.last_pkid == 0 {
+                continue;
+            }
+            let pkid = self.last_pkid;
+            if !self.inflight.iter().any(|f| f.pkid == pkid) {
+                return pkid;
+            }
+        }
+    }
+}
+
+/// Why a message was not queued for a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The session's queue is at `mqtt.max_queued_messages`.
+    QueueFull,
+    /// QoS 0 messages are not kept for a persistent session while its client is away.
+    Qos0Offline,
+}
+
+impl DropReason {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::Qos0Offline => "qos0_offline",
+        }
+    }
+}
+
+/// The state of one client id.
+#[derive(Debug)]
+pub struct Session {
+    /// The MQTT client id.
+    pub client_id: Arc<str>,
+    /// Unique per `Session` object, so that the router can tell two incarnations of a client id
+    /// apart.
+    pub key: u64,
+    /// Serialises connects of this client id, so a takeover completes before the next one.
+    pub connect_lock: tokio::sync::Mutex<()>,
+    state: Mutex<SessionState>,
+    /// Wakes the owning connection when messages are queued.
+    pub wake: Notify,
+}
+
+impl Session {
+    /// A new, empty session.
+    pub fn new(client_id: Arc<str>, key: u64) -> Self {
+        Self {
+            client_id,
+            key,
+            connect_lock: tokio::sync::Mutex::new(()),
+            state: Mutex::new(SessionState::default()),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Locks the state. A poisoned lock (a panic elsewhere) still yields the state: every
+    /// mutation leaves it consistent.
+    pub fn state(&self) -> MutexGuard<'_, SessionState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a message for the client and wakes its connection.
+    pub fn enqueue(
+        &self,
+        message: Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        max_queued: usize,
+    ) -> Result<(), DropReason> {
+        {
+            let mut st = self.state();
+            if st.owner.is_none() && qos == QoS::AtMostOnce {
+                return Err(DropReason::Qos0Offline);
+            }
+            if st.pending.len() >= max_queued {
+                return Err(DropReason::QueueFull);
+            }
+            st.pending.push_back(Outgoing {
+                message,
+                qos,
+                retain,
+            });
+        }
+        metrics().messages_queued.inc();
+        self.wake.notify_one();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(qos: QoS) -> Arc<Message> {
+        Arc::new(Message {
+            topic: "t".into(),
+            payload: Bytes::from_static(b"x"),
+            qos,
+            retain: false,
+        })
+    }
+
+    #[test]
+    fn inflight_window_and_acks() {
+        let mut st = SessionState::default();
+        for _ in 0..5 {
+            st.pending.push_back(Outgoing {
+                message: msg(QoS::AtLeastOnce),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+            });
+        }
+        let mut buf = BytesMut::new();
+        assert_eq!(st.write_pending(&mut buf, 1 << 20, 2), 2);
+        assert_eq!(st.inflight.len(), 2);
+        assert!(st.puback(1));
+        assert!(!st.puback(1), "a second PUBACK for the same id is ignored");
+        assert_eq!(st.write_pending(&mut buf, 1 << 20, 2), 1);
+        assert_eq!(
+            st.inflight.iter().map(|f| f.pkid).collect::<Vec<_>>(),
+            [2, 3]
+        );
+    }
+
+    #[test]
+    fn qos2_stages() {
+        let mut st = SessionState::default();
+        st.pending.push_back(Outgoing {
+            message: msg(QoS::ExactlyOnce),
+            qos: QoS::ExactlyOnce,
+            retain: false,
+        });
+        let mut buf = BytesMut::new();
+        st.write_pending(&mut buf, 1 << 20, 10);
+        assert!(!st.pubcomp(1), "PUBCOMP before PUBREC does not complete");
+        assert!(st.pubrec(1));
+        assert!(st.pubcomp(1));
+        assert!(!st.has_messages());
+    }
+
+    #[test]
+    fn offline_qos0_is_not_queued_and_queue_is_bounded() {
+        let s = Session::new("c".into(), 1);
+        assert_eq!(
+            s.enqueue(msg(QoS::AtMostOnce), QoS::AtMostOnce, false, 10),
+            Err(DropReason::Qos0Offline)
+        );
+        for _ in 0..3 {
+            s.enqueue(msg(QoS::AtLeastOnce), QoS::AtLeastOnce, false, 3)
+                .expect("room");
+        }
+        assert_eq!(
+            s.enqueue(msg(QoS::AtLeastOnce), QoS::AtLeastOnce, false, 3),
+            Err(DropReason::QueueFull)
+        );
+    }
+}

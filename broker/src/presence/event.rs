@@ -1,0 +1,151 @@
+//! Connection events: what the MQTT layer tells the presence pipeline.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+/// Unique, time-sortable identifier of one accepted connection (UUIDv7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct SessionId(pub uuid::Uuid);
+
+impl SessionId {
+    /// A new identifier; later calls sort after earlier ones.
+    pub fn new() -> Self {
+        Self(uuid::Uuid::now_v7())
+    }
+}
+
+impl Default for SessionId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Why a connection ended. A closed set: it is used as a metric label and a database value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DisconnectReason {
+    /// The client sent DISCONNECT.
+    ClientDisconnect,
+    /// Nothing was received within keep-alive x multiplier.
+    KeepaliveTimeout,
+    /// The socket closed or failed without DISCONNECT, or writes stopped making progress.
+    ConnectionLost,
+    /// The client broke the protocol (malformed, over-size or unexpected packet).
+    ProtocolError,
+    /// A newer connection with the same client id replaced this one.
+    Takeover,
+    /// The broker is shutting down.
+    BrokerShutdown,
+}
+
+impl DisconnectReason {
+    /// Every reason, for metrics and documentation.
+    pub const ALL: [DisconnectReason; 6] = [
+        Self::ClientDisconnect,
+        Self::KeepaliveTimeout,
+        Self::ConnectionLost,
+        Self::ProtocolError,
+        Self::Takeover,
+        Self::BrokerShutdown,
+    ];
+
+    /// The snake_case name used in logs, metrics and storage.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientDisconnect => "client_disconnect",
+            Self::KeepaliveTimeout => "keepalive_timeout",
+            Self::ConnectionLost => "connection_lost",
+            Self::ProtocolError => "protocol_error",
+            Self::Takeover => "takeover",
+            Self::BrokerShutdown => "broker_shutdown",
+        }
+    }
+}
+
+impl fmt::Display for DisconnectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One connection lifecycle event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ConnectionEvent {
+    /// A CONNECT was accepted (CONNACK 0 is being sent).
+    Connected {
+        /// The device's MQTT client id (generated when the client sent an empty one).
+        client_id: String,
+        /// This connection's unique id.
+        session_id: SessionId,
+        /// Broker-wide increasing number of this connection; higher means accepted later.
+        seq: u64,
+        /// The client's address.
+        peer: SocketAddr,
+        /// The keep-alive in force, in seconds (after clamping); 0 means none.
+        keep_alive: u16,
+        /// The CONNECT's clean-session flag.
+        clean_session: bool,
+        /// When the connection was accepted.
+        time: SystemTime,
+    },
+    /// A connection that was announced by `Connected` ended.
+    Disconnected {
+        /// The device's MQTT client id.
+        client_id: String,
+        /// The id of the connection that ended.
+        session_id: SessionId,
+        /// The `seq` of the connection that ended.
+        seq: u64,
+        /// Why it ended.
+        reason: DisconnectReason,
+        /// When it ended.
+        time: SystemTime,
+    },
+}
+
+impl ConnectionEvent {
+    /// "connected" or "disconnected".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connected { .. } => "connected",
+            Self::Disconnected { .. } => "disconnected",
+        }
+    }
+
+    /// The client id the event is about.
+    pub fn client_id(&self) -> &str {
+        match self {
+            Self::Connected { client_id, .. } | Self::Disconnected { client_id, .. } => client_id,
+        }
+    }
+
+    /// The connection the event is about.
+    pub fn session_id(&self) -> SessionId {
+        match self {
+            Self::Connected { session_id, .. } | Self::Disconnected { session_id, .. } => {
+                *session_id
+            }
+        }
+    }
+}
+
+/// The sending half, held by the MQTT layer.
+pub type EventSender = mpsc::Sender<ConnectionEvent>;
+/// The receiving half, held by the presence pipeline.
+pub type EventReceiver = mpsc::Receiver<ConnectionEvent>;
+
+/// A bounded event channel.
+pub fn channel(capacity: usize) -> (EventSender, EventReceiver) {
+    mpsc::channel(capacity)
+}
