@@ -51,7 +51,7 @@ async fn publish_and_subscribe_at_each_qos() {
 
 #[tokio::test]
 async fn wildcards_and_dollar_topics() {
-    let mut broker = TestBroker::start().await;
+    let broker = TestBroker::start().await;
     let mut sub = Client::connect(broker.addr, "sub").await;
     sub.subscribe("home/+/temp", QoS::AtMostOnce).await;
     sub.subscribe("#", QoS::AtMostOnce).await;
