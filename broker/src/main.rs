@@ -38,6 +38,11 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     broker::telemetry::init(&config.log);
+    // Every connection is a file descriptor: use all the process may have.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "Open-file limit."),
+        Err(error) => tracing::warn!(%error, "Cannot raise the open-file limit."),
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -26,7 +26,7 @@ async fn still_works(sub: &mut Client, publisher: &mut RawClient, n: u16) {
     assert_eq!(&sub.publish_received().await.payload[..], &n.to_be_bytes());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_connect_is_a_protocol_error() {
     let mut broker = TestBroker::start().await;
     let (mut sub, mut publisher) = bystander(&mut broker).await;
@@ -41,7 +41,7 @@ async fn second_connect_is_a_protocol_error() {
     still_works(&mut sub, &mut publisher, 1).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_before_and_after_connect() {
     let mut broker = TestBroker::start().await;
     let (mut sub, mut publisher) = bystander(&mut broker).await;
@@ -67,7 +67,7 @@ async fn garbage_before_and_after_connect() {
     still_works(&mut sub, &mut publisher, 2).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserved_flag_bits_and_server_packets_close_the_connection() {
     let mut broker = TestBroker::start().await;
     let (mut sub, mut publisher) = bystander(&mut broker).await;
@@ -99,7 +99,7 @@ async fn reserved_flag_bits_and_server_packets_close_the_connection() {
     still_works(&mut sub, &mut publisher, 3).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_size_packet_closes_the_connection() {
     let mut broker = TestBroker::start_with(|c| c.max_packet_size = 1024).await;
     let (mut sub, mut publisher) = bystander(&mut broker).await;
@@ -119,7 +119,7 @@ async fn over_size_packet_closes_the_connection() {
     still_works(&mut sub, &mut publisher, 4).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_protocol_levels_get_connack_1() {
     let mut broker = TestBroker::start().await;
     for level in [3u8, 5] {
@@ -136,7 +136,7 @@ async fn unsupported_protocol_levels_get_connack_1() {
     broker.no_event_pending();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_filters_and_topics() {
     let mut broker = TestBroker::start().await;
     let (mut sub, mut publisher) = bystander(&mut broker).await;
@@ -168,7 +168,7 @@ async fn invalid_filters_and_topics() {
     still_works(&mut sub, &mut publisher, 5).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_half_open_sockets_do_not_block_accepting() {
     let mut broker = TestBroker::start().await;
     // Sockets that connect and never send anything.

@@ -8,7 +8,7 @@ use common::{Client, ConnectOpts, RawClient, TestBroker};
 use rumqttc::mqttbytes::v4::{Packet, PubAck};
 use rumqttc::mqttbytes::QoS;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_subscribe_at_each_qos() {
     let mut broker = TestBroker::start().await;
     let mut sub = Client::connect(broker.addr, "sub").await;
@@ -49,7 +49,7 @@ async fn publish_and_subscribe_at_each_qos() {
         .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wildcards_and_dollar_topics() {
     let broker = TestBroker::start().await;
     let mut sub = Client::connect(broker.addr, "sub").await;
@@ -73,7 +73,7 @@ async fn wildcards_and_dollar_topics() {
     let _ = broker.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_messages_set_replace_clear() {
     let broker = TestBroker::start().await;
     let (mut publisher, _) = RawClient::connect(broker.addr, ConnectOpts::new("pub")).await;
@@ -109,7 +109,7 @@ async fn retained_messages_set_replace_clear() {
     assert_eq!((p.topic.as_str(), p.retain), ("status/b", false));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn will_is_published_on_abnormal_close_only() {
     let mut broker = TestBroker::start().await;
     let mut sub = Client::connect(broker.addr, "watcher").await;
@@ -147,7 +147,7 @@ async fn will_is_published_on_abnormal_close_only() {
     assert_eq!(sub.publish_received().await.topic, "wills/marker");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_will_is_kept() {
     let mut broker = TestBroker::start().await;
     let mut opts = ConnectOpts::new("dev");
@@ -166,7 +166,7 @@ async fn retained_will_is_kept() {
     assert_eq!(&p.payload[..], b"offline");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_session_gets_queued_and_inflight_messages_on_reconnect() {
     let mut broker = TestBroker::start().await;
     let mut opts = ConnectOpts::new("persist");
@@ -238,7 +238,7 @@ async fn persistent_session_gets_queued_and_inflight_messages_on_reconnect() {
     assert!(!present);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_from_client_is_routed_once() {
     let broker = TestBroker::start().await;
     let mut sub = Client::connect(broker.addr, "sub").await;
@@ -262,4 +262,20 @@ async fn qos2_from_client_is_routed_once() {
         .await;
     assert_eq!(&sub.publish_received().await.payload[..], b"once");
     assert_eq!(&sub.publish_received().await.payload[..], b"marker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_pipelined_with_connect_are_handled() {
+    let mut broker = TestBroker::start().await;
+    let mut c = RawClient::tcp(broker.addr).await;
+    let mut bytes = common::encode(&common::connect_packet(&ConnectOpts::new("eager")));
+    let mut sub = rumqttc::mqttbytes::v4::Subscribe::new("eager/#", QoS::AtMostOnce);
+    sub.pkid = 1;
+    bytes.extend_from_slice(&common::encode(&Packet::Subscribe(sub)));
+    bytes.extend_from_slice(&common::encode(&Packet::PingReq));
+    c.send_bytes(&bytes).await;
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(_))));
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+    assert!(matches!(c.recv().await, Some(Packet::PingResp)));
+    broker.connected("eager").await;
 }

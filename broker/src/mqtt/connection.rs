@@ -10,9 +10,12 @@
 //! An idle connection holds no read or write buffer: both are allocated when bytes arrive or
 //! leave and released once empty.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -26,8 +29,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{self, CodecError, ConnackCode};
-use super::session::{Message, Owner, Session};
-use super::{topic, Shared};
+use super::session::{Message, Session};
+use super::{topic, Attach, Shared};
 use crate::config::{KeepAlivePolicy, MqttConfig};
 use crate::metrics::metrics;
 use crate::presence::{ConnectionEvent, DisconnectReason, SessionId};
@@ -59,23 +62,31 @@ struct Io {
 }
 
 impl Io {
-    /// Reads what the socket has (up to [`READ_BUDGET`]). Returns (bytes read, end of stream).
-    fn read_available(&mut self) -> io::Result<(usize, bool)> {
+    /// Reads what the socket has, up to [`READ_BUDGET`]. Returns (bytes read, end of stream,
+    /// budget exhausted with more possibly waiting).
+    fn read_available(&mut self) -> io::Result<(usize, bool, bool)> {
         let mut total = 0;
+        let mut exhausted = true;
         while total < READ_BUDGET {
             if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
                 self.rbuf.reserve(READ_CHUNK);
             }
             match self.stream.try_read_buf(&mut self.rbuf) {
-                Ok(0) => return Ok((total, true)),
+                Ok(0) => {
+                    metrics().bytes_received.inc_by(total as u64);
+                    return Ok((total, true, false));
+                }
                 Ok(n) => total += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    exhausted = false;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
         metrics().bytes_received.inc_by(total as u64);
-        Ok((total, false))
+        Ok((total, false, exhausted))
     }
 
     /// The next complete packet in the read buffer, if any.
@@ -101,7 +112,7 @@ impl Io {
                 return Ok(packet);
             }
             self.stream.readable().await?;
-            if let (_, true) = self.read_available()? {
+            if let (_, true, _) = self.read_available()? {
                 return match self.next_packet()? {
                     Some(packet) => Ok(packet),
                     None => Err(ReadError::Closed),
@@ -179,27 +190,58 @@ fn configure_socket(stream: &TcpStream, config: &MqttConfig) {
     }
 }
 
+/// What the handshake settled and the rest of the connection needs.
+struct Established {
+    session: Arc<Session>,
+    session_id: SessionId,
+    seq: u64,
+    /// keep-alive x multiplier; `None` when the client asked for no keep-alive.
+    keep_alive: Option<Duration>,
+    /// Published if the connection ends without DISCONNECT. Boxed: most devices have none,
+    /// and it is kept for the connection's whole life.
+    will: Option<Box<LastWill>>,
+}
+
 /// Serves one accepted socket until it closes.
+///
+/// The handshake and the close are boxed so that their futures (timeouts, event sends) do not
+/// stay inside every idle connection's task; the part that lives long is [`serve`], a small
+/// poll loop.
 pub async fn run(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    let config = &shared.config;
-    configure_socket(&stream, config);
+    configure_socket(&stream, &shared.config);
     let mut io = Io {
         stream,
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
-        max_packet_size: config.max_packet_size,
+        max_packet_size: shared.config.max_packet_size,
     };
+    let Some(conn) = Box::pin(handshake(&mut io, peer, &shared, &shutdown)).await else {
+        return;
+    };
+    let reason = serve(&mut io, &shared, &conn, &shutdown).await;
+    drop(io);
+    Box::pin(close(&shared, conn, reason)).await;
+}
 
+/// CONNECT within the timeout, validation, session attach (with takeover), the Connected event
+/// and the CONNACK. `None` when the connection was refused (and already answered).
+async fn handshake(
+    io: &mut Io,
+    peer: SocketAddr,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> Option<Established> {
+    let config = &shared.config;
     let first = tokio::select! {
         biased;
         _ = shutdown.cancelled() => {
             refused("broker_shutdown");
-            return;
+            return None;
         }
         first = tokio::time::timeout(config.connect_timeout, io.read_packet()) => first,
     };
@@ -211,28 +253,28 @@ pub async fn run(
                 "First packet is not CONNECT; closing."
             );
             refused("protocol_error");
-            return;
+            return None;
         }
         Ok(Err(ReadError::Codec(CodecError::UnsupportedProtocol { name, level }))) => {
             tracing::info!(%name, level, "Unsupported protocol version; CONNACK 0x01.");
             refused("unsupported_protocol_version");
             io.refuse(ConnackCode::UnacceptableProtocolVersion).await;
-            return;
+            return None;
         }
         Ok(Err(ReadError::Codec(error))) => {
             tracing::info!(%error, "Invalid packet before CONNECT; closing.");
             refused("protocol_error");
-            return;
+            return None;
         }
         Ok(Err(error)) => {
             tracing::debug!(%error, "Connection closed before CONNECT.");
             refused("connection_lost");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::info!(timeout = ?config.connect_timeout, "No CONNECT within the connect timeout; closing.");
             refused("connect_timeout");
-            return;
+            return None;
         }
     };
 
@@ -242,7 +284,7 @@ pub async fn run(
             tracing::info!(client_id = %connect.client_id, why, "Client identifier rejected; CONNACK 0x02.");
             refused("identifier_rejected");
             io.refuse(ConnackCode::IdentifierRejected).await;
-            return;
+            return None;
         }
     };
     tracing::Span::current().record("client_id", client_id.as_str());
@@ -256,67 +298,61 @@ pub async fn run(
             );
             refused("keepalive_rejected");
             io.refuse(ConnackCode::IdentifierRejected).await;
-            return;
+            return None;
         }
     };
     if let Some(will) = &connect.last_will {
         if !topic::valid_topic_name(&will.topic) {
             tracing::info!(topic = %will.topic, "Invalid will topic; closing.");
             refused("protocol_error");
-            return;
+            return None;
         }
     }
 
-    // Take the session over from any connection that holds it, then attach.
+    // Attach, taking the session over from the connection that holds it, if any.
     let session_id = SessionId::new();
-    let owner = Owner {
-        session_id,
-        kick: CancellationToken::new(),
-        closed: CancellationToken::new(),
-    };
     let attach = async {
+        let mut session = shared.session(&client_id);
         loop {
-            let session = shared.session(&client_id);
-            let guard = session.connect_lock.lock().await;
-            let previous = session.state().owner.clone();
-            if let Some(previous) = previous {
-                tracing::debug!(previous = %previous.session_id, "Taking over the session.");
-                previous.kick.cancel();
-                previous.closed.cancelled().await;
-            }
-            if let Some(attached) = shared.attach(&session, owner.clone(), connect.clean_session) {
-                let seq = shared.next_seq();
-                drop(guard);
-                return (session, attached, seq);
+            let current = Arc::clone(&session);
+            let released = current.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match shared.attach(&current, session_id, connect.clean_session) {
+                Attach::Attached(attached) => return (session, attached),
+                Attach::Wait => released.await,
+                Attach::Retry => session = shared.session(&client_id),
             }
         }
     };
-    let (session, attached, seq) = tokio::select! {
+    let (session, attached) = tokio::select! {
         biased;
         _ = shutdown.cancelled() => {
             refused("broker_shutdown");
-            return;
+            return None;
         }
         attached = attach => attached,
     };
-    // From here on the Disconnected event is owed; `closed` tells a waiting takeover it was sent.
-    let _closed = owner.closed.clone().drop_guard();
     shared.router.unsubscribe(
         session.key,
         attached.dropped_subscriptions.iter().map(|f| &**f),
     );
 
-    let connected_at = SystemTime::now();
-    let event = ConnectionEvent::Connected {
-        client_id: client_id.clone(),
-        session_id,
-        seq,
-        peer,
-        keep_alive,
-        clean_session: connect.clean_session,
-        time: connected_at,
-    };
-    send_event(&shared, event).await;
+    // From here on exactly one Disconnected event is owed (sent by `close`).
+    let seq = attached.seq;
+    send_event(
+        shared,
+        ConnectionEvent::Connected {
+            client_id,
+            session_id,
+            seq,
+            peer,
+            keep_alive,
+            clean_session: connect.clean_session,
+            time: SystemTime::now(),
+        },
+    )
+    .await;
     metrics().connections_accepted.inc();
     metrics().connections_current.inc();
     tracing::debug!(%session_id, seq, keep_alive, clean_session = connect.clean_session, "Connected.");
@@ -331,19 +367,20 @@ pub async fn run(
             tracing::debug!(resent, "Redelivering in-flight messages.");
         }
     }
-
-    let mut conn = Connection {
-        io,
-        shared: &shared,
-        session: &session,
+    Some(Established {
+        session,
+        session_id,
+        seq,
         keep_alive: (keep_alive > 0).then(|| {
             Duration::from_secs(u64::from(keep_alive)).mul_f64(config.keepalive_multiplier)
         }),
-        last_received: Instant::now(),
-    };
-    let reason = conn.serve(&shutdown, &owner.kick).await;
-    drop(conn);
+        will: connect.last_will.map(Box::new),
+    })
+}
 
+/// Detach, will, the Disconnected event, and the signals that let a waiting takeover and a
+/// paused accept loop go on.
+async fn close(shared: &Shared, conn: Established, reason: DisconnectReason) {
     metrics().connections_current.dec();
     metrics()
         .disconnects
@@ -354,7 +391,8 @@ pub async fn run(
         DisconnectReason::Takeover => metrics().takeovers.inc(),
         _ => {}
     }
-    let dropped = shared.detach(&session, session_id);
+    let session = conn.session;
+    let dropped = shared.detach(&session, conn.session_id);
     shared
         .router
         .unsubscribe(session.key, dropped.iter().map(|f| &**f));
@@ -366,20 +404,24 @@ pub async fn run(
         reason,
         DisconnectReason::ClientDisconnect | DisconnectReason::BrokerShutdown
     ) {
-        if let Some(will) = connect.last_will {
-            publish_will(&shared, will);
+        if let Some(will) = conn.will {
+            publish_will(shared, *will);
         }
     }
 
-    tracing::debug!(%session_id, reason = reason.as_str(), "Disconnected.");
-    let event = ConnectionEvent::Disconnected {
-        client_id,
-        session_id,
-        seq,
-        reason,
-        time: SystemTime::now(),
-    };
-    send_event(&shared, event).await;
+    tracing::debug!(session_id = %conn.session_id, reason = reason.as_str(), "Disconnected.");
+    send_event(
+        shared,
+        ConnectionEvent::Disconnected {
+            client_id: session.client_id.to_string(),
+            session_id: conn.session_id,
+            seq: conn.seq,
+            reason,
+            time: SystemTime::now(),
+        },
+    )
+    .await;
+    session.released.notify_waiters();
     shared.connection_closed.notify_waiters();
 }
 
@@ -438,255 +480,313 @@ fn keep_alive(requested: u16, config: &MqttConfig) -> Result<u16, &'static str> 
     }
 }
 
-/// An established connection.
-struct Connection<'a> {
-    io: Io,
-    shared: &'a Shared,
-    session: &'a Arc<Session>,
-    /// keep-alive x multiplier; `None` when the client asked for no keep-alive.
-    keep_alive: Option<Duration>,
+/// Timers and counters of the serve loop.
+struct Deadlines {
     /// When bytes were last received: the keep-alive deadline counts from here only.
     last_received: Instant,
+    /// Since when the write buffer has been waiting for the socket.
+    stalled_since: Option<Instant>,
+    /// The instant the timer is set to, if it is armed.
+    armed: Option<Instant>,
 }
 
-impl Connection<'_> {
-    async fn serve(
-        &mut self,
-        shutdown: &CancellationToken,
-        kick: &CancellationToken,
-    ) -> DisconnectReason {
-        let write_timeout = self.shared.config.write_timeout;
-        let timer = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(timer);
-        let mut armed: Option<Instant> = None;
-        // Since when the write buffer has been waiting for the socket.
-        let mut stalled_since: Option<Instant> = None;
-
-        loop {
-            if self.io.wbuf.len() < WRITE_HIGH_WATER {
-                let written = self.session.state().write_pending(
-                    &mut self.io.wbuf,
-                    WRITE_HIGH_WATER,
-                    self.shared.config.max_inflight,
-                );
-                if written > 0 {
-                    metrics()
-                        .packets_sent
-                        .with_label_values(&["publish"])
-                        .inc_by(written as u64);
-                }
-            }
-            if let Err(error) = self.io.try_flush() {
-                tracing::debug!(%error, "Write failed.");
-                return DisconnectReason::ConnectionLost;
-            }
-            let pending_write = !self.io.wbuf.is_empty();
-            stalled_since = match (pending_write, stalled_since) {
-                (false, _) => None,
-                (true, None) => Some(Instant::now()),
-                (true, since) => since,
-            };
-
-            let deadline = [
-                self.keep_alive.map(|ka| self.last_received + ka),
-                stalled_since.map(|s| s + write_timeout),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
-            match (deadline, armed) {
-                (None, _) => armed = None,
-                (Some(d), Some(a)) if a <= d => {}
-                (Some(d), _) => {
-                    timer.as_mut().reset(d);
-                    armed = Some(d);
-                }
-            }
-
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return DisconnectReason::BrokerShutdown,
-                _ = kick.cancelled() => return DisconnectReason::Takeover,
-                readable = self.io.stream.readable() => {
-                    if let Err(error) = readable {
-                        tracing::debug!(%error, "Socket error.");
-                        return DisconnectReason::ConnectionLost;
-                    }
-                    if let Err(reason) = self.on_readable() {
-                        return reason;
-                    }
-                }
-                writable = self.io.stream.writable(), if pending_write => {
-                    if writable.is_err() {
-                        return DisconnectReason::ConnectionLost;
-                    }
-                }
-                _ = self.session.wake.notified() => {}
-                _ = &mut timer, if armed.is_some() => {
-                    armed = None;
-                    let now = Instant::now();
-                    if let Some(ka) = self.keep_alive {
-                        if now >= self.last_received + ka {
-                            tracing::info!(
-                                silent_for = ?now.duration_since(self.last_received),
-                                "Keep-alive timeout: nothing received; closing."
-                            );
-                            return DisconnectReason::KeepaliveTimeout;
-                        }
-                    }
-                    if let Some(since) = stalled_since {
-                        if now >= since + write_timeout {
-                            tracing::info!(
-                                pending_bytes = self.io.wbuf.len(),
-                                "Writes made no progress within the write timeout; closing."
-                            );
-                            return DisconnectReason::ConnectionLost;
-                        }
-                    }
-                }
-            }
-        }
+/// The established connection's loop, until it ends.
+async fn serve(
+    io: &mut Io,
+    shared: &Shared,
+    conn: &Established,
+    shutdown: &CancellationToken,
+) -> DisconnectReason {
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    let mut deadlines = Deadlines {
+        last_received: Instant::now(),
+        stalled_since: None,
+        armed: None,
+    };
+    // Packets that arrived together with the CONNECT are already buffered.
+    if let Err(reason) = handle_packets(io, shared, &conn.session) {
+        return reason;
     }
+    std::future::poll_fn(|cx| {
+        if cancelled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(DisconnectReason::BrokerShutdown);
+        }
+        match poll_serve(cx, io, shared, conn, timer.as_mut(), &mut deadlines) {
+            Poll::Ready(reason) => Poll::Ready(reason),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
 
-    /// Reads what arrived and handles every complete packet.
-    fn on_readable(&mut self) -> Result<(), DisconnectReason> {
-        let (n, eof) = self.io.read_available().map_err(|error| {
-            tracing::debug!(%error, "Read failed.");
-            DisconnectReason::ConnectionLost
-        })?;
-        if n > 0 {
-            self.last_received = Instant::now();
+/// One wake-up of an established connection: signals, reads, writes, deadlines.
+///
+/// Readiness is polled directly (`poll_read_ready`, `poll_write_ready`, the session's waker) so
+/// that waiting costs no per-wait future inside the task.
+fn poll_serve(
+    cx: &mut Context<'_>,
+    io: &mut Io,
+    shared: &Shared,
+    conn: &Established,
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    d: &mut Deadlines,
+) -> Poll<DisconnectReason> {
+    let session = &conn.session;
+    let write_timeout = shared.config.write_timeout;
+    loop {
+        if session.take_signals(cx.waker()).kicked() {
+            return Poll::Ready(DisconnectReason::Takeover);
         }
-        loop {
-            match self.io.next_packet() {
-                Ok(Some(packet)) => self.handle(packet)?,
-                Ok(None) => break,
-                Err(error) => {
-                    tracing::info!(%error, "Protocol error; closing.");
-                    return Err(DisconnectReason::ProtocolError);
-                }
-            }
-        }
-        if eof {
-            tracing::debug!("Connection closed by peer without DISCONNECT.");
-            return Err(DisconnectReason::ConnectionLost);
-        }
-        Ok(())
-    }
 
-    fn handle(&mut self, packet: Packet) -> Result<(), DisconnectReason> {
-        match packet {
-            Packet::Publish(publish) => {
-                if !topic::valid_topic_name(&publish.topic) {
-                    tracing::info!(topic = %publish.topic, "PUBLISH to an invalid topic name; closing.");
-                    return Err(DisconnectReason::ProtocolError);
-                }
-                let message = Message {
-                    topic: publish.topic.into_boxed_str(),
-                    payload: Bytes::copy_from_slice(&publish.payload),
-                    qos: publish.qos,
-                    retain: publish.retain,
+        let mut yield_now = false;
+        match io.stream.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => {
+                let (n, eof, exhausted) = match io.read_available() {
+                    Ok(read) => read,
+                    Err(error) => {
+                        tracing::debug!(%error, "Read failed.");
+                        return Poll::Ready(DisconnectReason::ConnectionLost);
+                    }
                 };
-                match publish.qos {
-                    QoS::AtMostOnce => self.shared.router.publish(message),
-                    QoS::AtLeastOnce => {
-                        self.shared.router.publish(message);
-                        self.io.send(&Packet::PubAck(PubAck::new(publish.pkid)));
-                    }
-                    QoS::ExactlyOnce => {
-                        // Routed on first receipt; a redelivery before PUBREL is only acknowledged.
-                        if self.session.state().receive_qos2(publish.pkid) {
-                            self.shared.router.publish(message);
-                        }
-                        self.io.send(&Packet::PubRec(PubRec::new(publish.pkid)));
-                    }
+                if n > 0 {
+                    d.last_received = Instant::now();
+                }
+                if let Err(reason) = handle_packets(io, shared, session) {
+                    return Poll::Ready(reason);
+                }
+                if eof {
+                    tracing::debug!("Connection closed by peer without DISCONNECT.");
+                    return Poll::Ready(DisconnectReason::ConnectionLost);
+                }
+                // A client that keeps the socket full gets its turn again later, not now.
+                yield_now = exhausted;
+                if !exhausted {
+                    // Readiness was cleared by WouldBlock: poll again so that the waker is
+                    // registered for the next bytes.
+                    continue;
                 }
             }
-            Packet::PubAck(ack) => {
-                if !self.session.state().puback(ack.pkid) {
-                    tracing::debug!(pkid = ack.pkid, "PUBACK for an unknown packet id.");
+            Poll::Ready(Err(error)) => {
+                tracing::debug!(%error, "Socket error.");
+                return Poll::Ready(DisconnectReason::ConnectionLost);
+            }
+            Poll::Pending => {}
+        }
+
+        if io.wbuf.len() < WRITE_HIGH_WATER {
+            let written = session.state().write_pending(
+                &mut io.wbuf,
+                WRITE_HIGH_WATER,
+                shared.config.max_inflight,
+            );
+            if written > 0 {
+                metrics()
+                    .packets_sent
+                    .with_label_values(&["publish"])
+                    .inc_by(written as u64);
+            }
+        }
+        if let Err(error) = io.try_flush() {
+            tracing::debug!(%error, "Write failed.");
+            return Poll::Ready(DisconnectReason::ConnectionLost);
+        }
+        if io.wbuf.is_empty() {
+            d.stalled_since = None;
+        } else {
+            d.stalled_since.get_or_insert_with(Instant::now);
+            match io.stream.poll_write_ready(cx) {
+                // Room again: write more right away.
+                Poll::Ready(Ok(())) if !yield_now => continue,
+                Poll::Ready(Ok(())) | Poll::Pending => {}
+                Poll::Ready(Err(error)) => {
+                    tracing::debug!(%error, "Socket error.");
+                    return Poll::Ready(DisconnectReason::ConnectionLost);
                 }
             }
-            Packet::PubRec(rec) => {
-                if !self.session.state().pubrec(rec.pkid) {
-                    tracing::debug!(pkid = rec.pkid, "PUBREC for an unknown packet id.");
-                }
-                self.io.send(&Packet::PubRel(PubRel::new(rec.pkid)));
+        }
+
+        // One timer for both deadlines, moved earlier when needed and otherwise left to fire
+        // and be pushed to the current deadline (keep-alive deadlines only ever move later).
+        let deadline = [
+            conn.keep_alive.map(|ka| d.last_received + ka),
+            d.stalled_since.map(|s| s + write_timeout),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        match (deadline, d.armed) {
+            (None, _) => d.armed = None,
+            (Some(next), Some(armed)) if armed <= next => {}
+            (Some(next), _) => {
+                timer.as_mut().reset(next);
+                d.armed = Some(next);
             }
-            Packet::PubRel(rel) => {
-                self.session.state().release_qos2(rel.pkid);
-                self.io.send(&Packet::PubComp(PubComp::new(rel.pkid)));
-            }
-            Packet::PubComp(comp) => {
-                if !self.session.state().pubcomp(comp.pkid) {
-                    tracing::debug!(pkid = comp.pkid, "PUBCOMP for an unknown packet id.");
-                }
-            }
-            Packet::Subscribe(subscribe) => {
-                let mut codes = Vec::with_capacity(subscribe.filters.len());
-                let mut granted = Vec::with_capacity(subscribe.filters.len());
-                for filter in subscribe.filters {
-                    if topic::valid_topic_filter(&filter.path) {
-                        self.shared
-                            .router
-                            .subscribe(self.session, &filter.path, filter.qos);
-                        codes.push(SubscribeReasonCode::Success(filter.qos));
-                        granted.push((filter.path, filter.qos));
-                    } else {
-                        tracing::info!(filter = %filter.path, "Invalid topic filter refused.");
-                        codes.push(SubscribeReasonCode::Failure);
-                    }
-                }
-                {
-                    let mut st = self.session.state();
-                    for (filter, qos) in &granted {
-                        st.subscriptions.insert(filter.as_str().into(), *qos);
-                    }
-                }
-                self.io
-                    .send(&Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
-                // Retained messages follow the SUBACK (they are written from the queue).
-                for (filter, qos) in granted {
-                    self.shared.router.send_retained(self.session, &filter, qos);
+        }
+        if d.armed.is_some() && timer.as_mut().poll(cx).is_ready() {
+            d.armed = None;
+            let now = Instant::now();
+            if let Some(ka) = conn.keep_alive {
+                if now >= d.last_received + ka {
+                    tracing::info!(
+                        silent_for = ?now.duration_since(d.last_received),
+                        "Keep-alive timeout: nothing received; closing."
+                    );
+                    return Poll::Ready(DisconnectReason::KeepaliveTimeout);
                 }
             }
-            Packet::Unsubscribe(unsubscribe) => {
-                if unsubscribe.topics.is_empty() {
-                    tracing::info!("UNSUBSCRIBE without topic filters; closing.");
-                    return Err(DisconnectReason::ProtocolError);
+            if let Some(since) = d.stalled_since {
+                if now >= since + write_timeout {
+                    tracing::info!(
+                        pending_bytes = io.wbuf.len(),
+                        "Writes made no progress within the write timeout; closing."
+                    );
+                    return Poll::Ready(DisconnectReason::ConnectionLost);
                 }
-                self.shared.router.unsubscribe(
-                    self.session.key,
-                    unsubscribe.topics.iter().map(|t| t.as_str()),
-                );
-                {
-                    let mut st = self.session.state();
-                    for filter in &unsubscribe.topics {
-                        st.subscriptions.remove(filter.as_str());
-                    }
-                }
-                self.io
-                    .send(&Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
             }
-            Packet::PingReq => self.io.send(&Packet::PingResp),
-            Packet::Disconnect => return Err(DisconnectReason::ClientDisconnect),
-            Packet::Connect(_) => {
-                tracing::info!("Second CONNECT on one connection; closing.");
-                return Err(DisconnectReason::ProtocolError);
-            }
-            other @ (Packet::ConnAck(_)
-            | Packet::SubAck(_)
-            | Packet::UnsubAck(_)
-            | Packet::PingResp) => {
-                tracing::info!(
-                    packet = codec::packet_label(&other),
-                    "Server-only packet from a client; closing."
-                );
+            // Fired early (the deadline moved): re-arm.
+            continue;
+        }
+
+        if yield_now {
+            cx.waker().wake_by_ref();
+        }
+        return Poll::Pending;
+    }
+}
+
+/// Handles every complete packet in the read buffer.
+fn handle_packets(
+    io: &mut Io,
+    shared: &Shared,
+    session: &Arc<Session>,
+) -> Result<(), DisconnectReason> {
+    loop {
+        match io.next_packet() {
+            Ok(Some(packet)) => handle(io, shared, session, packet)?,
+            Ok(None) => return Ok(()),
+            Err(error) => {
+                tracing::info!(%error, "Protocol error; closing.");
                 return Err(DisconnectReason::ProtocolError);
             }
         }
-        Ok(())
     }
+}
+
+fn handle(
+    io: &mut Io,
+    shared: &Shared,
+    session: &Arc<Session>,
+    packet: Packet,
+) -> Result<(), DisconnectReason> {
+    match packet {
+        Packet::Publish(publish) => {
+            if !topic::valid_topic_name(&publish.topic) {
+                tracing::info!(topic = %publish.topic, "PUBLISH to an invalid topic name; closing.");
+                return Err(DisconnectReason::ProtocolError);
+            }
+            let message = Message {
+                topic: publish.topic.into_boxed_str(),
+                payload: Bytes::copy_from_slice(&publish.payload),
+                qos: publish.qos,
+                retain: publish.retain,
+            };
+            match publish.qos {
+                QoS::AtMostOnce => shared.router.publish(message),
+                QoS::AtLeastOnce => {
+                    shared.router.publish(message);
+                    io.send(&Packet::PubAck(PubAck::new(publish.pkid)));
+                }
+                QoS::ExactlyOnce => {
+                    // Routed on first receipt; a redelivery before PUBREL is only acknowledged.
+                    if session.state().receive_qos2(publish.pkid) {
+                        shared.router.publish(message);
+                    }
+                    io.send(&Packet::PubRec(PubRec::new(publish.pkid)));
+                }
+            }
+        }
+        Packet::PubAck(ack) => {
+            if !session.state().puback(ack.pkid) {
+                tracing::debug!(pkid = ack.pkid, "PUBACK for an unknown packet id.");
+            }
+        }
+        Packet::PubRec(rec) => {
+            if !session.state().pubrec(rec.pkid) {
+                tracing::debug!(pkid = rec.pkid, "PUBREC for an unknown packet id.");
+            }
+            io.send(&Packet::PubRel(PubRel::new(rec.pkid)));
+        }
+        Packet::PubRel(rel) => {
+            session.state().release_qos2(rel.pkid);
+            io.send(&Packet::PubComp(PubComp::new(rel.pkid)));
+        }
+        Packet::PubComp(comp) => {
+            if !session.state().pubcomp(comp.pkid) {
+                tracing::debug!(pkid = comp.pkid, "PUBCOMP for an unknown packet id.");
+            }
+        }
+        Packet::Subscribe(subscribe) => {
+            let mut codes = Vec::with_capacity(subscribe.filters.len());
+            let mut granted = Vec::with_capacity(subscribe.filters.len());
+            for filter in subscribe.filters {
+                if topic::valid_topic_filter(&filter.path) {
+                    shared.router.subscribe(session, &filter.path, filter.qos);
+                    codes.push(SubscribeReasonCode::Success(filter.qos));
+                    granted.push((filter.path, filter.qos));
+                } else {
+                    tracing::info!(filter = %filter.path, "Invalid topic filter refused.");
+                    codes.push(SubscribeReasonCode::Failure);
+                }
+            }
+            {
+                let mut st = session.state();
+                for (filter, qos) in &granted {
+                    st.add_subscription(filter, *qos);
+                }
+            }
+            io.send(&Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
+            // Retained messages follow the SUBACK (they are written from the queue).
+            for (filter, qos) in granted {
+                shared.router.send_retained(session, &filter, qos);
+            }
+        }
+        Packet::Unsubscribe(unsubscribe) => {
+            if unsubscribe.topics.is_empty() {
+                tracing::info!("UNSUBSCRIBE without topic filters; closing.");
+                return Err(DisconnectReason::ProtocolError);
+            }
+            shared
+                .router
+                .unsubscribe(session.key, unsubscribe.topics.iter().map(|t| t.as_str()));
+            {
+                let mut st = session.state();
+                for filter in &unsubscribe.topics {
+                    st.remove_subscription(filter);
+                }
+            }
+            io.send(&Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
+        }
+        Packet::PingReq => io.send(&Packet::PingResp),
+        Packet::Disconnect => return Err(DisconnectReason::ClientDisconnect),
+        Packet::Connect(_) => {
+            tracing::info!("Second CONNECT on one connection; closing.");
+            return Err(DisconnectReason::ProtocolError);
+        }
+        other @ (Packet::ConnAck(_)
+        | Packet::SubAck(_)
+        | Packet::UnsubAck(_)
+        | Packet::PingResp) => {
+            tracing::info!(
+                packet = codec::packet_label(&other),
+                "Server-only packet from a client; closing."
+            );
+            return Err(DisconnectReason::ProtocolError);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -723,5 +823,29 @@ mod tests {
         assert!(client_id(&connect, &c).is_err());
         connect.client_id = "x".repeat(c.max_client_id_len + 1);
         assert!(client_id(&connect, &c).is_err());
+    }
+}
+#[cfg(test)]
+mod size {
+    /// An idle connection's memory is mostly its task; keep the future small (issue: at most
+    /// 2 KiB RSS per idle connection in total).
+    #[tokio::test]
+    async fn connection_future_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (tx, _rx) = crate::presence::channel(1);
+        let shared = std::sync::Arc::new(super::Shared::new(Default::default(), tx));
+        let fut = super::run(
+            stream,
+            addr,
+            shared,
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 704, "connection future is {size} bytes");
+        assert!(std::mem::size_of::<super::Session>() <= 320);
     }
 }

@@ -20,14 +20,26 @@ use tokio::sync::Notify;
 
 use crate::config::MqttConfig;
 use crate::metrics::metrics;
-use crate::presence::EventSender;
+use crate::presence::{EventSender, SessionId};
 use router::Router;
 use session::Session;
 
 pub use listener::serve;
 
 /// The outcome of [`Shared::attach`].
+pub enum Attach {
+    /// The connection owns the session now.
+    Attached(Attached),
+    /// Another connection owns it and was asked to close: wait for `released`, then retry.
+    Wait,
+    /// The session object is no longer registered: fetch the current one and retry.
+    Retry,
+}
+
+/// A successful attach.
 pub struct Attached {
+    /// Broker-wide increasing number of this connection (per client id, in attach order).
+    pub seq: u64,
     /// CONNACK's session-present flag.
     pub session_present: bool,
     /// Subscriptions of a discarded previous session, to remove from the router.
@@ -44,7 +56,7 @@ pub struct Shared {
     sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
     /// Where connection events go.
     pub events: EventSender,
-    /// Last connection sequence number handed out.
+    /// Last connection sequence number handed out (under the registry lock).
     seq: AtomicU64,
     /// Last session key handed out.
     session_key: AtomicU64,
@@ -84,23 +96,27 @@ impl Shared {
         session
     }
 
-    /// Makes `owner` the owner of `session`, unless the session was unregistered meanwhile (then
-    /// the caller starts over with a fresh one). A clean-session connect discards the previous
-    /// state. The caller must have made any previous owner close first.
-    pub fn attach(
-        &self,
-        session: &Arc<Session>,
-        owner: session::Owner,
-        clean_session: bool,
-    ) -> Option<Attached> {
+    /// Makes connection `owner` the owner of `session`.
+    ///
+    /// While another connection owns it, that one is asked to close (takeover) and
+    /// [`Attach::Wait`] says to wait for [`Session::released`] and call again. When the session
+    /// was forgotten meanwhile, [`Attach::Retry`] says to start over with [`Shared::session`].
+    /// A clean-session connect discards the previous state.
+    pub fn attach(&self, session: &Arc<Session>, owner: SessionId, clean_session: bool) -> Attach {
         let sessions = self.sessions();
         if !sessions
             .get(&session.client_id)
             .is_some_and(|s| Arc::ptr_eq(s, session))
         {
-            return None;
+            return Attach::Retry;
         }
         let mut st = session.state();
+        if let Some(previous) = st.owner {
+            tracing::debug!(%previous, "Taking over the session.");
+            session.kick();
+            return Attach::Wait;
+        }
+        session.reset_signals();
         let was_persistent = st.persistent;
         let mut dropped = Vec::new();
         let session_present = if clean_session {
@@ -111,6 +127,7 @@ impl Shared {
         };
         st.persistent = !clean_session;
         st.owner = Some(owner);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         drop(st);
         drop(sessions);
         match (was_persistent, !clean_session) {
@@ -118,7 +135,8 @@ impl Shared {
             (true, false) => metrics().persistent_sessions.dec(),
             _ => {}
         }
-        Some(Attached {
+        Attach::Attached(Attached {
+            seq,
             session_present,
             dropped_subscriptions: dropped,
         })
@@ -126,18 +144,10 @@ impl Shared {
 
     /// Ends `session_id`'s ownership of `session`. A session that is not persistent is then
     /// forgotten; the returned filters must be removed from the router.
-    pub fn detach(
-        &self,
-        session: &Arc<Session>,
-        session_id: crate::presence::SessionId,
-    ) -> Vec<Box<str>> {
+    pub fn detach(&self, session: &Arc<Session>, session_id: SessionId) -> Vec<Box<str>> {
         let mut sessions = self.sessions();
         let mut st = session.state();
-        if st
-            .owner
-            .as_ref()
-            .is_some_and(|o| o.session_id == session_id)
-        {
+        if st.owner == Some(session_id) {
             st.owner = None;
         }
         if st.owner.is_some() || st.persistent {
@@ -152,10 +162,5 @@ impl Shared {
             sessions.remove(&session.client_id);
         }
         dropped
-    }
-
-    /// The next connection sequence number (broker-wide, increasing).
-    pub fn next_seq(&self) -> u64 {
-        self.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 }

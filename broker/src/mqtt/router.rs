@@ -217,17 +217,11 @@ impl MinQos for QoS {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mqtt::session::Owner;
     use bytes::Bytes;
-    use tokio_util::sync::CancellationToken;
 
     fn online(key: u64) -> Arc<Session> {
         let s = Arc::new(Session::new(format!("c{key}").into(), key));
-        s.state().owner = Some(Owner {
-            session_id: crate::presence::SessionId::new(),
-            kick: CancellationToken::new(),
-            closed: CancellationToken::new(),
-        });
+        s.state().owner = Some(crate::presence::SessionId::new());
         s
     }
 

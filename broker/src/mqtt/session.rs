@@ -5,13 +5,15 @@
 //! enqueues messages for it) and the registry. Locking rule: a session's state lock is never held
 //! while taking the router's subscription lock.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
 
+use atomic_waker::AtomicWaker;
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use super::codec;
 use crate::metrics::metrics;
@@ -56,26 +58,15 @@ struct Inflight {
     stage: Stage,
 }
 
-/// The connection that currently owns a session.
-#[derive(Debug, Clone)]
-pub struct Owner {
-    /// The owning connection's id.
-    pub session_id: SessionId,
-    /// Cancelled to make the owner close with reason takeover.
-    pub kick: CancellationToken,
-    /// Cancelled by the owner once it has detached and emitted its Disconnected event.
-    pub closed: CancellationToken,
-}
-
 /// Mutable session state, behind [`Session::state`].
 #[derive(Debug, Default)]
 pub struct SessionState {
     /// clean_session = false: the state outlives the connection.
     pub persistent: bool,
     /// The connection using the session now, if any.
-    pub owner: Option<Owner>,
-    /// Topic filter -> granted QoS.
-    pub subscriptions: HashMap<Box<str>, QoS>,
+    pub owner: Option<SessionId>,
+    /// Topic filters and their granted QoS (also held by the router, which matches them).
+    subscriptions: Vec<(Box<str>, QoS)>,
     /// Messages not yet sent (beyond the in-flight window, or written out soon).
     pending: VecDeque<Outgoing>,
     /// QoS 1/2 messages sent and not yet acknowledged, oldest first.
@@ -83,7 +74,7 @@ pub struct SessionState {
     /// Last packet id used for an outgoing message.
     last_pkid: u16,
     /// Packet ids of QoS 2 messages received and not yet released (PUBREL).
-    incoming_qos2: HashSet<u16>,
+    incoming_qos2: Vec<u16>,
 }
 
 impl SessionState {
@@ -93,11 +84,25 @@ impl SessionState {
         metrics().messages_queued.sub(self.pending.len() as i64);
         self.pending = VecDeque::new();
         self.inflight = VecDeque::new();
-        self.incoming_qos2 = HashSet::new();
+        self.incoming_qos2 = Vec::new();
         self.last_pkid = 0;
         std::mem::take(&mut self.subscriptions)
-            .into_keys()
+            .into_iter()
+            .map(|(filter, _)| filter)
             .collect()
+    }
+
+    /// Records a subscription (replacing the QoS of an existing one).
+    pub fn add_subscription(&mut self, filter: &str, qos: QoS) {
+        match self.subscriptions.iter_mut().find(|(f, _)| &**f == filter) {
+            Some(existing) => existing.1 = qos,
+            None => self.subscriptions.push((filter.into(), qos)),
+        }
+    }
+
+    /// Forgets a subscription.
+    pub fn remove_subscription(&mut self, filter: &str) {
+        self.subscriptions.retain(|(f, _)| &**f != filter);
     }
 
     /// Whether a message was queued or sent since the session started.
@@ -108,12 +113,16 @@ impl SessionState {
     /// Records a received QoS 2 packet id; false when it was already recorded (a redelivery that
     /// must not be routed again).
     pub fn receive_qos2(&mut self, pkid: u16) -> bool {
-        self.incoming_qos2.insert(pkid)
+        if self.incoming_qos2.contains(&pkid) {
+            return false;
+        }
+        self.incoming_qos2.push(pkid);
+        true
     }
 
     /// Forgets a received QoS 2 packet id (PUBREL).
     pub fn release_qos2(&mut self, pkid: u16) {
-        self.incoming_qos2.remove(&pkid);
+        self.incoming_qos2.retain(|p| *p != pkid);
     }
 
     /// PUBACK: the QoS 1 message is delivered.
@@ -262,7 +271,26 @@ impl DropReason {
     }
 }
 
+/// Flag in [`Session::signals`]: messages were queued.
+const QUEUED: u8 = 1;
+/// Flag in [`Session::signals`]: a newer connection wants the session; the owner must close.
+const KICKED: u8 = 2;
+
+/// What the owning connection is asked to do, read by [`Session::take_signals`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signals(u8);
+
+impl Signals {
+    /// A newer connection with the same client id is waiting: close with reason takeover.
+    pub fn kicked(self) -> bool {
+        self.0 & KICKED != 0
+    }
+}
+
 /// The state of one client id.
+///
+/// Kept small: one exists per connected device. The owning connection is woken through an
+/// [`AtomicWaker`] plus flag bits rather than per-connection channels or tokens.
 #[derive(Debug)]
 pub struct Session {
     /// The MQTT client id.
@@ -270,11 +298,13 @@ pub struct Session {
     /// Unique per `Session` object, so that the router can tell two incarnations of a client id
     /// apart.
     pub key: u64,
-    /// Serialises connects of this client id, so a takeover completes before the next one.
-    pub connect_lock: tokio::sync::Mutex<()>,
     state: Mutex<SessionState>,
-    /// Wakes the owning connection when messages are queued.
-    pub wake: Notify,
+    /// Flags for the owner ([`QUEUED`], [`KICKED`]).
+    signals: AtomicU8,
+    /// The owning connection's task.
+    waker: AtomicWaker,
+    /// Signalled when the owner has detached and emitted its Disconnected event.
+    pub released: Notify,
 }
 
 impl Session {
@@ -283,9 +313,10 @@ impl Session {
         Self {
             client_id,
             key,
-            connect_lock: tokio::sync::Mutex::new(()),
             state: Mutex::new(SessionState::default()),
-            wake: Notify::new(),
+            signals: AtomicU8::new(0),
+            waker: AtomicWaker::new(),
+            released: Notify::new(),
         }
     }
 
@@ -293,6 +324,28 @@ impl Session {
     /// mutation leaves it consistent.
     pub fn state(&self) -> MutexGuard<'_, SessionState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn signal(&self, flag: u8) {
+        self.signals.fetch_or(flag, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// Asks the owning connection to close with reason takeover.
+    pub fn kick(&self) {
+        self.signal(KICKED);
+    }
+
+    /// Registers the owner's waker and returns (and clears) the pending signals. Register first,
+    /// then read: a signal raised in between still wakes the task.
+    pub fn take_signals(&self, waker: &Waker) -> Signals {
+        self.waker.register(waker);
+        Signals(self.signals.swap(0, Ordering::AcqRel))
+    }
+
+    /// Clears signals meant for a previous owner (called with the state locked, on attach).
+    pub fn reset_signals(&self) {
+        self.signals.store(0, Ordering::Release);
     }
 
     /// Queues a message for the client and wakes its connection.
@@ -318,7 +371,7 @@ impl Session {
             });
         }
         metrics().messages_queued.inc();
-        self.wake.notify_one();
+        self.signal(QUEUED);
         Ok(())
     }
 }

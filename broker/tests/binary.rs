@@ -1,0 +1,152 @@
+//! The `broker` binary as an operator runs it: JSON logs, running out of file descriptors and
+//! recovering, SIGTERM shutdown, and configuration errors (exit code 2 naming the key).
+//!
+//! Kept in its own test binary because it starts processes.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{ConnectOpts, RawClient, WAIT};
+use rumqttc::mqttbytes::v4::Packet;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+const BROKER: &str = env!("CARGO_BIN_EXE_broker");
+
+/// Starts the broker binary with `nofile` as its open-file limit; returns the child, its MQTT
+/// address and its stderr lines.
+async fn start(nofile: u32) -> (Child, std::net::SocketAddr, mpsc::UnboundedReceiver<String>) {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -n {nofile} && exec \"$0\""))
+        .arg(BROKER)
+        .env("BROKER_MQTT__LISTEN", "127.0.0.1:0")
+        .env("BROKER_LOG__FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn broker");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, mut lines) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let ready = wait_for_line(&mut lines, "MQTT listener ready").await;
+    let value: serde_json::Value = serde_json::from_str(&ready).expect("JSON log line");
+    let addr = value["listen"]
+        .as_str()
+        .expect("listen field")
+        .parse()
+        .expect("address");
+    (child, addr, lines)
+}
+
+async fn wait_for_line(lines: &mut mpsc::UnboundedReceiver<String>, needle: &str) -> String {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let line = lines.recv().await.expect("broker still logging");
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no log line containing {needle:?}"))
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_backs_off_and_recovers() {
+    let (mut child, addr, mut lines) = start(64).await;
+
+    // Far more clients than 64 descriptors allow; each reports its CONNACK.
+    let (acked_tx, mut acked) = mpsc::unbounded_channel();
+    let mut clients = Vec::new();
+    for i in 0..100 {
+        let mut c = RawClient::tcp(addr).await;
+        c.send(&common::connect_packet(&ConnectOpts::new(&format!(
+            "fd-{i}"
+        ))))
+        .await;
+        let tx = acked_tx.clone();
+        clients.push(tokio::spawn(async move {
+            if let Some(Packet::ConnAck(_)) = c.recv_untimed().await {
+                let _ = tx.send(i);
+                // Hold the connection until the test drops this task.
+                std::future::pending::<()>().await;
+            }
+        }));
+    }
+    wait_for_line(&mut lines, "Out of file descriptors").await;
+    let mut first = Vec::new();
+    while let Ok(Some(i)) = tokio::time::timeout(Duration::from_millis(500), acked.recv()).await {
+        first.push(i);
+    }
+    assert!(
+        !first.is_empty() && first.len() < 100,
+        "some but not all clients accepted ({})",
+        first.len()
+    );
+
+    // Closing connections frees descriptors: the waiting clients get in by themselves.
+    for &i in first.iter().take(30) {
+        clients[i].abort();
+    }
+    let mut later = 0;
+    tokio::time::timeout(WAIT, async {
+        while later < 25 {
+            acked.recv().await.expect("clients alive");
+            later += 1;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("only {later} clients accepted after descriptors were freed"));
+    wait_for_line(&mut lines, "File descriptors available again").await;
+
+    // SIGTERM: graceful shutdown, exit 0.
+    let pid = child.id().expect("pid");
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .await
+        .expect("kill");
+    assert!(status.success());
+    wait_for_line(&mut lines, "Broker stopped").await;
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_2_naming_the_key() {
+    let out = Command::new(BROKER)
+        .env("BROKER_MQTT__KEEPALIVE_MULTIPLIER", "0.5")
+        .output()
+        .await
+        .expect("run broker");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mqtt.keepalive_multiplier"), "{stderr}");
+
+    let out = Command::new(BROKER)
+        .env("BROKER_MQTT__LISTEN", "127.0.0.1:1883")
+        .arg("--print-config")
+        .output()
+        .await
+        .expect("run broker");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("listen = \"127.0.0.1:1883\""));
+}
