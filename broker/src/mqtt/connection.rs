@@ -248,7 +248,7 @@ async fn handshake(
     let connect = match first {
         Ok(Ok(Packet::Connect(connect))) => connect,
         Ok(Ok(other)) => {
-            tracing::info!(
+            tracing::info!(%peer,
                 packet = codec::packet_label(&other),
                 "First packet is not CONNECT; closing."
             );
@@ -256,13 +256,13 @@ async fn handshake(
             return None;
         }
         Ok(Err(ReadError::Codec(CodecError::UnsupportedProtocol { name, level }))) => {
-            tracing::info!(%name, level, "Unsupported protocol version; CONNACK 0x01.");
+            tracing::info!(%peer, %name, level, "Unsupported protocol version; CONNACK 0x01.");
             refused("unsupported_protocol_version");
             io.refuse(ConnackCode::UnacceptableProtocolVersion).await;
             return None;
         }
         Ok(Err(ReadError::Codec(error))) => {
-            tracing::info!(%error, "Invalid packet before CONNECT; closing.");
+            tracing::info!(%peer, %error, "Invalid packet before CONNECT; closing.");
             refused("protocol_error");
             return None;
         }
@@ -272,7 +272,7 @@ async fn handshake(
             return None;
         }
         Err(_) => {
-            tracing::info!(timeout = ?config.connect_timeout, "No CONNECT within the connect timeout; closing.");
+            tracing::info!(%peer, timeout = ?config.connect_timeout, "No CONNECT within the connect timeout; closing.");
             refused("connect_timeout");
             return None;
         }
@@ -281,7 +281,7 @@ async fn handshake(
     let client_id = match client_id(&connect, config) {
         Ok(id) => id,
         Err(why) => {
-            tracing::info!(client_id = %connect.client_id, why, "Client identifier rejected; CONNACK 0x02.");
+            tracing::info!(%peer, client_id = %connect.client_id, why, "Client identifier rejected; CONNACK 0x02.");
             refused("identifier_rejected");
             io.refuse(ConnackCode::IdentifierRejected).await;
             return None;
@@ -291,7 +291,7 @@ async fn handshake(
     let keep_alive = match keep_alive(connect.keep_alive, config) {
         Ok(ka) => ka,
         Err(why) => {
-            tracing::info!(
+            tracing::info!(%peer,
                 keep_alive = connect.keep_alive,
                 why,
                 "Keep-alive refused; CONNACK 0x02."
@@ -303,7 +303,7 @@ async fn handshake(
     };
     if let Some(will) = &connect.last_will {
         if !topic::valid_topic_name(&will.topic) {
-            tracing::info!(topic = %will.topic, "Invalid will topic; closing.");
+            tracing::info!(%peer, topic = %will.topic, "Invalid will topic; closing.");
             refused("protocol_error");
             return None;
         }
@@ -631,6 +631,7 @@ fn poll_serve(
             if let Some(ka) = conn.keep_alive {
                 if now >= d.last_received + ka {
                     tracing::info!(
+                        client_id = %session.client_id,
                         silent_for = ?now.duration_since(d.last_received),
                         "Keep-alive timeout: nothing received; closing."
                     );
@@ -640,6 +641,7 @@ fn poll_serve(
             if let Some(since) = d.stalled_since {
                 if now >= since + write_timeout {
                     tracing::info!(
+                        client_id = %session.client_id,
                         pending_bytes = io.wbuf.len(),
                         "Writes made no progress within the write timeout; closing."
                     );
@@ -668,7 +670,7 @@ fn handle_packets(
             Ok(Some(packet)) => handle(io, shared, session, packet)?,
             Ok(None) => return Ok(()),
             Err(error) => {
-                tracing::info!(%error, "Protocol error; closing.");
+                tracing::info!(client_id = %session.client_id, %error, "Protocol error; closing.");
                 return Err(DisconnectReason::ProtocolError);
             }
         }
@@ -684,7 +686,7 @@ fn handle(
     match packet {
         Packet::Publish(publish) => {
             if !topic::valid_topic_name(&publish.topic) {
-                tracing::info!(topic = %publish.topic, "PUBLISH to an invalid topic name; closing.");
+                tracing::info!(client_id = %session.client_id, topic = %publish.topic, "PUBLISH to an invalid topic name; closing.");
                 return Err(DisconnectReason::ProtocolError);
             }
             let message = Message {
@@ -737,7 +739,7 @@ fn handle(
                     codes.push(SubscribeReasonCode::Success(filter.qos));
                     granted.push((filter.path, filter.qos));
                 } else {
-                    tracing::info!(filter = %filter.path, "Invalid topic filter refused.");
+                    tracing::info!(client_id = %session.client_id, filter = %filter.path, "Invalid topic filter refused.");
                     codes.push(SubscribeReasonCode::Failure);
                 }
             }
@@ -755,7 +757,7 @@ fn handle(
         }
         Packet::Unsubscribe(unsubscribe) => {
             if unsubscribe.topics.is_empty() {
-                tracing::info!("UNSUBSCRIBE without topic filters; closing.");
+                tracing::info!(client_id = %session.client_id, "UNSUBSCRIBE without topic filters; closing.");
                 return Err(DisconnectReason::ProtocolError);
             }
             shared
@@ -772,7 +774,7 @@ fn handle(
         Packet::PingReq => io.send(&Packet::PingResp),
         Packet::Disconnect => return Err(DisconnectReason::ClientDisconnect),
         Packet::Connect(_) => {
-            tracing::info!("Second CONNECT on one connection; closing.");
+            tracing::info!(client_id = %session.client_id, "Second CONNECT on one connection; closing.");
             return Err(DisconnectReason::ProtocolError);
         }
         other @ (Packet::ConnAck(_)
@@ -780,6 +782,7 @@ fn handle(
         | Packet::UnsubAck(_)
         | Packet::PingResp) => {
             tracing::info!(
+                client_id = %session.client_id,
                 packet = codec::packet_label(&other),
                 "Server-only packet from a client; closing."
             );

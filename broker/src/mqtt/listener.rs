@@ -50,7 +50,9 @@ pub async fn serve(
                 }
                 backoff = ACCEPT_BACKOFF_MIN;
                 metrics().tcp_accepted.inc();
-                let span = tracing::info_span!("conn", %peer, client_id = tracing::field::Empty);
+                // Debug level: an enabled span costs ~450 bytes per connection. The info-level
+                // lines of a connection name the peer or client id themselves.
+                let span = tracing::debug_span!("conn", %peer, client_id = tracing::field::Empty);
                 tracker.spawn(
                     connection::run(stream, peer, Arc::clone(&shared), shutdown.child_token())
                         .instrument(span),
