@@ -279,3 +279,57 @@ async fn packets_pipelined_with_connect_are_handled() {
     assert!(matches!(c.recv().await, Some(Packet::PingResp)));
     broker.connected("eager").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_of_an_absent_persistent_session_is_bounded_and_counted() {
+    let mut broker = TestBroker::start_with(|c| c.max_queued_messages = 3).await;
+    let mut opts = ConnectOpts::new("away");
+    opts.clean_session = false;
+    let (mut dev, _) = RawClient::connect(broker.addr, opts).await;
+    broker.connected("away").await;
+    dev.subscribe("q/away", QoS::AtLeastOnce).await;
+    dev.disconnect().await;
+    broker
+        .disconnected("away", DisconnectReason::ClientDisconnect)
+        .await;
+
+    let dropped = || {
+        broker::metrics::metrics()
+            .messages_dropped
+            .with_label_values(&["queue_full"])
+            .get()
+    };
+    let before = dropped();
+    let (mut publisher, _) = RawClient::connect(broker.addr, ConnectOpts::new("pub")).await;
+    for i in 1..=5u16 {
+        publisher
+            .publish("q/away", QoS::AtLeastOnce, false, &i.to_be_bytes(), i)
+            .await;
+        assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+    }
+    assert_eq!(
+        dropped() - before,
+        2,
+        "two messages over the bound were counted"
+    );
+
+    let mut opts = ConnectOpts::new("away");
+    opts.clean_session = false;
+    let (mut dev, present) = RawClient::connect(broker.addr, opts).await;
+    assert!(present);
+    for i in 1..=3u16 {
+        match dev.recv().await {
+            Some(Packet::Publish(p)) => {
+                assert_eq!(
+                    &p.payload[..],
+                    &i.to_be_bytes(),
+                    "oldest kept, newest dropped"
+                );
+                dev.send(&Packet::PubAck(PubAck::new(p.pkid))).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    dev.send(&Packet::PingReq).await;
+    assert!(matches!(dev.recv().await, Some(Packet::PingResp)));
+}

@@ -75,6 +75,8 @@ pub struct SessionState {
     last_pkid: u16,
     /// Packet ids of QoS 2 messages received and not yet released (PUBREL).
     incoming_qos2: Vec<u16>,
+    /// Messages have been dropped since the queue was last empty (logged once per episode).
+    overflowing: bool,
 }
 
 impl SessionState {
@@ -232,8 +234,11 @@ impl SessionState {
             }
             written += 1;
         }
-        if self.pending.is_empty() && self.pending.capacity() > 16 {
-            self.pending = VecDeque::new();
+        if self.pending.is_empty() {
+            self.overflowing = false;
+            if self.pending.capacity() > 16 {
+                self.pending = VecDeque::new();
+            }
         }
         written
     }
@@ -362,6 +367,16 @@ impl Session {
                 return Err(DropReason::Qos0Offline);
             }
             if st.pending.len() >= max_queued {
+                if !st.overflowing {
+                    st.overflowing = true;
+                    tracing::warn!(
+                        client_id = %self.client_id,
+                        online = st.owner.is_some(),
+                        max_queued,
+                        "Session queue full: dropping its messages until the client catches up \
+                         (counted in heartwire_messages_dropped_total, reason queue_full)."
+                    );
+                }
                 return Err(DropReason::QueueFull);
             }
             st.pending.push_back(Outgoing {
