@@ -182,3 +182,35 @@ async fn many_half_open_sockets_do_not_block_accepting() {
     let (mut sub, mut publisher) = bystander(&mut broker).await;
     still_works(&mut sub, &mut publisher, 6).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_stops_reading_is_closed_after_write_timeout() {
+    let mut broker = TestBroker::start_with(|c| {
+        c.write_timeout = std::time::Duration::from_secs(1);
+        c.max_packet_size = 256 * 1024;
+    })
+    .await;
+    let (mut stuck, _) = RawClient::connect(broker.addr, ConnectOpts::new("stuck")).await;
+    broker.connected("stuck").await;
+    stuck.subscribe("flood", QoS::AtMostOnce).await;
+    // From here on "stuck" never reads: the kernel buffers fill, then the broker's writes stall.
+    let (mut publisher, _) = RawClient::connect(broker.addr, ConnectOpts::new("flooder")).await;
+    broker.connected("flooder").await;
+    let payload = vec![0u8; 100 * 1024];
+    let flood = tokio::spawn(async move {
+        // ~30 MB: more than loopback socket buffers can hold.
+        for _ in 0..300 {
+            publisher
+                .publish("flood", QoS::AtMostOnce, false, &payload, 0)
+                .await;
+        }
+        publisher
+    });
+    broker
+        .disconnected("stuck", DisconnectReason::ConnectionLost)
+        .await;
+    let mut publisher = flood.await.expect("flooder");
+    publisher.send(&Packet::PingReq).await;
+    assert!(matches!(publisher.recv().await, Some(Packet::PingResp)));
+    drop(stuck);
+}

@@ -28,7 +28,7 @@ pub async fn log_events(mut events: EventReceiver) {
                 clean_session,
                 ..
             } => {
-                tracing::info!(%client_id, %session_id, seq, %peer, keep_alive, clean_session, "Device connected.");
+                tracing::debug!(%client_id, %session_id, seq, %peer, keep_alive, clean_session, "Device connected.");
             }
             ConnectionEvent::Disconnected {
                 client_id,
@@ -37,7 +37,7 @@ pub async fn log_events(mut events: EventReceiver) {
                 reason,
                 ..
             } => {
-                tracing::info!(%client_id, %session_id, seq, reason = reason.as_str(), "Device disconnected.");
+                tracing::debug!(%client_id, %session_id, seq, reason = reason.as_str(), "Device disconnected.");
             }
         }
         metrics()
