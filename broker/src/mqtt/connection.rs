@@ -506,6 +506,11 @@ async fn serve(
         stalled_since: None,
         armed: None,
     };
+    // The CONNACK goes out before anything else, even a takeover that is already waiting.
+    if let Err(error) = io.try_flush() {
+        tracing::debug!(%error, "Write failed.");
+        return DisconnectReason::ConnectionLost;
+    }
     // Packets that arrived together with the CONNECT are already buffered.
     if let Err(reason) = handle_packets(io, shared, &conn.session) {
         return reason;
