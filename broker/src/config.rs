@@ -5,7 +5,7 @@
 //! Durations are written as humantime strings ("10s", "1m 30s", "250ms").
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,14 @@ pub struct Config {
     pub mqtt: MqttConfig,
     /// The connection-event channel between the MQTT layer and the presence pipeline.
     pub events: EventsConfig,
+    /// The presence store.
+    pub database: DatabaseConfig,
+    /// The bridge that persists presence events.
+    pub bridge: BridgeConfig,
+    /// This broker node.
+    pub node: NodeConfig,
+    /// The HTTP listener (REST API, /metrics, health).
+    pub http: HttpConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
     /// Logging.
@@ -126,6 +134,110 @@ impl Default for EventsConfig {
     fn default() -> Self {
         Self {
             channel_capacity: 8192,
+        }
+    }
+}
+
+/// The presence store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` (embedded, the default) or `postgres://USER:PASSWORD@HOST:PORT/DB`.
+    pub url: String,
+    /// Connections in the pool.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/broker.db".to_owned(),
+            max_connections: 4,
+        }
+    }
+}
+
+/// The presence bridge.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Most events in one database transaction.
+    pub batch_size: usize,
+    /// Longest an event waits for its batch to fill.
+    #[serde(with = "humantime_serde")]
+    pub batch_interval: Duration,
+    /// Events kept in memory while the database is unreachable; beyond, they go to the journal.
+    pub memory_capacity: usize,
+    /// The append-only journal file for events the database could not take yet.
+    pub journal_path: PathBuf,
+    /// Longest wait between two attempts while the database is unreachable.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+    /// A store call that takes longer counts as failed (and is retried).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// At shutdown, how long the bridge keeps trying to write before leaving the rest in the
+    /// journal.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 1000,
+            batch_interval: Duration::from_millis(100),
+            memory_capacity: 100_000,
+            journal_path: PathBuf::from("data/presence.journal"),
+            retry_backoff_max: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// This broker node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Stable name of this node; sessions left open by its earlier boots are closed at its
+    /// next start. Defaults to the host name.
+    pub id: String,
+    /// How often the node records that it is alive (the time a crashed boot's sessions end).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: default_node_id(),
+            heartbeat_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+fn default_node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "heartwire".to_owned())
+}
+
+/// The HTTP listener.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the REST API, /metrics, /healthz and /readyz.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
         }
     }
 }
@@ -275,6 +387,41 @@ impl Config {
         }
         if self.events.channel_capacity == 0 {
             return invalid("events.channel_capacity", "must be at least 1");
+        }
+        let scheme = self.database.url.split(':').next().unwrap_or_default();
+        if !matches!(scheme, "sqlite" | "postgres" | "postgresql") {
+            return invalid(
+                "database.url",
+                "must start with sqlite://, postgres:// or postgresql://",
+            );
+        }
+        if self.database.max_connections == 0 {
+            return invalid("database.max_connections", "must be at least 1");
+        }
+        let b = &self.bridge;
+        if b.batch_size == 0 || b.batch_size > 50_000 {
+            return invalid("bridge.batch_size", "must be between 1 and 50000");
+        }
+        if b.batch_interval.is_zero() {
+            return invalid("bridge.batch_interval", "must be greater than 0");
+        }
+        if b.memory_capacity < b.batch_size {
+            return invalid(
+                "bridge.memory_capacity",
+                "must be at least bridge.batch_size",
+            );
+        }
+        if b.retry_backoff_max < Duration::from_millis(100) {
+            return invalid("bridge.retry_backoff_max", "must be at least 100ms");
+        }
+        if b.write_timeout.is_zero() {
+            return invalid("bridge.write_timeout", "must be greater than 0");
+        }
+        if self.node.id.is_empty() {
+            return invalid("node.id", "must not be empty");
+        }
+        if self.node.heartbeat_interval.is_zero() {
+            return invalid("node.heartbeat_interval", "must be greater than 0");
         }
         Ok(())
     }

@@ -4,7 +4,10 @@
 //! Modules, in the order data flows through them:
 //! - [`mqtt`]: listener, one task per connection (keep-alive, takeover), sessions, routing;
 //!   emits a connection event for every connect and disconnect.
-//! - [`presence`]: the connection events and their consumer.
+//! - [`presence`]: the connection events and the bridge that batches them into the store
+//!   (memory buffer and journal while the database is away, crash recovery at start).
+//! - [`store`]: the presence store trait and its PostgreSQL and SQLite backends.
+//! - [`http`]: the REST API, /metrics, /healthz, /readyz.
 //! - [`config`]: typed configuration (defaults < TOML file < `BROKER_` environment).
 //! - [`metrics`]: every Prometheus metric, defined in one place.
 //! - [`telemetry`]: tracing setup.
@@ -12,52 +15,172 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod presence;
+pub mod store;
 pub mod telemetry;
 
 use std::io;
+use std::sync::Arc;
+use std::time::Duration;
 
+use chrono::Utc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
 
 use config::Config;
+use presence::bridge::Bridge;
+use store::{PresenceStore, Store};
 
 /// Why the broker could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The MQTT listener could not bind its address.
-    #[error("cannot listen on {addr} (mqtt.listen): {source}")]
+    /// A listener could not bind its address.
+    #[error("cannot listen on {addr} ({key}): {source}")]
     Bind {
+        /// The configuration key of the address.
+        key: &'static str,
         /// The configured address.
         addr: std::net::SocketAddr,
         /// The operating system's reason.
         source: io::Error,
     },
+    /// The presence store could not be opened.
+    #[error("presence store (database.url): {0}")]
+    Store(#[from] store::StoreError),
+    /// The presence journal could not be opened.
+    #[error("presence journal (bridge.journal_path): {0}")]
+    Journal(#[from] presence::journal::JournalError),
 }
 
-/// Runs the broker until `shutdown` is cancelled, then closes every connection (reason
-/// broker_shutdown) and drains the connection events, within `shutdown.grace_period`.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let listener = TcpListener::bind(config.mqtt.listen)
+async fn bind(key: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
         .await
-        .map_err(|source| Error::Bind {
-            addr: config.mqtt.listen,
-            source,
-        })?;
+        .map_err(|source| Error::Bind { key, addr, source })
+}
+
+/// The listeners, bound before anything starts (so that tests can bind port 0).
+pub struct Listeners {
+    /// MQTT.
+    pub mqtt: TcpListener,
+    /// HTTP API, /metrics, health.
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `mqtt.listen` and `http.listen`.
+    pub async fn bind(config: &Config) -> Result<Self, Error> {
+        Ok(Self {
+            mqtt: bind("mqtt.listen", config.mqtt.listen).await?,
+            http: bind("http.listen", config.http.listen).await?,
+        })
+    }
+}
+
+/// Runs the broker until `shutdown` is cancelled: MQTT listener, presence bridge, node
+/// heartbeat and HTTP API. Then closes every connection (reason broker_shutdown), drains the
+/// presence events into the store (or the journal), and returns, within
+/// `shutdown.grace_period` plus `bridge.drain_timeout`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let listeners = Listeners::bind(&config).await?;
+    run_with(config, listeners, shutdown).await
+}
+
+/// As [`run`], on listeners bound by the caller.
+pub async fn run_with(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let store = Store::connect(&config.database.url, config.database.max_connections).await?;
+    let boot_id = Uuid::now_v7();
     tracing::info!(
-        listen = %listener.local_addr().unwrap_or(config.mqtt.listen),
+        backend = store.backend(),
+        url = %store::redact(&config.database.url),
+        node_id = %config.node.id,
+        %boot_id,
+        "Presence store configured."
+    );
+
+    let (events, receiver) = presence::channel(config.events.channel_capacity);
+    let bridge = Bridge::new(
+        store.clone(),
+        receiver,
+        config.bridge.clone(),
+        &config.node.id,
+        boot_id,
+    )?;
+    let migrated = bridge.migrated();
+    let tracker = TaskTracker::new();
+    let bridge_done = tracker.spawn(bridge.run());
+    tracker.spawn(heartbeat(
+        store.clone(),
+        boot_id,
+        config.node.heartbeat_interval,
+        shutdown.child_token(),
+    ));
+
+    let shared = Arc::new(mqtt::Shared::new(config.mqtt.clone(), events));
+    let state = http::AppState {
+        store,
+        registry: mqtt::Registry::new(&shared),
+        migrated,
+    };
+    tracing::info!(
+        listen = %listeners.http.local_addr().unwrap_or(config.http.listen),
+        "HTTP listener ready."
+    );
+    let http_shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        let server = axum::serve(listeners.http, http::app(state))
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
+        if let Err(error) = server.await {
+            tracing::error!(%error, "HTTP server failed.");
+        }
+    });
+
+    tracing::info!(
+        listen = %listeners.mqtt.local_addr().unwrap_or(config.mqtt.listen),
         "MQTT listener ready."
     );
-    let (events, receiver) = presence::channel(config.events.channel_capacity);
-    let consumer = tokio::spawn(presence::log_events(receiver));
     let grace = config.shutdown.grace_period;
-    mqtt::serve(listener, config.mqtt, events, shutdown, grace).await;
-    // Every sender is gone once the connections have closed: the consumer then ends by itself.
-    if tokio::time::timeout(grace, consumer).await.is_err() {
-        tracing::warn!("Connection events still draining when the grace period ended.");
+    mqtt::serve_shared(listeners.mqtt, shared, shutdown, grace).await;
+
+    // Every event sender is gone once the connections have closed: the bridge drains and ends.
+    tracker.close();
+    let drain = grace + config.bridge.drain_timeout;
+    if tokio::time::timeout(drain, bridge_done).await.is_err() {
+        tracing::warn!("Presence bridge still draining when its time was up.");
+    }
+    if tokio::time::timeout(Duration::from_secs(2), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("Background tasks still running at exit.");
     }
     tracing::info!("Broker stopped.");
     Ok(())
+}
+
+/// Records every `interval` that this boot is alive, until `shutdown`.
+async fn heartbeat(store: Store, boot_id: Uuid, interval: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(error) = store.heartbeat(boot_id, Utc::now()).await {
+            metrics::metrics()
+                .store_errors
+                .with_label_values(&["heartbeat"])
+                .inc();
+            tracing::debug!(%error, "Node heartbeat not recorded.");
+        }
+    }
 }

@@ -8,7 +8,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// All broker metrics.
@@ -53,8 +54,49 @@ pub struct Metrics {
     pub wills_published: IntCounter,
     /// Accept attempts that failed because the process ran out of file descriptors.
     pub accept_fd_exhausted: IntCounter,
-    /// Connection events handed to the presence pipeline, by kind.
-    pub connection_events: IntCounterVec,
+    /// Presence transitions received by the bridge, by kind (connected, disconnected).
+    pub presence_transitions: IntCounterVec,
+    /// Events written to the store.
+    pub bridge_persisted: IntCounter,
+    /// Events waiting for the store (memory and journal).
+    pub bridge_queue_depth: IntGauge,
+    /// Age of the oldest event not yet in the store, seconds (0 when none waits).
+    pub bridge_oldest_age: Gauge,
+    /// Size of the journal file, bytes.
+    pub bridge_journal_bytes: IntGauge,
+    /// Events appended to the journal because memory was full or at shutdown.
+    pub bridge_journaled: IntCounter,
+    /// Events lost because the journal could not be written (disk full) or read back.
+    pub bridge_lost_events: IntCounter,
+    /// Batches retried after a store failure.
+    pub bridge_retries: IntCounter,
+    /// Events per committed batch.
+    pub bridge_batch_size: Histogram,
+    /// Duration of one store call (batch, migration, recovery), seconds.
+    pub bridge_flush_duration: Histogram,
+    /// From an event's time to its commit in the store, seconds.
+    pub bridge_commit_latency: Histogram,
+    /// Store failures by operation.
+    pub store_errors: IntCounterVec,
+    /// HTTP API requests by route and status class.
+    pub http_requests: IntCounterVec,
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
+}
+
+fn float_gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
+    let g = Gauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -194,11 +236,78 @@ impl Metrics {
                 "heartwire_accept_fd_exhausted_total",
                 "Accept attempts that failed because the process had no file descriptor left.",
             ),
-            connection_events: counter_vec(
+            presence_transitions: counter_vec(
                 &r,
-                "heartwire_connection_events_total",
-                "Connection events emitted to the presence pipeline, by kind.",
+                "heartwire_presence_transitions_total",
+                "Presence transitions received by the bridge, by kind.",
                 &["kind"],
+            ),
+            bridge_persisted: counter(
+                &r,
+                "heartwire_bridge_persisted_events_total",
+                "Presence events committed to the store.",
+            ),
+            bridge_queue_depth: gauge(
+                &r,
+                "heartwire_bridge_queue_depth",
+                "Presence events waiting for the store (memory and journal).",
+            ),
+            bridge_oldest_age: float_gauge(
+                &r,
+                "heartwire_bridge_oldest_unpersisted_age_seconds",
+                "Age of the oldest presence event not yet in the store (0 when none waits).",
+            ),
+            bridge_journal_bytes: gauge(
+                &r,
+                "heartwire_bridge_journal_bytes",
+                "Size of the presence journal file.",
+            ),
+            bridge_journaled: counter(
+                &r,
+                "heartwire_bridge_journaled_events_total",
+                "Presence events appended to the journal (memory full, or shutdown).",
+            ),
+            bridge_lost_events: counter(
+                &r,
+                "heartwire_bridge_lost_events_total",
+                "Presence events lost because the journal could not be written or read.",
+            ),
+            bridge_retries: counter(
+                &r,
+                "heartwire_bridge_retries_total",
+                "Presence batches retried after a store failure.",
+            ),
+            bridge_batch_size: histogram(
+                &r,
+                "heartwire_bridge_batch_size",
+                "Presence events per committed batch.",
+                vec![
+                    1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+                ],
+            ),
+            bridge_flush_duration: histogram(
+                &r,
+                "heartwire_bridge_flush_duration_seconds",
+                "Duration of one presence store call.",
+                prometheus::exponential_buckets(0.0005, 2.0, 16).expect("buckets"),
+            ),
+            bridge_commit_latency: histogram(
+                &r,
+                "heartwire_bridge_commit_latency_seconds",
+                "From a connection event to its commit in the store.",
+                prometheus::exponential_buckets(0.001, 2.0, 16).expect("buckets"),
+            ),
+            store_errors: counter_vec(
+                &r,
+                "heartwire_store_errors_total",
+                "Presence store failures, by operation.",
+                &["operation"],
+            ),
+            http_requests: counter_vec(
+                &r,
+                "heartwire_http_requests_total",
+                "HTTP API requests, by route and status class.",
+                &["route", "status"],
             ),
             registry: r,
         }

@@ -18,12 +18,24 @@ const BROKER: &str = env!("CARGO_BIN_EXE_broker");
 
 /// Starts the broker binary with `nofile` as its open-file limit; returns the child, its MQTT
 /// address and its stderr lines.
-async fn start(nofile: u32) -> (Child, std::net::SocketAddr, mpsc::UnboundedReceiver<String>) {
+async fn start(
+    nofile: u32,
+    data: &common::TempDir,
+) -> (Child, std::net::SocketAddr, mpsc::UnboundedReceiver<String>) {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(format!("ulimit -n {nofile} && exec \"$0\""))
         .arg(BROKER)
         .env("BROKER_MQTT__LISTEN", "127.0.0.1:0")
+        .env("BROKER_HTTP__LISTEN", "127.0.0.1:0")
+        .env(
+            "BROKER_DATABASE__URL",
+            format!("sqlite://{}/broker.db", data.path().display()),
+        )
+        .env(
+            "BROKER_BRIDGE__JOURNAL_PATH",
+            data.path().join("presence.journal"),
+        )
         .env("BROKER_LOG__FORMAT", "json")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -67,7 +79,8 @@ async fn wait_for_line(lines: &mut mpsc::UnboundedReceiver<String>, needle: &str
 
 #[tokio::test]
 async fn out_of_file_descriptors_backs_off_and_recovers() {
-    let (mut child, addr, mut lines) = start(64).await;
+    let data = common::TempDir::new("fd-limit");
+    let (mut child, addr, mut lines) = start(64, &data).await;
 
     // Far more clients than 64 descriptors allow; each reports its CONNACK.
     let (acked_tx, mut acked) = mpsc::unbounded_channel();

@@ -40,7 +40,7 @@ async fn event_invariants_hold_under_takeover_and_churn() {
     for worker in 0..40u64 {
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (worker + 1));
-            for _ in 0..15 {
+            for _ in 0..25 {
                 let id = format!("storm-{}", rng.next(4));
                 let mut c = RawClient::tcp(addr).await;
                 c.send(&common::connect_packet(&ConnectOpts::new(&id)))
@@ -82,6 +82,7 @@ async fn event_invariants_hold_under_takeover_and_churn() {
     let mut state: HashMap<SessionId, bool> = HashMap::new();
     let mut live: HashMap<String, SessionId> = HashMap::new();
     let mut last_seq: HashMap<String, u64> = HashMap::new();
+    let mut last_session: HashMap<String, SessionId> = HashMap::new();
     for event in &events {
         match event {
             ConnectionEvent::Connected {
@@ -99,6 +100,12 @@ async fn event_invariants_hold_under_takeover_and_churn() {
                 }
                 let prev = last_seq.insert(client_id.clone(), *seq).unwrap_or(0);
                 assert!(*seq > prev, "seq must increase per client id");
+                if let Some(prev) = last_session.insert(client_id.clone(), *session_id) {
+                    assert!(
+                        *session_id > prev,
+                        "session ids must increase per client id"
+                    );
+                }
             }
             ConnectionEvent::Disconnected {
                 client_id,

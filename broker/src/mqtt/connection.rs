@@ -310,7 +310,6 @@ async fn handshake(
     }
 
     // Attach, taking the session over from the connection that holds it, if any.
-    let session_id = SessionId::new();
     let attach = async {
         let mut session = shared.session(&client_id);
         loop {
@@ -318,7 +317,7 @@ async fn handshake(
             let released = current.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            match shared.attach(&current, session_id, connect.clean_session) {
+            match shared.attach(&current, connect.clean_session) {
                 Attach::Attached(attached) => return (session, attached),
                 Attach::Wait => released.await,
                 Attach::Retry => session = shared.session(&client_id),
@@ -339,7 +338,7 @@ async fn handshake(
     );
 
     // From here on exactly one Disconnected event is owed (sent by `close`).
-    let seq = attached.seq;
+    let (session_id, seq) = (attached.session_id, attached.seq);
     send_event(
         shared,
         ConnectionEvent::Connected {
@@ -353,6 +352,7 @@ async fn handshake(
         },
     )
     .await;
+    session.touch();
     metrics().connections_accepted.inc();
     metrics().connections_current.inc();
     tracing::debug!(%session_id, seq, keep_alive, clean_session = connect.clean_session, "Connected.");
@@ -392,10 +392,6 @@ async fn close(shared: &Shared, conn: Established, reason: DisconnectReason) {
         _ => {}
     }
     let session = conn.session;
-    let dropped = shared.detach(&session, conn.session_id);
-    shared
-        .router
-        .unsubscribe(session.key, dropped.iter().map(|f| &**f));
 
     // The will goes out on every close that the client did not ask for, takeover included
     // (the old connection's will, as MQTT 3.1.1 section 3.1.4 requires). A broker shutdown closes
@@ -409,6 +405,8 @@ async fn close(shared: &Shared, conn: Established, reason: DisconnectReason) {
         }
     }
 
+    // The event goes out while this connection still owns the session: a newer connection of
+    // the same client id waits for `released`, so its Connected always follows this event.
     tracing::debug!(session_id = %conn.session_id, reason = reason.as_str(), "Disconnected.");
     send_event(
         shared,
@@ -421,6 +419,10 @@ async fn close(shared: &Shared, conn: Established, reason: DisconnectReason) {
         },
     )
     .await;
+    let dropped = shared.detach(&session, conn.session_id);
+    shared
+        .router
+        .unsubscribe(session.key, dropped.iter().map(|f| &**f));
     session.released.notify_waiters();
     shared.connection_closed.notify_waiters();
 }
@@ -558,6 +560,7 @@ fn poll_serve(
                 };
                 if n > 0 {
                     d.last_received = Instant::now();
+                    session.touch();
                 }
                 if let Err(reason) = handle_packets(io, shared, session) {
                     return Poll::Ready(reason);

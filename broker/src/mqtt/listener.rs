@@ -28,7 +28,22 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let shared = Arc::new(Shared::new(config, events));
+    serve_shared(
+        listener,
+        Arc::new(Shared::new(config, events)),
+        shutdown,
+        grace,
+    )
+    .await;
+}
+
+/// As [`serve`], with state the caller keeps a handle on (see [`super::Registry`]).
+pub async fn serve_shared(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
     let tracker = TaskTracker::new();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let mut refused_in_streak: u64 = 0;

@@ -24,7 +24,43 @@ use crate::presence::{EventSender, SessionId};
 use router::Router;
 use session::Session;
 
-pub use listener::serve;
+pub use listener::{serve, serve_shared};
+
+/// A read-only view of the broker's sessions, for the API: which devices are connected here
+/// and when each last sent something.
+///
+/// It holds only the session table, not the event sender, so that it never keeps the event
+/// stream open after the MQTT layer has shut down.
+#[derive(Clone)]
+pub struct Registry(Arc<SessionTable>);
+
+/// Client id -> session.
+type SessionTable = Mutex<HashMap<Arc<str>, Arc<Session>>>;
+
+impl Registry {
+    /// A view of `shared`'s sessions.
+    pub fn new(shared: &Shared) -> Self {
+        Self(Arc::clone(&shared.sessions))
+    }
+
+    /// When a device connected to this broker last sent a packet; `None` when it is not
+    /// connected here.
+    pub fn last_seen(&self, client_id: &str) -> Option<std::time::SystemTime> {
+        let session = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(client_id)
+            .cloned()?;
+        let online = session.state().owner.is_some();
+        online.then(|| session.last_seen())
+    }
+
+    /// Connections open on this broker now.
+    pub fn connected(&self) -> i64 {
+        metrics().connections_current.get()
+    }
+}
 
 /// The outcome of [`Shared::attach`].
 pub enum Attach {
@@ -38,6 +74,8 @@ pub enum Attach {
 
 /// A successful attach.
 pub struct Attached {
+    /// The new connection's id (UUIDv7).
+    pub session_id: SessionId,
     /// Broker-wide increasing number of this connection (per client id, in attach order).
     pub seq: u64,
     /// CONNACK's session-present flag.
@@ -53,7 +91,7 @@ pub struct Shared {
     /// Subscriptions, retained messages, fan-out.
     pub router: Router,
     /// Client id -> session, for takeover and persistent sessions.
-    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    sessions: Arc<SessionTable>,
     /// Where connection events go.
     pub events: EventSender,
     /// Last connection sequence number handed out (under the registry lock).
@@ -71,7 +109,7 @@ impl Shared {
         Self {
             router: Router::new(config.max_queued_messages),
             config,
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Arc::new(Mutex::new(HashMap::new())),
             events,
             seq: AtomicU64::new(0),
             session_key: AtomicU64::new(0),
@@ -102,7 +140,7 @@ impl Shared {
     /// [`Attach::Wait`] says to wait for [`Session::released`] and call again. When the session
     /// was forgotten meanwhile, [`Attach::Retry`] says to start over with [`Shared::session`].
     /// A clean-session connect discards the previous state.
-    pub fn attach(&self, session: &Arc<Session>, owner: SessionId, clean_session: bool) -> Attach {
+    pub fn attach(&self, session: &Arc<Session>, clean_session: bool) -> Attach {
         let sessions = self.sessions();
         if !sessions
             .get(&session.client_id)
@@ -125,9 +163,12 @@ impl Shared {
         } else {
             was_persistent
         };
-        st.persistent = !clean_session;
-        st.owner = Some(owner);
+        // Both are taken under the registry lock, so that for one client id a later connection
+        // always has a higher seq and a later (greater) session id.
+        let session_id = SessionId::new();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        st.persistent = !clean_session;
+        st.owner = Some(session_id);
         drop(st);
         drop(sessions);
         match (was_persistent, !clean_session) {
@@ -136,6 +177,7 @@ impl Shared {
             _ => {}
         }
         Attach::Attached(Attached {
+            session_id,
             seq,
             session_present,
             dropped_subscriptions: dropped,

@@ -6,7 +6,7 @@
 //! while taking the router's subscription lock.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
@@ -310,6 +310,9 @@ pub struct Session {
     waker: AtomicWaker,
     /// Signalled when the owner has detached and emitted its Disconnected event.
     pub released: Notify,
+    /// When the owner last received a packet, in milliseconds since the Unix epoch. Kept in
+    /// memory only: every PINGREQ updates it, the database never sees it.
+    last_seen_ms: AtomicU64,
 }
 
 impl Session {
@@ -322,7 +325,22 @@ impl Session {
             signals: AtomicU8::new(0),
             waker: AtomicWaker::new(),
             released: Notify::new(),
+            last_seen_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Records that the owner received a packet now.
+    pub fn touch(&self) {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_seen_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the owner last received a packet.
+    pub fn last_seen(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH
+            + std::time::Duration::from_millis(self.last_seen_ms.load(Ordering::Relaxed))
     }
 
     /// Locks the state. A poisoned lock (a panic elsewhere) still yields the state: every

@@ -4,11 +4,12 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 /// Unique, time-sortable identifier of one accepted connection (UUIDv7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct SessionId(pub uuid::Uuid);
 
 impl SessionId {
@@ -31,7 +32,7 @@ impl fmt::Display for SessionId {
 }
 
 /// Why a connection ended. A closed set: it is used as a metric label and a database value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DisconnectReason {
     /// The client sent DISCONNECT.
@@ -46,21 +47,25 @@ pub enum DisconnectReason {
     Takeover,
     /// The broker is shutting down.
     BrokerShutdown,
+    /// The broker node stopped without a shutdown (crash, kill); recorded at its next start,
+    /// with the time of the node's last heartbeat. Never emitted by the MQTT layer.
+    BrokerRestart,
 }
 
 impl DisconnectReason {
     /// Every reason, for metrics and documentation.
-    pub const ALL: [DisconnectReason; 6] = [
+    pub const ALL: [DisconnectReason; 7] = [
         Self::ClientDisconnect,
         Self::KeepaliveTimeout,
         Self::ConnectionLost,
         Self::ProtocolError,
         Self::Takeover,
         Self::BrokerShutdown,
+        Self::BrokerRestart,
     ];
 
     /// The snake_case name used in logs, metrics and storage.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::ClientDisconnect => "client_disconnect",
             Self::KeepaliveTimeout => "keepalive_timeout",
@@ -68,7 +73,13 @@ impl DisconnectReason {
             Self::ProtocolError => "protocol_error",
             Self::Takeover => "takeover",
             Self::BrokerShutdown => "broker_shutdown",
+            Self::BrokerRestart => "broker_restart",
         }
+    }
+
+    /// The reason named `name` (as stored), if it is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == name)
     }
 }
 
@@ -79,7 +90,7 @@ impl fmt::Display for DisconnectReason {
 }
 
 /// One connection lifecycle event.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ConnectionEvent {
     /// A CONNECT was accepted (CONNACK 0 is being sent).

@@ -1,0 +1,494 @@
+//! The presence store: where device state, session history and node boots are persisted.
+//!
+//! One trait ([`PresenceStore`]), one implementation per backend ([`postgres`], [`sqlite`]),
+//! picked by the scheme of `database.url` ([`Store::connect`]). Queries are built at run time, so
+//! building needs no database. Each backend applies a batch of connection events in one
+//! transaction with set-based statements, planned here once for both ([`BatchPlan`]):
+//!
+//! - history rows are idempotent on the session id (a retried batch never duplicates a row, and
+//!   a close never overwrites an earlier close);
+//! - a Disconnected changes a device's current state only if its session is still the device's
+//!   current session, and a Connected never replaces a newer session (session ids are UUIDv7, so
+//!   their order is their creation order).
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::time::SystemTime;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::presence::{ConnectionEvent, DisconnectReason};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed a query, or is unreachable.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema migrations could not be applied.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// `database.url` names no supported backend.
+    #[error(
+        "unsupported scheme in database.url {0:?}: use postgres://, postgresql:// or sqlite://"
+    )]
+    Scheme(String),
+    /// The directory for the SQLite file cannot be created.
+    #[error("cannot create directory {path} for the SQLite database (database.url): {source}")]
+    Directory {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A connection event together with the broker boot that emitted it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresenceRecord {
+    /// The broker node's configured id.
+    pub node_id: String,
+    /// The boot (process start) of that node.
+    pub boot_id: Uuid,
+    /// What happened.
+    pub event: ConnectionEvent,
+}
+
+/// The current state of one device.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Device {
+    /// The MQTT client id.
+    pub device_id: String,
+    /// Whether its current session is open.
+    pub online: bool,
+    /// Its current (latest) session.
+    pub session_id: Uuid,
+    /// The node that holds (or held) that session.
+    pub node_id: String,
+    /// When the current session started.
+    pub connected_at: DateTime<Utc>,
+    /// When the device last went offline (kept while it is online again).
+    pub disconnected_at: Option<DateTime<Utc>>,
+    /// Why it last went offline.
+    pub last_reason: Option<String>,
+    /// The address of the current session's peer.
+    pub peer: String,
+    /// The current session's keep-alive, seconds.
+    pub keep_alive: i32,
+    /// When this row last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One session (connection) of a device.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Session {
+    /// UUIDv7 of the connection.
+    pub session_id: Uuid,
+    /// The MQTT client id.
+    pub device_id: String,
+    /// The node that held it.
+    pub node_id: String,
+    /// The boot of that node.
+    pub boot_id: Uuid,
+    /// The node's connection sequence number.
+    pub seq: i64,
+    /// When it started.
+    pub connected_at: DateTime<Utc>,
+    /// When it ended; `None` while open.
+    pub disconnected_at: Option<DateTime<Utc>>,
+    /// Why it ended.
+    pub reason: Option<String>,
+    /// The peer address.
+    pub peer: String,
+    /// Keep-alive in seconds.
+    pub keep_alive: i32,
+    /// The CONNECT's clean-session flag.
+    pub clean_session: bool,
+}
+
+/// Totals for the stats endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stats {
+    /// Devices online now.
+    pub online: i64,
+    /// Devices ever seen.
+    pub known_devices: i64,
+    /// Sessions ever recorded.
+    pub connects: i64,
+    /// Ended sessions by reason.
+    pub disconnects: BTreeMap<String, i64>,
+}
+
+/// What crash recovery did at the start of a boot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Earlier boots of this node whose open sessions were closed.
+    pub boots: u64,
+    /// Sessions closed with reason broker_restart.
+    pub sessions_closed: u64,
+    /// Devices turned offline by it.
+    pub devices_offline: u64,
+}
+
+/// The operations the presence pipeline and the API need from a database.
+pub trait PresenceStore: Send + Sync {
+    /// Applies the schema migrations of this backend.
+    fn migrate(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Checks that the database answers.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Records a new boot of `node_id` and closes the sessions that earlier boots of the node
+    /// left open, with reason broker_restart at that boot's last heartbeat.
+    fn begin_boot(
+        &self,
+        node_id: &str,
+        boot_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Recovery, StoreError>> + Send;
+    /// Marks the boot alive at `now`.
+    fn heartbeat(
+        &self,
+        boot_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Applies a batch of events in one transaction. Applying the same batch twice (a retry)
+    /// leaves the same state as applying it once.
+    fn apply(
+        &self,
+        batch: &[PresenceRecord],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// One device's current state.
+    fn device(
+        &self,
+        device_id: &str,
+    ) -> impl Future<Output = Result<Option<Device>, StoreError>> + Send;
+    /// Devices ordered by id, after `after` (keyset pagination), optionally only online or
+    /// offline ones.
+    fn devices(
+        &self,
+        online: Option<bool>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Device>, StoreError>> + Send;
+    /// A device's sessions, newest first.
+    fn sessions(
+        &self,
+        device_id: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Session>, StoreError>> + Send;
+    /// Totals.
+    fn stats(&self) -> impl Future<Output = Result<Stats, StoreError>> + Send;
+}
+
+/// The configured backend.
+#[derive(Clone)]
+pub enum Store {
+    /// PostgreSQL (production).
+    Postgres(postgres::PgStore),
+    /// SQLite (embedded default).
+    Sqlite(sqlite::SqliteStore),
+}
+
+impl Store {
+    /// Connects to the database named by `url`: `postgres://` / `postgresql://` or `sqlite://`.
+    /// PostgreSQL connects lazily (the broker starts while the database is down); a SQLite file
+    /// and its directory are created when missing.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let scheme = url.split(':').next().unwrap_or_default();
+        match scheme {
+            "postgres" | "postgresql" => Ok(Self::Postgres(postgres::PgStore::connect(
+                url,
+                max_connections,
+            )?)),
+            "sqlite" => Ok(Self::Sqlite(
+                sqlite::SqliteStore::connect(url, max_connections).await?,
+            )),
+            _ => Err(StoreError::Scheme(redact(url))),
+        }
+    }
+
+    /// "postgres" or "sqlite", for logs.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "postgres",
+            Self::Sqlite(_) => "sqlite",
+        }
+    }
+}
+
+/// `url` without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            Store::Postgres($s) => $call.await,
+            Store::Sqlite($s) => $call.await,
+        }
+    };
+}
+
+impl PresenceStore for Store {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        delegate!(self, s => s.migrate())
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        delegate!(self, s => s.ping())
+    }
+    async fn begin_boot(
+        &self,
+        node_id: &str,
+        boot_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Recovery, StoreError> {
+        delegate!(self, s => s.begin_boot(node_id, boot_id, now))
+    }
+    async fn heartbeat(&self, boot_id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError> {
+        delegate!(self, s => s.heartbeat(boot_id, now))
+    }
+    async fn apply(&self, batch: &[PresenceRecord]) -> Result<(), StoreError> {
+        delegate!(self, s => s.apply(batch))
+    }
+    async fn device(&self, device_id: &str) -> Result<Option<Device>, StoreError> {
+        delegate!(self, s => s.device(device_id))
+    }
+    async fn devices(
+        &self,
+        online: Option<bool>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Device>, StoreError> {
+        delegate!(self, s => s.devices(online, after, limit))
+    }
+    async fn sessions(&self, device_id: &str, limit: u32) -> Result<Vec<Session>, StoreError> {
+        delegate!(self, s => s.sessions(device_id, limit))
+    }
+    async fn stats(&self) -> Result<Stats, StoreError> {
+        delegate!(self, s => s.stats())
+    }
+}
+
+/// A Connected event, as a history row to insert.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NewSession {
+    pub session_id: Uuid,
+    pub device_id: String,
+    pub node_id: String,
+    pub boot_id: Uuid,
+    pub seq: i64,
+    pub connected_at: DateTime<Utc>,
+    pub peer: String,
+    pub keep_alive: i32,
+    pub clean_session: bool,
+}
+
+/// A Disconnected event: closes a history row, and the device if it is still current.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Close {
+    pub device_id: String,
+    pub session_id: Uuid,
+    pub at: DateTime<Utc>,
+    pub reason: &'static str,
+}
+
+/// The newest session of a device within a batch, with its state at the end of the batch.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct DeviceUpsert {
+    pub session: NewSession,
+    /// Set when the batch also closed this session.
+    pub closed: Option<(DateTime<Utc>, &'static str)>,
+}
+
+/// A batch of events turned into set-based operations, in the order they must run.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct BatchPlan {
+    /// History rows to insert (ignored when the session id exists).
+    pub inserts: Vec<NewSession>,
+    /// History rows to close (only if still open).
+    pub closes: Vec<Close>,
+    /// Devices to turn offline if the closed session is still their current one (sessions
+    /// that did not start in this batch).
+    pub offline: Vec<Close>,
+    /// Devices whose newest session started in this batch; applied only if that session is
+    /// newer than the stored one (or the same one, going offline).
+    pub upserts: Vec<DeviceUpsert>,
+}
+
+pub(crate) fn timestamp(t: SystemTime) -> DateTime<Utc> {
+    DateTime::<Utc>::from(t)
+}
+
+impl BatchPlan {
+    pub(crate) fn new(batch: &[PresenceRecord]) -> Self {
+        let mut plan = BatchPlan::default();
+        let mut newest: HashMap<&str, usize> = HashMap::new();
+        for record in batch {
+            match &record.event {
+                ConnectionEvent::Connected {
+                    client_id,
+                    session_id,
+                    seq,
+                    peer,
+                    keep_alive,
+                    clean_session,
+                    time,
+                } => {
+                    let session = NewSession {
+                        session_id: session_id.0,
+                        device_id: client_id.clone(),
+                        node_id: record.node_id.clone(),
+                        boot_id: record.boot_id,
+                        seq: i64::try_from(*seq).unwrap_or(i64::MAX),
+                        connected_at: timestamp(*time),
+                        peer: peer.to_string(),
+                        keep_alive: i32::from(*keep_alive),
+                        clean_session: *clean_session,
+                    };
+                    match newest.get(client_id.as_str()) {
+                        Some(&i) if plan.upserts[i].session.session_id >= session.session_id => {}
+                        Some(&i) => {
+                            plan.upserts[i] = DeviceUpsert {
+                                session: session.clone(),
+                                closed: None,
+                            }
+                        }
+                        None => {
+                            newest.insert(client_id, plan.upserts.len());
+                            plan.upserts.push(DeviceUpsert {
+                                session: session.clone(),
+                                closed: None,
+                            });
+                        }
+                    }
+                    plan.inserts.push(session);
+                }
+                ConnectionEvent::Disconnected {
+                    client_id,
+                    session_id,
+                    reason,
+                    time,
+                    ..
+                } => {
+                    let close = Close {
+                        device_id: client_id.clone(),
+                        session_id: session_id.0,
+                        at: timestamp(*time),
+                        reason: reason.as_str(),
+                    };
+                    match newest.get(client_id.as_str()) {
+                        Some(&i) if plan.upserts[i].session.session_id == session_id.0 => {
+                            plan.upserts[i].closed = Some((close.at, close.reason));
+                        }
+                        _ => plan.offline.push(close.clone()),
+                    }
+                    plan.closes.push(close);
+                }
+            }
+        }
+        plan
+    }
+}
+
+/// The stored name of broker_restart.
+pub(crate) const BROKER_RESTART: &str = DisconnectReason::BrokerRestart.as_str();
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presence::SessionId;
+    use std::time::Duration;
+
+    fn connected(id: &str, session: SessionId, seq: u64) -> PresenceRecord {
+        PresenceRecord {
+            node_id: "n".into(),
+            boot_id: Uuid::nil(),
+            event: ConnectionEvent::Connected {
+                client_id: id.into(),
+                session_id: session,
+                seq,
+                peer: "127.0.0.1:1".parse().expect("addr"),
+                keep_alive: 30,
+                clean_session: true,
+                time: SystemTime::UNIX_EPOCH + Duration::from_secs(seq),
+            },
+        }
+    }
+
+    fn disconnected(id: &str, session: SessionId) -> PresenceRecord {
+        PresenceRecord {
+            node_id: "n".into(),
+            boot_id: Uuid::nil(),
+            event: ConnectionEvent::Disconnected {
+                client_id: id.into(),
+                session_id: session,
+                seq: 0,
+                reason: DisconnectReason::Takeover,
+                time: SystemTime::UNIX_EPOCH,
+            },
+        }
+    }
+
+    #[test]
+    fn plan_keeps_the_newest_session_per_device() {
+        let old = SessionId::new();
+        let s1 = SessionId::new();
+        let s2 = SessionId::new();
+        let plan = BatchPlan::new(&[
+            disconnected("a", old),
+            connected("a", s1, 1),
+            disconnected("a", s1),
+            connected("a", s2, 2),
+            connected("b", SessionId::new(), 3),
+        ]);
+        assert_eq!(plan.inserts.len(), 3);
+        assert_eq!(plan.closes.len(), 2);
+        assert_eq!(plan.upserts.len(), 2);
+        assert_eq!(plan.upserts[0].session.session_id, s2.0);
+        assert_eq!(plan.upserts[0].closed, None);
+        // The close of `old` is fenced in the database; s1 is superseded by s2 in the batch.
+        assert_eq!(
+            plan.offline
+                .iter()
+                .map(|c| c.session_id)
+                .collect::<Vec<_>>(),
+            [old.0]
+        );
+    }
+
+    #[test]
+    fn plan_closes_a_session_opened_in_the_same_batch() {
+        let s = SessionId::new();
+        let plan = BatchPlan::new(&[connected("a", s, 1), disconnected("a", s)]);
+        assert!(plan.offline.is_empty());
+        assert_eq!(plan.upserts[0].closed.map(|c| c.1), Some("takeover"));
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("sqlite://data/x.db"), "sqlite://data/x.db");
+    }
+}

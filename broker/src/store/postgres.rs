@@ -1,0 +1,333 @@
+//! PostgreSQL backend: a batch is four set-based statements over UNNEST arrays in one
+//! transaction.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use super::{
+    BatchPlan, Device, PresenceRecord, PresenceStore, Recovery, Session, Stats, StoreError,
+    BROKER_RESTART,
+};
+
+/// A PostgreSQL connection pool.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// A pool that connects on first use, so the broker starts while the database is down.
+    pub fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)?.application_name("heartwire");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options);
+        Ok(Self { pool })
+    }
+
+    /// The pool, for tests and benchmarks.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+const DEVICE_COLUMNS: &str = "device_id, online, session_id, node_id, connected_at, \
+     disconnected_at, last_reason, peer, keep_alive, updated_at";
+const SESSION_COLUMNS: &str = "session_id, device_id, node_id, boot_id, seq, connected_at, \
+     disconnected_at, reason, peer, keep_alive, clean_session";
+
+fn device(row: &PgRow) -> Result<Device, sqlx::Error> {
+    Ok(Device {
+        device_id: row.try_get("device_id")?,
+        online: row.try_get("online")?,
+        session_id: row.try_get("session_id")?,
+        node_id: row.try_get("node_id")?,
+        connected_at: row.try_get("connected_at")?,
+        disconnected_at: row.try_get("disconnected_at")?,
+        last_reason: row.try_get("last_reason")?,
+        peer: row.try_get("peer")?,
+        keep_alive: row.try_get("keep_alive")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn session(row: &PgRow) -> Result<Session, sqlx::Error> {
+    Ok(Session {
+        session_id: row.try_get("session_id")?,
+        device_id: row.try_get("device_id")?,
+        node_id: row.try_get("node_id")?,
+        boot_id: row.try_get("boot_id")?,
+        seq: row.try_get("seq")?,
+        connected_at: row.try_get("connected_at")?,
+        disconnected_at: row.try_get("disconnected_at")?,
+        reason: row.try_get("reason")?,
+        peer: row.try_get("peer")?,
+        keep_alive: row.try_get("keep_alive")?,
+        clean_session: row.try_get("clean_session")?,
+    })
+}
+
+impl PresenceStore for PgStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("../migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn begin_boot(
+        &self,
+        node_id: &str,
+        boot_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Recovery, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO nodes (boot_id, node_id, started_at, heartbeat_at) VALUES ($1, $2, $3, $3) \
+             ON CONFLICT (boot_id) DO NOTHING",
+        )
+        .bind(boot_id)
+        .bind(node_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let boots = sqlx::query(
+            "SELECT boot_id, heartbeat_at FROM nodes \
+             WHERE node_id = $1 AND boot_id <> $2 AND NOT recovered FOR UPDATE",
+        )
+        .bind(node_id)
+        .bind(boot_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut recovery = Recovery {
+            boots: boots.len() as u64,
+            ..Recovery::default()
+        };
+        for boot in &boots {
+            let old: Uuid = boot.try_get("boot_id")?;
+            let last_alive: DateTime<Utc> = boot.try_get("heartbeat_at")?;
+            let closed = sqlx::query(
+                "WITH closed AS ( \
+                   UPDATE sessions SET disconnected_at = GREATEST($2, connected_at), reason = $3 \
+                   WHERE boot_id = $1 AND disconnected_at IS NULL \
+                   RETURNING session_id, device_id, disconnected_at) \
+                 , offline AS ( \
+                   UPDATE devices d SET online = FALSE, disconnected_at = c.disconnected_at, \
+                          last_reason = $3, updated_at = now() \
+                   FROM closed c \
+                   WHERE d.device_id = c.device_id AND d.session_id = c.session_id AND d.online \
+                   RETURNING 1) \
+                 SELECT (SELECT count(*) FROM closed) AS sessions, \
+                        (SELECT count(*) FROM offline) AS devices",
+            )
+            .bind(old)
+            .bind(last_alive)
+            .bind(BROKER_RESTART)
+            .fetch_one(&mut *tx)
+            .await?;
+            recovery.sessions_closed += closed.try_get::<i64, _>("sessions")? as u64;
+            recovery.devices_offline += closed.try_get::<i64, _>("devices")? as u64;
+            sqlx::query("UPDATE nodes SET recovered = TRUE WHERE boot_id = $1")
+                .bind(old)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(recovery)
+    }
+
+    async fn heartbeat(&self, boot_id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE nodes SET heartbeat_at = $2 WHERE boot_id = $1")
+            .bind(boot_id)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn apply(&self, batch: &[PresenceRecord]) -> Result<(), StoreError> {
+        let plan = BatchPlan::new(batch);
+        let mut tx = self.pool.begin().await?;
+
+        if !plan.inserts.is_empty() {
+            let s = &plan.inserts;
+            sqlx::query(
+                "INSERT INTO sessions (session_id, device_id, node_id, boot_id, seq, connected_at, \
+                                       peer, keep_alive, clean_session) \
+                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::int8[], \
+                                      $6::timestamptz[], $7::text[], $8::int4[], $9::bool[]) \
+                 ON CONFLICT (session_id) DO NOTHING",
+            )
+            .bind(s.iter().map(|r| r.session_id).collect::<Vec<_>>())
+            .bind(s.iter().map(|r| r.device_id.as_str()).collect::<Vec<_>>())
+            .bind(s.iter().map(|r| r.node_id.as_str()).collect::<Vec<_>>())
+            .bind(s.iter().map(|r| r.boot_id).collect::<Vec<_>>())
+            .bind(s.iter().map(|r| r.seq).collect::<Vec<_>>())
+            .bind(s.iter().map(|r| r.connected_at).collect::<Vec<_>>())
+            .bind(s.iter().map(|r| r.peer.as_str()).collect::<Vec<_>>())
+            .bind(s.iter().map(|r| r.keep_alive).collect::<Vec<_>>())
+            .bind(s.iter().map(|r| r.clean_session).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        if !plan.closes.is_empty() {
+            let c = &plan.closes;
+            sqlx::query(
+                "UPDATE sessions s SET disconnected_at = u.at, reason = u.reason \
+                 FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[]) AS u(session_id, at, reason) \
+                 WHERE s.session_id = u.session_id AND s.disconnected_at IS NULL",
+            )
+            .bind(c.iter().map(|r| r.session_id).collect::<Vec<_>>())
+            .bind(c.iter().map(|r| r.at).collect::<Vec<_>>())
+            .bind(c.iter().map(|r| r.reason).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        if !plan.offline.is_empty() {
+            let c = &plan.offline;
+            sqlx::query(
+                "UPDATE devices d SET online = FALSE, disconnected_at = u.at, \
+                        last_reason = u.reason, updated_at = now() \
+                 FROM UNNEST($1::text[], $2::uuid[], $3::timestamptz[], $4::text[]) \
+                      AS u(device_id, session_id, at, reason) \
+                 WHERE d.device_id = u.device_id AND d.session_id = u.session_id AND d.online",
+            )
+            .bind(c.iter().map(|r| r.device_id.as_str()).collect::<Vec<_>>())
+            .bind(c.iter().map(|r| r.session_id).collect::<Vec<_>>())
+            .bind(c.iter().map(|r| r.at).collect::<Vec<_>>())
+            .bind(c.iter().map(|r| r.reason).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        if !plan.upserts.is_empty() {
+            let u = &plan.upserts;
+            // Newer session wins; the same session may only go from online to offline. While
+            // online again, the previous disconnect time and reason are kept.
+            sqlx::query(
+                "INSERT INTO devices (device_id, online, session_id, node_id, connected_at, \
+                                      disconnected_at, last_reason, peer, keep_alive, updated_at) \
+                 SELECT device_id, online, session_id, node_id, connected_at, disconnected_at, \
+                        last_reason, peer, keep_alive, now() \
+                 FROM UNNEST($1::text[], $2::bool[], $3::uuid[], $4::text[], $5::timestamptz[], \
+                             $6::timestamptz[], $7::text[], $8::text[], $9::int4[]) \
+                      AS u(device_id, online, session_id, node_id, connected_at, disconnected_at, \
+                           last_reason, peer, keep_alive) \
+                 ON CONFLICT (device_id) DO UPDATE SET \
+                   online = EXCLUDED.online, session_id = EXCLUDED.session_id, \
+                   node_id = EXCLUDED.node_id, connected_at = EXCLUDED.connected_at, \
+                   disconnected_at = COALESCE(EXCLUDED.disconnected_at, devices.disconnected_at), \
+                   last_reason = COALESCE(EXCLUDED.last_reason, devices.last_reason), \
+                   peer = EXCLUDED.peer, keep_alive = EXCLUDED.keep_alive, \
+                   updated_at = EXCLUDED.updated_at \
+                 WHERE devices.session_id < EXCLUDED.session_id \
+                    OR (devices.session_id = EXCLUDED.session_id AND devices.online \
+                        AND NOT EXCLUDED.online)",
+            )
+            .bind(
+                u.iter()
+                    .map(|r| r.session.device_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(u.iter().map(|r| r.closed.is_none()).collect::<Vec<_>>())
+            .bind(u.iter().map(|r| r.session.session_id).collect::<Vec<_>>())
+            .bind(
+                u.iter()
+                    .map(|r| r.session.node_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(u.iter().map(|r| r.session.connected_at).collect::<Vec<_>>())
+            .bind(u.iter().map(|r| r.closed.map(|c| c.0)).collect::<Vec<_>>())
+            .bind(u.iter().map(|r| r.closed.map(|c| c.1)).collect::<Vec<_>>())
+            .bind(
+                u.iter()
+                    .map(|r| r.session.peer.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(u.iter().map(|r| r.session.keep_alive).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn device(&self, device_id: &str) -> Result<Option<Device>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = $1"
+        ))
+        .bind(device_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(device).transpose()?)
+    }
+
+    async fn devices(
+        &self,
+        online: Option<bool>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Device>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices \
+             WHERE ($1::bool IS NULL OR online = $1) AND ($2::text IS NULL OR device_id > $2) \
+             ORDER BY device_id LIMIT $3"
+        ))
+        .bind(online)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(device).collect::<Result<_, _>>()?)
+    }
+
+    async fn sessions(&self, device_id: &str, limit: u32) -> Result<Vec<Session>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE device_id = $1 \
+             ORDER BY session_id DESC LIMIT $2"
+        ))
+        .bind(device_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(session).collect::<Result<_, _>>()?)
+    }
+
+    async fn stats(&self) -> Result<Stats, StoreError> {
+        let totals = sqlx::query(
+            "SELECT (SELECT count(*) FROM devices WHERE online) AS online, \
+                    (SELECT count(*) FROM devices) AS known, \
+                    (SELECT count(*) FROM sessions) AS connects",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let reasons = sqlx::query(
+            "SELECT reason, count(*) AS n FROM sessions WHERE reason IS NOT NULL GROUP BY reason",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Stats {
+            online: totals.try_get("online")?,
+            known_devices: totals.try_get("known")?,
+            connects: totals.try_get("connects")?,
+            disconnects: reasons
+                .iter()
+                .map(|r| Ok((r.try_get("reason")?, r.try_get("n")?)))
+                .collect::<Result<_, sqlx::Error>>()?,
+        })
+    }
+}

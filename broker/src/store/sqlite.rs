@@ -1,0 +1,352 @@
+//! SQLite backend, the embedded default: a WAL-mode file created on first start. A batch is
+//! multi-row VALUES inserts and upserts plus prepared per-row updates, in one transaction.
+//!
+//! Timestamps are stored as INTEGER microseconds since the Unix epoch; UUIDs as lowercase
+//! hyphenated TEXT (text order = time order for UUIDv7).
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use uuid::Uuid;
+
+use super::{
+    BatchPlan, Device, PresenceRecord, PresenceStore, Recovery, Session, Stats, StoreError,
+    BROKER_RESTART,
+};
+
+/// Rows per multi-row statement: 11 parameters each stays under SQLite's 32,766 limit.
+const ROWS_PER_STATEMENT: usize = 2_000;
+
+/// A SQLite connection pool.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(v: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(v).unwrap_or_default()
+}
+
+fn uuid(text: &str) -> Result<Uuid, sqlx::Error> {
+    Uuid::parse_str(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database file named by a `sqlite://PATH` URL.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let file = options.get_filename();
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.exists() && file != Path::new(":memory:") {
+                std::fs::create_dir_all(dir).map_err(|source| StoreError::Directory {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
+            }
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+}
+
+const DEVICE_COLUMNS: &str = "device_id, online, session_id, node_id, connected_at, \
+     disconnected_at, last_reason, peer, keep_alive, updated_at";
+const SESSION_COLUMNS: &str = "session_id, device_id, node_id, boot_id, seq, connected_at, \
+     disconnected_at, reason, peer, keep_alive, clean_session";
+
+fn device(row: &SqliteRow) -> Result<Device, sqlx::Error> {
+    Ok(Device {
+        device_id: row.try_get("device_id")?,
+        online: row.try_get("online")?,
+        session_id: uuid(row.try_get("session_id")?)?,
+        node_id: row.try_get("node_id")?,
+        connected_at: from_micros(row.try_get("connected_at")?),
+        disconnected_at: row
+            .try_get::<Option<i64>, _>("disconnected_at")?
+            .map(from_micros),
+        last_reason: row.try_get("last_reason")?,
+        peer: row.try_get("peer")?,
+        keep_alive: row.try_get("keep_alive")?,
+        updated_at: from_micros(row.try_get("updated_at")?),
+    })
+}
+
+fn session(row: &SqliteRow) -> Result<Session, sqlx::Error> {
+    Ok(Session {
+        session_id: uuid(row.try_get("session_id")?)?,
+        device_id: row.try_get("device_id")?,
+        node_id: row.try_get("node_id")?,
+        boot_id: uuid(row.try_get("boot_id")?)?,
+        seq: row.try_get("seq")?,
+        connected_at: from_micros(row.try_get("connected_at")?),
+        disconnected_at: row
+            .try_get::<Option<i64>, _>("disconnected_at")?
+            .map(from_micros),
+        reason: row.try_get("reason")?,
+        peer: row.try_get("peer")?,
+        keep_alive: row.try_get("keep_alive")?,
+        clean_session: row.try_get("clean_session")?,
+    })
+}
+
+impl PresenceStore for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("../migrations/sqlite")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn begin_boot(
+        &self,
+        node_id: &str,
+        boot_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Recovery, StoreError> {
+        let now_us = micros(now);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO nodes (boot_id, node_id, started_at, heartbeat_at) VALUES (?1, ?2, ?3, ?3) \
+             ON CONFLICT (boot_id) DO NOTHING",
+        )
+        .bind(boot_id.to_string())
+        .bind(node_id)
+        .bind(now_us)
+        .execute(&mut *tx)
+        .await?;
+        let boots = sqlx::query(
+            "SELECT boot_id, heartbeat_at FROM nodes \
+             WHERE node_id = ?1 AND boot_id <> ?2 AND NOT recovered",
+        )
+        .bind(node_id)
+        .bind(boot_id.to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut recovery = Recovery {
+            boots: boots.len() as u64,
+            ..Recovery::default()
+        };
+        for boot in &boots {
+            let old: String = boot.try_get("boot_id")?;
+            let last_alive: i64 = boot.try_get("heartbeat_at")?;
+            // Devices first: their rows are matched against the sessions still open.
+            let devices = sqlx::query(
+                "UPDATE devices SET online = 0, last_reason = ?3, updated_at = ?4, \
+                        disconnected_at = max(?2, connected_at) \
+                 WHERE online AND session_id IN \
+                       (SELECT session_id FROM sessions WHERE boot_id = ?1 AND disconnected_at IS NULL)",
+            )
+            .bind(&old)
+            .bind(last_alive)
+            .bind(BROKER_RESTART)
+            .bind(now_us)
+            .execute(&mut *tx)
+            .await?;
+            let sessions = sqlx::query(
+                "UPDATE sessions SET disconnected_at = max(?2, connected_at), reason = ?3 \
+                 WHERE boot_id = ?1 AND disconnected_at IS NULL",
+            )
+            .bind(&old)
+            .bind(last_alive)
+            .bind(BROKER_RESTART)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE nodes SET recovered = 1 WHERE boot_id = ?1")
+                .bind(&old)
+                .execute(&mut *tx)
+                .await?;
+            recovery.sessions_closed += sessions.rows_affected();
+            recovery.devices_offline += devices.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(recovery)
+    }
+
+    async fn heartbeat(&self, boot_id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE nodes SET heartbeat_at = ?2 WHERE boot_id = ?1")
+            .bind(boot_id.to_string())
+            .bind(micros(now))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn apply(&self, batch: &[PresenceRecord]) -> Result<(), StoreError> {
+        let plan = BatchPlan::new(batch);
+        let now = micros(Utc::now());
+        let mut tx = self.pool.begin().await?;
+
+        for chunk in plan.inserts.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO sessions (session_id, device_id, node_id, boot_id, seq, connected_at, \
+                                       peer, keep_alive, clean_session) ",
+            );
+            q.push_values(chunk, |mut b, s| {
+                b.push_bind(s.session_id.to_string())
+                    .push_bind(&s.device_id)
+                    .push_bind(&s.node_id)
+                    .push_bind(s.boot_id.to_string())
+                    .push_bind(s.seq)
+                    .push_bind(micros(s.connected_at))
+                    .push_bind(&s.peer)
+                    .push_bind(s.keep_alive)
+                    .push_bind(s.clean_session);
+            });
+            q.push(" ON CONFLICT (session_id) DO NOTHING");
+            q.build().execute(&mut *tx).await?;
+        }
+
+        for c in &plan.closes {
+            sqlx::query(
+                "UPDATE sessions SET disconnected_at = ?2, reason = ?3 \
+                 WHERE session_id = ?1 AND disconnected_at IS NULL",
+            )
+            .bind(c.session_id.to_string())
+            .bind(micros(c.at))
+            .bind(c.reason)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        for c in &plan.offline {
+            sqlx::query(
+                "UPDATE devices SET online = 0, disconnected_at = ?3, last_reason = ?4, \
+                        updated_at = ?5 \
+                 WHERE device_id = ?1 AND session_id = ?2 AND online",
+            )
+            .bind(&c.device_id)
+            .bind(c.session_id.to_string())
+            .bind(micros(c.at))
+            .bind(c.reason)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        for chunk in plan.upserts.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO devices (device_id, online, session_id, node_id, connected_at, \
+                                      disconnected_at, last_reason, peer, keep_alive, updated_at) ",
+            );
+            q.push_values(chunk, |mut b, u| {
+                b.push_bind(&u.session.device_id)
+                    .push_bind(u.closed.is_none())
+                    .push_bind(u.session.session_id.to_string())
+                    .push_bind(&u.session.node_id)
+                    .push_bind(micros(u.session.connected_at))
+                    .push_bind(u.closed.map(|c| micros(c.0)))
+                    .push_bind(u.closed.map(|c| c.1))
+                    .push_bind(&u.session.peer)
+                    .push_bind(u.session.keep_alive)
+                    .push_bind(now);
+            });
+            // Same rules as PostgreSQL: newer session wins; the same session may only go
+            // offline; the previous disconnect is kept while online again.
+            q.push(
+                " ON CONFLICT (device_id) DO UPDATE SET \
+                   online = excluded.online, session_id = excluded.session_id, \
+                   node_id = excluded.node_id, connected_at = excluded.connected_at, \
+                   disconnected_at = COALESCE(excluded.disconnected_at, devices.disconnected_at), \
+                   last_reason = COALESCE(excluded.last_reason, devices.last_reason), \
+                   peer = excluded.peer, keep_alive = excluded.keep_alive, \
+                   updated_at = excluded.updated_at \
+                 WHERE devices.session_id < excluded.session_id \
+                    OR (devices.session_id = excluded.session_id AND devices.online \
+                        AND NOT excluded.online)",
+            );
+            q.build().execute(&mut *tx).await?;
+        }
+
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn device(&self, device_id: &str) -> Result<Option<Device>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?1"
+        ))
+        .bind(device_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(device).transpose()?)
+    }
+
+    async fn devices(
+        &self,
+        online: Option<bool>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Device>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices \
+             WHERE (?1 IS NULL OR online = ?1) AND (?2 IS NULL OR device_id > ?2) \
+             ORDER BY device_id LIMIT ?3"
+        ))
+        .bind(online)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(device).collect::<Result<_, _>>()?)
+    }
+
+    async fn sessions(&self, device_id: &str, limit: u32) -> Result<Vec<Session>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE device_id = ?1 \
+             ORDER BY session_id DESC LIMIT ?2"
+        ))
+        .bind(device_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(session).collect::<Result<_, _>>()?)
+    }
+
+    async fn stats(&self) -> Result<Stats, StoreError> {
+        let totals = sqlx::query(
+            "SELECT (SELECT count(*) FROM devices WHERE online) AS online, \
+                    (SELECT count(*) FROM devices) AS known, \
+                    (SELECT count(*) FROM sessions) AS connects",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let reasons = sqlx::query(
+            "SELECT reason, count(*) AS n FROM sessions WHERE reason IS NOT NULL GROUP BY reason",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Stats {
+            online: totals.try_get("online")?,
+            known_devices: totals.try_get("known")?,
+            connects: totals.try_get("connects")?,
+            disconnects: reasons
+                .iter()
+                .map(|r| Ok((r.try_get("reason")?, r.try_get("n")?)))
+                .collect::<Result<_, sqlx::Error>>()?,
+        })
+    }
+}
