@@ -166,7 +166,7 @@ start_broker_once() {
     heartwire)
       mkdir -p "$WORK/$tag"
       (cd "$WORK/$tag" && \
-        BROKER_MQTT__LISTEN="127.0.0.1:$BROKER_PORT" RUST_LOG=warn exec "$HEARTWIRE") \
+        BROKER_MQTT__LISTEN="127.0.0.1:$BROKER_PORT" BROKER_HTTP__LISTEN="127.0.0.1:0" RUST_LOG=warn exec "$HEARTWIRE") \
         >"$BROKER_LOG" 2>&1 &
       ;;
     mosquitto)

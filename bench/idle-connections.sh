@@ -18,7 +18,8 @@
 #   KEEP_WORK=1        keep the temporary directory with logs and configs
 #   HEARTWIRE_BIN=PATH use this broker binary instead of building target/release/broker
 # Any BROKER_* variables in the environment reach the Heartwire broker unchanged;
-# the script itself sets BROKER_MQTT__LISTEN and RUST_LOG=warn.
+# the script itself sets BROKER_MQTT__LISTEN, BROKER_HTTP__LISTEN=127.0.0.1:0 and RUST_LOG=warn;
+# the broker runs in a temporary directory, so its SQLite file and journal start empty.
 #
 # Needs root only to install mosquitto (apt-get) when it is missing. All traffic stays
 # on loopback; every wait is bounded and all started processes are stopped on exit.
@@ -199,7 +200,7 @@ start_broker() {  # NAME -> sets BROKER_PID and BROKER_PORT
       BROKER_PORT="$PORT1"
       mkdir -p "$WORK/heartwire"
       (cd "$WORK/heartwire" && \
-        BROKER_MQTT__LISTEN="0.0.0.0:$PORT1" RUST_LOG=warn exec "$HEARTWIRE") \
+        BROKER_MQTT__LISTEN="0.0.0.0:$PORT1" BROKER_HTTP__LISTEN="127.0.0.1:0" RUST_LOG=warn exec "$HEARTWIRE") \
         >"$WORK/heartwire.log" 2>&1 &
       ;;
     mosquitto)

@@ -144,7 +144,7 @@ impl Default for EventsConfig {
 pub struct DatabaseConfig {
     /// `sqlite://PATH` (embedded, the default) or `postgres://USER:PASSWORD@HOST:PORT/DB`.
     pub url: String,
-    /// Connections in the pool.
+    /// Connections in the pool (SQLite uses at most 2: it has one writer at a time).
     pub max_connections: u32,
 }
 

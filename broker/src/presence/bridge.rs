@@ -348,6 +348,10 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
                     }
                     Job::Memory => self.committed(&batch),
                 }
+                if self.memory.is_empty() && self.memory.capacity() > 4 * self.config.batch_size {
+                    // A burst (or an outage) is over: give its buffer back.
+                    self.memory = VecDeque::new();
+                }
             }
             Err(error) => {
                 let operation = match job {

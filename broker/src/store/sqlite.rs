@@ -49,6 +49,9 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
+            // 256 KiB page cache per connection (SQLite's default is 2 MiB): the memory
+            // belongs to device connections; presence writes touch few pages.
+            .pragma("cache_size", "-256")
             .foreign_keys(true);
         let file = options.get_filename();
         if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -59,12 +62,26 @@ impl SqliteStore {
                 })?;
             }
         }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
-            .await?;
-        Ok(Self { pool })
+        // SQLite has one writer at a time: beyond two connections (the bridge writing, the API
+        // reading) a larger pool only costs memory.
+        let pool_options = SqlitePoolOptions::new()
+            .max_connections(max_connections.clamp(1, 2))
+            .acquire_timeout(Duration::from_secs(5));
+        // Switching a new file to WAL takes an exclusive lock that SQLite does not wait for; a
+        // second process (or pool) opening the file at that moment gets SQLITE_BUSY at once.
+        let mut attempt = 0;
+        loop {
+            match pool_options.clone().connect_with(options.clone()).await {
+                Ok(pool) => return Ok(Self { pool }),
+                Err(sqlx::Error::Database(e))
+                    if e.code().as_deref() == Some("5") && attempt < 50 =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 
@@ -217,7 +234,9 @@ impl PresenceStore for SqliteStore {
                     .push_bind(s.clean_session);
             });
             q.push(" ON CONFLICT (session_id) DO NOTHING");
-            q.build().execute(&mut *tx).await?;
+            // Not cached: the text changes with the row count, and a cached multi-row
+            // statement per batch size would hold megabytes per pooled connection.
+            q.build().persistent(false).execute(&mut *tx).await?;
         }
 
         for c in &plan.closes {
@@ -278,7 +297,9 @@ impl PresenceStore for SqliteStore {
                     OR (devices.session_id = excluded.session_id AND devices.online \
                         AND NOT excluded.online)",
             );
-            q.build().execute(&mut *tx).await?;
+            // Not cached: the text changes with the row count, and a cached multi-row
+            // statement per batch size would hold megabytes per pooled connection.
+            q.build().persistent(false).execute(&mut *tx).await?;
         }
 
         tx.commit().await?;

@@ -2,6 +2,8 @@
 //! client, and helpers that wait on conditions with a deadline.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -331,5 +333,118 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A whole broker (MQTT, bridge, store, HTTP) on ephemeral ports, on its own runtime thread so
+/// that a test can also kill it abruptly (a crash: no shutdown, no Disconnected events).
+pub struct FullBroker {
+    pub mqtt: SocketAddr,
+    pub http: SocketAddr,
+    pub shutdown: CancellationToken,
+    runtime: Option<tokio::runtime::Runtime>,
+    done: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl FullBroker {
+    pub fn config(database_url: &str, data: &TempDir, node_id: &str) -> broker::config::Config {
+        let mut config = broker::config::Config::default();
+        config.database.url = database_url.to_owned();
+        config.bridge.journal_path = data.path().join("presence.journal");
+        config.bridge.batch_interval = Duration::from_millis(20);
+        config.bridge.retry_backoff_max = Duration::from_millis(500);
+        config.node.id = node_id.to_owned();
+        config.node.heartbeat_interval = Duration::from_millis(200);
+        config.shutdown.grace_period = Duration::from_secs(5);
+        config
+    }
+
+    pub async fn start(config: broker::config::Config) -> Self {
+        // Logs when asked for (RUST_LOG=broker=debug cargo nextest run ...).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mqtt = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let (mqtt_addr, http_addr) = (
+            mqtt.local_addr().expect("addr"),
+            http.local_addr().expect("addr"),
+        );
+        mqtt.set_nonblocking(true).expect("nonblocking");
+        http.set_nonblocking(true).expect("nonblocking");
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        runtime.spawn(async move {
+            let listeners = broker::Listeners {
+                mqtt: TcpListener::from_std(mqtt).expect("listener"),
+                http: TcpListener::from_std(http).expect("listener"),
+            };
+            // (from_std registers with this runtime's reactor, so it runs inside the task.)
+            broker::run_with(config, listeners, token)
+                .await
+                .expect("broker runs");
+            let _ = done_tx.send(());
+        });
+        Self {
+            mqtt: mqtt_addr,
+            http: http_addr,
+            shutdown,
+            runtime: Some(runtime),
+            done: Some(done),
+        }
+    }
+
+    /// Graceful shutdown; waits until the broker has drained.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(done) = self.done.take() {
+            tokio::time::timeout(Duration::from_secs(30), done)
+                .await
+                .expect("broker stops in time")
+                .expect("broker finished");
+        }
+    }
+
+    /// Kills the broker without any shutdown: its tasks are dropped where they stand.
+    pub fn crash(mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for FullBroker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(rt) = self.runtime.take() {
+            // Dropping a runtime inside another one's task would panic; this does not block.
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, failing after `WAIT`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,0 +1,241 @@
+//! End to end: MQTT devices -> connection events -> bridge -> store, on SQLite and on
+//! PostgreSQL: each way a session ends is recorded with its reason, takeover keeps the device
+//! online, a crashed broker's sessions are closed at its next start, and (PostgreSQL) nothing is
+//! lost while the database is down.
+
+mod common;
+
+use std::time::Duration;
+
+use broker::store::{Device, PresenceStore, Store};
+use common::{eventually, ConnectOpts, FullBroker, RawClient, TempDir};
+use rumqttc::mqttbytes::v4::Packet;
+
+/// A database for one test: (url, guard keeping it alive, the PostgreSQL handle if any).
+async fn sqlite_db(data: &TempDir) -> (String, Option<common::pg::TestPostgres>) {
+    (
+        format!("sqlite://{}/broker.db", data.path().display()),
+        None,
+    )
+}
+
+async fn postgres_db(_data: &TempDir) -> (String, Option<common::pg::TestPostgres>) {
+    let pg = common::pg::TestPostgres::start().await;
+    (pg.url().to_owned(), Some(pg))
+}
+
+async fn device_where(
+    store: &Store,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&Device) -> bool,
+) -> Device {
+    eventually(&format!("{id}: {what}"), || async {
+        store.device(id).await.ok().flatten().filter(|d| pred(d))
+    })
+    .await
+}
+
+async fn each_end_is_recorded_with_its_reason(url: String, data: TempDir) {
+    let broker = FullBroker::start(FullBroker::config(&url, &data, "node-1")).await;
+    let store = Store::connect(&url, 2).await.expect("store");
+
+    // Connect, then a clean DISCONNECT.
+    let (polite, _) = RawClient::connect(broker.mqtt, ConnectOpts::new("polite")).await;
+    let online = device_where(&store, "polite", "online", |d| d.online).await;
+    assert_eq!(online.node_id, "node-1");
+    polite.disconnect().await;
+    device_where(&store, "polite", "offline, client_disconnect", |d| {
+        !d.online && d.last_reason.as_deref() == Some("client_disconnect")
+    })
+    .await;
+
+    // Keep-alive timeout.
+    let mut opts = ConnectOpts::new("silent");
+    opts.keep_alive = 1;
+    let (_silent, _) = RawClient::connect(broker.mqtt, opts).await;
+    device_where(&store, "silent", "offline, keepalive_timeout", |d| {
+        !d.online && d.last_reason.as_deref() == Some("keepalive_timeout")
+    })
+    .await;
+
+    // Connection lost.
+    let (lost, _) = RawClient::connect(broker.mqtt, ConnectOpts::new("lost")).await;
+    device_where(&store, "lost", "online", |d| d.online).await;
+    drop(lost);
+    device_where(&store, "lost", "offline, connection_lost", |d| {
+        !d.online && d.last_reason.as_deref() == Some("connection_lost")
+    })
+    .await;
+
+    // Takeover: the old session ends as takeover, the device stays online on the new one.
+    let (_first, _) = RawClient::connect(broker.mqtt, ConnectOpts::new("twin")).await;
+    let first = device_where(&store, "twin", "online", |d| d.online).await;
+    let (mut second, _) = RawClient::connect(broker.mqtt, ConnectOpts::new("twin")).await;
+    let now = device_where(&store, "twin", "online on a newer session", |d| {
+        d.online && d.session_id > first.session_id
+    })
+    .await;
+    let sessions = eventually("twin's first session closed", || async {
+        let s = store.sessions("twin", 10).await.ok()?;
+        (s.len() == 2 && s[1].reason.is_some()).then_some(s)
+    })
+    .await;
+    assert_eq!(sessions[0].session_id, now.session_id);
+    assert_eq!(sessions[1].reason.as_deref(), Some("takeover"));
+    assert!(now.online);
+    second.send(&Packet::PingReq).await;
+    assert!(matches!(second.recv().await, Some(Packet::PingResp)));
+
+    // Graceful shutdown: what is still connected goes offline as broker_shutdown.
+    broker.stop().await;
+    let twin = store.device("twin").await.expect("query").expect("twin");
+    assert!(!twin.online);
+    assert_eq!(twin.last_reason.as_deref(), Some("broker_shutdown"));
+    let stats = store.stats().await.expect("stats");
+    assert_eq!(stats.online, 0);
+}
+
+async fn crashed_broker_sessions_are_closed_at_restart(url: String, data: TempDir) {
+    let config = FullBroker::config(&url, &data, "node-crash");
+    let broker = FullBroker::start(config.clone()).await;
+    let store = Store::connect(&url, 2).await.expect("store");
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let id = format!("orphan-{i}");
+        clients.push(
+            RawClient::connect(broker.mqtt, ConnectOpts::new(&id))
+                .await
+                .0,
+        );
+        device_where(&store, &id, "online", |d| d.online).await;
+    }
+    // Let at least one heartbeat land after the connects.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let crashed_at = chrono::Utc::now();
+    broker.crash();
+    drop(clients);
+    // Nothing was recorded by the dead broker.
+    assert_eq!(store.stats().await.expect("stats").online, 5);
+
+    let restarted = FullBroker::start(config).await;
+    for i in 0..5 {
+        let d = device_where(
+            &store,
+            &format!("orphan-{i}"),
+            "closed as broker_restart",
+            |d| !d.online && d.last_reason.as_deref() == Some("broker_restart"),
+        )
+        .await;
+        let at = d.disconnected_at.expect("disconnected_at");
+        assert!(
+            at <= crashed_at,
+            "closed at the last heartbeat ({at}), before the crash ({crashed_at})"
+        );
+        assert!(at > d.connected_at - chrono::Duration::milliseconds(1));
+    }
+    let sessions = store.sessions("orphan-0", 5).await.expect("sessions");
+    assert_eq!(sessions[0].reason.as_deref(), Some("broker_restart"));
+    // The restarted broker records new sessions normally.
+    let (_back, _) = RawClient::connect(restarted.mqtt, ConnectOpts::new("orphan-0")).await;
+    device_where(&store, "orphan-0", "online again", |d| d.online).await;
+    restarted.stop().await;
+}
+
+macro_rules! presence_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let data = super::TempDir::new("presence");
+                    let (url, _pg) = super::sqlite_db(&data).await;
+                    super::$name(url, data).await;
+                }
+            )*
+        }
+        mod postgres_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let data = super::TempDir::new("presence");
+                    let (url, _pg) = super::postgres_db(&data).await;
+                    super::$name(url, data).await;
+                }
+            )*
+        }
+    };
+}
+
+presence_tests!(
+    each_end_is_recorded_with_its_reason,
+    crashed_broker_sessions_are_closed_at_restart,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_loses_nothing() {
+    let data = TempDir::new("outage");
+    let pg = common::pg::TestPostgres::start().await;
+    assert!(
+        pg.controls_server(),
+        "this test stops and restarts PostgreSQL: it needs the throwaway cluster, \
+         not TEST_DATABASE_URL (unset it to run this test)"
+    );
+    let mut config = FullBroker::config(pg.url(), &data, "node-outage");
+    // Small memory so that the outage also goes through the journal.
+    config.bridge.batch_size = 50;
+    config.bridge.memory_capacity = 60;
+    let broker = FullBroker::start(config).await;
+    let store = Store::connect(pg.url(), 2).await.expect("store");
+    let (_steady, _) = RawClient::connect(broker.mqtt, ConnectOpts::new("steady")).await;
+    device_where(&store, "steady", "online", |d| d.online).await;
+
+    pg.stop_server().await.expect("stop PostgreSQL");
+    let mut staying = Vec::new();
+    for i in 0..200 {
+        let id = format!("outage-{i:03}");
+        let (c, _) = RawClient::connect(broker.mqtt, ConnectOpts::new(&id)).await;
+        match i % 4 {
+            0 | 2 => staying.push(c),
+            1 => c.disconnect().await,
+            _ => drop(c),
+        }
+    }
+    let m = broker::metrics::metrics();
+    eventually("events spilled to the journal", || async {
+        (m.bridge_journaled.get() > 0).then_some(())
+    })
+    .await;
+    // The broker keeps serving during the outage.
+    let (mut probe, _) = RawClient::connect(broker.mqtt, ConnectOpts::new("probe")).await;
+    probe.send(&Packet::PingReq).await;
+    assert!(matches!(probe.recv().await, Some(Packet::PingResp)));
+
+    pg.start_server().await.expect("start PostgreSQL");
+    let devices = eventually("all 200 devices recorded", || async {
+        let mut devices = store.devices(None, Some("outage-"), 1000).await.ok()?;
+        devices.retain(|d| d.device_id.starts_with("outage-"));
+        let all_closed = devices.iter().filter(|d| !d.online).count() == 100;
+        (devices.len() == 200 && all_closed).then_some(devices)
+    })
+    .await;
+    for (i, d) in devices.iter().enumerate() {
+        let expected = match i % 4 {
+            0 | 2 => None,
+            1 => Some("client_disconnect"),
+            _ => Some("connection_lost"),
+        };
+        assert_eq!(d.online, expected.is_none(), "{}", d.device_id);
+        assert_eq!(d.last_reason.as_deref(), expected, "{}", d.device_id);
+        let sessions = store.sessions(&d.device_id, 10).await.expect("sessions");
+        assert_eq!(sessions.len(), 1, "{}: one history row", d.device_id);
+        assert_eq!(sessions[0].reason.as_deref(), expected);
+    }
+    assert_eq!(m.bridge_lost_events.get(), 0, "no event lost");
+    eventually("journal emptied", || async {
+        (m.bridge_queue_depth.get() == 0 && m.bridge_journal_bytes.get() == 0).then_some(())
+    })
+    .await;
+    drop(staying);
+    broker.stop().await;
+}

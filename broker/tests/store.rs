@@ -1,0 +1,374 @@
+//! One store test story, run against SQLite always and against a real PostgreSQL
+//! (TEST_DATABASE_URL, or a throwaway cluster from the local PostgreSQL binaries).
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use broker::presence::{ConnectionEvent, DisconnectReason, SessionId};
+use broker::store::{PresenceRecord, PresenceStore, Store};
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// A store on a fresh database; the guard keeps the database alive.
+async fn sqlite() -> (Store, Box<dyn std::any::Any>) {
+    let dir = common::TempDir::new("store");
+    let url = format!("sqlite://{}/presence.db", dir.path().display());
+    let store = Store::connect(&url, 4).await.expect("open sqlite");
+    store.migrate().await.expect("migrate");
+    (store, Box::new(dir))
+}
+
+async fn postgres() -> (Store, Box<dyn std::any::Any>) {
+    let pg = common::pg::TestPostgres::start().await;
+    let store = Store::connect(pg.url(), 4).await.expect("open postgres");
+    store.migrate().await.expect("migrate");
+    (store, Box::new(pg))
+}
+
+/// Whole microseconds, as both backends store them.
+fn t(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+}
+
+fn ts(secs: u64) -> DateTime<Utc> {
+    DateTime::<Utc>::from(t(secs))
+}
+
+struct Node {
+    node_id: String,
+    boot_id: Uuid,
+}
+
+impl Node {
+    fn new(node_id: &str) -> Self {
+        Self {
+            node_id: node_id.into(),
+            boot_id: Uuid::now_v7(),
+        }
+    }
+
+    fn connected(&self, device: &str, session: SessionId, at: u64) -> PresenceRecord {
+        PresenceRecord {
+            node_id: self.node_id.clone(),
+            boot_id: self.boot_id,
+            event: ConnectionEvent::Connected {
+                client_id: device.into(),
+                session_id: session,
+                seq: at,
+                peer: "127.0.0.1:5000".parse().expect("addr"),
+                keep_alive: 30,
+                clean_session: true,
+                time: t(at),
+            },
+        }
+    }
+
+    fn disconnected(
+        &self,
+        device: &str,
+        session: SessionId,
+        reason: DisconnectReason,
+        at: u64,
+    ) -> PresenceRecord {
+        PresenceRecord {
+            node_id: self.node_id.clone(),
+            boot_id: self.boot_id,
+            event: ConnectionEvent::Disconnected {
+                client_id: device.into(),
+                session_id: session,
+                seq: 0,
+                reason,
+                time: t(at),
+            },
+        }
+    }
+}
+
+async fn connect_then_disconnect(store: Store) {
+    let node = Node::new("n1");
+    let s1 = SessionId::new();
+    store
+        .apply(&[node.connected("dev", s1, 10)])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert!(d.online);
+    assert_eq!(d.session_id, s1.0);
+    assert_eq!(d.connected_at, ts(10));
+    assert_eq!((d.node_id.as_str(), d.keep_alive), ("n1", 30));
+    assert_eq!(d.peer, "127.0.0.1:5000");
+
+    store
+        .apply(&[node.disconnected("dev", s1, DisconnectReason::KeepaliveTimeout, 20)])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert!(!d.online);
+    assert_eq!(d.disconnected_at, Some(ts(20)));
+    assert_eq!(d.last_reason.as_deref(), Some("keepalive_timeout"));
+    let sessions = store.sessions("dev", 10).await.expect("sessions");
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].reason.as_deref(), Some("keepalive_timeout"));
+    assert_eq!(sessions[0].disconnected_at, Some(ts(20)));
+    assert_eq!(sessions[0].boot_id, node.boot_id);
+    assert!(store.device("nobody").await.expect("query").is_none());
+}
+
+async fn late_events_of_an_old_session_never_win(store: Store) {
+    let node = Node::new("n1");
+    let s1 = SessionId::new();
+    let s2 = SessionId::new();
+    store
+        .apply(&[node.connected("dev", s1, 10)])
+        .await
+        .expect("apply");
+    store
+        .apply(&[node.connected("dev", s2, 11)])
+        .await
+        .expect("apply");
+    // The old session's disconnect arrives late: the device stays online with s2.
+    store
+        .apply(&[node.disconnected("dev", s1, DisconnectReason::Takeover, 12)])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert!(d.online);
+    assert_eq!(d.session_id, s2.0);
+    // A late Connected of the old session does not replace the newer one either.
+    store
+        .apply(&[node.connected("dev", s1, 10)])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert_eq!(d.session_id, s2.0);
+    // Both sessions are in the history, the old one closed as takeover.
+    let sessions = store.sessions("dev", 10).await.expect("sessions");
+    assert_eq!(
+        sessions
+            .iter()
+            .map(|s| (s.session_id, s.reason.clone()))
+            .collect::<Vec<_>>(),
+        [(s2.0, None), (s1.0, Some("takeover".to_owned()))]
+    );
+}
+
+async fn retried_and_replayed_batches_change_nothing(store: Store) {
+    let node = Node::new("n1");
+    let s1 = SessionId::new();
+    let first = vec![
+        node.connected("a", s1, 1),
+        node.connected("b", SessionId::new(), 2),
+    ];
+    let second = vec![node.disconnected("a", s1, DisconnectReason::ConnectionLost, 3)];
+    store.apply(&first).await.expect("apply");
+    store.apply(&first).await.expect("retry");
+    store.apply(&second).await.expect("apply");
+    store.apply(&second).await.expect("retry");
+    // An old batch replayed after a newer one (journal replay after a crash) does not revert.
+    store.apply(&first).await.expect("replay");
+    let a = store.device("a").await.expect("query").expect("a");
+    assert!(!a.online, "replayed connect did not bring it back online");
+    assert_eq!(a.last_reason.as_deref(), Some("connection_lost"));
+    assert_eq!(store.sessions("a", 10).await.expect("sessions").len(), 1);
+    let stats = store.stats().await.expect("stats");
+    assert_eq!(
+        (stats.online, stats.known_devices, stats.connects),
+        (1, 2, 2)
+    );
+    assert_eq!(stats.disconnects.get("connection_lost"), Some(&1));
+}
+
+async fn whole_session_in_one_batch_and_reconnect_keeps_last_disconnect(store: Store) {
+    let node = Node::new("n1");
+    let s1 = SessionId::new();
+    let s2 = SessionId::new();
+    store
+        .apply(&[
+            node.connected("dev", s1, 1),
+            node.disconnected("dev", s1, DisconnectReason::ClientDisconnect, 2),
+        ])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert!(!d.online);
+    assert_eq!(d.disconnected_at, Some(ts(2)));
+    store
+        .apply(&[node.connected("dev", s2, 3)])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert!(d.online);
+    assert_eq!(d.connected_at, ts(3));
+    assert_eq!(
+        (d.disconnected_at, d.last_reason.as_deref()),
+        (Some(ts(2)), Some("client_disconnect")),
+        "while online again, the last disconnect is kept"
+    );
+}
+
+async fn crash_recovery_closes_sessions_of_earlier_boots(store: Store) {
+    let boot1 = Node::new("node-a");
+    let other = Node::new("node-b");
+    store
+        .begin_boot("node-a", boot1.boot_id, ts(0))
+        .await
+        .expect("boot");
+    store
+        .begin_boot("node-b", other.boot_id, ts(0))
+        .await
+        .expect("boot");
+    let (a, b, c) = (SessionId::new(), SessionId::new(), SessionId::new());
+    store
+        .apply(&[
+            boot1.connected("a", a, 1),
+            boot1.connected("b", b, 2),
+            boot1.disconnected("b", b, DisconnectReason::ClientDisconnect, 3),
+            other.connected("c", c, 4),
+        ])
+        .await
+        .expect("apply");
+    store
+        .heartbeat(boot1.boot_id, ts(50))
+        .await
+        .expect("heartbeat");
+
+    // node-a restarts after a crash.
+    let boot2 = Node::new("node-a");
+    let recovery = store
+        .begin_boot("node-a", boot2.boot_id, ts(100))
+        .await
+        .expect("boot");
+    assert_eq!(
+        (
+            recovery.boots,
+            recovery.sessions_closed,
+            recovery.devices_offline
+        ),
+        (1, 1, 1)
+    );
+    let a_dev = store.device("a").await.expect("query").expect("a");
+    assert!(!a_dev.online);
+    assert_eq!(a_dev.last_reason.as_deref(), Some("broker_restart"));
+    assert_eq!(a_dev.disconnected_at, Some(ts(50)), "at the last heartbeat");
+    let b_sessions = store.sessions("b", 5).await.expect("sessions");
+    assert_eq!(b_sessions[0].reason.as_deref(), Some("client_disconnect"));
+    assert!(
+        store.device("c").await.expect("query").expect("c").online,
+        "another node's devices are untouched"
+    );
+    // Recovery is done once per boot.
+    let boot3 = Node::new("node-a");
+    let again = store
+        .begin_boot("node-a", boot3.boot_id, ts(200))
+        .await
+        .expect("boot");
+    assert_eq!((again.boots, again.sessions_closed), (1, 0));
+}
+
+async fn pagination_filters_and_history_limits(store: Store) {
+    let node = Node::new("n1");
+    let mut batch = Vec::new();
+    for i in 0..25u64 {
+        let s = SessionId::new();
+        batch.push(node.connected(&format!("dev-{i:02}"), s, i));
+        if i % 2 == 1 {
+            batch.push(node.disconnected(
+                &format!("dev-{i:02}"),
+                s,
+                DisconnectReason::ConnectionLost,
+                i + 1,
+            ));
+        }
+    }
+    store.apply(&batch).await.expect("apply");
+    let page1 = store.devices(None, None, 10).await.expect("page");
+    assert_eq!(page1.len(), 10);
+    assert_eq!(page1[0].device_id, "dev-00");
+    let page3 = store.devices(None, Some("dev-19"), 10).await.expect("page");
+    assert_eq!(
+        page3
+            .iter()
+            .map(|d| d.device_id.as_str())
+            .collect::<Vec<_>>(),
+        ["dev-20", "dev-21", "dev-22", "dev-23", "dev-24"]
+    );
+    let online = store.devices(Some(true), None, 100).await.expect("online");
+    assert_eq!(online.len(), 13);
+    assert!(online.iter().all(|d| d.online));
+    let offline = store
+        .devices(Some(false), Some("dev-10"), 100)
+        .await
+        .expect("offline");
+    assert_eq!(offline.len(), 7);
+
+    let mut history = Vec::new();
+    for i in 0..5 {
+        let s = SessionId::new();
+        history.push(node.connected("flappy", s, 100 + i * 2));
+        history.push(node.disconnected(
+            "flappy",
+            s,
+            DisconnectReason::KeepaliveTimeout,
+            101 + i * 2,
+        ));
+    }
+    store.apply(&history).await.expect("apply");
+    let sessions = store.sessions("flappy", 3).await.expect("sessions");
+    assert_eq!(sessions.len(), 3);
+    assert!(
+        sessions[0].connected_at > sessions[1].connected_at,
+        "newest first"
+    );
+}
+
+async fn large_batches_apply_in_one_transaction(store: Store) {
+    let node = Node::new("n1");
+    let mut batch = Vec::new();
+    for i in 0..3_000u64 {
+        let s = SessionId::new();
+        batch.push(node.connected(&format!("bulk-{i}"), s, i));
+        if i % 3 == 0 {
+            batch.push(node.disconnected(&format!("bulk-{i}"), s, DisconnectReason::Takeover, i));
+        }
+    }
+    store.apply(&batch).await.expect("apply");
+    let stats = store.stats().await.expect("stats");
+    assert_eq!(
+        (stats.known_devices, stats.online, stats.connects),
+        (3_000, 2_000, 3_000)
+    );
+}
+
+macro_rules! store_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_store {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (store, _guard) = super::sqlite().await;
+                    super::$name(store).await;
+                }
+            )*
+        }
+        mod postgres_store {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (store, _guard) = super::postgres().await;
+                    super::$name(store).await;
+                }
+            )*
+        }
+    };
+}
+
+store_tests!(
+    connect_then_disconnect,
+    late_events_of_an_old_session_never_win,
+    retried_and_replayed_batches_change_nothing,
+    whole_session_in_one_batch_and_reconnect_keeps_last_disconnect,
+    crash_recovery_closes_sessions_of_earlier_boots,
+    pagination_filters_and_history_limits,
+    large_batches_apply_in_one_transaction,
+);
