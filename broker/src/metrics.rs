@@ -295,7 +295,10 @@ impl Metrics {
                 &r,
                 "heartwire_bridge_commit_latency_seconds",
                 "From a connection event to its commit in the store.",
-                prometheus::exponential_buckets(0.001, 2.0, 16).expect("buckets"),
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.5, 0.75,
+                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                ],
             ),
             store_errors: counter_vec(
                 &r,
