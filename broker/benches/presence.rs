@@ -12,7 +12,6 @@
 //! SECONDS=10 to change the sizes).
 
 #[path = "../tests/common/pg.rs"]
-#[allow(dead_code)]
 mod pg;
 
 use std::time::{Duration, Instant, SystemTime};
