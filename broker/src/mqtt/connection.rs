@@ -314,7 +314,7 @@ async fn handshake(
         let mut session = shared.session(&client_id);
         loop {
             let current = Arc::clone(&session);
-            let released = current.released.notified();
+            let released = shared.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
             match shared.attach(&current, connect.clean_session) {
@@ -423,7 +423,7 @@ async fn close(shared: &Shared, conn: Established, reason: DisconnectReason) {
     shared
         .router
         .unsubscribe(session.key, dropped.iter().map(|f| &**f));
-    session.released.notify_waiters();
+    shared.released.notify_waiters();
     shared.connection_closed.notify_waiters();
 }
 
@@ -499,8 +499,6 @@ async fn serve(
     conn: &Established,
     shutdown: &CancellationToken,
 ) -> DisconnectReason {
-    let cancelled = shutdown.cancelled();
-    tokio::pin!(cancelled);
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     let mut deadlines = Deadlines {
@@ -517,16 +515,13 @@ async fn serve(
     if let Err(reason) = handle_packets(io, shared, &conn.session) {
         return reason;
     }
-    std::future::poll_fn(|cx| {
-        if cancelled.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(DisconnectReason::BrokerShutdown);
-        }
-        match poll_serve(cx, io, shared, conn, timer.as_mut(), &mut deadlines) {
-            Poll::Ready(reason) => Poll::Ready(reason),
-            Poll::Pending => Poll::Pending,
-        }
-    })
-    .await
+    // Shutdown reaches an established connection as a session signal (Shared::close_all); a
+    // connection that attached after that sweep sees the token here.
+    if shutdown.is_cancelled() {
+        return DisconnectReason::BrokerShutdown;
+    }
+    std::future::poll_fn(|cx| poll_serve(cx, io, shared, conn, timer.as_mut(), &mut deadlines))
+        .await
 }
 
 /// One wake-up of an established connection: signals, reads, writes, deadlines.
@@ -544,7 +539,11 @@ fn poll_serve(
     let session = &conn.session;
     let write_timeout = shared.config.write_timeout;
     loop {
-        if session.take_signals(cx.waker()).kicked() {
+        let signals = session.take_signals(cx.waker());
+        if signals.shutdown() {
+            return Poll::Ready(DisconnectReason::BrokerShutdown);
+        }
+        if signals.kicked() {
             return Poll::Ready(DisconnectReason::Takeover);
         }
 
@@ -856,7 +855,11 @@ mod size {
             tokio_util::sync::CancellationToken::new(),
         );
         let size = std::mem::size_of_val(&fut);
-        assert!(size <= 704, "connection future is {size} bytes");
-        assert!(std::mem::size_of::<super::Session>() <= 320);
+        assert!(size <= 640, "connection future is {size} bytes");
+        eprintln!(
+            "connection future: {size} bytes, session: {} bytes",
+            std::mem::size_of::<super::Session>()
+        );
+        assert!(std::mem::size_of::<super::Session>() <= 256);
     }
 }

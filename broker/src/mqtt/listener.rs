@@ -103,6 +103,7 @@ pub async fn serve_shared(
     }
 
     drop(listener);
+    shared.close_all();
     tracker.close();
     tracing::info!(
         connections = tracker.len(),

@@ -101,6 +101,10 @@ pub struct Shared {
     /// Signalled whenever a connection closes, so that an accept loop out of file descriptors
     /// retries at once.
     pub connection_closed: Notify,
+    /// Signalled whenever a connection has released its session (after its Disconnected
+    /// event). Connections waiting to take a session over wait here and check their session
+    /// again: one Notify for all sessions keeps every session smaller.
+    pub released: Notify,
 }
 
 impl Shared {
@@ -114,6 +118,7 @@ impl Shared {
             seq: AtomicU64::new(0),
             session_key: AtomicU64::new(0),
             connection_closed: Notify::new(),
+            released: Notify::new(),
         }
     }
 
@@ -137,7 +142,7 @@ impl Shared {
     /// Makes connection `owner` the owner of `session`.
     ///
     /// While another connection owns it, that one is asked to close (takeover) and
-    /// [`Attach::Wait`] says to wait for [`Session::released`] and call again. When the session
+    /// [`Attach::Wait`] says to wait for [`Shared::released`] and call again. When the session
     /// was forgotten meanwhile, [`Attach::Retry`] says to start over with [`Shared::session`].
     /// A clean-session connect discards the previous state.
     pub fn attach(&self, session: &Arc<Session>, clean_session: bool) -> Attach {
@@ -182,6 +187,15 @@ impl Shared {
             session_present,
             dropped_subscriptions: dropped,
         })
+    }
+
+    /// Asks every connection that owns a session to close with reason broker_shutdown.
+    pub fn close_all(&self) {
+        for session in self.sessions().values() {
+            if session.state().owner.is_some() {
+                session.shut_down();
+            }
+        }
     }
 
     /// Ends `session_id`'s ownership of `session`. A session that is not persistent is then

@@ -13,7 +13,6 @@ use std::task::Waker;
 use atomic_waker::AtomicWaker;
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::QoS;
-use tokio::sync::Notify;
 
 use super::codec;
 use crate::metrics::metrics;
@@ -280,6 +279,8 @@ impl DropReason {
 const QUEUED: u8 = 1;
 /// Flag in [`Session::signals`]: a newer connection wants the session; the owner must close.
 const KICKED: u8 = 2;
+/// Flag in [`Session::signals`]: the broker is shutting down; the owner must close.
+const SHUTDOWN: u8 = 4;
 
 /// What the owning connection is asked to do, read by [`Session::take_signals`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,12 +291,18 @@ impl Signals {
     pub fn kicked(self) -> bool {
         self.0 & KICKED != 0
     }
+
+    /// The broker is shutting down: close with reason broker_shutdown.
+    pub fn shutdown(self) -> bool {
+        self.0 & SHUTDOWN != 0
+    }
 }
 
 /// The state of one client id.
 ///
 /// Kept small: one exists per connected device. The owning connection is woken through an
-/// [`AtomicWaker`] plus flag bits rather than per-connection channels or tokens.
+/// [`AtomicWaker`] plus flag bits rather than per-connection channels, tokens or futures; a
+/// connection waiting to take a session over waits on [`super::Shared::released`].
 #[derive(Debug)]
 pub struct Session {
     /// The MQTT client id.
@@ -308,8 +315,6 @@ pub struct Session {
     signals: AtomicU8,
     /// The owning connection's task.
     waker: AtomicWaker,
-    /// Signalled when the owner has detached and emitted its Disconnected event.
-    pub released: Notify,
     /// When the owner last received a packet, in milliseconds since the Unix epoch. Kept in
     /// memory only: every PINGREQ updates it, the database never sees it.
     last_seen_ms: AtomicU64,
@@ -324,7 +329,6 @@ impl Session {
             state: Mutex::new(SessionState::default()),
             signals: AtomicU8::new(0),
             waker: AtomicWaker::new(),
-            released: Notify::new(),
             last_seen_ms: AtomicU64::new(0),
         }
     }
@@ -357,6 +361,11 @@ impl Session {
     /// Asks the owning connection to close with reason takeover.
     pub fn kick(&self) {
         self.signal(KICKED);
+    }
+
+    /// Asks the owning connection to close with reason broker_shutdown.
+    pub fn shut_down(&self) {
+        self.signal(SHUTDOWN);
     }
 
     /// Registers the owner's waker and returns (and clears) the pending signals. Register first,
