@@ -142,6 +142,63 @@ async fn crashed_broker_sessions_are_closed_at_restart(url: String, data: TempDi
     restarted.stop().await;
 }
 
+async fn delayed_disconnect_of_an_old_session_never_wins(url: String, data: TempDir) {
+    use broker::presence::{ConnectionEvent, DisconnectReason, SessionId};
+    let store = Store::connect(&url, 2).await.expect("store");
+    let (tx, rx) = broker::presence::channel(16);
+    let config = FullBroker::config(&url, &data, "node-late").bridge;
+    let bridge = broker::presence::bridge::Bridge::new(
+        store.clone(),
+        rx,
+        config,
+        "node-late",
+        uuid::Uuid::now_v7(),
+    )
+    .expect("bridge");
+    let task = tokio::spawn(bridge.run());
+    let connected = |id: &str, s: SessionId| ConnectionEvent::Connected {
+        client_id: id.into(),
+        session_id: s,
+        seq: 0,
+        peer: "127.0.0.1:1".parse().expect("addr"),
+        keep_alive: 30,
+        clean_session: true,
+        time: std::time::SystemTime::now(),
+    };
+    let (s1, s2) = (SessionId::new(), SessionId::new());
+    tx.send(connected("dev", s1)).await.expect("send");
+    device_where(&store, "dev", "online on s1", |d| d.session_id == s1.0).await;
+    tx.send(connected("dev", s2)).await.expect("send");
+    device_where(&store, "dev", "online on s2", |d| d.session_id == s2.0).await;
+    // The old session's Disconnected arrives late, in a batch of its own.
+    tx.send(ConnectionEvent::Disconnected {
+        client_id: "dev".into(),
+        session_id: s1,
+        seq: 0,
+        reason: DisconnectReason::ConnectionLost,
+        time: std::time::SystemTime::now(),
+    })
+    .await
+    .expect("send");
+    tx.send(connected("marker", SessionId::new()))
+        .await
+        .expect("send");
+    device_where(
+        &store,
+        "marker",
+        "online (the late event was processed)",
+        |d| d.online,
+    )
+    .await;
+    let dev = store.device("dev").await.expect("query").expect("dev");
+    assert!(dev.online, "still online");
+    assert_eq!(dev.session_id, s2.0);
+    let sessions = store.sessions("dev", 5).await.expect("sessions");
+    assert_eq!(sessions[1].reason.as_deref(), Some("connection_lost"));
+    drop(tx);
+    task.await.expect("bridge");
+}
+
 macro_rules! presence_tests {
     ($($name:ident),* $(,)?) => {
         mod sqlite_store {
@@ -170,7 +227,52 @@ macro_rules! presence_tests {
 presence_tests!(
     each_end_is_recorded_with_its_reason,
     crashed_broker_sessions_are_closed_at_restart,
+    delayed_disconnect_of_an_old_session_never_wins,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_while_database_is_down_keeps_events_for_the_next_start() {
+    let data = TempDir::new("down-at-exit");
+    let pg = common::pg::TestPostgres::start().await;
+    assert!(
+        pg.controls_server(),
+        "this test stops PostgreSQL: unset TEST_DATABASE_URL to run it"
+    );
+    let mut config = FullBroker::config(pg.url(), &data, "node-exit");
+    config.bridge.drain_timeout = Duration::from_millis(500);
+    let broker = FullBroker::start(config.clone()).await;
+    let store = Store::connect(pg.url(), 2).await.expect("store");
+    let (_a, _) = RawClient::connect(broker.mqtt, ConnectOpts::new("exit-a")).await;
+    device_where(&store, "exit-a", "online", |d| d.online).await;
+
+    pg.stop_server().await.expect("stop PostgreSQL");
+    let (b, _) = RawClient::connect(broker.mqtt, ConnectOpts::new("exit-b")).await;
+    b.disconnect().await;
+    // Stop while the database is down: the events (exit-b's session, both shutdowns) go to
+    // the journal.
+    broker.stop().await;
+    let journal = std::fs::metadata(data.path().join("presence.journal")).expect("journal");
+    assert!(journal.len() > 0, "events kept in the journal");
+
+    pg.start_server().await.expect("start PostgreSQL");
+    let restarted = FullBroker::start(config).await;
+    let a = device_where(&store, "exit-a", "offline after replay", |d| !d.online).await;
+    assert_eq!(
+        a.last_reason.as_deref(),
+        Some("broker_shutdown"),
+        "true reason, not broker_restart"
+    );
+    let b = device_where(&store, "exit-b", "recorded from the journal", |d| !d.online).await;
+    assert_eq!(b.last_reason.as_deref(), Some("client_disconnect"));
+    eventually("journal emptied", || async {
+        let len = std::fs::metadata(data.path().join("presence.journal"))
+            .ok()?
+            .len();
+        (len == 0).then_some(())
+    })
+    .await;
+    restarted.stop().await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_loses_nothing() {

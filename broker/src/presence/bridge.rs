@@ -79,6 +79,9 @@ pub struct Bridge<S> {
     retry_at: Option<Instant>,
     /// Set once migrations are applied (readiness).
     migrated: Arc<AtomicBool>,
+    /// The batch taken from memory that is being written: back to memory if the write fails
+    /// or is abandoned at shutdown.
+    writing: Vec<PresenceRecord>,
 }
 
 impl<S: PresenceStore + Clone + 'static> Bridge<S> {
@@ -112,6 +115,7 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
             failures: 0,
             retry_at: None,
             migrated: Arc::new(AtomicBool::new(false)),
+            writing: Vec::new(),
         })
     }
 
@@ -174,11 +178,12 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
             self.spill_if_full();
         }
 
-        // What could not be written goes to the journal for the next start.
-        if let Some(job) = inflight.take() {
-            drop(job);
-        }
-        let left: Vec<PresenceRecord> = self.memory.drain(..).collect();
+        // What could not be written goes to the journal for the next start, in order: an
+        // abandoned write first (it is older than what is still in memory). An abandoned
+        // journal batch simply stays in the journal.
+        drop(inflight.take());
+        let mut left = std::mem::take(&mut self.writing);
+        left.extend(self.memory.drain(..));
         if !left.is_empty() {
             tracing::warn!(
                 events = left.len(),
@@ -312,10 +317,10 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
                     return None;
                 }
                 let n = self.memory.len().min(self.config.batch_size);
-                let batch: Vec<PresenceRecord> = self.memory.drain(..n).collect();
-                let for_store = batch.clone();
+                self.writing = self.memory.drain(..n).collect();
+                let for_store = self.writing.clone();
                 let f = Box::pin(async move { store.apply(&for_store).await });
-                Some(run(Job::Memory, batch, f))
+                Some(run(Job::Memory, Vec::new(), f))
             }
         }
     }
@@ -346,7 +351,10 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
                         }
                         self.committed(&batch);
                     }
-                    Job::Memory => self.committed(&batch),
+                    Job::Memory => {
+                        let written = std::mem::take(&mut self.writing);
+                        self.committed(&written);
+                    }
                 }
                 if self.memory.is_empty() && self.memory.capacity() > 4 * self.config.batch_size {
                     // A burst (or an outage) is over: give its buffer back.
@@ -367,7 +375,7 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
                 }
                 if let Job::Memory = job {
                     metrics().bridge_retries.inc();
-                    for record in batch.into_iter().rev() {
+                    for record in std::mem::take(&mut self.writing).into_iter().rev() {
                         self.memory.push_front(record);
                     }
                 }
@@ -436,8 +444,9 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
 
     fn update_gauges(&self) {
         let m = metrics();
-        m.bridge_queue_depth
-            .set((self.memory.len() as u64 + self.journal.unread()) as i64);
+        m.bridge_queue_depth.set(
+            (self.writing.len() as u64 + self.memory.len() as u64 + self.journal.unread()) as i64,
+        );
         m.bridge_journal_bytes.set(self.journal.bytes() as i64);
         let oldest = if self.journal.unread() > 0 {
             self.journal
@@ -446,7 +455,10 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
                 .and_then(|(r, _, _)| r.into_iter().next())
                 .map(|r| event_time(&r.event))
         } else {
-            self.memory.front().map(|r| event_time(&r.event))
+            self.writing
+                .first()
+                .or(self.memory.front())
+                .map(|r| event_time(&r.event))
         };
         let age = oldest
             .and_then(|t| SystemTime::now().duration_since(t).ok())

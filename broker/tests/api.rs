@@ -1,0 +1,253 @@
+//! The REST API through `http::app()` without a socket (axum's testing pattern), on a SQLite
+//! store filled through the store itself and a live MQTT session table.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use broker::http::{app, AppState};
+use broker::mqtt::{Registry, Shared};
+use broker::presence::{self, ConnectionEvent, DisconnectReason, SessionId};
+use broker::store::{PresenceRecord, PresenceStore, Store};
+use common::TempDir;
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+struct Api {
+    state: AppState,
+    _dir: TempDir,
+}
+
+impl Api {
+    async fn new() -> Self {
+        let dir = TempDir::new("api");
+        let store = Store::connect(&format!("sqlite://{}/api.db", dir.path().display()), 2)
+            .await
+            .expect("store");
+        store.migrate().await.expect("migrate");
+        let (events, _rx) = presence::channel(16);
+        let shared = Shared::new(Default::default(), events);
+        Self {
+            state: AppState {
+                store,
+                registry: Registry::new(&shared),
+                migrated: Arc::new(AtomicBool::new(true)),
+            },
+            _dir: dir,
+        }
+    }
+
+    async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        let response = app(self.state.clone())
+            .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+            .await
+            .expect("response");
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let json = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, json)
+    }
+}
+
+fn record(event: ConnectionEvent) -> PresenceRecord {
+    PresenceRecord {
+        node_id: "node-api".into(),
+        boot_id: uuid::Uuid::now_v7(),
+        event,
+    }
+}
+
+fn connected(id: &str, session: SessionId) -> PresenceRecord {
+    record(ConnectionEvent::Connected {
+        client_id: id.into(),
+        session_id: session,
+        seq: 1,
+        peer: "10.0.0.1:1234".parse().expect("addr"),
+        keep_alive: 45,
+        clean_session: true,
+        time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+    })
+}
+
+fn disconnected(id: &str, session: SessionId) -> PresenceRecord {
+    record(ConnectionEvent::Disconnected {
+        client_id: id.into(),
+        session_id: session,
+        seq: 1,
+        reason: DisconnectReason::KeepaliveTimeout,
+        time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_060),
+    })
+}
+
+#[tokio::test]
+async fn device_sessions_and_stats() {
+    let api = Api::new().await;
+    let s1 = SessionId::new();
+    let s2 = SessionId::new();
+    api.state
+        .store
+        .apply(&[
+            connected("sensor-1", s1),
+            disconnected("sensor-1", s1),
+            connected("sensor-2", s2),
+        ])
+        .await
+        .expect("apply");
+
+    let (status, body) = api.get("/api/v1/devices/sensor-1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["online"], false);
+    assert_eq!(body["last_reason"], "keepalive_timeout");
+    assert_eq!(body["connected_at"], "2023-11-14T22:13:20Z");
+    assert_eq!(body["disconnected_at"], "2023-11-14T22:14:20Z");
+    assert_eq!(
+        body["last_seen"], "2023-11-14T22:14:20Z",
+        "offline: when it went offline"
+    );
+    assert_eq!(body["keep_alive"], 45);
+    assert_eq!(body["last_session"]["session_id"], s1.to_string());
+
+    let (status, body) = api.get("/api/v1/devices/sensor-1/sessions?limit=5").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["sessions"].as_array().map(Vec::len), Some(1));
+    assert_eq!(body["sessions"][0]["reason"], "keepalive_timeout");
+
+    let (status, body) = api.get("/api/v1/stats").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["online"], 1);
+    assert_eq!(body["known_devices"], 2);
+    assert_eq!(body["connects"], 2);
+    assert_eq!(body["disconnects"]["keepalive_timeout"], 1);
+}
+
+#[tokio::test]
+async fn pagination_with_cursor_and_online_filter() {
+    let api = Api::new().await;
+    let mut batch = Vec::new();
+    for i in 0..7 {
+        let s = SessionId::new();
+        batch.push(connected(&format!("d{i}"), s));
+        if i % 2 == 0 {
+            batch.push(disconnected(&format!("d{i}"), s));
+        }
+    }
+    api.state.store.apply(&batch).await.expect("apply");
+
+    let mut seen = Vec::new();
+    let mut uri = "/api/v1/devices?limit=3".to_owned();
+    loop {
+        let (status, body) = api.get(&uri).await;
+        assert_eq!(status, StatusCode::OK);
+        for d in body["devices"].as_array().expect("devices") {
+            seen.push(d["device_id"].as_str().expect("id").to_owned());
+        }
+        match body["next_cursor"].as_str() {
+            Some(cursor) => uri = format!("/api/v1/devices?limit=3&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["d0", "d1", "d2", "d3", "d4", "d5", "d6"]);
+
+    let (_, body) = api.get("/api/v1/devices?online=true").await;
+    let online: Vec<_> = body["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| d["device_id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(online, ["d1", "d3", "d5"]);
+}
+
+#[tokio::test]
+async fn errors_are_clear() {
+    let api = Api::new().await;
+    let (status, body) = api.get("/api/v1/devices/ghost").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].as_str().expect("message").contains("ghost"));
+    let (status, _) = api.get("/api/v1/devices/ghost/sessions").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    for (uri, needle) in [
+        ("/api/v1/devices?online=maybe", "online"),
+        ("/api/v1/devices?limit=0", "limit"),
+        ("/api/v1/devices?limit=5000", "limit"),
+        ("/api/v1/devices?limit=ten", "limit"),
+        ("/api/v1/devices?colour=red", "colour"),
+        ("/api/v1/devices/x/sessions?limit=-1", "limit"),
+    ] {
+        let (status, body) = api.get(uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+        assert!(
+            body["error"].as_str().expect("message").contains(needle),
+            "{uri}: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let api = Api::new().await;
+    let (status, _) = api.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = api.get("/readyz").await;
+    assert_eq!(
+        (status, body["ready"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
+
+    api.state
+        .migrated
+        .store(false, std::sync::atomic::Ordering::Release);
+    let (status, body) = api.get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body["reason"]
+        .as_str()
+        .expect("reason")
+        .contains("migrations"));
+
+    let (status, body) = api.get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let text = body.as_str().expect("text");
+    assert!(text.contains("heartwire_build_info"));
+    assert!(text.contains("heartwire_bridge_queue_depth"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_seen_comes_from_memory_for_connected_devices() {
+    let data = TempDir::new("api-live");
+    let url = format!("sqlite://{}/broker.db", data.path().display());
+    let broker = common::FullBroker::start(common::FullBroker::config(&url, &data, "n")).await;
+    let (mut dev, _) =
+        common::RawClient::connect(broker.mqtt, common::ConnectOpts::new("live")).await;
+    let before_ping = chrono::Utc::now();
+    dev.send(&rumqttc::mqttbytes::v4::Packet::PingReq).await;
+    assert!(dev.recv().await.is_some());
+    // Over real HTTP this time.
+    let body: Value = common::eventually("device online in the API", || async {
+        let body = common::http_get(broker.http, "/api/v1/devices/live").await?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (v["online"] == true).then_some(v)
+    })
+    .await;
+    let last_seen: chrono::DateTime<chrono::Utc> = body["last_seen"]
+        .as_str()
+        .expect("last_seen")
+        .parse()
+        .expect("RFC 3339");
+    assert!(
+        last_seen >= before_ping - chrono::Duration::milliseconds(5),
+        "last_seen {last_seen} reflects the PINGREQ sent at {before_ping}"
+    );
+    broker.stop().await;
+}
