@@ -409,6 +409,38 @@ impl BatchPlan {
     }
 }
 
+/// Columns of [`Device`], in both backends' `devices` table.
+pub(crate) const DEVICE_COLUMNS: &str = "device_id, online, session_id, node_id, connected_at, \
+     disconnected_at, last_reason, peer, keep_alive, updated_at";
+/// Columns of [`Session`], in both backends' `sessions` table.
+pub(crate) const SESSION_COLUMNS: &str = "session_id, device_id, node_id, boot_id, seq, \
+     connected_at, disconnected_at, reason, peer, keep_alive, clean_session";
+/// Totals for [`Stats`]; the same SQL on both backends.
+pub(crate) const STATS_TOTALS: &str =
+    "SELECT (SELECT count(*) FROM devices WHERE online) AS online, \
+     (SELECT count(*) FROM devices) AS known, (SELECT count(*) FROM sessions) AS connects";
+/// Ended sessions by reason, for [`Stats`].
+pub(crate) const STATS_REASONS: &str =
+    "SELECT reason, count(*) AS n FROM sessions WHERE reason IS NOT NULL GROUP BY reason";
+
+/// [`Stats`] from the rows of [`STATS_TOTALS`] and [`STATS_REASONS`], on either backend.
+pub(crate) fn stats_from_rows<R: sqlx::Row>(totals: &R, reasons: &[R]) -> Result<Stats, sqlx::Error>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    &'static str: sqlx::ColumnIndex<R>,
+{
+    Ok(Stats {
+        online: totals.try_get("online")?,
+        known_devices: totals.try_get("known")?,
+        connects: totals.try_get("connects")?,
+        disconnects: reasons
+            .iter()
+            .map(|r| Ok((r.try_get("reason")?, r.try_get("n")?)))
+            .collect::<Result<_, sqlx::Error>>()?,
+    })
+}
+
 /// The stored name of broker_restart.
 pub(crate) const BROKER_RESTART: &str = DisconnectReason::BrokerRestart.as_str();
 

@@ -10,8 +10,8 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::{
-    BatchPlan, Device, PresenceRecord, PresenceStore, Recovery, Session, Stats, StoreError,
-    BROKER_RESTART,
+    stats_from_rows, BatchPlan, Device, PresenceRecord, PresenceStore, Recovery, Session, Stats,
+    StoreError, BROKER_RESTART, DEVICE_COLUMNS, SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
 };
 
 /// A PostgreSQL connection pool.
@@ -36,11 +36,6 @@ impl PgStore {
         &self.pool
     }
 }
-
-const DEVICE_COLUMNS: &str = "device_id, online, session_id, node_id, connected_at, \
-     disconnected_at, last_reason, peer, keep_alive, updated_at";
-const SESSION_COLUMNS: &str = "session_id, device_id, node_id, boot_id, seq, connected_at, \
-     disconnected_at, reason, peer, keep_alive, clean_session";
 
 fn device(row: &PgRow) -> Result<Device, sqlx::Error> {
     Ok(Device {
@@ -308,26 +303,8 @@ impl PresenceStore for PgStore {
     }
 
     async fn stats(&self) -> Result<Stats, StoreError> {
-        let totals = sqlx::query(
-            "SELECT (SELECT count(*) FROM devices WHERE online) AS online, \
-                    (SELECT count(*) FROM devices) AS known, \
-                    (SELECT count(*) FROM sessions) AS connects",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        let reasons = sqlx::query(
-            "SELECT reason, count(*) AS n FROM sessions WHERE reason IS NOT NULL GROUP BY reason",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(Stats {
-            online: totals.try_get("online")?,
-            known_devices: totals.try_get("known")?,
-            connects: totals.try_get("connects")?,
-            disconnects: reasons
-                .iter()
-                .map(|r| Ok((r.try_get("reason")?, r.try_get("n")?)))
-                .collect::<Result<_, sqlx::Error>>()?,
-        })
+        let totals = sqlx::query(STATS_TOTALS).fetch_one(&self.pool).await?;
+        let reasons = sqlx::query(STATS_REASONS).fetch_all(&self.pool).await?;
+        Ok(stats_from_rows(&totals, &reasons)?)
     }
 }
