@@ -92,7 +92,7 @@ async fn throughput(
     )
     .expect("bridge");
     let before = metrics().bridge_persisted.get();
-    let task = tokio::spawn(bridge.run());
+    let task = tokio::spawn(bridge.run(tokio_util::sync::CancellationToken::new()));
     let start = Instant::now();
     for mut event in events.drain(..) {
         restamp(&mut event);
@@ -210,7 +210,7 @@ fn main() {
         };
         let bridge =
             Bridge::new(store.clone(), rx, config, "bench", uuid::Uuid::now_v7()).expect("bridge");
-        let task = tokio::spawn(bridge.run());
+        let task = tokio::spawn(bridge.run(tokio_util::sync::CancellationToken::new()));
         let all = events(rate * seconds, "l");
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         let per_tick = (rate / 100) as usize;

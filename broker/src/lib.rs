@@ -116,7 +116,8 @@ pub async fn run_with(
     )?;
     let migrated = bridge.migrated();
     let tracker = TaskTracker::new();
-    let bridge_done = tracker.spawn(bridge.run());
+    let bridge_stop = CancellationToken::new();
+    let bridge_done = tracker.spawn(bridge.run(bridge_stop.clone()));
     tracker.spawn(heartbeat(
         store.clone(),
         boot_id,
@@ -150,11 +151,12 @@ pub async fn run_with(
     let grace = config.shutdown.grace_period;
     mqtt::serve_shared(listeners.mqtt, shared, shutdown, grace).await;
 
-    // Every event sender is gone once the connections have closed: the bridge drains and ends.
+    // The connections have closed (or the grace period is over): the bridge drains what it
+    // has, bounded by bridge.drain_timeout, and journals the rest. It bounds itself.
+    bridge_stop.cancel();
     tracker.close();
-    let drain = grace + config.bridge.drain_timeout;
-    if tokio::time::timeout(drain, bridge_done).await.is_err() {
-        tracing::warn!("Presence bridge still draining when its time was up.");
+    if let Err(error) = bridge_done.await {
+        tracing::error!(%error, "Presence bridge task failed.");
     }
     if tokio::time::timeout(Duration::from_secs(2), tracker.wait())
         .await

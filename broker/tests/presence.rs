@@ -155,7 +155,7 @@ async fn delayed_disconnect_of_an_old_session_never_wins(url: String, data: Temp
         uuid::Uuid::now_v7(),
     )
     .expect("bridge");
-    let task = tokio::spawn(bridge.run());
+    let task = tokio::spawn(bridge.run(tokio_util::sync::CancellationToken::new()));
     let connected = |id: &str, s: SessionId| ConnectionEvent::Connected {
         client_id: id.into(),
         session_id: s,
@@ -246,8 +246,10 @@ async fn shutdown_while_database_is_down_keeps_events_for_the_next_start() {
     device_where(&store, "exit-a", "online", |d| d.online).await;
 
     pg.stop_server().await.expect("stop PostgreSQL");
-    let (b, _) = RawClient::connect(broker.mqtt, ConnectOpts::new("exit-b")).await;
-    b.disconnect().await;
+    let (mut b, _) = RawClient::connect(broker.mqtt, ConnectOpts::new("exit-b")).await;
+    b.send(&Packet::Disconnect).await;
+    // The broker closes the socket once it has handled the DISCONNECT (reason fixed).
+    assert!(b.until_closed().await.is_empty());
     // Stop while the database is down: the events (exit-b's session, both shutdowns) go to
     // the journal.
     broker.stop().await;

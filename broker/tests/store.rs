@@ -340,6 +340,55 @@ async fn large_batches_apply_in_one_transaction(store: Store) {
     );
 }
 
+async fn takeover_within_one_batch_keeps_the_last_disconnect(store: Store) {
+    let node = Node::new("n1");
+    let (s1, s2) = (SessionId::new(), SessionId::new());
+    store
+        .apply(&[
+            node.connected("dev", s1, 1),
+            node.disconnected("dev", s1, DisconnectReason::Takeover, 2),
+            node.connected("dev", s2, 2),
+        ])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("dev");
+    assert!(d.online);
+    assert_eq!(d.session_id, s2.0);
+    assert_eq!(
+        (d.disconnected_at, d.last_reason.as_deref()),
+        (Some(ts(2)), Some("takeover"))
+    );
+}
+
+async fn boots_known_only_from_their_events_are_recovered(store: Store) {
+    // A boot that started while the database was down and crashed: its events arrive later
+    // (from the journal) without begin_boot ever having recorded it.
+    let lost_boot = Node::new("node-j");
+    let s = SessionId::new();
+    store
+        .apply(&[lost_boot.connected("journaled", s, 30)])
+        .await
+        .expect("apply");
+    let next = Node::new("node-j");
+    let recovery = store
+        .begin_boot("node-j", next.boot_id, ts(100))
+        .await
+        .expect("boot");
+    assert_eq!((recovery.boots, recovery.sessions_closed), (1, 1));
+    let d = store
+        .device("journaled")
+        .await
+        .expect("query")
+        .expect("device");
+    assert!(!d.online);
+    assert_eq!(d.last_reason.as_deref(), Some("broker_restart"));
+    assert_eq!(
+        d.disconnected_at,
+        Some(ts(30)),
+        "at the boot's last known event"
+    );
+}
+
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
         mod sqlite_store {
@@ -371,4 +420,6 @@ store_tests!(
     crash_recovery_closes_sessions_of_earlier_boots,
     pagination_filters_and_history_limits,
     large_batches_apply_in_one_transaction,
+    takeover_within_one_batch_keeps_the_last_disconnect,
+    boots_known_only_from_their_events_are_recovered,
 );

@@ -122,21 +122,24 @@ impl Io {
     }
 
     /// Writes as much of the write buffer as the socket takes without blocking.
-    fn try_flush(&mut self) -> io::Result<()> {
+    /// Returns how many bytes went out.
+    fn try_flush(&mut self) -> io::Result<usize> {
+        let mut written = 0;
         while !self.wbuf.is_empty() {
             match self.stream.try_write(&self.wbuf) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     metrics().bytes_sent.inc_by(n as u64);
                     let _ = self.wbuf.split_to(n);
+                    written += n;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(written),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
         self.wbuf = BytesMut::new();
-        Ok(())
+        Ok(written)
     }
 
     /// Queues a control packet.
@@ -596,14 +599,21 @@ fn poll_serve(
                     .inc_by(written as u64);
             }
         }
-        if let Err(error) = io.try_flush() {
-            tracing::debug!(%error, "Write failed.");
-            return Poll::Ready(DisconnectReason::ConnectionLost);
-        }
+        let written = match io.try_flush() {
+            Ok(written) => written,
+            Err(error) => {
+                tracing::debug!(%error, "Write failed.");
+                return Poll::Ready(DisconnectReason::ConnectionLost);
+            }
+        };
         if io.wbuf.is_empty() {
             d.stalled_since = None;
         } else {
-            d.stalled_since.get_or_insert_with(Instant::now);
+            // The write deadline counts from the last progress: a slow reader that keeps
+            // taking bytes is not a stalled one.
+            if written > 0 || d.stalled_since.is_none() {
+                d.stalled_since = Some(Instant::now());
+            }
             match io.stream.poll_write_ready(cx) {
                 // Room again: write more right away.
                 Poll::Ready(Ok(())) if !yield_now => continue,

@@ -210,6 +210,7 @@ impl Shared {
             return Vec::new();
         }
         let dropped = st.clear();
+        st.ended = true;
         drop(st);
         if sessions
             .get(&session.client_id)

@@ -76,6 +76,9 @@ pub struct SessionState {
     incoming_qos2: Vec<u16>,
     /// Messages have been dropped since the queue was last empty (logged once per episode).
     overflowing: bool,
+    /// The session was forgotten (its clean-session connection ended): the router may still
+    /// hold it for a moment, but nothing is queued any more.
+    pub ended: bool,
 }
 
 impl SessionState {
@@ -263,6 +266,8 @@ pub enum DropReason {
     QueueFull,
     /// QoS 0 messages are not kept for a persistent session while its client is away.
     Qos0Offline,
+    /// The subscriber's session ended while the message was being routed.
+    SessionEnded,
 }
 
 impl DropReason {
@@ -271,6 +276,7 @@ impl DropReason {
         match self {
             Self::QueueFull => "queue_full",
             Self::Qos0Offline => "qos0_offline",
+            Self::SessionEnded => "session_ended",
         }
     }
 }
@@ -390,6 +396,9 @@ impl Session {
     ) -> Result<(), DropReason> {
         {
             let mut st = self.state();
+            if st.ended {
+                return Err(DropReason::SessionEnded);
+            }
             if st.owner.is_none() && qos == QoS::AtMostOnce {
                 return Err(DropReason::Qos0Offline);
             }

@@ -51,6 +51,8 @@ enum Job {
     Recover,
     /// A batch from the journal: the offset just past it and its record count.
     Journal {
+        /// Undecodable lines in the batch: counted as lost once the batch is committed.
+        corrupt: u64,
         offset: u64,
         count: u64,
     },
@@ -124,9 +126,9 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
         Arc::clone(&self.migrated)
     }
 
-    /// Runs until every event sender is gone and the drain is over (bounded by
-    /// `bridge.drain_timeout` from that moment).
-    pub async fn run(mut self) {
+    /// Runs until every event sender is gone (or `stop` is cancelled) and the drain is over,
+    /// bounded by `bridge.drain_timeout` from that moment.
+    pub async fn run(mut self, stop: tokio_util::sync::CancellationToken) {
         let mut inflight: Option<JobFuture> = None;
         let mut open = true;
         let mut drain_deadline: Option<Instant> = None;
@@ -172,7 +174,18 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
                         tracing::info!(pending = self.memory.len(), "Event stream closed; draining presence events.");
                     }
                 },
+                _ = stop.cancelled(), if open => {
+                    // Events already in the channel are kept; senders still alive after this
+                    // (connections that outlived the grace period) are not waited for.
+                    while let Ok(event) = self.events.try_recv() {
+                        self.push(event);
+                    }
+                    open = false;
+                    drain_deadline = Some(Instant::now() + self.config.drain_timeout);
+                    tracing::info!(pending = self.memory.len(), "Stopping; draining presence events.");
+                }
                 _ = tokio::time::sleep_until(wake_at) => {}
+                _ = async { tokio::time::sleep_until(drain_deadline.expect("guarded")).await }, if drain_deadline.is_some() => {}
                 _ = tick.tick() => self.update_gauges(),
             }
             self.spill_if_full();
@@ -223,7 +236,8 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
         self.memory.front().map(|oldest| {
             let waited = SystemTime::now()
                 .duration_since(event_time(&oldest.event))
-                .unwrap_or_default();
+                // An event "from the future" (the clock was stepped back) is due now.
+                .unwrap_or(self.config.batch_interval);
             Instant::now() + self.config.batch_interval.saturating_sub(waited)
         })
     }
@@ -271,17 +285,29 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
                         return None;
                     }
                 };
-                if corrupt > 0 {
-                    tracing::error!(
-                        records = corrupt,
-                        "Undecodable records in the presence journal skipped."
-                    );
-                    metrics().bridge_lost_events.inc_by(corrupt);
-                }
                 let count = batch.len() as u64 + corrupt;
+                if count == 0 {
+                    // The file holds less than the journal counted (cut short behind its back).
+                    let lost = self.journal.reset_unreadable();
+                    metrics().bridge_lost_events.inc_by(lost);
+                    tracing::error!(
+                        lost,
+                        path = %self.journal.path().display(),
+                        "PRESENCE EVENTS LOST: the journal file is shorter than recorded."
+                    );
+                    return None;
+                }
                 let for_store = batch.clone();
                 let f = Box::pin(async move { store.apply(&for_store).await });
-                Some(run(Job::Journal { offset, count }, batch, f))
+                Some(run(
+                    Job::Journal {
+                        corrupt,
+                        offset,
+                        count,
+                    },
+                    batch,
+                    f,
+                ))
             }
             Phase::ReplayOld => {
                 self.phase = Phase::Recover;
@@ -308,7 +334,7 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
                 let oldest_waited = self.memory.front().map(|r| {
                     SystemTime::now()
                         .duration_since(event_time(&r.event))
-                        .unwrap_or_default()
+                        .unwrap_or(self.config.batch_interval)
                 })?;
                 let due = self.memory.len() >= self.config.batch_size
                     || oldest_waited >= self.config.batch_interval
@@ -339,7 +365,18 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
                         self.phase = Phase::ReplayOld;
                     }
                     Job::Recover => self.phase = Phase::Running,
-                    Job::Journal { offset, count } => {
+                    Job::Journal {
+                        corrupt,
+                        offset,
+                        count,
+                    } => {
+                        if corrupt > 0 {
+                            metrics().bridge_lost_events.inc_by(corrupt);
+                            tracing::error!(
+                                records = corrupt,
+                                "PRESENCE EVENTS LOST: undecodable records in the journal skipped."
+                            );
+                        }
                         if let Err(error) = self.journal.consume(offset, count) {
                             tracing::error!(%error, "Cannot truncate the presence journal.");
                         }
@@ -352,6 +389,8 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
                         self.committed(&batch);
                     }
                     Job::Memory => {
+                        // Empty when the batch was spilled to the journal while it was being
+                        // written (it will be applied again from there, harmlessly).
                         let written = std::mem::take(&mut self.writing);
                         self.committed(&written);
                     }
@@ -414,7 +453,11 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
 
     fn spill_if_full(&mut self) {
         if self.memory.len() >= self.config.memory_capacity {
-            let all: Vec<PresenceRecord> = self.memory.drain(..).collect();
+            // The batch being written goes first: it is older than memory, and the journal is
+            // applied before memory. If its write succeeds after all, the journal applies it
+            // again, which changes nothing.
+            let mut all = std::mem::take(&mut self.writing);
+            all.extend(self.memory.drain(..));
             tracing::warn!(
                 events = all.len(),
                 path = %self.journal.path().display(),

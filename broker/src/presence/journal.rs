@@ -53,15 +53,15 @@ impl Journal {
             .map_err(err)?;
         let mut unread = 0;
         let mut reader = BufReader::new(&file);
-        let mut line = String::new();
+        let mut line = Vec::new();
         let mut len = 0;
         loop {
             line.clear();
-            let n = reader.read_line(&mut line).map_err(err)?;
+            let n = reader.read_until(b'\n', &mut line).map_err(err)?;
             if n == 0 {
                 break;
             }
-            if line.ends_with('\n') {
+            if line.ends_with(b"\n") {
                 unread += 1;
                 len += n as u64;
             } else {
@@ -109,8 +109,8 @@ impl Journal {
         Ok(())
     }
 
-    /// Up to `max` unread records, and the offset just past them (for [`Journal::consume`]).
-    /// A record that cannot be decoded is skipped and counted in the third value.
+    /// Up to `max` unread lines decoded, the offset just past them (for [`Journal::consume`])
+    /// and how many of the lines could not be decoded (they are skipped).
     pub fn peek(&self, max: usize) -> Result<(Vec<PresenceRecord>, u64, u64), JournalError> {
         let mut file = &self.file;
         file.seek(SeekFrom::Start(self.read_offset))
@@ -119,20 +119,33 @@ impl Journal {
         let mut records = Vec::new();
         let mut offset = self.read_offset;
         let mut corrupt = 0;
-        let mut line = String::new();
-        while records.len() < max && offset < self.len {
+        let mut lines = 0;
+        let mut line = Vec::new();
+        while lines < max && offset < self.len {
             line.clear();
-            let n = reader.read_line(&mut line).map_err(|e| self.err(e))?;
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| self.err(e))?;
             if n == 0 {
                 break;
             }
+            lines += 1;
             offset += n as u64;
-            match serde_json::from_str(line.trim_end()) {
+            match serde_json::from_slice(line.strip_suffix(b"\n").unwrap_or(&line)) {
                 Ok(record) => records.push(record),
                 Err(_) => corrupt += 1,
             }
         }
         Ok((records, offset, corrupt))
+    }
+
+    /// Forgets unread records that cannot be read back (the file was cut short behind the
+    /// journal's back): returns how many.
+    pub fn reset_unreadable(&mut self) -> u64 {
+        let lost = self.unread;
+        self.unread = 0;
+        self.read_offset = self.len;
+        lost
     }
 
     /// Marks everything before `offset` (as returned by `peek`, `count` records) applied;
@@ -217,7 +230,8 @@ mod tests {
         j.append(&[record(1)]).expect("append");
         drop(j);
         let mut f = OpenOptions::new().append(true).open(&path).expect("open");
-        f.write_all(b"{\"node_id\":\"n\",\"bo").expect("write");
+        // Torn inside a multi-byte character.
+        f.write_all(b"{\"node_id\":\"Ger\xc3").expect("write");
         drop(f);
         let j = Journal::open(&path).expect("reopen");
         assert_eq!(j.unread(), 1);

@@ -317,6 +317,39 @@ pub(crate) struct DeviceUpsert {
     pub session: NewSession,
     /// Set when the batch also closed this session.
     pub closed: Option<(DateTime<Utc>, &'static str)>,
+    /// The latest close of an older session of the device within the batch (a takeover or a
+    /// quick reconnect): the device's last disconnect while this session is online.
+    pub previous_close: Option<(DateTime<Utc>, &'static str)>,
+}
+
+impl DeviceUpsert {
+    /// The device's last disconnect as of the end of the batch, if the batch saw one.
+    pub fn last_close(&self) -> Option<(DateTime<Utc>, &'static str)> {
+        self.closed.or(self.previous_close)
+    }
+}
+
+/// A broker boot seen in a batch, registered so that crash recovery also finds boots that
+/// never reached `begin_boot` (their events came from the journal).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct BootSeen {
+    pub boot_id: Uuid,
+    pub node_id: String,
+    /// Earliest event time of the boot in the batch.
+    pub first: DateTime<Utc>,
+    /// Latest event time: the boot was alive then.
+    pub last: DateTime<Utc>,
+}
+
+fn later(
+    a: Option<(DateTime<Utc>, &'static str)>,
+    b: Option<(DateTime<Utc>, &'static str)>,
+) -> Option<(DateTime<Utc>, &'static str)> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(if y.0 >= x.0 { y } else { x }),
+        (x, None) => x,
+        (None, y) => y,
+    }
 }
 
 /// A batch of events turned into set-based operations, in the order they must run.
@@ -330,8 +363,11 @@ pub(crate) struct BatchPlan {
     /// that did not start in this batch).
     pub offline: Vec<Close>,
     /// Devices whose newest session started in this batch; applied only if that session is
-    /// newer than the stored one (or the same one, going offline).
+    /// newer than the stored one (or the same one, going offline). Sorted by device id, as is
+    /// `offline`, so that concurrent writers lock rows in the same order.
     pub upserts: Vec<DeviceUpsert>,
+    /// Boots whose events are in the batch.
+    pub boots: Vec<BootSeen>,
 }
 
 pub(crate) fn timestamp(t: SystemTime) -> DateTime<Utc> {
@@ -342,7 +378,24 @@ impl BatchPlan {
     pub(crate) fn new(batch: &[PresenceRecord]) -> Self {
         let mut plan = BatchPlan::default();
         let mut newest: HashMap<&str, usize> = HashMap::new();
+        let mut boots: HashMap<Uuid, BootSeen> = HashMap::new();
         for record in batch {
+            let at = timestamp(match &record.event {
+                ConnectionEvent::Connected { time, .. }
+                | ConnectionEvent::Disconnected { time, .. } => *time,
+            });
+            boots
+                .entry(record.boot_id)
+                .and_modify(|b| {
+                    b.first = b.first.min(at);
+                    b.last = b.last.max(at);
+                })
+                .or_insert_with(|| BootSeen {
+                    boot_id: record.boot_id,
+                    node_id: record.node_id.clone(),
+                    first: at,
+                    last: at,
+                });
             match &record.event {
                 ConnectionEvent::Connected {
                     client_id,
@@ -367,9 +420,11 @@ impl BatchPlan {
                     match newest.get(client_id.as_str()) {
                         Some(&i) if plan.upserts[i].session.session_id >= session.session_id => {}
                         Some(&i) => {
+                            let previous_close = plan.upserts[i].last_close();
                             plan.upserts[i] = DeviceUpsert {
                                 session: session.clone(),
                                 closed: None,
+                                previous_close,
                             }
                         }
                         None => {
@@ -377,6 +432,7 @@ impl BatchPlan {
                             plan.upserts.push(DeviceUpsert {
                                 session: session.clone(),
                                 closed: None,
+                                previous_close: None,
                             });
                         }
                     }
@@ -399,12 +455,25 @@ impl BatchPlan {
                         Some(&i) if plan.upserts[i].session.session_id == session_id.0 => {
                             plan.upserts[i].closed = Some((close.at, close.reason));
                         }
-                        _ => plan.offline.push(close.clone()),
+                        Some(&i) => {
+                            let u = &mut plan.upserts[i];
+                            if session_id.0 < u.session.session_id {
+                                u.previous_close =
+                                    later(u.previous_close, Some((close.at, close.reason)));
+                            }
+                            plan.offline.push(close.clone());
+                        }
+                        None => plan.offline.push(close.clone()),
                     }
                     plan.closes.push(close);
                 }
             }
         }
+        plan.upserts
+            .sort_by(|a, b| a.session.device_id.cmp(&b.session.device_id));
+        plan.offline.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        plan.boots = boots.into_values().collect();
+        plan.boots.sort_by_key(|b| b.boot_id);
         plan
     }
 }
@@ -505,6 +574,21 @@ mod tests {
                 .collect::<Vec<_>>(),
             [old.0]
         );
+    }
+
+    #[test]
+    fn plan_keeps_the_takeover_close_for_the_new_session() {
+        let s1 = SessionId::new();
+        let s2 = SessionId::new();
+        let plan = BatchPlan::new(&[
+            connected("a", s1, 1),
+            disconnected("a", s1),
+            connected("a", s2, 2),
+        ]);
+        assert_eq!(plan.upserts.len(), 1);
+        assert_eq!(plan.upserts[0].closed, None);
+        assert_eq!(plan.upserts[0].last_close().map(|c| c.1), Some("takeover"));
+        assert_eq!(plan.boots.len(), 1);
     }
 
     #[test]

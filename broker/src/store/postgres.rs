@@ -155,6 +155,22 @@ impl PresenceStore for PgStore {
         let plan = BatchPlan::new(batch);
         let mut tx = self.pool.begin().await?;
 
+        if !plan.boots.is_empty() {
+            let b = &plan.boots;
+            sqlx::query(
+                "INSERT INTO nodes (boot_id, node_id, started_at, heartbeat_at) \
+                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[]) \
+                 ON CONFLICT (boot_id) DO UPDATE \
+                 SET heartbeat_at = GREATEST(nodes.heartbeat_at, EXCLUDED.heartbeat_at)",
+            )
+            .bind(b.iter().map(|r| r.boot_id).collect::<Vec<_>>())
+            .bind(b.iter().map(|r| r.node_id.as_str()).collect::<Vec<_>>())
+            .bind(b.iter().map(|r| r.first).collect::<Vec<_>>())
+            .bind(b.iter().map(|r| r.last).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+
         if !plan.inserts.is_empty() {
             let s = &plan.inserts;
             sqlx::query(
@@ -245,8 +261,16 @@ impl PresenceStore for PgStore {
                     .collect::<Vec<_>>(),
             )
             .bind(u.iter().map(|r| r.session.connected_at).collect::<Vec<_>>())
-            .bind(u.iter().map(|r| r.closed.map(|c| c.0)).collect::<Vec<_>>())
-            .bind(u.iter().map(|r| r.closed.map(|c| c.1)).collect::<Vec<_>>())
+            .bind(
+                u.iter()
+                    .map(|r| r.last_close().map(|c| c.0))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                u.iter()
+                    .map(|r| r.last_close().map(|c| c.1))
+                    .collect::<Vec<_>>(),
+            )
             .bind(
                 u.iter()
                     .map(|r| r.session.peer.as_str())

@@ -212,6 +212,21 @@ impl PresenceStore for SqliteStore {
         let now = micros(Utc::now());
         let mut tx = self.pool.begin().await?;
 
+        for b in &plan.boots {
+            sqlx::query(
+                "INSERT INTO nodes (boot_id, node_id, started_at, heartbeat_at) \
+                 VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (boot_id) DO UPDATE \
+                 SET heartbeat_at = max(nodes.heartbeat_at, excluded.heartbeat_at)",
+            )
+            .bind(b.boot_id.to_string())
+            .bind(&b.node_id)
+            .bind(micros(b.first))
+            .bind(micros(b.last))
+            .execute(&mut *tx)
+            .await?;
+        }
+
         for chunk in plan.inserts.chunks(ROWS_PER_STATEMENT) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO sessions (session_id, device_id, node_id, boot_id, seq, connected_at, \
@@ -272,8 +287,8 @@ impl PresenceStore for SqliteStore {
                     .push_bind(u.session.session_id.to_string())
                     .push_bind(&u.session.node_id)
                     .push_bind(micros(u.session.connected_at))
-                    .push_bind(u.closed.map(|c| micros(c.0)))
-                    .push_bind(u.closed.map(|c| c.1))
+                    .push_bind(u.last_close().map(|c| micros(c.0)))
+                    .push_bind(u.last_close().map(|c| c.1))
                     .push_bind(&u.session.peer)
                     .push_bind(u.session.keep_alive)
                     .push_bind(now);
