@@ -343,3 +343,133 @@ async fn postgres_outage_loses_nothing() {
     drop(staying);
     broker.stop().await;
 }
+
+/// A store whose second `apply` hangs (a database that stalls mid-write).
+#[derive(Clone)]
+struct StallFirstWrite {
+    inner: Store,
+    applies: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl broker::store::PresenceStore for StallFirstWrite {
+    async fn migrate(&self) -> Result<(), broker::store::StoreError> {
+        self.inner.migrate().await
+    }
+    async fn ping(&self) -> Result<(), broker::store::StoreError> {
+        self.inner.ping().await
+    }
+    async fn begin_boot(
+        &self,
+        node_id: &str,
+        boot_id: uuid::Uuid,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<broker::store::Recovery, broker::store::StoreError> {
+        self.inner.begin_boot(node_id, boot_id, now).await
+    }
+    async fn heartbeat(
+        &self,
+        boot_id: uuid::Uuid,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), broker::store::StoreError> {
+        self.inner.heartbeat(boot_id, now).await
+    }
+    async fn apply(
+        &self,
+        batch: &[broker::store::PresenceRecord],
+    ) -> Result<(), broker::store::StoreError> {
+        if self
+            .applies
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        self.inner.apply(batch).await
+    }
+    async fn device(&self, device_id: &str) -> Result<Option<Device>, broker::store::StoreError> {
+        self.inner.device(device_id).await
+    }
+    async fn devices(
+        &self,
+        online: Option<bool>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Device>, broker::store::StoreError> {
+        self.inner.devices(online, after, limit).await
+    }
+    async fn sessions(
+        &self,
+        device_id: &str,
+        limit: u32,
+    ) -> Result<Vec<broker::store::Session>, broker::store::StoreError> {
+        self.inner.sessions(device_id, limit).await
+    }
+    async fn stats(&self) -> Result<broker::store::Stats, broker::store::StoreError> {
+        self.inner.stats().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_spilled_during_a_stalled_write_keep_their_order() {
+    use broker::presence::{ConnectionEvent, DisconnectReason, SessionId};
+    let data = TempDir::new("stall");
+    let url = format!("sqlite://{}/broker.db", data.path().display());
+    let store = Store::connect(&url, 2).await.expect("store");
+    let stalling = StallFirstWrite {
+        inner: store.clone(),
+        applies: Default::default(),
+    };
+    let mut config = FullBroker::config(&url, &data, "node-stall").bridge;
+    config.batch_size = 1;
+    config.memory_capacity = 2;
+    config.write_timeout = Duration::from_millis(300);
+    let (tx, rx) = broker::presence::channel(16);
+    let bridge = broker::presence::bridge::Bridge::new(
+        stalling,
+        rx,
+        config,
+        "node-stall",
+        uuid::Uuid::now_v7(),
+    )
+    .expect("bridge");
+    let task = tokio::spawn(bridge.run(tokio_util::sync::CancellationToken::new()));
+    let connected = |id: &str, s: SessionId| ConnectionEvent::Connected {
+        client_id: id.into(),
+        session_id: s,
+        seq: 0,
+        peer: "127.0.0.1:1".parse().expect("addr"),
+        keep_alive: 30,
+        clean_session: true,
+        time: std::time::SystemTime::now(),
+    };
+    // A first event, written normally: the bridge is now past start-up.
+    tx.send(connected("warm-up", SessionId::new()))
+        .await
+        .expect("send");
+    device_where(&store, "warm-up", "online", |d| d.online).await;
+    let s = SessionId::new();
+    // The next write (d's Connected) stalls; d's Disconnected and e's Connected fill memory
+    // and go to the journal while it does.
+    tx.send(connected("d", s)).await.expect("send");
+    tx.send(ConnectionEvent::Disconnected {
+        client_id: "d".into(),
+        session_id: s,
+        seq: 0,
+        reason: DisconnectReason::ConnectionLost,
+        time: std::time::SystemTime::now(),
+    })
+    .await
+    .expect("send");
+    tx.send(connected("e", SessionId::new()))
+        .await
+        .expect("send");
+    device_where(&store, "e", "online", |d| d.online).await;
+    let d = device_where(&store, "d", "recorded", |_| true).await;
+    assert!(
+        !d.online,
+        "d's Disconnected was applied after its Connected"
+    );
+    assert_eq!(d.last_reason.as_deref(), Some("connection_lost"));
+    drop(tx);
+    task.await.expect("bridge");
+}
