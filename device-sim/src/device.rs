@@ -1,16 +1,25 @@
 //! One simulated device: an MQTT 3.1.1 client that connects, stays connected
 //! (its event loop keeps running so keep-alive PINGREQs go out), retries with
-//! jittered exponential backoff after errors, and disconnects cleanly when the
-//! run ends.
+//! jittered exponential backoff after errors, and obeys scenario [`Command`]s:
+//! leave (cleanly, abruptly or by dying silently) and come back, drop in a
+//! storm, or be taken over by a second connection with its client id. Every
+//! change is written to the ground truth ([`crate::truth`]). When the run ends
+//! it disconnects cleanly, or with `--end-state keep` stays connected until the
+//! process is signalled.
 
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Outgoing, Packet};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet,
+};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::report::Stats;
+use crate::truth::{self, Record, TruthWriter};
 
 /// First retry delay after an error.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -18,8 +27,26 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Largest MQTT packet a simulated device sends or accepts, in bytes.
 const MAX_PACKET_SIZE: usize = 4096;
-/// How long a device waits for its DISCONNECT to be written at shutdown.
+/// How long a device waits for its DISCONNECT to be written.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Extra time a silently dead device stays away beyond the broker's keep-alive deadline, so
+/// that the broker (not a takeover by the device's comeback) ends the dead session.
+const SILENT_MARGIN: Duration = Duration::from_secs(1);
+/// Extra time a takeover waits for the first connection to be closed, beyond the connect timeout.
+const TAKEOVER_MARGIN: Duration = Duration::from_secs(5);
+
+/// The broker's keep-alive multiplier (MQTT 3.1.1: 1.5).
+pub const KEEPALIVE_MULTIPLIER: f64 = 1.5;
+
+/// What a device does when the run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EndState {
+    /// Send DISCONNECT and close (the truth's final state is offline for every device).
+    Disconnect,
+    /// Stay connected until SIGINT/SIGTERM, then disconnect; the truth file records the
+    /// state at the end of `--duration` first.
+    Keep,
+}
 
 /// Settings shared by every device of a run.
 #[derive(Debug, Clone)]
@@ -30,6 +57,22 @@ pub struct Profile {
     pub clean_session: bool,
     /// Bound on TCP connect plus CONNECT/CONNACK exchange, in whole seconds.
     pub connect_timeout_s: u64,
+    /// What to do at the end of the run.
+    pub end_state: EndState,
+}
+
+impl Profile {
+    /// How long after a silent death the broker must have closed the connection:
+    /// keep-alive × [`KEEPALIVE_MULTIPLIER`] (the deadline counts from the last packet the
+    /// broker received, which is earlier still).
+    pub fn detection_window(&self) -> Duration {
+        self.keepalive.mul_f64(KEEPALIVE_MULTIPLIER)
+    }
+
+    /// The shortest time away after a silent death.
+    pub fn silent_pause(&self) -> Duration {
+        self.detection_window() + SILENT_MARGIN
+    }
 }
 
 /// Identity and target broker of one device.
@@ -43,71 +86,482 @@ pub struct Device {
     pub port: u16,
 }
 
-/// Runs one device until `stop` is cancelled, reporting into `stats`.
+/// How a device leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaveKind {
+    /// DISCONNECT, then close (broker reason `client_disconnect`).
+    Clean,
+    /// Close the socket without DISCONNECT (`connection_lost`).
+    Abrupt,
+    /// Stop sending, keep the socket open (`keepalive_timeout`).
+    Silent,
+}
+
+/// An order from the scenario scheduler; ignored unless the device is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Leave, and come back after `pause` (at least [`Profile::silent_pause`] for a silent death).
+    Leave {
+        /// How.
+        kind: LeaveKind,
+        /// Time away.
+        pause: Duration,
+        /// Recorded as the truth's `cause`.
+        cause: &'static str,
+    },
+    /// Close abruptly and reconnect after a jittered [`backoff`].
+    Storm,
+    /// Open a second connection with the same client id; it replaces the first.
+    Takeover,
+}
+
+/// Phases published in [`Control::phase`] for schedulers.
+pub mod phase {
+    /// Dialling or backing off.
+    pub const CONNECTING: u8 = 0;
+    /// Holds a session.
+    pub const CONNECTED: u8 = 1;
+    /// Left on purpose; coming back later.
+    pub const AWAY: u8 = 2;
+    /// The run ended for this device.
+    pub const ENDED: u8 = 3;
+}
+
+/// How the rest of the simulator talks to one device.
+pub struct Control {
+    /// Scenario commands.
+    pub commands: mpsc::Receiver<Command>,
+    /// The device's phase (see [`phase`]).
+    pub phase: Arc<AtomicU8>,
+    /// Cancelled when the run ends.
+    pub end: CancellationToken,
+    /// Cancelled when a `--end-state keep` hold ends (signal).
+    pub stop: CancellationToken,
+    /// Receives one message once the device has recorded its state at the end of the run.
+    pub ended: mpsc::UnboundedSender<()>,
+}
+
+/// One MQTT connection of a device.
+struct Conn {
+    client: AsyncClient,
+    eventloop: EventLoop,
+    /// When the device last sent CONNECT or PINGREQ.
+    last_sent: SystemTime,
+}
+
+impl Conn {
+    fn new(device: &Device, profile: &Profile) -> Self {
+        let mut opts = MqttOptions::new(&device.client_id, &device.host, device.port);
+        opts.set_keep_alive(profile.keepalive)
+            .set_clean_session(profile.clean_session)
+            .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE)
+            .set_inflight(1);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1);
+        let mut net = NetworkOptions::new();
+        net.set_connection_timeout(profile.connect_timeout_s);
+        eventloop.set_network_options(net);
+        Self {
+            client,
+            eventloop,
+            last_sent: SystemTime::now(),
+        }
+    }
+
+    /// Queues a DISCONNECT, drives the event loop until it is written, then keeps reading until
+    /// the broker closes the connection; `true` if the DISCONNECT was written.
+    ///
+    /// Closing a socket with unread bytes (say, a PINGRESP) makes the kernel send RST instead of
+    /// FIN, and the broker may then see a reset before the DISCONNECT (`connection_lost`);
+    /// reading to the end avoids that.
+    async fn disconnect(mut self) -> bool {
+        if self.client.try_disconnect().is_err() {
+            return false;
+        }
+        tokio::time::timeout(DISCONNECT_TIMEOUT, async {
+            let mut sent = false;
+            loop {
+                match self.eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => sent = true,
+                    Ok(_) => {}
+                    // After the DISCONNECT, an error is the broker's close (never poll again:
+                    // rumqttc would redial).
+                    Err(_) => return sent,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Polls until CONNACK; returns the connected connection.
+    async fn connect(mut self) -> Result<Self, ConnectionError> {
+        loop {
+            let event = self.eventloop.poll().await?;
+            self.saw(&event);
+            if let Event::Incoming(Packet::ConnAck(_)) = event {
+                return Ok(self);
+            }
+        }
+    }
+
+    /// Notes outgoing keep-alive traffic.
+    fn saw(&mut self, event: &Event) {
+        if matches!(
+            event,
+            Event::Outgoing(Outgoing::PingReq) | Event::Incoming(Packet::ConnAck(_))
+        ) {
+            self.last_sent = SystemTime::now();
+        }
+    }
+}
+
+/// Polls `conn`, or never resolves without one.
+async fn poll(conn: Option<&mut Conn>) -> Result<Event, ConnectionError> {
+    match conn {
+        Some(c) => c.eventloop.poll().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What woke the device's loop.
+enum Step {
+    End,
+    Closed,
+    Command(Command),
+    Wake,
+    Net(Result<Event, ConnectionError>),
+}
+
+/// A device's whole state.
+struct Sim {
+    device: Device,
+    profile: Arc<Profile>,
+    stats: Arc<Stats>,
+    truth: Arc<TruthWriter>,
+    phase: Arc<AtomicU8>,
+    /// The current connection (dialling, backing off or connected).
+    conn: Option<Conn>,
+    connected: bool,
+    ever_connected: bool,
+    failures: u32,
+    attempt_start: Instant,
+    backoff_until: Option<Instant>,
+    /// Set while away; the device dials again then.
+    away_until: Option<Instant>,
+    /// A silently dead connection, held open (never polled) until the device comes back,
+    /// with the time by which the broker must have closed it.
+    dead: Option<(Conn, Instant)>,
+}
+
+impl Sim {
+    fn record(&self, event: &str, observed: bool, cause: Option<&str>) {
+        let mut r = Record::now(&self.device.client_id, event, observed);
+        r.cause = cause.map(str::to_owned);
+        self.truth.record(&r);
+    }
+
+    fn set_phase(&self, p: u8) {
+        self.phase.store(p, Ordering::Relaxed);
+    }
+
+    fn on_net(&mut self, event: Result<Event, ConnectionError>) {
+        match event {
+            Ok(event) => {
+                if let Some(c) = self.conn.as_mut() {
+                    c.saw(&event);
+                }
+                if let Event::Incoming(Packet::ConnAck(_)) = event {
+                    self.stats
+                        .connected(self.attempt_start.elapsed(), self.ever_connected);
+                    self.connected = true;
+                    self.ever_connected = true;
+                    self.failures = 0;
+                    self.record(truth::CONNECTED, true, None);
+                    self.set_phase(phase::CONNECTED);
+                }
+            }
+            Err(_) => {
+                if self.connected {
+                    self.record(truth::CONNECTION_LOST, true, None);
+                }
+                self.stats.error(self.connected);
+                self.connected = false;
+                self.set_phase(phase::CONNECTING);
+                self.backoff_until = Some(Instant::now() + backoff(self.failures));
+                self.failures = self.failures.saturating_add(1);
+            }
+        }
+    }
+
+    fn on_wake(&mut self) {
+        if self.backoff_until.take().is_some() {
+            self.attempt_start = Instant::now();
+        } else if self.away_until.take().is_some() {
+            self.dead = None;
+            self.conn = Some(Conn::new(&self.device, &self.profile));
+            self.stats.returned();
+            self.failures = 0;
+            self.attempt_start = Instant::now();
+            self.set_phase(phase::CONNECTING);
+        }
+    }
+
+    /// Leaves the connected state; the device dials again after `pause`.
+    fn gone(&mut self, pause: Duration) {
+        self.connected = false;
+        self.stats.left();
+        self.away_until = Some(Instant::now() + pause);
+        self.set_phase(phase::AWAY);
+    }
+
+    async fn on_command(&mut self, command: Command, end: &CancellationToken) {
+        if !self.connected {
+            return;
+        }
+        let Some(conn) = self.conn.take() else { return };
+        match command {
+            Command::Leave { kind, pause, cause } => {
+                let kind = if kind == LeaveKind::Silent && self.profile.keepalive.is_zero() {
+                    LeaveKind::Abrupt // never detected without keep-alive
+                } else {
+                    kind
+                };
+                match kind {
+                    LeaveKind::Clean => {
+                        self.record(truth::DISCONNECT_CLEAN, false, Some(cause));
+                        conn.disconnect().await;
+                        self.gone(pause);
+                    }
+                    LeaveKind::Abrupt => {
+                        self.record(truth::CLOSE_ABRUPT, false, Some(cause));
+                        drop(conn);
+                        self.gone(pause);
+                    }
+                    LeaveKind::Silent => {
+                        let mut r = Record::now(&self.device.client_id, truth::SILENT_DEATH, false)
+                            .cause(cause);
+                        r.last_sent = Some(truth::utc(conn.last_sent));
+                        r.keepalive = u16::try_from(self.profile.keepalive.as_secs()).ok();
+                        self.truth.record(&r);
+                        let now = Instant::now();
+                        self.dead = Some((conn, now + self.profile.detection_window()));
+                        self.gone(pause.max(self.profile.silent_pause()));
+                    }
+                }
+            }
+            Command::Storm => {
+                self.record(truth::CLOSE_ABRUPT, false, Some("storm"));
+                drop(conn);
+                self.gone(backoff(0));
+            }
+            Command::Takeover => self.takeover(conn, end).await,
+        }
+    }
+
+    /// Opens a second connection with the same client id while still polling `old`, until the
+    /// new one is connected and the broker closed the old one.
+    ///
+    /// rumqttc's `poll` is not cancel-safe while it connects (a dropped future abandons the
+    /// half-open connection), so each connection is driven by one future that lives until it
+    /// completes instead of a fresh `poll` per `select!` round.
+    async fn takeover(&mut self, old: Conn, end: &CancellationToken) {
+        self.record(truth::TAKEOVER, false, Some("takeover"));
+        let old_fut = async move {
+            let mut old = old;
+            while old.eventloop.poll().await.is_ok() {}
+        };
+        let new_fut = Conn::new(&self.device, &self.profile).connect();
+        let limit = Duration::from_secs(self.profile.connect_timeout_s) + TAKEOVER_MARGIN;
+        let deadline = tokio::time::sleep(limit);
+        tokio::pin!(old_fut, new_fut, deadline);
+        let (mut new, mut new_done, mut old_closed) = (None::<Conn>, false, false);
+        loop {
+            tokio::select! {
+                _ = end.cancelled() => break,
+                _ = &mut deadline => break,
+                res = &mut new_fut, if !new_done => {
+                    new_done = true;
+                    match res {
+                        Ok(conn) => {
+                            self.record(truth::TAKEOVER_CONNECTED, true, None);
+                            new = Some(conn);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                () = &mut old_fut, if !old_closed => {
+                    old_closed = true;
+                    self.record(truth::TAKEN_OVER, true, None);
+                }
+                ev = poll(new.as_mut()), if new.is_some() => match ev {
+                    Ok(event) => {
+                        if let Some(c) = new.as_mut() {
+                            c.saw(&event);
+                        }
+                    }
+                    Err(_) => {
+                        new = None;
+                        break;
+                    }
+                },
+            }
+            if new.is_some() && old_closed {
+                break;
+            }
+        }
+        match new {
+            Some(conn) => {
+                if !old_closed && !end.is_cancelled() {
+                    eprintln!(
+                        "device-sim: {}: the first connection was not closed after a takeover",
+                        self.device.client_id
+                    );
+                }
+                self.stats.took_over();
+                self.conn = Some(conn);
+            }
+            None => {
+                // The takeover failed: drop whatever is left and redial like after any loss.
+                self.conn = Some(Conn::new(&self.device, &self.profile));
+                self.on_net(Err(ConnectionError::RequestsDone));
+            }
+        }
+    }
+
+    /// Main loop until the run ends.
+    async fn live(&mut self, ctl: &mut Control) {
+        let mut commands_open = true;
+        loop {
+            let wake = self.backoff_until.or(self.away_until);
+            let polling = self.conn.is_some() && self.backoff_until.is_none();
+            let dialling = polling && !self.connected;
+            let step = tokio::select! {
+                biased;
+                _ = ctl.end.cancelled() => Step::End,
+                // Not while dialling: dropping rumqttc's poll mid-connect abandons the attempt.
+                cmd = ctl.commands.recv(), if commands_open && !dialling => match cmd {
+                    Some(c) => Step::Command(c),
+                    None => Step::Closed,
+                },
+                _ = sleep_until_opt(wake), if wake.is_some() => Step::Wake,
+                ev = poll(self.conn.as_mut()), if polling => Step::Net(ev),
+            };
+            match step {
+                Step::End => return,
+                Step::Closed => commands_open = false,
+                Step::Command(c) => self.on_command(c, &ctl.end).await,
+                Step::Wake => self.on_wake(),
+                Step::Net(ev) => self.on_net(ev),
+            }
+        }
+    }
+
+    /// With `--end-state keep`: keeps a connected device connected (polling, so it pings)
+    /// until `stop`; everything else stops trying and waits (a dead socket stays open).
+    async fn hold(&mut self, stop: &CancellationToken) {
+        if !self.connected {
+            self.drop_attempt();
+            stop.cancelled().await;
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                ev = poll(self.conn.as_mut()) => match ev {
+                    Ok(event) => {
+                        if let Some(c) = self.conn.as_mut() {
+                            c.saw(&event);
+                        }
+                    }
+                    Err(_) => {
+                        // Not redialled: the truth already says what the broker should show.
+                        self.record(truth::CONNECTION_LOST, true, None);
+                        self.stats.error(true);
+                        self.connected = false;
+                        self.drop_attempt();
+                        stop.cancelled().await;
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Abandons a connection that is not established (dialling or backing off).
+    fn drop_attempt(&mut self) {
+        if !self.connected && self.conn.take().is_some() {
+            self.backoff_until = None;
+        }
+    }
+
+    /// Disconnects cleanly if connected, lets a dead connection reach its keep-alive deadline,
+    /// and records the final offline state.
+    async fn finish(&mut self) {
+        if self.connected {
+            if let Some(conn) = self.conn.take() {
+                self.record(truth::DISCONNECT_CLEAN, false, Some("end"));
+                conn.disconnect().await;
+            }
+        }
+        if let Some((conn, deadline)) = self.dead.take() {
+            // Closing now would end the session as connection_lost; wait for the broker.
+            tokio::time::sleep_until(deadline.into()).await;
+            drop(conn);
+        }
+        self.truth.final_state(&self.device.client_id, false);
+        if self.away_until.take().is_some() {
+            self.stats.returned();
+        }
+        self.stats.device_stopped(self.connected);
+        self.connected = false;
+        self.conn = None;
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs one device until the run ends (and, with `--end-state keep`, until `ctl.stop`),
+/// reporting into `stats` and `truth`.
 pub async fn run(
     device: Device,
     profile: Arc<Profile>,
     stats: Arc<Stats>,
-    stop: CancellationToken,
+    truth: Arc<TruthWriter>,
+    mut ctl: Control,
 ) {
-    let mut opts = MqttOptions::new(device.client_id, device.host, device.port);
-    opts.set_keep_alive(profile.keepalive)
-        .set_clean_session(profile.clean_session)
-        .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE)
-        .set_inflight(1);
-    let (client, mut eventloop) = AsyncClient::new(opts, 1);
-    let mut net = NetworkOptions::new();
-    net.set_connection_timeout(profile.connect_timeout_s);
-    eventloop.set_network_options(net);
-
     stats.device_started();
-    let mut connected = false;
-    let mut ever_connected = false;
-    let mut failures: u32 = 0;
-    let mut attempt_start = Instant::now();
-
-    loop {
-        let event = tokio::select! {
-            _ = stop.cancelled() => break,
-            event = eventloop.poll() => event,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                stats.connected(attempt_start.elapsed(), ever_connected);
-                connected = true;
-                ever_connected = true;
-                failures = 0;
-            }
-            Ok(_) => {}
-            Err(_) => {
-                stats.error(connected);
-                connected = false;
-                let delay = backoff(failures);
-                failures = failures.saturating_add(1);
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                attempt_start = Instant::now();
-            }
-        }
+    let mut sim = Sim {
+        conn: Some(Conn::new(&device, &profile)),
+        device,
+        profile,
+        stats,
+        truth,
+        phase: Arc::clone(&ctl.phase),
+        connected: false,
+        ever_connected: false,
+        failures: 0,
+        attempt_start: Instant::now(),
+        backoff_until: None,
+        away_until: None,
+        dead: None,
+    };
+    sim.set_phase(phase::CONNECTING);
+    sim.live(&mut ctl).await;
+    sim.set_phase(phase::ENDED);
+    if sim.profile.end_state == EndState::Keep {
+        sim.drop_attempt();
+        sim.truth.final_state(&sim.device.client_id, sim.connected);
+        let _ = ctl.ended.send(());
+        sim.hold(&ctl.stop).await;
+    } else {
+        let _ = ctl.ended.send(());
     }
-
-    if connected {
-        // Best effort: queue a DISCONNECT and drive the event loop until it is written.
-        if client.try_disconnect().is_ok() {
-            let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, async {
-                loop {
-                    match eventloop.poll().await {
-                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                }
-            })
-            .await;
-        }
-    }
-    stats.device_stopped(connected);
+    sim.finish().await;
 }
 
 /// Delay before retry number `failures` (0-based): exponential from
@@ -123,7 +577,7 @@ pub fn backoff(failures: u32) -> Duration {
 }
 
 /// A random number from std's per-instance randomly keyed hasher; plenty for jitter.
-fn random_u64() -> u64 {
+pub fn random_u64() -> u64 {
     RandomState::new().hash_one(Instant::now())
 }
 
@@ -143,5 +597,17 @@ mod tests {
             assert!(late >= BACKOFF_MAX / 2 && late <= BACKOFF_MAX, "{late:?}");
         }
         assert!(backoff(3) >= Duration::from_millis(400));
+    }
+
+    #[test]
+    fn silent_pause_outlasts_the_keepalive_deadline() {
+        let p = Profile {
+            keepalive: Duration::from_secs(2),
+            clean_session: true,
+            connect_timeout_s: 5,
+            end_state: EndState::Disconnect,
+        };
+        assert_eq!(p.detection_window(), Duration::from_secs(3));
+        assert!(p.silent_pause() > p.detection_window());
     }
 }

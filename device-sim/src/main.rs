@@ -1,41 +1,76 @@
 //! `device-sim`: a fleet of simulated MQTT devices for soak and storm tests of
-//! Heartwire (or any MQTT 3.1.1 broker).
+//! Heartwire (or any MQTT 3.1.1 broker), and a checker of what the broker reports.
 //!
-//! The only mode so far is "steady": connect `--count` devices at `--rate`
-//! connects per second, keep them connected (with keep-alive pings) for
-//! `--duration` seconds, print one status line per second and a summary with
-//! CONNACK latency percentiles at the end.
+//! `device-sim run` (the default when no subcommand is given) connects `--count` devices at
+//! `--rate` connects per second and plays a `--scenario` for `--duration` seconds: `steady`
+//! (stay connected), `churn`, `flap`, `storm` or `takeover` (see [`scenario`]). It prints one
+//! status line per second and a summary with CONNACK latency percentiles at the end. With
+//! `--truth FILE` it writes the ground truth, one JSON line per intended or observed state
+//! change (see [`truth`]), ending with every device's final state.
+//!
+//! `device-sim verify --truth FILE --api http://HOST:PORT` waits `--settle` seconds and compares
+//! the truth with the broker's presence API (see [`verify`]); exit code 1 on any disagreement.
 
 mod device;
+mod http;
 mod report;
+mod scenario;
+mod truth;
+mod verify;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicU8;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, Args, Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::device::{Device, Profile};
+use crate::device::{Control, Device, EndState, Profile};
 use crate::report::Stats;
+use crate::scenario::{Fleet, Handle, MixKind, Plan, Scenario};
+use crate::truth::TruthWriter;
+use crate::verify::VerifyArgs;
 
 /// File descriptors kept in reserve beyond one socket per device.
 const FD_RESERVE: u64 = 64;
-/// Upper bound on waiting for devices to disconnect at the end of the run.
+/// Upper bound on waiting for devices to disconnect at the end of the run (plus the
+/// keep-alive deadline of silently dead devices).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Command-line options of the steady mode.
+/// Command line: `run` options are accepted without the subcommand too.
 #[derive(Debug, Parser)]
 #[command(
     name = "device-sim",
     version,
-    about = "Simulated MQTT device fleet for Heartwire"
+    about = "Simulated MQTT device fleet for Heartwire",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a fleet of simulated devices (the default).
+    Run(RunArgs),
+    /// Compare a run's ground truth with the broker's presence API.
+    Verify(VerifyArgs),
+}
+
+/// Options of `device-sim run`.
+#[derive(Debug, Clone, Args)]
+struct RunArgs {
     /// Broker hosts, comma separated; devices are spread round-robin over every host × port pair.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
     host: Vec<String>,
@@ -54,13 +89,13 @@ struct Cli {
     /// New devices started per second.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     rate: u32,
-    /// MQTT keep-alive in seconds (0 disables pings).
+    /// MQTT keep-alive in seconds (0 disables pings, and silent deaths become abrupt closes).
     #[arg(long, default_value_t = 30)]
     keepalive: u16,
     /// MQTT clean-session flag (`--clean false` for persistent sessions).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     clean: bool,
-    /// Length of the run in seconds; the devices disconnect afterwards.
+    /// Length of the run in seconds.
     #[arg(long, default_value_t = 60)]
     duration: u64,
     /// Timeout for TCP connect plus CONNACK, in seconds.
@@ -69,6 +104,38 @@ struct Cli {
     /// File written once all devices are connected for the first time.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// What happens during the run.
+    #[arg(long, value_enum, default_value_t = Scenario::Steady)]
+    scenario: Scenario,
+    /// churn and takeover: devices per minute that leave (churn) or are taken over, in percent
+    /// of --count (may exceed 100).
+    #[arg(long, default_value_t = 10.0)]
+    churn_percent: f64,
+    /// churn: ways of leaving to pick from at random, comma separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "clean,abrupt,silent"
+    )]
+    churn_mix: Vec<MixKind>,
+    /// churn: mean seconds away before coming back (a silent death stays away at least
+    /// 1.5 × keep-alive + 1 s).
+    #[arg(long, default_value_t = 1.0)]
+    churn_pause: f64,
+    /// flap: number of devices (the first ones) that reconnect rapidly.
+    #[arg(long, default_value_t = 5)]
+    flappers: u64,
+    /// storm: seconds between storms (one storm half-way when the run is shorter).
+    #[arg(long, default_value_t = 30)]
+    storm_every: u64,
+    /// Ground truth output: one JSON line per state change, then each device's final state.
+    #[arg(long)]
+    truth: Option<PathBuf>,
+    /// At the end of --duration: `disconnect` every device cleanly, or `keep` the connected
+    /// ones connected (final state recorded, file flushed) until SIGINT/SIGTERM.
+    #[arg(long, value_enum, default_value_t = EndState::Disconnect)]
+    end_state: EndState,
 }
 
 /// The (host, port) pairs devices are spread over, hosts varying slowest.
@@ -88,7 +155,7 @@ fn endpoints(hosts: &[String], ports: &[u16]) -> Result<Vec<(String, u16)>> {
 }
 
 /// Device number `index` (0-based within this run) with its round-robin endpoint.
-fn device_for(cli: &Cli, endpoints: &[(String, u16)], index: u64) -> Device {
+fn device_for(cli: &RunArgs, endpoints: &[(String, u16)], index: u64) -> Device {
     let len = endpoints.len() as u64;
     let (host, port) = &endpoints[usize::try_from(index % len).unwrap_or(0)];
     Device {
@@ -154,28 +221,70 @@ async fn shutdown_signal() -> Result<()> {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Verify(args)) => verify::verify(&args).await.map(|ok| {
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }),
+        Some(Command::Run(args)) => run(args).await.map(|()| ExitCode::SUCCESS),
+        None => run(cli.run).await.map(|()| ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("device-sim: {e:#}");
+        ExitCode::from(2)
+    })
+}
+
+/// Checks options that clap cannot.
+fn check(args: &RunArgs) -> Result<()> {
+    if args.churn_mix.is_empty() {
+        bail!("--churn-mix needs at least one kind");
+    }
+    if !(args.churn_percent.is_finite() && args.churn_percent >= 0.0) {
+        bail!("--churn-percent must be a non-negative number");
+    }
+    if !(args.churn_pause.is_finite() && args.churn_pause >= 0.0) {
+        bail!("--churn-pause must be a non-negative number of seconds");
+    }
+    Ok(())
+}
+
+/// `device-sim run`.
+async fn run(cli: RunArgs) -> Result<()> {
+    check(&cli)?;
     raise_nofile(cli.count)?;
     let endpoints = endpoints(&cli.host, &cli.port)?;
+    let truth = Arc::new(match &cli.truth {
+        Some(path) => TruthWriter::create(path)?,
+        None => TruthWriter::disabled(),
+    });
 
     let stats = Arc::new(Stats::new(cli.count)?);
     let profile = Arc::new(Profile {
         keepalive: Duration::from_secs(cli.keepalive.into()),
         clean_session: cli.clean,
         connect_timeout_s: cli.connect_timeout,
+        end_state: cli.end_state,
     });
+    let end = CancellationToken::new();
     let stop = CancellationToken::new();
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
     let tracker = TaskTracker::new();
+    let fleet: Fleet = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
     let deadline = start + Duration::from_secs(cli.duration);
 
     if let Some(path) = cli.ready_file.clone() {
         let stats = Arc::clone(&stats);
-        let stop = stop.clone();
+        let end = end.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = stop.cancelled() => {}
+                _ = end.cancelled() => {}
                 _ = stats.wait_all_connected() => {
                     let connected = stats.snapshot().connected;
                     if let Err(e) = write_ready_file(&path, connected, start.elapsed()).await {
@@ -186,34 +295,72 @@ async fn main() -> Result<()> {
         });
     }
 
+    let plan = Plan {
+        scenario: cli.scenario,
+        count: cli.count,
+        churn_percent: cli.churn_percent,
+        mix: cli.churn_mix.iter().map(|&k| k.into()).collect(),
+        churn_pause: Duration::from_secs_f64(cli.churn_pause),
+        flappers: cli.flappers,
+        storm_every: Duration::from_secs(cli.storm_every),
+        silent_pause: profile.silent_pause(),
+        start,
+        deadline,
+    };
+    let scheduler = tokio::spawn(scenario::drive(plan, Arc::clone(&fleet), end.clone()));
+
     // Spawner: starts devices at --rate per second until --count or the end of the run.
     let spawner = {
         let stats = Arc::clone(&stats);
-        let stop = stop.clone();
+        let truth = Arc::clone(&truth);
+        let (end, stop) = (end.clone(), stop.clone());
         let tracker = tracker.clone();
+        let fleet = Arc::clone(&fleet);
         let rate = f64::from(cli.rate);
+        let profile = Arc::clone(&profile);
+        let cli = cli.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(5));
             tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
             let mut spawned = 0u64;
             while spawned < cli.count {
                 tokio::select! {
-                    _ = stop.cancelled() => break,
+                    _ = end.cancelled() => break,
                     _ = tick.tick() => {}
                 }
                 let due = ((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(cli.count);
                 while spawned < due {
                     let device = device_for(&cli, &endpoints, spawned);
+                    let (tx, commands) = mpsc::channel(1);
+                    let phase = Arc::new(AtomicU8::new(device::phase::CONNECTING));
+                    let ctl = Control {
+                        commands,
+                        phase: Arc::clone(&phase),
+                        end: end.clone(),
+                        stop: stop.clone(),
+                        ended: ended_tx.clone(),
+                    };
+                    match fleet.lock() {
+                        Ok(mut f) => f.push(Handle {
+                            commands: tx,
+                            phase,
+                        }),
+                        Err(poisoned) => poisoned.into_inner().push(Handle {
+                            commands: tx,
+                            phase,
+                        }),
+                    }
                     tracker.spawn(device::run(
                         device,
                         Arc::clone(&profile),
                         Arc::clone(&stats),
-                        stop.clone(),
+                        Arc::clone(&truth),
+                        ctl,
                     ));
                     spawned += 1;
                 }
             }
-            cli.count
+            spawned
         })
     };
 
@@ -224,11 +371,13 @@ async fn main() -> Result<()> {
     status.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let signal = shutdown_signal();
     tokio::pin!(signal);
+    let mut signalled = false;
     loop {
         tokio::select! {
             res = &mut signal => {
                 res?;
                 eprintln!("device-sim: signal received, stopping early");
+                signalled = true;
                 break;
             }
             _ = tokio::time::sleep_until(deadline.into()) => break,
@@ -239,20 +388,49 @@ async fn main() -> Result<()> {
     }
 
     let at_end = stats.snapshot();
-    stop.cancel();
-    let target = spawner.await.context("spawner task failed")?;
-    tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        eprintln!("device-sim: some devices did not disconnect within {SHUTDOWN_GRACE:?}");
+    if signalled {
+        stop.cancel(); // no hold after an early signal
     }
+    end.cancel();
+    let spawned = spawner.await.context("spawner task failed")?;
+    scheduler.await.context("scheduler task failed")?;
+    tracker.close();
+
+    let grace = SHUTDOWN_GRACE + profile.silent_pause();
+    if cli.end_state == EndState::Keep && !signalled {
+        // Wait until every device has recorded its state at the end, then hold.
+        let recorded = tokio::time::timeout(grace, async {
+            for _ in 0..spawned {
+                if ended_rx.recv().await.is_none() {
+                    break;
+                }
+            }
+        })
+        .await;
+        if recorded.is_err() {
+            eprintln!("device-sim: some devices did not record their final state in time");
+        }
+        truth.flush()?;
+        println!(
+            "holding connected={} until SIGINT/SIGTERM",
+            stats.snapshot().connected
+        );
+        let held = shutdown_signal();
+        tokio::select! {
+            res = held => res?,
+            _ = tracker.wait() => {}
+        }
+        stop.cancel();
+    }
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        eprintln!("device-sim: some devices did not disconnect within {grace:?}");
+    }
+    truth.flush()?;
     println!(
         "{}",
         report::summary_line(
             at_end.connected,
-            target,
+            cli.count,
             &stats.latency(),
             &stats.snapshot()
         )
@@ -268,6 +446,7 @@ mod tests {
     fn host_and_port_lists_spread_round_robin() -> Result<()> {
         let cli = Cli::try_parse_from([
             "device-sim",
+            "run",
             "--host",
             "127.0.0.1,127.0.0.2",
             "--port",
@@ -277,6 +456,9 @@ mod tests {
             "--start-number",
             "10",
         ])?;
+        let Some(Command::Run(cli)) = cli.command else {
+            bail!("expected the run subcommand");
+        };
         let eps = endpoints(&cli.host, &cli.port)?;
         assert_eq!(eps.len(), 4);
         let got: Vec<(String, String, u16)> = (0..5)
@@ -300,15 +482,46 @@ mod tests {
 
     #[test]
     fn defaults_and_bad_lists() -> Result<()> {
-        let cli = Cli::try_parse_from(["device-sim"])?;
+        let cli = Cli::try_parse_from(["device-sim"])?.run;
         assert_eq!(cli.host, ["127.0.0.1"]);
+        assert_eq!(cli.scenario, Scenario::Steady);
+        assert_eq!(cli.end_state, EndState::Disconnect);
+        assert_eq!(cli.churn_mix.len(), 3);
         assert_eq!(cli.port, [1883]);
         assert!(cli.clean);
         assert!(Cli::try_parse_from(["device-sim", "--port", "1883,x"]).is_err());
         assert!(Cli::try_parse_from(["device-sim", "--count", "0"]).is_err());
         assert!(endpoints(&[" ".to_string()], &[1883]).is_err());
-        let cli = Cli::try_parse_from(["device-sim", "--clean", "false"])?;
+        let cli = Cli::try_parse_from(["device-sim", "--clean", "false"])?.run;
         assert!(!cli.clean);
+        let cli = Cli::try_parse_from([
+            "device-sim",
+            "verify",
+            "--truth",
+            "t.jsonl",
+            "--api",
+            "http://127.0.0.1:8080",
+        ])?;
+        match cli.command {
+            Some(Command::Verify(v)) => assert_eq!(v.settle, 5.0),
+            other => bail!("expected verify, got {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["device-sim", "verify", "--api", "http://x:1"]).is_err());
+        let cli = Cli::try_parse_from([
+            "device-sim",
+            "run",
+            "--scenario",
+            "churn",
+            "--churn-mix",
+            "silent",
+            "--end-state",
+            "keep",
+        ])?;
+        let Some(Command::Run(run)) = cli.command else {
+            bail!("expected run");
+        };
+        assert_eq!(run.churn_mix, [MixKind::Silent]);
+        assert_eq!(run.end_state, EndState::Keep);
         Ok(())
     }
 }

@@ -22,6 +22,8 @@ pub struct Stats {
     connecting: AtomicU64,
     errors: AtomicU64,
     reconnects: AtomicU64,
+    away: AtomicU64,
+    takeovers: AtomicU64,
     all_connected: Notify,
     connack_us: Mutex<Histogram<u64>>,
 }
@@ -37,6 +39,10 @@ pub struct Snapshot {
     pub errors: u64,
     /// Sessions re-established after an earlier session of the same device was lost.
     pub reconnects: u64,
+    /// Devices that left on purpose (scenario) and have not come back yet.
+    pub away: u64,
+    /// Completed takeovers (a second connection replaced the first).
+    pub takeovers: u64,
 }
 
 /// CONNACK latency percentiles in milliseconds.
@@ -64,6 +70,8 @@ impl Stats {
             connecting: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            away: AtomicU64::new(0),
+            takeovers: AtomicU64::new(0),
             all_connected: Notify::new(),
             connack_us: Mutex::new(hist),
         })
@@ -101,6 +109,23 @@ impl Stats {
         }
     }
 
+    /// A connected device left on purpose (clean, abrupt or silent) and will come back later.
+    pub fn left(&self) {
+        self.connected.fetch_sub(1, Ordering::Relaxed);
+        self.away.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A device that left is dialling again.
+    pub fn returned(&self) {
+        self.away.fetch_sub(1, Ordering::Relaxed);
+        self.connecting.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A second connection replaced a connected device's first one.
+    pub fn took_over(&self) {
+        self.takeovers.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A device task ended; `was_connected` tells whether it held a session.
     pub fn device_stopped(&self, was_connected: bool) {
         if was_connected {
@@ -122,6 +147,8 @@ impl Stats {
             connecting: self.connecting.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
+            away: self.away.load(Ordering::Relaxed),
+            takeovers: self.takeovers.load(Ordering::Relaxed),
         }
     }
 
@@ -145,8 +172,8 @@ impl Stats {
 /// Formats the once-per-second status line.
 pub fn status_line(elapsed_s: u64, s: &Snapshot) -> String {
     format!(
-        "t={elapsed_s} connected={} connecting={} errors={} reconnects={}",
-        s.connected, s.connecting, s.errors, s.reconnects
+        "t={elapsed_s} connected={} connecting={} away={} errors={} reconnects={} takeovers={}",
+        s.connected, s.connecting, s.away, s.errors, s.reconnects, s.takeovers
     )
 }
 
@@ -154,8 +181,9 @@ pub fn status_line(elapsed_s: u64, s: &Snapshot) -> String {
 pub fn summary_line(connected: u64, target: u64, l: &Latency, s: &Snapshot) -> String {
     format!(
         "summary connected={connected} target={target} connack_p50_ms={:.3} connack_p90_ms={:.3} \
-         connack_p99_ms={:.3} connack_max_ms={:.3} connack_samples={} errors={} reconnects={}",
-        l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.samples, s.errors, s.reconnects
+         connack_p99_ms={:.3} connack_max_ms={:.3} connack_samples={} errors={} reconnects={} \
+         takeovers={}",
+        l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.samples, s.errors, s.reconnects, s.takeovers
     )
 }
 
@@ -176,11 +204,16 @@ mod tests {
         stats.connected(Duration::from_millis(4), true);
         let s = stats.snapshot();
         assert_eq!((s.connected, s.connecting, s.reconnects), (1, 1, 1));
+        stats.left();
+        assert_eq!((stats.snapshot().connected, stats.snapshot().away), (0, 1));
+        stats.returned();
+        stats.connected(Duration::from_millis(1), true);
+        assert_eq!(stats.snapshot().away, 0);
         stats.device_stopped(true);
         stats.device_stopped(false);
         assert_eq!(stats.snapshot().connected + stats.snapshot().connecting, 0);
         let l = stats.latency();
-        assert_eq!(l.samples, 2);
+        assert_eq!(l.samples, 3);
         assert!(l.max_ms >= 3.9 && l.max_ms <= 4.1, "{l:?}");
         Ok(())
     }

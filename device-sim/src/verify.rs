@@ -1,0 +1,368 @@
+//! `device-sim verify`: compares a run's ground truth with what the broker's presence API
+//! says, after letting the broker settle.
+//!
+//! 1. Every device's final state in the truth (`final` records) must equal its `online` flag
+//!    in `GET /api/v1/devices` (a device the API does not know counts as offline).
+//! 2. Every intended end of a session (`disconnect_clean`, `close_abrupt`, `silent_death`,
+//!    `takeover`) must have ended the session that was open at that moment (the newest with
+//!    `connected_at` ≤ the truth time, from `GET /api/v1/devices/{id}/sessions`) with the
+//!    matching reason: `client_disconnect`, `connection_lost`, `keepalive_timeout`, `takeover`.
+//!    A clean or abrupt leave that ends as `takeover` is accepted (the device's own reconnect
+//!    can reach the broker before the close of the old socket is processed).
+//! 3. Silent deaths: detection latency = the session's `disconnected_at` − the death's truth
+//!    time; its percentiles are printed, with the overshoot past the broker's deadline
+//!    (last packet sent + 1.5 × keep-alive).
+//!
+//! Timestamps of both sides are compared directly: run the simulator and the broker on hosts
+//! with synchronised clocks (or the same host).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use tokio::task::JoinSet;
+
+use crate::device::KEEPALIVE_MULTIPLIER;
+use crate::http::{encode, Api};
+use crate::truth::{self, Record};
+
+/// Page size for the device list and the session history.
+const PAGE: u32 = 1000;
+/// Session-history requests in flight at once.
+const PARALLEL: usize = 8;
+
+/// Options of `device-sim verify`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VerifyArgs {
+    /// Truth file written by `device-sim run --truth`.
+    #[arg(long)]
+    pub truth: PathBuf,
+    /// Base URL of the broker's HTTP API, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    pub api: String,
+    /// Seconds to wait before checking. A silent death is detected up to 1.5 × keep-alive
+    /// after it happened: use at least that when the run ended with devices dead.
+    #[arg(long, default_value_t = 5.0)]
+    pub settle: f64,
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiDevice {
+    device_id: String,
+    online: bool,
+    #[serde(default)]
+    last_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DevicePage {
+    devices: Vec<ApiDevice>,
+    next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ApiSession {
+    session_id: String,
+    connected_at: DateTime<Utc>,
+    disconnected_at: Option<DateTime<Utc>>,
+    reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SessionList {
+    sessions: Vec<ApiSession>,
+}
+
+/// What the truth says about one device.
+#[derive(Debug, Default)]
+struct Expected {
+    /// From the last `final` record.
+    final_online: Option<bool>,
+    /// From the last state-changing event (used when there is no `final`).
+    derived_online: bool,
+    /// Intended session ends.
+    ends: Vec<Record>,
+}
+
+/// Reason the broker must record for an intended end.
+fn expected_reason(event: &str) -> Option<&'static str> {
+    match event {
+        truth::DISCONNECT_CLEAN => Some("client_disconnect"),
+        truth::CLOSE_ABRUPT => Some("connection_lost"),
+        truth::SILENT_DEATH => Some("keepalive_timeout"),
+        truth::TAKEOVER => Some("takeover"),
+        _ => None,
+    }
+}
+
+fn expectations(records: Vec<Record>) -> BTreeMap<String, Expected> {
+    let mut by_device: BTreeMap<String, Expected> = BTreeMap::new();
+    for r in records {
+        let e = by_device.entry(r.device.clone()).or_default();
+        match r.event.as_str() {
+            truth::FINAL => e.final_online = Some(r.state.as_deref() == Some("online")),
+            truth::CONNECTED | truth::TAKEOVER_CONNECTED => e.derived_online = true,
+            truth::TAKEOVER => {}
+            _ => e.derived_online = false,
+        }
+        if expected_reason(&r.event).is_some() {
+            e.ends.push(r);
+        }
+    }
+    by_device
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: chrono::TimeDelta) -> f64 {
+    d.num_microseconds().unwrap_or(i64::MAX) as f64 / 1000.0
+}
+
+/// Formats p50/p90/p99/max of `values` (milliseconds).
+fn spread(values: &mut [f64]) -> String {
+    values.sort_by(f64::total_cmp);
+    format!(
+        "p50={:.1}ms p90={:.1}ms p99={:.1}ms max={:.1}ms",
+        percentile(values, 0.50),
+        percentile(values, 0.90),
+        percentile(values, 0.99),
+        values.last().copied().unwrap_or(0.0)
+    )
+}
+
+async fn all_devices(api: &Api) -> Result<HashMap<String, ApiDevice>> {
+    let mut devices = HashMap::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/api/v1/devices?limit={PAGE}");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={}", encode(c)));
+        }
+        let page: DevicePage = api
+            .get_json(&path)
+            .await?
+            .context("the device list answered 404")?;
+        for d in page.devices {
+            devices.insert(d.device_id.clone(), d);
+        }
+        match page.next_cursor {
+            Some(c) if cursor.as_deref() != Some(c.as_str()) => cursor = Some(c),
+            _ => return Ok(devices),
+        }
+    }
+}
+
+async fn histories(api: &Api, ids: Vec<String>) -> Result<HashMap<String, Vec<ApiSession>>> {
+    let api = Arc::new(api.clone());
+    let mut out = HashMap::new();
+    let mut pending = ids.into_iter();
+    let mut set = JoinSet::new();
+    loop {
+        while set.len() < PARALLEL {
+            let Some(id) = pending.next() else { break };
+            let api = Arc::clone(&api);
+            set.spawn(async move {
+                let path = format!("/api/v1/devices/{}/sessions?limit={PAGE}", encode(&id));
+                let list: Option<SessionList> = api.get_json(&path).await?;
+                anyhow::Ok((id, list.map(|l| l.sessions).unwrap_or_default()))
+            });
+        }
+        let Some(done) = set.join_next().await else {
+            break;
+        };
+        let (id, sessions) = done.context("session request task failed")??;
+        out.insert(id, sessions);
+    }
+    Ok(out)
+}
+
+/// Runs the check and prints its findings; `Ok(true)` when the broker agrees with the truth.
+pub async fn verify(args: &VerifyArgs) -> Result<bool> {
+    let api = Api::parse(&args.api)?;
+    let records = truth::read(&args.truth)?;
+    // The latest moment by which the broker must have detected every silent death.
+    let detect_by = records
+        .iter()
+        .filter(|r| r.event == truth::SILENT_DEATH)
+        .filter_map(|r| {
+            let k = f64::from(r.keepalive?) * KEEPALIVE_MULTIPLIER;
+            Some(r.t + chrono::TimeDelta::milliseconds((k * 1000.0) as i64))
+        })
+        .max();
+    let expected = expectations(records);
+    if let Some(by) = detect_by {
+        let settled =
+            Utc::now() + chrono::TimeDelta::milliseconds((args.settle.max(0.0) * 1000.0) as i64);
+        if settled < by {
+            println!(
+                "note: the last silent death is due for detection at {}, after --settle ends; \
+                 use --settle of at least 1.5 × keep-alive",
+                truth::rfc3339(by)
+            );
+        }
+    }
+    if args.settle > 0.0 {
+        tokio::time::sleep(Duration::try_from_secs_f64(args.settle).context("bad --settle")?).await;
+    }
+
+    let devices = all_devices(&api).await?;
+    let mut failures = 0usize;
+    let (mut want_online, mut no_final) = (0usize, 0usize);
+    for (id, e) in &expected {
+        let want = e.final_online.unwrap_or_else(|| {
+            no_final += 1;
+            e.derived_online
+        });
+        want_online += usize::from(want);
+        let got = devices.get(id);
+        let is = got.is_some_and(|d| d.online);
+        if want != is {
+            failures += 1;
+            let detail = match got {
+                None => "unknown to the broker".to_owned(),
+                Some(d) => format!("last_reason={}", d.last_reason.as_deref().unwrap_or("none")),
+            };
+            println!(
+                "WRONG {id}: truth {} but the API says {} ({detail})",
+                if want { "online" } else { "offline" },
+                if is { "online" } else { "offline" },
+            );
+        }
+    }
+    println!(
+        "state: {} devices in the truth ({want_online} online, {} offline), {} known to the API, \
+         {failures} wrong",
+        expected.len(),
+        expected.len() - want_online,
+        devices.len()
+    );
+    if no_final > 0 {
+        println!("note: {no_final} devices have no final record; their last event was used");
+    }
+
+    let ids: Vec<String> = expected
+        .iter()
+        .filter(|(_, e)| !e.ends.is_empty())
+        .map(|(id, _)| id.clone())
+        .collect();
+    let history = histories(&api, ids).await?;
+    let mut latency = Vec::new();
+    let mut overshoot = Vec::new();
+    let (mut checked, mut superseded, mut unknown, mut wrong) = (0usize, 0usize, 0usize, 0usize);
+    for (id, e) in &expected {
+        let sessions = history.get(id).map(Vec::as_slice).unwrap_or_default();
+        for end in &e.ends {
+            let Some(want) = expected_reason(&end.event) else {
+                continue;
+            };
+            // Newest first: the first one that started before the end is the one it ended.
+            let Some(s) = sessions.iter().find(|s| s.connected_at <= end.t) else {
+                if sessions.len() >= PAGE as usize {
+                    unknown += 1; // older than the history we fetched
+                } else {
+                    wrong += 1;
+                    println!(
+                        "WRONG {id}: {} at {}: no session open at that time",
+                        end.event,
+                        truth::rfc3339(end.t)
+                    );
+                }
+                continue;
+            };
+            checked += 1;
+            let reason = s.reason.as_deref();
+            let ok = reason == Some(want)
+                || (reason == Some("takeover")
+                    && matches!(
+                        end.event.as_str(),
+                        truth::DISCONNECT_CLEAN | truth::CLOSE_ABRUPT
+                    ));
+            if !ok {
+                wrong += 1;
+                println!(
+                    "WRONG {id}: {} at {} ended session {} with reason {} (want {want})",
+                    end.event,
+                    truth::rfc3339(end.t),
+                    s.session_id,
+                    reason.unwrap_or("none: still open")
+                );
+                continue;
+            }
+            if reason != Some(want) {
+                superseded += 1;
+            }
+            if end.event == truth::SILENT_DEATH {
+                if let Some(at) = s.disconnected_at {
+                    latency.push(ms(at - end.t));
+                    if let (Some(last), Some(k)) = (end.last_sent, end.keepalive) {
+                        let deadline = last
+                            + chrono::TimeDelta::microseconds(
+                                (f64::from(k) * KEEPALIVE_MULTIPLIER * 1e6) as i64,
+                            );
+                        overshoot.push(ms(at - deadline));
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "sessions: {checked} intended ends checked, {wrong} wrong, {superseded} ended by the \
+         device's own reconnect (takeover), {unknown} beyond the fetched history"
+    );
+    if !latency.is_empty() {
+        println!(
+            "silent deaths: {} detected by keep-alive; latency {}",
+            latency.len(),
+            spread(&mut latency)
+        );
+        if !overshoot.is_empty() {
+            println!(
+                "  past the deadline (last packet + 1.5 × keep-alive): {}",
+                spread(&mut overshoot)
+            );
+        }
+    }
+    failures += wrong;
+    println!("{}", if failures == 0 { "OK" } else { "FAIL" });
+    Ok(failures == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+        assert_eq!(percentile(&[7.0], 0.9), 7.0);
+    }
+
+    #[test]
+    fn final_records_win_and_events_derive_otherwise() {
+        let mut a = Record::now("a", truth::CONNECTED, true);
+        let mut f = Record::now("a", truth::FINAL, false);
+        f.state = Some("offline".into());
+        a.t = f.t;
+        let b = Record::now("b", truth::CONNECTED, true);
+        let c = Record::now("c", truth::SILENT_DEATH, false);
+        let e = expectations(vec![a, f, b, c]);
+        assert_eq!(e["a"].final_online, Some(false));
+        assert!(e["b"].derived_online && e["b"].final_online.is_none());
+        assert!(!e["c"].derived_online);
+        assert_eq!(e["c"].ends.len(), 1);
+    }
+}

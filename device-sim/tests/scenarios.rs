@@ -1,0 +1,345 @@
+//! End to end: the broker runs in-process (SQLite store) on 127.0.0.1:0, the `device-sim`
+//! binary plays a scenario against it with `--truth`, and `device-sim verify` checks the
+//! broker's presence API against that truth.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+/// Bound on any child process or wait of these tests.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!(
+            "device-sim-test-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The whole broker on ephemeral ports.
+struct Broker {
+    mqtt: SocketAddr,
+    http: SocketAddr,
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+    _data: TempDir,
+}
+
+impl Broker {
+    async fn start() -> Self {
+        let data = TempDir::new();
+        let mut config = broker::config::Config::default();
+        config.database.url = format!("sqlite://{}", data.path().join("b.db").display());
+        config.bridge.journal_path = data.path().join("j");
+        config.bridge.batch_interval = Duration::from_millis(20);
+        config.node.heartbeat_interval = Duration::from_millis(200);
+        config.shutdown.grace_period = Duration::from_secs(5);
+        let mqtt = TcpListener::bind("127.0.0.1:0").await.expect("bind mqtt");
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+        let (mqtt_addr, http_addr) = (
+            mqtt.local_addr().expect("addr"),
+            http.local_addr().expect("addr"),
+        );
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let handle = tokio::spawn(async move {
+            broker::run_with(config, broker::Listeners { mqtt, http }, token)
+                .await
+                .expect("broker runs");
+        });
+        let broker = Self {
+            mqtt: mqtt_addr,
+            http: http_addr,
+            shutdown,
+            handle,
+            _data: data,
+        };
+        let deadline = Instant::now() + WAIT;
+        while http_status(broker.http, "/readyz").await != Some(200) {
+            assert!(Instant::now() < deadline, "broker not ready in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        broker
+    }
+
+    fn api(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("broker stops in time")
+            .expect("broker task");
+    }
+}
+
+/// Status code of a GET, if the server answered.
+async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn sim() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_device-sim"));
+    c.kill_on_drop(true);
+    c
+}
+
+/// Runs `device-sim run` to completion with `args` after the common ones.
+async fn run_sim(broker: &Broker, truth: &Path, args: &[&str]) -> String {
+    let out = tokio::time::timeout(
+        WAIT,
+        sim()
+            .args(run_args(broker, truth))
+            .args(args)
+            .stdout(Stdio::piped())
+            .output(),
+    )
+    .await
+    .expect("device-sim run ends in time")
+    .expect("device-sim runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "device-sim run failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn run_args(broker: &Broker, truth: &Path) -> Vec<String> {
+    [
+        "run",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &broker.mqtt.port().to_string(),
+        "--truth",
+        &truth.display().to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Runs `device-sim verify`; returns its exit status and output.
+async fn verify(broker: &Broker, truth: &Path, settle: &str) -> (ExitStatus, String) {
+    let out = tokio::time::timeout(
+        WAIT,
+        sim()
+            .args([
+                "verify",
+                "--api",
+                &broker.api(),
+                "--settle",
+                settle,
+                "--truth",
+            ])
+            .arg(truth)
+            .output(),
+    )
+    .await
+    .expect("verify ends in time")
+    .expect("verify runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
+}
+
+/// Number of truth lines with this event.
+fn count_events(truth: &Path, event: &str) -> usize {
+    let needle = format!("\"event\":\"{event}\"");
+    std::fs::read_to_string(truth)
+        .expect("truth file")
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .count()
+}
+
+/// Churn with every way of leaving (silent deaths with keep-alive 1 s); the devices still
+/// connected at the end stay connected (`--end-state keep`) while verify checks both online
+/// and offline devices, then SIGTERM makes them disconnect and verify passes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_with_silent_deaths_then_verify_passes() {
+    let broker = Broker::start().await;
+    let dir = TempDir::new();
+    let truth = dir.path().join("truth.jsonl");
+    let started = Instant::now();
+    let mut child = sim()
+        .args(run_args(&broker, &truth))
+        .args([
+            "--count",
+            "60",
+            "--keepalive",
+            "1",
+            "--duration",
+            "7",
+            "--scenario",
+            "churn",
+            "--churn-percent",
+            "600",
+            "--churn-pause",
+            "0.3",
+            "--end-state",
+            "keep",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("device-sim starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let holding = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if line.starts_with("holding") {
+                return line;
+            }
+        }
+        panic!("device-sim ended without holding");
+    })
+    .await
+    .expect("device-sim reaches the hold in time");
+    assert!(count_events(&truth, "silent_death") > 0, "no silent death");
+    assert!(
+        count_events(&truth, "disconnect_clean") > 0,
+        "no clean leave"
+    );
+    assert!(count_events(&truth, "close_abrupt") > 0, "no abrupt close");
+    assert_eq!(count_events(&truth, "final"), 60);
+
+    let (status, out) = verify(&broker, &truth, "2").await;
+    assert!(
+        status.success(),
+        "verify failed while holding ({holding}):\n{out}"
+    );
+    assert!(out.contains("silent deaths:"), "{out}");
+    assert!(!out.contains("WRONG"), "{out}");
+
+    // SIGTERM: the held devices disconnect and record it.
+    let pid = child.id().expect("pid").to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success());
+    let exit = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("device-sim exits after SIGTERM")
+        .expect("wait");
+    assert!(exit.success(), "{exit:?}");
+    assert_eq!(count_events(&truth, "final"), 120);
+    let (status, out) = verify(&broker, &truth, "0.5").await;
+    assert!(status.success(), "verify failed after the hold:\n{out}");
+    eprintln!("churn test took {:?}", started.elapsed());
+    broker.stop().await;
+}
+
+/// Takeovers: the replaced connection sees its close, the broker records `takeover`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_then_verify_passes() {
+    let broker = Broker::start().await;
+    let dir = TempDir::new();
+    let truth = dir.path().join("truth.jsonl");
+    run_sim(
+        &broker,
+        &truth,
+        &[
+            "--count",
+            "40",
+            "--keepalive",
+            "5",
+            "--duration",
+            "4",
+            "--scenario",
+            "takeover",
+            "--churn-percent",
+            "900",
+        ],
+    )
+    .await;
+    let takeovers = count_events(&truth, "takeover");
+    assert!(takeovers > 0, "no takeover");
+    assert_eq!(count_events(&truth, "taken_over"), takeovers);
+    assert_eq!(count_events(&truth, "takeover_connected"), takeovers);
+    let (status, out) = verify(&broker, &truth, "0.5").await;
+    assert!(status.success(), "verify failed:\n{out}");
+    assert!(out.contains("OK"), "{out}");
+    broker.stop().await;
+}
+
+/// Flipping one device's final state in the truth makes verify fail with exit code 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_truth_fails_verify() {
+    let broker = Broker::start().await;
+    let dir = TempDir::new();
+    let truth = dir.path().join("truth.jsonl");
+    run_sim(
+        &broker,
+        &truth,
+        &["--count", "20", "--keepalive", "5", "--duration", "2"],
+    )
+    .await;
+    let (status, out) = verify(&broker, &truth, "0.3").await;
+    assert!(status.success(), "verify of the real truth failed:\n{out}");
+
+    let text = std::fs::read_to_string(&truth).expect("truth");
+    let flipped = text.replacen("\"state\":\"offline\"", "\"state\":\"online\"", 1);
+    assert_ne!(flipped, text, "no final record to flip");
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, flipped).expect("write");
+    let (status, out) = verify(&broker, &bad, "0").await;
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(out.contains("WRONG"), "{out}");
+    assert!(
+        out.contains("truth online but the API says offline"),
+        "{out}"
+    );
+
+    // Unreachable API: an error, not a verdict.
+    let gone = format!("http://{}", broker.http);
+    broker.stop().await;
+    let out = sim()
+        .args(["verify", "--api", &gone, "--settle", "0", "--truth"])
+        .arg(&truth)
+        .output()
+        .await
+        .expect("verify runs");
+    assert_eq!(out.status.code(), Some(2));
+}
