@@ -82,8 +82,8 @@ pub struct Bridge<S> {
     /// Set once migrations are applied (readiness).
     migrated: Arc<AtomicBool>,
     /// The batch taken from memory that is being written: back to memory if the write fails
-    /// or is abandoned at shutdown.
-    writing: Vec<PresenceRecord>,
+    /// or is abandoned at shutdown. Shared with the write, not copied.
+    writing: Arc<Vec<PresenceRecord>>,
 }
 
 impl<S: PresenceStore + Clone + 'static> Bridge<S> {
@@ -117,7 +117,7 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
             failures: 0,
             retry_at: None,
             migrated: Arc::new(AtomicBool::new(false)),
-            writing: Vec::new(),
+            writing: Arc::default(),
         })
     }
 
@@ -195,7 +195,7 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
         // abandoned write first (it is older than what is still in memory). An abandoned
         // journal batch simply stays in the journal.
         drop(inflight.take());
-        let mut left = std::mem::take(&mut self.writing);
+        let mut left = self.take_writing();
         left.extend(self.memory.drain(..));
         if !left.is_empty() {
             tracing::warn!(
@@ -343,8 +343,8 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
                     return None;
                 }
                 let n = self.memory.len().min(self.config.batch_size);
-                self.writing = self.memory.drain(..n).collect();
-                let for_store = self.writing.clone();
+                self.writing = Arc::new(self.memory.drain(..n).collect());
+                let for_store = Arc::clone(&self.writing);
                 let f = Box::pin(async move { store.apply(&for_store).await });
                 Some(run(Job::Memory, Vec::new(), f))
             }
@@ -391,7 +391,7 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
                     Job::Memory => {
                         // Empty when the batch was spilled to the journal while it was being
                         // written (it will be applied again from there, harmlessly).
-                        let written = std::mem::take(&mut self.writing);
+                        let written = self.take_writing();
                         self.committed(&written);
                     }
                 }
@@ -414,7 +414,7 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
                 }
                 if let Job::Memory = job {
                     metrics().bridge_retries.inc();
-                    for record in std::mem::take(&mut self.writing).into_iter().rev() {
+                    for record in self.take_writing().into_iter().rev() {
                         self.memory.push_front(record);
                     }
                 }
@@ -422,6 +422,12 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
             }
         }
         self.update_gauges();
+    }
+
+    /// The batch being written, taken back (copied only while the write still holds it).
+    fn take_writing(&mut self) -> Vec<PresenceRecord> {
+        let writing = std::mem::take(&mut self.writing);
+        Arc::try_unwrap(writing).unwrap_or_else(|shared| (*shared).clone())
     }
 
     fn committed(&self, batch: &[PresenceRecord]) {
@@ -456,7 +462,7 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
             // The batch being written goes first: it is older than memory, and the journal is
             // applied before memory. If its write succeeds after all, the journal applies it
             // again, which changes nothing.
-            let mut all = std::mem::take(&mut self.writing);
+            let mut all = self.take_writing();
             all.extend(self.memory.drain(..));
             tracing::warn!(
                 events = all.len(),
