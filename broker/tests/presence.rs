@@ -142,6 +142,19 @@ async fn crashed_broker_sessions_are_closed_at_restart(url: String, data: TempDi
     restarted.stop().await;
 }
 
+/// A Connected event of `id` for session `s`, now.
+fn connected(id: &str, s: broker::presence::SessionId) -> broker::presence::ConnectionEvent {
+    broker::presence::ConnectionEvent::Connected {
+        client_id: id.into(),
+        session_id: s,
+        seq: 0,
+        peer: "127.0.0.1:1".parse().expect("addr"),
+        keep_alive: 30,
+        clean_session: true,
+        time: std::time::SystemTime::now(),
+    }
+}
+
 async fn delayed_disconnect_of_an_old_session_never_wins(url: String, data: TempDir) {
     use broker::presence::{ConnectionEvent, DisconnectReason, SessionId};
     let store = Store::connect(&url, 2).await.expect("store");
@@ -156,15 +169,6 @@ async fn delayed_disconnect_of_an_old_session_never_wins(url: String, data: Temp
     )
     .expect("bridge");
     let task = tokio::spawn(bridge.run(tokio_util::sync::CancellationToken::new()));
-    let connected = |id: &str, s: SessionId| ConnectionEvent::Connected {
-        client_id: id.into(),
-        session_id: s,
-        seq: 0,
-        peer: "127.0.0.1:1".parse().expect("addr"),
-        keep_alive: 30,
-        clean_session: true,
-        time: std::time::SystemTime::now(),
-    };
     let (s1, s2) = (SessionId::new(), SessionId::new());
     tx.send(connected("dev", s1)).await.expect("send");
     device_where(&store, "dev", "online on s1", |d| d.session_id == s1.0).await;
@@ -433,15 +437,6 @@ async fn events_spilled_during_a_stalled_write_keep_their_order() {
     )
     .expect("bridge");
     let task = tokio::spawn(bridge.run(tokio_util::sync::CancellationToken::new()));
-    let connected = |id: &str, s: SessionId| ConnectionEvent::Connected {
-        client_id: id.into(),
-        session_id: s,
-        seq: 0,
-        peer: "127.0.0.1:1".parse().expect("addr"),
-        keep_alive: 30,
-        clean_session: true,
-        time: std::time::SystemTime::now(),
-    };
     // A first event, written normally: the bridge is now past start-up.
     tx.send(connected("warm-up", SessionId::new()))
         .await
