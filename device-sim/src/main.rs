@@ -6,17 +6,22 @@
 //! (stay connected), `churn`, `flap`, `storm` or `takeover` (see [`scenario`]). It prints one
 //! status line per second and a summary with CONNACK latency percentiles at the end. With
 //! `--truth FILE` it writes the ground truth, one JSON line per intended or observed state
-//! change (see [`truth`]), ending with every device's final state.
+//! change (see [`truth`]), ending with every device's final state. `--json FILE` writes the
+//! summary as JSON (see [`report::Summary`]); `--metrics-listen ADDR` serves Prometheus
+//! metrics at `GET /metrics` (see [`metrics`]); `--workers N` splits the fleet over N child
+//! processes and aggregates them (see [`workers`]).
 //!
 //! `device-sim verify --truth FILE --api http://HOST:PORT` waits `--settle` seconds and compares
 //! the truth with the broker's presence API (see [`verify`]); exit code 1 on any disagreement.
 
 mod device;
 mod http;
+mod metrics;
 mod report;
 mod scenario;
 mod truth;
 mod verify;
+mod workers;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -63,7 +68,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a fleet of simulated devices (the default).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Compare a run's ground truth with the broker's presence API.
     Verify(VerifyArgs),
 }
@@ -136,6 +141,20 @@ struct RunArgs {
     /// ones connected (final state recorded, file flushed) until SIGINT/SIGTERM.
     #[arg(long, value_enum, default_value_t = EndState::Disconnect)]
     end_state: EndState,
+    /// Write the final summary as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Split --count into N contiguous ranges of device numbers, each run by a child process
+    /// (--rate and --flappers are split too; --truth FILE is merged from FILE.worker-K).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    workers: u32,
+    /// Serve Prometheus metrics on ADDR (host:port) at GET /metrics; with --workers the
+    /// parent serves the sum of all workers.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Internal: this process is worker K of a --workers parent (machine-readable output).
+    #[arg(long, hide = true)]
+    worker_id: Option<u32>,
 }
 
 /// The (host, port) pairs devices are spread over, hosts varying slowest.
@@ -231,8 +250,8 @@ async fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }),
-        Some(Command::Run(args)) => run(args).await.map(|()| ExitCode::SUCCESS),
-        None => run(cli.run).await.map(|()| ExitCode::SUCCESS),
+        Some(Command::Run(args)) => run_main(*args).await.map(|()| ExitCode::SUCCESS),
+        None => run_main(cli.run).await.map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("device-sim: {e:#}");
@@ -254,9 +273,28 @@ fn check(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// `device-sim run`.
-async fn run(cli: RunArgs) -> Result<()> {
+/// `device-sim run`: one process, a worker, or the parent of `--workers`.
+async fn run_main(cli: RunArgs) -> Result<()> {
     check(&cli)?;
+    let summary = if cli.worker_id.is_none() && cli.workers > 1 {
+        workers::run(&cli).await?
+    } else {
+        run(cli.clone()).await?
+    };
+    if cli.worker_id.is_some() {
+        println!("{}{}", workers::RESULT, serde_json::to_string(&summary)?);
+        return Ok(());
+    }
+    println!("{}", summary.line());
+    if let Some(path) = &cli.json {
+        let body = serde_json::to_string_pretty(&summary)?;
+        std::fs::write(path, body + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// One process running devices (without --workers, or as a worker).
+async fn run(cli: RunArgs) -> Result<report::Summary> {
     raise_nofile(cli.count)?;
     let endpoints = endpoints(&cli.host, &cli.port)?;
     let truth = Arc::new(match &cli.truth {
@@ -265,6 +303,10 @@ async fn run(cli: RunArgs) -> Result<()> {
     });
 
     let stats = Arc::new(Stats::new(cli.count)?);
+    if let (Some(addr), None) = (&cli.metrics_listen, cli.worker_id) {
+        let stats = Arc::clone(&stats);
+        metrics::serve(addr, Arc::new(move || stats.live())).await?;
+    }
     let profile = Arc::new(Profile {
         keepalive: Duration::from_secs(cli.keepalive.into()),
         clean_session: cli.clean,
@@ -279,7 +321,9 @@ async fn run(cli: RunArgs) -> Result<()> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(cli.duration);
 
-    if let Some(path) = cli.ready_file.clone() {
+    if cli.ready_file.is_some() || cli.worker_id.is_some() {
+        let path = cli.ready_file.clone();
+        let worker = cli.worker_id.is_some();
         let stats = Arc::clone(&stats);
         let end = end.clone();
         tokio::spawn(async move {
@@ -287,8 +331,12 @@ async fn run(cli: RunArgs) -> Result<()> {
                 _ = end.cancelled() => {}
                 _ = stats.wait_all_connected() => {
                     let connected = stats.snapshot().connected;
-                    if let Err(e) = write_ready_file(&path, connected, start.elapsed()).await {
-                        eprintln!("device-sim: {e:#}");
+                    if worker {
+                        println!("{}connected={connected}", workers::READY);
+                    } else if let Some(path) = path {
+                        if let Err(e) = write_ready_file(&path, connected, start.elapsed()).await {
+                            eprintln!("device-sim: {e:#}");
+                        }
                     }
                 }
             }
@@ -382,7 +430,11 @@ async fn run(cli: RunArgs) -> Result<()> {
             }
             _ = tokio::time::sleep_until(deadline.into()) => break,
             _ = status.tick() => {
-                println!("{}", report::status_line(start.elapsed().as_secs(), &stats.snapshot()));
+                if cli.worker_id.is_some() {
+                    println!("{}{}", workers::STATUS, serde_json::to_string(&stats.live())?);
+                } else {
+                    println!("{}", report::status_line(start.elapsed().as_secs(), &stats.snapshot()));
+                }
             }
         }
     }
@@ -426,16 +478,29 @@ async fn run(cli: RunArgs) -> Result<()> {
         eprintln!("device-sim: some devices did not disconnect within {grace:?}");
     }
     truth.flush()?;
-    println!(
-        "{}",
-        report::summary_line(
-            at_end.connected,
-            cli.count,
-            &stats.latency(),
-            &stats.snapshot()
-        )
-    );
-    Ok(())
+    let s = stats.snapshot();
+    Ok(report::Summary {
+        connected: at_end.connected,
+        target: cli.count,
+        connack: stats.latency(),
+        connack_method: "exact".to_owned(),
+        errors: report::Errors {
+            total: s.errors,
+            connect_failed: s.connect_failed,
+            connection_lost: s.connection_lost,
+        },
+        reconnects: s.reconnects,
+        takeovers: s.takeovers,
+        duration_s: cli.duration,
+        elapsed_s: start.elapsed().as_secs_f64(),
+        scenario: workers::value_name(&cli.scenario),
+        workers: 1,
+        connack_hist_us: if cli.worker_id.is_some() {
+            stats.recorded()
+        } else {
+            Vec::new()
+        },
+    })
 }
 
 #[cfg(test)]

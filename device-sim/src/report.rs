@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use anyhow::Result;
 use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 /// Highest latency the histogram tracks exactly, in microseconds (10 minutes);
@@ -21,6 +23,8 @@ pub struct Stats {
     connected: AtomicU64,
     connecting: AtomicU64,
     errors: AtomicU64,
+    connect_failed: AtomicU64,
+    connection_lost: AtomicU64,
     reconnects: AtomicU64,
     away: AtomicU64,
     takeovers: AtomicU64,
@@ -29,7 +33,7 @@ pub struct Stats {
 }
 
 /// Point-in-time copy of the live counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     /// Devices whose MQTT session is currently established.
     pub connected: u64,
@@ -37,6 +41,10 @@ pub struct Snapshot {
     pub connecting: u64,
     /// Connection errors seen so far (failed attempts and dropped sessions).
     pub errors: u64,
+    /// Errors of kind `connect_failed`: an attempt (TCP connect or CONNACK) failed.
+    pub connect_failed: u64,
+    /// Errors of kind `connection_lost`: an established session dropped unexpectedly.
+    pub connection_lost: u64,
     /// Sessions re-established after an earlier session of the same device was lost.
     pub reconnects: u64,
     /// Devices that left on purpose (scenario) and have not come back yet.
@@ -46,7 +54,7 @@ pub struct Snapshot {
 }
 
 /// CONNACK latency percentiles in milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     /// Number of recorded samples.
     pub samples: u64,
@@ -69,6 +77,8 @@ impl Stats {
             connected: AtomicU64::new(0),
             connecting: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            connect_failed: AtomicU64::new(0),
+            connection_lost: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             away: AtomicU64::new(0),
             takeovers: AtomicU64::new(0),
@@ -103,6 +113,12 @@ impl Stats {
     /// A device failed to connect, or lost its session; `was_connected` tells which.
     pub fn error(&self, was_connected: bool) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        let kind = if was_connected {
+            &self.connection_lost
+        } else {
+            &self.connect_failed
+        };
+        kind.fetch_add(1, Ordering::Relaxed);
         if was_connected {
             self.connected.fetch_sub(1, Ordering::Relaxed);
             self.connecting.fetch_add(1, Ordering::Relaxed);
@@ -146,26 +162,172 @@ impl Stats {
             connected: self.connected.load(Ordering::Relaxed),
             connecting: self.connecting.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            connect_failed: self.connect_failed.load(Ordering::Relaxed),
+            connection_lost: self.connection_lost.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             away: self.away.load(Ordering::Relaxed),
             takeovers: self.takeovers.load(Ordering::Relaxed),
         }
     }
 
-    /// Percentiles of all CONNACK latencies recorded so far.
-    pub fn latency(&self) -> Latency {
-        let h = match self.connack_us.lock() {
+    fn hist(&self) -> std::sync::MutexGuard<'_, Histogram<u64>> {
+        match self.connack_us.lock() {
             Ok(h) => h,
             Err(poisoned) => poisoned.into_inner(),
-        };
-        let ms = |us: u64| us as f64 / 1000.0;
-        Latency {
-            samples: h.len(),
-            p50_ms: ms(h.value_at_quantile(0.50)),
-            p90_ms: ms(h.value_at_quantile(0.90)),
-            p99_ms: ms(h.value_at_quantile(0.99)),
-            max_ms: ms(h.max()),
         }
+    }
+
+    /// Percentiles of all CONNACK latencies recorded so far.
+    pub fn latency(&self) -> Latency {
+        latency_of(&self.hist())
+    }
+
+    /// The CONNACK histogram as (value µs, count) pairs, one per recorded bucket; feeding them
+    /// to [`merge_recorded`] rebuilds the same histogram (used to merge workers exactly).
+    pub fn recorded(&self) -> Vec<(u64, u64)> {
+        self.hist()
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect()
+    }
+
+    /// Live counters plus the CONNACK histogram in the fixed Prometheus buckets.
+    pub fn live(&self) -> Live {
+        let h = self.hist();
+        Live {
+            snapshot: self.snapshot(),
+            buckets: BUCKETS_S
+                .iter()
+                .map(|&b| h.count_between(0, (b * 1e6) as u64))
+                .collect(),
+            count: h.len(),
+            sum_s: h.mean() * h.len() as f64 / 1e6,
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the fixed `devicesim_connect_latency_seconds` buckets.
+pub const BUCKETS_S: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Live counters and CONNACK histogram (fixed buckets, cumulative counts); what a worker
+/// reports each second and what `--metrics-listen` exports.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Live {
+    /// The counters.
+    pub snapshot: Snapshot,
+    /// Cumulative sample counts at or below each bound of [`BUCKETS_S`].
+    pub buckets: Vec<u64>,
+    /// Number of samples.
+    pub count: u64,
+    /// Sum of the samples in seconds (approximate: mean × count).
+    pub sum_s: f64,
+}
+
+impl Live {
+    /// Adds another process's numbers to these.
+    pub fn add(&mut self, o: &Live) {
+        let (a, b) = (&mut self.snapshot, &o.snapshot);
+        a.connected += b.connected;
+        a.connecting += b.connecting;
+        a.errors += b.errors;
+        a.connect_failed += b.connect_failed;
+        a.connection_lost += b.connection_lost;
+        a.reconnects += b.reconnects;
+        a.away += b.away;
+        a.takeovers += b.takeovers;
+        self.buckets.resize(BUCKETS_S.len(), 0);
+        for (x, y) in self.buckets.iter_mut().zip(&o.buckets) {
+            *x += y;
+        }
+        self.count += o.count;
+        self.sum_s += o.sum_s;
+    }
+}
+
+fn latency_of(h: &Histogram<u64>) -> Latency {
+    let ms = |us: u64| us as f64 / 1000.0;
+    Latency {
+        samples: h.len(),
+        p50_ms: ms(h.value_at_quantile(0.50)),
+        p90_ms: ms(h.value_at_quantile(0.90)),
+        p99_ms: ms(h.value_at_quantile(0.99)),
+        max_ms: ms(h.max()),
+    }
+}
+
+/// Percentiles of the union of histograms given as [`Stats::recorded`] pairs.
+pub fn merge_recorded<'a>(parts: impl IntoIterator<Item = &'a [(u64, u64)]>) -> Result<Latency> {
+    let mut h = Histogram::<u64>::new_with_bounds(1, MAX_TRACKED_US, 3)?;
+    for part in parts {
+        for &(v, n) in part {
+            h.saturating_record_n(v.clamp(1, MAX_TRACKED_US), n);
+        }
+    }
+    Ok(latency_of(&h))
+}
+
+/// Errors by kind, for the JSON summary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Errors {
+    /// All errors.
+    pub total: u64,
+    /// Failed connection attempts (TCP connect, CONNACK or timeout).
+    pub connect_failed: u64,
+    /// Established sessions that dropped without the simulator meaning it.
+    pub connection_lost: u64,
+}
+
+/// The final summary of a run (`--json FILE`; a worker prints it on a `result ` line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Devices connected at the end of --duration.
+    pub connected: u64,
+    /// --count.
+    pub target: u64,
+    /// CONNACK latency percentiles (ms).
+    pub connack: Latency,
+    /// How `connack` was obtained: `exact` (one histogram, or the workers' histograms merged).
+    pub connack_method: String,
+    /// Errors by kind.
+    pub errors: Errors,
+    /// Sessions re-established.
+    pub reconnects: u64,
+    /// Completed takeovers.
+    pub takeovers: u64,
+    /// --duration in seconds.
+    pub duration_s: u64,
+    /// Wall time of the whole run, shutdown included, in seconds.
+    pub elapsed_s: f64,
+    /// --scenario.
+    pub scenario: String,
+    /// Worker processes (1 without --workers).
+    pub workers: u32,
+    /// Worker only: the CONNACK histogram as (µs, count) pairs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connack_hist_us: Vec<(u64, u64)>,
+}
+
+impl Summary {
+    /// The human summary line.
+    pub fn line(&self) -> String {
+        let l = &self.connack;
+        format!(
+            "summary connected={} target={} connack_p50_ms={:.3} connack_p90_ms={:.3} \
+             connack_p99_ms={:.3} connack_max_ms={:.3} connack_samples={} errors={} reconnects={} \
+             takeovers={}",
+            self.connected,
+            self.target,
+            l.p50_ms,
+            l.p90_ms,
+            l.p99_ms,
+            l.max_ms,
+            l.samples,
+            self.errors.total,
+            self.reconnects,
+            self.takeovers
+        )
     }
 }
 
@@ -174,16 +336,6 @@ pub fn status_line(elapsed_s: u64, s: &Snapshot) -> String {
     format!(
         "t={elapsed_s} connected={} connecting={} away={} errors={} reconnects={} takeovers={}",
         s.connected, s.connecting, s.away, s.errors, s.reconnects, s.takeovers
-    )
-}
-
-/// Formats the final summary line.
-pub fn summary_line(connected: u64, target: u64, l: &Latency, s: &Snapshot) -> String {
-    format!(
-        "summary connected={connected} target={target} connack_p50_ms={:.3} connack_p90_ms={:.3} \
-         connack_p99_ms={:.3} connack_max_ms={:.3} connack_samples={} errors={} reconnects={} \
-         takeovers={}",
-        l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.samples, s.errors, s.reconnects, s.takeovers
     )
 }
 
@@ -215,6 +367,17 @@ mod tests {
         let l = stats.latency();
         assert_eq!(l.samples, 3);
         assert!(l.max_ms >= 3.9 && l.max_ms <= 4.1, "{l:?}");
+        let s = stats.snapshot();
+        assert_eq!((s.errors, s.connect_failed, s.connection_lost), (2, 1, 1));
+        let rec = stats.recorded();
+        let merged = merge_recorded([rec.as_slice(), rec.as_slice()])?;
+        assert_eq!(merged.samples, 6);
+        assert_eq!(merged.max_ms, l.max_ms);
+        let mut live = stats.live();
+        assert_eq!(live.count, 3);
+        assert_eq!(live.buckets[BUCKETS_S.len() - 1], 3);
+        live.add(&stats.live());
+        assert_eq!((live.count, live.snapshot.errors), (6, 4));
         Ok(())
     }
 }

@@ -343,3 +343,164 @@ async fn corrupted_truth_fails_verify() {
         .expect("verify runs");
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Body of a GET, if the server answered.
+async fn http_body(addr: &str, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    Some(text.split_once("\r\n\r\n")?.1.to_owned())
+}
+
+/// A free local port (bound, then released).
+async fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("json file")).expect("valid JSON")
+}
+
+/// `--json` writes the summary as parseable JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_summary_is_written() {
+    let broker = Broker::start().await;
+    let dir = TempDir::new();
+    let truth = dir.path().join("truth.jsonl");
+    let json = dir.path().join("summary.json");
+    let json_arg = json.display().to_string();
+    let out = run_sim(
+        &broker,
+        &truth,
+        &[
+            "--count",
+            "10",
+            "--keepalive",
+            "5",
+            "--duration",
+            "1",
+            "--json",
+            &json_arg,
+        ],
+    )
+    .await;
+    assert!(out.contains("summary connected=10 target=10"), "{out}");
+    let v = read_json(&json);
+    assert_eq!(v["connected"], 10, "{v}");
+    assert_eq!(v["target"], 10, "{v}");
+    assert_eq!(v["connack"]["samples"], 10, "{v}");
+    assert!(v["connack"]["p99_ms"].as_f64().is_some(), "{v}");
+    assert_eq!(v["errors"]["total"], 0, "{v}");
+    assert_eq!(v["scenario"], "steady", "{v}");
+    assert_eq!(v["workers"], 1, "{v}");
+    broker.stop().await;
+}
+
+/// `--workers 2` with `--end-state keep`: aggregated status and `/metrics`, the ready file,
+/// a merged truth that verify accepts while holding, SIGTERM forwarded to the workers, then
+/// the aggregated summary and JSON and verify again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_aggregate_and_verify_passes() {
+    let broker = Broker::start().await;
+    let dir = TempDir::new();
+    let truth = dir.path().join("truth.jsonl");
+    let json = dir.path().join("summary.json");
+    let ready = dir.path().join("ready");
+    let metrics = format!("127.0.0.1:{}", free_port().await);
+    let started = Instant::now();
+    let mut child = sim()
+        .args(run_args(&broker, &truth))
+        .args([
+            "--count",
+            "60",
+            "--keepalive",
+            "5",
+            "--duration",
+            "3",
+            "--workers",
+            "2",
+            "--end-state",
+            "keep",
+            "--metrics-listen",
+            &metrics,
+            "--ready-file",
+            &ready.display().to_string(),
+            "--json",
+        ])
+        .arg(&json)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("device-sim starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut all = String::new();
+    let mut scraped = None;
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            all.push_str(&line);
+            all.push('\n');
+            if scraped.is_none() && line.starts_with("t=") && line.contains(" connected=60 ") {
+                scraped = http_body(&metrics, "/metrics").await;
+            }
+            if line.starts_with("holding") {
+                return;
+            }
+        }
+        panic!("device-sim ended without holding:\n{all}");
+    })
+    .await
+    .expect("device-sim holds in time");
+    assert!(all.contains("holding connected=60 "), "{all}");
+    let scraped = scraped.expect("a status line showed all 60 connected");
+    assert!(scraped.contains("devicesim_connected 60\n"), "{scraped}");
+    assert!(
+        scraped.contains("devicesim_connect_latency_seconds_count 60\n"),
+        "{scraped}"
+    );
+    let ready_text = std::fs::read_to_string(&ready).expect("ready file");
+    assert!(ready_text.starts_with("connected=60 "), "{ready_text}");
+    assert_eq!(count_events(&truth, "final"), 60);
+    let (status, out) = verify(&broker, &truth, "0.5").await;
+    assert!(status.success(), "verify failed while holding:\n{out}");
+
+    let pid = child.id().expect("pid").to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success());
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            all.push_str(&line);
+            all.push('\n');
+        }
+    })
+    .await
+    .expect("device-sim ends in time after SIGTERM");
+    let exit = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("device-sim exits")
+        .expect("wait");
+    assert!(exit.success(), "{exit:?}\n{all}");
+    assert!(!all.contains("status {"), "worker lines leaked:\n{all}");
+    assert!(all.contains("summary connected=60 target=60"), "{all}");
+    let v = read_json(&json);
+    assert_eq!(v["connected"], 60, "{v}");
+    assert_eq!(v["workers"], 2, "{v}");
+    assert_eq!(v["connack"]["samples"], 60, "{v}");
+    assert!(v.get("connack_hist_us").is_none(), "{v}");
+    assert_eq!(count_events(&truth, "final"), 120);
+    assert_eq!(count_events(&truth, "connected"), 60);
+    let files = std::fs::read_dir(dir.path()).expect("dir").count();
+    assert_eq!(files, 3, "worker truth files left behind");
+    let (status, out) = verify(&broker, &truth, "0.5").await;
+    assert!(
+        status.success(),
+        "verify failed on the merged truth:\n{out}"
+    );
+    eprintln!("workers test took {:?}", started.elapsed());
+    broker.stop().await;
+}

@@ -1,0 +1,129 @@
+//! `--metrics-listen ADDR`: a minimal Prometheus text endpoint (`GET /metrics`) on a raw
+//! tokio listener. With `--workers`, only the parent listens and serves the sum of its
+//! workers' numbers (as of their latest per-second report).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::report::{Live, BUCKETS_S};
+
+/// Where the endpoint gets its numbers.
+pub type Source = Arc<dyn Fn() -> Live + Send + Sync>;
+
+/// Binds `addr` and serves `/metrics` until the process ends.
+pub async fn serve(addr: &str, source: Source) -> Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --metrics-listen {addr}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let source = Arc::clone(&source);
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, source)).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn answer(mut stream: TcpStream, source: Source) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let (status, body) = if head.starts_with("GET ") && (path == "/metrics" || path == "/") {
+        ("200 OK", render(&source()))
+    } else {
+        ("404 Not Found", "not found\n".to_owned())
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The Prometheus text exposition of `live`.
+pub fn render(live: &Live) -> String {
+    let s = &live.snapshot;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP devicesim_connected Devices with an established MQTT session.\n\
+         # TYPE devicesim_connected gauge\ndevicesim_connected {}",
+        s.connected
+    );
+    let _ = writeln!(
+        out,
+        "# HELP devicesim_connect_latency_seconds Time from starting an attempt to CONNACK.\n\
+         # TYPE devicesim_connect_latency_seconds histogram"
+    );
+    for (b, n) in BUCKETS_S.iter().zip(&live.buckets) {
+        let _ = writeln!(
+            out,
+            "devicesim_connect_latency_seconds_bucket{{le=\"{b}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "devicesim_connect_latency_seconds_bucket{{le=\"+Inf\"}} {c}\n\
+         devicesim_connect_latency_seconds_sum {}\n\
+         devicesim_connect_latency_seconds_count {c}",
+        live.sum_s,
+        c = live.count
+    );
+    let _ = writeln!(
+        out,
+        "# HELP devicesim_errors_total Connection errors by kind.\n\
+         # TYPE devicesim_errors_total counter\n\
+         devicesim_errors_total{{kind=\"connect_failed\"}} {}\n\
+         devicesim_errors_total{{kind=\"connection_lost\"}} {}",
+        s.connect_failed, s.connection_lost
+    );
+    let _ = writeln!(
+        out,
+        "# HELP devicesim_reconnects_total Sessions re-established after a lost one.\n\
+         # TYPE devicesim_reconnects_total counter\ndevicesim_reconnects_total {}",
+        s.reconnects
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_all_families() {
+        let mut live = Live {
+            buckets: vec![1; BUCKETS_S.len()],
+            count: 1,
+            sum_s: 0.0005,
+            ..Live::default()
+        };
+        live.snapshot.connected = 7;
+        let text = render(&live);
+        assert!(text.contains("devicesim_connected 7\n"), "{text}");
+        assert!(text.contains("le=\"+Inf\"} 1\n"), "{text}");
+        assert!(text.contains("devicesim_errors_total{kind=\"connect_failed\"} 0"));
+        assert!(text.contains("devicesim_reconnects_total 0"));
+    }
+}
