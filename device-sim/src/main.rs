@@ -4,7 +4,8 @@
 //! `device-sim run` (the default when no subcommand is given) connects `--count` devices at
 //! `--rate` connects per second and plays a `--scenario` for `--duration` seconds: `steady`
 //! (stay connected), `churn`, `flap`, `storm` or `takeover` (see [`scenario`]). It prints one
-//! status line per second and a summary with CONNACK latency percentiles at the end. With
+//! status line per second (a progress bar instead when stdout is a terminal, see [`progress`])
+//! and a summary with CONNACK latency percentiles at the end. With
 //! `--truth FILE` it writes the ground truth, one JSON line per intended or observed state
 //! change (see [`truth`]), ending with every device's final state. `--json FILE` writes the
 //! summary as JSON (see [`report::Summary`]); `--metrics-listen ADDR` serves Prometheus
@@ -12,11 +13,14 @@
 //! processes and aggregates them (see [`workers`]).
 //!
 //! `device-sim verify --truth FILE --api http://HOST:PORT` waits `--settle` seconds and compares
-//! the truth with the broker's presence API (see [`verify`]); exit code 1 on any disagreement.
+//! the truth with the broker's presence API (see [`verify`]), and with `--database-url URL` with
+//! the presence database too (see [`db`]); exit code 1 on any disagreement.
 
+mod db;
 mod device;
 mod http;
 mod metrics;
+mod progress;
 mod report;
 mod scenario;
 mod truth;
@@ -38,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::device::{Control, Device, EndState, Profile};
+use crate::progress::Progress;
 use crate::report::Stats;
 use crate::scenario::{Fleet, Handle, MixKind, Plan, Scenario};
 use crate::truth::TruthWriter;
@@ -343,7 +348,14 @@ async fn run(cli: RunArgs) -> Result<report::Summary> {
         });
     }
 
+    // Workers always print machine-readable lines; the parent shows the progress.
+    let progress = if cli.worker_id.is_some() {
+        Progress::Plain
+    } else {
+        Progress::new(cli.count)
+    };
     let plan = Plan {
+        progress: progress.clone(),
         scenario: cli.scenario,
         count: cli.count,
         churn_percent: cli.churn_percent,
@@ -433,13 +445,14 @@ async fn run(cli: RunArgs) -> Result<report::Summary> {
                 if cli.worker_id.is_some() {
                     println!("{}{}", workers::STATUS, serde_json::to_string(&stats.live())?);
                 } else {
-                    println!("{}", report::status_line(start.elapsed().as_secs(), &stats.snapshot()));
+                    progress.update(start.elapsed().as_secs(), &stats.snapshot());
                 }
             }
         }
     }
 
     let at_end = stats.snapshot();
+    progress.finish();
     if signalled {
         stop.cancel(); // no hold after an early signal
     }

@@ -22,6 +22,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::device::{phase, random_u64, Command, LeaveKind};
+use crate::progress::Progress;
 
 /// Scheduler period.
 const TICK: Duration = Duration::from_millis(50);
@@ -104,6 +105,8 @@ pub struct Plan {
     pub start: Instant,
     /// End of the run.
     pub deadline: Instant,
+    /// Where announcements (storms) are printed.
+    pub progress: Progress,
 }
 
 /// Small xorshift generator for picking devices.
@@ -222,10 +225,10 @@ pub async fn drive(plan: Plan, fleet: Fleet, end: CancellationToken) {
                             dropped += 1;
                         }
                     }
-                    println!(
+                    plan.progress.println(&format!(
                         "storm t={:.1}s dropping={dropped}",
                         (now - plan.start).as_secs_f64()
-                    );
+                    ));
                 }
             }
         }

@@ -2,7 +2,8 @@
 //! says, after letting the broker settle.
 //!
 //! 1. Every device's final state in the truth (`final` records) must equal its `online` flag
-//!    in `GET /api/v1/devices` (a device the API does not know counts as offline).
+//!    in `GET /api/v1/devices` (a device the API does not know counts as offline), and with
+//!    `--database-url` in the database's `devices` table too (read directly, see [`crate::db`]).
 //! 2. Every intended end of a session (`disconnect_clean`, `close_abrupt`, `silent_death`,
 //!    `takeover`) must have ended the session that was open at that moment (the newest with
 //!    `connected_at` ≤ the truth time, from `GET /api/v1/devices/{id}/sessions`) with the
@@ -26,6 +27,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use tokio::task::JoinSet;
 
+use crate::db;
 use crate::device::KEEPALIVE_MULTIPLIER;
 use crate::http::{encode, Api};
 use crate::truth::{self, Record};
@@ -44,6 +46,10 @@ pub struct VerifyArgs {
     /// Base URL of the broker's HTTP API, e.g. http://127.0.0.1:8080.
     #[arg(long)]
     pub api: String,
+    /// Also compare the final states with the presence database directly (`postgres://…` or
+    /// `sqlite://…`, the broker's `devices` table).
+    #[arg(long)]
+    pub database_url: Option<String>,
     /// Seconds to wait before checking. A silent death is detected up to 1.5 × keep-alive
     /// after it happened: use at least that when the run ended with devices dead.
     #[arg(long, default_value_t = 5.0)]
@@ -187,6 +193,61 @@ async fn histories(api: &Api, ids: Vec<String>) -> Result<HashMap<String, Vec<Ap
     Ok(out)
 }
 
+/// A device's current state as the broker reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Presence {
+    pub(crate) online: bool,
+    pub(crate) last_reason: Option<String>,
+}
+
+/// Compares every device's final state in the truth with `source` (the API or the database),
+/// printing each disagreement; returns their number.
+fn compare_states(
+    expected: &BTreeMap<String, Expected>,
+    known: &HashMap<String, Presence>,
+    source: &str,
+) -> usize {
+    let mut failures = 0usize;
+    let (mut want_online, mut no_final) = (0usize, 0usize);
+    for (id, e) in expected {
+        let want = e.final_online.unwrap_or_else(|| {
+            no_final += 1;
+            e.derived_online
+        });
+        want_online += usize::from(want);
+        let got = known.get(id);
+        let is = got.is_some_and(|d| d.online);
+        if want != is {
+            failures += 1;
+            let detail = match got {
+                None => "unknown to the broker".to_owned(),
+                Some(d) => format!("last_reason={}", d.last_reason.as_deref().unwrap_or("none")),
+            };
+            println!(
+                "WRONG {id}: truth {} but the {source} says {} ({detail})",
+                if want { "online" } else { "offline" },
+                if is { "online" } else { "offline" },
+            );
+        }
+    }
+    let label = if source == "API" {
+        "state"
+    } else {
+        "database state"
+    };
+    println!(
+        "{label}: {} devices in the truth ({want_online} online, {} offline), {} known to the \
+         {source}, {failures} wrong",
+        expected.len(),
+        expected.len() - want_online,
+        known.len()
+    );
+    if no_final > 0 && source == "API" {
+        println!("note: {no_final} devices have no final record; their last event was used");
+    }
+    failures
+}
+
 /// Runs the check and prints its findings; `Ok(true)` when the broker agrees with the truth.
 pub async fn verify(args: &VerifyArgs) -> Result<bool> {
     let api = Api::parse(&args.api)?;
@@ -216,39 +277,21 @@ pub async fn verify(args: &VerifyArgs) -> Result<bool> {
         tokio::time::sleep(Duration::try_from_secs_f64(args.settle).context("bad --settle")?).await;
     }
 
-    let devices = all_devices(&api).await?;
-    let mut failures = 0usize;
-    let (mut want_online, mut no_final) = (0usize, 0usize);
-    for (id, e) in &expected {
-        let want = e.final_online.unwrap_or_else(|| {
-            no_final += 1;
-            e.derived_online
-        });
-        want_online += usize::from(want);
-        let got = devices.get(id);
-        let is = got.is_some_and(|d| d.online);
-        if want != is {
-            failures += 1;
-            let detail = match got {
-                None => "unknown to the broker".to_owned(),
-                Some(d) => format!("last_reason={}", d.last_reason.as_deref().unwrap_or("none")),
+    let devices: HashMap<String, Presence> = all_devices(&api)
+        .await?
+        .into_values()
+        .map(|d| {
+            let p = Presence {
+                online: d.online,
+                last_reason: d.last_reason,
             };
-            println!(
-                "WRONG {id}: truth {} but the API says {} ({detail})",
-                if want { "online" } else { "offline" },
-                if is { "online" } else { "offline" },
-            );
-        }
-    }
-    println!(
-        "state: {} devices in the truth ({want_online} online, {} offline), {} known to the API, \
-         {failures} wrong",
-        expected.len(),
-        expected.len() - want_online,
-        devices.len()
-    );
-    if no_final > 0 {
-        println!("note: {no_final} devices have no final record; their last event was used");
+            (d.device_id, p)
+        })
+        .collect();
+    let mut failures = compare_states(&expected, &devices, "API");
+    if let Some(url) = &args.database_url {
+        let rows = db::devices(url).await?;
+        failures += compare_states(&expected, &rows, "database");
     }
 
     let ids: Vec<String> = expected

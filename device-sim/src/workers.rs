@@ -27,6 +27,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
+use crate::progress::Progress;
 use crate::report::{self, Live, Summary};
 use crate::RunArgs;
 
@@ -193,6 +194,7 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
         Duration::from_secs(1),
     );
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let progress = Progress::new(cli.count);
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     while open > 0 {
@@ -201,7 +203,7 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
             _ = int.recv() => forward(&children, "INT"),
             _ = tick.tick(), if holding < n => {
                 let total = sum();
-                println!("{}", report::status_line(start.elapsed().as_secs(), &total.snapshot));
+                progress.update(start.elapsed().as_secs(), &total.snapshot);
             }
             msg = rx.recv() => match msg {
                 None => open = 0,
@@ -243,15 +245,17 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
                             if let Err(e) = cli.truth.as_deref().map_or(Ok(()), |t| merge_truth(t, n)) {
                                 eprintln!("device-sim: {e:#}");
                             }
+                            progress.finish();
                             println!("holding connected={held} until SIGINT/SIGTERM");
                         }
                     } else {
-                        println!("w{k} {line}");
+                        progress.println(&format!("w{k} {line}"));
                     }
                 }
             },
         }
     }
+    progress.finish();
     let mut failed = Vec::new();
     for (k, child) in children.iter_mut().enumerate() {
         let status = child.wait().await.context("waiting for a worker")?;

@@ -50,6 +50,7 @@ impl Drop for TempDir {
 struct Broker {
     mqtt: SocketAddr,
     http: SocketAddr,
+    db_url: String,
     shutdown: CancellationToken,
     handle: tokio::task::JoinHandle<()>,
     _data: TempDir,
@@ -59,7 +60,8 @@ impl Broker {
     async fn start() -> Self {
         let data = TempDir::new();
         let mut config = broker::config::Config::default();
-        config.database.url = format!("sqlite://{}", data.path().join("b.db").display());
+        let db_url = format!("sqlite://{}", data.path().join("b.db").display());
+        config.database.url = db_url.clone();
         config.bridge.journal_path = data.path().join("j");
         config.bridge.batch_interval = Duration::from_millis(20);
         config.node.heartbeat_interval = Duration::from_millis(200);
@@ -80,6 +82,7 @@ impl Broker {
         let broker = Self {
             mqtt: mqtt_addr,
             http: http_addr,
+            db_url,
             shutdown,
             handle,
             _data: data,
@@ -160,6 +163,16 @@ fn run_args(broker: &Broker, truth: &Path) -> Vec<String> {
 
 /// Runs `device-sim verify`; returns its exit status and output.
 async fn verify(broker: &Broker, truth: &Path, settle: &str) -> (ExitStatus, String) {
+    verify_with(broker, truth, settle, &[]).await
+}
+
+/// Runs `device-sim verify` with extra arguments; returns its exit status and output.
+async fn verify_with(
+    broker: &Broker,
+    truth: &Path,
+    settle: &str,
+    extra: &[&str],
+) -> (ExitStatus, String) {
     let out = tokio::time::timeout(
         WAIT,
         sim()
@@ -172,6 +185,7 @@ async fn verify(broker: &Broker, truth: &Path, settle: &str) -> (ExitStatus, Str
                 "--truth",
             ])
             .arg(truth)
+            .args(extra)
             .output(),
     )
     .await
@@ -502,5 +516,165 @@ async fn two_workers_aggregate_and_verify_passes() {
         "verify failed on the merged truth:\n{out}"
     );
     eprintln!("workers test took {:?}", started.elapsed());
+    broker.stop().await;
+}
+
+/// Flap: a few devices leave and come back every few hundred ms; verify agrees afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flap_then_verify_passes() {
+    let broker = Broker::start().await;
+    let dir = TempDir::new();
+    let truth = dir.path().join("truth.jsonl");
+    let started = Instant::now();
+    let out = run_sim(
+        &broker,
+        &truth,
+        &[
+            "--count",
+            "40",
+            "--keepalive",
+            "5",
+            "--duration",
+            "5",
+            "--scenario",
+            "flap",
+            "--flappers",
+            "5",
+        ],
+    )
+    .await;
+    assert!(out.contains("summary connected="), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("t=")),
+        "no status lines:\n{out}"
+    );
+    let leaves = count_events(&truth, "disconnect_clean") + count_events(&truth, "close_abrupt");
+    assert!(leaves > 5, "only {leaves} flaps:\n{out}");
+    assert!(count_events(&truth, "connected") > 40, "no reconnect");
+    let (status, out) = verify(&broker, &truth, "0.5").await;
+    assert!(status.success(), "verify failed after flapping:\n{out}");
+    assert!(out.contains("OK"), "{out}");
+    eprintln!("flap test took {:?}", started.elapsed());
+    broker.stop().await;
+}
+
+/// Storm: once half-way every connected device closes abruptly and reconnects; verify agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_then_verify_passes() {
+    let broker = Broker::start().await;
+    let dir = TempDir::new();
+    let truth = dir.path().join("truth.jsonl");
+    let started = Instant::now();
+    let out = run_sim(
+        &broker,
+        &truth,
+        &[
+            "--count",
+            "60",
+            "--keepalive",
+            "5",
+            "--duration",
+            "6",
+            "--scenario",
+            "storm",
+            "--storm-every",
+            "30",
+        ],
+    )
+    .await;
+    let storms: Vec<&str> = out.lines().filter(|l| l.starts_with("storm t=")).collect();
+    assert_eq!(storms.len(), 1, "want one storm half-way:\n{out}");
+    assert!(!storms[0].contains("dropping=0"), "{out}");
+    assert!(
+        out.contains("summary connected=60 target=60"),
+        "not all back after the storm:\n{out}"
+    );
+    assert!(count_events(&truth, "connected") > 60, "no reconnect");
+    let (status, out) = verify(&broker, &truth, "0.5").await;
+    assert!(status.success(), "verify failed after the storm:\n{out}");
+    assert!(out.contains("OK"), "{out}");
+    eprintln!("storm test took {:?}", started.elapsed());
+    broker.stop().await;
+}
+
+/// `verify --database-url` reads the broker's SQLite file directly: it agrees with the real
+/// truth (devices both online and offline), and a flipped final state fails with exit code 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_url_verify_passes_and_catches_corruption() {
+    let broker = Broker::start().await;
+    let dir = TempDir::new();
+    let truth = dir.path().join("truth.jsonl");
+    let started = Instant::now();
+    let mut child = sim()
+        .args(run_args(&broker, &truth))
+        .args([
+            "--count",
+            "30",
+            "--keepalive",
+            "5",
+            "--duration",
+            "3",
+            "--scenario",
+            "churn",
+            "--churn-mix",
+            "clean,abrupt",
+            "--churn-percent",
+            "600",
+            "--churn-pause",
+            "30",
+            "--end-state",
+            "keep",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("device-sim starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if line.starts_with("holding") {
+                return;
+            }
+        }
+        panic!("device-sim ended without holding");
+    })
+    .await
+    .expect("device-sim reaches the hold in time");
+    let text = std::fs::read_to_string(&truth).expect("truth");
+    assert!(text.contains("\"state\":\"online\""), "nobody online");
+    assert!(text.contains("\"state\":\"offline\""), "nobody offline");
+
+    let db = ["--database-url", broker.db_url.as_str()];
+    let (status, out) = verify_with(&broker, &truth, "0.5", &db).await;
+    assert!(status.success(), "verify --database-url failed:\n{out}");
+    assert!(out.contains("database state: 30 devices"), "{out}");
+    assert!(out.contains("known to the database, 0 wrong"), "{out}");
+
+    let bad = dir.path().join("bad.jsonl");
+    let flipped = text.replacen("\"state\":\"online\"", "\"state\":\"offline\"", 1);
+    std::fs::write(&bad, flipped).expect("write");
+    let (status, out) = verify_with(&broker, &bad, "0", &db).await;
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("truth offline but the database says online"),
+        "{out}"
+    );
+
+    // A database that does not exist is an error, not a verdict.
+    let missing = format!("sqlite://{}", dir.path().join("none.db").display());
+    let (status, out) = verify_with(&broker, &truth, "0", &["--database-url", &missing]).await;
+    assert_eq!(status.code(), Some(2), "{out}");
+
+    let pid = child.id().expect("pid").to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success());
+    let exit = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("device-sim exits after SIGTERM")
+        .expect("wait");
+    assert!(exit.success(), "{exit:?}");
+    eprintln!("database test took {:?}", started.elapsed());
     broker.stop().await;
 }
