@@ -3,7 +3,8 @@
 //! jittered exponential backoff after errors, and obeys scenario [`Command`]s:
 //! leave (cleanly, abruptly or by dying silently) and come back, drop in a
 //! storm, or be taken over by a second connection with its client id. Every
-//! change is written to the ground truth ([`crate::truth`]). When the run ends
+//! change is written to the ground truth ([`crate::truth`]). With `--publish-interval` a
+//! connected device also publishes telemetry ([`Telemetry`]). When the run ends
 //! it disconnects cleanly, or with `--end-state keep` stays connected until the
 //! process is signalled.
 
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet,
+    QoS,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -25,8 +27,11 @@ use crate::truth::{self, Record, TruthWriter};
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Upper bound of the retry delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Largest MQTT packet a simulated device sends or accepts, in bytes.
+/// Largest MQTT packet a simulated device accepts, in bytes (it sends up to its telemetry
+/// message size when that is larger).
 const MAX_PACKET_SIZE: usize = 4096;
+/// Room for a PUBLISH's fixed header, topic length and packet id beyond topic and payload.
+const PUBLISH_OVERHEAD: usize = 16;
 /// How long a device waits for its DISCONNECT to be written.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Extra time a silently dead device stays away beyond the broker's keep-alive deadline, so
@@ -59,6 +64,58 @@ pub struct Profile {
     pub connect_timeout_s: u64,
     /// What to do at the end of the run.
     pub end_state: EndState,
+    /// MQTT user name and password sent in CONNECT.
+    pub credentials: Option<(String, String)>,
+    /// Periodic publishing while connected, if any.
+    pub telemetry: Option<Telemetry>,
+}
+
+/// Telemetry a connected device publishes (`--publish-interval`, `--qos`, `--payload-size`,
+/// `--topic`).
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    /// Time between two messages of one device (the first comes at a random point of the first
+    /// interval after CONNACK, so a fleet does not publish in lockstep).
+    pub interval: Duration,
+    /// Quality of service of every message.
+    pub qos: QoS,
+    /// Exact payload size in bytes.
+    pub payload_size: usize,
+    /// Topic template: `%c` becomes the client id, `%i` the device number.
+    pub topic: String,
+}
+
+impl Telemetry {
+    /// The topic of device `number` with client id `client_id`.
+    pub fn topic_for(&self, client_id: &str, number: u64) -> String {
+        self.topic
+            .replace("%c", client_id)
+            .replace("%i", &number.to_string())
+    }
+
+    /// Message `seq` of `client_id`: a JSON object `{"id":…,"seq":…,"ts":…,"pad":"…"}` padded to
+    /// exactly `payload_size` bytes, or that JSON cut to `payload_size` when it does not fit.
+    pub fn payload(&self, client_id: &str, seq: u64) -> Vec<u8> {
+        let ts = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let head = format!("{{\"id\":\"{client_id}\",\"seq\":{seq},\"ts\":{ts},\"pad\":\"");
+        let mut body = head.into_bytes();
+        let tail = b"\"}";
+        if body.len() + tail.len() <= self.payload_size {
+            body.resize(self.payload_size - tail.len(), b'x');
+            body.extend_from_slice(tail);
+        } else {
+            body.truncate(self.payload_size);
+        }
+        body
+    }
+
+    /// Largest PUBLISH packet this telemetry produces with a topic of `topic_len` bytes.
+    pub fn packet_size(&self, topic_len: usize) -> usize {
+        self.payload_size + topic_len + PUBLISH_OVERHEAD
+    }
 }
 
 impl Profile {
@@ -84,6 +141,8 @@ pub struct Device {
     pub host: String,
     /// Broker TCP port.
     pub port: u16,
+    /// Device number (the client id's suffix).
+    pub number: u64,
 }
 
 /// How a device leaves.
@@ -145,17 +204,24 @@ pub struct Control {
 struct Conn {
     client: AsyncClient,
     eventloop: EventLoop,
-    /// When the device last sent CONNECT or PINGREQ.
+    /// When the device last sent CONNECT, PINGREQ or PUBLISH.
     last_sent: SystemTime,
 }
 
 impl Conn {
     fn new(device: &Device, profile: &Profile) -> Self {
         let mut opts = MqttOptions::new(&device.client_id, &device.host, device.port);
+        let outgoing = profile.telemetry.as_ref().map_or(MAX_PACKET_SIZE, |t| {
+            t.packet_size(t.topic_for(&device.client_id, device.number).len())
+                .max(MAX_PACKET_SIZE)
+        });
         opts.set_keep_alive(profile.keepalive)
             .set_clean_session(profile.clean_session)
-            .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE)
+            .set_max_packet_size(MAX_PACKET_SIZE, outgoing)
             .set_inflight(1);
+        if let Some((user, password)) = &profile.credentials {
+            opts.set_credentials(user, password);
+        }
         let (client, mut eventloop) = AsyncClient::new(opts, 1);
         let mut net = NetworkOptions::new();
         net.set_connection_timeout(profile.connect_timeout_s);
@@ -173,13 +239,17 @@ impl Conn {
     /// Closing a socket with unread bytes (say, a PINGRESP) makes the kernel send RST instead of
     /// FIN, and the broker may then see a reset before the DISCONNECT (`connection_lost`);
     /// reading to the end avoids that.
+    ///
+    /// The request channel holds one request: when a telemetry message still waits in it, the
+    /// DISCONNECT is queued as soon as the event loop has taken that message.
     async fn disconnect(mut self) -> bool {
-        if self.client.try_disconnect().is_err() {
-            return false;
-        }
         tokio::time::timeout(DISCONNECT_TIMEOUT, async {
-            let mut sent = false;
+            let (mut queued, mut sent) = (false, false);
             loop {
+                if !queued {
+                    // Fails only while the channel is full: the event loop owns the receiver.
+                    queued = self.client.try_disconnect().is_ok();
+                }
                 match self.eventloop.poll().await {
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => sent = true,
                     Ok(_) => {}
@@ -204,11 +274,12 @@ impl Conn {
         }
     }
 
-    /// Notes outgoing keep-alive traffic.
+    /// Notes outgoing traffic (what resets the broker's keep-alive deadline).
     fn saw(&mut self, event: &Event) {
         if matches!(
             event,
-            Event::Outgoing(Outgoing::PingReq) | Event::Incoming(Packet::ConnAck(_))
+            Event::Outgoing(Outgoing::PingReq | Outgoing::Publish(_))
+                | Event::Incoming(Packet::ConnAck(_))
         ) {
             self.last_sent = SystemTime::now();
         }
@@ -229,6 +300,7 @@ enum Step {
     Closed,
     Command(Command),
     Wake,
+    Publish,
     Net(Result<Event, ConnectionError>),
 }
 
@@ -251,6 +323,12 @@ struct Sim {
     /// A silently dead connection, held open (never polled) until the device comes back,
     /// with the time by which the broker must have closed it.
     dead: Option<(Conn, Instant)>,
+    /// When the next telemetry message is due (connected devices with telemetry only).
+    next_publish: Option<Instant>,
+    /// Telemetry messages queued so far (the payload's `seq`).
+    seq: u64,
+    /// The telemetry topic, expanded once.
+    topic: String,
 }
 
 impl Sim {
@@ -267,9 +345,7 @@ impl Sim {
     fn on_net(&mut self, event: Result<Event, ConnectionError>) {
         match event {
             Ok(event) => {
-                if let Some(c) = self.conn.as_mut() {
-                    c.saw(&event);
-                }
+                self.saw(&event);
                 if let Event::Incoming(Packet::ConnAck(_)) = event {
                     self.stats
                         .connected(self.attempt_start.elapsed(), self.ever_connected);
@@ -278,6 +354,10 @@ impl Sim {
                     self.failures = 0;
                     self.record(truth::CONNECTED, true, None);
                     self.set_phase(phase::CONNECTED);
+                    self.next_publish = self.profile.telemetry.as_ref().map(|t| {
+                        let offset = random_u64() % (t.interval.as_millis().max(1) as u64);
+                        Instant::now() + Duration::from_millis(offset)
+                    });
                 }
             }
             Err(_) => {
@@ -290,6 +370,40 @@ impl Sim {
                 self.backoff_until = Some(Instant::now() + backoff(self.failures));
                 self.failures = self.failures.saturating_add(1);
             }
+        }
+    }
+
+    /// Notes an event of the current connection: keep-alive traffic and telemetry counters.
+    fn saw(&mut self, event: &Event) {
+        if let Some(c) = self.conn.as_mut() {
+            c.saw(event);
+        }
+        match event {
+            Event::Outgoing(Outgoing::Publish(_)) => self.stats.published(),
+            Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_)) => self.stats.acknowledged(),
+            _ => {}
+        }
+    }
+
+    /// Queues the next telemetry message; when the previous one still waits for the event
+    /// loop (QoS 1/2 in flight, or a slow socket) this one is skipped and counted.
+    fn publish(&mut self) {
+        let (Some(t), Some(due)) = (self.profile.telemetry.as_ref(), self.next_publish) else {
+            return;
+        };
+        let now = Instant::now();
+        let next = due + t.interval;
+        self.next_publish = Some(if next <= now { now + t.interval } else { next });
+        let Some(conn) = self.conn.as_ref() else {
+            return;
+        };
+        let payload = t.payload(&self.device.client_id, self.seq);
+        match conn
+            .client
+            .try_publish(self.topic.as_str(), t.qos, false, payload)
+        {
+            Ok(()) => self.seq += 1,
+            Err(_) => self.stats.publish_skipped(),
         }
     }
 
@@ -435,6 +549,9 @@ impl Sim {
             let wake = self.backoff_until.or(self.away_until);
             let polling = self.conn.is_some() && self.backoff_until.is_none();
             let dialling = polling && !self.connected;
+            let publish = self
+                .next_publish
+                .filter(|_| self.connected && self.conn.is_some());
             let step = tokio::select! {
                 biased;
                 _ = ctl.end.cancelled() => Step::End,
@@ -444,6 +561,7 @@ impl Sim {
                     None => Step::Closed,
                 },
                 _ = sleep_until_opt(wake), if wake.is_some() => Step::Wake,
+                _ = sleep_until_opt(publish), if publish.is_some() => Step::Publish,
                 ev = poll(self.conn.as_mut()), if polling => Step::Net(ev),
             };
             match step {
@@ -451,6 +569,7 @@ impl Sim {
                 Step::Closed => commands_open = false,
                 Step::Command(c) => self.on_command(c, &ctl.end).await,
                 Step::Wake => self.on_wake(),
+                Step::Publish => self.publish(),
                 Step::Net(ev) => self.on_net(ev),
             }
         }
@@ -465,14 +584,12 @@ impl Sim {
             return;
         }
         loop {
+            let publish = self.next_publish;
             tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = sleep_until_opt(publish), if publish.is_some() => self.publish(),
                 ev = poll(self.conn.as_mut()) => match ev {
-                    Ok(event) => {
-                        if let Some(c) = self.conn.as_mut() {
-                            c.saw(&event);
-                        }
-                    }
+                    Ok(event) => self.saw(&event),
                     Err(_) => {
                         // Not redialled: the truth already says what the broker should show.
                         self.record(truth::CONNECTION_LOST, true, None);
@@ -535,8 +652,16 @@ pub async fn run(
     mut ctl: Control,
 ) {
     stats.device_started();
+    let topic = profile
+        .telemetry
+        .as_ref()
+        .map(|t| t.topic_for(&device.client_id, device.number))
+        .unwrap_or_default();
     let mut sim = Sim {
         conn: Some(Conn::new(&device, &profile)),
+        next_publish: None,
+        seq: 0,
+        topic,
         device,
         profile,
         stats,
@@ -600,12 +725,35 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_payload_has_the_exact_size_and_topic_is_expanded() {
+        let mut t = Telemetry {
+            interval: Duration::from_secs(1),
+            qos: QoS::AtMostOnce,
+            payload_size: 100,
+            topic: "d/%c/n%i".to_owned(),
+        };
+        assert_eq!(t.topic_for("dev-7", 7), "d/dev-7/n7");
+        let p = t.payload("dev-7", 3);
+        assert_eq!(p.len(), 100);
+        let v: serde_json::Value = serde_json::from_slice(&p).expect("JSON");
+        assert_eq!(
+            (v["id"].as_str(), v["seq"].as_u64()),
+            (Some("dev-7"), Some(3))
+        );
+        t.payload_size = 5;
+        assert_eq!(t.payload("dev-7", 3), b"{\"id\"");
+        assert!(t.packet_size(10) > 15);
+    }
+
+    #[test]
     fn silent_pause_outlasts_the_keepalive_deadline() {
         let p = Profile {
             keepalive: Duration::from_secs(2),
             clean_session: true,
             connect_timeout_s: 5,
             end_state: EndState::Disconnect,
+            credentials: None,
+            telemetry: None,
         };
         assert_eq!(p.detection_window(), Duration::from_secs(3));
         assert!(p.silent_pause() > p.detection_window());

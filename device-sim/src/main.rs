@@ -50,6 +50,8 @@ use crate::verify::VerifyArgs;
 
 /// File descriptors kept in reserve beyond one socket per device.
 const FD_RESERVE: u64 = 64;
+/// Largest `--payload-size` (1 MiB, the default `mqtt.max_packet_size` of Heartwire).
+const MAX_PAYLOAD: u64 = 1024 * 1024;
 /// Upper bound on waiting for devices to disconnect at the end of the run (plus the
 /// keep-alive deadline of silently dead devices).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -108,6 +110,32 @@ struct RunArgs {
     /// Length of the run in seconds.
     #[arg(long, default_value_t = 60)]
     duration: u64,
+    /// MQTT user name sent in CONNECT (Heartwire does not check credentials yet; other brokers
+    /// may).
+    #[arg(long)]
+    username: Option<String>,
+    /// MQTT password sent in CONNECT; needs --username. Prefer the environment variable, which
+    /// other users cannot read from the process list.
+    #[arg(
+        long,
+        env = "DEVICE_SIM_PASSWORD",
+        hide_env_values = true,
+        requires = "username"
+    )]
+    password: Option<String>,
+    /// Telemetry: seconds between two messages of one device while it is connected (decimals
+    /// allowed); without it devices only ping.
+    #[arg(long)]
+    publish_interval: Option<f64>,
+    /// Telemetry: quality of service of the messages (0, 1 or 2).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    qos: u8,
+    /// Telemetry: payload size in bytes (a JSON object padded or cut to exactly this size).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=MAX_PAYLOAD))]
+    payload_size: u64,
+    /// Telemetry: topic; `%c` becomes the client id, `%i` the device number.
+    #[arg(long, default_value = "devices/%c/telemetry")]
+    topic: String,
     /// Timeout for TCP connect plus CONNACK, in seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     connect_timeout: u64,
@@ -186,6 +214,7 @@ fn device_for(cli: &RunArgs, endpoints: &[(String, u16)], index: u64) -> Device 
         client_id: format!("{}{}", cli.prefix, cli.start_number + index),
         host: host.clone(),
         port: *port,
+        number: cli.start_number + index,
     }
 }
 
@@ -275,7 +304,30 @@ fn check(args: &RunArgs) -> Result<()> {
     if !(args.churn_pause.is_finite() && args.churn_pause >= 0.0) {
         bail!("--churn-pause must be a non-negative number of seconds");
     }
+    if let Some(i) = args.publish_interval {
+        if !(i.is_finite() && i >= 0.001) {
+            bail!("--publish-interval must be a number of seconds, at least 0.001");
+        }
+    }
+    if args.topic.is_empty() || args.topic.contains(['+', '#', '\0']) {
+        bail!("--topic must be a non-empty topic name without wildcards (+, #)");
+    }
     Ok(())
+}
+
+/// The telemetry settings, if `--publish-interval` asks for any.
+fn telemetry(args: &RunArgs) -> Option<device::Telemetry> {
+    let interval = Duration::from_secs_f64(args.publish_interval?);
+    Some(device::Telemetry {
+        interval,
+        qos: match args.qos {
+            0 => rumqttc::QoS::AtMostOnce,
+            1 => rumqttc::QoS::AtLeastOnce,
+            _ => rumqttc::QoS::ExactlyOnce,
+        },
+        payload_size: usize::try_from(args.payload_size).unwrap_or(usize::MAX),
+        topic: args.topic.clone(),
+    })
 }
 
 /// `device-sim run`: one process, a worker, or the parent of `--workers`.
@@ -317,6 +369,11 @@ async fn run(cli: RunArgs) -> Result<report::Summary> {
         clean_session: cli.clean,
         connect_timeout_s: cli.connect_timeout,
         end_state: cli.end_state,
+        credentials: cli
+            .username
+            .clone()
+            .map(|u| (u, cli.password.clone().unwrap_or_default())),
+        telemetry: telemetry(&cli),
     });
     let end = CancellationToken::new();
     let stop = CancellationToken::new();
@@ -504,6 +561,7 @@ async fn run(cli: RunArgs) -> Result<report::Summary> {
         },
         reconnects: s.reconnects,
         takeovers: s.takeovers,
+        telemetry: report::Telemetry::from(&s),
         duration_s: cli.duration,
         elapsed_s: start.elapsed().as_secs_f64(),
         scenario: workers::value_name(&cli.scenario),
@@ -600,6 +658,34 @@ mod tests {
         };
         assert_eq!(run.churn_mix, [MixKind::Silent]);
         assert_eq!(run.end_state, EndState::Keep);
+        assert!(
+            telemetry(&run).is_none(),
+            "no telemetry without --publish-interval"
+        );
+
+        assert!(Cli::try_parse_from(["device-sim", "--qos", "3"]).is_err());
+        assert!(Cli::try_parse_from(["device-sim", "--payload-size", "0"]).is_err());
+        assert!(Cli::try_parse_from(["device-sim", "--password", "p"]).is_err());
+        let run = Cli::try_parse_from(["device-sim", "--publish-interval", "0"])?.run;
+        assert!(check(&run).is_err(), "interval 0");
+        let run = Cli::try_parse_from(["device-sim", "--topic", "a/+/b"])?.run;
+        assert!(check(&run).is_err(), "wildcard topic");
+        let run = Cli::try_parse_from([
+            "device-sim",
+            "--publish-interval",
+            "0.5",
+            "--qos",
+            "2",
+            "--payload-size",
+            "10",
+        ])?
+        .run;
+        check(&run)?;
+        let t = telemetry(&run).context("telemetry")?;
+        assert_eq!(
+            (t.interval, t.qos, t.payload_size),
+            (Duration::from_millis(500), rumqttc::QoS::ExactlyOnce, 10)
+        );
         Ok(())
     }
 }

@@ -104,6 +104,20 @@ pub fn render(live: &Live) -> String {
          # TYPE devicesim_reconnects_total counter\ndevicesim_reconnects_total {}",
         s.reconnects
     );
+    let _ = writeln!(
+        out,
+        "# HELP devicesim_messages_published_total Telemetry PUBLISH packets written.\n\
+         # TYPE devicesim_messages_published_total counter\n\
+         devicesim_messages_published_total {}\n\
+         # HELP devicesim_messages_acknowledged_total PUBACKs and PUBCOMPs received.\n\
+         # TYPE devicesim_messages_acknowledged_total counter\n\
+         devicesim_messages_acknowledged_total {}\n\
+         # HELP devicesim_messages_skipped_total Telemetry messages skipped: the previous one was \
+         still in flight.\n\
+         # TYPE devicesim_messages_skipped_total counter\n\
+         devicesim_messages_skipped_total {}",
+        s.published, s.acknowledged, s.publish_skipped
+    );
     out
 }
 
@@ -125,5 +139,13 @@ mod tests {
         assert!(text.contains("le=\"+Inf\"} 1\n"), "{text}");
         assert!(text.contains("devicesim_errors_total{kind=\"connect_failed\"} 0"));
         assert!(text.contains("devicesim_reconnects_total 0"));
+        assert!(
+            text.contains("devicesim_messages_published_total 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("devicesim_messages_skipped_total 0\n"),
+            "{text}"
+        );
     }
 }

@@ -76,8 +76,8 @@ impl Progress {
 /// The status fields other than `connected`, for the bar's message.
 fn message(s: &Snapshot) -> String {
     format!(
-        "connecting={} away={} errors={} reconnects={} takeovers={}",
-        s.connecting, s.away, s.errors, s.reconnects, s.takeovers
+        "connecting={} away={} errors={} reconnects={} takeovers={} published={}",
+        s.connecting, s.away, s.errors, s.reconnects, s.takeovers, s.published
     )
 }
 

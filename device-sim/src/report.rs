@@ -28,6 +28,9 @@ pub struct Stats {
     reconnects: AtomicU64,
     away: AtomicU64,
     takeovers: AtomicU64,
+    published: AtomicU64,
+    acknowledged: AtomicU64,
+    publish_skipped: AtomicU64,
     all_connected: Notify,
     connack_us: Mutex<Histogram<u64>>,
 }
@@ -51,6 +54,15 @@ pub struct Snapshot {
     pub away: u64,
     /// Completed takeovers (a second connection replaced the first).
     pub takeovers: u64,
+    /// Telemetry PUBLISH packets written (retransmissions included).
+    #[serde(default)]
+    pub published: u64,
+    /// PUBACKs (QoS 1) and PUBCOMPs (QoS 2) received.
+    #[serde(default)]
+    pub acknowledged: u64,
+    /// Telemetry messages not sent because the previous one was still waiting (in flight).
+    #[serde(default)]
+    pub publish_skipped: u64,
 }
 
 /// CONNACK latency percentiles in milliseconds.
@@ -82,6 +94,9 @@ impl Stats {
             reconnects: AtomicU64::new(0),
             away: AtomicU64::new(0),
             takeovers: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            acknowledged: AtomicU64::new(0),
+            publish_skipped: AtomicU64::new(0),
             all_connected: Notify::new(),
             connack_us: Mutex::new(hist),
         })
@@ -142,6 +157,21 @@ impl Stats {
         self.takeovers.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A telemetry PUBLISH was written.
+    pub fn published(&self) {
+        self.published.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A PUBACK or PUBCOMP arrived.
+    pub fn acknowledged(&self) {
+        self.acknowledged.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A telemetry message was skipped because the previous one was still waiting.
+    pub fn publish_skipped(&self) {
+        self.publish_skipped.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A device task ended; `was_connected` tells whether it held a session.
     pub fn device_stopped(&self, was_connected: bool) {
         if was_connected {
@@ -167,6 +197,9 @@ impl Stats {
             reconnects: self.reconnects.load(Ordering::Relaxed),
             away: self.away.load(Ordering::Relaxed),
             takeovers: self.takeovers.load(Ordering::Relaxed),
+            published: self.published.load(Ordering::Relaxed),
+            acknowledged: self.acknowledged.load(Ordering::Relaxed),
+            publish_skipped: self.publish_skipped.load(Ordering::Relaxed),
         }
     }
 
@@ -237,6 +270,9 @@ impl Live {
         a.reconnects += b.reconnects;
         a.away += b.away;
         a.takeovers += b.takeovers;
+        a.published += b.published;
+        a.acknowledged += b.acknowledged;
+        a.publish_skipped += b.publish_skipped;
         self.buckets.resize(BUCKETS_S.len(), 0);
         for (x, y) in self.buckets.iter_mut().zip(&o.buckets) {
             *x += y;
@@ -279,6 +315,27 @@ pub struct Errors {
     pub connection_lost: u64,
 }
 
+/// Telemetry counters, for the JSON summary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Telemetry {
+    /// PUBLISH packets written (retransmissions included).
+    pub published: u64,
+    /// PUBACKs and PUBCOMPs received.
+    pub acknowledged: u64,
+    /// Messages skipped because the previous one was still in flight.
+    pub skipped: u64,
+}
+
+impl From<&Snapshot> for Telemetry {
+    fn from(s: &Snapshot) -> Self {
+        Self {
+            published: s.published,
+            acknowledged: s.acknowledged,
+            skipped: s.publish_skipped,
+        }
+    }
+}
+
 /// The final summary of a run (`--json FILE`; a worker prints it on a `result ` line).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
@@ -296,6 +353,9 @@ pub struct Summary {
     pub reconnects: u64,
     /// Completed takeovers.
     pub takeovers: u64,
+    /// Telemetry: messages written, acknowledged (QoS 1/2) and skipped.
+    #[serde(default)]
+    pub telemetry: Telemetry,
     /// --duration in seconds.
     pub duration_s: u64,
     /// Wall time of the whole run, shutdown included, in seconds.
@@ -316,7 +376,7 @@ impl Summary {
         format!(
             "summary connected={} target={} connack_p50_ms={:.3} connack_p90_ms={:.3} \
              connack_p99_ms={:.3} connack_max_ms={:.3} connack_samples={} errors={} reconnects={} \
-             takeovers={}",
+             takeovers={} published={} acknowledged={} publish_skipped={}",
             self.connected,
             self.target,
             l.p50_ms,
@@ -326,7 +386,10 @@ impl Summary {
             l.samples,
             self.errors.total,
             self.reconnects,
-            self.takeovers
+            self.takeovers,
+            self.telemetry.published,
+            self.telemetry.acknowledged,
+            self.telemetry.skipped
         )
     }
 }
@@ -334,8 +397,9 @@ impl Summary {
 /// Formats the once-per-second status line.
 pub fn status_line(elapsed_s: u64, s: &Snapshot) -> String {
     format!(
-        "t={elapsed_s} connected={} connecting={} away={} errors={} reconnects={} takeovers={}",
-        s.connected, s.connecting, s.away, s.errors, s.reconnects, s.takeovers
+        "t={elapsed_s} connected={} connecting={} away={} errors={} reconnects={} takeovers={} \
+         published={}",
+        s.connected, s.connecting, s.away, s.errors, s.reconnects, s.takeovers, s.published
     )
 }
 

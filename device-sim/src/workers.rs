@@ -57,6 +57,9 @@ fn worker_truth(truth: &Path, k: u32) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Environment variable that carries `--password` (to the workers too).
+pub const PASSWORD_ENV: &str = "DEVICE_SIM_PASSWORD";
+
 /// Arguments of worker `k`.
 fn child_args(cli: &RunArgs, k: u32) -> Vec<String> {
     let n = u64::from(cli.workers);
@@ -97,7 +100,17 @@ fn child_args(cli: &RunArgs, k: u32) -> Vec<String> {
         format!("--flappers={flappers}"),
         format!("--storm-every={}", cli.storm_every),
         format!("--end-state={}", value_name(&cli.end_state)),
+        format!("--qos={}", cli.qos),
+        format!("--payload-size={}", cli.payload_size),
+        format!("--topic={}", cli.topic),
     ];
+    if let Some(i) = cli.publish_interval {
+        a.push(format!("--publish-interval={i}"));
+    }
+    if let Some(u) = &cli.username {
+        // The password reaches the workers through their environment, not their command line.
+        a.push(format!("--username={u}"));
+    }
     if let Some(t) = &cli.truth {
         a.push(format!("--truth={}", worker_truth(t, k).display()));
     }
@@ -148,7 +161,11 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut children = Vec::new();
     for k in 0..n {
-        let mut child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        if let Some(password) = &cli.password {
+            command.env(PASSWORD_ENV, password);
+        }
+        let mut child = command
             .args(child_args(cli, k))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -291,6 +308,11 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
         errors,
         reconnects: results.iter().map(|r| r.reconnects).sum(),
         takeovers: results.iter().map(|r| r.takeovers).sum(),
+        telemetry: report::Telemetry {
+            published: results.iter().map(|r| r.telemetry.published).sum(),
+            acknowledged: results.iter().map(|r| r.telemetry.acknowledged).sum(),
+            skipped: results.iter().map(|r| r.telemetry.skipped).sum(),
+        },
         duration_s: cli.duration,
         elapsed_s: start.elapsed().as_secs_f64(),
         scenario: value_name(&cli.scenario),

@@ -678,3 +678,146 @@ async fn database_url_verify_passes_and_catches_corruption() {
     eprintln!("database test took {:?}", started.elapsed());
     broker.stop().await;
 }
+
+/// Telemetry: every device publishes QoS 1 messages of exactly --payload-size bytes on its own
+/// topic; a subscriber receives every one of them, the simulator counts each as written and
+/// acknowledged, and the broker counts the same number of publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_reaches_a_subscriber() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    let broker = Broker::start().await;
+    let mut opts = MqttOptions::new("telemetry-sink", "127.0.0.1", broker.mqtt.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(opts, 10);
+    client
+        .subscribe("fleet/+/t", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    // Drive the sink until SUBACK, then keep collecting in the background.
+    let suback = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await.expect("sink") {
+                break;
+            }
+        }
+    });
+    suback.await.expect("SUBACK in time");
+    let sink = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Ok(Ok(event)) =
+            tokio::time::timeout(Duration::from_secs(3), eventloop.poll()).await
+        {
+            if let Event::Incoming(Packet::Publish(p)) = event {
+                got.push((p.topic, p.payload.to_vec()));
+            }
+        }
+        got
+    });
+
+    let dir = TempDir::new();
+    let truth = dir.path().join("truth.jsonl");
+    let json = dir.path().join("summary.json");
+    let json_arg = json.display().to_string();
+    run_sim(
+        &broker,
+        &truth,
+        &[
+            "--count",
+            "20",
+            "--prefix",
+            "tel-",
+            "--duration",
+            "2",
+            "--publish-interval",
+            "0.2",
+            "--qos",
+            "1",
+            "--payload-size",
+            "200",
+            "--topic",
+            "fleet/%c/t",
+            "--json",
+            &json_arg,
+        ],
+    )
+    .await;
+    let got = sink.await.expect("sink task");
+    let v = read_json(&json);
+    let published = v["telemetry"]["published"].as_u64().expect("published");
+    // 20 devices × ~10 intervals, the first at a random point of the first interval.
+    assert!(published >= 20 * 5, "{v}");
+    assert_eq!(v["telemetry"]["acknowledged"], published, "{v}");
+    assert_eq!(v["errors"]["total"], 0, "{v}");
+    assert_eq!(
+        got.len() as u64,
+        published,
+        "every message reaches the subscriber"
+    );
+    for (topic, payload) in &got {
+        assert_eq!(payload.len(), 200, "{topic}");
+        let id = topic
+            .strip_prefix("fleet/")
+            .and_then(|t| t.strip_suffix("/t"))
+            .expect("topic from the template");
+        let body: serde_json::Value = serde_json::from_slice(payload).expect("JSON payload");
+        assert_eq!(body["id"], id, "{topic}");
+        assert!(body["seq"].as_u64().is_some() && body["ts"].as_u64().is_some());
+    }
+    let metrics = http_body(&broker.http.to_string(), "/metrics")
+        .await
+        .expect("metrics");
+    let broker_count: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("heartwire_messages_published_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("publish counter");
+    assert_eq!(broker_count, published, "the broker counted every message");
+    client.disconnect().await.ok();
+    broker.stop().await;
+}
+
+/// --username and --password (here from the environment) are sent in CONNECT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_sent_in_connect() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port().to_string();
+    let mut child = sim()
+        .args([
+            "run",
+            "--port",
+            &port,
+            "--count",
+            "1",
+            "--duration",
+            "1",
+            "--username",
+            "fleet-user",
+        ])
+        .env("DEVICE_SIM_PASSWORD", "s3cret")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("device-sim runs");
+    let (mut stream, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .expect("device dials in time")
+        .expect("accept");
+    // CONNECT: type 1, remaining length (one byte here), variable header, payload.
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await.expect("fixed header");
+    assert_eq!(head[0], 0x10, "CONNECT first");
+    assert!(head[1] < 0x80, "short CONNECT");
+    let mut body = vec![0u8; usize::from(head[1])];
+    stream.read_exact(&mut body).await.expect("CONNECT body");
+    assert_eq!(&body[..7], b"\0\x04MQTT\x04", "MQTT 3.1.1");
+    assert_eq!(body[7] & 0xC0, 0xC0, "user name and password flags");
+    let mut tail = b"\0\x0afleet-user".to_vec();
+    tail.extend_from_slice(b"\0\x06s3cret");
+    assert!(body.ends_with(&tail), "{body:?}");
+    drop(stream);
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("device-sim ends in time")
+        .expect("status");
+    assert!(status.success());
+}
