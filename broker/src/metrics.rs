@@ -30,14 +30,10 @@ pub struct Metrics {
     pub keepalive_timeouts: IntCounter,
     /// Connections replaced by a newer connection with the same client id.
     pub takeovers: IntCounter,
-    /// Packets received, by packet type.
-    pub packets_received: IntCounterVec,
-    /// Packets sent, by packet type.
-    pub packets_sent: IntCounterVec,
-    /// Bytes read from client sockets.
-    pub bytes_received: IntCounter,
-    /// Bytes written to client sockets.
-    pub bytes_sent: IntCounter,
+    /// Packets and bytes received, by packet type.
+    pub received: PacketCounters,
+    /// Packets and bytes sent (queued for the socket), by packet type.
+    pub sent: PacketCounters,
     /// Retained messages held.
     pub retained_messages: IntGauge,
     /// Sessions with clean_session = false (connected or not).
@@ -80,6 +76,93 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     /// HTTP API requests by route and status class.
     pub http_requests: IntCounterVec,
+}
+
+/// MQTT 3.1.1 packet types, the closed set of the `type` label.
+pub const PACKET_TYPES: [&str; 14] = [
+    "connect",
+    "connack",
+    "publish",
+    "puback",
+    "pubrec",
+    "pubrel",
+    "pubcomp",
+    "subscribe",
+    "suback",
+    "unsubscribe",
+    "unsuback",
+    "pingreq",
+    "pingresp",
+    "disconnect",
+];
+
+/// Reasons a connection is refused or closed before its session starts (`reason` label of
+/// `heartwire_connections_refused_total`).
+pub const REFUSED_REASONS: [&str; 8] = [
+    "broker_shutdown",
+    "protocol_error",
+    "unsupported_protocol_version",
+    "connection_lost",
+    "connect_timeout",
+    "identifier_rejected",
+    "keepalive_rejected",
+    "fd_exhausted",
+];
+
+/// Store operations (`operation` label of `heartwire_store_errors_total`).
+pub const STORE_OPERATIONS: [&str; 4] = ["migrate", "begin_boot", "apply", "heartbeat"];
+
+/// Presence transition kinds (`kind` label of `heartwire_presence_transitions_total`).
+pub const TRANSITION_KINDS: [&str; 2] = ["connected", "disconnected"];
+
+/// Packet and byte counters of one direction, one child per [`PACKET_TYPES`] entry resolved at
+/// start so that the per-packet path does no label hashing.
+pub struct PacketCounters {
+    packets: Vec<IntCounter>,
+    bytes: Vec<IntCounter>,
+}
+
+impl PacketCounters {
+    fn new(registry: &Registry, direction: &str) -> Self {
+        let packets = counter_vec(
+            registry,
+            &format!("heartwire_packets_{direction}_total"),
+            &format!("MQTT packets {direction}, by type."),
+            &["type"],
+        );
+        let bytes = counter_vec(
+            registry,
+            &format!("heartwire_{direction}_bytes_total"),
+            &format!("Bytes of MQTT packets {direction}, by packet type."),
+            &["type"],
+        );
+        Self {
+            packets: PACKET_TYPES
+                .iter()
+                .map(|t| packets.with_label_values(&[t]))
+                .collect(),
+            bytes: PACKET_TYPES
+                .iter()
+                .map(|t| bytes.with_label_values(&[t]))
+                .collect(),
+        }
+    }
+
+    /// Counts `n` packets of type `kind` (one of [`PACKET_TYPES`]) totalling `bytes` bytes.
+    pub fn count(&self, kind: &str, n: u64, bytes: usize) {
+        if let Some(i) = PACKET_TYPES.iter().position(|t| *t == kind) {
+            self.packets[i].inc_by(n);
+            self.bytes[i].inc_by(bytes as u64);
+        }
+    }
+}
+
+/// Creates the children of `vec` for every value of a closed label set, so each series exists
+/// (at 0) from the start: dashboards and alerts see "none yet" instead of "no data".
+fn preset(vec: &IntCounterVec, values: &[&str]) {
+    for v in values {
+        vec.with_label_values(&[v]);
+    }
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
@@ -139,7 +222,7 @@ impl Metrics {
         ))
         .expect("unique metric");
 
-        Self {
+        let m = Self {
             connections_current: gauge(
                 &r,
                 "heartwire_connections",
@@ -177,28 +260,8 @@ impl Metrics {
                 "heartwire_takeovers_total",
                 "Connections closed by a newer connection with the same client id.",
             ),
-            packets_received: counter_vec(
-                &r,
-                "heartwire_packets_received_total",
-                "MQTT packets received, by type.",
-                &["type"],
-            ),
-            packets_sent: counter_vec(
-                &r,
-                "heartwire_packets_sent_total",
-                "MQTT packets sent, by type.",
-                &["type"],
-            ),
-            bytes_received: counter(
-                &r,
-                "heartwire_received_bytes_total",
-                "Bytes read from client connections.",
-            ),
-            bytes_sent: counter(
-                &r,
-                "heartwire_sent_bytes_total",
-                "Bytes written to client connections.",
-            ),
+            received: PacketCounters::new(&r, "received"),
+            sent: PacketCounters::new(&r, "sent"),
             retained_messages: gauge(&r, "heartwire_retained_messages", "Retained messages held."),
             persistent_sessions: gauge(
                 &r,
@@ -313,7 +376,15 @@ impl Metrics {
                 &["route", "status"],
             ),
             registry: r,
-        }
+        };
+        preset(&m.connections_refused, &REFUSED_REASONS);
+        let reasons = crate::presence::DisconnectReason::ALL.map(|r| r.as_str());
+        preset(&m.disconnects, &reasons);
+        let drops = crate::mqtt::session::DropReason::ALL.map(|r| r.as_str());
+        preset(&m.messages_dropped, &drops);
+        preset(&m.presence_transitions, &TRANSITION_KINDS);
+        preset(&m.store_errors, &STORE_OPERATIONS);
+        m
     }
 
     /// The registry in Prometheus text exposition format.
@@ -332,4 +403,47 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 /// The process-wide metrics.
 pub fn metrics() -> &'static Metrics {
     &METRICS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closed_label_sets_exist_from_the_start() {
+        let text = metrics().render();
+        for line in [
+            "heartwire_store_errors_total{operation=\"apply\"} 0",
+            "heartwire_disconnects_total{reason=\"broker_restart\"} 0",
+            "heartwire_messages_dropped_total{reason=\"queue_full\"} 0",
+            "heartwire_connections_refused_total{reason=\"fd_exhausted\"} 0",
+            "heartwire_presence_transitions_total{kind=\"connected\"} 0",
+            "heartwire_sent_bytes_total{type=\"pingresp\"} 0",
+            "heartwire_packets_received_total{type=\"unsubscribe\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line}");
+        }
+    }
+
+    #[test]
+    fn packet_counters_count_packets_and_bytes_by_type() {
+        let m = metrics();
+        let bytes = |kind: &str| {
+            m.registry
+                .gather()
+                .iter()
+                .find(|f| f.get_name() == "heartwire_received_bytes_total")
+                .and_then(|f| {
+                    f.get_metric()
+                        .iter()
+                        .find(|x| x.get_label()[0].get_value() == kind)
+                        .map(|x| x.get_counter().get_value())
+                })
+                .unwrap_or(-1.0)
+        };
+        let before = bytes("suback");
+        m.received.count("suback", 2, 10);
+        m.received.count("no-such-type", 1, 99);
+        assert_eq!(bytes("suback") - before, 10.0);
+    }
 }

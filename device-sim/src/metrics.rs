@@ -67,9 +67,15 @@ pub fn render(live: &Live) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# HELP devicesim_connected Devices with an established MQTT session.\n\
-         # TYPE devicesim_connected gauge\ndevicesim_connected {}",
-        s.connected
+        "# HELP devicesim_devices Devices in the run (--count).\n\
+         # TYPE devicesim_devices gauge\ndevicesim_devices {}\n\
+         # HELP devicesim_connected Devices with an established MQTT session.\n\
+         # TYPE devicesim_connected gauge\ndevicesim_connected {}\n\
+         # HELP devicesim_connecting Devices dialling or backing off.\n\
+         # TYPE devicesim_connecting gauge\ndevicesim_connecting {}\n\
+         # HELP devicesim_away Devices that left on purpose and have not come back yet.\n\
+         # TYPE devicesim_away gauge\ndevicesim_away {}",
+        live.target, s.connected, s.connecting, s.away
     );
     let _ = writeln!(
         out,
@@ -101,8 +107,11 @@ pub fn render(live: &Live) -> String {
     let _ = writeln!(
         out,
         "# HELP devicesim_reconnects_total Sessions re-established after a lost one.\n\
-         # TYPE devicesim_reconnects_total counter\ndevicesim_reconnects_total {}",
-        s.reconnects
+         # TYPE devicesim_reconnects_total counter\ndevicesim_reconnects_total {}\n\
+         # HELP devicesim_takeovers_total Completed takeovers (a second connection replaced the \
+         first).\n\
+         # TYPE devicesim_takeovers_total counter\ndevicesim_takeovers_total {}",
+        s.reconnects, s.takeovers
     );
     let _ = writeln!(
         out,
@@ -134,7 +143,10 @@ mod tests {
             ..Live::default()
         };
         live.snapshot.connected = 7;
+        live.target = 9;
         let text = render(&live);
+        assert!(text.contains("devicesim_devices 9\n"), "{text}");
+        assert!(text.contains("devicesim_takeovers_total 0\n"), "{text}");
         assert!(text.contains("devicesim_connected 7\n"), "{text}");
         assert!(text.contains("le=\"+Inf\"} 1\n"), "{text}");
         assert!(text.contains("devicesim_errors_total{kind=\"connect_failed\"} 0"));

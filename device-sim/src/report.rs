@@ -229,6 +229,7 @@ impl Stats {
         let h = self.hist();
         Live {
             snapshot: self.snapshot(),
+            target: self.target,
             buckets: BUCKETS_S
                 .iter()
                 .map(|&b| h.count_between(0, (b * 1e6) as u64))
@@ -250,6 +251,9 @@ pub const BUCKETS_S: [f64; 14] = [
 pub struct Live {
     /// The counters.
     pub snapshot: Snapshot,
+    /// Devices in the run (--count).
+    #[serde(default)]
+    pub target: u64,
     /// Cumulative sample counts at or below each bound of [`BUCKETS_S`].
     pub buckets: Vec<u64>,
     /// Number of samples.
@@ -273,6 +277,7 @@ impl Live {
         a.published += b.published;
         a.acknowledged += b.acknowledged;
         a.publish_skipped += b.publish_skipped;
+        self.target += o.target;
         self.buckets.resize(BUCKETS_S.len(), 0);
         for (x, y) in self.buckets.iter_mut().zip(&o.buckets) {
             *x += y;

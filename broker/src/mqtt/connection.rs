@@ -72,10 +72,7 @@ impl Io {
                 self.rbuf.reserve(READ_CHUNK);
             }
             match self.stream.try_read_buf(&mut self.rbuf) {
-                Ok(0) => {
-                    metrics().bytes_received.inc_by(total as u64);
-                    return Ok((total, true, false));
-                }
+                Ok(0) => return Ok((total, true, false)),
                 Ok(n) => total += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     exhausted = false;
@@ -85,22 +82,20 @@ impl Io {
                 Err(e) => return Err(e),
             }
         }
-        metrics().bytes_received.inc_by(total as u64);
         Ok((total, false, exhausted))
     }
 
     /// The next complete packet in the read buffer, if any.
     fn next_packet(&mut self) -> Result<Option<Packet>, CodecError> {
+        let before = self.rbuf.len();
         let packet = codec::read_packet(&mut self.rbuf, self.max_packet_size)?;
+        if let Some(p) = &packet {
+            let size = before - self.rbuf.len();
+            metrics().received.count(codec::packet_label(p), 1, size);
+        }
         if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
             // Give the buffer back while the connection is idle.
             self.rbuf = BytesMut::new();
-        }
-        if let Some(p) = &packet {
-            metrics()
-                .packets_received
-                .with_label_values(&[codec::packet_label(p)])
-                .inc();
         }
         Ok(packet)
     }
@@ -129,7 +124,6 @@ impl Io {
             match self.stream.try_write(&self.wbuf) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
-                    metrics().bytes_sent.inc_by(n as u64);
                     let _ = self.wbuf.split_to(n);
                     written += n;
                 }
@@ -144,11 +138,10 @@ impl Io {
 
     /// Queues a control packet.
     fn send(&mut self, packet: &Packet) {
-        metrics()
-            .packets_sent
-            .with_label_values(&[codec::packet_label(packet)])
-            .inc();
+        let before = self.wbuf.len();
         codec::write_packet(&mut self.wbuf, packet);
+        let size = self.wbuf.len() - before;
+        metrics().sent.count(codec::packet_label(packet), 1, size);
     }
 
     /// Writes a refusal CONNACK and gives the peer a moment to read it before closing.
@@ -587,16 +580,15 @@ fn poll_serve(
         }
 
         if io.wbuf.len() < WRITE_HIGH_WATER {
+            let before = io.wbuf.len();
             let written = session.state().write_pending(
                 &mut io.wbuf,
                 WRITE_HIGH_WATER,
                 shared.config.max_inflight,
             );
             if written > 0 {
-                metrics()
-                    .packets_sent
-                    .with_label_values(&["publish"])
-                    .inc_by(written as u64);
+                let size = io.wbuf.len() - before;
+                metrics().sent.count("publish", written as u64, size);
             }
         }
         let written = match io.try_flush() {

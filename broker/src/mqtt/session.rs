@@ -172,6 +172,11 @@ impl SessionState {
     /// persistent session requires.
     pub fn write_inflight(&self, buf: &mut BytesMut) -> usize {
         for f in &self.inflight {
+            let before = buf.len();
+            let kind = match f.stage {
+                Stage::Published => "publish",
+                Stage::Released => "pubrel",
+            };
             match f.stage {
                 Stage::Published => codec::write_publish(
                     buf,
@@ -189,6 +194,7 @@ impl SessionState {
                     )),
                 ),
             }
+            metrics().sent.count(kind, 1, buf.len() - before);
         }
         self.inflight.len()
     }
@@ -271,6 +277,9 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// Every reason (the closed set of the metric label).
+    pub const ALL: [DropReason; 3] = [Self::QueueFull, Self::Qos0Offline, Self::SessionEnded];
+
     /// Metric label.
     pub fn as_str(self) -> &'static str {
         match self {
