@@ -2,128 +2,16 @@
 //! binary plays a scenario against it with `--truth`, and `device-sim verify` checks the
 //! broker's presence API against that truth.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::process::Command;
-use tokio_util::sync::CancellationToken;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::net::TcpListener;
 
-/// Bound on any child process or wait of these tests.
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!(
-            "device-sim-test-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        Self(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The whole broker on ephemeral ports.
-struct Broker {
-    mqtt: SocketAddr,
-    http: SocketAddr,
-    db_url: String,
-    shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<()>,
-    _data: TempDir,
-}
-
-impl Broker {
-    async fn start() -> Self {
-        let data = TempDir::new();
-        let mut config = broker::config::Config::default();
-        let db_url = format!("sqlite://{}", data.path().join("b.db").display());
-        config.database.url = db_url.clone();
-        config.bridge.journal_path = data.path().join("j");
-        config.bridge.batch_interval = Duration::from_millis(20);
-        config.node.heartbeat_interval = Duration::from_millis(200);
-        config.shutdown.grace_period = Duration::from_secs(5);
-        let mqtt = TcpListener::bind("127.0.0.1:0").await.expect("bind mqtt");
-        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-        let (mqtt_addr, http_addr) = (
-            mqtt.local_addr().expect("addr"),
-            http.local_addr().expect("addr"),
-        );
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let handle = tokio::spawn(async move {
-            broker::run_with(config, broker::Listeners { mqtt, http }, token)
-                .await
-                .expect("broker runs");
-        });
-        let broker = Self {
-            mqtt: mqtt_addr,
-            http: http_addr,
-            db_url,
-            shutdown,
-            handle,
-            _data: data,
-        };
-        let deadline = Instant::now() + WAIT;
-        while http_status(broker.http, "/readyz").await != Some(200) {
-            assert!(Instant::now() < deadline, "broker not ready in time");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        broker
-    }
-
-    fn api(&self) -> String {
-        format!("http://{}", self.http)
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(WAIT, self.handle)
-            .await
-            .expect("broker stops in time")
-            .expect("broker task");
-    }
-}
-
-/// Status code of a GET, if the server answered.
-async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let text = String::from_utf8_lossy(&response);
-    text.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn sim() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_device-sim"));
-    c.kill_on_drop(true);
-    c
-}
+use common::{free_port, http_body, read_json, sim, Broker, TempDir, WAIT};
 
 /// Runs `device-sim run` to completion with `args` after the common ones.
 async fn run_sim(broker: &Broker, truth: &Path, args: &[&str]) -> String {
@@ -356,27 +244,6 @@ async fn corrupted_truth_fails_verify() {
         .await
         .expect("verify runs");
     assert_eq!(out.status.code(), Some(2));
-}
-
-/// Body of a GET, if the server answered.
-async fn http_body(addr: &str, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    Some(text.split_once("\r\n\r\n")?.1.to_owned())
-}
-
-/// A free local port (bound, then released).
-async fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-fn read_json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).expect("json file")).expect("valid JSON")
 }
 
 /// `--json` writes the summary as parseable JSON.
