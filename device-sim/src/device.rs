@@ -242,7 +242,9 @@ impl Conn {
     ///
     /// The request channel holds one request: when a telemetry message still waits in it, the
     /// DISCONNECT is queued as soon as the event loop has taken that message.
-    async fn disconnect(mut self) -> bool {
+    ///
+    /// Telemetry written and acknowledged meanwhile is counted in `stats`.
+    async fn disconnect(mut self, stats: &Stats) -> bool {
         tokio::time::timeout(DISCONNECT_TIMEOUT, async {
             let (mut queued, mut sent) = (false, false);
             loop {
@@ -252,6 +254,10 @@ impl Conn {
                 }
                 match self.eventloop.poll().await {
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => sent = true,
+                    Ok(Event::Outgoing(Outgoing::Publish(_))) => stats.published(),
+                    Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => {
+                        stats.acknowledged();
+                    }
                     Ok(_) => {}
                     // After the DISCONNECT, an error is the broker's close (never poll again:
                     // rumqttc would redial).
@@ -443,7 +449,7 @@ impl Sim {
                 match kind {
                     LeaveKind::Clean => {
                         self.record(truth::DISCONNECT_CLEAN, false, Some(cause));
-                        conn.disconnect().await;
+                        conn.disconnect(&self.stats).await;
                         self.gone(pause);
                     }
                     LeaveKind::Abrupt => {
@@ -617,7 +623,7 @@ impl Sim {
         if self.connected {
             if let Some(conn) = self.conn.take() {
                 self.record(truth::DISCONNECT_CLEAN, false, Some("end"));
-                conn.disconnect().await;
+                conn.disconnect(&self.stats).await;
             }
         }
         if let Some((conn, deadline)) = self.dead.take() {
