@@ -23,6 +23,7 @@ pub mod store;
 pub mod telemetry;
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -122,6 +123,7 @@ pub async fn run_with(
         store.clone(),
         boot_id,
         config.node.heartbeat_interval,
+        Arc::clone(&migrated),
         shutdown.child_token(),
     ));
 
@@ -168,21 +170,45 @@ pub async fn run_with(
     Ok(())
 }
 
-/// Records every `interval` that this boot is alive, until `shutdown`.
-async fn heartbeat(store: Store, boot_id: Uuid, interval: Duration, shutdown: CancellationToken) {
+/// Records every `interval` that this boot is alive, until `shutdown`; it starts once the bridge
+/// has migrated the schema (before that there is no table to write to).
+async fn heartbeat(
+    store: Store,
+    boot_id: Uuid,
+    interval: Duration,
+    migrated: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(error) = store.heartbeat(boot_id, Utc::now()).await {
-            metrics::metrics()
-                .store_errors
-                .with_label_values(&["heartbeat"])
-                .inc();
-            tracing::debug!(%error, "Node heartbeat not recorded.");
+        if !migrated.load(Ordering::Acquire) {
+            continue;
+        }
+        match store.heartbeat(boot_id, Utc::now()).await {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("Node heartbeat recorded again.");
+                }
+                failing = false;
+            }
+            Err(error) => {
+                metrics::metrics()
+                    .store_errors
+                    .with_label_values(&["heartbeat"])
+                    .inc();
+                if failing {
+                    tracing::debug!(%error, "Node heartbeat still not recorded.");
+                } else {
+                    tracing::warn!(%error, "Node heartbeat not recorded.");
+                }
+                failing = true;
+            }
         }
     }
 }

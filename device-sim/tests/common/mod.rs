@@ -151,4 +151,3 @@ pub async fn free_port() -> u16 {
 pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("json file")).expect("valid JSON")
 }
-

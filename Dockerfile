@@ -1,0 +1,42 @@
+# The Heartwire image: the broker (the entrypoint) and device-sim, built from this workspace.
+#
+#   docker build -t heartwire:local .
+#   docker run --rm -p 1883:1883 -p 8080:8080 heartwire:local        # presence in SQLite, ./data
+#   docker run --rm --entrypoint device-sim heartwire:local run --help
+#
+# docker-compose.yml builds it and runs it with PostgreSQL, Prometheus and Grafana.
+
+FROM rust:1-bookworm AS builder
+WORKDIR /src
+# The workspace manifest and lock file, both members (broker/benches too: its Cargo.toml declares
+# the bench target), and the migrations that sqlx::migrate! embeds at compile time from
+# broker/src/store/{postgres,sqlite}.rs ("../migrations/..."). bench/rumqttd is excluded from the
+# workspace and not needed.
+COPY Cargo.toml Cargo.lock ./
+COPY broker ./broker
+COPY device-sim ./device-sim
+COPY migrations ./migrations
+# Cache mounts keep the registry and the build directory between builds (BuildKit, the default
+# builder); the binaries are copied out of the cached target directory in the same step.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p broker -p device-sim \
+ && mkdir -p /out \
+ && cp target/release/broker target/release/device-sim /out/
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 heartwire \
+ && useradd --system --uid 10001 --gid heartwire --home-dir /var/lib/heartwire \
+        --shell /usr/sbin/nologin heartwire \
+ && install -d -o heartwire -g heartwire -m 0750 /var/lib/heartwire
+COPY --from=builder /out/broker /out/device-sim /usr/local/bin/
+USER heartwire
+# The broker's relative paths land here: data/broker.db (the default SQLite store) and
+# data/presence.journal (bridge.journal_path). Mount a volume on this directory to keep them.
+WORKDIR /var/lib/heartwire
+# MQTT, and HTTP (REST API, /metrics, /healthz, /readyz).
+EXPOSE 1883 8080
+ENTRYPOINT ["broker"]
