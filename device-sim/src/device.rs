@@ -32,7 +32,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const MAX_PACKET_SIZE: usize = 4096;
 /// Room for a PUBLISH's fixed header, topic length and packet id beyond topic and payload.
 const PUBLISH_OVERHEAD: usize = 16;
-/// How long a device waits for its DISCONNECT to be written.
+/// How long a device waits for its DISCONNECT to be written (at least; with QoS 1/2 telemetry
+/// up to the connect timeout, as an unacknowledged message holds the DISCONNECT back).
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Extra time a silently dead device stays away beyond the broker's keep-alive deadline, so
 /// that the broker (not a takeover by the device's comeback) ends the dead session.
@@ -244,8 +245,8 @@ impl Conn {
     /// DISCONNECT is queued as soon as the event loop has taken that message.
     ///
     /// Telemetry written and acknowledged meanwhile is counted in `stats`.
-    async fn disconnect(mut self, stats: &Stats) -> bool {
-        tokio::time::timeout(DISCONNECT_TIMEOUT, async {
+    async fn disconnect(mut self, stats: &Stats, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, async {
             let (mut queued, mut sent) = (false, false);
             loop {
                 if !queued {
@@ -254,11 +255,7 @@ impl Conn {
                 }
                 match self.eventloop.poll().await {
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => sent = true,
-                    Ok(Event::Outgoing(Outgoing::Publish(_))) => stats.published(),
-                    Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => {
-                        stats.acknowledged();
-                    }
-                    Ok(_) => {}
+                    Ok(event) => count_telemetry(stats, &event),
                     // After the DISCONNECT, an error is the broker's close (never poll again:
                     // rumqttc would redial).
                     Err(_) => return sent,
@@ -282,11 +279,11 @@ impl Conn {
 
     /// Notes outgoing traffic (what resets the broker's keep-alive deadline).
     fn saw(&mut self, event: &Event) {
-        if matches!(
-            event,
-            Event::Outgoing(Outgoing::PingReq | Outgoing::Publish(_))
-                | Event::Incoming(Packet::ConnAck(_))
-        ) {
+        let sent = match event {
+            Event::Outgoing(o) => !matches!(o, Outgoing::AwaitAck(_)),
+            Event::Incoming(p) => matches!(p, Packet::ConnAck(_)),
+        };
+        if sent {
             self.last_sent = SystemTime::now();
         }
     }
@@ -384,11 +381,7 @@ impl Sim {
         if let Some(c) = self.conn.as_mut() {
             c.saw(event);
         }
-        match event {
-            Event::Outgoing(Outgoing::Publish(_)) => self.stats.published(),
-            Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_)) => self.stats.acknowledged(),
-            _ => {}
-        }
+        count_telemetry(&self.stats, event);
     }
 
     /// Queues the next telemetry message; when the previous one still waits for the event
@@ -426,6 +419,27 @@ impl Sim {
         }
     }
 
+    /// Sends DISCONNECT and closes; recorded as a clean disconnect, or as an abrupt close when
+    /// the DISCONNECT could not be written in time (the broker then sees a lost connection).
+    async fn leave_cleanly(&mut self, conn: Conn, cause: &str) {
+        let mut r =
+            Record::now(&self.device.client_id, truth::DISCONNECT_CLEAN, false).cause(cause);
+        let timeout = match &self.profile.telemetry {
+            Some(t) if t.qos != QoS::AtMostOnce => {
+                DISCONNECT_TIMEOUT.max(Duration::from_secs(self.profile.connect_timeout_s))
+            }
+            _ => DISCONNECT_TIMEOUT,
+        };
+        if !conn.disconnect(&self.stats, timeout).await {
+            eprintln!(
+                "device-sim: {}: DISCONNECT not written within {timeout:?}; closed abruptly",
+                self.device.client_id
+            );
+            r.event = truth::CLOSE_ABRUPT.to_owned();
+        }
+        self.truth.record(&r);
+    }
+
     /// Leaves the connected state; the device dials again after `pause`.
     fn gone(&mut self, pause: Duration) {
         self.connected = false;
@@ -448,8 +462,7 @@ impl Sim {
                 };
                 match kind {
                     LeaveKind::Clean => {
-                        self.record(truth::DISCONNECT_CLEAN, false, Some(cause));
-                        conn.disconnect(&self.stats).await;
+                        self.leave_cleanly(conn, cause).await;
                         self.gone(pause);
                     }
                     LeaveKind::Abrupt => {
@@ -486,9 +499,12 @@ impl Sim {
     /// completes instead of a fresh `poll` per `select!` round.
     async fn takeover(&mut self, old: Conn, end: &CancellationToken) {
         self.record(truth::TAKEOVER, false, Some("takeover"));
+        let stats = Arc::clone(&self.stats);
         let old_fut = async move {
             let mut old = old;
-            while old.eventloop.poll().await.is_ok() {}
+            while let Ok(event) = old.eventloop.poll().await {
+                count_telemetry(&stats, &event);
+            }
         };
         let new_fut = Conn::new(&self.device, &self.profile).connect();
         let limit = Duration::from_secs(self.profile.connect_timeout_s) + TAKEOVER_MARGIN;
@@ -622,8 +638,7 @@ impl Sim {
     async fn finish(&mut self) {
         if self.connected {
             if let Some(conn) = self.conn.take() {
-                self.record(truth::DISCONNECT_CLEAN, false, Some("end"));
-                conn.disconnect(&self.stats).await;
+                self.leave_cleanly(conn, "end").await;
             }
         }
         if let Some((conn, deadline)) = self.dead.take() {
@@ -638,6 +653,15 @@ impl Sim {
         self.stats.device_stopped(self.connected);
         self.connected = false;
         self.conn = None;
+    }
+}
+
+/// Counts telemetry written and acknowledged.
+fn count_telemetry(stats: &Stats, event: &Event) {
+    match event {
+        Event::Outgoing(Outgoing::Publish(_)) => stats.published(),
+        Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_)) => stats.acknowledged(),
+        _ => {}
     }
 }
 

@@ -50,7 +50,8 @@ use crate::verify::VerifyArgs;
 
 /// File descriptors kept in reserve beyond one socket per device.
 const FD_RESERVE: u64 = 64;
-/// Largest `--payload-size` (1 MiB, the default `mqtt.max_packet_size` of Heartwire).
+/// Largest PUBLISH remaining length device-sim sends (1 MiB, the default `mqtt.max_packet_size`
+/// of Heartwire), so also the bound of `--payload-size`.
 const MAX_PAYLOAD: u64 = 1024 * 1024;
 /// Upper bound on waiting for devices to disconnect at the end of the run (plus the
 /// keep-alive deadline of silently dead devices).
@@ -130,7 +131,8 @@ struct RunArgs {
     /// Telemetry: quality of service of the messages (0, 1 or 2).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     qos: u8,
-    /// Telemetry: payload size in bytes (a JSON object padded or cut to exactly this size).
+    /// Telemetry: payload size in bytes (a JSON object padded or cut to exactly this size); a
+    /// PUBLISH (payload, topic and 4 bytes) must fit in 1 MiB.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=MAX_PAYLOAD))]
     payload_size: u64,
     /// Telemetry: topic; `%c` becomes the client id, `%i` the device number.
@@ -308,9 +310,33 @@ fn check(args: &RunArgs) -> Result<()> {
         if !(i.is_finite() && i >= 0.001) {
             bail!("--publish-interval must be a number of seconds, at least 0.001");
         }
+        // The expanded topic of the device with the longest number (the prefix is in it too).
+        let last = args.start_number.saturating_add(args.count - 1);
+        let topic = args
+            .topic
+            .replace("%c", &format!("{}{last}", args.prefix))
+            .replace("%i", &last.to_string());
+        if topic.is_empty()
+            || topic.contains(['+', '#', '\0'])
+            || topic.len() > usize::from(u16::MAX)
+        {
+            bail!(
+                "--topic (with --prefix) must expand to a topic name without wildcards (+, #), \
+                 1 to 65535 bytes; got {topic:?}"
+            );
+        }
+        // PUBLISH remaining length: topic length field + topic + packet id + payload.
+        let publish = 2 + topic.len() as u64 + 2 + args.payload_size;
+        if publish > MAX_PAYLOAD {
+            bail!(
+                "--payload-size {} with topic {topic:?} makes PUBLISH packets of {publish} bytes, \
+                 over 1 MiB (Heartwire's default mqtt.max_packet_size)",
+                args.payload_size
+            );
+        }
     }
-    if args.topic.is_empty() || args.topic.contains(['+', '#', '\0']) {
-        bail!("--topic must be a non-empty topic name without wildcards (+, #)");
+    if args.username.as_deref() == Some("") {
+        bail!("--username must not be empty (MQTT 3.1.1 sends a password only with a user name)");
     }
     Ok(())
 }
@@ -668,8 +694,29 @@ mod tests {
         assert!(Cli::try_parse_from(["device-sim", "--password", "p"]).is_err());
         let run = Cli::try_parse_from(["device-sim", "--publish-interval", "0"])?.run;
         assert!(check(&run).is_err(), "interval 0");
-        let run = Cli::try_parse_from(["device-sim", "--topic", "a/+/b"])?.run;
-        assert!(check(&run).is_err(), "wildcard topic");
+        let telemetry_with = |extra: [&str; 2]| {
+            Cli::try_parse_from(["device-sim", "--publish-interval", "1", extra[0], extra[1]])
+                .map(|c| c.run)
+        };
+        assert!(
+            check(&telemetry_with(["--topic", "a/+/b"])?).is_err(),
+            "wildcard topic"
+        );
+        let prefixed = telemetry_with(["--prefix", "a#"])?;
+        assert!(check(&prefixed).is_err(), "wildcard in the expanded topic");
+        let run = Cli::try_parse_from(["device-sim", "--prefix", "a#"])?.run;
+        check(&run)?; // no telemetry, no topic
+        let run = Cli::try_parse_from([
+            "device-sim",
+            "--publish-interval",
+            "1",
+            "--payload-size",
+            "1048576",
+        ])?
+        .run;
+        assert!(check(&run).is_err(), "PUBLISH over 1 MiB");
+        let run = Cli::try_parse_from(["device-sim", "--username", ""])?.run;
+        assert!(check(&run).is_err(), "empty user name");
         let run = Cli::try_parse_from([
             "device-sim",
             "--publish-interval",

@@ -23,7 +23,7 @@ use sqlx::{Connection, Row};
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, ChildStdin};
 
-use common::{free_port, http_body, http_status, sim, Broker, TempDir, WAIT};
+use common::{http_body, http_status, sim, Broker, TempDir, WAIT};
 
 /// Datasource uids the dashboards may use, as provisioned.
 const PROMETHEUS_UID: &str = "heartwire-prometheus";
@@ -370,9 +370,21 @@ fn percent_encode(s: &str) -> String {
 /// stdin closes, so it never outlives the test, however the test ends.
 struct Prometheus {
     addr: String,
-    _guard: ChildStdin,
-    _child: Child,
+    guard: Option<ChildStdin>,
+    child: Child,
     _dir: TempDir,
+}
+
+impl Drop for Prometheus {
+    /// Closes the shell's stdin (it then stops Prometheus) and waits, bounded, for both to end
+    /// before the data directory goes.
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Prometheus {
@@ -416,7 +428,7 @@ impl Prometheus {
             serde_norway::to_string(&config).expect("yaml"),
         )
         .expect("write config");
-        let addr = format!("127.0.0.1:{}", free_port().await);
+        let addr = format!("127.0.0.1:{}", local_port());
         let log = dir.path().join("prometheus.log");
         let mut child = tokio::process::Command::new("sh")
             .args([
@@ -429,12 +441,18 @@ impl Prometheus {
             .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
             .arg(format!("--web.listen-address={addr}"))
             .stdin(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .expect("start prometheus");
         let guard = child.stdin.take().expect("stdin");
+        let prometheus = Self {
+            addr,
+            guard: Some(guard),
+            child,
+            _dir: dir,
+        };
+        // From here on, Drop stops it, also when the wait below panics.
         let deadline = Instant::now() + WAIT;
-        let sock = addr.parse().expect("addr");
+        let sock = prometheus.addr.parse().expect("addr");
         while http_status(sock, "/-/ready").await != Some(200) {
             assert!(
                 Instant::now() < deadline,
@@ -443,12 +461,7 @@ impl Prometheus {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Self {
-            addr,
-            _guard: guard,
-            _child: child,
-            _dir: dir,
-        }
+        prometheus
     }
 
     /// Runs an instant query; the API's JSON answer.
@@ -457,6 +470,12 @@ impl Prometheus {
         let body = http_body(&self.addr, &path).await.unwrap_or_default();
         serde_json::from_str(&body).unwrap_or_else(|_| serde_json::json!({ "error": body }))
     }
+}
+
+/// A free port outside the ephemeral range, for servers that cannot report a `:0` bind (see
+/// `pg::pick_port`): a port in that range could be taken by an outgoing connection first.
+fn local_port() -> u16 {
+    pg::pick_port().expect("a free local port")
 }
 
 /// Number of series in a successful query answer.
@@ -469,7 +488,7 @@ fn series(answer: &Value) -> Option<usize> {
 async fn every_dashboard_query_returns_data() {
     let db = pg::TestPostgres::start().await;
     let broker = Broker::start_on(Some(db.url().to_owned())).await;
-    let sim_metrics = format!("127.0.0.1:{}", free_port().await);
+    let sim_metrics = format!("127.0.0.1:{}", local_port());
     let targets = BTreeMap::from([
         ("heartwire", broker.http.to_string()),
         ("device-sim", sim_metrics.clone()),

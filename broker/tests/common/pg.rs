@@ -837,7 +837,7 @@ fn base_dir() -> PathBuf {
 
 /// A free 127.0.0.1 port outside the kernel's ephemeral range, so that the many `:0` binds and
 /// outgoing connections of tests do not take it while the server is down (see stop_server).
-fn pick_port() -> Result<u16, String> {
+pub fn pick_port() -> Result<u16, String> {
     let (lo, hi) = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| {
