@@ -15,6 +15,10 @@
 #   IDLE_WINDOW=30     seconds of the idle CPU measurement
 #   BROKERS="heartwire mosquitto"   which brokers to measure, in order; "rumqttd" adds
 #                      rumqttd 0.20.0 (bench/rumqttd's rumqttd-broker, built on demand)
+#   PUBLISH_INTERVAL=S every device also publishes a message every S seconds (device-sim
+#                      --publish-interval): the CPU window then measures the cost of telemetry,
+#                      reported as CPU % and CPU microseconds per message
+#   QOS=0, PAYLOAD_SIZE=64   telemetry QoS and payload bytes (with PUBLISH_INTERVAL)
 #   KEEP_WORK=1        keep the temporary directory with logs and configs
 #   HEARTWIRE_BIN=PATH use this broker binary instead of building target/release/broker
 # Any BROKER_* variables in the environment reach the Heartwire broker unchanged;
@@ -31,6 +35,13 @@ KEEPALIVE="${KEEPALIVE:-30}"
 SETTLE="${SETTLE:-5}"
 IDLE_WINDOW="${IDLE_WINDOW:-30}"
 BROKERS="${BROKERS:-heartwire mosquitto}"
+PUBLISH_INTERVAL="${PUBLISH_INTERVAL:-}"
+QOS="${QOS:-0}"
+PAYLOAD_SIZE="${PAYLOAD_SIZE:-64}"
+TELEMETRY=()
+if [[ -n "$PUBLISH_INTERVAL" ]]; then
+  TELEMETRY=(--publish-interval "$PUBLISH_INTERVAL" --qos "$QOS" --payload-size "$PAYLOAD_SIZE")
+fi
 HOSTS="127.0.0.1,127.0.0.2"
 BROKER_START_TIMEOUT=20                  # seconds until a broker must accept TCP
 READY_TIMEOUT=$(( COUNT / RATE + 60 ))   # seconds until all devices must be connected
@@ -240,7 +251,7 @@ measure() {
   local ready="$WORK/$name.ready"
   "$SIM" --host "$HOSTS" --port "$BROKER_PORT" --count "$COUNT" --rate "$RATE" \
     --keepalive "$KEEPALIVE" --duration "$SIM_DURATION" --prefix "bench-$name-" \
-    --ready-file "$ready" >"$WORK/sim.log" 2>&1 &
+    --ready-file "$ready" "${TELEMETRY[@]}" >"$WORK/sim.log" 2>&1 &
   local sim_pid=$!
   PIDS+=("$sim_pid")
   wait_ready "$ready" "$sim_pid"
@@ -250,8 +261,9 @@ measure() {
   local rss_loaded
   rss_loaded="$(rss_kib "$BROKER_PID")"
 
-  log "measuring idle CPU for ${IDLE_WINDOW}s"
-  local t0 c0 t1 c1
+  log "measuring CPU for ${IDLE_WINDOW}s"
+  local t0 c0 t1 c1 m0 m1
+  m0="$(field published "$(grep '^t=' "$WORK/sim.log" | tail -n 1 || true)")"
   t0="$(now_s)"; c0="$(cpu_ticks "$BROKER_PID")"
   nap "$IDLE_WINDOW"
   t1="$(now_s)"; c1="$(cpu_ticks "$BROKER_PID")"
@@ -259,6 +271,7 @@ measure() {
   local status connected
   status="$(grep '^t=' "$WORK/sim.log" | tail -n 1 || true)"
   connected="$(field connected "$status")"
+  m1="$(field published "$status")"
 
   stop_pid "$sim_pid" INT
   local summary p50 p99
@@ -273,21 +286,33 @@ measure() {
   per_conn="$(awk -v a="$rss_loaded" -v b="$rss_base" -v n="$COUNT" 'BEGIN { printf "%.2f", (a - b) / n }')"
   cpu="$(awk -v c0="$c0" -v c1="$c1" -v t0="$t0" -v t1="$t1" -v hz="$CLK_TCK" \
     'BEGIN { printf "%.2f", (c1 - c0) / hz / (t1 - t0) * 100 }')"
-  log "$name: loaded RSS ${rss_loaded} KiB, ${per_conn} KiB/conn, idle CPU ${cpu}%, connected at end of window ${connected}"
-  RESULT["$name"]="$name|$connected|$rss_base|$rss_loaded|$per_conn|$cpu|$p50|$p99"
+  # Messages published during the window (device-sim's status lines, one per second) and the
+  # broker's CPU time per message.
+  local rate="-" per_msg="-"
+  if [[ -n "$PUBLISH_INTERVAL" && -n "$m0" && -n "$m1" && "$m1" -gt "$m0" ]]; then
+    rate="$(awk -v a="$m0" -v b="$m1" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.0f", (b - a) / (t1 - t0) }')"
+    per_msg="$(awk -v c0="$c0" -v c1="$c1" -v hz="$CLK_TCK" -v a="$m0" -v b="$m1" \
+      'BEGIN { printf "%.1f", (c1 - c0) / hz * 1e6 / (b - a) }')"
+  fi
+  log "$name: loaded RSS ${rss_loaded} KiB, ${per_conn} KiB/conn, CPU ${cpu}%, messages/s ${rate}, connected at end of window ${connected}"
+  RESULT["$name"]="$name|$connected|$rss_base|$rss_loaded|$per_conn|$cpu|$p50|$p99|$rate|$per_msg"
 }
 
 for b in $BROKERS; do measure "$b"; done
 
 # --- report ---------------------------------------------------------------------------------
 echo
-echo "Idle connections: COUNT=$COUNT keepalive=${KEEPALIVE}s settle=${SETTLE}s idle window=${IDLE_WINDOW}s ($(nproc) cores)"
-fmt='%-10s | %11s | %16s | %14s | %24s | %10s | %15s | %15s\n'
+if [[ -n "$PUBLISH_INTERVAL" ]]; then
+  echo "Connections with telemetry: COUNT=$COUNT keepalive=${KEEPALIVE}s, a ${PAYLOAD_SIZE}-byte QoS $QOS message every ${PUBLISH_INTERVAL}s per device, settle=${SETTLE}s, window=${IDLE_WINDOW}s ($(nproc) cores)"
+else
+  echo "Idle connections: COUNT=$COUNT keepalive=${KEEPALIVE}s settle=${SETTLE}s idle window=${IDLE_WINDOW}s ($(nproc) cores)"
+fi
+fmt='%-10s | %11s | %16s | %14s | %19s | %7s | %15s | %15s | %10s | %14s\n'
 # shellcheck disable=SC2059
-printf "$fmt" broker connections "RSS baseline KiB" "RSS loaded KiB" "KiB per idle connection" \
-  "idle CPU %" "connack p50 ms" "connack p99 ms"
+printf "$fmt" broker connections "RSS baseline KiB" "RSS loaded KiB" "KiB per connection" \
+  "CPU %" "connack p50 ms" "connack p99 ms" "messages/s" "CPU µs per msg"
 for b in $BROKERS; do
-  IFS='|' read -r n c rb rl pc cpu p50 p99 <<<"${RESULT[$b]}"
+  IFS='|' read -r n c rb rl pc cpu p50 p99 rate per_msg <<<"${RESULT[$b]}"
   # shellcheck disable=SC2059
-  printf "$fmt" "$n" "$c" "$rb" "$rl" "$pc" "$cpu" "$p50" "$p99"
+  printf "$fmt" "$n" "$c" "$rb" "$rl" "$pc" "$cpu" "$p50" "$p99" "$rate" "$per_msg"
 done
