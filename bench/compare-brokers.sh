@@ -26,8 +26,9 @@ STOP_TIMEOUT=10           # seconds a process gets to exit after a signal
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-log() { printf '[compare] %s\n' "$*" >&2; }
-die() { printf '[compare] ERROR: %s\n' "$*" >&2; exit 1; }
+BENCH_TAG=compare
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 for b in $BROKERS; do
   case "$b" in heartwire|mosquitto|rumqttd) ;; *) die "unknown broker '$b' in BROKERS" ;; esac
@@ -51,37 +52,7 @@ for s in $SCENARIOS; do
 done
 
 # --- processes started by this script, stopped on exit -------------------------------------
-PIDS=()
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/compare-brokers.XXXXXX")"
-
-# stop_pid PID SIGNAL: signal the process, wait (bounded) for it to exit, then SIGKILL.
-stop_pid() {
-  local pid="$1" sig="$2" i
-  kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-  kill "-$sig" "$pid" 2>/dev/null || true
-  for (( i = 0; i < STOP_TIMEOUT * 10; i++ )); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    log "pid $pid did not exit after SIG$sig within ${STOP_TIMEOUT}s; killing"
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-  local rc=$? pid
-  for pid in "${PIDS[@]}"; do stop_pid "$pid" TERM; done
-  if [[ "${KEEP_WORK:-0}" == 1 || $rc -ne 0 ]]; then
-    log "work directory (logs, configs) kept: $WORK"
-  else
-    rm -rf "$WORK"
-  fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_setup compare-brokers
 
 # --- helpers -------------------------------------------------------------------------------
 # wait_tcp PORT PID NAME: bounded wait until 127.0.0.1:PORT accepts. Returns 1 if PID exits
@@ -106,23 +77,7 @@ command -v timeout >/dev/null || die "timeout (coreutils) is needed"
 
 MOSQUITTO=""
 if [[ " $BROKERS " == *" mosquitto "* ]]; then
-  MOSQUITTO="$(command -v mosquitto || true)"
-  [[ -z "$MOSQUITTO" && -x /usr/sbin/mosquitto ]] && MOSQUITTO=/usr/sbin/mosquitto
-  if [[ -z "$MOSQUITTO" ]]; then
-    log "installing mosquitto"
-    SUDO=""
-    if [[ "$(id -u)" -ne 0 ]]; then
-      command -v sudo >/dev/null || die "mosquitto is missing and installing it needs root (or sudo)"
-      SUDO=sudo
-    fi
-    if ! $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto >"$WORK/apt.log" 2>&1; then
-      $SUDO apt-get update >>"$WORK/apt.log" 2>&1
-      $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto >>"$WORK/apt.log" 2>&1 \
-        || die "apt-get install mosquitto failed (see $WORK/apt.log)"
-    fi
-    MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
-  fi
-  [[ -x "$MOSQUITTO" ]] || die "mosquitto not found after install"
+  find_mosquitto
   log "mosquitto: $("$MOSQUITTO" -h 2>/dev/null | head -n 1 || true)"
 fi
 
@@ -130,10 +85,8 @@ if [[ " $BROKERS " == *" heartwire "* && -z "${HEARTWIRE_BIN:-}" ]]; then
   log "building broker (release)"
   cargo build --release --quiet -p broker
 fi
-HEARTWIRE="${HEARTWIRE_BIN:-$ROOT/target/release/broker}"
 if [[ " $BROKERS " == *" heartwire "* ]]; then
-  HEARTWIRE="$(cd "$(dirname "$HEARTWIRE")" && pwd)/$(basename "$HEARTWIRE")"
-  [[ -x "$HEARTWIRE" ]] || die "broker binary $HEARTWIRE is missing or not executable"
+  heartwire_binary
 fi
 
 log "building bench/rumqttd (release; the first build takes a few minutes)"

@@ -51,8 +51,9 @@ STOP_TIMEOUT=30                          # seconds a process gets to exit after 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-log() { printf '[bench] %s\n' "$*" >&2; }
-die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
+BENCH_TAG=bench
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 for b in $BROKERS; do
   case "$b" in heartwire|mosquitto|rumqttd) ;; *) die "unknown broker '$b' in BROKERS" ;; esac
@@ -60,37 +61,7 @@ done
 [[ "$COUNT" =~ ^[1-9][0-9]*$ ]] || die "COUNT must be a positive integer"
 
 # --- processes started by this script, stopped on exit -------------------------------------
-PIDS=()
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/idle-bench.XXXXXX")"
-
-# stop_pid PID SIGNAL: signal the process, wait (bounded) for it to exit, then SIGKILL.
-stop_pid() {
-  local pid="$1" sig="$2" i
-  kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-  kill "-$sig" "$pid" 2>/dev/null || true
-  for (( i = 0; i < STOP_TIMEOUT * 10; i++ )); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    log "pid $pid did not exit after SIG$sig within ${STOP_TIMEOUT}s; killing"
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-  local rc=$? pid
-  for pid in "${PIDS[@]}"; do stop_pid "$pid" TERM; done
-  if [[ "${KEEP_WORK:-0}" == 1 || $rc -ne 0 ]]; then
-    log "work directory (logs, configs) kept: $WORK"
-  else
-    rm -rf "$WORK"
-  fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_setup idle-bench
 
 # --- helpers -------------------------------------------------------------------------------
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
@@ -152,23 +123,7 @@ EOF
 # --- prerequisites -------------------------------------------------------------------------
 MOSQUITTO=""
 if [[ " $BROKERS " == *" mosquitto "* ]]; then
-  MOSQUITTO="$(command -v mosquitto || true)"
-  [[ -z "$MOSQUITTO" && -x /usr/sbin/mosquitto ]] && MOSQUITTO=/usr/sbin/mosquitto
-  if [[ -z "$MOSQUITTO" ]]; then
-    log "installing mosquitto"
-    SUDO=""
-    if [[ "$(id -u)" -ne 0 ]]; then
-      command -v sudo >/dev/null || die "mosquitto is missing and installing it needs root (or sudo)"
-      SUDO=sudo
-    fi
-    if ! $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto >"$WORK/apt.log" 2>&1; then
-      $SUDO apt-get update >>"$WORK/apt.log" 2>&1
-      $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto >>"$WORK/apt.log" 2>&1 \
-        || die "apt-get install mosquitto failed (see $WORK/apt.log)"
-    fi
-    MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
-  fi
-  [[ -x "$MOSQUITTO" ]] || die "mosquitto not found after install"
+  find_mosquitto
 fi
 command -v python3 >/dev/null || die "python3 is needed to pick free ports"
 
@@ -179,10 +134,8 @@ fi
 log "building ${PACKAGES[*]} (release)"
 cargo build --release --quiet "${PACKAGES[@]}"
 SIM="$ROOT/target/release/device-sim"
-HEARTWIRE="${HEARTWIRE_BIN:-$ROOT/target/release/broker}"
 if [[ " $BROKERS " == *" heartwire "* ]]; then
-  HEARTWIRE="$(cd "$(dirname "$HEARTWIRE")" && pwd)/$(basename "$HEARTWIRE")"
-  [[ -x "$HEARTWIRE" ]] || die "broker binary $HEARTWIRE is missing or not executable"
+  heartwire_binary
 fi
 RUMQTTD="$ROOT/bench/rumqttd/target/release/rumqttd-broker"
 if [[ " $BROKERS " == *" rumqttd "* ]]; then
