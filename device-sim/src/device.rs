@@ -210,11 +210,11 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(device: &Device, profile: &Profile) -> Self {
+    /// A connection of `device`, whose telemetry topic (if any) is `topic_len` bytes long.
+    fn new(device: &Device, profile: &Profile, topic_len: usize) -> Self {
         let mut opts = MqttOptions::new(&device.client_id, &device.host, device.port);
         let outgoing = profile.telemetry.as_ref().map_or(MAX_PACKET_SIZE, |t| {
-            t.packet_size(t.topic_for(&device.client_id, device.number).len())
-                .max(MAX_PACKET_SIZE)
+            t.packet_size(topic_len).max(MAX_PACKET_SIZE)
         });
         opts.set_keep_alive(profile.keepalive)
             .set_clean_session(profile.clean_session)
@@ -341,6 +341,11 @@ impl Sim {
         self.truth.record(&r);
     }
 
+    /// A new connection (not dialled until polled).
+    fn dial(&self) -> Conn {
+        Conn::new(&self.device, &self.profile, self.topic.len())
+    }
+
     fn set_phase(&self, p: u8) {
         self.phase.store(p, Ordering::Relaxed);
     }
@@ -411,7 +416,7 @@ impl Sim {
             self.attempt_start = Instant::now();
         } else if self.away_until.take().is_some() {
             self.dead = None;
-            self.conn = Some(Conn::new(&self.device, &self.profile));
+            self.conn = Some(self.dial());
             self.stats.returned();
             self.failures = 0;
             self.attempt_start = Instant::now();
@@ -506,7 +511,7 @@ impl Sim {
                 count_telemetry(&stats, &event);
             }
         };
-        let new_fut = Conn::new(&self.device, &self.profile).connect();
+        let new_fut = self.dial().connect();
         let limit = Duration::from_secs(self.profile.connect_timeout_s) + TAKEOVER_MARGIN;
         let deadline = tokio::time::sleep(limit);
         tokio::pin!(old_fut, new_fut, deadline);
@@ -558,7 +563,7 @@ impl Sim {
             }
             None => {
                 // The takeover failed: drop whatever is left and redial like after any loss.
-                self.conn = Some(Conn::new(&self.device, &self.profile));
+                self.conn = Some(self.dial());
                 self.on_net(Err(ConnectionError::RequestsDone));
             }
         }
@@ -688,7 +693,7 @@ pub async fn run(
         .map(|t| t.topic_for(&device.client_id, device.number))
         .unwrap_or_default();
     let mut sim = Sim {
-        conn: Some(Conn::new(&device, &profile)),
+        conn: None,
         next_publish: None,
         seq: 0,
         topic,
@@ -705,6 +710,7 @@ pub async fn run(
         away_until: None,
         dead: None,
     };
+    sim.conn = Some(sim.dial());
     sim.set_phase(phase::CONNECTING);
     sim.live(&mut ctl).await;
     sim.set_phase(phase::ENDED);

@@ -312,10 +312,9 @@ fn check(args: &RunArgs) -> Result<()> {
         }
         // The expanded topic of the device with the longest number (the prefix is in it too).
         let last = args.start_number.saturating_add(args.count - 1);
-        let topic = args
-            .topic
-            .replace("%c", &format!("{}{last}", args.prefix))
-            .replace("%i", &last.to_string());
+        let topic = telemetry(args)
+            .map(|t| t.topic_for(&format!("{}{last}", args.prefix), last))
+            .unwrap_or_default();
         if topic.is_empty()
             || topic.contains(['+', '#', '\0'])
             || topic.len() > usize::from(u16::MAX)
