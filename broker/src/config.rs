@@ -144,7 +144,9 @@ impl Default for EventsConfig {
 pub struct DatabaseConfig {
     /// `sqlite://PATH` (embedded, the default) or `postgres://USER:PASSWORD@HOST:PORT/DB`.
     pub url: String,
-    /// Connections in the pool (SQLite uses at most 2: it has one writer at a time).
+    /// Connections of the bridge's pool: presence writes, the node heartbeat and history
+    /// pruning. PostgreSQL only: SQLite writes through one connection (it has one writer at a
+    /// time). The API reads through a pool of its own (`http.max_store_queries`).
     pub max_connections: u32,
 }
 
@@ -232,12 +234,27 @@ fn default_node_id() -> String {
 pub struct HttpConfig {
     /// Address of the REST API, /metrics, /healthz and /readyz.
     pub listen: SocketAddr,
+    /// Store queries the API runs at once (1-1024). The API reads through its own pool of this
+    /// many connections plus one (for /readyz), separate from the bridge's, so that API reads
+    /// never delay presence writes. Requests beyond it wait up to `store_queue_timeout`.
+    pub max_store_queries: u32,
+    /// How long a request waits for one of the `max_store_queries` slots before it is answered
+    /// 503 with `Retry-After` (at most 60s).
+    #[serde(with = "humantime_serde")]
+    pub store_queue_timeout: Duration,
+    /// How long a /api/v1/stats result is reused (at most 1h; 0 = computed per request, still
+    /// one query at a time): concurrent requests share one refresh.
+    #[serde(with = "humantime_serde")]
+    pub stats_cache_ttl: Duration,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            max_store_queries: 4,
+            store_queue_timeout: Duration::from_secs(1),
+            stats_cache_ttl: Duration::from_secs(1),
         }
     }
 }
@@ -423,6 +440,28 @@ impl Config {
         if self.node.heartbeat_interval.is_zero() {
             return invalid("node.heartbeat_interval", "must be greater than 0");
         }
+        self.validate_http()?;
+        Ok(())
+    }
+
+    /// The `http` section's ranges.
+    fn validate_http(&self) -> Result<(), ConfigError> {
+        let h = &self.http;
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_owned(),
+            })
+        };
+        if !(1..=1024).contains(&h.max_store_queries) {
+            return invalid("http.max_store_queries", "must be between 1 and 1024");
+        }
+        if h.store_queue_timeout > Duration::from_secs(60) {
+            return invalid("http.store_queue_timeout", "must be between 0s and 60s");
+        }
+        if h.stats_cache_ttl > Duration::from_secs(3600) {
+            return invalid("http.stats_cache_ttl", "must be between 0s and 1h");
+        }
         Ok(())
     }
 
@@ -489,6 +528,34 @@ mod tests {
         let err = Config::load_from(None, env(&[("BROKER_MQTT__CONNECT_TIMEOUT", "soon")]))
             .expect_err("bad duration");
         assert!(err.to_string().contains("mqtt.connect_timeout"), "{err}");
+    }
+
+    #[test]
+    fn http_store_limits_are_checked() {
+        for (key, var, value) in [
+            (
+                "http.max_store_queries",
+                "BROKER_HTTP__MAX_STORE_QUERIES",
+                "0",
+            ),
+            (
+                "http.max_store_queries",
+                "BROKER_HTTP__MAX_STORE_QUERIES",
+                "5000",
+            ),
+            (
+                "http.store_queue_timeout",
+                "BROKER_HTTP__STORE_QUEUE_TIMEOUT",
+                "2m",
+            ),
+            ("http.stats_cache_ttl", "BROKER_HTTP__STATS_CACHE_TTL", "2h"),
+        ] {
+            let err = Config::load_from(None, env(&[(var, value)])).expect_err(key);
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        let c = Config::load_from(None, env(&[("BROKER_HTTP__STATS_CACHE_TTL", "0s")]))
+            .expect("a TTL of 0 is valid");
+        assert_eq!(c.http.stats_cache_ttl, Duration::ZERO);
     }
 
     #[test]

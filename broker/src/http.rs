@@ -2,7 +2,13 @@
 //!
 //! [`app`] builds the router from its state, so tests call it without a socket. JSON bodies,
 //! RFC 3339 UTC timestamps; errors are `{"error": "..."}` with 400 (bad parameter), 404
-//! (unknown device) or 503 (store unavailable; internals are logged, not returned).
+//! (unknown device) or 503 (store unavailable or busy; internals are logged, not returned).
+//!
+//! The API reads through a store pool of its own, never the bridge's, and at most
+//! `http.max_store_queries` requests query it at once ([`queries`]); /api/v1/stats comes from a
+//! short-lived cache.
+
+pub mod queries;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,9 +23,12 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::config::HttpConfig;
 use crate::metrics::metrics;
 use crate::mqtt::Registry;
 use crate::store::{Device, PresenceStore, Session, Store, StoreError};
+use crate::telemetry::LogLimiter;
+use queries::{QueryLimit, StatsCache};
 
 /// Largest page of devices or sessions.
 pub const MAX_LIMIT: u32 = 1000;
@@ -29,13 +38,44 @@ pub const DEFAULT_LIMIT: u32 = 100;
 /// What the handlers need.
 #[derive(Clone)]
 pub struct AppState {
-    /// The presence store.
+    /// The presence store: the API's own read-only pool.
     pub store: Store,
     /// The broker's live sessions (for last_seen).
     pub registry: Registry,
     /// Set by the bridge once migrations are applied.
     pub migrated: Arc<AtomicBool>,
+    /// Every handler that queries the store takes a slot here first.
+    pub queries: Arc<QueryLimit>,
+    /// The /api/v1/stats totals.
+    pub stats: Arc<StatsCache>,
 }
+
+impl AppState {
+    /// State over `store` (a pool of at least `http.max_store_queries` connections), with the
+    /// query limit and stats cache of `config`.
+    pub fn new(
+        store: Store,
+        registry: Registry,
+        migrated: Arc<AtomicBool>,
+        config: &HttpConfig,
+    ) -> Self {
+        Self {
+            store,
+            registry,
+            migrated,
+            queries: Arc::new(QueryLimit::new(
+                config.max_store_queries,
+                config.store_queue_timeout,
+            )),
+            stats: Arc::new(StatsCache::new(config.stats_cache_ttl)),
+        }
+    }
+}
+
+/// Failed API requests are logged at most once per this interval (with the count held back).
+const LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+static STORE_FAILED: LogLimiter = LogLimiter::new(LOG_INTERVAL);
+static STORE_BUSY: LogLimiter = LogLimiter::new(LOG_INTERVAL);
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +89,14 @@ pub enum ApiError {
     /// 503; the cause is logged.
     #[error("presence store unavailable")]
     Store(#[from] StoreError),
+    /// 503: a request that shared a failed store query (the failure was logged by the request
+    /// that made it).
+    #[error("presence store unavailable")]
+    Unavailable,
+    /// 503 with `Retry-After`: every store query slot stayed taken for
+    /// `http.store_queue_timeout`.
+    #[error("too many concurrent requests to the presence store; retry in a moment")]
+    Busy,
 }
 
 impl IntoResponse for ApiError {
@@ -57,8 +105,27 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Store(error) => {
-                tracing::warn!(%error, "API request failed on the store.");
+                if let Some(suppressed) = STORE_FAILED.check() {
+                    tracing::warn!(%error, suppressed, "API request failed on the store.");
+                }
                 StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Busy => {
+                if let Some(suppressed) = STORE_BUSY.check() {
+                    tracing::warn!(
+                        suppressed,
+                        "API requests refused: every store query slot stayed taken \
+                         (http.max_store_queries, http.store_queue_timeout)."
+                    );
+                }
+                let body = Json(json!({ "error": self.to_string() }));
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, "1")],
+                    body,
+                )
+                    .into_response();
             }
         };
         (status, Json(json!({ "error": self.to_string() }))).into_response()
@@ -145,6 +212,7 @@ fn check_params(params: &HashMap<String, String>, allowed: &[&str]) -> Result<()
 
 async fn get_device(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     let result = async {
+        let _slot = state.queries.acquire().await?;
         let device = state
             .store
             .device(&id)
@@ -184,6 +252,7 @@ async fn list_devices(
         };
         let limit = parse_limit(&params)?;
         let cursor = params.get("cursor").map(String::as_str);
+        let _slot = state.queries.acquire().await?;
         let devices = state.store.devices(online, cursor, limit).await?;
         let next_cursor = (devices.len() == limit as usize)
             .then(|| devices.last().map(|d| d.device_id.clone()))
@@ -208,6 +277,7 @@ async fn device_sessions(
     let result = async {
         check_params(&params, &["limit"])?;
         let limit = parse_limit(&params)?;
+        let _slot = state.queries.acquire().await?;
         let sessions = state.store.sessions(&id, limit).await?;
         if sessions.is_empty() && state.store.device(&id).await?.is_none() {
             return Err(ApiError::NotFound(id.clone()));
@@ -220,7 +290,7 @@ async fn device_sessions(
 
 async fn stats(State(state): State<AppState>) -> Response {
     let result = async {
-        let stats = state.store.stats().await?;
+        let stats = state.stats.get(&state.store, &state.queries).await?;
         Ok::<_, ApiError>(Json(json!({
             "online": stats.online,
             "known_devices": stats.known_devices,

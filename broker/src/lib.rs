@@ -127,12 +127,21 @@ pub async fn run_with(
         shutdown.child_token(),
     ));
 
+    // The API reads through a pool of its own (one connection more than its query slots, for
+    // /readyz), so that its reads never make the bridge wait for a connection.
+    let api_store = Store::open(
+        &config.database.url,
+        config.http.max_store_queries + 1,
+        store::Access::ReadOnly,
+    )
+    .await?;
     let shared = Arc::new(mqtt::Shared::new(config.mqtt.clone(), events));
-    let state = http::AppState {
-        store,
-        registry: mqtt::Registry::new(&shared),
+    let state = http::AppState::new(
+        api_store,
+        mqtt::Registry::new(&shared),
         migrated,
-    };
+        &config.http,
+    );
     tracing::info!(
         listen = %listeners.http.local_addr().unwrap_or(config.http.listen),
         "HTTP listener ready."

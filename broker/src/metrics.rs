@@ -76,6 +76,10 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     /// HTTP API requests by route and status class.
     pub http_requests: IntCounterVec,
+    /// API requests answered 503 because every store query slot stayed taken.
+    pub http_store_busy: IntCounter,
+    /// Queries made to refresh the /api/v1/stats cache.
+    pub http_stats_refreshes: IntCounter,
 }
 
 /// MQTT 3.1.1 packet types, the closed set of the `type` label.
@@ -374,6 +378,17 @@ impl Metrics {
                 "heartwire_http_requests_total",
                 "HTTP API requests, by route and status class.",
                 &["route", "status"],
+            ),
+            http_store_busy: counter(
+                &r,
+                "heartwire_http_store_busy_total",
+                "API requests answered 503 because every store query slot stayed taken \
+                 (http.max_store_queries) for http.store_queue_timeout.",
+            ),
+            http_stats_refreshes: counter(
+                &r,
+                "heartwire_http_stats_refreshes_total",
+                "Store queries made to refresh the cached /api/v1/stats totals.",
             ),
             registry: r,
         };

@@ -25,6 +25,10 @@ struct Api {
 
 impl Api {
     async fn new() -> Self {
+        Self::with(&Default::default()).await
+    }
+
+    async fn with(config: &broker::config::HttpConfig) -> Self {
         let dir = TempDir::new("api");
         let store = Store::connect(&format!("sqlite://{}/api.db", dir.path().display()), 2)
             .await
@@ -33,11 +37,12 @@ impl Api {
         let (events, _rx) = presence::channel(16);
         let shared = Shared::new(Default::default(), events);
         Self {
-            state: AppState {
+            state: AppState::new(
                 store,
-                registry: Registry::new(&shared),
-                migrated: Arc::new(AtomicBool::new(true)),
-            },
+                Registry::new(&shared),
+                Arc::new(AtomicBool::new(true)),
+                config,
+            ),
             _dir: dir,
         }
     }
@@ -250,4 +255,112 @@ async fn last_seen_comes_from_memory_for_connected_devices() {
         "last_seen {last_seen} reflects the PINGREQ sent at {before_ping}"
     );
     broker.stop().await;
+}
+
+#[tokio::test]
+async fn busy_store_slots_answer_503_with_retry_after() {
+    let config = broker::config::HttpConfig {
+        max_store_queries: 1,
+        store_queue_timeout: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let api = Api::with(&config).await;
+    let busy_before = broker::metrics::metrics().http_store_busy.get();
+    let held = api.state.queries.acquire().await.expect("the only slot");
+    for uri in [
+        "/api/v1/devices",
+        "/api/v1/devices/x",
+        "/api/v1/devices/x/sessions",
+        "/api/v1/stats",
+    ] {
+        let response = app(api.state.clone())
+            .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{uri}");
+        assert_eq!(
+            response.headers().get("retry-after").map(|v| v.as_bytes()),
+            Some(&b"1"[..]),
+            "{uri}"
+        );
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let body: Value = serde_json::from_slice(&body).expect("JSON");
+        assert!(
+            body["error"].as_str().expect("error").contains("retry"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        broker::metrics::metrics().http_store_busy.get() - busy_before,
+        4
+    );
+    drop(held);
+    let (status, _) = api.get("/api/v1/devices").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_come_from_one_shared_query_while_fresh() {
+    let config = broker::config::HttpConfig {
+        stats_cache_ttl: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let api = Api::with(&config).await;
+    api.state
+        .store
+        .apply(&[connected("a", SessionId::new())])
+        .await
+        .expect("apply");
+    let refreshes = || broker::metrics::metrics().http_stats_refreshes.get();
+    let before = refreshes();
+    let requests: Vec<_> = (0..50)
+        .map(|_| {
+            let state = api.state.clone();
+            tokio::spawn(async move {
+                app(state)
+                    .oneshot(
+                        Request::get("/api/v1/stats")
+                            .body(Body::empty())
+                            .expect("request"),
+                    )
+                    .await
+                    .expect("response")
+                    .status()
+            })
+        })
+        .collect();
+    for r in requests {
+        assert_eq!(r.await.expect("task"), StatusCode::OK);
+    }
+    assert_eq!(refreshes() - before, 1, "50 concurrent requests, one query");
+    // Fresh for the TTL: a new session is not counted yet.
+    api.state
+        .store
+        .apply(&[connected("b", SessionId::new())])
+        .await
+        .expect("apply");
+    let (_, body) = api.get("/api/v1/stats").await;
+    assert_eq!(body["known_devices"], 1);
+    assert_eq!(refreshes() - before, 1);
+
+    // With a TTL of 0, every request queries (still one at a time).
+    let api = Api::with(&broker::config::HttpConfig {
+        stats_cache_ttl: Duration::ZERO,
+        ..Default::default()
+    })
+    .await;
+    for (i, id) in ["a", "b"].into_iter().enumerate() {
+        api.state
+            .store
+            .apply(&[connected(id, SessionId::new())])
+            .await
+            .expect("apply");
+        let (_, body) = api.get("/api/v1/stats").await;
+        assert_eq!(body["known_devices"], i + 1);
+    }
 }

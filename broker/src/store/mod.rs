@@ -184,6 +184,18 @@ pub trait PresenceStore: Send + Sync {
     fn stats(&self) -> impl Future<Output = Result<Stats, StoreError>> + Send;
 }
 
+/// What a pool is for. The bridge and the API get a pool each, so that API reads never make
+/// presence writes wait for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Writes and reads (the bridge, the node heartbeat, history pruning, tests). SQLite uses a
+    /// single connection: it has one writer at a time.
+    ReadWrite,
+    /// Reads only (the API). SQLite connections are `query_only`, and in WAL mode they read
+    /// beside the writer without blocking it; PostgreSQL sessions are read-only.
+    ReadOnly,
+}
+
 /// The configured backend.
 #[derive(Clone)]
 pub enum Store {
@@ -194,18 +206,26 @@ pub enum Store {
 }
 
 impl Store {
-    /// Connects to the database named by `url`: `postgres://` / `postgresql://` or `sqlite://`.
-    /// PostgreSQL connects lazily (the broker starts while the database is down); a SQLite file
-    /// and its directory are created when missing.
+    /// Connects to the database named by `url`: `postgres://` / `postgresql://` or `sqlite://`,
+    /// with a pool for writes and reads ([`Access::ReadWrite`]). PostgreSQL connects lazily
+    /// (the broker starts while the database is down); a SQLite file and its directory are
+    /// created when missing.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        Self::open(url, max_connections, Access::ReadWrite).await
+    }
+
+    /// As [`Store::connect`], with a pool for `access`. A read-only SQLite pool expects the
+    /// file to exist (open the read-write pool first).
+    pub async fn open(url: &str, max_connections: u32, access: Access) -> Result<Self, StoreError> {
         let scheme = url.split(':').next().unwrap_or_default();
         match scheme {
             "postgres" | "postgresql" => Ok(Self::Postgres(postgres::PgStore::connect(
                 url,
                 max_connections,
+                access,
             )?)),
             "sqlite" => Ok(Self::Sqlite(
-                sqlite::SqliteStore::connect(url, max_connections).await?,
+                sqlite::SqliteStore::connect(url, max_connections, access).await?,
             )),
             _ => Err(StoreError::Scheme(redact(url))),
         }

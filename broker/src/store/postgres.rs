@@ -10,8 +10,9 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::{
-    stats_from_rows, BatchPlan, Device, PresenceRecord, PresenceStore, Recovery, Session, Stats,
-    StoreError, BROKER_RESTART, DEVICE_COLUMNS, SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
+    stats_from_rows, Access, BatchPlan, Device, PresenceRecord, PresenceStore, Recovery, Session,
+    Stats, StoreError, BROKER_RESTART, DEVICE_COLUMNS, SESSION_COLUMNS, STATS_REASONS,
+    STATS_TOTALS,
 };
 
 /// A PostgreSQL connection pool.
@@ -22,8 +23,14 @@ pub struct PgStore {
 
 impl PgStore {
     /// A pool that connects on first use, so the broker starts while the database is down.
-    pub fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url)?.application_name("heartwire");
+    /// A read-only pool's sessions refuse writes (`default_transaction_read_only`).
+    pub fn connect(url: &str, max_connections: u32, access: Access) -> Result<Self, StoreError> {
+        let mut options = PgConnectOptions::from_str(url)?.application_name("heartwire");
+        if access == Access::ReadOnly {
+            options = options
+                .application_name("heartwire-api")
+                .options([("default_transaction_read_only", "on")]);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))

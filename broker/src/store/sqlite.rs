@@ -16,8 +16,9 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
 
 use super::{
-    stats_from_rows, BatchPlan, Device, PresenceRecord, PresenceStore, Recovery, Session, Stats,
-    StoreError, BROKER_RESTART, DEVICE_COLUMNS, SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
+    stats_from_rows, Access, BatchPlan, Device, PresenceRecord, PresenceStore, Recovery, Session,
+    Stats, StoreError, BROKER_RESTART, DEVICE_COLUMNS, SESSION_COLUMNS, STATS_REASONS,
+    STATS_TOTALS,
 };
 
 /// Rows per multi-row statement: 11 parameters each stays under SQLite's 32,766 limit.
@@ -42,17 +43,33 @@ fn uuid(text: &str) -> Result<Uuid, sqlx::Error> {
 }
 
 impl SqliteStore {
-    /// Opens (creating when missing) the database file named by a `sqlite://PATH` URL.
-    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+    /// Opens the database file named by a `sqlite://PATH` URL. A read-write pool creates the
+    /// file when missing and is a single connection (SQLite has one writer at a time; a second
+    /// one would only wait for the lock); a read-only pool has up to `max_connections`
+    /// `query_only` connections, which WAL mode lets read beside the writer.
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        access: Access,
+    ) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
             // 256 KiB page cache per connection (SQLite's default is 2 MiB): the memory
             // belongs to device connections; presence writes touch few pages.
             .pragma("cache_size", "-256")
             .foreign_keys(true);
+        if access == Access::ReadOnly {
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections.max(1))
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(options.pragma("query_only", "ON"))
+                .await?;
+            return Ok(Self { pool });
+        }
+        let options = options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal);
         let file = options.get_filename();
         if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.exists() && file != Path::new(":memory:") {
@@ -62,10 +79,11 @@ impl SqliteStore {
                 })?;
             }
         }
-        // SQLite has one writer at a time: beyond two connections (the bridge writing, the API
-        // reading) a larger pool only costs memory.
+        // Kept open: while it is, the WAL and shared-memory files stay, and the readers with
+        // them.
         let pool_options = SqlitePoolOptions::new()
-            .max_connections(max_connections.clamp(1, 2))
+            .max_connections(1)
+            .min_connections(1)
             .acquire_timeout(Duration::from_secs(5));
         // Switching a new file to WAL takes an exclusive lock that SQLite does not wait for; a
         // second process (or pool) opening the file at that moment gets SQLITE_BUSY at once.

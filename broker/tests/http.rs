@@ -1,0 +1,267 @@
+//! The HTTP listener over real sockets, against the whole broker on port-0 listeners: the API
+//! under a storm of requests while devices connect (presence writes must not wait behind API
+//! reads).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use broker::metrics::metrics;
+use broker::store::{PresenceStore, Store};
+use common::{eventually, ConnectOpts, FullBroker, RawClient, TempDir};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// An HTTP answer as read off the socket.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// Parses one HTTP/1.1 response from `bytes`; `None` while incomplete.
+fn parse_reply(bytes: &[u8]) -> Option<Reply> {
+    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&bytes[..end]);
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let body = bytes.get(end + 4..end + 4 + length)?;
+    Some(Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(body).into_owned(),
+    })
+}
+
+/// Reads one response from `stream` (bounded by `common::WAIT`).
+async fn read_reply(stream: &mut TcpStream) -> Option<Reply> {
+    let mut buf = Vec::new();
+    tokio::time::timeout(common::WAIT, async {
+        loop {
+            if let Some(reply) = parse_reply(&buf) {
+                return Some(reply);
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return parse_reply(&buf),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+fn sqlite_url(data: &TempDir) -> String {
+    format!("sqlite://{}/broker.db", data.path().display())
+}
+
+async fn ready(broker: &FullBroker) {
+    eventually("broker ready", || async {
+        common::http_get(broker.http, "/readyz").await
+    })
+    .await;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Item 6: the API must not starve presence writes.
+
+/// Fills the presence database with `sessions` closed history rows over 1,000 offline devices,
+/// so that whole-table aggregates have real work to do.
+async fn prefill(url: &str, sessions: u32) {
+    let store = Store::connect(url, 1).await.expect("store");
+    store.migrate().await.expect("migrate");
+    drop(store);
+    let options: sqlx::sqlite::SqliteConnectOptions = url.parse().expect("url");
+    let pool = sqlx::SqlitePool::connect_with(options).await.expect("pool");
+    sqlx::query(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
+         INSERT INTO sessions (session_id, device_id, node_id, boot_id, seq, connected_at, \
+                               disconnected_at, reason, peer, keep_alive, clean_session) \
+         SELECT printf('00000000-0000-7000-8000-%012d', i), 'filler-' || (i % 1000), 'filler', \
+                '00000000-0000-7000-8000-000000000000', i, 1700000000000000 + i * 1000, \
+                1700000000000000 + i * 1000 + 500, \
+                CASE i % 3 WHEN 0 THEN 'client_disconnect' WHEN 1 THEN 'connection_lost' \
+                           ELSE 'keepalive_timeout' END, '10.0.0.1:1', 30, 1 \
+         FROM n",
+    )
+    .bind(sessions)
+    .execute(&pool)
+    .await
+    .expect("prefill sessions");
+    sqlx::query(
+        "INSERT INTO devices (device_id, online, session_id, node_id, connected_at, \
+                              disconnected_at, last_reason, peer, keep_alive, updated_at) \
+         SELECT device_id, 0, max(session_id), 'filler', max(connected_at), max(disconnected_at), \
+                'client_disconnect', '10.0.0.1:1', 30, max(disconnected_at) \
+         FROM sessions GROUP BY device_id",
+    )
+    .execute(&pool)
+    .await
+    .expect("prefill devices");
+    pool.close().await;
+}
+
+/// Sends `GET path` on its own connection; returns the reply, `None` when none came.
+async fn request(addr: SocketAddr, path: String) -> Option<Reply> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    read_reply(&mut stream).await
+}
+
+/// What a batch of replies was: counts by status, and replies that break the rules (a 503
+/// without a JSON error and `Retry-After`, or anything but 200 and 503).
+async fn tally(
+    requests: Vec<tokio::task::JoinHandle<Option<Reply>>>,
+) -> (std::collections::BTreeMap<u16, usize>, Vec<String>) {
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut bad = Vec::new();
+    for request in requests {
+        let reply = tokio::time::timeout(Duration::from_secs(20), request)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        let status = reply.as_ref().map_or(0, |r| r.status);
+        *statuses.entry(status).or_insert(0) += 1;
+        match reply {
+            Some(r) if r.status == 200 => {}
+            Some(r)
+                if r.status == 503
+                    && r.header("retry-after") == Some("1")
+                    && r.json()["error"].is_string() => {}
+            other => bad.push(format!("{other:?}")),
+        }
+    }
+    (statuses, bad)
+}
+
+fn apply_errors() -> u64 {
+    metrics().store_errors.with_label_values(&["apply"]).get()
+}
+
+/// How long until `store` shows `id` in the wanted state, at most `within`.
+async fn lag(store: &Store, id: &str, online: bool, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if let Ok(Some(d)) = store.device(id).await {
+            if d.online == online {
+                return Some(started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+/// 1,000 concurrent /stats requests and 200 concurrent device listings over a 100,000-session
+/// history, while 20 devices connect and disconnect one after the other: each state change must
+/// reach the store within a second, with no store write error. /stats is answered from one
+/// shared query; listings beyond the API's query slots get 503 with a JSON error and
+/// `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_storm_does_not_delay_presence_writes() {
+    const STATS: usize = 1000;
+    const LISTINGS: usize = 200;
+    const DEVICES: usize = 20;
+    const BOUND: Duration = Duration::from_secs(1);
+    let data = TempDir::new("stats-storm");
+    let url = sqlite_url(&data);
+    let started = Instant::now();
+    prefill(&url, 100_000).await;
+    eprintln!("prefilled in {:?}", started.elapsed());
+    let config = FullBroker::config(&url, &data, "storm");
+    let broker = FullBroker::start(config).await;
+    ready(&broker).await;
+    let store = Store::connect(&url, 2).await.expect("store");
+    let errors_before = apply_errors();
+    let refreshes_before = metrics().http_stats_refreshes.get();
+
+    let storm_started = Instant::now();
+    let stats: Vec<_> = (0..STATS)
+        .map(|_| tokio::spawn(request(broker.http, "/api/v1/stats".into())))
+        .collect();
+    let listings: Vec<_> = (0..LISTINGS)
+        .map(|i| {
+            let path = format!("/api/v1/devices?limit=1000&cursor=filler-{}", i % 10);
+            tokio::spawn(request(broker.http, path))
+        })
+        .collect();
+
+    let mut lags = Vec::new();
+    let mut connacks = Vec::new();
+    for i in 0..DEVICES {
+        let id = format!("storm-{i}");
+        let connecting = Instant::now();
+        let (client, _) = RawClient::connect(broker.mqtt, ConnectOpts::new(&id)).await;
+        connacks.push(connecting.elapsed());
+        let online = lag(&store, &id, true, Duration::from_secs(10)).await;
+        client.disconnect().await;
+        let offline = lag(&store, &id, false, Duration::from_secs(10)).await;
+        for (what, measured) in [("online", online), ("offline", offline)] {
+            match measured {
+                Some(l) if l <= BOUND => lags.push(l),
+                other => panic!(
+                    "device {i} {what}: store lag {other:?} (bound {BOUND:?}), CONNACK after \
+                     {:?}, {} store write errors, {:?} into the storm",
+                    connacks[i],
+                    apply_errors() - errors_before,
+                    storm_started.elapsed()
+                ),
+            }
+        }
+    }
+    let (stats, bad_stats) = tally(stats).await;
+    let (listings, bad_listings) = tally(listings).await;
+    lags.sort();
+    connacks.sort();
+    eprintln!(
+        "in {:?}: /stats {stats:?} from {} queries; listings {listings:?}; store lag p50 {:?} \
+         max {:?}; CONNACK max {:?}; {} store write errors",
+        storm_started.elapsed(),
+        metrics().http_stats_refreshes.get() - refreshes_before,
+        lags[lags.len() / 2],
+        lags[lags.len() - 1],
+        connacks[connacks.len() - 1],
+        apply_errors() - errors_before
+    );
+    assert_eq!(apply_errors(), errors_before, "store write errors");
+    assert_eq!(
+        stats.get(&200).copied().unwrap_or(0),
+        STATS,
+        "every /stats request answered 200: {stats:?}"
+    );
+    assert!(
+        bad_stats.is_empty() && bad_listings.is_empty(),
+        "{bad_listings:?}"
+    );
+    broker.stop().await;
+}
