@@ -234,6 +234,18 @@ fn default_node_id() -> String {
 pub struct HttpConfig {
     /// Address of the REST API, /metrics, /healthz and /readyz.
     pub listen: SocketAddr,
+    /// HTTP connections held at once (1-65535), so that HTTP clients can never take the file
+    /// descriptors MQTT needs. Beyond it the listener stops accepting: new connections wait in
+    /// the kernel's listen backlog (costing the process no descriptor) until one closes.
+    pub max_connections: u32,
+    /// Time a request head (request line and headers) has to arrive completely, from its first
+    /// byte, or from the accept for a connection's first request (100ms-10m).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection without a request for this long is closed (100ms-1h). Also
+    /// bounds a response that the client does not read.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// Store queries the API runs at once (1-1024). The API reads through its own pool of this
     /// many connections plus one (for /readyz), separate from the bridge's, so that API reads
     /// never delay presence writes. Requests beyond it wait up to `store_queue_timeout`.
@@ -252,6 +264,9 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            max_connections: 256,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             max_store_queries: 4,
             store_queue_timeout: Duration::from_secs(1),
             stats_cache_ttl: Duration::from_secs(1),
@@ -453,6 +468,17 @@ impl Config {
                 message: message.to_owned(),
             })
         };
+        if !(1..=65_535).contains(&h.max_connections) {
+            return invalid("http.max_connections", "must be between 1 and 65535");
+        }
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(600));
+        if !(min..=max).contains(&h.header_read_timeout) {
+            return invalid("http.header_read_timeout", "must be between 100ms and 10m");
+        }
+        let max = Duration::from_secs(3600);
+        if !(min..=max).contains(&h.idle_timeout) {
+            return invalid("http.idle_timeout", "must be between 100ms and 1h");
+        }
         if !(1..=1024).contains(&h.max_store_queries) {
             return invalid("http.max_store_queries", "must be between 1 and 1024");
         }
@@ -530,29 +556,29 @@ mod tests {
         assert!(err.to_string().contains("mqtt.connect_timeout"), "{err}");
     }
 
-    #[test]
-    fn http_store_limits_are_checked() {
-        for (key, var, value) in [
-            (
-                "http.max_store_queries",
-                "BROKER_HTTP__MAX_STORE_QUERIES",
-                "0",
-            ),
-            (
-                "http.max_store_queries",
-                "BROKER_HTTP__MAX_STORE_QUERIES",
-                "5000",
-            ),
-            (
-                "http.store_queue_timeout",
-                "BROKER_HTTP__STORE_QUEUE_TIMEOUT",
-                "2m",
-            ),
-            ("http.stats_cache_ttl", "BROKER_HTTP__STATS_CACHE_TTL", "2h"),
-        ] {
-            let err = Config::load_from(None, env(&[(var, value)])).expect_err(key);
-            assert!(err.to_string().contains(key), "{err}");
+    /// Each `(key, value)` is refused with a message naming the key.
+    fn refused(cases: &[(&str, &str)]) {
+        for (key, value) in cases {
+            let var = format!("BROKER_{}", key.to_uppercase().replace('.', "__"));
+            let err = Config::load_from(None, env(&[(&var, value)])).expect_err(key);
+            assert!(err.to_string().contains(key), "{key}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn http_limits_are_checked() {
+        refused(&[
+            ("http.max_connections", "0"),
+            ("http.max_connections", "70000"),
+            ("http.header_read_timeout", "0s"),
+            ("http.header_read_timeout", "1h"),
+            ("http.idle_timeout", "10ms"),
+            ("http.idle_timeout", "2h"),
+            ("http.max_store_queries", "0"),
+            ("http.max_store_queries", "5000"),
+            ("http.store_queue_timeout", "2m"),
+            ("http.stats_cache_ttl", "2h"),
+        ]);
         let c = Config::load_from(None, env(&[("BROKER_HTTP__STATS_CACHE_TTL", "0s")]))
             .expect("a TTL of 0 is valid");
         assert_eq!(c.http.stats_cache_ttl, Duration::ZERO);

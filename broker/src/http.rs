@@ -9,6 +9,7 @@
 //! short-lived cache.
 
 pub mod queries;
+pub mod server;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

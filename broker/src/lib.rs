@@ -7,7 +7,8 @@
 //! - [`presence`]: the connection events and the bridge that batches them into the store
 //!   (memory buffer and journal while the database is away, crash recovery at start).
 //! - [`store`]: the presence store trait and its PostgreSQL and SQLite backends.
-//! - [`http`]: the REST API, /metrics, /healthz, /readyz.
+//! - [`http`]: the REST API, /metrics, /healthz, /readyz, and the HTTP listener that serves
+//!   them (connection limit, timeouts).
 //! - [`config`]: typed configuration (defaults < TOML file < `BROKER_` environment).
 //! - [`metrics`]: every Prometheus metric, defined in one place.
 //! - [`telemetry`]: tracing setup.
@@ -146,13 +147,18 @@ pub async fn run_with(
         listen = %listeners.http.local_addr().unwrap_or(config.http.listen),
         "HTTP listener ready."
     );
+    let http_config = config.http.clone();
     let http_shutdown = shutdown.clone();
+    let grace = config.shutdown.grace_period;
     tracker.spawn(async move {
-        let server = axum::serve(listeners.http, http::app(state))
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
-        if let Err(error) = server.await {
-            tracing::error!(%error, "HTTP server failed.");
-        }
+        http::server::serve(
+            listeners.http,
+            http::app(state),
+            &http_config,
+            http_shutdown,
+            grace,
+        )
+        .await;
     });
 
     tracing::info!(

@@ -76,6 +76,16 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     /// HTTP API requests by route and status class.
     pub http_requests: IntCounterVec,
+    /// HTTP connections open now.
+    pub http_connections: IntGauge,
+    /// HTTP connections accepted.
+    pub http_connections_accepted: IntCounter,
+    /// Times the HTTP listener paused at `http.max_connections`.
+    pub http_connection_limit_waits: IntCounter,
+    /// HTTP connections closed by a timeout, by kind.
+    pub http_connection_timeouts: IntCounterVec,
+    /// HTTP accept attempts that failed for lack of file descriptors.
+    pub http_accept_fd_exhausted: IntCounter,
     /// API requests answered 503 because every store query slot stayed taken.
     pub http_store_busy: IntCounter,
     /// Queries made to refresh the /api/v1/stats cache.
@@ -115,6 +125,9 @@ pub const REFUSED_REASONS: [&str; 8] = [
 
 /// Store operations (`operation` label of `heartwire_store_errors_total`).
 pub const STORE_OPERATIONS: [&str; 4] = ["migrate", "begin_boot", "apply", "heartbeat"];
+
+/// HTTP connection timeouts (`kind` label of `heartwire_http_connection_timeouts_total`).
+pub const HTTP_TIMEOUT_KINDS: [&str; 2] = ["header_read", "idle"];
 
 /// Presence transition kinds (`kind` label of `heartwire_presence_transitions_total`).
 pub const TRANSITION_KINDS: [&str; 2] = ["connected", "disconnected"];
@@ -379,6 +392,34 @@ impl Metrics {
                 "HTTP API requests, by route and status class.",
                 &["route", "status"],
             ),
+            http_connections: gauge(
+                &r,
+                "heartwire_http_connections",
+                "HTTP connections open now.",
+            ),
+            http_connections_accepted: counter(
+                &r,
+                "heartwire_http_connections_accepted_total",
+                "HTTP connections accepted.",
+            ),
+            http_connection_limit_waits: counter(
+                &r,
+                "heartwire_http_connection_limit_waits_total",
+                "Times the HTTP listener stopped accepting at http.max_connections (new \
+                 connections then wait in the listen backlog).",
+            ),
+            http_connection_timeouts: counter_vec(
+                &r,
+                "heartwire_http_connection_timeouts_total",
+                "HTTP connections closed by http.header_read_timeout (header_read) or \
+                 http.idle_timeout (idle).",
+                &["kind"],
+            ),
+            http_accept_fd_exhausted: counter(
+                &r,
+                "heartwire_http_accept_fd_exhausted_total",
+                "HTTP accept attempts that failed because the process had no file descriptor left.",
+            ),
             http_store_busy: counter(
                 &r,
                 "heartwire_http_store_busy_total",
@@ -399,6 +440,7 @@ impl Metrics {
         preset(&m.messages_dropped, &drops);
         preset(&m.presence_transitions, &TRANSITION_KINDS);
         preset(&m.store_errors, &STORE_OPERATIONS);
+        preset(&m.http_connection_timeouts, &HTTP_TIMEOUT_KINDS);
         m
     }
 
@@ -433,6 +475,7 @@ mod tests {
             "heartwire_messages_dropped_total{reason=\"queue_full\"} 0",
             "heartwire_connections_refused_total{reason=\"fd_exhausted\"} 0",
             "heartwire_presence_transitions_total{kind=\"connected\"} 0",
+            "heartwire_http_connection_timeouts_total{kind=\"idle\"} 0",
             "heartwire_sent_bytes_total{type=\"pingresp\"} 0",
             "heartwire_packets_received_total{type=\"unsubscribe\"} 0",
         ] {

@@ -22,6 +22,20 @@ async fn start(
     nofile: u32,
     data: &common::TempDir,
 ) -> (Child, std::net::SocketAddr, mpsc::UnboundedReceiver<String>) {
+    let started = start_with(nofile, data, &[]).await;
+    (started.child, started.mqtt, started.lines)
+}
+
+/// A broker binary started by [`start_with`].
+struct Started {
+    child: Child,
+    mqtt: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+/// As [`start`], with extra environment variables; also returns the HTTP address.
+async fn start_with(nofile: u32, data: &common::TempDir, env: &[(&str, &str)]) -> Started {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(format!("ulimit -n {nofile} && exec \"$0\""))
@@ -38,6 +52,7 @@ async fn start(
         )
         .env("BROKER_LOG__FORMAT", "json")
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -54,14 +69,22 @@ async fn start(
             }
         }
     });
-    let ready = wait_for_line(&mut lines, "MQTT listener ready").await;
-    let value: serde_json::Value = serde_json::from_str(&ready).expect("JSON log line");
-    let addr = value["listen"]
-        .as_str()
-        .expect("listen field")
-        .parse()
-        .expect("address");
-    (child, addr, lines)
+    let listen = |line: &str| -> std::net::SocketAddr {
+        let value: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
+        value["listen"]
+            .as_str()
+            .expect("listen field")
+            .parse()
+            .expect("address")
+    };
+    let http = listen(&wait_for_line(&mut lines, "HTTP listener ready").await);
+    let mqtt = listen(&wait_for_line(&mut lines, "MQTT listener ready").await);
+    Started {
+        child,
+        mqtt,
+        http,
+        lines,
+    }
 }
 
 async fn wait_for_line(lines: &mut mpsc::UnboundedReceiver<String>, needle: &str) -> String {
@@ -141,6 +164,57 @@ async fn out_of_file_descriptors_backs_off_and_recovers() {
         .expect("exits after SIGTERM")
         .expect("wait");
     assert!(status.success(), "{status:?}");
+}
+
+/// More idle HTTP connections than the process has file descriptors: the HTTP listener holds
+/// at most `http.max_connections` of them (the rest wait in the kernel's backlog), so an MQTT
+/// client still connects and gets its CONNACK.
+#[tokio::test]
+async fn idle_http_connections_cannot_lock_mqtt_out() {
+    let data = common::TempDir::new("http-fds");
+    let Started {
+        mut child,
+        mqtt,
+        http,
+        mut lines,
+    } = start_with(64, &data, &[("BROKER_HTTP__MAX_CONNECTIONS", "8")]).await;
+
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(tokio::net::TcpStream::connect(http).await.expect("connect"));
+    }
+    wait_for_line(&mut lines, "HTTP connection limit reached").await;
+
+    let mut client = RawClient::tcp(mqtt).await;
+    client
+        .send(&common::connect_packet(&ConnectOpts::new(
+            "after-http-flood",
+        )))
+        .await;
+    let started = std::time::Instant::now();
+    let ack = tokio::time::timeout(Duration::from_secs(5), client.recv_untimed()).await;
+    eprintln!(
+        "MQTT CONNACK with 100 idle HTTP connections: {:?} after {:?}",
+        ack.as_ref().map(|p| matches!(p, Some(Packet::ConnAck(_)))),
+        started.elapsed()
+    );
+    assert!(
+        matches!(ack, Ok(Some(Packet::ConnAck(_)))),
+        "no CONNACK within 5 s: {ack:?}"
+    );
+    // Once the idle clients leave, the connections that waited in the backlog are served and
+    // closed too, and HTTP answers again.
+    drop(idle);
+    let metrics = common::eventually("HTTP answers again", || async {
+        common::http_get(http, "/metrics").await
+    })
+    .await;
+    let limit_waits = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("heartwire_http_connection_limit_waits_total "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(limit_waits.is_some_and(|n| n > 0), "{limit_waits:?}");
+    let _ = child.start_kill();
 }
 
 #[tokio::test]

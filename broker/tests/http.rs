@@ -1,6 +1,6 @@
 //! The HTTP listener over real sockets, against the whole broker on port-0 listeners: the API
 //! under a storm of requests while devices connect (presence writes must not wait behind API
-//! reads).
+//! reads), header-read and idle timeouts, and the connection limit.
 
 mod common;
 
@@ -77,6 +77,25 @@ async fn read_reply(stream: &mut TcpStream) -> Option<Reply> {
     .await
     .ok()
     .flatten()
+}
+
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").into_bytes()
+}
+
+/// Waits until the peer closes `stream` (EOF or reset), up to `within`; returns how long it
+/// took, or `None` if it is still open. Fails on unexpected bytes.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut chunk = [0u8; 1024];
+    match tokio::time::timeout(within, stream.read(&mut chunk)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => Some(started.elapsed()),
+        Ok(Ok(n)) => panic!(
+            "expected a close, got {:?}",
+            String::from_utf8_lossy(&chunk[..n])
+        ),
+        Err(_) => None,
+    }
 }
 
 fn sqlite_url(data: &TempDir) -> String {
@@ -198,7 +217,9 @@ async fn api_storm_does_not_delay_presence_writes() {
     let started = Instant::now();
     prefill(&url, 100_000).await;
     eprintln!("prefilled in {:?}", started.elapsed());
-    let config = FullBroker::config(&url, &data, "storm");
+    let mut config = FullBroker::config(&url, &data, "storm");
+    // (The storm is about the store, not the connection limit.)
+    config.http.max_connections = 2000;
     let broker = FullBroker::start(config).await;
     ready(&broker).await;
     let store = Store::connect(&url, 2).await.expect("store");
@@ -263,5 +284,124 @@ async fn api_storm_does_not_delay_presence_writes() {
         bad_stats.is_empty() && bad_listings.is_empty(),
         "{bad_listings:?}"
     );
+    broker.stop().await;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Item 7: timeouts and the connection limit.
+
+/// A client that sends half a request line and nothing more is closed after
+/// `http.header_read_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_a_request_line_is_closed_after_the_header_read_timeout() {
+    let data = TempDir::new("http-header-timeout");
+    let mut config = FullBroker::config(&sqlite_url(&data), &data, "n");
+    config.http.header_read_timeout = Duration::from_millis(300);
+    config.http.idle_timeout = Duration::from_secs(5);
+    let broker = FullBroker::start(config).await;
+    let timeouts = || {
+        metrics()
+            .http_connection_timeouts
+            .with_label_values(&["header_read"])
+            .get()
+    };
+    let before = timeouts();
+
+    // A first request that never completes.
+
+    let mut stream = TcpStream::connect(broker.http).await.expect("connect");
+    stream.write_all(b"GET /api/v1/sta").await.expect("write");
+    let closed = closed_within(&mut stream, Duration::from_secs(3)).await;
+    eprintln!("half a request line: closed after {closed:?}");
+    let closed = closed.expect("closed within 3 s");
+    assert!(closed >= Duration::from_millis(250), "{closed:?}");
+    assert!(closed < Duration::from_millis(1500), "{closed:?}");
+
+    // The second request of a keep-alive connection: the timeout runs from its first byte,
+    // however long the connection was idle before.
+    let mut stream = TcpStream::connect(broker.http).await.expect("connect");
+    stream.write_all(&get("/healthz")).await.expect("write");
+    assert_eq!(read_reply(&mut stream).await.map(|r| r.status), Some(200));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    stream.write_all(b"GET /hea").await.expect("write");
+    let closed = closed_within(&mut stream, Duration::from_secs(3)).await;
+    eprintln!("half a second request line: closed after {closed:?}");
+    let closed = closed.expect("closed within 3 s");
+    assert!(closed >= Duration::from_millis(250), "{closed:?}");
+    assert!(closed < Duration::from_millis(1500), "{closed:?}");
+    assert_eq!(timeouts() - before, 2);
+    broker.stop().await;
+}
+
+/// A keep-alive connection stays open while it is used and past the header-read timeout, and
+/// is closed after `http.idle_timeout` without a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let data = TempDir::new("http-idle-timeout");
+    let mut config = FullBroker::config(&sqlite_url(&data), &data, "n");
+    config.http.header_read_timeout = Duration::from_millis(300);
+    config.http.idle_timeout = Duration::from_secs(1);
+    let broker = FullBroker::start(config).await;
+    let idle = || {
+        metrics()
+            .http_connection_timeouts
+            .with_label_values(&["idle"])
+            .get()
+    };
+    let before = idle();
+
+    let mut stream = TcpStream::connect(broker.http).await.expect("connect");
+    // Requests every 200 ms for 1.5 s (longer than the idle timeout): never closed.
+    let busy_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < busy_until {
+        stream.write_all(&get("/healthz")).await.expect("write");
+        let reply = read_reply(&mut stream).await.expect("reply");
+        assert_eq!(reply.status, 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Idle: still open past the header-read timeout (300 ms), closed at the idle timeout (1 s).
+    let early = closed_within(&mut stream, Duration::from_millis(600)).await;
+    assert_eq!(early, None, "closed {early:?} into the idle wait");
+    let closed = closed_within(&mut stream, Duration::from_secs(3)).await;
+    eprintln!("idle keep-alive connection: closed {closed:?} after 600 ms idle");
+    let closed = closed.expect("closed within 3.6 s of idleness");
+    assert!(closed < Duration::from_millis(1000), "{closed:?}");
+    assert_eq!(idle() - before, 1);
+    broker.stop().await;
+}
+
+/// Beyond `http.max_connections`, a new connection waits (in the kernel's backlog) until a slot
+/// frees up, then is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_connections_a_new_connection_waits_for_a_free_slot() {
+    let data = TempDir::new("http-limit");
+    let mut config = FullBroker::config(&sqlite_url(&data), &data, "n");
+    config.http.max_connections = 4;
+    let broker = FullBroker::start(config).await;
+    ready(&broker).await;
+    let waits_before = metrics().http_connection_limit_waits.get();
+
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(broker.http).await.expect("connect");
+        // Each connection is in use (answered once), then idle.
+        s.write_all(&get("/healthz")).await.expect("write");
+        assert_eq!(read_reply(&mut s).await.map(|r| r.status), Some(200));
+        held.push(s);
+    }
+    let mut fifth = TcpStream::connect(broker.http).await.expect("connect");
+    fifth.write_all(&get("/healthz")).await.expect("write");
+    let early = tokio::time::timeout(Duration::from_millis(300), read_reply(&mut fifth)).await;
+    assert!(
+        early.is_err(),
+        "the fifth connection was served while four were open: {early:?}"
+    );
+    drop(held.pop());
+    let reply = read_reply(&mut fifth)
+        .await
+        .expect("served once a slot is free");
+    assert_eq!(reply.status, 200);
+    assert!(metrics().http_connection_limit_waits.get() > waits_before);
+    assert_eq!(metrics().http_connections.get(), 4);
     broker.stop().await;
 }
