@@ -246,6 +246,13 @@ pub struct HttpConfig {
     /// bounds a response that the client does not read.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Longest request target (path and query) accepted, bytes (64-65534); longer gets 414.
+    pub max_uri_len: usize,
+    /// Longest request head (request line and header fields) accepted, bytes (1024-1048576,
+    /// more than `max_uri_len`); longer gets 431.
+    pub max_header_size: usize,
+    /// Most header fields in a request (1-1000); more gets 431.
+    pub max_headers: usize,
     /// Store queries the API runs at once (1-1024). The API reads through its own pool of this
     /// many connections plus one (for /readyz), separate from the bridge's, so that API reads
     /// never delay presence writes. Requests beyond it wait up to `store_queue_timeout`.
@@ -267,6 +274,9 @@ impl Default for HttpConfig {
             max_connections: 256,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            max_uri_len: 8192,
+            max_header_size: 16_384,
+            max_headers: 64,
             max_store_queries: 4,
             store_queue_timeout: Duration::from_secs(1),
             stats_cache_ttl: Duration::from_secs(1),
@@ -479,6 +489,24 @@ impl Config {
         if !(min..=max).contains(&h.idle_timeout) {
             return invalid("http.idle_timeout", "must be between 100ms and 1h");
         }
+        if !(64..=65_534).contains(&h.max_uri_len) {
+            return invalid("http.max_uri_len", "must be between 64 and 65534 bytes");
+        }
+        if !(1024..=1_048_576).contains(&h.max_header_size) {
+            return invalid(
+                "http.max_header_size",
+                "must be between 1024 and 1048576 bytes",
+            );
+        }
+        if h.max_header_size <= h.max_uri_len {
+            return invalid(
+                "http.max_header_size",
+                "must be greater than http.max_uri_len (the request line is part of the head)",
+            );
+        }
+        if !(1..=1000).contains(&h.max_headers) {
+            return invalid("http.max_headers", "must be between 1 and 1000");
+        }
         if !(1..=1024).contains(&h.max_store_queries) {
             return invalid("http.max_store_queries", "must be between 1 and 1024");
         }
@@ -574,6 +602,12 @@ mod tests {
             ("http.header_read_timeout", "1h"),
             ("http.idle_timeout", "10ms"),
             ("http.idle_timeout", "2h"),
+            ("http.max_uri_len", "10"),
+            ("http.max_uri_len", "70000"),
+            ("http.max_header_size", "100"),
+            ("http.max_header_size", "2000000"),
+            ("http.max_headers", "0"),
+            ("http.max_headers", "5000"),
             ("http.max_store_queries", "0"),
             ("http.max_store_queries", "5000"),
             ("http.store_queue_timeout", "2m"),
@@ -582,6 +616,15 @@ mod tests {
         let c = Config::load_from(None, env(&[("BROKER_HTTP__STATS_CACHE_TTL", "0s")]))
             .expect("a TTL of 0 is valid");
         assert_eq!(c.http.stats_cache_ttl, Duration::ZERO);
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("BROKER_HTTP__MAX_URI_LEN", "4096"),
+                ("BROKER_HTTP__MAX_HEADER_SIZE", "4096"),
+            ]),
+        )
+        .expect_err("head not larger than the URI");
+        assert!(err.to_string().contains("http.max_uri_len"), "{err}");
     }
 
     #[test]

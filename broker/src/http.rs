@@ -3,11 +3,15 @@
 //! [`app`] builds the router from its state, so tests call it without a socket. JSON bodies,
 //! RFC 3339 UTC timestamps; errors are `{"error": "..."}` with 400 (bad parameter), 404
 //! (unknown device) or 503 (store unavailable or busy; internals are logged, not returned).
+//! Every other error the router produces (unknown route, wrong method, an extractor's
+//! rejection) is turned into the same JSON shape ([`json_errors`]); request heads over the
+//! limits are answered in JSON before routing ([`head`]).
 //!
 //! The API reads through a store pool of its own, never the bridge's, and at most
 //! `http.max_store_queries` requests query it at once ([`queries`]); /api/v1/stats comes from a
 //! short-lived cache.
 
+pub mod head;
 pub mod queries;
 pub mod server;
 
@@ -15,8 +19,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -135,7 +141,7 @@ impl IntoResponse for ApiError {
 
 /// The router.
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
         .route("/api/v1/devices/{id}/sessions", get(device_sessions))
@@ -143,7 +149,54 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(state)
+        .with_state(state);
+    // Around the whole router rather than each route, so that it sees their answers complete
+    // (a route adds the `Allow` header of its 405 itself).
+    Router::new()
+        .fallback_service(routes)
+        .layer(middleware::from_fn(json_errors))
+}
+
+/// Turns an error answer that is not JSON (the router's 404 and 405, an extractor's plain-text
+/// rejection) into `{"error": "..."}`, keeping its status and headers (`Allow` on a 405).
+async fn json_errors(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = match status {
+        StatusCode::NOT_FOUND => format!("no such resource: {path}"),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = parts
+                .headers
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            format!("method {method} not allowed on {path}; allowed: {allowed}")
+        }
+        _ if !text.is_empty() => text,
+        _ => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    count("other", status);
+    let body = json!({ "error": message }).to_string();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// A device as the API shows it.
@@ -168,7 +221,8 @@ impl DeviceView {
     }
 }
 
-fn count(route: &'static str, status: StatusCode) {
+/// Counts a request in `heartwire_http_requests_total` under `route` and `status`'s class.
+pub(crate) fn count(route: &'static str, status: StatusCode) {
     let class = match status.as_u16() {
         200..=299 => "2xx",
         400..=499 => "4xx",
@@ -211,8 +265,76 @@ fn check_params(params: &HashMap<String, String>, allowed: &[&str]) -> Result<()
     }
 }
 
-async fn get_device(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+/// The `{id}` of a device path; a 400 when it is not UTF-8 once percent-decoded.
+fn device_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(id)| id).map_err(|rejection| {
+        ApiError::BadRequest(format!(
+            "bad device id in the path ({}): percent-encode it as UTF-8",
+            rejection.body_text()
+        ))
+    })
+}
+
+/// The query string's parameters, strictly: percent-escapes must be valid and decode to
+/// UTF-8, and no parameter may be given twice (a lenient decoder would silently change the
+/// value asked for).
+fn query_params(query: Option<&str>) -> Result<HashMap<String, String>, ApiError> {
+    let mut params = HashMap::new();
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_decode(key)
+            .ok_or_else(|| ApiError::BadRequest(format!("bad query parameter name {key:?}")))?;
+        let value = percent_decode(value).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "bad value {value:?} of query parameter {key:?}: percent-encode it as UTF-8"
+            ))
+        })?;
+        if params.contains_key(&key) {
+            return Err(ApiError::BadRequest(format!(
+                "query parameter {key:?} given more than once"
+            )));
+        }
+        params.insert(key, value);
+    }
+    Ok(params)
+}
+
+/// `application/x-www-form-urlencoded` decoding (`+` is a space); `None` on a bad escape or
+/// bytes that are not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+async fn get_device(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
     let result = async {
+        let id = device_id(path)?;
         let _slot = state.queries.acquire().await?;
         let device = state
             .store
@@ -235,11 +357,9 @@ async fn get_device(State(state): State<AppState>, Path(id): Path<String>) -> Re
     counted("device", result)
 }
 
-async fn list_devices(
-    State(state): State<AppState>,
-    Query(params): Query<HashMap<String, String>>,
-) -> Response {
+async fn list_devices(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
     let result = async {
+        let params = query_params(query.as_deref())?;
         check_params(&params, &["online", "limit", "cursor"])?;
         let online = match params.get("online").map(String::as_str) {
             None => None,
@@ -272,10 +392,12 @@ async fn list_devices(
 
 async fn device_sessions(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
 ) -> Response {
     let result = async {
+        let id = device_id(path)?;
+        let params = query_params(query.as_deref())?;
         check_params(&params, &["limit"])?;
         let limit = parse_limit(&params)?;
         let _slot = state.queries.acquire().await?;

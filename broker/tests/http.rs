@@ -1,6 +1,7 @@
 //! The HTTP listener over real sockets, against the whole broker on port-0 listeners: the API
-//! under a storm of requests while devices connect (presence writes must not wait behind API
-//! reads), header-read and idle timeouts, and the connection limit.
+//! under a storm of /stats requests while devices connect (presence writes must not wait behind
+//! API reads), header-read and idle timeouts, the connection limit, and JSON error bodies for
+//! every status the server or the router produces.
 
 mod common;
 
@@ -34,6 +35,19 @@ impl Reply {
     fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or(Value::Null)
     }
+
+    /// The `error` message of a JSON error body; panics with the whole reply otherwise.
+    fn error(&self) -> String {
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "JSON content type: {self:?}"
+        );
+        match self.json()["error"].as_str() {
+            Some(message) if !message.is_empty() => message.to_owned(),
+            _ => panic!("no {{\"error\": ...}} body: {self:?}"),
+        }
+    }
 }
 
 /// Parses one HTTP/1.1 response from `bytes`; `None` while incomplete.
@@ -57,6 +71,20 @@ fn parse_reply(bytes: &[u8]) -> Option<Reply> {
         headers,
         body: String::from_utf8_lossy(body).into_owned(),
     })
+}
+
+/// Sends `request` as raw bytes on a new connection and reads one response (the server may
+/// close the connection before the whole request is written).
+async fn raw(addr: SocketAddr, request: &[u8]) -> Reply {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let _ = stream.write_all(request).await;
+    read_reply(&mut stream)
+        .await
+        .unwrap_or_else(|| panic!("no complete response to {:?}", preview(request)))
+}
+
+fn preview(request: &[u8]) -> String {
+    String::from_utf8_lossy(&request[..request.len().min(80)]).into_owned()
 }
 
 /// Reads one response from `stream` (bounded by `common::WAIT`).
@@ -403,5 +431,259 @@ async fn beyond_max_connections_a_new_connection_waits_for_a_free_slot() {
     assert_eq!(reply.status, 200);
     assert!(metrics().http_connection_limit_waits.get() > waits_before);
     assert_eq!(metrics().http_connections.get(), 4);
+    broker.stop().await;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Item 11: JSON error bodies everywhere.
+
+/// Records in `failures` unless `reply` has `status` and a JSON `{"error": ...}` body whose
+/// message contains `needle` (case-insensitive); returns the reply.
+fn check(failures: &mut Vec<String>, what: &str, reply: Reply, status: u16, needle: &str) -> Reply {
+    let ok = reply.status == status
+        && reply.header("content-type") == Some("application/json")
+        && reply.json()["error"]
+            .as_str()
+            .is_some_and(|m| m.to_lowercase().contains(needle));
+    eprintln!(
+        "{what}: {} {:?} {:?}",
+        reply.status,
+        reply.header("content-type"),
+        reply.body.chars().take(100).collect::<String>()
+    );
+    if !ok {
+        failures.push(format!("{what}: want {status} with {needle:?}"));
+    }
+    reply
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_status_has_a_json_body() {
+    let data = TempDir::new("http-errors");
+    let broker = FullBroker::start(FullBroker::config(&sqlite_url(&data), &data, "n")).await;
+    ready(&broker).await;
+    let addr = broker.http;
+    let mut failures = Vec::new();
+    check(
+        &mut failures,
+        "unknown route",
+        raw(addr, &get("/nope")).await,
+        404,
+        "/nope",
+    );
+    check(
+        &mut failures,
+        "unknown API route",
+        raw(addr, &get("/api/v1/nothing")).await,
+        404,
+        "/api/v1/nothing",
+    );
+    let reply = check(
+        &mut failures,
+        "POST /api/v1/stats",
+        raw(
+            addr,
+            b"POST /api/v1/stats HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await,
+        405,
+        "post",
+    );
+    if !reply.header("allow").is_some_and(|a| a.contains("GET")) {
+        failures.push(format!("405 without Allow: GET: {reply:?}"));
+    }
+    check(
+        &mut failures,
+        "DELETE a device",
+        raw(
+            addr,
+            b"DELETE /api/v1/devices/x HTTP/1.1\r\nHost: t\r\n\r\n",
+        )
+        .await,
+        405,
+        "delete",
+    );
+    check(
+        &mut failures,
+        "percent-encoded invalid UTF-8 in a path parameter",
+        raw(addr, &get("/api/v1/devices/%FF")).await,
+        400,
+        "utf-8",
+    );
+    check(
+        &mut failures,
+        "percent-encoded invalid UTF-8 in the sessions path",
+        raw(addr, &get("/api/v1/devices/%C3%28/sessions")).await,
+        400,
+        "utf-8",
+    );
+    check(
+        &mut failures,
+        "raw invalid UTF-8 in the path",
+        raw(
+            addr,
+            b"GET /api/v1/devices/\xff\xfe HTTP/1.1\r\nHost: t\r\n\r\n",
+        )
+        .await,
+        400,
+        "ascii",
+    );
+    check(
+        &mut failures,
+        "percent-encoded invalid UTF-8 in a query value",
+        raw(addr, &get("/api/v1/devices?cursor=%FF")).await,
+        400,
+        "utf-8",
+    );
+    check(
+        &mut failures,
+        "bad percent-encoding in the query",
+        raw(addr, &get("/api/v1/devices?limit=%G1")).await,
+        400,
+        "limit",
+    );
+    let long = format!("/api/v1/devices/{}", "a".repeat(10_000));
+    check(
+        &mut failures,
+        "URI of 10 KB",
+        raw(addr, &get(&long)).await,
+        414,
+        "uri",
+    );
+    let longer = format!("/api/v1/devices/{}", "a".repeat(70_000));
+    check(
+        &mut failures,
+        "URI of 70 KB",
+        raw(addr, &get(&longer)).await,
+        414,
+        "uri",
+    );
+    let big_header = format!(
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(20_000)
+    );
+    check(
+        &mut failures,
+        "a 20 KB header",
+        raw(addr, big_header.as_bytes()).await,
+        431,
+        "header",
+    );
+    let huge_header = format!(
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(500_000)
+    );
+    check(
+        &mut failures,
+        "a 500 KB header",
+        raw(addr, huge_header.as_bytes()).await,
+        431,
+        "header",
+    );
+    let many: String = (0..80).map(|i| format!("X-H{i}: v\r\n")).collect();
+    check(
+        &mut failures,
+        "80 header fields",
+        raw(
+            addr,
+            format!("GET /healthz HTTP/1.1\r\nHost: t\r\n{many}\r\n").as_bytes(),
+        )
+        .await,
+        431,
+        "header",
+    );
+    let more: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    check(
+        &mut failures,
+        "150 header fields",
+        raw(
+            addr,
+            format!("GET /healthz HTTP/1.1\r\nHost: t\r\n{more}\r\n").as_bytes(),
+        )
+        .await,
+        431,
+        "header",
+    );
+    check(
+        &mut failures,
+        "a header line without a colon",
+        raw(
+            addr,
+            b"GET /healthz HTTP/1.1\r\nHost: t\r\nno colon\r\n\r\n",
+        )
+        .await,
+        400,
+        "malformed",
+    );
+    check(
+        &mut failures,
+        "an unknown HTTP version",
+        raw(addr, b"GET /healthz HTTP/3.0\r\nHost: t\r\n\r\n").await,
+        400,
+        "malformed",
+    );
+    // The API's own errors stay as they were.
+    check(
+        &mut failures,
+        "unknown device",
+        raw(addr, &get("/api/v1/devices/ghost")).await,
+        404,
+        "ghost",
+    );
+    check(
+        &mut failures,
+        "bad limit",
+        raw(addr, &get("/api/v1/devices?limit=0")).await,
+        400,
+        "limit",
+    );
+    assert!(failures.is_empty(), "{failures:#?}");
+    broker.stop().await;
+}
+
+/// Requests pipelined in one write, and a request with a body, are served as before: the head
+/// check steps aside when it cannot tell where the next head starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_and_request_bodies_are_served() {
+    let data = TempDir::new("http-pipelined");
+    let broker = FullBroker::start(FullBroker::config(&sqlite_url(&data), &data, "n")).await;
+    ready(&broker).await;
+
+    let mut stream = TcpStream::connect(broker.http).await.expect("connect");
+    let two = [get("/healthz"), get("/api/v1/nope")].concat();
+    stream.write_all(&two).await.expect("write");
+    let mut buf = Vec::new();
+    let mut replies = Vec::new();
+    tokio::time::timeout(common::WAIT, async {
+        while replies.len() < 2 {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed after {} replies", replies.len());
+            buf.extend_from_slice(&chunk[..n]);
+            while let Some(reply) = parse_reply(&buf) {
+                let end = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+                buf.drain(..end + reply.body.len());
+                replies.push(reply);
+            }
+        }
+    })
+    .await
+    .expect("both pipelined requests answered");
+    assert_eq!(replies[0].status, 200);
+    assert_eq!(replies[1].status, 404);
+    assert!(replies[1].error().contains("/api/v1/nope"));
+
+    // A body the API does not want, then another request on the same connection.
+    let mut stream = TcpStream::connect(broker.http).await.expect("connect");
+    stream
+        .write_all(b"POST /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .expect("write");
+    let reply = read_reply(&mut stream).await.expect("reply");
+    assert_eq!(reply.status, 405);
+    assert!(reply.error().contains("POST"), "{reply:?}");
+    stream.write_all(&get("/healthz")).await.expect("write");
+    let reply = read_reply(&mut stream).await.expect("reply");
+    assert_eq!(reply.status, 200);
     broker.stop().await;
 }

@@ -15,13 +15,20 @@
 //! [`Activity`] records when a request head starts (its first byte), when a request is being
 //! answered and when the connection became idle, and the connection task closes it at the
 //! deadline of its current phase.
+//!
+//! The socket wrapper ([`Watched`]) also checks each request head before hyper reads it
+//! ([`super::head`]) and answers a refused one itself, with a JSON body. It knows where heads
+//! start as long as requests come one at a time without bodies (what this API receives); once
+//! bytes arrive beyond a head (a pipelined request or a request body) it steps aside for the
+//! rest of the connection, and hyper's own limits, set above ours, apply.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -36,6 +43,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::head::{HeadLimits, HeadScanner, Scan};
 use crate::config::HttpConfig;
 use crate::metrics::metrics;
 use crate::telemetry::LogLimiter;
@@ -44,6 +52,10 @@ use crate::telemetry::LogLimiter;
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 /// Longest wait between two accept attempts while out of file descriptors.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// After answering a refused head, at most this much of what the client still sends is read
+/// and dropped before the close (closing with unread input would reset the connection, and
+/// the client could lose the answer).
+const DRAIN_MAX: usize = 1 << 20;
 
 static AT_LIMIT: LogLimiter = LogLimiter::new(Duration::from_secs(10));
 static NO_FDS: LogLimiter = LogLimiter::new(Duration::from_secs(10));
@@ -164,6 +176,10 @@ struct Limits {
     idle_timeout: Duration,
     /// After shutdown begins, how long a connection may take to finish.
     grace: Duration,
+    head: HeadLimits,
+    /// hyper's read buffer: room for a head within `head` and more, so that hyper's own limit
+    /// (answered with an empty body) is never the one a head checked by us reaches.
+    hyper_max_buf: usize,
 }
 
 impl Limits {
@@ -172,6 +188,12 @@ impl Limits {
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout,
             grace,
+            head: HeadLimits {
+                max_uri_len: config.max_uri_len,
+                max_header_size: config.max_header_size,
+                max_headers: config.max_headers,
+            },
+            hyper_max_buf: config.max_header_size + 8192,
         }
     }
 }
@@ -201,6 +223,9 @@ struct Activity {
     phase: Mutex<Phase>,
     /// Signalled when a request head starts, which can bring the deadline forward.
     head_started: Notify,
+    /// Set once a request came with a body: where the next head starts is then unknown to the
+    /// socket wrapper.
+    body_seen: AtomicBool,
 }
 
 impl Activity {
@@ -208,6 +233,7 @@ impl Activity {
         Self {
             phase: Mutex::new(Phase::Head(Instant::now())),
             head_started: Notify::new(),
+            body_seen: AtomicBool::new(false),
         }
     }
 
@@ -219,14 +245,16 @@ impl Activity {
         *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
     }
 
-    /// Bytes arrived from the client.
-    fn received(&self) {
+    /// Bytes arrived from the client; returns the phase they arrived in.
+    fn received(&self) -> Phase {
         let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
-        if let Phase::Idle(_) = *phase {
+        let was = *phase;
+        if let Phase::Idle(_) = was {
             *phase = Phase::Head(Instant::now());
             drop(phase);
             self.head_started.notify_one();
         }
+        was
     }
 
     /// When the current phase times out, and as what.
@@ -270,6 +298,10 @@ async fn connection(
     let io = TokioIo::new(Watched {
         stream,
         activity: Arc::clone(&activity),
+        guard: Guard::Checking(HeadScanner::new(limits.head)),
+        limits: limits.head,
+        write_pending: false,
+        peer,
     });
     let service = Tracked {
         inner: TowerToHyperService::new(app),
@@ -279,6 +311,9 @@ async fn connection(
         // The timeouts are ours (see the module documentation).
         .header_read_timeout(None)
         .keep_alive(true)
+        .max_buf_size(limits.hyper_max_buf)
+        // hyper's default (100) is already above ours when ours is lower.
+        .max_headers(limits.head.max_headers.max(100))
         .serve_connection(io, service);
     tokio::pin!(conn);
     let far = || Instant::now() + Duration::from_secs(86_400);
@@ -324,10 +359,73 @@ async fn connection(
     }
 }
 
-/// The socket, reporting arriving bytes to the connection's [`Activity`].
+/// The socket, reporting arriving bytes to the connection's [`Activity`] and checking request
+/// heads before hyper reads them.
 struct Watched {
     stream: TcpStream,
     activity: Arc<Activity>,
+    guard: Guard,
+    limits: HeadLimits,
+    /// A write of hyper's is waiting for the socket: an answer of ours would mix with it.
+    write_pending: bool,
+    peer: SocketAddr,
+}
+
+/// What the socket wrapper does with the bytes it reads.
+enum Guard {
+    /// Checking the head being received.
+    Checking(HeadScanner),
+    /// The head passed; the next one is checked once the connection is idle again.
+    Passed,
+    /// Off for the rest of the connection: bytes came beyond a head (a pipelined request or a
+    /// request body), so where heads start is no longer known; hyper's own limits apply.
+    Off,
+    /// Writing the answer to a refused head; how much of it is written.
+    Answering(Vec<u8>, usize),
+    /// The answer is out: reading and dropping what the client still sends, up to this many
+    /// bytes, then end of stream.
+    Draining(usize),
+    /// End of stream for hyper.
+    Done,
+}
+
+impl Watched {
+    /// Drives the answer to a refused head; `Ready` once the connection is over for hyper.
+    fn poll_refusal(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match &mut self.guard {
+                Guard::Answering(answer, written) => {
+                    while *written < answer.len() {
+                        match ready!(Pin::new(&mut self.stream).poll_write(cx, &answer[*written..]))
+                        {
+                            Ok(0) => break,
+                            Ok(n) => *written += n,
+                            Err(error) => return Poll::Ready(Err(error)),
+                        }
+                    }
+                    // The FIN after the answer; then only reading is left.
+                    let _ = ready!(Pin::new(&mut self.stream).poll_shutdown(cx));
+                    self.guard = Guard::Draining(DRAIN_MAX);
+                }
+                Guard::Draining(left) => {
+                    let mut scratch = [0u8; 4096];
+                    let mut dropped = ReadBuf::new(&mut scratch);
+                    match ready!(Pin::new(&mut self.stream).poll_read(cx, &mut dropped)) {
+                        Ok(())
+                            if !dropped.filled().is_empty() && dropped.filled().len() < *left =>
+                        {
+                            *left -= dropped.filled().len();
+                        }
+                        _ => self.guard = Guard::Done,
+                    }
+                }
+                // (Only called once a head was refused: the other states end the stream too.)
+                Guard::Done | Guard::Checking(_) | Guard::Passed | Guard::Off => {
+                    return Poll::Ready(Ok(()))
+                }
+            }
+        }
+    }
 }
 
 impl AsyncRead for Watched {
@@ -336,12 +434,60 @@ impl AsyncRead for Watched {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.received();
+        let this = &mut *self;
+        if matches!(
+            this.guard,
+            Guard::Answering(..) | Guard::Draining(_) | Guard::Done
+        ) {
+            // Nothing for hyper: its end of stream once the answer is out.
+            return this.poll_refusal(cx);
         }
-        polled
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.stream).poll_read(cx, buf))?;
+        let received = &buf.filled()[before..];
+        if received.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        match this.activity.received() {
+            // The first byte of the next head.
+            Phase::Idle(_) => {
+                if let Guard::Passed = this.guard {
+                    this.guard = Guard::Checking(HeadScanner::new(this.limits));
+                }
+            }
+            // Bytes while a request is answered: pipelined, or its body.
+            Phase::Busy => this.guard = Guard::Off,
+            Phase::Head(_) => {}
+        }
+        if this.activity.body_seen.load(Ordering::Relaxed) {
+            this.guard = Guard::Off;
+        }
+        let Guard::Checking(scanner) = &mut this.guard else {
+            return Poll::Ready(Ok(()));
+        };
+        match scanner.feed(received) {
+            Scan::Partial => Poll::Ready(Ok(())),
+            Scan::Complete(end) => {
+                this.guard = if end < received.len() {
+                    Guard::Off
+                } else {
+                    Guard::Passed
+                };
+                Poll::Ready(Ok(()))
+            }
+            Scan::Rejected(rejection) => {
+                // hyper never sees the refused bytes; it gets the end of stream instead.
+                buf.set_filled(before);
+                super::count("rejected", rejection.status());
+                tracing::debug!(peer = %this.peer, reason = %rejection.message(), "HTTP request head refused.");
+                this.guard = if this.write_pending {
+                    Guard::Done
+                } else {
+                    Guard::Answering(rejection.response(), 0)
+                };
+                this.poll_refusal(cx)
+            }
+        }
     }
 }
 
@@ -351,7 +497,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.write_pending = polled.is_pending();
+        polled
     }
 
     fn poll_write_vectored(
@@ -359,7 +507,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.write_pending = polled.is_pending();
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -367,7 +517,9 @@ impl AsyncWrite for Watched {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let polled = Pin::new(&mut self.stream).poll_flush(cx);
+        self.write_pending = polled.is_pending();
+        polled
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -391,6 +543,9 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
 
     fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
         self.activity.set(Phase::Busy);
+        if !axum::body::HttpBody::is_end_stream(request.body()) {
+            self.activity.body_seen.store(true, Ordering::Relaxed);
+        }
         let answer = self.inner.call(request.map(axum::body::Body::new));
         let activity = Arc::clone(&self.activity);
         Box::pin(async move {
