@@ -253,9 +253,10 @@ pub struct HttpConfig {
     pub max_header_size: usize,
     /// Most header fields in a request (1-1000); more gets 431.
     pub max_headers: usize,
-    /// Store queries the API runs at once (1-1024). The API reads through its own pool of this
-    /// many connections plus one (for /readyz), separate from the bridge's, so that API reads
-    /// never delay presence writes. Requests beyond it wait up to `store_queue_timeout`.
+    /// API requests that query the store at once (1-1024). The API reads through its own pool
+    /// of this many connections plus two (the /stats refresh, /readyz), separate from the
+    /// bridge's, so that API reads never delay presence writes. Requests beyond it wait up to
+    /// `store_queue_timeout`.
     pub max_store_queries: u32,
     /// How long a request waits for one of the `max_store_queries` slots before it is answered
     /// 503 with `Retry-After` (at most 60s).

@@ -58,8 +58,8 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State over `store` (a pool of at least `http.max_store_queries` connections), with the
-    /// query limit and stats cache of `config`.
+    /// State over `store` (a pool of `http.max_store_queries` + 2 connections: one for the
+    /// /stats refresh, one for /readyz), with the query limit and stats cache of `config`.
     pub fn new(
         store: Store,
         registry: Registry,
@@ -413,7 +413,7 @@ async fn device_sessions(
 
 async fn stats(State(state): State<AppState>) -> Response {
     let result = async {
-        let stats = state.stats.get(&state.store, &state.queries).await?;
+        let stats = state.stats.get(&state.store).await?;
         Ok::<_, ApiError>(Json(json!({
             "online": stats.online,
             "known_devices": stats.known_devices,

@@ -128,11 +128,12 @@ pub async fn run_with(
         shutdown.child_token(),
     ));
 
-    // The API reads through a pool of its own (one connection more than its query slots, for
-    // /readyz), so that its reads never make the bridge wait for a connection.
+    // The API reads through a pool of its own, so that its reads never make the bridge wait
+    // for a connection: one connection per query slot, one for the /stats refresh, one for
+    // /readyz.
     let api_store = Store::open(
         &config.database.url,
-        config.http.max_store_queries + 1,
+        config.http.max_store_queries + 2,
         store::Access::ReadOnly,
     )
     .await?;

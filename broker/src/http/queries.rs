@@ -1,6 +1,8 @@
-//! How the API spends the store: at most `http.max_store_queries` queries at once (each has a
-//! connection of the API's own pool waiting for it), a short wait for a slot and then 503; and
-//! /api/v1/stats from a cached result that concurrent requests refresh once.
+//! How the API spends the store: at most `http.max_store_queries` requests query it at once
+//! (each has a connection of the API's own pool waiting for it), a short wait for a slot and
+//! then 503; and /api/v1/stats from a cached result that concurrent requests refresh once. The
+//! refresh runs one at a time, on a connection of its own rather than a slot, so that a burst
+//! of other requests cannot make /stats fail.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,20 +45,15 @@ impl QueryLimit {
     }
 }
 
-/// Why a shared stats refresh failed: every request that waited for it gets the same answer.
-#[derive(Debug, Clone, Copy)]
-enum Failure {
-    Busy,
-    Store,
-}
-
 /// The last stats refresh.
 struct Refreshed {
     /// When it finished.
     at: Instant,
     /// Increases with every refresh, so that a request that waited for one knows it happened.
     generation: u64,
-    result: Result<Arc<Stats>, Failure>,
+    /// `None` when it failed (the failure was logged): the requests that waited for this
+    /// refresh share its answer.
+    result: Option<Arc<Stats>>,
 }
 
 /// /api/v1/stats totals, reused for `http.stats_cache_ttl`, refreshed by one query at a time.
@@ -82,13 +79,13 @@ impl StatsCache {
     }
 
     /// The totals: the cached ones while fresh, else the result of the refresh in flight, else
-    /// a new refresh (which takes a query slot like any request).
-    pub async fn get(&self, store: &Store, limit: &QueryLimit) -> Result<Arc<Stats>, ApiError> {
+    /// a new refresh.
+    pub async fn get(&self, store: &Store) -> Result<Arc<Stats>, ApiError> {
         let seen = {
             let last = self.last();
             match &*last {
                 Some(r) if r.at.elapsed() < self.ttl => {
-                    if let Ok(stats) = &r.result {
+                    if let Some(stats) = &r.result {
                         return Ok(Arc::clone(stats));
                     }
                     r.generation
@@ -102,28 +99,15 @@ impl StatsCache {
             let last = self.last();
             if let Some(r) = last.as_ref().filter(|r| r.generation != seen) {
                 // Refreshed while this request waited: share that answer, whatever it was.
-                return match &r.result {
-                    Ok(stats) => Ok(Arc::clone(stats)),
-                    Err(Failure::Busy) => Err(ApiError::Busy),
-                    Err(Failure::Store) => Err(ApiError::Unavailable),
-                };
+                return r.result.clone().ok_or(ApiError::Unavailable);
             }
         }
-        let result = async {
-            let _slot = limit.acquire().await?;
-            metrics().http_stats_refreshes.inc();
-            Ok(Arc::new(store.stats().await?))
-        }
-        .await;
-        let shared = match &result {
-            Ok(stats) => Ok(Arc::clone(stats)),
-            Err(ApiError::Busy) => Err(Failure::Busy),
-            Err(_) => Err(Failure::Store),
-        };
+        metrics().http_stats_refreshes.inc();
+        let result = store.stats().await.map(Arc::new).map_err(ApiError::from);
         *self.last() = Some(Refreshed {
             at: Instant::now(),
             generation: seen + 1,
-            result: shared,
+            result: result.as_ref().ok().cloned(),
         });
         result
     }
