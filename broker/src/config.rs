@@ -148,6 +148,20 @@ pub struct DatabaseConfig {
     /// pruning. PostgreSQL only: SQLite writes through one connection (it has one writer at a
     /// time). The API reads through a pool of its own (`http.max_store_queries`).
     pub max_connections: u32,
+    /// Session history rows that ended longer ago than this are deleted in the background
+    /// (at most 100 years; 0 = kept forever). Open sessions are never deleted.
+    #[serde(with = "humantime_serde")]
+    pub history_max_age: Duration,
+    /// Most session history rows kept per device; older closed ones are deleted in the
+    /// background (0 = no cap, at most 1000000). A device is checked after every tenth of this
+    /// many new sessions, so between passes it may hold up to 10 % more.
+    pub history_max_sessions_per_device: u32,
+    /// How often retention runs (1s-1d).
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+    /// Most rows one pruning statement deletes (1-100000): retention runs as many of these
+    /// short statements as it needs, so that presence writes never wait behind a long one.
+    pub prune_batch_size: u32,
 }
 
 impl Default for DatabaseConfig {
@@ -155,6 +169,10 @@ impl Default for DatabaseConfig {
         Self {
             url: "sqlite://data/broker.db".to_owned(),
             max_connections: 4,
+            history_max_age: Duration::from_secs(30 * 86_400),
+            history_max_sessions_per_device: 1000,
+            prune_interval: Duration::from_secs(60),
+            prune_batch_size: 1000,
         }
     }
 }
@@ -182,6 +200,11 @@ pub struct BridgeConfig {
     /// journal.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// A device's sessions that begin and end within one batch (a reconnect loop, two clients
+    /// fighting over one client id) are recorded as history rows up to this many; later ones
+    /// are folded into the last kept row with the same reason, whose `coalesced` count they
+    /// increase (0 = a row for every session, at most 1000). The device's state stays exact.
+    pub coalesce_after: usize,
 }
 
 impl Default for BridgeConfig {
@@ -194,6 +217,7 @@ impl Default for BridgeConfig {
             retry_backoff_max: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            coalesce_after: crate::store::DEFAULT_COALESCE_AFTER,
         }
     }
 }
@@ -441,6 +465,25 @@ impl Config {
         if self.database.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1");
         }
+        let d = &self.database;
+        if d.history_max_age > Duration::from_secs(100 * 365 * 86_400) {
+            return invalid(
+                "database.history_max_age",
+                "must be at most 100 years (0 keeps history forever)",
+            );
+        }
+        if d.history_max_sessions_per_device > 1_000_000 {
+            return invalid(
+                "database.history_max_sessions_per_device",
+                "must be between 0 (no cap) and 1000000",
+            );
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&d.prune_interval) {
+            return invalid("database.prune_interval", "must be between 1s and 1d");
+        }
+        if !(1..=100_000).contains(&d.prune_batch_size) {
+            return invalid("database.prune_batch_size", "must be between 1 and 100000");
+        }
         let b = &self.bridge;
         if b.batch_size == 0 || b.batch_size > 50_000 {
             return invalid("bridge.batch_size", "must be between 1 and 50000");
@@ -459,6 +502,12 @@ impl Config {
         }
         if b.write_timeout.is_zero() {
             return invalid("bridge.write_timeout", "must be greater than 0");
+        }
+        if b.coalesce_after > 1000 {
+            return invalid(
+                "bridge.coalesce_after",
+                "must be between 0 (a row for every session) and 1000",
+            );
         }
         if self.node.id.is_empty() {
             return invalid("node.id", "must not be empty");
@@ -626,6 +675,29 @@ mod tests {
         )
         .expect_err("head not larger than the URI");
         assert!(err.to_string().contains("http.max_uri_len"), "{err}");
+    }
+
+    #[test]
+    fn history_bounds_are_checked() {
+        refused(&[
+            ("database.history_max_age", "200years"),
+            ("database.history_max_sessions_per_device", "2000000"),
+            ("database.prune_interval", "10ms"),
+            ("database.prune_interval", "2days"),
+            ("database.prune_batch_size", "0"),
+            ("database.prune_batch_size", "1000000"),
+            ("bridge.coalesce_after", "5000"),
+        ]);
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("BROKER_DATABASE__HISTORY_MAX_AGE", "0s"),
+                ("BROKER_DATABASE__HISTORY_MAX_SESSIONS_PER_DEVICE", "0"),
+                ("BROKER_BRIDGE__COALESCE_AFTER", "0"),
+            ]),
+        )
+        .expect("0 disables each");
+        assert_eq!(c.database.history_max_age, Duration::ZERO);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`mqtt`]: listener, one task per connection (keep-alive, takeover), sessions, routing;
 //!   emits a connection event for every connect and disconnect.
 //! - [`presence`]: the connection events and the bridge that batches them into the store
-//!   (memory buffer and journal while the database is away, crash recovery at start).
+//!   (memory buffer and journal while the database is away, crash recovery at start), and the
+//!   retention that keeps the session history bounded.
 //! - [`store`]: the presence store trait and its PostgreSQL and SQLite backends.
 //! - [`http`]: the REST API, /metrics, /healthz, /readyz, and the HTTP listener that serves
 //!   them (connection limit, timeouts).
@@ -98,7 +99,9 @@ pub async fn run_with(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let store = Store::connect(&config.database.url, config.database.max_connections).await?;
+    let store = Store::connect(&config.database.url, config.database.max_connections)
+        .await?
+        .coalescing(config.bridge.coalesce_after);
     let boot_id = Uuid::now_v7();
     tracing::info!(
         backend = store.backend(),
@@ -109,7 +112,7 @@ pub async fn run_with(
     );
 
     let (events, receiver) = presence::channel(config.events.channel_capacity);
-    let bridge = Bridge::new(
+    let mut bridge = Bridge::new(
         store.clone(),
         receiver,
         config.bridge.clone(),
@@ -117,9 +120,24 @@ pub async fn run_with(
         boot_id,
     )?;
     let migrated = bridge.migrated();
+    let new_sessions = (config.database.history_max_sessions_per_device > 0).then(|| {
+        Arc::new(presence::retention::NewSessions::new(
+            config.database.history_max_sessions_per_device,
+        ))
+    });
+    if let Some(counts) = &new_sessions {
+        bridge.count_new_sessions(Arc::clone(counts));
+    }
     let tracker = TaskTracker::new();
     let bridge_stop = CancellationToken::new();
     let bridge_done = tracker.spawn(bridge.run(bridge_stop.clone()));
+    tracker.spawn(presence::retention::run(
+        store.clone(),
+        config.database.clone(),
+        new_sessions,
+        Arc::clone(&migrated),
+        shutdown.child_token(),
+    ));
     tracker.spawn(heartbeat(
         store.clone(),
         boot_id,

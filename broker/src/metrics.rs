@@ -74,6 +74,10 @@ pub struct Metrics {
     pub bridge_commit_latency: Histogram,
     /// Store failures by operation.
     pub store_errors: IntCounterVec,
+    /// Sessions folded into a kept history row instead of getting their own.
+    pub presence_coalesced: IntCounter,
+    /// History rows deleted by retention, by policy.
+    pub history_pruned: IntCounterVec,
     /// HTTP API requests by route and status class.
     pub http_requests: IntCounterVec,
     /// HTTP connections open now.
@@ -124,7 +128,10 @@ pub const REFUSED_REASONS: [&str; 8] = [
 ];
 
 /// Store operations (`operation` label of `heartwire_store_errors_total`).
-pub const STORE_OPERATIONS: [&str; 4] = ["migrate", "begin_boot", "apply", "heartbeat"];
+pub const STORE_OPERATIONS: [&str; 5] = ["migrate", "begin_boot", "apply", "heartbeat", "prune"];
+
+/// Retention policies (`policy` label of `heartwire_history_pruned_sessions_total`).
+pub const RETENTION_POLICIES: [&str; 2] = ["max_age", "max_sessions_per_device"];
 
 /// HTTP connection timeouts (`kind` label of `heartwire_http_connection_timeouts_total`).
 pub const HTTP_TIMEOUT_KINDS: [&str; 2] = ["header_read", "idle"];
@@ -386,6 +393,19 @@ impl Metrics {
                 "Presence store failures, by operation.",
                 &["operation"],
             ),
+            presence_coalesced: counter(
+                &r,
+                "heartwire_presence_sessions_coalesced_total",
+                "Sessions that began and ended within one batch folded into a kept history row \
+                 (bridge.coalesce_after) instead of getting their own.",
+            ),
+            history_pruned: counter_vec(
+                &r,
+                "heartwire_history_pruned_sessions_total",
+                "Session history rows deleted by retention, by policy \
+                 (database.history_max_age, database.history_max_sessions_per_device).",
+                &["policy"],
+            ),
             http_requests: counter_vec(
                 &r,
                 "heartwire_http_requests_total",
@@ -440,6 +460,7 @@ impl Metrics {
         preset(&m.messages_dropped, &drops);
         preset(&m.presence_transitions, &TRANSITION_KINDS);
         preset(&m.store_errors, &STORE_OPERATIONS);
+        preset(&m.history_pruned, &RETENTION_POLICIES);
         preset(&m.http_connection_timeouts, &HTTP_TIMEOUT_KINDS);
         m
     }
@@ -476,6 +497,8 @@ mod tests {
             "heartwire_connections_refused_total{reason=\"fd_exhausted\"} 0",
             "heartwire_presence_transitions_total{kind=\"connected\"} 0",
             "heartwire_http_connection_timeouts_total{kind=\"idle\"} 0",
+            "heartwire_history_pruned_sessions_total{policy=\"max_age\"} 0",
+            "heartwire_store_errors_total{operation=\"prune\"} 0",
             "heartwire_sent_bytes_total{type=\"pingresp\"} 0",
             "heartwire_packets_received_total{type=\"unsubscribe\"} 0",
         ] {

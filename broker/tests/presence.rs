@@ -411,6 +411,21 @@ impl broker::store::PresenceStore for StallFirstWrite {
     async fn stats(&self) -> Result<broker::store::Stats, broker::store::StoreError> {
         self.inner.stats().await
     }
+    async fn prune_ended_before(
+        &self,
+        before: chrono::DateTime<chrono::Utc>,
+        limit: u32,
+    ) -> Result<u64, broker::store::StoreError> {
+        self.inner.prune_ended_before(before, limit).await
+    }
+    async fn prune_device(
+        &self,
+        device_id: &str,
+        keep: u32,
+        limit: u32,
+    ) -> Result<u64, broker::store::StoreError> {
+        self.inner.prune_device(device_id, keep, limit).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

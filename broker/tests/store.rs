@@ -389,6 +389,129 @@ async fn boots_known_only_from_their_events_are_recovered(store: Store) {
     );
 }
 
+async fn history_is_pruned_by_age_and_per_device_never_open_sessions(store: Store) {
+    use DisconnectReason::ClientDisconnect;
+    let node = Node::new("n1");
+    // One batch per session, as a device that reconnects now and then produces them.
+    let session = |device: &'static str, from: u64, to: Option<u64>| {
+        let s = SessionId::new();
+        let mut batch = vec![node.connected(device, s, from)];
+        if let Some(to) = to {
+            batch.push(node.disconnected(device, s, ClientDisconnect, to));
+        }
+        batch
+    };
+    let mut batches = Vec::new();
+    batches.push(session("b", 1, None)); // open since long ago
+    batches.push(session("d", 2, None)); // open, then newer sessions (a node that lost it)
+    for k in 1..=6 {
+        batches.push(session("a", 10 * k, Some(10 * k + 5))); // ended 15, 25, ..., 65
+    }
+    batches.push(session("a", 70, None));
+    for k in 1..=3 {
+        batches.push(session("c", 10 * k, Some(10 * k + 2))); // ended 12, 22, 32
+    }
+    for k in 4..=5 {
+        batches.push(session("d", 10 * k, Some(10 * k + 1))); // ended 41, 51
+    }
+    for batch in &batches {
+        store.apply(batch).await.expect("apply");
+    }
+    let rows = |device: &'static str| {
+        let store = store.clone();
+        async move { store.sessions(device, 100).await.expect("sessions") }
+    };
+
+    // By age, oldest first, at most `limit` per statement: a's first two and all of c's.
+    let mut deleted = Vec::new();
+    loop {
+        let n = store.prune_ended_before(ts(35), 2).await.expect("prune");
+        deleted.push(n);
+        if n < 2 {
+            break;
+        }
+    }
+    assert_eq!(deleted, [2, 2, 1]);
+    assert_eq!(
+        rows("a").await.len(),
+        5,
+        "a3 (ended 35) is not older than 35"
+    );
+    assert!(rows("c").await.is_empty());
+    let b = rows("b").await;
+    assert_eq!(b.len(), 1, "open since t=1, never deleted");
+    assert_eq!(b[0].disconnected_at, None);
+
+    // Per device: a keeps its 2 newest (the open one and a6).
+    let mut n = 0;
+    while let 1.. = store.prune_device("a", 2, 1).await.expect("prune") {
+        n += 1;
+    }
+    assert_eq!(n, 3);
+    let a = rows("a").await;
+    assert_eq!(
+        a.iter().map(|s| s.connected_at).collect::<Vec<_>>(),
+        [ts(70), ts(60)]
+    );
+    assert_eq!(store.prune_device("b", 1, 10).await.expect("prune"), 0);
+    // d keeps its newest; of the older ones only the closed one goes, the open one stays.
+    assert_eq!(store.prune_device("d", 1, 10).await.expect("prune"), 1);
+    let d = rows("d").await;
+    assert_eq!(
+        d.iter()
+            .map(|s| (s.connected_at, s.disconnected_at.is_some()))
+            .collect::<Vec<_>>(),
+        [(ts(50), true), (ts(2), false)]
+    );
+    // The devices themselves are kept, with their state.
+    assert!(store.device("c").await.expect("query").is_some());
+    assert_eq!(store.stats().await.expect("stats").connects, 2 + 1 + 2);
+}
+
+async fn coalesced_sessions_count_in_history_and_totals(store: Store) {
+    let node = Node::new("n1");
+    let mut batch = Vec::new();
+    for i in 0..10 {
+        let s = SessionId::new();
+        batch.push(node.connected("fight", s, i));
+        batch.push(node.disconnected("fight", s, DisconnectReason::Takeover, i));
+    }
+    let last = SessionId::new();
+    batch.push(node.connected("fight", last, 10));
+    store.apply(&batch).await.expect("apply");
+    // Applying it again changes nothing (a retried batch).
+    store.apply(&batch).await.expect("apply again");
+    let rows = store.sessions("fight", 100).await.expect("sessions");
+    assert_eq!(
+        rows.iter().map(|s| s.coalesced).collect::<Vec<_>>(),
+        [0, 7, 0, 0],
+        "newest first: the open session, then the third kept one with 7 folded into it"
+    );
+    assert_eq!(rows[0].session_id, last.0);
+    let d = store.device("fight").await.expect("query").expect("device");
+    assert!(d.online);
+    assert_eq!(d.session_id, last.0);
+    assert_eq!(d.last_reason.as_deref(), Some("takeover"));
+    let stats = store.stats().await.expect("stats");
+    assert_eq!(stats.connects, 11);
+    assert_eq!(stats.disconnects.get("takeover"), Some(&10));
+
+    // Without coalescing, a row per session.
+    let store = store.coalescing(0);
+    let node = Node::new("n2");
+    let mut batch = Vec::new();
+    for i in 0..10 {
+        let s = SessionId::new();
+        batch.push(node.connected("plain", s, i));
+        batch.push(node.disconnected("plain", s, DisconnectReason::Takeover, i));
+    }
+    store.apply(&batch).await.expect("apply");
+    assert_eq!(
+        store.sessions("plain", 100).await.expect("sessions").len(),
+        10
+    );
+}
+
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
         mod sqlite_store {
@@ -422,4 +545,6 @@ store_tests!(
     large_batches_apply_in_one_transaction,
     takeover_within_one_batch_keeps_the_last_disconnect,
     boots_known_only_from_their_events_are_recovered,
+    history_is_pruned_by_age_and_per_device_never_open_sessions,
+    coalesced_sessions_count_in_history_and_totals,
 );

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::journal::Journal;
+use super::retention::NewSessions;
 use super::{ConnectionEvent, EventReceiver};
 use crate::config::BridgeConfig;
 use crate::metrics::metrics;
@@ -84,6 +85,8 @@ pub struct Bridge<S> {
     /// The batch taken from memory that is being written: back to memory if the write fails
     /// or is abandoned at shutdown. Shared with the write, not copied.
     writing: Arc<Vec<PresenceRecord>>,
+    /// Where committed sessions are counted per device for retention's cap, when it is on.
+    new_sessions: Option<Arc<NewSessions>>,
 }
 
 impl<S: PresenceStore + Clone + 'static> Bridge<S> {
@@ -118,7 +121,14 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
             retry_at: None,
             migrated: Arc::new(AtomicBool::new(false)),
             writing: Arc::default(),
+            new_sessions: None,
         })
+    }
+
+    /// Counts the sessions of every committed batch per device in `counts` (for retention's
+    /// cap per device).
+    pub fn count_new_sessions(&mut self, counts: Arc<NewSessions>) {
+        self.new_sessions = Some(counts);
     }
 
     /// Becomes true once the store's migrations are applied.
@@ -431,6 +441,9 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
     }
 
     fn committed(&self, batch: &[PresenceRecord]) {
+        if let Some(counts) = &self.new_sessions {
+            counts.record(batch);
+        }
         metrics().bridge_batch_size.observe(batch.len() as f64);
         let now = SystemTime::now();
         for record in batch {

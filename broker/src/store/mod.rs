@@ -9,12 +9,19 @@
 //!   a close never overwrites an earlier close);
 //! - a Disconnected changes a device's current state only if its session is still the device's
 //!   current session, and a Connected never replaces a newer session (session ids are UUIDv7, so
-//!   their order is their creation order).
+//!   their order is their creation order);
+//! - a device's sessions that begin and end within one batch beyond the first few (a reconnect
+//!   loop, two clients fighting over one client id) are folded into a kept row's `coalesced`
+//!   count instead of a row each ([`BatchPlan`]), so that such a loop cannot multiply writes.
+//!
+//! History is bounded by age and by rows per device: the pruning statements are here
+//! ([`PresenceStore::prune_ended_before`], [`PresenceStore::prune_device`]); when to run them is
+//! the presence pipeline's business (`presence::retention`).
 
 pub mod postgres;
 pub mod sqlite;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::time::SystemTime;
 
@@ -22,7 +29,12 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::metrics::metrics;
 use crate::presence::{ConnectionEvent, DisconnectReason};
+
+/// Sessions of one device opened and closed within one batch that are recorded as rows before
+/// the rest are folded into them (`bridge.coalesce_after`).
+pub const DEFAULT_COALESCE_AFTER: usize = 3;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +121,9 @@ pub struct Session {
     pub keep_alive: i32,
     /// The CONNECT's clean-session flag.
     pub clean_session: bool,
+    /// Further sessions of the device folded into this row: they began and ended within the
+    /// same batch as this one, after it, with the same reason, and have no row of their own.
+    pub coalesced: i32,
 }
 
 /// Totals for the stats endpoint.
@@ -118,9 +133,9 @@ pub struct Stats {
     pub online: i64,
     /// Devices ever seen.
     pub known_devices: i64,
-    /// Sessions ever recorded.
+    /// Sessions in the retained history (coalesced ones included).
     pub connects: i64,
-    /// Ended sessions by reason.
+    /// Ended sessions in the retained history by reason (coalesced ones included).
     pub disconnects: BTreeMap<String, i64>,
 }
 
@@ -182,6 +197,21 @@ pub trait PresenceStore: Send + Sync {
     ) -> impl Future<Output = Result<Vec<Session>, StoreError>> + Send;
     /// Totals.
     fn stats(&self) -> impl Future<Output = Result<Stats, StoreError>> + Send;
+    /// Deletes up to `limit` closed sessions that ended before `before`, oldest first; returns
+    /// how many. Open sessions are never deleted.
+    fn prune_ended_before(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Deletes up to `limit` of `device_id`'s closed sessions older than its `keep` newest
+    /// (`keep` at least 1), oldest first; returns how many. Open sessions are never deleted.
+    fn prune_device(
+        &self,
+        device_id: &str,
+        keep: u32,
+        limit: u32,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
 /// What a pool is for. The bridge and the API get a pool each, so that API reads never make
@@ -229,6 +259,16 @@ impl Store {
             )),
             _ => Err(StoreError::Scheme(redact(url))),
         }
+    }
+
+    /// This store, folding a device's short sessions within a batch beyond the first
+    /// `coalesce_after` of them (0: never), as [`BatchPlan`] describes.
+    pub fn coalescing(mut self, coalesce_after: usize) -> Self {
+        match &mut self {
+            Self::Postgres(s) => s.coalesce_after = coalesce_after,
+            Self::Sqlite(s) => s.coalesce_after = coalesce_after,
+        }
+        self
     }
 
     /// "postgres" or "sqlite", for logs.
@@ -306,6 +346,21 @@ impl PresenceStore for Store {
     async fn stats(&self) -> Result<Stats, StoreError> {
         delegate!(self, s => s.stats())
     }
+    async fn prune_ended_before(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        delegate!(self, s => s.prune_ended_before(before, limit))
+    }
+    async fn prune_device(
+        &self,
+        device_id: &str,
+        keep: u32,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        delegate!(self, s => s.prune_device(device_id, keep, limit))
+    }
 }
 
 /// A Connected event, as a history row to insert.
@@ -320,6 +375,8 @@ pub(crate) struct NewSession {
     pub peer: String,
     pub keep_alive: i32,
     pub clean_session: bool,
+    /// Sessions folded into this one (see [`BatchPlan`]).
+    pub coalesced: i32,
 }
 
 /// A Disconnected event: closes a history row, and the device if it is still current.
@@ -373,6 +430,15 @@ fn later(
 }
 
 /// A batch of events turned into set-based operations, in the order they must run.
+///
+/// Coalescing: a device's sessions that begin and end within the batch ("transient": a
+/// reconnect loop, two clients taking one client id from each other) are recorded as history
+/// rows up to `coalesce_after` of them; each later one is folded into the last kept row of the
+/// device with the same reason (its `coalesced` count grows by one) and gets no row, no close
+/// and no device update, or is kept when no kept row has its reason (so at most
+/// `coalesce_after` + 6 transient rows per device and batch). The device's newest session in the
+/// batch is never folded, so its current state and `last_session` stay exact, and the totals
+/// by reason count folded sessions under their own reason.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct BatchPlan {
     /// History rows to insert (ignored when the session id exists).
@@ -388,6 +454,8 @@ pub(crate) struct BatchPlan {
     pub upserts: Vec<DeviceUpsert>,
     /// Boots whose events are in the batch.
     pub boots: Vec<BootSeen>,
+    /// Sessions folded into kept rows instead of getting their own.
+    pub coalesced: u64,
 }
 
 pub(crate) fn timestamp(t: SystemTime) -> DateTime<Utc> {
@@ -395,7 +463,7 @@ pub(crate) fn timestamp(t: SystemTime) -> DateTime<Utc> {
 }
 
 impl BatchPlan {
-    pub(crate) fn new(batch: &[PresenceRecord]) -> Self {
+    pub(crate) fn new(batch: &[PresenceRecord], coalesce_after: usize) -> Self {
         let mut plan = BatchPlan::default();
         let mut newest: HashMap<&str, usize> = HashMap::new();
         let mut boots: HashMap<Uuid, BootSeen> = HashMap::new();
@@ -436,6 +504,7 @@ impl BatchPlan {
                         peer: peer.to_string(),
                         keep_alive: i32::from(*keep_alive),
                         clean_session: *clean_session,
+                        coalesced: 0,
                     };
                     match newest.get(client_id.as_str()) {
                         Some(&i) if plan.upserts[i].session.session_id >= session.session_id => {}
@@ -494,7 +563,63 @@ impl BatchPlan {
         plan.offline.sort_by(|a, b| a.device_id.cmp(&b.device_id));
         plan.boots = boots.into_values().collect();
         plan.boots.sort_by_key(|b| b.boot_id);
+        if coalesce_after > 0 {
+            plan.coalesce(coalesce_after);
+        }
         plan
+    }
+
+    /// Folds each device's transient sessions beyond the first `keep` (see [`BatchPlan`]).
+    fn coalesce(&mut self, keep: usize) {
+        let newest: HashSet<Uuid> = self.upserts.iter().map(|u| u.session.session_id).collect();
+        let reasons: HashMap<Uuid, &'static str> = self
+            .closes
+            .iter()
+            .map(|c| (c.session_id, c.reason))
+            .collect();
+        /// A device's transient rows kept so far.
+        #[derive(Default)]
+        struct Kept {
+            count: usize,
+            /// Reason -> the insert index of the last kept row with it.
+            by_reason: HashMap<&'static str, usize>,
+        }
+        let mut kept: HashMap<&str, Kept> = HashMap::new();
+        let mut into: Vec<(usize, Uuid)> = Vec::new();
+        for (i, session) in self.inserts.iter().enumerate() {
+            let Some(&reason) = reasons.get(&session.session_id) else {
+                continue; // still open at the end of the batch
+            };
+            if newest.contains(&session.session_id) {
+                continue;
+            }
+            let device = kept.entry(session.device_id.as_str()).or_default();
+            match device.by_reason.get(reason) {
+                Some(&row) if device.count >= keep => into.push((row, session.session_id)),
+                _ => {
+                    device.count += 1;
+                    device.by_reason.insert(reason, i);
+                }
+            }
+        }
+        if into.is_empty() {
+            return;
+        }
+        let folded: HashSet<Uuid> = into.iter().map(|(_, id)| *id).collect();
+        for (row, _) in &into {
+            self.inserts[*row].coalesced += 1;
+        }
+        self.inserts.retain(|s| !folded.contains(&s.session_id));
+        self.closes.retain(|c| !folded.contains(&c.session_id));
+        self.offline.retain(|c| !folded.contains(&c.session_id));
+        self.coalesced = folded.len() as u64;
+    }
+
+    /// Counts what a committed plan folded.
+    pub(crate) fn committed(&self) {
+        if self.coalesced > 0 {
+            metrics().presence_coalesced.inc_by(self.coalesced);
+        }
     }
 }
 
@@ -503,14 +628,15 @@ pub(crate) const DEVICE_COLUMNS: &str = "device_id, online, session_id, node_id,
      disconnected_at, last_reason, peer, keep_alive, updated_at";
 /// Columns of [`Session`], in both backends' `sessions` table.
 pub(crate) const SESSION_COLUMNS: &str = "session_id, device_id, node_id, boot_id, seq, \
-     connected_at, disconnected_at, reason, peer, keep_alive, clean_session";
+     connected_at, disconnected_at, reason, peer, keep_alive, clean_session, coalesced";
 /// Totals for [`Stats`]; the same SQL on both backends.
 pub(crate) const STATS_TOTALS: &str =
     "SELECT (SELECT count(*) FROM devices WHERE online) AS online, \
-     (SELECT count(*) FROM devices) AS known, (SELECT count(*) FROM sessions) AS connects";
-/// Ended sessions by reason, for [`Stats`].
-pub(crate) const STATS_REASONS: &str =
-    "SELECT reason, count(*) AS n FROM sessions WHERE reason IS NOT NULL GROUP BY reason";
+     (SELECT count(*) FROM devices) AS known, \
+     (SELECT count(*) + coalesce(sum(coalesced), 0) FROM sessions) AS connects";
+/// Ended sessions by reason (folded ones included), for [`Stats`].
+pub(crate) const STATS_REASONS: &str = "SELECT reason, count(*) + sum(coalesced) AS n \
+     FROM sessions WHERE reason IS NOT NULL GROUP BY reason";
 
 /// [`Stats`] from the rows of [`STATS_TOTALS`] and [`STATS_REASONS`], on either backend.
 pub(crate) fn stats_from_rows<R: sqlx::Row>(totals: &R, reasons: &[R]) -> Result<Stats, sqlx::Error>
@@ -556,6 +682,10 @@ mod tests {
     }
 
     fn disconnected(id: &str, session: SessionId) -> PresenceRecord {
+        disconnected_as(id, session, DisconnectReason::Takeover)
+    }
+
+    fn disconnected_as(id: &str, session: SessionId, reason: DisconnectReason) -> PresenceRecord {
         PresenceRecord {
             node_id: "n".into(),
             boot_id: Uuid::nil(),
@@ -563,10 +693,92 @@ mod tests {
                 client_id: id.into(),
                 session_id: session,
                 seq: 0,
-                reason: DisconnectReason::Takeover,
+                reason,
                 time: SystemTime::UNIX_EPOCH,
             },
         }
+    }
+
+    /// `n` sessions of `id` that begin and end (with `reason`) one after the other.
+    fn transient(id: &str, n: usize, reason: DisconnectReason) -> Vec<PresenceRecord> {
+        (0..n)
+            .flat_map(|_| {
+                let s = SessionId::new();
+                [connected(id, s, 1), disconnected_as(id, s, reason)]
+            })
+            .collect()
+    }
+
+    fn coalesced_of(plan: &BatchPlan, id: &str) -> Vec<i32> {
+        plan.inserts
+            .iter()
+            .filter(|s| s.device_id == id)
+            .map(|s| s.coalesced)
+            .collect()
+    }
+
+    #[test]
+    fn plan_folds_a_takeover_fight_beyond_the_first_sessions() {
+        let mut batch = transient("a", 10, DisconnectReason::Takeover);
+        batch.extend(transient("b", 2, DisconnectReason::Takeover));
+        let last = SessionId::new();
+        batch.push(connected("a", last, 2));
+        let plan = BatchPlan::new(&batch, 3);
+        assert_eq!(coalesced_of(&plan, "a"), [0, 0, 7, 0]);
+        assert_eq!(coalesced_of(&plan, "b"), [0, 0]);
+        assert_eq!(plan.coalesced, 7);
+        // Only kept rows are closed; the folded ones leave no trace but their count.
+        assert_eq!(plan.closes.len(), 3 + 2);
+        assert!(plan.offline.is_empty());
+        // The device's state is exact: online on its newest session, last closed by takeover.
+        let a = &plan.upserts[0];
+        assert_eq!(a.session.session_id, last.0);
+        assert_eq!(a.closed, None);
+        assert_eq!(a.last_close().map(|c| c.1), Some("takeover"));
+        // Without coalescing, a row per session.
+        let plan = BatchPlan::new(&batch, 0);
+        assert_eq!(plan.inserts.len(), 13);
+        assert_eq!(plan.coalesced, 0);
+    }
+
+    #[test]
+    fn plan_folds_sessions_only_into_a_row_with_their_reason() {
+        use DisconnectReason::{ClientDisconnect, Takeover};
+        let mut batch = transient("a", 5, Takeover);
+        batch.extend(transient("a", 2, ClientDisconnect));
+        batch.extend(transient("a", 2, Takeover));
+        // The newest session also ends in the batch: it stays a row, and the device offline.
+        batch.extend(transient("a", 1, ClientDisconnect));
+        let plan = BatchPlan::new(&batch, 2);
+        let rows: Vec<(i32, &str)> = plan
+            .inserts
+            .iter()
+            .map(|s| {
+                let reason = plan
+                    .closes
+                    .iter()
+                    .find(|c| c.session_id == s.session_id)
+                    .map_or("open", |c| c.reason);
+                (s.coalesced, reason)
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (0, "takeover"),
+                (5, "takeover"),
+                (1, "client_disconnect"),
+                (0, "client_disconnect"),
+            ]
+        );
+        // Totals by reason stay exact: 7 takeovers, 3 clean disconnects.
+        let total =
+            |reason: &str| -> i32 { rows.iter().filter(|r| r.1 == reason).map(|r| 1 + r.0).sum() };
+        assert_eq!((total("takeover"), total("client_disconnect")), (7, 3));
+        assert_eq!(
+            plan.upserts[0].closed.map(|c| c.1),
+            Some("client_disconnect")
+        );
     }
 
     #[test]
@@ -574,13 +786,16 @@ mod tests {
         let old = SessionId::new();
         let s1 = SessionId::new();
         let s2 = SessionId::new();
-        let plan = BatchPlan::new(&[
-            disconnected("a", old),
-            connected("a", s1, 1),
-            disconnected("a", s1),
-            connected("a", s2, 2),
-            connected("b", SessionId::new(), 3),
-        ]);
+        let plan = BatchPlan::new(
+            &[
+                disconnected("a", old),
+                connected("a", s1, 1),
+                disconnected("a", s1),
+                connected("a", s2, 2),
+                connected("b", SessionId::new(), 3),
+            ],
+            DEFAULT_COALESCE_AFTER,
+        );
         assert_eq!(plan.inserts.len(), 3);
         assert_eq!(plan.closes.len(), 2);
         assert_eq!(plan.upserts.len(), 2);
@@ -600,11 +815,14 @@ mod tests {
     fn plan_keeps_the_takeover_close_for_the_new_session() {
         let s1 = SessionId::new();
         let s2 = SessionId::new();
-        let plan = BatchPlan::new(&[
-            connected("a", s1, 1),
-            disconnected("a", s1),
-            connected("a", s2, 2),
-        ]);
+        let plan = BatchPlan::new(
+            &[
+                connected("a", s1, 1),
+                disconnected("a", s1),
+                connected("a", s2, 2),
+            ],
+            DEFAULT_COALESCE_AFTER,
+        );
         assert_eq!(plan.upserts.len(), 1);
         assert_eq!(plan.upserts[0].closed, None);
         assert_eq!(plan.upserts[0].last_close().map(|c| c.1), Some("takeover"));
@@ -614,7 +832,10 @@ mod tests {
     #[test]
     fn plan_closes_a_session_opened_in_the_same_batch() {
         let s = SessionId::new();
-        let plan = BatchPlan::new(&[connected("a", s, 1), disconnected("a", s)]);
+        let plan = BatchPlan::new(
+            &[connected("a", s, 1), disconnected("a", s)],
+            DEFAULT_COALESCE_AFTER,
+        );
         assert!(plan.offline.is_empty());
         assert_eq!(plan.upserts[0].closed.map(|c| c.1), Some("takeover"));
     }

@@ -11,14 +11,16 @@ use uuid::Uuid;
 
 use super::{
     stats_from_rows, Access, BatchPlan, Device, PresenceRecord, PresenceStore, Recovery, Session,
-    Stats, StoreError, BROKER_RESTART, DEVICE_COLUMNS, SESSION_COLUMNS, STATS_REASONS,
-    STATS_TOTALS,
+    Stats, StoreError, BROKER_RESTART, DEFAULT_COALESCE_AFTER, DEVICE_COLUMNS, SESSION_COLUMNS,
+    STATS_REASONS, STATS_TOTALS,
 };
 
 /// A PostgreSQL connection pool.
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// See [`BatchPlan`].
+    pub(super) coalesce_after: usize,
 }
 
 impl PgStore {
@@ -35,7 +37,10 @@ impl PgStore {
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            coalesce_after: DEFAULT_COALESCE_AFTER,
+        })
     }
 
     /// The pool, for tests and benchmarks.
@@ -72,6 +77,7 @@ fn session(row: &PgRow) -> Result<Session, sqlx::Error> {
         peer: row.try_get("peer")?,
         keep_alive: row.try_get("keep_alive")?,
         clean_session: row.try_get("clean_session")?,
+        coalesced: row.try_get("coalesced")?,
     })
 }
 
@@ -159,7 +165,7 @@ impl PresenceStore for PgStore {
     }
 
     async fn apply(&self, batch: &[PresenceRecord]) -> Result<(), StoreError> {
-        let plan = BatchPlan::new(batch);
+        let plan = BatchPlan::new(batch, self.coalesce_after);
         let mut tx = self.pool.begin().await?;
 
         if !plan.boots.is_empty() {
@@ -182,9 +188,10 @@ impl PresenceStore for PgStore {
             let s = &plan.inserts;
             sqlx::query(
                 "INSERT INTO sessions (session_id, device_id, node_id, boot_id, seq, connected_at, \
-                                       peer, keep_alive, clean_session) \
+                                       peer, keep_alive, clean_session, coalesced) \
                  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::int8[], \
-                                      $6::timestamptz[], $7::text[], $8::int4[], $9::bool[]) \
+                                      $6::timestamptz[], $7::text[], $8::int4[], $9::bool[], \
+                                      $10::int4[]) \
                  ON CONFLICT (session_id) DO NOTHING",
             )
             .bind(s.iter().map(|r| r.session_id).collect::<Vec<_>>())
@@ -196,6 +203,7 @@ impl PresenceStore for PgStore {
             .bind(s.iter().map(|r| r.peer.as_str()).collect::<Vec<_>>())
             .bind(s.iter().map(|r| r.keep_alive).collect::<Vec<_>>())
             .bind(s.iter().map(|r| r.clean_session).collect::<Vec<_>>())
+            .bind(s.iter().map(|r| r.coalesced).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
@@ -289,6 +297,7 @@ impl PresenceStore for PgStore {
         }
 
         tx.commit().await?;
+        plan.committed();
         Ok(())
     }
 
@@ -337,5 +346,46 @@ impl PresenceStore for PgStore {
         let totals = sqlx::query(STATS_TOTALS).fetch_one(&self.pool).await?;
         let reasons = sqlx::query(STATS_REASONS).fetch_all(&self.pool).await?;
         Ok(stats_from_rows(&totals, &reasons)?)
+    }
+
+    async fn prune_ended_before(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        // sessions_disconnected_at finds them oldest first (NULLs, the open ones, never match).
+        let done = sqlx::query(
+            "DELETE FROM sessions WHERE session_id IN ( \
+               SELECT session_id FROM sessions WHERE disconnected_at < $1 \
+               ORDER BY disconnected_at LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn prune_device(
+        &self,
+        device_id: &str,
+        keep: u32,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        // sessions_device (device_id, session_id DESC): the keep-th newest, then what is older.
+        let done = sqlx::query(
+            "DELETE FROM sessions WHERE session_id IN ( \
+               SELECT session_id FROM sessions \
+               WHERE device_id = $1 AND disconnected_at IS NOT NULL AND session_id < ( \
+                 SELECT session_id FROM sessions WHERE device_id = $1 \
+                 ORDER BY session_id DESC OFFSET $2 - 1 LIMIT 1) \
+               ORDER BY session_id LIMIT $3)",
+        )
+        .bind(device_id)
+        .bind(i64::from(keep.max(1)))
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 }

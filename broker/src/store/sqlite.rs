@@ -17,17 +17,19 @@ use uuid::Uuid;
 
 use super::{
     stats_from_rows, Access, BatchPlan, Device, PresenceRecord, PresenceStore, Recovery, Session,
-    Stats, StoreError, BROKER_RESTART, DEVICE_COLUMNS, SESSION_COLUMNS, STATS_REASONS,
-    STATS_TOTALS,
+    Stats, StoreError, BROKER_RESTART, DEFAULT_COALESCE_AFTER, DEVICE_COLUMNS, SESSION_COLUMNS,
+    STATS_REASONS, STATS_TOTALS,
 };
 
-/// Rows per multi-row statement: 11 parameters each stays under SQLite's 32,766 limit.
+/// Rows per multi-row statement: 10 parameters each stays under SQLite's 32,766 limit.
 const ROWS_PER_STATEMENT: usize = 2_000;
 
 /// A SQLite connection pool.
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// See [`BatchPlan`].
+    pub(super) coalesce_after: usize,
 }
 
 fn micros(t: DateTime<Utc>) -> i64 {
@@ -64,7 +66,10 @@ impl SqliteStore {
                 .acquire_timeout(Duration::from_secs(5))
                 .connect_with(options.pragma("query_only", "ON"))
                 .await?;
-            return Ok(Self { pool });
+            return Ok(Self {
+                pool,
+                coalesce_after: DEFAULT_COALESCE_AFTER,
+            });
         }
         let options = options
             .create_if_missing(true)
@@ -90,7 +95,12 @@ impl SqliteStore {
         let mut attempt = 0;
         loop {
             match pool_options.clone().connect_with(options.clone()).await {
-                Ok(pool) => return Ok(Self { pool }),
+                Ok(pool) => {
+                    return Ok(Self {
+                        pool,
+                        coalesce_after: DEFAULT_COALESCE_AFTER,
+                    })
+                }
                 Err(sqlx::Error::Database(e))
                     if e.code().as_deref() == Some("5") && attempt < 50 =>
                 {
@@ -135,6 +145,7 @@ fn session(row: &SqliteRow) -> Result<Session, sqlx::Error> {
         peer: row.try_get("peer")?,
         keep_alive: row.try_get("keep_alive")?,
         clean_session: row.try_get("clean_session")?,
+        coalesced: row.try_get("coalesced")?,
     })
 }
 
@@ -226,7 +237,7 @@ impl PresenceStore for SqliteStore {
     }
 
     async fn apply(&self, batch: &[PresenceRecord]) -> Result<(), StoreError> {
-        let plan = BatchPlan::new(batch);
+        let plan = BatchPlan::new(batch, self.coalesce_after);
         let now = micros(Utc::now());
         let mut tx = self.pool.begin().await?;
 
@@ -248,7 +259,7 @@ impl PresenceStore for SqliteStore {
         for chunk in plan.inserts.chunks(ROWS_PER_STATEMENT) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO sessions (session_id, device_id, node_id, boot_id, seq, connected_at, \
-                                       peer, keep_alive, clean_session) ",
+                                       peer, keep_alive, clean_session, coalesced) ",
             );
             q.push_values(chunk, |mut b, s| {
                 b.push_bind(s.session_id.to_string())
@@ -259,7 +270,8 @@ impl PresenceStore for SqliteStore {
                     .push_bind(micros(s.connected_at))
                     .push_bind(&s.peer)
                     .push_bind(s.keep_alive)
-                    .push_bind(s.clean_session);
+                    .push_bind(s.clean_session)
+                    .push_bind(s.coalesced);
             });
             q.push(" ON CONFLICT (session_id) DO NOTHING");
             // Not cached: the text changes with the row count, and a cached multi-row
@@ -331,6 +343,7 @@ impl PresenceStore for SqliteStore {
         }
 
         tx.commit().await?;
+        plan.committed();
         Ok(())
     }
 
@@ -379,5 +392,47 @@ impl PresenceStore for SqliteStore {
         let totals = sqlx::query(STATS_TOTALS).fetch_one(&self.pool).await?;
         let reasons = sqlx::query(STATS_REASONS).fetch_all(&self.pool).await?;
         Ok(stats_from_rows(&totals, &reasons)?)
+    }
+
+    async fn prune_ended_before(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        // sessions_disconnected_at (a partial index on closed sessions) finds them oldest first.
+        let done = sqlx::query(
+            "DELETE FROM sessions WHERE session_id IN ( \
+               SELECT session_id FROM sessions \
+               WHERE disconnected_at IS NOT NULL AND disconnected_at < ?1 \
+               ORDER BY disconnected_at LIMIT ?2)",
+        )
+        .bind(micros(before))
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn prune_device(
+        &self,
+        device_id: &str,
+        keep: u32,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        // sessions_device (device_id, session_id DESC): the keep-th newest, then what is older.
+        let done = sqlx::query(
+            "DELETE FROM sessions WHERE session_id IN ( \
+               SELECT session_id FROM sessions \
+               WHERE device_id = ?1 AND disconnected_at IS NOT NULL AND session_id < ( \
+                 SELECT session_id FROM sessions WHERE device_id = ?1 \
+                 ORDER BY session_id DESC LIMIT 1 OFFSET ?2 - 1) \
+               ORDER BY session_id LIMIT ?3)",
+        )
+        .bind(device_id)
+        .bind(i64::from(keep.max(1)))
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 }
