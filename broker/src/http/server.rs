@@ -307,14 +307,18 @@ async fn connection(
         inner: TowerToHyperService::new(app),
         activity: Arc::clone(&activity),
     };
-    let conn = http1::Builder::new()
+    let mut builder = http1::Builder::new();
+    builder
         // The timeouts are ours (see the module documentation).
         .header_read_timeout(None)
         .keep_alive(true)
-        .max_buf_size(limits.hyper_max_buf)
-        // hyper's default (100) is already above ours when ours is lower.
-        .max_headers(limits.head.max_headers.max(100))
-        .serve_connection(io, service);
+        .max_buf_size(limits.hyper_max_buf);
+    // hyper's default (100) is above ours unless ours is higher (setting it costs hyper a heap
+    // allocation per request).
+    if limits.head.max_headers > 100 {
+        builder.max_headers(limits.head.max_headers);
+    }
+    let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let far = || Instant::now() + Duration::from_secs(86_400);
     let sleep = tokio::time::sleep_until(far());
