@@ -456,3 +456,32 @@ async fn metrics_text() -> impl IntoResponse {
         metrics().render(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_are_decoded_strictly() {
+        let params = query_params(Some("limit=5&cursor=a%2Fb+c&online=")).expect("valid");
+        assert_eq!(params["limit"], "5");
+        assert_eq!(params["cursor"], "a/b c");
+        assert_eq!(params["online"], "");
+        assert!(query_params(None).expect("none").is_empty());
+        assert!(query_params(Some("&&")).expect("empty pairs").is_empty());
+        for bad in [
+            "cursor=%FF",
+            "cursor=%G1",
+            "cursor=%4",
+            "limit=1&limit=2",
+            "%C3%28=1",
+        ] {
+            let error = query_params(Some(bad)).expect_err(bad);
+            assert!(matches!(error, ApiError::BadRequest(_)), "{bad}");
+        }
+        assert_eq!(
+            query_params(Some("id=caf%C3%A9")).expect("UTF-8")["id"],
+            "café"
+        );
+    }
+}
