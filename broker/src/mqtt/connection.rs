@@ -252,7 +252,7 @@ async fn handshake(
             return None;
         }
         Ok(Err(ReadError::Codec(CodecError::UnsupportedProtocol { name, level }))) => {
-            tracing::info!(%peer, %name, level, "Unsupported protocol version; CONNACK 0x01.");
+            tracing::info!(%peer, name = name.as_str(), level, "Unsupported protocol version; CONNACK 0x01.");
             refused("unsupported_protocol_version");
             io.refuse(ConnackCode::UnacceptableProtocolVersion).await;
             return None;
@@ -277,7 +277,7 @@ async fn handshake(
     let client_id = match client_id(&connect, config) {
         Ok(id) => id,
         Err(why) => {
-            tracing::info!(%peer, client_id = %connect.client_id, why, "Client identifier rejected; CONNACK 0x02.");
+            tracing::info!(%peer, client_id = connect.client_id.as_str(), why, "Client identifier rejected; CONNACK 0x02.");
             refused("identifier_rejected");
             io.refuse(ConnackCode::IdentifierRejected).await;
             return None;
@@ -299,7 +299,7 @@ async fn handshake(
     };
     if let Some(will) = &connect.last_will {
         if !topic::valid_topic_name(&will.topic) {
-            tracing::info!(%peer, topic = %will.topic, "Invalid will topic; closing.");
+            tracing::info!(%peer, topic = will.topic.as_str(), "Invalid will topic; closing.");
             refused("protocol_error");
             return None;
         }
@@ -433,7 +433,7 @@ async fn send_event(shared: &Shared, event: ConnectionEvent) {
 
 fn publish_will(shared: &Shared, will: LastWill) {
     metrics().wills_published.inc();
-    tracing::debug!(topic = %will.topic, "Publishing will.");
+    tracing::debug!(topic = will.topic.as_str(), "Publishing will.");
     shared.router.publish(Message {
         topic: will.topic.into_boxed_str(),
         payload: Bytes::copy_from_slice(&will.message),
@@ -640,7 +640,7 @@ fn poll_serve(
             if let Some(ka) = conn.keep_alive {
                 if now >= d.last_received + ka {
                     tracing::info!(
-                        client_id = %session.client_id,
+                        client_id = &*session.client_id,
                         silent_for = ?now.duration_since(d.last_received),
                         "Keep-alive timeout: nothing received; closing."
                     );
@@ -650,7 +650,7 @@ fn poll_serve(
             if let Some(since) = d.stalled_since {
                 if now >= since + write_timeout {
                     tracing::info!(
-                        client_id = %session.client_id,
+                        client_id = &*session.client_id,
                         pending_bytes = io.wbuf.len(),
                         "Writes made no progress within the write timeout; closing."
                     );
@@ -679,7 +679,7 @@ fn handle_packets(
             Ok(Some(packet)) => handle(io, shared, session, packet)?,
             Ok(None) => return Ok(()),
             Err(error) => {
-                tracing::info!(client_id = %session.client_id, %error, "Protocol error; closing.");
+                tracing::info!(client_id = &*session.client_id, %error, "Protocol error; closing.");
                 return Err(DisconnectReason::ProtocolError);
             }
         }
@@ -695,7 +695,11 @@ fn handle(
     match packet {
         Packet::Publish(publish) => {
             if !topic::valid_topic_name(&publish.topic) {
-                tracing::info!(client_id = %session.client_id, topic = %publish.topic, "PUBLISH to an invalid topic name; closing.");
+                tracing::info!(
+                    client_id = &*session.client_id,
+                    topic = publish.topic.as_str(),
+                    "PUBLISH to an invalid topic name; closing."
+                );
                 return Err(DisconnectReason::ProtocolError);
             }
             let message = Message {
@@ -748,7 +752,11 @@ fn handle(
                     codes.push(SubscribeReasonCode::Success(filter.qos));
                     granted.push((filter.path, filter.qos));
                 } else {
-                    tracing::info!(client_id = %session.client_id, filter = %filter.path, "Invalid topic filter refused.");
+                    tracing::info!(
+                        client_id = &*session.client_id,
+                        filter = filter.path.as_str(),
+                        "Invalid topic filter refused."
+                    );
                     codes.push(SubscribeReasonCode::Failure);
                 }
             }
@@ -766,7 +774,10 @@ fn handle(
         }
         Packet::Unsubscribe(unsubscribe) => {
             if unsubscribe.topics.is_empty() {
-                tracing::info!(client_id = %session.client_id, "UNSUBSCRIBE without topic filters; closing.");
+                tracing::info!(
+                    client_id = &*session.client_id,
+                    "UNSUBSCRIBE without topic filters; closing."
+                );
                 return Err(DisconnectReason::ProtocolError);
             }
             shared
@@ -783,7 +794,10 @@ fn handle(
         Packet::PingReq => io.send(&Packet::PingResp),
         Packet::Disconnect => return Err(DisconnectReason::ClientDisconnect),
         Packet::Connect(_) => {
-            tracing::info!(client_id = %session.client_id, "Second CONNECT on one connection; closing.");
+            tracing::info!(
+                client_id = &*session.client_id,
+                "Second CONNECT on one connection; closing."
+            );
             return Err(DisconnectReason::ProtocolError);
         }
         other @ (Packet::ConnAck(_)
@@ -791,7 +805,7 @@ fn handle(
         | Packet::UnsubAck(_)
         | Packet::PingResp) => {
             tracing::info!(
-                client_id = %session.client_id,
+                client_id = &*session.client_id,
                 packet = codec::packet_label(&other),
                 "Server-only packet from a client; closing."
             );

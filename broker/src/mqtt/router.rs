@@ -159,7 +159,12 @@ impl Router {
                     .messages_dropped
                     .with_label_values(&[reason.as_str()])
                     .inc();
-                tracing::debug!(client_id = %session.client_id, topic = %message.topic, reason = reason.as_str(), "Message dropped for subscriber.");
+                tracing::debug!(
+                    client_id = &*session.client_id,
+                    topic = &*message.topic,
+                    reason = reason.as_str(),
+                    "Message dropped for subscriber."
+                );
             }
         }
     }

@@ -415,7 +415,7 @@ impl Session {
                 if !st.overflowing {
                     st.overflowing = true;
                     tracing::warn!(
-                        client_id = %self.client_id,
+                        client_id = &*self.client_id,
                         online = st.owner.is_some(),
                         max_queued,
                         "Session queue full: dropping its messages until the client catches up \
