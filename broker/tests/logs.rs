@@ -63,7 +63,7 @@ async fn misbehave(broker: &mut TestBroker) {
     // An invalid topic filter: SUBACK 0x80, logged.
     let (mut c, _) = RawClient::connect(broker.addr, ConnectOpts::new("filter")).await;
     broker.connected("filter").await;
-    let mut s = rumqttc::mqttbytes::v4::Subscribe::new(&format!("f/#/x{FORGED}"), QoS::AtMostOnce);
+    let mut s = rumqttc::mqttbytes::v4::Subscribe::new(format!("f/#/x{FORGED}"), QoS::AtMostOnce);
     s.pkid = 1;
     c.send(&Packet::Subscribe(s)).await;
     assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
