@@ -82,8 +82,10 @@ pub struct MqttConfig {
     pub keepalive_multiplier: f64,
     /// Lowest keep-alive (seconds) accepted; 0 from a client counts as "infinite". Unset: no bound.
     pub min_keepalive: Option<u16>,
-    /// Highest keep-alive (seconds) accepted; 0 from a client counts as "infinite". Unset: no bound.
-    pub max_keepalive: Option<u16>,
+    /// Highest keep-alive (seconds) accepted; a client's 0 ("never time out") counts as above
+    /// it, so with the default a silent connection is closed after at most 65535 s x multiplier.
+    /// 0: no upper bound, and a client's 0 means its connection never times out.
+    pub max_keepalive: u16,
     /// What to do with a keep-alive outside the bounds: "clamp" or "reject".
     pub keepalive_policy: KeepAlivePolicy,
     /// A connection whose pending writes make no progress for this long is closed
@@ -97,6 +99,34 @@ pub struct MqttConfig {
     /// Messages waiting for one client (connected or, for persistent sessions, away) beyond the
     /// in-flight window. Further messages are dropped and counted.
     pub max_queued_messages: usize,
+    /// Bytes (topics and payloads) of the messages waiting for one client, in-flight ones
+    /// included. A message that would pass it is dropped and counted, unless nothing waits for
+    /// the client yet (so one message of up to `max_packet_size` always fits).
+    pub max_queued_bytes: usize,
+    /// Bytes of the messages waiting for all clients together; beyond, messages are dropped and
+    /// counted (reason memory_limit).
+    pub max_queued_bytes_total: usize,
+    /// Most topic levels in a topic name or filter (a PUBLISH beyond it is a protocol error, a
+    /// filter beyond it gets SUBACK 0x80).
+    pub max_topic_levels: usize,
+    /// Most topic filters in one SUBSCRIBE that are granted; the rest get SUBACK 0x80.
+    pub max_filters_per_subscribe: usize,
+    /// Most subscriptions one session may hold; filters beyond it get SUBACK 0x80.
+    pub max_subscriptions_per_session: usize,
+    /// Most retained messages held; further new retained topics are refused (counted and logged,
+    /// the message is still delivered to current subscribers).
+    pub max_retained_messages: usize,
+    /// Most bytes (topics and payloads) of retained messages held; a retained message that would
+    /// pass it is refused, and the topic's previous retained message, if any, is cleared.
+    pub max_retained_bytes: usize,
+    /// Time a client has to send the rest of a packet once its first byte has arrived; a
+    /// connection that takes longer is closed (connection_lost).
+    #[serde(with = "humantime_serde")]
+    pub packet_read_timeout: Duration,
+    /// Bytes all connections together may buffer for packets larger than 4 KiB that are still
+    /// arriving. A connection that would need more stops reading (TCP back-pressure) until
+    /// other packets complete or time out.
+    pub max_buffered_read_bytes: usize,
     /// Longest wait between two accept attempts while the process is out of file descriptors.
     #[serde(with = "humantime_serde")]
     pub accept_backoff_max: Duration,
@@ -110,12 +140,21 @@ impl Default for MqttConfig {
             max_packet_size: 1024 * 1024,
             keepalive_multiplier: 1.5,
             min_keepalive: None,
-            max_keepalive: None,
+            max_keepalive: 65_535,
             keepalive_policy: KeepAlivePolicy::Clamp,
             write_timeout: Duration::from_secs(30),
             max_client_id_len: 256,
             max_inflight: 32,
             max_queued_messages: 1000,
+            max_queued_bytes: 1024 * 1024,
+            max_queued_bytes_total: 256 * 1024 * 1024,
+            max_topic_levels: 128,
+            max_filters_per_subscribe: 1000,
+            max_subscriptions_per_session: 10_000,
+            max_retained_messages: 1_000_000,
+            max_retained_bytes: 256 * 1024 * 1024,
+            packet_read_timeout: Duration::from_secs(30),
+            max_buffered_read_bytes: 64 * 1024 * 1024,
             accept_backoff_max: Duration::from_secs(1),
         }
     }
@@ -356,8 +395,8 @@ impl Config {
                 "must be between 64 and 268435455 bytes",
             );
         }
-        if let (Some(min), Some(max)) = (m.min_keepalive, m.max_keepalive) {
-            if min > max {
+        if let Some(min) = m.min_keepalive.filter(|_| m.max_keepalive != 0) {
+            if min > m.max_keepalive {
                 return invalid(
                     "mqtt.min_keepalive",
                     "must not be greater than mqtt.max_keepalive",
@@ -370,17 +409,41 @@ impl Config {
                 "must be at least 1 second (leave it unset for no lower bound)",
             );
         }
-        if m.max_keepalive == Some(0) {
-            return invalid(
-                "mqtt.max_keepalive",
-                "must be at least 1 second (leave it unset for no upper bound)",
-            );
-        }
         if m.max_client_id_len == 0 || m.max_client_id_len > 65_535 {
             return invalid("mqtt.max_client_id_len", "must be between 1 and 65535");
         }
         if m.max_inflight == 0 || m.max_inflight > 65_535 {
             return invalid("mqtt.max_inflight", "must be between 1 and 65535");
+        }
+        if m.max_queued_messages == 0 {
+            return invalid("mqtt.max_queued_messages", "must be at least 1");
+        }
+        if m.max_queued_bytes == 0 {
+            return invalid("mqtt.max_queued_bytes", "must be at least 1");
+        }
+        if m.max_queued_bytes_total < m.max_queued_bytes {
+            return invalid(
+                "mqtt.max_queued_bytes_total",
+                "must be at least mqtt.max_queued_bytes",
+            );
+        }
+        if m.max_topic_levels == 0 || m.max_topic_levels > 1024 {
+            return invalid("mqtt.max_topic_levels", "must be between 1 and 1024");
+        }
+        if m.max_filters_per_subscribe == 0 {
+            return invalid("mqtt.max_filters_per_subscribe", "must be at least 1");
+        }
+        if m.max_subscriptions_per_session == 0 {
+            return invalid("mqtt.max_subscriptions_per_session", "must be at least 1");
+        }
+        if m.packet_read_timeout < Duration::from_secs(1) {
+            return invalid("mqtt.packet_read_timeout", "must be at least 1s");
+        }
+        if m.max_buffered_read_bytes < m.max_packet_size {
+            return invalid(
+                "mqtt.max_buffered_read_bytes",
+                "must be at least mqtt.max_packet_size",
+            );
         }
         if m.accept_backoff_max.is_zero() {
             return invalid("mqtt.accept_backoff_max", "must be greater than 0");

@@ -104,7 +104,7 @@ fn assert_not_forged(log: &str) {
     for what in [
         "Client identifier rejected",
         "Invalid will topic",
-        "Invalid topic filter",
+        "Topic filter refused",
         "PUBLISH to an invalid topic name",
     ] {
         let line = log

@@ -112,6 +112,20 @@ pub fn read_packet(buf: &mut BytesMut, max_size: usize) -> Result<Option<Packet>
     }
 }
 
+/// Total length of the packet starting at `buf[0]` (fixed header included), as soon as its
+/// fixed header has arrived, complete or not; `None` until then or when the length is malformed
+/// (the decoder reports that).
+pub fn frame_length(buf: &[u8]) -> Option<usize> {
+    let mut remaining = 0usize;
+    for (i, byte) in buf.iter().skip(1).take(4).enumerate() {
+        remaining |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some(1 + i + 1 + remaining);
+        }
+    }
+    None
+}
+
 /// MQTT 3.1.1 section 2.2.2: the flags each packet type must carry.
 fn check_flags(byte1: u8) -> Result<(), CodecError> {
     let packet_type = byte1 >> 4;
@@ -353,6 +367,19 @@ mod tests {
             read_packet(&mut b, 1024),
             Err(CodecError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn frame_length_is_known_from_the_fixed_header() {
+        assert_eq!(frame_length(&[0x30]), None);
+        assert_eq!(frame_length(&[0x30, 0x05]), Some(7));
+        assert_eq!(frame_length(&[0x30, 0x80]), None);
+        assert_eq!(frame_length(&[0x30, 0x80, 0x01]), Some(3 + 128));
+        assert_eq!(
+            frame_length(&[0x30, 0xff, 0xff, 0xff, 0x7f]),
+            Some(5 + 268_435_455)
+        );
+        assert_eq!(frame_length(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]), None);
     }
 
     #[test]
