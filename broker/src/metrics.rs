@@ -48,6 +48,9 @@ pub struct Metrics {
     pub messages_dropped: IntCounterVec,
     /// Bytes of messages waiting for clients (queued and in flight), over all sessions.
     pub queued_bytes: IntGauge,
+    /// Times a publisher stopped reading because a subscriber it feeds was congested while the
+    /// broker, not the subscriber, was behind.
+    pub publish_backpressure: IntCounter,
     /// Bytes held by connections for packets larger than 4 KiB still arriving.
     pub buffered_read_bytes: IntGauge,
     /// Times a connection stopped reading because `mqtt.max_buffered_read_bytes` was reached.
@@ -315,6 +318,11 @@ impl Metrics {
                 &r,
                 "heartwire_queued_bytes",
                 "Bytes of messages waiting for clients (queued and in flight), all sessions.",
+            ),
+            publish_backpressure: counter(
+                &r,
+                "heartwire_publish_backpressure_total",
+                "Times a publisher paused reading until a congested subscriber queue drained.",
             ),
             buffered_read_bytes: gauge(
                 &r,

@@ -66,6 +66,11 @@ const WRITE_ROUNDS: usize = 32;
 const FILTER_BUDGET: usize = 256;
 /// Most retained messages taken in one step of a retained delivery.
 const RETAINED_BATCH: usize = 64;
+/// Longest a publisher waits for a congested subscriber queue to drain before trying again
+/// (by then a subscriber whose client was behind counts as a slow consumer and no longer holds
+/// it back) and, after twice that, before routing its message regardless (what does not fit is
+/// dropped and counted).
+const PARK_MAX: Duration = super::session::CLIENT_GRACE;
 
 /// Why reading a packet failed.
 #[derive(Debug, thiserror::Error)]
@@ -469,6 +474,10 @@ async fn close(shared: &Shared, conn: Established, reason: DisconnectReason) {
         _ => {}
     }
     let session = conn.session;
+    // Nobody drains its queue now: it holds no publisher back.
+    if session.set_online(false) {
+        shared.drained.notify_waiters();
+    }
 
     // The will goes out on every close that the client did not ask for, takeover included
     // (the old connection's will, as MQTT 3.1.1 section 3.1.4 requires). A broker shutdown closes
@@ -515,12 +524,12 @@ async fn send_event(shared: &Shared, event: ConnectionEvent) {
 fn publish_will(shared: &Shared, will: LastWill) {
     metrics().wills_published.inc();
     tracing::debug!(topic = will.topic.as_str(), "Publishing will.");
-    shared.router.publish(Message {
+    shared.router.publish(Arc::new(Message {
         topic: will.topic.into_boxed_str(),
         payload: Bytes::copy_from_slice(&will.message),
         qos: will.qos,
         retain: will.retain,
-    });
+    }));
 }
 
 /// The client id to use, or why the CONNECT's one is refused.
@@ -566,8 +575,24 @@ struct Deadlines {
     partial_since: Option<Instant>,
     /// Since when the write buffer has been waiting for the socket.
     stalled_since: Option<Instant>,
+    /// When a message held back by a congested subscriber is routed regardless.
+    parked_until: Option<Instant>,
     /// The instant the timer is set to, if it is armed.
     armed: Option<Instant>,
+}
+
+/// A PUBLISH received but not yet routed, because a session it goes to is congested while the
+/// broker could drain it ([`super::router::Router::try_publish`]). Nothing more is read from
+/// the client until it is routed.
+struct Parked<'a> {
+    message: Arc<Message>,
+    /// The PUBLISH's QoS and packet id, for its acknowledgement once routed.
+    qos: QoS,
+    pkid: u16,
+    /// When it was parked.
+    since: Instant,
+    /// Becomes ready when some session stops holding publishers back.
+    drained: Pin<Box<Notified<'a>>>,
 }
 
 /// What one established connection keeps between wake-ups, besides its socket.
@@ -579,6 +604,8 @@ struct ServeState<'a> {
     /// Waiting for read budget to be released (only while `mqtt.max_buffered_read_bytes` is
     /// exhausted).
     budget_wait: Option<Pin<Box<Notified<'a>>>>,
+    /// A message waiting for congested subscribers to drain.
+    parked: Option<Box<Parked<'a>>>,
 }
 
 /// The established connection's loop, until it ends.
@@ -595,10 +622,12 @@ async fn serve(
             last_received: Instant::now(),
             partial_since: None,
             stalled_since: None,
+            parked_until: None,
             armed: None,
         },
         job: None,
         budget_wait: None,
+        parked: None,
     };
     // The CONNACK goes out before anything else, even a takeover that is already waiting.
     if let Err(error) = io.try_flush() {
@@ -610,7 +639,14 @@ async fn serve(
     if shutdown.is_cancelled() {
         return DisconnectReason::BrokerShutdown;
     }
-    std::future::poll_fn(|cx| poll_serve(cx, io, shared, conn, timer.as_mut(), &mut state)).await
+    let reason =
+        std::future::poll_fn(|cx| poll_serve(cx, io, shared, conn, timer.as_mut(), &mut state))
+            .await;
+    if let Some(parked) = state.parked.take() {
+        // Received whole, so routed (or dropped and counted), not lost with the connection.
+        shared.router.publish(parked.message);
+    }
+    reason
 }
 
 /// One wake-up of an established connection: signals, a SUBSCRIBE in progress, reads, writes,
@@ -645,10 +681,17 @@ fn poll_serve<'a>(
                 yield_now = true;
             }
         }
-        if state.job.is_none() {
+        if state.parked.is_some() {
+            yield_now |= retry_parked(cx, io, shared, state);
+        }
+        if state.job.is_none() && state.parked.is_none() {
             match read_side(cx, io, shared, conn, state) {
                 Ok(more) => yield_now |= more,
                 Err(reason) => return Poll::Ready(reason),
+            }
+            if let Some(parked) = &mut state.parked {
+                // Register for the drain that will let it go (and go on at once if it came).
+                yield_now |= parked.drained.as_mut().poll(cx).is_ready();
             }
         }
         match write_side(cx, io, shared, session, &mut state.deadlines) {
@@ -688,13 +731,16 @@ fn read_side<'a>(
             if state.job.is_some() {
                 // A SUBSCRIBE left work for later turns; the next packets wait for it.
                 stop = Some(Ok(true));
+            } else if state.parked.is_some() {
+                // A message waits for a congested subscriber: read nothing more until then.
+                stop = Some(Ok(false));
             } else if packets >= PACKET_BUDGET {
                 stop = Some(Ok(true));
             } else {
                 match io.next_packet() {
                     Ok(Some(packet)) => {
                         packets += 1;
-                        if let Err(reason) = handle(io, shared, session, packet, &mut state.job) {
+                        if let Err(reason) = handle(io, shared, session, packet, state) {
                             stop = Some(Err(reason));
                         }
                     }
@@ -776,8 +822,16 @@ fn write_side(
     d: &mut Deadlines,
 ) -> Result<bool, DisconnectReason> {
     let mut total = 0;
+    // Whether the writer stops because of the client (socket or in-flight window full) rather
+    // than for lack of messages or of its turn.
+    let mut client_behind = false;
+    let mut more = true;
     for _ in 0..WRITE_ROUNDS {
-        let more = io.wbuf.len() >= WRITE_HIGH_WATER || fill(io, shared, session);
+        let backlog = if io.wbuf.len() >= WRITE_HIGH_WATER {
+            Backlog::More
+        } else {
+            fill(io, shared, session)
+        };
         let written = match io.try_flush() {
             Ok(written) => written,
             Err(error) => {
@@ -788,8 +842,10 @@ fn write_side(
         total += written;
         if io.wbuf.is_empty() {
             d.stalled_since = None;
-            if !more {
-                return Ok(false);
+            if backlog != Backlog::More {
+                client_behind = backlog == Backlog::Blocked;
+                more = false;
+                break;
             }
         } else {
             // The write deadline counts from the last progress: a slow reader that keeps
@@ -799,7 +855,11 @@ fn write_side(
             }
             match io.stream.poll_write_ready(cx) {
                 Poll::Ready(Ok(())) => {}
-                Poll::Pending => return Ok(false),
+                Poll::Pending => {
+                    client_behind = true;
+                    more = false;
+                    break;
+                }
                 Poll::Ready(Err(error)) => {
                     tracing::debug!(%error, "Socket error.");
                     return Err(DisconnectReason::ConnectionLost);
@@ -810,13 +870,15 @@ fn write_side(
             break;
         }
     }
-    Ok(true)
+    if client_behind {
+        session.client_behind();
+    }
+    Ok(more)
 }
 
 /// Moves messages into the write buffer up to [`WRITE_HIGH_WATER`]: first retained messages of
 /// new subscriptions (a step at a time, walked without the session lock), then queued ones.
-/// Returns true when more are ready than fitted.
-fn fill(io: &mut Io, shared: &Shared, session: &Arc<Session>) -> bool {
+fn fill(io: &mut Io, shared: &Shared, session: &Arc<Session>) -> Backlog {
     let limits = shared.router.limits();
     let max_inflight = shared.config.max_inflight;
     let mut st = session.state();
@@ -844,17 +906,76 @@ fn fill(io: &mut Io, shared: &Shared, session: &Arc<Session>) -> bool {
                 st.resume_retained(cursor);
             }
             // One step per fill: the caller flushes and comes back.
-            return true;
+            return Backlog::More;
         }
     }
     let before = io.wbuf.len();
     let (written, backlog) = st.write_pending(&mut io.wbuf, WRITE_HIGH_WATER, max_inflight, limits);
+    let relieved = written > 0 && session.relieve(&st, limits);
+    drop(st);
     if written > 0 {
         metrics()
             .sent
             .count("publish", written as u64, io.wbuf.len() - before);
     }
-    backlog == Backlog::More
+    if relieved {
+        shared.drained.notify_waiters();
+    }
+    backlog
+}
+
+/// Tries again to route the parked message, once some session drained (or it waited
+/// [`PARK_MAX`]). Returns true when the caller should come back soon (a drain came meanwhile).
+fn retry_parked<'a>(
+    cx: &mut Context<'_>,
+    io: &mut Io,
+    shared: &'a Shared,
+    state: &mut ServeState<'a>,
+) -> bool {
+    let Some(parked) = &mut state.parked else {
+        return false;
+    };
+    let now = Instant::now();
+    let timer_fired = state
+        .deadlines
+        .parked_until
+        .is_some_and(|until| now >= until);
+    if !timer_fired && parked.drained.as_mut().poll(cx).is_pending() {
+        return false;
+    }
+    let waited_enough = now >= parked.since + 2 * PARK_MAX;
+    // Registered before trying, so that a drain in between is not missed.
+    parked.drained.set(shared.drained.notified());
+    parked.drained.as_mut().enable();
+    let message = Arc::clone(&parked.message);
+    let routed = if waited_enough {
+        shared.router.publish(message);
+        true
+    } else {
+        match shared.router.try_publish(message) {
+            Ok(()) => true,
+            Err(_) => false,
+        }
+    };
+    if routed {
+        acknowledge(io, parked.qos, parked.pkid);
+        state.parked = None;
+        state.deadlines.parked_until = None;
+        return false;
+    }
+    if timer_fired {
+        state.deadlines.parked_until = Some(now + PARK_MAX);
+    }
+    parked.drained.as_mut().poll(cx).is_ready()
+}
+
+/// Answers a routed PUBLISH: PUBACK for QoS 1, PUBREC for QoS 2.
+fn acknowledge(io: &mut Io, qos: QoS, pkid: u16) {
+    match qos {
+        QoS::AtMostOnce => {}
+        QoS::AtLeastOnce => io.send(&Packet::PubAck(PubAck::new(pkid))),
+        QoS::ExactlyOnce => io.send(&Packet::PubRec(PubRec::new(pkid))),
+    }
 }
 
 /// Sets the connection's one timer to its earliest deadline. `Ready(Some)` when a deadline has
@@ -874,6 +995,7 @@ fn deadlines(
         conn.keep_alive.map(|ka| d.last_received + ka),
         d.partial_since.map(|s| s + config.packet_read_timeout),
         d.stalled_since.map(|s| s + config.write_timeout),
+        d.parked_until,
     ]
     .into_iter()
     .flatten()
@@ -1053,12 +1175,12 @@ impl Job {
     }
 }
 
-fn handle(
+fn handle<'a>(
     io: &mut Io,
-    shared: &Shared,
+    shared: &'a Shared,
     session: &Arc<Session>,
     packet: Packet,
-    job: &mut Option<Box<Job>>,
+    state: &mut ServeState<'a>,
 ) -> Result<(), DisconnectReason> {
     let limits = shared.router.limits();
     match packet {
@@ -1071,26 +1193,39 @@ fn handle(
                 );
                 return Err(DisconnectReason::ProtocolError);
             }
-            let message = Message {
+            // QoS 2: routed on first receipt; a redelivery before PUBREL is only acknowledged.
+            if publish.qos == QoS::ExactlyOnce && !session.state().receive_qos2(publish.pkid) {
+                acknowledge(io, publish.qos, publish.pkid);
+                return Ok(());
+            }
+            let message = Arc::new(Message {
                 topic: publish.topic.into_boxed_str(),
                 payload: Bytes::copy_from_slice(&publish.payload),
                 qos: publish.qos,
                 retain: publish.retain,
+            });
+            let Err(message) = shared.router.try_publish(message) else {
+                acknowledge(io, publish.qos, publish.pkid);
+                return Ok(());
             };
-            match publish.qos {
-                QoS::AtMostOnce => shared.router.publish(message),
-                QoS::AtLeastOnce => {
-                    shared.router.publish(message);
-                    io.send(&Packet::PubAck(PubAck::new(publish.pkid)));
-                }
-                QoS::ExactlyOnce => {
-                    // Routed on first receipt; a redelivery before PUBREL is only acknowledged.
-                    if session.state().receive_qos2(publish.pkid) {
-                        shared.router.publish(message);
-                    }
-                    io.send(&Packet::PubRec(PubRec::new(publish.pkid)));
-                }
-            }
+            // A subscriber is congested while the broker could drain it: stop reading from
+            // this client until it has (the kernel's buffers then slow the client down).
+            metrics().publish_backpressure.inc();
+            let mut drained = Box::pin(shared.drained.notified());
+            drained.as_mut().enable();
+            let Err(message) = shared.router.try_publish(message) else {
+                acknowledge(io, publish.qos, publish.pkid);
+                return Ok(());
+            };
+            let now = Instant::now();
+            state.parked = Some(Box::new(Parked {
+                message,
+                qos: publish.qos,
+                pkid: publish.pkid,
+                since: now,
+                drained,
+            }));
+            state.deadlines.parked_until = Some(now + PARK_MAX);
         }
         Packet::PubAck(ack) => {
             if !session.state().puback(ack.pkid, limits) {
@@ -1121,7 +1256,7 @@ fn handle(
                 cursors: Vec::new(),
             };
             if !new.run(io, shared, session) {
-                *job = Some(Box::new(new));
+                state.job = Some(Box::new(new));
             }
         }
         Packet::Unsubscribe(unsubscribe) => {
@@ -1138,7 +1273,7 @@ fn handle(
                 done: 0,
             };
             if !new.run(io, shared, session) {
-                *job = Some(Box::new(new));
+                state.job = Some(Box::new(new));
             }
         }
         Packet::PingReq => io.send(&Packet::PingResp),

@@ -112,6 +112,9 @@ pub struct Shared {
     pub read_budget: ByteBudget,
     /// Signalled whenever read budget is released, for connections waiting for some.
     pub read_budget_freed: Notify,
+    /// Signalled whenever a session stops holding publishers back (its queue drained, or its
+    /// writer now waits for the client), for publishers waiting to route a message.
+    pub drained: Notify,
 }
 
 impl Shared {
@@ -124,6 +127,7 @@ impl Shared {
                 metrics().buffered_read_bytes.clone(),
             ),
             read_budget_freed: Notify::new(),
+            drained: Notify::new(),
             config,
             sessions: Arc::new(Mutex::new(HashMap::new())),
             events,
@@ -172,6 +176,7 @@ impl Shared {
             return Attach::Wait;
         }
         session.reset_signals();
+        session.set_online(true);
         let was_persistent = st.persistent;
         let mut dropped = Vec::new();
         let session_present = if clean_session {

@@ -163,21 +163,36 @@ impl Router {
         }
     }
 
-    /// Routes a message: updates the retained store when the retain flag is set, then queues
-    /// it for every matching session with min(publish QoS, granted QoS).
-    pub fn publish(&self, message: Message) {
-        metrics().messages_published.inc();
-        let message = Arc::new(message);
-        if message.retain {
-            self.retain(&message);
-        }
+    /// Routes a message whatever the state of the subscribers' queues (wills, and publishers
+    /// that have waited long enough): see [`Router::try_publish`].
+    pub fn publish(&self, message: Arc<Message>) {
+        let _ = self.route(message, true);
+    }
+
+    /// Routes a message: updates the retained store when the retain flag is set, then queues it
+    /// for every matching session with min(publish QoS, granted QoS). When a matching session
+    /// holds publishers back (its queue is congested while its writer could drain it), nothing
+    /// is routed and the message comes back: the caller stops reading from its client and tries
+    /// again when a session drains (TCP back-pressure instead of drops).
+    pub fn try_publish(&self, message: Arc<Message>) -> Result<(), Arc<Message>> {
+        self.route(message, false)
+    }
+
+    fn route(&self, message: Arc<Message>, force: bool) -> Result<(), Arc<Message>> {
         let targets: Vec<(Arc<Session>, QoS)> = {
             let root = self.subscriptions.read().unwrap_or_else(|e| e.into_inner());
             let levels: Vec<&str> = message.topic.split('/').collect();
             let mut out = HashMap::new();
             root.collect(&levels, true, &mut out);
+            if !force && out.values().any(|(s, _)| s.holds_back_publishers()) {
+                return Err(message);
+            }
             out.into_values().map(|(s, q)| (Arc::clone(s), q)).collect()
         };
+        metrics().messages_published.inc();
+        if message.retain {
+            self.retain(&message);
+        }
         for (session, granted) in targets {
             let qos = granted.min_qos(message.qos);
             if let Err(reason) = session.enqueue(Arc::clone(&message), qos, &self.limits) {
@@ -193,6 +208,7 @@ impl Router {
                 );
             }
         }
+        Ok(())
     }
 
     fn retain(&self, message: &Arc<Message>) {
@@ -255,12 +271,12 @@ mod tests {
     }
 
     fn publish(router: &Router, topic: &str, qos: QoS, retain: bool, payload: &'static [u8]) {
-        router.publish(Message {
+        router.publish(Arc::new(Message {
             topic: topic.into(),
             payload: Bytes::from_static(payload),
             qos,
             retain,
-        });
+        }));
     }
 
     fn queued(router: &Router, s: &Session) -> usize {

@@ -124,8 +124,10 @@ pub struct SessionState {
 /// What [`SessionState::write_pending`] left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backlog {
-    /// Nothing left that could be written now (queue empty, or the in-flight window full).
-    Idle,
+    /// The queue is empty.
+    Empty,
+    /// QoS 1/2 messages wait for the client to acknowledge earlier ones (in-flight window full).
+    Blocked,
     /// The buffer reached its limit with messages ready to follow.
     More,
 }
@@ -215,6 +217,12 @@ impl SessionState {
         self.retained
             .get_or_insert_with(Box::default)
             .push_front(cursor);
+    }
+
+    /// Whether the queue holds a quarter of its limits or less (a congested session that got
+    /// there no longer holds publishers back).
+    pub fn below_low_water(&self, limits: &QueueLimits) -> bool {
+        self.pending.len() <= limits.max_messages / 4 && self.queued_bytes <= limits.max_bytes / 4
     }
 
     /// Room left in the in-flight window.
@@ -331,16 +339,16 @@ impl SessionState {
         let mut written = 0;
         let backlog = loop {
             let Some(front) = self.pending.front() else {
-                break Backlog::Idle;
+                break Backlog::Empty;
             };
             if front.qos != QoS::AtMostOnce && self.inflight.len() >= max_inflight {
-                break Backlog::Idle;
+                break Backlog::Blocked;
             }
             if buf.len() >= limit {
                 break Backlog::More;
             }
             let Some(out) = self.pending.pop_front() else {
-                break Backlog::Idle;
+                break Backlog::Empty;
             };
             metrics().messages_queued.dec();
             self.write(buf, out, false, limits);
@@ -471,6 +479,25 @@ impl DropReason {
     }
 }
 
+/// Flag in [`Session::flow`]: the queue passed half its limits; publishers feeding it wait
+/// until it is down to a quarter, unless the client is the one behind.
+const CONGESTED: u8 = 1;
+/// Flag in [`Session::flow`]: no connection drains the queue (the client is away): it holds
+/// nobody back, and what does not fit is dropped.
+const OFFLINE: u8 = 2;
+/// How long a congested session may have waited for its client (socket full, in-flight window
+/// full) and still hold publishers back. A fast client whose socket filled with one burst reads
+/// it within this time; a client that stays behind longer is a slow consumer: publishers stop
+/// waiting for it, and what does not fit its queue is dropped and counted.
+pub const CLIENT_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Milliseconds since the first call in this process (a clock that fits in an atomic; never 0).
+fn now_ms() -> u64 {
+    static ORIGIN: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    ORIGIN.elapsed().as_millis() as u64 + 1
+}
+
 /// Flag in [`Session::signals`]: messages were queued.
 const QUEUED: u8 = 1;
 /// Flag in [`Session::signals`]: a newer connection wants the session; the owner must close.
@@ -509,6 +536,11 @@ pub struct Session {
     state: Mutex<SessionState>,
     /// Flags for the owner ([`QUEUED`], [`KICKED`]).
     signals: AtomicU8,
+    /// Flow control, read by publishers without the state lock ([`CONGESTED`], [`OFFLINE`]).
+    flow: AtomicU8,
+    /// While congested: since when ([`now_ms`]) the writer has been waiting for the client; 0
+    /// when it has not.
+    client_behind_since: AtomicU64,
     /// The owning connection's task.
     waker: AtomicWaker,
     /// When the owner last received a packet, in milliseconds since the Unix epoch. Kept in
@@ -524,6 +556,8 @@ impl Session {
             key,
             state: Mutex::new(SessionState::default()),
             signals: AtomicU8::new(0),
+            flow: AtomicU8::new(OFFLINE),
+            client_behind_since: AtomicU64::new(0),
             waker: AtomicWaker::new(),
             last_seen_ms: AtomicU64::new(0),
         }
@@ -576,6 +610,48 @@ impl Session {
         self.signals.store(0, Ordering::Release);
     }
 
+    /// Whether publishers feeding this session should wait before sending it more: its queue is
+    /// congested, a connection drains it, and the broker rather than the client is behind (the
+    /// writer has not been waiting for the client for longer than [`CLIENT_GRACE`]).
+    pub fn holds_back_publishers(&self) -> bool {
+        if self.flow.load(Ordering::Acquire) & (CONGESTED | OFFLINE) != CONGESTED {
+            return false;
+        }
+        let since = self.client_behind_since.load(Ordering::Acquire);
+        since == 0 || now_ms().saturating_sub(since) < CLIENT_GRACE.as_millis() as u64
+    }
+
+    /// Records whether a connection drains the queue now. Returns true when going offline ends
+    /// the session holding publishers back (they should be told).
+    pub fn set_online(&self, online: bool) -> bool {
+        if online {
+            self.flow.fetch_and(!OFFLINE, Ordering::AcqRel);
+            false
+        } else {
+            self.flow.fetch_or(OFFLINE, Ordering::AcqRel) & (CONGESTED | OFFLINE) == CONGESTED
+        }
+    }
+
+    /// Records that the writer stopped because of the client (socket or in-flight window
+    /// full). While the queue stays congested, that time counts towards [`CLIENT_GRACE`].
+    pub fn client_behind(&self) {
+        if self.flow.load(Ordering::Acquire) & CONGESTED != 0
+            && self.client_behind_since.load(Ordering::Acquire) == 0
+        {
+            self.client_behind_since.store(now_ms(), Ordering::Release);
+        }
+    }
+
+    /// Ends congestion once the queue is down to a quarter of its limits (call with the state
+    /// locked, after writing). Returns true when publishers waiting for it should be told.
+    pub fn relieve(&self, st: &SessionState, limits: &QueueLimits) -> bool {
+        if self.flow.load(Ordering::Acquire) & CONGESTED == 0 || !st.below_low_water(limits) {
+            return false;
+        }
+        self.client_behind_since.store(0, Ordering::Release);
+        self.flow.fetch_and(!CONGESTED, Ordering::AcqRel) & OFFLINE == 0
+    }
+
     /// Queues a message for the client and wakes its connection.
     pub fn enqueue(
         &self,
@@ -625,6 +701,11 @@ impl Session {
                 qos,
                 retain: false,
             });
+            if st.pending.len() >= limits.max_messages / 2
+                || st.queued_bytes >= limits.max_bytes / 2
+            {
+                self.flow.fetch_or(CONGESTED, Ordering::AcqRel);
+            }
         }
         metrics().messages_queued.inc();
         self.signal(QUEUED);
@@ -675,7 +756,7 @@ mod tests {
         let mut buf = BytesMut::new();
         assert_eq!(
             st.write_pending(&mut buf, 1 << 20, 2, &l),
-            (2, Backlog::Idle)
+            (2, Backlog::Blocked)
         );
         assert_eq!(st.inflight.len(), 2);
         assert!(st.puback(1, &l));
@@ -760,6 +841,55 @@ mod tests {
         a.state().write_pending(&mut buf, usize::MAX, 10, &l);
         assert_eq!(l.total.used(), 100);
         assert_eq!(c.enqueue(big(99), QoS::AtMostOnce, &l), Ok(()));
+    }
+
+    #[test]
+    fn congestion_holds_publishers_back_until_drained_or_the_client_falls_behind() {
+        let l = limits(8, 1000, 10_000);
+        let s = online();
+        assert!(!s.set_online(true));
+        for _ in 0..3 {
+            s.enqueue(msg(QoS::AtMostOnce), QoS::AtMostOnce, &l)
+                .expect("room");
+        }
+        assert!(!s.holds_back_publishers(), "below half the queue");
+        s.enqueue(msg(QoS::AtMostOnce), QoS::AtMostOnce, &l)
+            .expect("room");
+        assert!(s.holds_back_publishers(), "half the queue: congested");
+        // Drained to a quarter: relieved, and waiting publishers are to be told.
+        let mut st = s.state();
+        st.write_pending(&mut BytesMut::new(), 1, 10, &l);
+        assert!(!s.relieve(&st, &l), "three left: more than a quarter");
+        st.write_pending(&mut BytesMut::new(), 1, 10, &l);
+        assert!(s.relieve(&st, &l));
+        drop(st);
+        assert!(!s.holds_back_publishers());
+        // Congested again while the client is behind: held back only for a grace period.
+        for _ in 0..2 {
+            s.enqueue(msg(QoS::AtMostOnce), QoS::AtMostOnce, &l)
+                .expect("room");
+        }
+        s.client_behind();
+        assert!(s.holds_back_publishers());
+        let deadline = std::time::Instant::now() + 20 * CLIENT_GRACE;
+        while s.holds_back_publishers() {
+            assert!(std::time::Instant::now() < deadline, "grace never ended");
+            std::thread::yield_now();
+        }
+        // Nobody holds back for a session whose client is away.
+        let t = online();
+        for _ in 0..4 {
+            t.enqueue(msg(QoS::AtLeastOnce), QoS::AtLeastOnce, &l)
+                .expect("room");
+        }
+        assert!(!t.holds_back_publishers(), "offline until attached");
+        t.set_online(true);
+        assert!(t.holds_back_publishers());
+        assert!(
+            t.set_online(false),
+            "going offline releases waiting publishers"
+        );
+        assert!(!t.holds_back_publishers());
     }
 
     #[test]
