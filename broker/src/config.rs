@@ -3,7 +3,12 @@
 //!
 //! Every key is documented on its field; `broker --print-config` prints the effective values.
 //! Durations are written as humantime strings ("10s", "1m 30s", "250ms").
+//!
+//! Unknown keys in the TOML file are refused. `BROKER_*` environment variables that name no key
+//! are dropped and reported ([`Loaded::ignored_env`]): Kubernetes sets `BROKER_PORT`,
+//! `BROKER_SERVICE_HOST` and the like in every pod of a namespace with a Service named broker.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -289,9 +294,59 @@ impl Default for LogConfig {
     }
 }
 
+/// A loaded configuration, and what the loader left out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// The effective configuration.
+    pub config: Config,
+    /// `BROKER_*` environment variables that name no configuration key, sorted. They were
+    /// ignored; the caller reports them once, when logging is up.
+    pub ignored_env: Vec<String>,
+}
+
+/// Prefix of the environment variables that set configuration keys.
+const ENV_PREFIX: &str = "BROKER_";
+
+/// The configuration key an environment variable sets: `BROKER_MQTT__LISTEN` -> `mqtt.listen`
+/// (the mapping of the `config` crate's environment source). `None` without the prefix.
+fn env_key(var: &str) -> Option<String> {
+    let rest = var.strip_prefix(ENV_PREFIX)?;
+    Some(rest.to_lowercase().replace("__", "."))
+}
+
+/// Every key of the configuration, dotted (`mqtt.listen`): the leaves of the default
+/// configuration, unset options included.
+pub fn keys() -> BTreeSet<String> {
+    fn walk(prefix: &str, value: &serde_json::Value, out: &mut BTreeSet<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            // Scalars, and null for an option that is unset by default.
+            _ => {
+                out.insert(prefix.to_owned());
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    // Serializing plain structs of scalars into a JSON value cannot fail.
+    if let Ok(tree) = serde_json::to_value(Config::default()) {
+        walk("", &tree, &mut out);
+    }
+    out
+}
+
 impl Config {
     /// Loads defaults, then the TOML file if given, then `BROKER_*` environment variables, and
-    /// validates the result.
+    /// validates the result. Environment variables that name no key are ignored; use
+    /// [`Config::load_reporting`] to learn which.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         Self::load_from(file, std::env::vars())
     }
@@ -301,6 +356,15 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
+        Self::load_reporting(file, env).map(|loaded| loaded.config)
+    }
+
+    /// As [`Config::load_from`], also returning the `BROKER_*` environment variables that were
+    /// ignored because they name no key.
+    pub fn load_reporting(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Loaded, ConfigError> {
         let defaults = config::Config::try_from(&Config::default())?;
         let mut builder = config::Config::builder().add_source(defaults);
         if let Some(path) = file {
@@ -310,10 +374,20 @@ impl Config {
                     .required(true),
             );
         }
+        let known = keys();
+        let mut ignored_env = Vec::new();
         let env: config::Map<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("BROKER_"))
+            .filter(|(k, _)| match env_key(k) {
+                None => false,
+                Some(key) if known.contains(&key) => true,
+                Some(_) => {
+                    ignored_env.push(k.clone());
+                    false
+                }
+            })
             .collect();
+        ignored_env.sort();
         builder = builder.add_source(
             config::Environment::with_prefix("BROKER")
                 .prefix_separator("_")
@@ -326,7 +400,10 @@ impl Config {
                 message: e.into_inner().to_string(),
             })?;
         config.validate()?;
-        Ok(config)
+        Ok(Loaded {
+            config,
+            ignored_env,
+        })
     }
 
     /// Checks ranges that the types alone cannot express.
@@ -489,6 +566,70 @@ mod tests {
         let err = Config::load_from(None, env(&[("BROKER_MQTT__CONNECT_TIMEOUT", "soon")]))
             .expect_err("bad duration");
         assert!(err.to_string().contains("mqtt.connect_timeout"), "{err}");
+    }
+
+    #[test]
+    fn unknown_environment_keys_are_ignored_and_reported() {
+        // What Kubernetes sets for a Service named broker, beside a real key and a typo.
+        let loaded = Config::load_reporting(
+            None,
+            env(&[
+                ("BROKER_SERVICE_HOST", "10.0.0.1"),
+                ("BROKER_PORT", "tcp://10.0.0.1:1883"),
+                ("BROKER_PORT_1883_TCP_ADDR", "10.0.0.1"),
+                ("BROKER_MQTT__LISTEN", "127.0.0.1:2000"),
+                ("BROKER_MQTT__LISTEN_ADDR", "127.0.0.1:1"),
+                ("BROKER_MQTT", "x"),
+                ("OTHER_VAR", "not ours"),
+            ]),
+        )
+        .expect("stray BROKER_ variables do not stop the broker");
+        assert_eq!(loaded.config.mqtt.listen.port(), 2000);
+        assert_eq!(
+            loaded.ignored_env,
+            [
+                "BROKER_MQTT",
+                "BROKER_MQTT__LISTEN_ADDR",
+                "BROKER_PORT",
+                "BROKER_PORT_1883_TCP_ADDR",
+                "BROKER_SERVICE_HOST",
+            ]
+        );
+        let clean =
+            Config::load_reporting(None, env(&[("BROKER_LOG__FORMAT", "json")])).expect("load");
+        assert!(clean.ignored_env.is_empty());
+    }
+
+    #[test]
+    fn keys_are_the_leaves_of_the_default_including_unset_options() {
+        let keys = keys();
+        for key in [
+            "mqtt.listen",
+            "mqtt.min_keepalive",
+            "mqtt.max_keepalive",
+            "node.id",
+            "log.level",
+        ] {
+            assert!(keys.contains(key), "{key} missing from {keys:?}");
+        }
+        assert!(!keys.contains("mqtt"), "sections are not keys");
+        // Every key can be set from the environment.
+        let loaded = Config::load_reporting(
+            None,
+            env(&[
+                ("BROKER_MQTT__MIN_KEEPALIVE", "5"),
+                ("BROKER_MQTT__MAX_KEEPALIVE", "600"),
+            ]),
+        )
+        .expect("load");
+        assert!(loaded.ignored_env.is_empty());
+        assert_eq!(
+            (
+                loaded.config.mqtt.min_keepalive,
+                loaded.config.mqtt.max_keepalive
+            ),
+            (Some(5), Some(600))
+        );
     }
 
     #[test]
