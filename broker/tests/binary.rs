@@ -166,6 +166,16 @@ async fn bad_configuration_exits_2_naming_the_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("mqtt.keepalive_multiplier"), "{stderr}");
 
+    // A bad word names the valid ones, not the Rust type.
+    let out = Command::new(BROKER)
+        .env("BROKER_LOG__FORMAT", "xml")
+        .output()
+        .await
+        .expect("run broker");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("expected one of pretty, json"), "{stderr}");
+
     let out = Command::new(BROKER)
         .env("BROKER_MQTT__LISTEN", "127.0.0.1:1883")
         .arg("--print-config")
