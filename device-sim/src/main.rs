@@ -15,7 +15,8 @@
 //! processes and aggregates them (see [`workers`]).
 //!
 //! `device-sim verify --truth FILE --api http://HOST:PORT` waits `--settle` seconds and compares
-//! the truth with the broker's presence API (see [`verify`]), and with `--database-url URL` with
+//! the truth with the broker's presence API (see [`verify`]; sessions ended by a broker crash
+//! are recognised from the boots of `GET /api/v1/nodes`), and with `--database-url URL` with
 //! the presence database too (see [`db`]); exit code 1 on any disagreement.
 
 mod db;
@@ -90,6 +91,12 @@ enum Command {
     #[command(after_help = EXIT_CODES)]
     Run(Box<RunArgs>),
     /// Compare a run's ground truth with the broker's presence API.
+    ///
+    /// Checks every device's final state and the reason recorded for every session end the
+    /// simulator caused. A session recorded as broker_restart is accepted when it was open at a
+    /// broker crash: its boot (from GET /api/v1/nodes) was recovered by a later boot, it was
+    /// closed at that boot's last heartbeat, and the truth had it open then (for a silent death:
+    /// its keep-alive deadline was not yet due); their number is printed.
     #[command(after_help = EXIT_CODES)]
     Verify(VerifyArgs),
 }
