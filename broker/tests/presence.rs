@@ -411,6 +411,13 @@ impl broker::store::PresenceStore for StallFirstWrite {
     async fn stats(&self) -> Result<broker::store::Stats, broker::store::StoreError> {
         self.inner.stats().await
     }
+    async fn nodes(
+        &self,
+        node_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<broker::store::Boot>, broker::store::StoreError> {
+        self.inner.nodes(node_id, limit).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

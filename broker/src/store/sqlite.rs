@@ -19,6 +19,7 @@ use super::{
     stats_from_rows, BatchPlan, Device, PresenceRecord, PresenceStore, Recovery, Session, Stats,
     StoreError, BROKER_RESTART, DEVICE_COLUMNS, SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
 };
+use super::{Boot, BOOT_COLUMNS};
 
 /// Rows per multi-row statement: 11 parameters each stays under SQLite's 32,766 limit.
 const ROWS_PER_STATEMENT: usize = 2_000;
@@ -117,6 +118,16 @@ fn session(row: &SqliteRow) -> Result<Session, sqlx::Error> {
         peer: row.try_get("peer")?,
         keep_alive: row.try_get("keep_alive")?,
         clean_session: row.try_get("clean_session")?,
+    })
+}
+
+fn boot(row: &SqliteRow) -> Result<Boot, sqlx::Error> {
+    Ok(Boot {
+        node_id: row.try_get("node_id")?,
+        boot_id: uuid(row.try_get("boot_id")?)?,
+        started_at: from_micros(row.try_get("started_at")?),
+        heartbeat_at: from_micros(row.try_get("heartbeat_at")?),
+        recovered: row.try_get("recovered")?,
     })
 }
 
@@ -361,5 +372,17 @@ impl PresenceStore for SqliteStore {
         let totals = sqlx::query(STATS_TOTALS).fetch_one(&self.pool).await?;
         let reasons = sqlx::query(STATS_REASONS).fetch_all(&self.pool).await?;
         Ok(stats_from_rows(&totals, &reasons)?)
+    }
+
+    async fn nodes(&self, node_id: Option<&str>, limit: u32) -> Result<Vec<Boot>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {BOOT_COLUMNS} FROM nodes WHERE (?1 IS NULL OR node_id = ?1) \
+             ORDER BY started_at DESC, boot_id DESC LIMIT ?2"
+        ))
+        .bind(node_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(boot).collect::<Result<_, _>>()?)
     }
 }
