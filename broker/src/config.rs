@@ -362,7 +362,7 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     ("mqtt.max_packet_size", Accepts::Whole(64, 268_435_455)),
     ("mqtt.keepalive_multiplier", Accepts::Number(1.0, 10.0)),
     ("mqtt.min_keepalive", Accepts::Whole(1, 65_535)),
-    ("mqtt.max_keepalive", Accepts::Whole(1, 65_535)),
+    ("mqtt.max_keepalive", Accepts::Whole(0, 65_535)),
     (
         "mqtt.keepalive_policy",
         Accepts::OneOf(&["clamp", "reject"]),
@@ -370,7 +370,22 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     ("mqtt.write_timeout", Accepts::Duration),
     ("mqtt.max_client_id_len", Accepts::Whole(1, 65_535)),
     ("mqtt.max_inflight", Accepts::Whole(1, 65_535)),
-    ("mqtt.max_queued_messages", Accepts::Whole(0, u64::MAX)),
+    ("mqtt.max_queued_messages", Accepts::Whole(1, u64::MAX)),
+    ("mqtt.max_queued_bytes", Accepts::Whole(1, u64::MAX)),
+    ("mqtt.max_queued_bytes_total", Accepts::Whole(1, u64::MAX)),
+    ("mqtt.max_topic_levels", Accepts::Whole(1, 1024)),
+    (
+        "mqtt.max_filters_per_subscribe",
+        Accepts::Whole(1, u64::MAX),
+    ),
+    (
+        "mqtt.max_subscriptions_per_session",
+        Accepts::Whole(1, u64::MAX),
+    ),
+    ("mqtt.max_retained_messages", Accepts::Whole(0, u64::MAX)),
+    ("mqtt.max_retained_bytes", Accepts::Whole(0, u64::MAX)),
+    ("mqtt.packet_read_timeout", Accepts::Duration),
+    ("mqtt.max_buffered_read_bytes", Accepts::Whole(64, u64::MAX)),
     ("mqtt.accept_backoff_max", Accepts::Duration),
     ("events.channel_capacity", Accepts::Whole(1, u64::MAX)),
     (
@@ -901,7 +916,7 @@ mod tests {
                 loaded.config.mqtt.min_keepalive,
                 loaded.config.mqtt.max_keepalive
             ),
-            (Some(5), Some(600))
+            (Some(5), 600)
         );
     }
 
@@ -939,7 +954,10 @@ mod tests {
             ("BROKER_MQTT__MAX_INFLIGHT=2.5", WHOLE),
             ("BROKER_MQTT__MAX_INFLIGHT=99999999999999999999999", WHOLE),
             ("BROKER_MQTT__MIN_KEEPALIVE=70000", WHOLE),
-            ("BROKER_MQTT__MAX_KEEPALIVE=-5", WHOLE),
+            (
+                "BROKER_MQTT__MAX_KEEPALIVE=-5",
+                "expected a whole number between 0 and 65535",
+            ),
             (
                 "BROKER_DATABASE__MAX_CONNECTIONS=5000000000",
                 "expected a whole number between 1 and 4294967295",
