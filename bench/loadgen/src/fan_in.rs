@@ -39,8 +39,10 @@ const WIND_DOWN: Duration = Duration::from_secs(10);
 struct Counters {
     /// Messages written by all publishers (counted per completed write).
     written: AtomicU64,
-    /// PUBLISH packets the subscriber received.
+    /// PUBLISH packets the subscriber received (topic under in/, payload of the sent size).
     delivered: AtomicU64,
+    /// PUBLISH packets with another topic or payload size (a framing bug would show here).
+    unexpected: AtomicU64,
     publishers_closed: AtomicU64,
     subscriber_closed: AtomicBool,
 }
@@ -56,7 +58,15 @@ pub async fn run(common: &Common, args: &FanIn) -> Result<FanInReport> {
     let stop = CancellationToken::new();
     let run_id = std::process::id();
 
-    let subscriber = start_subscriber(targets.get(0), common, run_id, &counters, &stop).await?;
+    let subscriber = start_subscriber(
+        targets.get(0),
+        common,
+        args.payload_size,
+        run_id,
+        &counters,
+        &stop,
+    )
+    .await?;
     eprintln!(
         "loadgen: subscriber on in/# ready; connecting {} publishers",
         args.publishers
@@ -175,6 +185,7 @@ pub async fn run(common: &Common, args: &FanIn) -> Result<FanInReport> {
         loadgen_cpu_percent: window::own_cpu_percent(&start, &end),
         publishers_closed_by_broker: counters.publishers_closed.load(Ordering::Relaxed),
         subscriber_closed_by_broker: counters.subscriber_closed.load(Ordering::Relaxed),
+        unexpected_messages: counters.unexpected.load(Ordering::Relaxed),
     })
 }
 
@@ -308,6 +319,7 @@ async fn drain(reader: &mut FrameReader<OwnedReadHalf>) {
 async fn start_subscriber(
     addr: SocketAddr,
     common: &Common,
+    payload_size: usize,
     run_id: u32,
     counters: &Arc<Counters>,
     stop: &CancellationToken,
@@ -326,7 +338,7 @@ async fn start_subscriber(
         match setup.await {
             Ok(client) => {
                 let _ = ready_tx.send(Ok(()));
-                subscribe_loop(client, keep_alive_s, &counters, &stop).await;
+                subscribe_loop(client, keep_alive_s, payload_size, &counters, &stop).await;
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e.context("subscriber")));
@@ -345,6 +357,7 @@ async fn start_subscriber(
 async fn subscribe_loop(
     client: Client,
     keep_alive_s: u16,
+    payload_size: usize,
     counters: &Counters,
     stop: &CancellationToken,
 ) {
@@ -365,10 +378,17 @@ async fn subscribe_loop(
             }
         }
     };
+    // Only well-formed messages of this run count as delivered: a topic under in/ and the
+    // payload size that was sent.
     let count = async {
         while let Ok(Some(frame)) = reader.next().await {
-            if frame.kind() == mqtt::PUBLISH {
-                counters.delivered.fetch_add(1, Ordering::Relaxed);
+            if let Some(p) = frame.publish() {
+                let counter = if p.topic.starts_with(b"in/") && p.payload.len() == payload_size {
+                    &counters.delivered
+                } else {
+                    &counters.unexpected
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
             }
         }
     };

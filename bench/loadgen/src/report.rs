@@ -51,6 +51,9 @@ pub struct FanInReport {
     pub publishers_closed_by_broker: u64,
     /// Whether the broker closed the subscriber's connection before the end.
     pub subscriber_closed_by_broker: bool,
+    /// PUBLISH packets the subscriber received with a topic outside in/ or another payload
+    /// size, over the whole run (0 unless a broker or the generator mangles messages).
+    pub unexpected_messages: u64,
 }
 
 impl FanInReport {
@@ -79,10 +82,11 @@ impl FanInReport {
         }
         let _ = write!(
             s,
-            " loadgen_cpu_pct={:.1} publishers_closed={} subscriber_closed={}",
+            " loadgen_cpu_pct={:.1} publishers_closed={} subscriber_closed={} unexpected={}",
             self.loadgen_cpu_percent,
             self.publishers_closed_by_broker,
-            self.subscriber_closed_by_broker
+            self.subscriber_closed_by_broker,
+            self.unexpected_messages
         );
         s
     }
