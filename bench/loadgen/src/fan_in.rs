@@ -25,6 +25,7 @@ use crate::dedicated::{self, Dedicated};
 use crate::mqtt::{self, FrameReader};
 use crate::procfs::clock_ticks_per_second;
 use crate::report::FanInReport;
+use crate::sockets::Queues;
 use crate::window::{self, Meter};
 
 /// Bytes per write of an unthrottled publisher: enough packets to keep syscalls few.
@@ -37,7 +38,7 @@ const WIND_DOWN: Duration = Duration::from_secs(10);
 /// Counters shared by every connection of the run.
 #[derive(Default)]
 struct Counters {
-    /// Messages written by all publishers (counted per completed write).
+    /// Messages written by all publishers: whole packets the kernel accepted.
     written: AtomicU64,
     /// PUBLISH packets the subscriber received (topic under in/, payload of the sent size).
     delivered: AtomicU64,
@@ -77,12 +78,15 @@ pub async fn run(common: &Common, args: &FanIn) -> Result<FanInReport> {
     let (ready_tx, mut ready_rx) = mpsc::channel(args.publishers);
     let connect_slots = Arc::new(Semaphore::new(common.connect_concurrency.max(1)));
     let payload = vec![b'x'; args.payload_size];
+    let mut packet_bytes = 0usize;
     for i in 0..args.publishers {
+        let packet = mqtt::publish(&format!("in/{i}"), &payload, false);
+        packet_bytes += packet.len();
         let publisher = Publisher {
             index: i,
             addr: targets.get(i + 1),
             client_id: format!("lg{run_id}-pub-{i}"),
-            packet: mqtt::publish(&format!("in/{i}"), &payload, false),
+            packet,
             rate: args.rate.map(|r| r / args.publishers as f64),
             offset: RATE_TICK.mul_f64(i as f64 / args.publishers as f64),
             keep_alive_s: common.keepalive,
@@ -126,6 +130,7 @@ pub async fn run(common: &Common, args: &FanIn) -> Result<FanInReport> {
     );
     sleep_until((go + args.warmup).into()).await;
 
+    let queues_start = queues(common.port);
     let start = meter.mark();
     let written0 = counters.written.load(Ordering::Relaxed);
     let delivered0 = counters.delivered.load(Ordering::Relaxed);
@@ -141,7 +146,14 @@ pub async fn run(common: &Common, args: &FanIn) -> Result<FanInReport> {
     }
     sleep_until(window_end.into()).await;
     let end = meter.mark();
+    let queues_end = queues(common.port);
     let written = counters.written.load(Ordering::Relaxed) - written0;
+    // What the broker read: written, less what piled up in the socket queues meanwhile.
+    let mean_packet = packet_bytes as f64 / args.publishers as f64;
+    let read = queues_start.zip(queues_end).map(|(q0, q1)| {
+        let piled_up = q1.total() as f64 - q0.total() as f64;
+        (written as f64 - piled_up / mean_packet).max(0.0)
+    });
     let delivered = counters.delivered.load(Ordering::Relaxed) - delivered0;
     let rss_end = meter.broker_rss_kib();
     let rss_peak = peak.finish().await;
@@ -172,11 +184,13 @@ pub async fn run(common: &Common, args: &FanIn) -> Result<FanInReport> {
         delivered_min_per_s: each_second.iter().copied().min().unwrap_or(0),
         delivered_max_per_s: each_second.iter().copied().max().unwrap_or(0),
         delivered_each_second: each_second,
-        dropped_share: if written == 0 {
-            0.0
-        } else {
-            (1.0 - delivered as f64 / written as f64).max(0.0)
+        read_by_broker_per_s: read.map(|r| r / window_s),
+        dropped_share: match read {
+            Some(r) if r > 0.0 => (1.0 - delivered as f64 / r).max(0.0),
+            _ => 0.0,
         },
+        queued_bytes_start: queues_start,
+        queued_bytes_end: queues_end,
         broker_cpu_us_per_delivered: broker
             .as_ref()
             .filter(|_| delivered > 0)
@@ -187,6 +201,13 @@ pub async fn run(common: &Common, args: &FanIn) -> Result<FanInReport> {
         subscriber_closed_by_broker: counters.subscriber_closed.load(Ordering::Relaxed),
         unexpected_messages: counters.unexpected.load(Ordering::Relaxed),
     })
+}
+
+/// The socket queues to the broker's port, or `None` (with a warning) if unreadable.
+fn queues(port: u16) -> Option<Queues> {
+    Queues::read(port)
+        .map_err(|e| eprintln!("loadgen: socket queues unreadable: {e:#}"))
+        .ok()
 }
 
 /// One publisher connection.
@@ -268,11 +289,24 @@ impl Publisher {
         let per_batch = (BATCH_BYTES / self.packet.len()).max(1);
         let batch = self.packet.repeat(per_batch);
         let Some(rate) = self.rate else {
+            // The stream is the same packet over and over, and the batch holds whole packets,
+            // so after a partial write the rest of the batch, then the batch again, continues
+            // it exactly. Messages count as written once the kernel took their last byte: a
+            // broker that reads slowly shows up at once, not one 16 KiB batch later.
+            let (mut offset, mut bytes, mut counted) = (0usize, 0u64, 0u64);
+            let packet_len = self.packet.len() as u64;
             loop {
-                writer.write_all(&batch).await?;
+                let n = writer.write(&batch[offset..]).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                offset = (offset + n) % batch.len();
+                bytes += n as u64;
+                let complete = bytes / packet_len;
                 counters
                     .written
-                    .fetch_add(per_batch as u64, Ordering::Relaxed);
+                    .fetch_add(complete - counted, Ordering::Relaxed);
+                counted = complete;
             }
         };
         // Open loop at `rate`: on each tick, write what is owed since `started`. What could

@@ -8,6 +8,7 @@
 //!   addresses connections are spread over;
 //! - `dedicated`: a measuring client on its own thread, out of reach of the load it measures;
 //! - `procfs` and `window`: the broker's and the generator's CPU and RSS over a window;
+//!   `sockets`: the bytes queued in the kernel between publishers and broker;
 //! - `fan_in` and `retained` (with `filters`): the scenarios;
 //! - `report`: the results, as a key=value summary line and as JSON;
 //! - `cli`: the command line.
@@ -21,6 +22,7 @@ mod mqtt;
 mod procfs;
 mod report;
 mod retained;
+mod sockets;
 mod window;
 
 use std::time::Duration;

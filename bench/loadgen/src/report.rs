@@ -7,6 +7,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::sockets::Queues;
+
 /// The broker's resources over a measurement, when `--broker-pid` was given.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BrokerUsage {
@@ -30,8 +32,14 @@ pub struct FanInReport {
     pub rate: Option<f64>,
     pub warmup_s: f64,
     pub window_s: f64,
-    /// Messages the publishers wrote to their sockets during the window, per second.
+    /// Messages the publishers' sockets accepted during the window, per second. The kernel
+    /// takes them before the broker reads them: see `read_by_broker_per_s`.
     pub written_per_s: f64,
+    /// Messages the broker read from its sockets during the window, per second: written, less
+    /// the growth of the bytes queued on the connections to the broker's port (the
+    /// publishers' send queues and the broker's receive queues). `None` if /proc/net/tcp was
+    /// unreadable.
+    pub read_by_broker_per_s: Option<f64>,
     /// Messages the subscriber received during the window, per second.
     pub delivered_per_s: f64,
     /// Lowest and highest delivered count of any whole second of the window.
@@ -39,9 +47,13 @@ pub struct FanInReport {
     pub delivered_max_per_s: u64,
     /// Delivered messages of each whole second of the window.
     pub delivered_each_second: Vec<u64>,
-    /// 1 - delivered / written over the window (messages queued in the broker or in flight
-    /// at either edge of the window blur it slightly).
+    /// 1 - delivered / read by the broker over the window: the share of what the broker took
+    /// in that never reached the subscriber (messages queued inside the broker at either edge
+    /// of the window blur it slightly).
     pub dropped_share: f64,
+    /// Bytes queued between publishers and broker at the start and end of the window.
+    pub queued_bytes_start: Option<Queues>,
+    pub queued_bytes_end: Option<Queues>,
     /// Broker CPU microseconds per delivered message (with `--broker-pid`).
     pub broker_cpu_us_per_delivered: Option<f64>,
     pub broker: Option<BrokerUsage>,
@@ -59,15 +71,22 @@ pub struct FanInReport {
 impl FanInReport {
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "fan-in publishers={} payload={} written_per_s={:.0} delivered_per_s={:.0} \
-             delivered_min_per_s={} delivered_max_per_s={} dropped_pct={:.1}",
+            "fan-in publishers={} payload={} written_per_s={:.0} read_by_broker_per_s={} \
+             delivered_per_s={:.0} delivered_min_per_s={} delivered_max_per_s={} dropped_pct={:.1} \
+             queued_mib_end={}",
             self.publishers,
             self.payload_size,
             self.written_per_s,
+            self.read_by_broker_per_s
+                .map_or_else(|| "none".to_owned(), |r| format!("{r:.0}")),
             self.delivered_per_s,
             self.delivered_min_per_s,
             self.delivered_max_per_s,
             self.dropped_share * 100.0,
+            self.queued_bytes_end.map_or_else(
+                || "none".to_owned(),
+                |q| format!("{:.1}", q.total() as f64 / 1_048_576.0)
+            ),
         );
         if let Some(b) = &self.broker {
             let per_msg = self
