@@ -194,7 +194,8 @@ pub struct RetainedReport {
     /// retained message or the SUBACK, whichever came later (or the end of the phase, if
     /// neither came). A round trip still unanswered at the end counts with its time so far.
     pub bystander_during: Latency,
-    /// A round trip unanswered when the phase ended, and for how long, ms.
+    /// How long a round trip sent within that period was still unanswered when the phase
+    /// ended, ms (it is counted in `bystander_during` with this time).
     pub bystander_unanswered_ms: Option<f64>,
     /// The broker's RSS before the retained messages were loaded.
     pub broker_rss_before_load_kib: Option<u64>,

@@ -102,13 +102,14 @@ pub async fn run(common: &Common, args: &RetainedSubscribe) -> Result<RetainedRe
         .filter(|rt| rt.sent <= work_end && rt.received >= start.at)
         .map(|rt| rt.received.duration_since(rt.sent).as_micros() as u64)
         .collect();
+    // A message still unanswered at the stop counts if it was sent within the period (one
+    // sent after it is merely the round trip in flight when the phase ended).
     let unanswered = log
         .unanswered
-        .map(|sent| (sent, log.stopped.duration_since(sent)));
-    if let Some((sent, waited)) = unanswered {
-        if sent <= work_end {
-            during.push(waited.as_micros() as u64);
-        }
+        .filter(|&sent| sent <= work_end)
+        .map(|sent| log.stopped.duration_since(sent));
+    if let Some(waited) = unanswered {
+        during.push(waited.as_micros() as u64);
     }
     let baseline: Vec<u64> = log
         .round_trips
@@ -133,7 +134,7 @@ pub async fn run(common: &Common, args: &RetainedSubscribe) -> Result<RetainedRe
         phase_ms: ms_since_start(outcome.ended),
         bystander_baseline: Latency::from_micros(baseline),
         bystander_during: Latency::from_micros(during),
-        bystander_unanswered_ms: unanswered.map(|(_, waited)| waited.as_secs_f64() * 1000.0),
+        bystander_unanswered_ms: unanswered.map(|waited| waited.as_secs_f64() * 1000.0),
         broker_rss_before_load_kib: rss_before_load,
         broker: meter.usage(&start, &end, (rss_start, rss_peak, rss_end)),
         loadgen_cpu_percent: window::own_cpu_percent(&start, &end),
@@ -194,16 +195,22 @@ async fn load(
         });
     }
 
+    // A loader that fails ends the wait at once (rather than at the deadline); the loaders
+    // that finished are kept to leave cleanly.
+    let mut finished = Vec::new();
     let wait_sentinels = async {
         let mut seen = HashSet::new();
         while seen.len() < args.loaders {
-            let frame = checker
-                .reader
-                .next()
-                .await?
-                .context("the broker closed the checker's connection")?;
-            if let Some(p) = frame.publish() {
-                seen.insert(p.topic.to_vec());
+            tokio::select! {
+                frame = checker.reader.next() => {
+                    let frame = frame?.context("the broker closed the checker's connection")?;
+                    if let Some(p) = frame.publish() {
+                        seen.insert(p.topic.to_vec());
+                    }
+                }
+                Some(joined) = loaders.join_next() => {
+                    finished.push(joined.context("loader task")?.context("loader")?);
+                }
             }
         }
         anyhow::Ok(())
@@ -218,12 +225,14 @@ async fn load(
         })??;
     let load_s = started.elapsed().as_secs_f64();
 
-    // The loaders are done: leave cleanly.
+    // Every sentinel is in, so every loader has written everything: leave cleanly.
     while let Some(joined) = timeout_at(deadline.into(), loaders.join_next())
         .await
         .context("loaders did not finish")?
     {
-        let mut client = joined.context("loader task")??;
+        finished.push(joined.context("loader task")??);
+    }
+    for mut client in finished {
         let _ = client.writer.write_all(&mqtt::DISCONNECT).await;
     }
     let _ = checker.writer.write_all(&mqtt::DISCONNECT).await;
