@@ -3,7 +3,16 @@
 //!
 //! Every key is documented on its field; `broker --print-config` prints the effective values.
 //! Durations are written as humantime strings ("10s", "1m 30s", "250ms").
+//!
+//! Every key's accepted values are listed once, in [`ACCEPTS`]: a value that does not fit stops
+//! the broker with a message naming the key, where the value came from and what is valid (the
+//! `config` crate alone would say `u16` or silently round 1.5 to 2).
+//!
+//! Unknown keys in the TOML file are refused. `BROKER_*` environment variables that name no key
+//! are dropped and reported ([`Loaded::ignored_env`]): Kubernetes sets `BROKER_PORT`,
+//! `BROKER_SERVICE_HOST` and the like in every pod of a namespace with a Service named broker.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -82,8 +91,10 @@ pub struct MqttConfig {
     pub keepalive_multiplier: f64,
     /// Lowest keep-alive (seconds) accepted; 0 from a client counts as "infinite". Unset: no bound.
     pub min_keepalive: Option<u16>,
-    /// Highest keep-alive (seconds) accepted; 0 from a client counts as "infinite". Unset: no bound.
-    pub max_keepalive: Option<u16>,
+    /// Highest keep-alive (seconds) accepted; a client's 0 ("never time out") counts as above
+    /// it, so with the default a silent connection is closed after at most 65535 s x multiplier.
+    /// 0: no upper bound, and a client's 0 means its connection never times out.
+    pub max_keepalive: u16,
     /// What to do with a keep-alive outside the bounds: "clamp" or "reject".
     pub keepalive_policy: KeepAlivePolicy,
     /// A connection whose pending writes make no progress for this long is closed
@@ -97,6 +108,34 @@ pub struct MqttConfig {
     /// Messages waiting for one client (connected or, for persistent sessions, away) beyond the
     /// in-flight window. Further messages are dropped and counted.
     pub max_queued_messages: usize,
+    /// Bytes (topics and payloads) of the messages waiting for one client, in-flight ones
+    /// included. A message that would pass it is dropped and counted, unless nothing waits for
+    /// the client yet (so one message of up to `max_packet_size` always fits).
+    pub max_queued_bytes: usize,
+    /// Bytes of the messages waiting for all clients together; beyond, messages are dropped and
+    /// counted (reason memory_limit).
+    pub max_queued_bytes_total: usize,
+    /// Most topic levels in a topic name or filter (a PUBLISH beyond it is a protocol error, a
+    /// filter beyond it gets SUBACK 0x80).
+    pub max_topic_levels: usize,
+    /// Most topic filters in one SUBSCRIBE that are granted; the rest get SUBACK 0x80.
+    pub max_filters_per_subscribe: usize,
+    /// Most subscriptions one session may hold; filters beyond it get SUBACK 0x80.
+    pub max_subscriptions_per_session: usize,
+    /// Most retained messages held; further new retained topics are refused (counted and logged,
+    /// the message is still delivered to current subscribers).
+    pub max_retained_messages: usize,
+    /// Most bytes (topics and payloads) of retained messages held; a retained message that would
+    /// pass it is refused, and the topic's previous retained message, if any, is cleared.
+    pub max_retained_bytes: usize,
+    /// Time a client has to send the rest of a packet once its first byte has arrived; a
+    /// connection that takes longer is closed (connection_lost).
+    #[serde(with = "humantime_serde")]
+    pub packet_read_timeout: Duration,
+    /// Bytes all connections together may buffer for packets larger than 4 KiB that are still
+    /// arriving. A connection that would need more stops reading (TCP back-pressure) until
+    /// other packets complete or time out.
+    pub max_buffered_read_bytes: usize,
     /// Longest wait between two accept attempts while the process is out of file descriptors.
     #[serde(with = "humantime_serde")]
     pub accept_backoff_max: Duration,
@@ -110,12 +149,21 @@ impl Default for MqttConfig {
             max_packet_size: 1024 * 1024,
             keepalive_multiplier: 1.5,
             min_keepalive: None,
-            max_keepalive: None,
+            max_keepalive: 65_535,
             keepalive_policy: KeepAlivePolicy::Clamp,
             write_timeout: Duration::from_secs(30),
             max_client_id_len: 256,
             max_inflight: 32,
             max_queued_messages: 1000,
+            max_queued_bytes: 1024 * 1024,
+            max_queued_bytes_total: 256 * 1024 * 1024,
+            max_topic_levels: 128,
+            max_filters_per_subscribe: 1000,
+            max_subscriptions_per_session: 10_000,
+            max_retained_messages: 1_000_000,
+            max_retained_bytes: 256 * 1024 * 1024,
+            packet_read_timeout: Duration::from_secs(30),
+            max_buffered_read_bytes: 64 * 1024 * 1024,
             accept_backoff_max: Duration::from_secs(1),
         }
     }
@@ -356,9 +404,295 @@ impl Default for LogConfig {
     }
 }
 
+/// What a key accepts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Accepts {
+    /// An integer from the first to the second bound (`u64::MAX`: no upper bound).
+    Whole(u64, u64),
+    /// A finite number from the first to the second bound.
+    Number(f64, f64),
+    /// A duration in humantime syntax.
+    Duration,
+    /// An IP address and port; the example shown.
+    Address(&'static str),
+    /// One of these words.
+    OneOf(&'static [&'static str]),
+    /// A string, described so.
+    Text(&'static str),
+}
+
+/// Every key and what it accepts (a test keeps this in step with [`Config`]). Bounds are those
+/// of [`Config::validate`], which also checks the rules that span keys.
+pub const ACCEPTS: &[(&str, Accepts)] = &[
+    ("mqtt.listen", Accepts::Address("0.0.0.0:1883")),
+    ("mqtt.connect_timeout", Accepts::Duration),
+    ("mqtt.max_packet_size", Accepts::Whole(64, 268_435_455)),
+    ("mqtt.keepalive_multiplier", Accepts::Number(1.0, 10.0)),
+    ("mqtt.min_keepalive", Accepts::Whole(1, 65_535)),
+    ("mqtt.max_keepalive", Accepts::Whole(0, 65_535)),
+    (
+        "mqtt.keepalive_policy",
+        Accepts::OneOf(&["clamp", "reject"]),
+    ),
+    ("mqtt.write_timeout", Accepts::Duration),
+    ("mqtt.max_client_id_len", Accepts::Whole(1, 65_535)),
+    ("mqtt.max_inflight", Accepts::Whole(1, 65_535)),
+    ("mqtt.max_queued_messages", Accepts::Whole(1, u64::MAX)),
+    ("mqtt.max_queued_bytes", Accepts::Whole(1, u64::MAX)),
+    ("mqtt.max_queued_bytes_total", Accepts::Whole(1, u64::MAX)),
+    ("mqtt.max_topic_levels", Accepts::Whole(1, 1024)),
+    (
+        "mqtt.max_filters_per_subscribe",
+        Accepts::Whole(1, u64::MAX),
+    ),
+    (
+        "mqtt.max_subscriptions_per_session",
+        Accepts::Whole(1, u64::MAX),
+    ),
+    ("mqtt.max_retained_messages", Accepts::Whole(0, u64::MAX)),
+    ("mqtt.max_retained_bytes", Accepts::Whole(0, u64::MAX)),
+    ("mqtt.packet_read_timeout", Accepts::Duration),
+    ("mqtt.max_buffered_read_bytes", Accepts::Whole(64, u64::MAX)),
+    ("mqtt.accept_backoff_max", Accepts::Duration),
+    ("events.channel_capacity", Accepts::Whole(1, u64::MAX)),
+    (
+        "database.url",
+        Accepts::Text("a URL: sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DB"),
+    ),
+    (
+        "database.max_connections",
+        Accepts::Whole(1, u32::MAX as u64),
+    ),
+    ("database.history_max_age", Accepts::Duration),
+    (
+        "database.history_max_sessions_per_device",
+        Accepts::Whole(0, 1_000_000),
+    ),
+    ("database.prune_interval", Accepts::Duration),
+    ("database.prune_batch_size", Accepts::Whole(1, 100_000)),
+    ("bridge.batch_size", Accepts::Whole(1, 50_000)),
+    ("bridge.batch_interval", Accepts::Duration),
+    ("bridge.memory_capacity", Accepts::Whole(1, u64::MAX)),
+    ("bridge.journal_path", Accepts::Text("a file path")),
+    ("bridge.retry_backoff_max", Accepts::Duration),
+    ("bridge.write_timeout", Accepts::Duration),
+    ("bridge.drain_timeout", Accepts::Duration),
+    ("bridge.coalesce_after", Accepts::Whole(0, 1000)),
+    ("node.id", Accepts::Text("a name such as broker-1")),
+    ("node.heartbeat_interval", Accepts::Duration),
+    ("http.listen", Accepts::Address("0.0.0.0:8080")),
+    ("http.max_connections", Accepts::Whole(1, 65_535)),
+    ("http.header_read_timeout", Accepts::Duration),
+    ("http.idle_timeout", Accepts::Duration),
+    ("http.max_uri_len", Accepts::Whole(64, 65_534)),
+    ("http.max_header_size", Accepts::Whole(1024, 1_048_576)),
+    ("http.max_headers", Accepts::Whole(1, 1000)),
+    ("http.max_store_queries", Accepts::Whole(1, 1024)),
+    ("http.store_queue_timeout", Accepts::Duration),
+    ("http.stats_cache_ttl", Accepts::Duration),
+    ("shutdown.grace_period", Accepts::Duration),
+    ("log.format", Accepts::OneOf(&["pretty", "json"])),
+    (
+        "log.level",
+        Accepts::Text("a log filter in RUST_LOG syntax such as info or broker=debug"),
+    ),
+];
+
+impl std::fmt::Display for Accepts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Accepts::Whole(min, u64::MAX) => write!(f, "a whole number, {min} or more"),
+            Accepts::Whole(min, max) => write!(f, "a whole number between {min} and {max}"),
+            Accepts::Number(min, max) => write!(f, "a number between {min:?} and {max:?}"),
+            Accepts::Duration => f.write_str("a duration such as 10s, 1m 30s, 250ms"),
+            Accepts::Address(example) => {
+                write!(
+                    f,
+                    "an address such as {example} (IP address and port, no host name)"
+                )
+            }
+            Accepts::OneOf(words) => write!(f, "one of {}", words.join(", ")),
+            Accepts::Text(what) => f.write_str(what),
+        }
+    }
+}
+
+impl Accepts {
+    /// Whether `value`, as the TOML file or the environment (always a string) gave it, fits.
+    fn fits(&self, value: &config::ValueKind) -> bool {
+        use config::ValueKind as V;
+        let whole =
+            |n: Option<u64>, min: u64, max: u64| n.is_some_and(|n| (min..=max).contains(&n));
+        let number = |x: Option<f64>, min: f64, max: f64| {
+            x.is_some_and(|x| x.is_finite() && (min..=max).contains(&x))
+        };
+        match (*self, value) {
+            // An option left unset.
+            (_, V::Nil) => true,
+            (Accepts::Whole(min, max), V::I64(n)) => whole(u64::try_from(*n).ok(), min, max),
+            (Accepts::Whole(min, max), V::I128(n)) => whole(u64::try_from(*n).ok(), min, max),
+            (Accepts::Whole(min, max), V::U64(n)) => whole(Some(*n), min, max),
+            (Accepts::Whole(min, max), V::U128(n)) => whole(u64::try_from(*n).ok(), min, max),
+            (Accepts::Whole(min, max), V::String(s)) => whole(s.parse().ok(), min, max),
+            (Accepts::Number(min, max), V::I64(n)) => number(Some(*n as f64), min, max),
+            (Accepts::Number(min, max), V::I128(n)) => number(Some(*n as f64), min, max),
+            (Accepts::Number(min, max), V::U64(n)) => number(Some(*n as f64), min, max),
+            (Accepts::Number(min, max), V::U128(n)) => number(Some(*n as f64), min, max),
+            (Accepts::Number(min, max), V::Float(x)) => number(Some(*x), min, max),
+            (Accepts::Number(min, max), V::String(s)) => number(s.parse().ok(), min, max),
+            (Accepts::Duration, V::String(s)) => {
+                humantime_serde::re::humantime::parse_duration(s).is_ok()
+            }
+            (Accepts::Address(_), V::String(s)) => s.parse::<SocketAddr>().is_ok(),
+            (Accepts::OneOf(words), V::String(s)) => words.contains(&s.as_str()),
+            (Accepts::Text(_), V::String(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The environment variable that sets `key`: `mqtt.listen` -> `BROKER_MQTT__LISTEN`.
+fn env_var(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.to_uppercase().replace('.', "__"))
+}
+
+/// `default VALUE` of a key, for messages.
+fn default_of(key: &str) -> String {
+    let pointer = format!("/{}", key.replace('.', "/"));
+    match serde_json::to_value(Config::default())
+        .ok()
+        .as_ref()
+        .and_then(|tree| tree.pointer(&pointer))
+    {
+        Some(serde_json::Value::String(s)) => format!("default {s}"),
+        Some(serde_json::Value::Null) | None => "unset by default".to_owned(),
+        Some(other) => format!("default {other}"),
+    }
+}
+
+/// A raw value for a message: strings quoted, tables and lists named.
+fn shown(value: &config::ValueKind) -> String {
+    match value {
+        config::ValueKind::String(s) => format!("{s:?}"),
+        config::ValueKind::Table(_) => "a table".to_owned(),
+        config::ValueKind::Array(_) => "a list".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+/// Checks the merged raw values against [`ACCEPTS`] before they are converted, so that a bad
+/// value is reported with what is valid (and a float or boolean is never rounded into an
+/// integer). Keys the table does not know are left to `deny_unknown_fields`.
+fn check_raw(merged: &config::Config, file: Option<&Path>) -> Result<(), ConfigError> {
+    use config::Source;
+    let root = merged.collect()?;
+    let from = |key: &str, value: &config::Value| match (value.origin(), file) {
+        (Some("the environment"), _) => format!("from {}", env_var(key)),
+        (_, Some(path)) => format!("in {}", path.display()),
+        (_, None) => "from the defaults".to_owned(),
+    };
+    let mut sections: Vec<&str> = Vec::new();
+    for (key, _) in ACCEPTS {
+        let section = key.split('.').next().unwrap_or_default();
+        if !sections.contains(&section) {
+            sections.push(section);
+        }
+    }
+    for section in sections {
+        let Some(value) = root.get(section) else {
+            continue;
+        };
+        let config::ValueKind::Table(table) = &value.kind else {
+            let names: Vec<&str> = ACCEPTS
+                .iter()
+                .filter_map(|(k, _)| k.strip_prefix(section)?.strip_prefix('.'))
+                .collect();
+            return Err(ConfigError::Value {
+                key: section.to_owned(),
+                message: format!(
+                    "expected a section [{section}] with the keys {}; got {} ({})",
+                    names.join(", "),
+                    shown(&value.kind),
+                    from(section, value)
+                ),
+            });
+        };
+        for (key, accepts) in ACCEPTS {
+            let Some(name) = key.strip_prefix(section).and_then(|k| k.strip_prefix('.')) else {
+                continue;
+            };
+            let Some(value) = table.get(name) else {
+                continue;
+            };
+            if !accepts.fits(&value.kind) {
+                return Err(ConfigError::Value {
+                    key: (*key).to_owned(),
+                    message: format!(
+                        "expected {accepts} ({}); got {} ({})",
+                        default_of(key),
+                        shown(&value.kind),
+                        from(key, value)
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A loaded configuration, and what the loader left out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// The effective configuration.
+    pub config: Config,
+    /// `BROKER_*` environment variables that name no configuration key, sorted. They were
+    /// ignored; the caller reports them once, when logging is up.
+    pub ignored_env: Vec<String>,
+}
+
+/// Prefix of the environment variables that set configuration keys.
+const ENV_PREFIX: &str = "BROKER_";
+
+/// The configuration key an environment variable sets: `BROKER_MQTT__LISTEN` -> `mqtt.listen`
+/// (the mapping of the `config` crate's environment source). `None` without the prefix.
+fn env_key(var: &str) -> Option<String> {
+    let rest = var.strip_prefix(ENV_PREFIX)?;
+    Some(rest.to_lowercase().replace("__", "."))
+}
+
+/// Every key of the configuration, dotted (`mqtt.listen`): the leaves of the default
+/// configuration, unset options included.
+pub fn keys() -> BTreeSet<String> {
+    fn walk(prefix: &str, value: &serde_json::Value, out: &mut BTreeSet<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            // Scalars, and null for an option that is unset by default.
+            _ => {
+                out.insert(prefix.to_owned());
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    // Serializing plain structs of scalars into a JSON value cannot fail.
+    if let Ok(tree) = serde_json::to_value(Config::default()) {
+        walk("", &tree, &mut out);
+    }
+    out
+}
+
 impl Config {
     /// Loads defaults, then the TOML file if given, then `BROKER_*` environment variables, and
-    /// validates the result.
+    /// validates the result. Environment variables that name no key are ignored; use
+    /// [`Config::load_reporting`] to learn which.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         Self::load_from(file, std::env::vars())
     }
@@ -368,6 +702,15 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
+        Self::load_reporting(file, env).map(|loaded| loaded.config)
+    }
+
+    /// As [`Config::load_from`], also returning the `BROKER_*` environment variables that were
+    /// ignored because they name no key.
+    pub fn load_reporting(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Loaded, ConfigError> {
         let defaults = config::Config::try_from(&Config::default())?;
         let mut builder = config::Config::builder().add_source(defaults);
         if let Some(path) = file {
@@ -377,23 +720,38 @@ impl Config {
                     .required(true),
             );
         }
+        let known = keys();
+        let mut ignored_env = Vec::new();
         let env: config::Map<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("BROKER_"))
+            .filter(|(k, _)| match env_key(k) {
+                None => false,
+                Some(key) if known.contains(&key) => true,
+                Some(_) => {
+                    ignored_env.push(k.clone());
+                    false
+                }
+            })
             .collect();
+        ignored_env.sort();
         builder = builder.add_source(
             config::Environment::with_prefix("BROKER")
                 .prefix_separator("_")
                 .separator("__")
                 .source(Some(env)),
         );
+        let merged = builder.build()?;
+        check_raw(&merged, file)?;
         let config: Config =
-            serde_path_to_error::deserialize(builder.build()?).map_err(|e| ConfigError::Value {
+            serde_path_to_error::deserialize(merged).map_err(|e| ConfigError::Value {
                 key: e.path().to_string(),
                 message: e.into_inner().to_string(),
             })?;
         config.validate()?;
-        Ok(config)
+        Ok(Loaded {
+            config,
+            ignored_env,
+        })
     }
 
     /// Checks ranges that the types alone cannot express.
@@ -423,8 +781,8 @@ impl Config {
                 "must be between 64 and 268435455 bytes",
             );
         }
-        if let (Some(min), Some(max)) = (m.min_keepalive, m.max_keepalive) {
-            if min > max {
+        if let Some(min) = m.min_keepalive.filter(|_| m.max_keepalive != 0) {
+            if min > m.max_keepalive {
                 return invalid(
                     "mqtt.min_keepalive",
                     "must not be greater than mqtt.max_keepalive",
@@ -437,17 +795,41 @@ impl Config {
                 "must be at least 1 second (leave it unset for no lower bound)",
             );
         }
-        if m.max_keepalive == Some(0) {
-            return invalid(
-                "mqtt.max_keepalive",
-                "must be at least 1 second (leave it unset for no upper bound)",
-            );
-        }
         if m.max_client_id_len == 0 || m.max_client_id_len > 65_535 {
             return invalid("mqtt.max_client_id_len", "must be between 1 and 65535");
         }
         if m.max_inflight == 0 || m.max_inflight > 65_535 {
             return invalid("mqtt.max_inflight", "must be between 1 and 65535");
+        }
+        if m.max_queued_messages == 0 {
+            return invalid("mqtt.max_queued_messages", "must be at least 1");
+        }
+        if m.max_queued_bytes == 0 {
+            return invalid("mqtt.max_queued_bytes", "must be at least 1");
+        }
+        if m.max_queued_bytes_total < m.max_queued_bytes {
+            return invalid(
+                "mqtt.max_queued_bytes_total",
+                "must be at least mqtt.max_queued_bytes",
+            );
+        }
+        if m.max_topic_levels == 0 || m.max_topic_levels > 1024 {
+            return invalid("mqtt.max_topic_levels", "must be between 1 and 1024");
+        }
+        if m.max_filters_per_subscribe == 0 {
+            return invalid("mqtt.max_filters_per_subscribe", "must be at least 1");
+        }
+        if m.max_subscriptions_per_session == 0 {
+            return invalid("mqtt.max_subscriptions_per_session", "must be at least 1");
+        }
+        if m.packet_read_timeout < Duration::from_secs(1) {
+            return invalid("mqtt.packet_read_timeout", "must be at least 1s");
+        }
+        if m.max_buffered_read_bytes < m.max_packet_size {
+            return invalid(
+                "mqtt.max_buffered_read_bytes",
+                "must be at least mqtt.max_packet_size",
+            );
         }
         if m.accept_backoff_max.is_zero() {
             return invalid("mqtt.accept_backoff_max", "must be greater than 0");
@@ -698,6 +1080,227 @@ mod tests {
         )
         .expect("0 disables each");
         assert_eq!(c.database.history_max_age, Duration::ZERO);
+    }
+
+    #[test]
+    fn unknown_environment_keys_are_ignored_and_reported() {
+        // What Kubernetes sets for a Service named broker, beside a real key and a typo.
+        let loaded = Config::load_reporting(
+            None,
+            env(&[
+                ("BROKER_SERVICE_HOST", "10.0.0.1"),
+                ("BROKER_PORT", "tcp://10.0.0.1:1883"),
+                ("BROKER_PORT_1883_TCP_ADDR", "10.0.0.1"),
+                ("BROKER_MQTT__LISTEN", "127.0.0.1:2000"),
+                ("BROKER_MQTT__LISTEN_ADDR", "127.0.0.1:1"),
+                ("BROKER_MQTT", "x"),
+                ("OTHER_VAR", "not ours"),
+            ]),
+        )
+        .expect("stray BROKER_ variables do not stop the broker");
+        assert_eq!(loaded.config.mqtt.listen.port(), 2000);
+        assert_eq!(
+            loaded.ignored_env,
+            [
+                "BROKER_MQTT",
+                "BROKER_MQTT__LISTEN_ADDR",
+                "BROKER_PORT",
+                "BROKER_PORT_1883_TCP_ADDR",
+                "BROKER_SERVICE_HOST",
+            ]
+        );
+        let clean =
+            Config::load_reporting(None, env(&[("BROKER_LOG__FORMAT", "json")])).expect("load");
+        assert!(clean.ignored_env.is_empty());
+    }
+
+    #[test]
+    fn keys_are_the_leaves_of_the_default_including_unset_options() {
+        let keys = keys();
+        for key in [
+            "mqtt.listen",
+            "mqtt.min_keepalive",
+            "mqtt.max_keepalive",
+            "node.id",
+            "log.level",
+        ] {
+            assert!(keys.contains(key), "{key} missing from {keys:?}");
+        }
+        assert!(!keys.contains("mqtt"), "sections are not keys");
+        // Every key can be set from the environment.
+        let loaded = Config::load_reporting(
+            None,
+            env(&[
+                ("BROKER_MQTT__MIN_KEEPALIVE", "5"),
+                ("BROKER_MQTT__MAX_KEEPALIVE", "600"),
+            ]),
+        )
+        .expect("load");
+        assert!(loaded.ignored_env.is_empty());
+        assert_eq!(
+            (
+                loaded.config.mqtt.min_keepalive,
+                loaded.config.mqtt.max_keepalive
+            ),
+            (Some(5), 600)
+        );
+    }
+
+    /// Internal names that must not reach an operator.
+    const INTERNAL: &[&str] = &[
+        "u16",
+        "u32",
+        "u64",
+        "usize",
+        "f64",
+        "SocketAddr",
+        "socket address syntax",
+        "struct ",
+        "enum ",
+        "variant constructor",
+        "bit integer",
+        "floating point",
+    ];
+
+    #[test]
+    fn bad_values_name_the_key_the_source_and_what_is_valid() {
+        const WHOLE: &str = "expected a whole number between 1 and 65535";
+        const NUMBER: &str = "expected a number between 1.0 and 10.0";
+        const DURATION: &str = "expected a duration such as 10s, 1m 30s, 250ms";
+        const MQTT_ADDRESS: &str = "expected an address such as 0.0.0.0:1883";
+        // (variable=value, what the message must say); the key is the variable's.
+        let cases: &[(&str, &str)] = &[
+            ("BROKER_LOG__FORMAT=xml", "expected one of pretty, json"),
+            (
+                "BROKER_MQTT__KEEPALIVE_POLICY=drop",
+                "expected one of clamp, reject",
+            ),
+            ("BROKER_MQTT__MAX_INFLIGHT=ten", WHOLE),
+            ("BROKER_MQTT__MAX_INFLIGHT=-1", WHOLE),
+            ("BROKER_MQTT__MAX_INFLIGHT=2.5", WHOLE),
+            ("BROKER_MQTT__MAX_INFLIGHT=99999999999999999999999", WHOLE),
+            ("BROKER_MQTT__MIN_KEEPALIVE=70000", WHOLE),
+            (
+                "BROKER_MQTT__MAX_KEEPALIVE=-5",
+                "expected a whole number between 0 and 65535",
+            ),
+            (
+                "BROKER_DATABASE__MAX_CONNECTIONS=5000000000",
+                "expected a whole number between 1 and 4294967295",
+            ),
+            (
+                "BROKER_EVENTS__CHANNEL_CAPACITY=lots",
+                "expected a whole number, 1 or more",
+            ),
+            ("BROKER_MQTT__KEEPALIVE_MULTIPLIER=yes", NUMBER),
+            ("BROKER_MQTT__KEEPALIVE_MULTIPLIER=NaN", NUMBER),
+            ("BROKER_MQTT__CONNECT_TIMEOUT=soon", DURATION),
+            ("BROKER_MQTT__CONNECT_TIMEOUT=10", DURATION),
+            ("BROKER_BRIDGE__WRITE_TIMEOUT=-1s", DURATION),
+            ("BROKER_MQTT__LISTEN=not-an-address", MQTT_ADDRESS),
+            ("BROKER_MQTT__LISTEN=localhost:1883", MQTT_ADDRESS),
+            (
+                "BROKER_HTTP__LISTEN=8080",
+                "expected an address such as 0.0.0.0:8080",
+            ),
+        ];
+        for (case, want) in cases {
+            let (var, value) = case.split_once('=').expect("VAR=value");
+            let key = env_key(var).expect("a BROKER_ variable");
+            let err = Config::load_from(None, env(&[(var, value)]))
+                .expect_err(&format!("{case} is refused"))
+                .to_string();
+            assert!(err.contains(&format!("`{key}`")), "{case}: {err}");
+            assert!(err.contains(want), "{case}: want {want:?} in: {err}");
+            assert!(err.contains(var), "{case}: the variable is named: {err}");
+            for name in INTERNAL {
+                assert!(!err.contains(name), "{case}: internal {name:?} in: {err}");
+            }
+        }
+
+        // (TOML file, key, what the message must say)
+        let files: &[(&str, &str, &str)] = &[
+            ("[mqtt]\nmax_inflight = \"ten\"", "mqtt.max_inflight", WHOLE),
+            ("[mqtt]\nmax_inflight = -3", "mqtt.max_inflight", WHOLE),
+            ("[mqtt]\nmax_inflight = 1.5", "mqtt.max_inflight", WHOLE),
+            ("[mqtt]\nmax_inflight = true", "mqtt.max_inflight", WHOLE),
+            (
+                "[mqtt]\nmax_inflight = { a = 1 }",
+                "mqtt.max_inflight",
+                WHOLE,
+            ),
+            ("[mqtt]\nlisten = 1883", "mqtt.listen", MQTT_ADDRESS),
+            (
+                "[mqtt]\nconnect_timeout = 10",
+                "mqtt.connect_timeout",
+                DURATION,
+            ),
+            (
+                "[mqtt]\nkeepalive_multiplier = true",
+                "mqtt.keepalive_multiplier",
+                NUMBER,
+            ),
+            (
+                "[mqtt]\nkeepalive_multiplier = \"x\"",
+                "mqtt.keepalive_multiplier",
+                NUMBER,
+            ),
+            (
+                "[log]\nformat = 1",
+                "log.format",
+                "expected one of pretty, json",
+            ),
+            (
+                "[log]\nformat = \"JSON\"",
+                "log.format",
+                "expected one of pretty, json",
+            ),
+            ("[log]\nlevel = 3", "log.level", "expected a log filter"),
+            ("[database]\nurl = [1]", "database.url", "expected a URL"),
+            ("[node]\nid = 7", "node.id", "expected a name"),
+            (
+                "mqtt = 3",
+                "mqtt",
+                "expected a section [mqtt] with the keys listen, ",
+            ),
+        ];
+        for (text, key, want) in files {
+            let file = tempfile_with(&format!("{text}\n"));
+            let err = Config::load_from(Some(file.path()), env(&[]))
+                .expect_err(&format!("{text:?} is refused"))
+                .to_string();
+            assert!(err.contains(&format!("`{key}`")), "{text:?}: {err}");
+            assert!(err.contains(want), "{text:?}: want {want:?} in: {err}");
+            let name = file.path().display().to_string();
+            assert!(err.contains(&name), "{text:?}: the file is named: {err}");
+            for internal in INTERNAL {
+                assert!(
+                    !err.contains(internal),
+                    "{text:?}: internal {internal:?} in: {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_key_says_what_it_accepts() {
+        let table: BTreeSet<String> = ACCEPTS.iter().map(|(k, _)| (*k).to_owned()).collect();
+        assert_eq!(
+            table,
+            keys(),
+            "ACCEPTS must list every configuration key, and only those"
+        );
+        // Every word of a OneOf deserializes, and the defaults fit (they load).
+        for (key, accepts) in ACCEPTS {
+            if let Accepts::OneOf(words) = accepts {
+                for word in *words {
+                    Config::load_from(None, env(&[(&env_var(key), word)]))
+                        .unwrap_or_else(|e| panic!("{key} = {word}: {e}"));
+                }
+            }
+        }
+        let file = tempfile_with(&Config::default().to_toml());
+        Config::load_from(Some(file.path()), env(&[])).expect("the defaults fit");
     }
 
     #[test]

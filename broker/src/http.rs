@@ -146,6 +146,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/devices/{id}", get(get_device))
         .route("/api/v1/devices/{id}/sessions", get(device_sessions))
         .route("/api/v1/stats", get(stats))
+        .route("/api/v1/nodes", get(list_nodes))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -424,6 +425,22 @@ async fn stats(State(state): State<AppState>) -> Response {
     }
     .await;
     counted("stats", result)
+}
+
+/// Boots of the broker nodes, newest first: when each started, when it was last alive and
+/// whether it crashed (`recovered`: a later boot closed its sessions as broker_restart).
+async fn list_nodes(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
+    let result = async {
+        let params = query_params(query.as_deref())?;
+        check_params(&params, &["node_id", "limit"])?;
+        let limit = parse_limit(&params)?;
+        let node_id = params.get("node_id").map(String::as_str);
+        let _slot = state.queries.acquire().await?;
+        let nodes = state.store.nodes(node_id, limit).await?;
+        Ok::<_, ApiError>(Json(json!({ "nodes": nodes })))
+    }
+    .await;
+    counted("nodes", result)
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -12,7 +12,10 @@ use broker::config::Config;
 ///
 /// Configuration: built-in defaults, then the TOML file given with --config, then environment
 /// variables named BROKER_<SECTION>__<KEY> (e.g. BROKER_MQTT__LISTEN=0.0.0.0:1883).
-/// Run with --print-config to see every key and its effective value.
+/// Run with --print-config to see every key and its effective value. Unknown keys in the file
+/// are an error; BROKER_* variables that name no key (such as the BROKER_PORT and
+/// BROKER_SERVICE_HOST that Kubernetes sets for a Service named broker) are ignored with one
+/// warning. A configuration error exits with code 2.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -26,18 +29,32 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
-        Ok(config) => config,
+    let loaded = match Config::load_reporting(cli.config.as_deref(), std::env::vars()) {
+        Ok(loaded) => loaded,
         Err(error) => {
             eprintln!("broker: configuration error: {error}");
             return ExitCode::from(2);
         }
     };
+    let config = loaded.config;
+    let ignored = loaded.ignored_env.join(", ");
     if cli.print_config {
+        if !ignored.is_empty() {
+            eprintln!(
+                "broker: ignoring environment variables that name no configuration key: {ignored}"
+            );
+        }
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
     broker::telemetry::init(&config.log);
+    if !ignored.is_empty() {
+        tracing::warn!(
+            variables = %ignored,
+            "Ignoring environment variables that name no configuration key \
+             (keys are BROKER_<SECTION>__<KEY>, see --print-config)."
+        );
+    }
     // Every connection is a file descriptor: use all the process may have.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => tracing::info!(limit, "Open-file limit."),

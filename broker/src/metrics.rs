@@ -46,6 +46,23 @@ pub struct Metrics {
     pub messages_published: IntCounter,
     /// Messages not delivered to one subscriber, by reason.
     pub messages_dropped: IntCounterVec,
+    /// Bytes of messages waiting for clients (queued and in flight), over all sessions.
+    pub queued_bytes: IntGauge,
+    /// Times a publisher stopped reading because a subscriber it feeds was congested while the
+    /// broker, not the subscriber, was behind.
+    pub publish_backpressure: IntCounter,
+    /// Bytes held by connections for packets larger than 4 KiB still arriving.
+    pub buffered_read_bytes: IntGauge,
+    /// Times a connection stopped reading because `mqtt.max_buffered_read_bytes` was reached.
+    pub read_budget_waits: IntCounter,
+    /// Connections closed because a packet was not completed within `mqtt.packet_read_timeout`.
+    pub packet_read_timeouts: IntCounter,
+    /// Bytes (topics and payloads) of retained messages held.
+    pub retained_bytes: IntGauge,
+    /// Retained messages not stored, by reason (count, bytes).
+    pub retained_refused: IntCounterVec,
+    /// Topic filters refused in SUBSCRIBE (SUBACK 0x80), by reason.
+    pub subscriptions_refused: IntCounterVec,
     /// Last-will messages published.
     pub wills_published: IntCounter,
     /// Accept attempts that failed because the process ran out of file descriptors.
@@ -125,6 +142,14 @@ pub const REFUSED_REASONS: [&str; 8] = [
     "identifier_rejected",
     "keepalive_rejected",
     "fd_exhausted",
+];
+
+/// Reasons a topic filter is refused (`reason` label of
+/// `heartwire_subscriptions_refused_total`).
+pub const SUBSCRIPTION_REFUSALS: [&str; 3] = [
+    "invalid_filter",
+    "filters_per_subscribe",
+    "subscriptions_per_session",
 ];
 
 /// Store operations (`operation` label of `heartwire_store_errors_total`).
@@ -313,6 +338,48 @@ impl Metrics {
                 "Messages not delivered to a subscriber, by reason.",
                 &["reason"],
             ),
+            queued_bytes: gauge(
+                &r,
+                "heartwire_queued_bytes",
+                "Bytes of messages waiting for clients (queued and in flight), all sessions.",
+            ),
+            publish_backpressure: counter(
+                &r,
+                "heartwire_publish_backpressure_total",
+                "Times a publisher paused reading until a congested subscriber queue drained.",
+            ),
+            buffered_read_bytes: gauge(
+                &r,
+                "heartwire_buffered_read_bytes",
+                "Bytes reserved for packets over 4 KiB still arriving, all connections.",
+            ),
+            read_budget_waits: counter(
+                &r,
+                "heartwire_read_budget_waits_total",
+                "Times a connection paused reading because mqtt.max_buffered_read_bytes was reached.",
+            ),
+            packet_read_timeouts: counter(
+                &r,
+                "heartwire_packet_read_timeouts_total",
+                "Connections closed because a packet was not completed within mqtt.packet_read_timeout.",
+            ),
+            retained_bytes: gauge(
+                &r,
+                "heartwire_retained_bytes",
+                "Bytes (topics and payloads) of retained messages held.",
+            ),
+            retained_refused: counter_vec(
+                &r,
+                "heartwire_retained_refused_total",
+                "Retained messages not stored because of mqtt.max_retained_*, by limit.",
+                &["reason"],
+            ),
+            subscriptions_refused: counter_vec(
+                &r,
+                "heartwire_subscriptions_refused_total",
+                "Topic filters refused with SUBACK 0x80, by reason.",
+                &["reason"],
+            ),
             wills_published: counter(
                 &r,
                 "heartwire_wills_published_total",
@@ -458,6 +525,9 @@ impl Metrics {
         preset(&m.disconnects, &reasons);
         let drops = crate::mqtt::session::DropReason::ALL.map(|r| r.as_str());
         preset(&m.messages_dropped, &drops);
+        let refusals = crate::mqtt::retained::RetainRefusal::ALL.map(|r| r.as_str());
+        preset(&m.retained_refused, &refusals);
+        preset(&m.subscriptions_refused, &SUBSCRIPTION_REFUSALS);
         preset(&m.presence_transitions, &TRANSITION_KINDS);
         preset(&m.store_errors, &STORE_OPERATIONS);
         preset(&m.history_pruned, &RETENTION_POLICIES);

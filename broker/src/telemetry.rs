@@ -7,25 +7,54 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
+use tracing::Subscriber;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Installs the global subscriber. Call once, before anything logs.
+/// Installs the global subscriber, writing to stderr. Call once, before anything logs.
 ///
 /// Colour codes are written only to a terminal, and never when `NO_COLOR` is set to a non-empty
 /// value (<https://no-color.org>).
 pub fn init(config: &LogConfig) {
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let ansi = std::io::stderr().is_terminal() && !no_color;
+    // Fails only when a global subscriber is already set, which init() is documented not to do.
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
-    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    // Fails only when a global subscriber is already set, which init() is documented not to do.
+    let _ = tracing::subscriber::set_global_default(subscriber(
+        config.format,
+        filter,
+        std::io::stderr,
+        ansi,
+    ));
+}
+
+/// The subscriber [`init`] installs: `format`, filtered by `filter`, writing to `writer` (tests
+/// capture the output with it), with colour codes when `ansi`.
+///
+/// Strings that clients choose (client ids, topics, filters) are logged as `&str` field
+/// values, never with `%`: both formats then escape them (the pretty format writes them quoted
+/// with control characters escaped, JSON escapes them as JSON), so a client cannot forge a log
+/// line or send escape sequences to the operator's terminal.
+pub fn subscriber<W>(
+    format: LogFormat,
+    filter: EnvFilter,
+    writer: W,
+    ansi: bool,
+) -> Box<dyn Subscriber + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal() && !no_color)
-        .with_writer(std::io::stderr);
-    match config.format {
-        LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        .with_ansi(ansi)
+        .with_writer(writer);
+    match format {
+        LogFormat::Pretty => Box::new(builder.finish()),
+        LogFormat::Json => Box::new(builder.json().flatten_event(true).finish()),
     }
 }
 

@@ -366,3 +366,55 @@ async fn stats_come_from_one_shared_query_while_fresh() {
         assert_eq!(body["known_devices"], i + 1);
     }
 }
+
+#[tokio::test]
+async fn node_boots() {
+    let api = Api::new().await;
+    let store = &api.state.store;
+    let (crashed, other, current) = (
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+    );
+    let at = |secs: i64| chrono::DateTime::from_timestamp(1_700_000_000 + secs, 0).expect("time");
+    store.begin_boot("n1", crashed, at(0)).await.expect("boot");
+    store.heartbeat(crashed, at(30)).await.expect("heartbeat");
+    store.begin_boot("n2", other, at(10)).await.expect("boot");
+    store.begin_boot("n1", current, at(60)).await.expect("boot");
+
+    let (status, body) = api.get("/api/v1/nodes").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let nodes = body["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3, "{body}");
+    assert_eq!(nodes[0]["boot_id"], current.to_string(), "newest first");
+    assert_eq!(nodes[2]["boot_id"], crashed.to_string());
+    assert_eq!(nodes[2]["node_id"], "n1");
+    assert_eq!(nodes[2]["started_at"], "2023-11-14T22:13:20Z");
+    assert_eq!(nodes[2]["heartbeat_at"], "2023-11-14T22:13:50Z");
+    assert_eq!(nodes[2]["recovered"], true);
+    assert_eq!(nodes[0]["recovered"], false);
+
+    let (status, body) = api.get("/api/v1/nodes?node_id=n1&limit=1").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let ids: Vec<&str> = body["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["boot_id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids, [current.to_string()]);
+    let (_, body) = api.get("/api/v1/nodes?node_id=n2").await;
+    assert_eq!(body["nodes"].as_array().map(Vec::len), Some(1));
+
+    for (uri, needle) in [
+        ("/api/v1/nodes?limit=0", "limit"),
+        ("/api/v1/nodes?node=n1", "node"),
+    ] {
+        let (status, body) = api.get(uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+        assert!(
+            body["error"].as_str().expect("message").contains(needle),
+            "{uri}: {body}"
+        );
+    }
+}

@@ -214,3 +214,58 @@ async fn client_that_stops_reading_is_closed_after_write_timeout() {
     assert!(matches!(publisher.recv().await, Some(Packet::PingResp)));
     drop(stuck);
 }
+
+/// MQTT 3.1.1 conformance: packets that a lenient decoder would accept but the specification
+/// forbids. Each closes the connection as a protocol error, and the will is published (a
+/// DISCONNECT with a body is not a clean disconnect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_the_specification_forbids_are_protocol_errors() {
+    let mut broker = TestBroker::start().await;
+    let (mut sub, mut publisher) = bystander(&mut broker).await;
+    sub.subscribe("wills/#", QoS::AtMostOnce).await;
+    let cases: [(&str, &[u8]); 7] = [
+        // SUBSCRIBE with packet id 0.
+        (
+            "subscribe-pkid-0",
+            &[0x82, 0x06, 0x00, 0x00, 0x00, 0x01, b'a', 0x00],
+        ),
+        // UNSUBSCRIBE with packet id 0.
+        (
+            "unsubscribe-pkid-0",
+            &[0xA2, 0x05, 0x00, 0x00, 0x00, 0x01, b'a'],
+        ),
+        // PINGREQ and DISCONNECT with a body.
+        ("pingreq-body", &[0xC0, 0x01, 0x00]),
+        ("disconnect-body", &[0xE0, 0x01, 0x00]),
+        // PUBACK, PUBREC, PUBCOMP with more than a packet id.
+        ("puback-long", &[0x40, 0x03, 0x00, 0x01, 0x00]),
+        ("pubrec-long", &[0x50, 0x04, 0x00, 0x01, 0x00, 0x00]),
+        // PUBREL shorter than a packet id.
+        ("pubrel-short", &[0x62, 0x01, 0x00]),
+    ];
+    for (id, bytes) in cases {
+        let will_topic = format!("wills/{id}");
+        let opts = ConnectOpts {
+            will: Some((&will_topic, b"gone", QoS::AtMostOnce, false)),
+            ..ConnectOpts::new(id)
+        };
+        let (mut c, _) = RawClient::connect(broker.addr, opts).await;
+        broker.connected(id).await;
+        c.send_bytes(bytes).await;
+        assert!(c.until_closed().await.is_empty(), "{id}");
+        broker
+            .disconnected(id, DisconnectReason::ProtocolError)
+            .await;
+        assert_eq!(sub.publish_received().await.topic, will_topic, "{id}");
+    }
+
+    // A CONNECT with bytes after its last field, inside its remaining length.
+    let mut bytes = common::encode(&common::connect_packet(&ConnectOpts::new("trailing")));
+    bytes[1] += 3;
+    bytes.extend_from_slice(&[0, 1, 2]);
+    let mut c = RawClient::tcp(broker.addr).await;
+    c.send_bytes(&bytes).await;
+    assert!(c.until_closed().await.is_empty());
+    broker.no_event_pending();
+    still_works(&mut sub, &mut publisher, 7).await;
+}

@@ -22,20 +22,24 @@ async fn start(
     nofile: u32,
     data: &common::TempDir,
 ) -> (Child, std::net::SocketAddr, mpsc::UnboundedReceiver<String>) {
-    let started = start_with(nofile, data, &[]).await;
-    (started.child, started.mqtt, started.lines)
+    let (child, mut lines) = spawn(nofile, data, &[]);
+    let ready = wait_for_line(&mut lines, "MQTT listener ready").await;
+    let value: serde_json::Value = serde_json::from_str(&ready).expect("JSON log line");
+    let addr = value["listen"]
+        .as_str()
+        .expect("listen field")
+        .parse()
+        .expect("address");
+    (child, addr, lines)
 }
 
-/// A broker binary started by [`start_with`].
-struct Started {
-    child: Child,
-    mqtt: std::net::SocketAddr,
-    http: std::net::SocketAddr,
-    lines: mpsc::UnboundedReceiver<String>,
-}
-
-/// As [`start`], with extra environment variables; also returns the HTTP address.
-async fn start_with(nofile: u32, data: &common::TempDir, env: &[(&str, &str)]) -> Started {
+/// Starts the broker binary (ports 0, SQLite in `data`, JSON logs) with `env` added; returns
+/// the child and its stderr lines.
+fn spawn(
+    nofile: u32,
+    data: &common::TempDir,
+    env: &[(&str, &str)],
+) -> (Child, mpsc::UnboundedReceiver<String>) {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(format!("ulimit -n {nofile} && exec \"$0\""))
@@ -60,7 +64,7 @@ async fn start_with(nofile: u32, data: &common::TempDir, env: &[(&str, &str)]) -
         .spawn()
         .expect("spawn broker");
     let stderr = child.stderr.take().expect("stderr");
-    let (tx, mut lines) = mpsc::unbounded_channel();
+    let (tx, lines) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut reader = BufReader::new(stderr).lines();
         while let Ok(Some(line)) = reader.next_line().await {
@@ -69,6 +73,20 @@ async fn start_with(nofile: u32, data: &common::TempDir, env: &[(&str, &str)]) -
             }
         }
     });
+    (child, lines)
+}
+
+/// A broker binary started by [`start_with`].
+struct Started {
+    child: Child,
+    mqtt: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+/// As [`start`], with `env` added; also returns the HTTP address.
+async fn start_with(nofile: u32, data: &common::TempDir, env: &[(&str, &str)]) -> Started {
+    let (child, mut lines) = spawn(nofile, data, env);
     let listen = |line: &str| -> std::net::SocketAddr {
         let value: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
         value["listen"]
@@ -228,6 +246,16 @@ async fn bad_configuration_exits_2_naming_the_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("mqtt.keepalive_multiplier"), "{stderr}");
 
+    // A bad word names the valid ones, not the Rust type.
+    let out = Command::new(BROKER)
+        .env("BROKER_LOG__FORMAT", "xml")
+        .output()
+        .await
+        .expect("run broker");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("expected one of pretty, json"), "{stderr}");
+
     let out = Command::new(BROKER)
         .env("BROKER_MQTT__LISTEN", "127.0.0.1:1883")
         .arg("--print-config")
@@ -236,4 +264,67 @@ async fn bad_configuration_exits_2_naming_the_key() {
         .expect("run broker");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("listen = \"127.0.0.1:1883\""));
+}
+
+/// Kubernetes sets BROKER_PORT, BROKER_SERVICE_HOST, ... in every pod of a namespace with a
+/// Service named broker: the broker runs and names them in one warning. An unknown key in the
+/// TOML file still stops it with exit code 2.
+#[tokio::test]
+async fn stray_broker_environment_variables_are_ignored_with_one_warning() {
+    let data = common::TempDir::new("stray-env");
+    let (mut child, mut lines) = spawn(
+        1024,
+        &data,
+        &[
+            ("BROKER_PORT", "tcp://10.0.0.1:1883"),
+            ("BROKER_SERVICE_HOST", "10.0.0.1"),
+        ],
+    );
+    let warning = wait_for_line(&mut lines, "Ignoring environment variables").await;
+    let value: serde_json::Value = serde_json::from_str(&warning).expect("JSON log line");
+    assert_eq!(value["level"], "WARN", "{warning}");
+    assert_eq!(
+        value["variables"], "BROKER_PORT, BROKER_SERVICE_HOST",
+        "{warning}"
+    );
+    let ready = wait_for_line(&mut lines, "MQTT listener ready").await;
+    assert!(
+        !ready.contains("Ignoring environment variables"),
+        "one warning only"
+    );
+    let pid = child.id().expect("pid");
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .await
+        .expect("kill");
+    assert!(status.success());
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+    let mut rest = Vec::new();
+    while let Ok(line) = lines.try_recv() {
+        rest.push(line);
+    }
+    assert!(
+        !rest
+            .iter()
+            .any(|l| l.contains("Ignoring environment variables")),
+        "warned twice: {rest:?}"
+    );
+
+    let file = data.path().join("broker.toml");
+    std::fs::write(&file, "[mqtt]\nport = 1883\n").expect("write config");
+    let out = Command::new(BROKER)
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .await
+        .expect("run broker");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown field `port`"), "{stderr}");
 }

@@ -109,7 +109,7 @@ async fn keepalive_zero_never_times_out_unless_bounded() {
     broker.no_event_pending();
 
     // With max_keepalive, 0 is clamped to it...
-    let mut bounded = TestBroker::start_with(|c| c.max_keepalive = Some(10)).await;
+    let mut bounded = TestBroker::start_with(|c| c.max_keepalive = 10).await;
     let mut opts = ConnectOpts::new("clamped");
     opts.keep_alive = 0;
     let start = Instant::now();
@@ -126,7 +126,7 @@ async fn keepalive_zero_never_times_out_unless_bounded() {
 
     // ...or refused with CONNACK 0x02 when the policy says so.
     let mut strict = TestBroker::start_with(|c| {
-        c.max_keepalive = Some(10);
+        c.max_keepalive = 10;
         c.keepalive_policy = broker::config::KeepAlivePolicy::Reject;
     })
     .await;

@@ -426,6 +426,13 @@ impl broker::store::PresenceStore for StallFirstWrite {
     ) -> Result<u64, broker::store::StoreError> {
         self.inner.prune_device(device_id, keep, limit).await
     }
+    async fn nodes(
+        &self,
+        node_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<broker::store::Boot>, broker::store::StoreError> {
+        self.inner.nodes(node_id, limit).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

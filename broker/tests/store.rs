@@ -512,6 +512,67 @@ async fn coalesced_sessions_count_in_history_and_totals(store: Store) {
     );
 }
 
+async fn node_boots_are_listed_newest_first(store: Store) {
+    let first = Node::new("node-a");
+    let other = Node::new("node-b");
+    store
+        .begin_boot("node-a", first.boot_id, ts(0))
+        .await
+        .expect("boot");
+    store
+        .heartbeat(first.boot_id, ts(50))
+        .await
+        .expect("heartbeat");
+    store
+        .begin_boot("node-b", other.boot_id, ts(10))
+        .await
+        .expect("boot");
+    // node-a crashed and starts again: its first boot is recovered.
+    let second = Node::new("node-a");
+    store
+        .begin_boot("node-a", second.boot_id, ts(100))
+        .await
+        .expect("boot");
+
+    let all = store.nodes(None, 10).await.expect("nodes");
+    let summary: Vec<_> = all
+        .iter()
+        .map(|b| {
+            (
+                b.boot_id,
+                b.node_id.as_str(),
+                b.started_at,
+                b.heartbeat_at,
+                b.recovered,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (second.boot_id, "node-a", ts(100), ts(100), false),
+            (other.boot_id, "node-b", ts(10), ts(10), false),
+            (first.boot_id, "node-a", ts(0), ts(50), true),
+        ]
+    );
+    let a: Vec<_> = store
+        .nodes(Some("node-a"), 10)
+        .await
+        .expect("nodes")
+        .iter()
+        .map(|b| b.boot_id)
+        .collect();
+    assert_eq!(a, [second.boot_id, first.boot_id]);
+    let newest = store.nodes(None, 1).await.expect("nodes");
+    assert_eq!(newest.len(), 1);
+    assert_eq!(newest[0].boot_id, second.boot_id);
+    assert!(store
+        .nodes(Some("nobody"), 10)
+        .await
+        .expect("nodes")
+        .is_empty());
+}
+
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
         mod sqlite_store {
@@ -547,4 +608,5 @@ store_tests!(
     boots_known_only_from_their_events_are_recovered,
     history_is_pruned_by_age_and_per_device_never_open_sessions,
     coalesced_sessions_count_in_history_and_totals,
+    node_boots_are_listed_newest_first,
 );

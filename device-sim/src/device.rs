@@ -341,6 +341,11 @@ impl Sim {
         self.truth.record(&r);
     }
 
+    /// An error of this device's connection for the summary: what happened and to which broker.
+    fn describe(&self, error: &ConnectionError) -> String {
+        format!("{error} (to {}:{})", self.device.host, self.device.port)
+    }
+
     /// A new connection (not dialled until polled).
     fn dial(&self) -> Conn {
         Conn::new(&self.device, &self.profile, self.topic.len())
@@ -368,11 +373,11 @@ impl Sim {
                     });
                 }
             }
-            Err(_) => {
+            Err(error) => {
                 if self.connected {
                     self.record(truth::CONNECTION_LOST, true, None);
                 }
-                self.stats.error(self.connected);
+                self.stats.error(self.connected, || self.describe(&error));
                 self.connected = false;
                 self.set_phase(phase::CONNECTING);
                 self.backoff_until = Some(Instant::now() + backoff(self.failures));
@@ -617,10 +622,10 @@ impl Sim {
                 _ = sleep_until_opt(publish), if publish.is_some() => self.publish(),
                 ev = poll(self.conn.as_mut()) => match ev {
                     Ok(event) => self.saw(&event),
-                    Err(_) => {
+                    Err(error) => {
                         // Not redialled: the truth already says what the broker should show.
                         self.record(truth::CONNECTION_LOST, true, None);
-                        self.stats.error(true);
+                        self.stats.error(true, || self.describe(&error));
                         self.connected = false;
                         self.drop_attempt();
                         stop.cancelled().await;

@@ -5,7 +5,9 @@
 //! `--rate` connects per second and plays a `--scenario` for `--duration` seconds: `steady`
 //! (stay connected), `churn`, `flap`, `storm` or `takeover` (see [`scenario`]). It prints one
 //! status line per second (a progress bar instead when stdout is a terminal, see [`progress`])
-//! and a summary with CONNACK latency percentiles at the end. With
+//! and a summary with CONNACK latency percentiles at the end, then on stderr the first error of
+//! each kind (`connect_failed`, `connection_lost`) with the broker's address; it exits with code
+//! 3 when no device ever connected. With
 //! `--truth FILE` it writes the ground truth, one JSON line per intended or observed state
 //! change (see [`truth`]), ending with every device's final state. `--json FILE` writes the
 //! summary as JSON (see [`report::Summary`]); `--metrics-listen ADDR` serves Prometheus
@@ -13,7 +15,8 @@
 //! processes and aggregates them (see [`workers`]).
 //!
 //! `device-sim verify --truth FILE --api http://HOST:PORT` waits `--settle` seconds and compares
-//! the truth with the broker's presence API (see [`verify`]), and with `--database-url URL` with
+//! the truth with the broker's presence API (see [`verify`]; sessions ended by a broker crash
+//! are recognised from the boots of `GET /api/v1/nodes`), and with `--database-url URL` with
 //! the presence database too (see [`db`]); exit code 1 on any disagreement.
 
 mod db;
@@ -53,6 +56,14 @@ const FD_RESERVE: u64 = 64;
 /// Largest PUBLISH remaining length device-sim sends (1 MiB, the default `mqtt.max_packet_size`
 /// of Heartwire), so also the bound of `--payload-size`.
 const MAX_PAYLOAD: u64 = 1024 * 1024;
+/// Exit code of `run` when no device ever connected (the broker is unreachable or refuses
+/// everyone).
+const NONE_CONNECTED: u8 = 3;
+/// Exit codes, for `--help`.
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 verify: the broker disagrees with the truth; \
+                          2 error (bad options, unreachable API or database, I/O); \
+                          3 run: no device ever connected (the first error of each kind is \
+                          printed on stderr and in --json).";
 /// Upper bound on waiting for devices to disconnect at the end of the run (plus the
 /// keep-alive deadline of silently dead devices).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -63,6 +74,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
     name = "device-sim",
     version,
     about = "Simulated MQTT device fleet for Heartwire",
+    after_help = EXIT_CODES,
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -76,8 +88,16 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a fleet of simulated devices (the default).
+    #[command(after_help = EXIT_CODES)]
     Run(Box<RunArgs>),
     /// Compare a run's ground truth with the broker's presence API.
+    ///
+    /// Checks every device's final state and the reason recorded for every session end the
+    /// simulator caused. A session recorded as broker_restart is accepted when it was open at a
+    /// broker crash: its boot (from GET /api/v1/nodes) was recovered by a later boot, it was
+    /// closed at that boot's last heartbeat, and the truth had it open then (for a silent death:
+    /// its keep-alive deadline was not yet due); their number is printed.
+    #[command(after_help = EXIT_CODES)]
     Verify(VerifyArgs),
 }
 
@@ -286,8 +306,8 @@ async fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }),
-        Some(Command::Run(args)) => run_main(*args).await.map(|()| ExitCode::SUCCESS),
-        None => run_main(cli.run).await.map(|()| ExitCode::SUCCESS),
+        Some(Command::Run(args)) => run_main(*args).await,
+        None => run_main(cli.run).await,
     };
     result.unwrap_or_else(|e| {
         eprintln!("device-sim: {e:#}");
@@ -355,8 +375,9 @@ fn telemetry(args: &RunArgs) -> Option<device::Telemetry> {
     })
 }
 
-/// `device-sim run`: one process, a worker, or the parent of `--workers`.
-async fn run_main(cli: RunArgs) -> Result<()> {
+/// `device-sim run`: one process, a worker, or the parent of `--workers`. Exit code 3 when no
+/// device ever connected.
+async fn run_main(cli: RunArgs) -> Result<ExitCode> {
     check(&cli)?;
     let summary = if cli.worker_id.is_none() && cli.workers > 1 {
         workers::run(&cli).await?
@@ -364,15 +385,31 @@ async fn run_main(cli: RunArgs) -> Result<()> {
         run(cli.clone()).await?
     };
     if cli.worker_id.is_some() {
+        // The parent judges the merged result.
         println!("{}{}", workers::RESULT, serde_json::to_string(&summary)?);
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     println!("{}", summary.line());
+    for line in summary.errors.lines() {
+        eprintln!("device-sim: {line}");
+    }
     if let Some(path) = &cli.json {
         let body = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, body + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(())
+    if summary.connack.samples == 0 {
+        eprintln!(
+            "device-sim: no device ever connected (is the broker running at --host {} --port {}?)",
+            cli.host.join(","),
+            cli.port
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        return Ok(ExitCode::from(NONE_CONNECTED));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One process running devices (without --workers, or as a worker).
@@ -583,6 +620,7 @@ async fn run(cli: RunArgs) -> Result<report::Summary> {
             total: s.errors,
             connect_failed: s.connect_failed,
             connection_lost: s.connection_lost,
+            first: stats.first_errors(),
         },
         reconnects: s.reconnects,
         takeovers: s.takeovers,

@@ -1,8 +1,9 @@
 //! Shared run statistics: live counters for the per-second status line and a
 //! CONNACK latency histogram for the final summary.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -33,6 +34,10 @@ pub struct Stats {
     publish_skipped: AtomicU64,
     all_connected: Notify,
     connack_us: Mutex<Histogram<u64>>,
+    /// The message of the first `connect_failed` error, for the summary.
+    first_connect_failed: OnceLock<String>,
+    /// The message of the first `connection_lost` error, for the summary.
+    first_connection_lost: OnceLock<String>,
 }
 
 /// Point-in-time copy of the live counters.
@@ -99,6 +104,8 @@ impl Stats {
             publish_skipped: AtomicU64::new(0),
             all_connected: Notify::new(),
             connack_us: Mutex::new(hist),
+            first_connect_failed: OnceLock::new(),
+            first_connection_lost: OnceLock::new(),
         })
     }
 
@@ -125,15 +132,18 @@ impl Stats {
         }
     }
 
-    /// A device failed to connect, or lost its session; `was_connected` tells which.
-    pub fn error(&self, was_connected: bool) {
+    /// A device failed to connect, or lost its session; `was_connected` tells which. The first
+    /// error of each kind keeps its message (`detail` is called for that one only).
+    pub fn error(&self, was_connected: bool, detail: impl FnOnce() -> String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        let kind = if was_connected {
-            &self.connection_lost
+        let (kind, first) = if was_connected {
+            (&self.connection_lost, &self.first_connection_lost)
         } else {
-            &self.connect_failed
+            (&self.connect_failed, &self.first_connect_failed)
         };
-        kind.fetch_add(1, Ordering::Relaxed);
+        if kind.fetch_add(1, Ordering::Relaxed) == 0 {
+            let _ = first.set(detail());
+        }
         if was_connected {
             self.connected.fetch_sub(1, Ordering::Relaxed);
             self.connecting.fetch_add(1, Ordering::Relaxed);
@@ -208,6 +218,17 @@ impl Stats {
             Ok(h) => h,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    /// The message of the first error of each kind that occurred, by kind name.
+    pub fn first_errors(&self) -> BTreeMap<String, String> {
+        [
+            (CONNECT_FAILED, &self.first_connect_failed),
+            (CONNECTION_LOST, &self.first_connection_lost),
+        ]
+        .into_iter()
+        .filter_map(|(kind, first)| Some((kind.to_owned(), first.get()?.clone())))
+        .collect()
     }
 
     /// Percentiles of all CONNACK latencies recorded so far.
@@ -309,8 +330,13 @@ pub fn merge_recorded<'a>(parts: impl IntoIterator<Item = &'a [(u64, u64)]>) -> 
     Ok(latency_of(&h))
 }
 
+/// Name of the error kind "an attempt (TCP connect, CONNACK or timeout) failed".
+pub const CONNECT_FAILED: &str = "connect_failed";
+/// Name of the error kind "an established session dropped unexpectedly".
+pub const CONNECTION_LOST: &str = "connection_lost";
+
 /// Errors by kind, for the JSON summary.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Errors {
     /// All errors.
     pub total: u64,
@@ -318,6 +344,39 @@ pub struct Errors {
     pub connect_failed: u64,
     /// Established sessions that dropped without the simulator meaning it.
     pub connection_lost: u64,
+    /// The message of the first error of each kind that occurred (`connect_failed`,
+    /// `connection_lost`), with the broker address; with workers, the lowest worker's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub first: BTreeMap<String, String>,
+}
+
+impl Errors {
+    /// Adds a worker's errors; the first message of a kind already known is kept.
+    pub fn add(&mut self, o: &Errors) {
+        self.total += o.total;
+        self.connect_failed += o.connect_failed;
+        self.connection_lost += o.connection_lost;
+        for (kind, message) in &o.first {
+            self.first
+                .entry(kind.clone())
+                .or_insert_with(|| message.clone());
+        }
+    }
+
+    /// One stderr line per kind: `first connect_failed error: MESSAGE (N in all)`.
+    pub fn lines(&self) -> Vec<String> {
+        self.first
+            .iter()
+            .map(|(kind, message)| {
+                let n = match kind.as_str() {
+                    CONNECT_FAILED => self.connect_failed,
+                    CONNECTION_LOST => self.connection_lost,
+                    _ => 0,
+                };
+                format!("first {kind} error: {message} ({n} of this kind in all)")
+            })
+            .collect()
+    }
 }
 
 /// Telemetry counters, for the JSON summary.
@@ -413,15 +472,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn worker_errors_add_up_and_keep_the_first_message_of_each_kind() {
+        let mut total = Errors::default();
+        let mut w0 = Errors {
+            total: 2,
+            connect_failed: 2,
+            ..Errors::default()
+        };
+        w0.first
+            .insert(CONNECT_FAILED.into(), "refused by w0".into());
+        let mut w1 = Errors {
+            total: 4,
+            connect_failed: 3,
+            connection_lost: 1,
+            ..Errors::default()
+        };
+        w1.first
+            .insert(CONNECT_FAILED.into(), "refused by w1".into());
+        w1.first
+            .insert(CONNECTION_LOST.into(), "reset by w1".into());
+        total.add(&w0);
+        total.add(&w1);
+        assert_eq!(
+            (total.total, total.connect_failed, total.connection_lost),
+            (6, 5, 1)
+        );
+        assert_eq!(
+            total.lines(),
+            [
+                "first connect_failed error: refused by w0 (5 of this kind in all)",
+                "first connection_lost error: reset by w1 (1 of this kind in all)",
+            ]
+        );
+    }
+
+    #[test]
     fn counters_follow_device_lifecycle() -> anyhow::Result<()> {
         let stats = Stats::new(2)?;
         stats.device_started();
         stats.device_started();
         stats.connected(Duration::from_millis(2), false);
-        stats.error(false);
+        stats.error(false, || "refused".to_owned());
         let s = stats.snapshot();
         assert_eq!((s.connected, s.connecting, s.errors), (1, 1, 1));
-        stats.error(true);
+        stats.error(true, || "reset".to_owned());
         stats.connected(Duration::from_millis(4), true);
         let s = stats.snapshot();
         assert_eq!((s.connected, s.connecting, s.reconnects), (1, 1, 1));
@@ -447,6 +541,14 @@ mod tests {
         assert_eq!(live.buckets[BUCKETS_S.len() - 1], 3);
         live.add(&stats.live());
         assert_eq!((live.count, live.snapshot.errors), (6, 4));
+
+        // The first message of each kind is kept, and only the first is formatted.
+        stats.error(false, || {
+            unreachable!("only the first message is formatted")
+        });
+        let first = stats.first_errors();
+        assert_eq!(first["connect_failed"], "refused");
+        assert_eq!(first["connection_lost"], "reset");
         Ok(())
     }
 }

@@ -296,9 +296,7 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
         .collect::<Result<_>>()?;
     let mut errors = report::Errors::default();
     for r in &results {
-        errors.total += r.errors.total;
-        errors.connect_failed += r.errors.connect_failed;
-        errors.connection_lost += r.errors.connection_lost;
+        errors.add(&r.errors);
     }
     Ok(Summary {
         connected: results.iter().map(|r| r.connected).sum(),

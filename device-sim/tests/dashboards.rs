@@ -399,7 +399,7 @@ impl Prometheus {
             .find(|p| p.is_file())
             .unwrap_or_else(|| {
                 panic!(
-                    "no prometheus binary: install Debian's prometheus package (.ci/run does) or \
+                    "no prometheus binary: install Debian's prometheus package (./test.sh does) or \
                      set PROMETHEUS_BIN"
                 )
             })

@@ -701,5 +701,51 @@ async fn credentials_are_sent_in_connect() {
         .await
         .expect("device-sim ends in time")
         .expect("status");
-    assert!(status.success());
+    // This listener never sends a CONNACK: no device ever connected.
+    assert_eq!(status.code(), Some(3), "{status:?}");
+}
+
+/// Nobody listens on the port: device-sim names the first error of each kind (on stderr and in
+/// the JSON summary) and exits with code 3, since no device ever connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_broker_is_reported_and_exits_3() {
+    let port = free_port().await.to_string();
+    let dir = TempDir::new();
+    let json = dir.path().join("summary.json");
+    let out = tokio::time::timeout(
+        WAIT,
+        sim()
+            .args([
+                "run",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--count",
+                "5",
+                "--duration",
+                "1",
+                "--json",
+            ])
+            .arg(&json)
+            .output(),
+    )
+    .await
+    .expect("device-sim ends in time")
+    .expect("device-sim runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stdout}{stderr}");
+    let refused = format!("Connection refused (os error 111) (to 127.0.0.1:{port})");
+    assert!(
+        stderr.contains("first connect_failed error:") && stderr.contains(&refused),
+        "{stderr}"
+    );
+    assert!(stderr.contains("no device ever connected"), "{stderr}");
+    let v = read_json(&json);
+    assert_eq!(v["connected"], 0, "{v}");
+    let first = v["errors"]["first"]["connect_failed"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(first.contains(&refused), "{v}");
 }

@@ -49,6 +49,23 @@ pub enum CodecError {
     /// The CONNECT's flags break the specification (reserved bit, password without user name).
     #[error("invalid CONNECT flags {0:#010b}")]
     BadConnectFlags(u8),
+    /// A packet's remaining length does not fit its type: a body on PINGREQ or DISCONNECT, more
+    /// or less than a packet id on PUBACK/PUBREC/PUBREL/PUBCOMP, bytes after a CONNECT's last
+    /// field.
+    #[error(
+        "packet type {packet_type} with a remaining length of {length} bytes, expected {expected}"
+    )]
+    BadLength {
+        /// The packet type nibble.
+        packet_type: u8,
+        /// The remaining length received.
+        length: usize,
+        /// The remaining length its fields call for.
+        expected: usize,
+    },
+    /// SUBSCRIBE or UNSUBSCRIBE with packet id 0 (MQTT 3.1.1 section 2.3.1).
+    #[error("packet type {0} with packet identifier 0")]
+    PacketIdZero(u8),
 }
 
 /// Checks the fixed header at the start of `buf` and decodes one packet when complete.
@@ -70,12 +87,43 @@ pub fn read_packet(buf: &mut BytesMut, max_size: usize) -> Result<Option<Packet>
         }
         Err(e) => return Err(CodecError::Malformed(e)),
     };
-    if byte1 >> 4 == 1 {
-        check_connect_header(&buf[..header.frame_length()])?;
+    let packet_type = byte1 >> 4;
+    // The fixed header is byte 1 plus 1-4 remaining-length bytes (check() validated them).
+    let length_bytes = buf.iter().skip(1).take_while(|b| *b & 0x80 != 0).count() + 1;
+    let length = header.frame_length() - 1 - length_bytes;
+    let expected = match packet_type {
+        1 => Some(check_connect_header(&buf[..header.frame_length()])?),
+        4..=7 => Some(2),
+        12 | 14 => Some(0),
+        _ => None,
+    };
+    if let Some(expected) = expected.filter(|e| *e != length) {
+        return Err(CodecError::BadLength {
+            packet_type,
+            length,
+            expected,
+        });
     }
-    Packet::read(buf, max_size)
-        .map(Some)
-        .map_err(CodecError::Malformed)
+    let packet = Packet::read(buf, max_size).map_err(CodecError::Malformed)?;
+    match &packet {
+        Packet::Subscribe(s) if s.pkid == 0 => Err(CodecError::PacketIdZero(packet_type)),
+        Packet::Unsubscribe(u) if u.pkid == 0 => Err(CodecError::PacketIdZero(packet_type)),
+        _ => Ok(Some(packet)),
+    }
+}
+
+/// Total length of the packet starting at `buf[0]` (fixed header included), as soon as its
+/// fixed header has arrived, complete or not; `None` until then or when the length is malformed
+/// (the decoder reports that).
+pub fn frame_length(buf: &[u8]) -> Option<usize> {
+    let mut remaining = 0usize;
+    for (i, byte) in buf.iter().skip(1).take(4).enumerate() {
+        remaining |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some(1 + i + 1 + remaining);
+        }
+    }
+    None
 }
 
 /// MQTT 3.1.1 section 2.2.2: the flags each packet type must carry.
@@ -99,8 +147,9 @@ fn check_flags(byte1: u8) -> Result<(), CodecError> {
 }
 
 /// Looks at the protocol name, level and flags of a complete CONNECT frame before the full
-/// decode, so that an unsupported protocol gets CONNACK 0x01 instead of a bare close.
-fn check_connect_header(frame: &[u8]) -> Result<(), CodecError> {
+/// decode, so that an unsupported protocol gets CONNACK 0x01 instead of a bare close. Returns the
+/// remaining length that the CONNECT's fields add up to (the decoder ignores bytes after them).
+fn check_connect_header(frame: &[u8]) -> Result<usize, CodecError> {
     // Skip the fixed header: byte 1 plus 1-4 remaining-length bytes.
     let mut i = 1;
     while i < frame.len() && frame[i] & 0x80 != 0 {
@@ -133,7 +182,18 @@ fn check_connect_header(frame: &[u8]) -> Result<(), CodecError> {
     if reserved || password_without_user {
         return Err(CodecError::BadConnectFlags(flags));
     }
-    Ok(())
+    // Variable header (name, level, flags, keep-alive), then the length-prefixed fields that the
+    // flags announce: client id, will topic and message, user name, password.
+    let mut at = 2 + name_len + 4;
+    let fields = 1
+        + 2 * usize::from(flags & 0b100 != 0)
+        + usize::from(flags & 0b1000_0000 != 0)
+        + usize::from(flags & 0b0100_0000 != 0);
+    for _ in 0..fields {
+        let len = var.get(at..at + 2).ok_or_else(malformed)?;
+        at += 2 + u16::from_be_bytes([len[0], len[1]]) as usize;
+    }
+    Ok(at)
 }
 
 /// Appends a PUBLISH to `buf` (pkid is ignored for QoS 0).
@@ -256,6 +316,33 @@ mod tests {
     }
 
     #[test]
+    fn connect_length_must_match_its_fields() {
+        let mut connect = Connect::new("c");
+        connect.last_will = Some(rumqttc::mqttbytes::v4::LastWill::new(
+            "w/t",
+            b"bye".to_vec(),
+            QoS::AtLeastOnce,
+            true,
+        ));
+        connect.set_login("user", "secret");
+        let mut b = BytesMut::new();
+        write_packet(&mut b, &Packet::Connect(connect));
+        let exact = b.clone();
+        assert!(matches!(
+            read_packet(&mut b, 1024),
+            Ok(Some(Packet::Connect(c))) if c.login.is_some() && c.last_will.is_some()
+        ));
+        // One byte more inside the remaining length.
+        let mut b = exact;
+        b[1] += 1;
+        b.extend_from_slice(&[0]);
+        assert!(matches!(
+            read_packet(&mut b, 1024),
+            Err(CodecError::BadLength { packet_type: 1, .. })
+        ));
+    }
+
+    #[test]
     fn checks_fixed_header_flags() {
         // SUBSCRIBE must carry 0b0010.
         let mut b = BytesMut::from(&[0x80u8, 0x00][..]);
@@ -280,6 +367,19 @@ mod tests {
             read_packet(&mut b, 1024),
             Err(CodecError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn frame_length_is_known_from_the_fixed_header() {
+        assert_eq!(frame_length(&[0x30]), None);
+        assert_eq!(frame_length(&[0x30, 0x05]), Some(7));
+        assert_eq!(frame_length(&[0x30, 0x80]), None);
+        assert_eq!(frame_length(&[0x30, 0x80, 0x01]), Some(3 + 128));
+        assert_eq!(
+            frame_length(&[0x30, 0xff, 0xff, 0xff, 0x7f]),
+            Some(5 + 268_435_455)
+        );
+        assert_eq!(frame_length(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]), None);
     }
 
     #[test]

@@ -2,13 +2,21 @@
 //! then a loop that reads packets, writes queued messages and enforces keep-alive and the write
 //! deadline, until the connection ends with exactly one [`DisconnectReason`].
 //!
-//! Keep-alive is exact: the deadline is the last *received* byte plus keep-alive x multiplier;
-//! nothing the broker sends moves it. One timer per connection serves both deadlines and is
-//! re-armed lazily (when it fires early it is pushed to the current deadline), so an active
-//! connection costs about one timer operation per keep-alive period.
+//! Keep-alive is exact: the deadline is the last complete packet *received* plus keep-alive x
+//! multiplier; nothing the broker sends moves it, and neither do the bytes of a packet that is
+//! never finished (a started packet must be complete within `mqtt.packet_read_timeout`). One
+//! timer per connection serves every deadline and is re-armed lazily (when it fires early it is
+//! pushed to the current deadline), so an active connection costs about one timer operation per
+//! keep-alive period.
 //!
-//! An idle connection holds no read or write buffer: both are allocated when bytes arrive or
-//! leave and released once empty.
+//! Fairness: one wake-up handles a bounded number of packets, bytes and SUBSCRIBE filters, and
+//! writes a bounded number of bytes, then yields; what is left continues at the next turn (the
+//! task wakes itself), so a client that sends or receives without pause, or subscribes to
+//! thousands of filters at once, never holds a runtime thread for long.
+//!
+//! Memory: an idle connection holds no read or write buffer: both are allocated when bytes arrive
+//! or leave and released once empty. A packet larger than one read chunk is buffered only as its
+//! bytes arrive, and only while the broker-wide `mqtt.max_buffered_read_bytes` allows.
 
 use std::future::Future;
 use std::io;
@@ -21,26 +29,48 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, PubRel, SubAck,
-    SubscribeReasonCode, UnsubAck,
+    SubscribeFilter, SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::QoS;
 use tokio::net::TcpStream;
+use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::budget::ByteBudget;
 use super::codec::{self, CodecError, ConnackCode};
-use super::session::{Message, Session};
+use super::retained::Cursor;
+use super::session::{Backlog, Message, Session};
 use super::{topic, Attach, Shared};
 use crate::config::{KeepAlivePolicy, MqttConfig};
 use crate::metrics::metrics;
 use crate::presence::{ConnectionEvent, DisconnectReason, SessionId};
+use crate::telemetry::LogLimiter;
 
-/// Bytes read from the socket per read call.
+/// Bytes asked of the socket per read call while no large packet is arriving.
 const READ_CHUNK: usize = 4096;
-/// Most bytes read in one wake-up before other work gets a turn.
+/// Largest single read while a large packet arrives.
+const READ_MAX: usize = 64 * 1024;
+/// Most bytes read in one wake-up.
 const READ_BUDGET: usize = 64 * 1024;
+/// Most packets handled in one wake-up.
+const PACKET_BUDGET: usize = 64;
 /// Queued messages are moved into the write buffer until it holds this many bytes.
 const WRITE_HIGH_WATER: usize = 64 * 1024;
+/// Most bytes written in one wake-up.
+const WRITE_BUDGET: usize = 1024 * 1024;
+/// Most rounds of filling and flushing in one wake-up (a round may write nothing, e.g. a
+/// retained delivery walking past topics that do not match).
+const WRITE_ROUNDS: usize = 32;
+/// Most filters of a SUBSCRIBE or UNSUBSCRIBE handled in one wake-up.
+const FILTER_BUDGET: usize = 256;
+/// Most retained messages taken in one step of a retained delivery.
+const RETAINED_BATCH: usize = 64;
+/// Longest a publisher waits for a congested subscriber queue to drain before trying again
+/// (by then a subscriber whose client was behind counts as a slow consumer and no longer holds
+/// it back) and, after twice that, before routing its message regardless (what does not fit is
+/// dropped and counted).
+const PARK_MAX: Duration = super::session::CLIENT_GRACE;
 
 /// Why reading a packet failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,30 +89,46 @@ struct Io {
     rbuf: BytesMut,
     wbuf: BytesMut,
     max_packet_size: usize,
+    /// Bytes of `mqtt.max_buffered_read_bytes` held for the large packet now arriving.
+    reserved: usize,
 }
 
 impl Io {
-    /// Reads what the socket has, up to [`READ_BUDGET`]. Returns (bytes read, end of stream,
-    /// budget exhausted with more possibly waiting).
-    fn read_available(&mut self) -> io::Result<(usize, bool, bool)> {
-        let mut total = 0;
-        let mut exhausted = true;
-        while total < READ_BUDGET {
-            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-                self.rbuf.reserve(READ_CHUNK);
+    /// Total size of the packet at the start of the read buffer, once its fixed header is in.
+    fn frame_len(&self) -> Option<usize> {
+        codec::frame_length(&self.rbuf)
+    }
+
+    /// Holds read budget for the packet now arriving when it is larger than one read chunk, and
+    /// gives back what a completed packet no longer needs. False when the budget is exhausted:
+    /// the connection must not read until some is released.
+    fn settle_budget(&mut self, budget: &ByteBudget, freed: &tokio::sync::Notify) -> bool {
+        let need = self
+            .frame_len()
+            .filter(|f| *f > READ_CHUNK && *f <= self.max_packet_size + 5)
+            .unwrap_or(0);
+        if need > self.reserved {
+            if !budget.try_reserve(need - self.reserved) {
+                return false;
             }
-            match self.stream.try_read_buf(&mut self.rbuf) {
-                Ok(0) => return Ok((total, true, false)),
-                Ok(n) => total += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    exhausted = false;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+        } else if need < self.reserved {
+            budget.release(self.reserved - need);
+            freed.notify_waiters();
         }
-        Ok((total, false, exhausted))
+        self.reserved = need;
+        true
+    }
+
+    /// One read call. Ok(0) is the end of the stream.
+    fn read_once(&mut self) -> io::Result<usize> {
+        let missing = self
+            .frame_len()
+            .map_or(0, |frame| frame.saturating_sub(self.rbuf.len()));
+        let want = missing.clamp(READ_CHUNK, READ_MAX);
+        if self.rbuf.capacity() - self.rbuf.len() < want / 4 {
+            self.rbuf.reserve(want);
+        }
+        self.stream.try_read_buf(&mut self.rbuf)
     }
 
     /// The next complete packet in the read buffer, if any.
@@ -100,19 +146,51 @@ impl Io {
         Ok(packet)
     }
 
-    /// Reads until one packet is complete (used for CONNECT).
-    async fn read_packet(&mut self) -> Result<Packet, ReadError> {
+    /// Reads until one packet is complete (used for CONNECT), within the read budget.
+    async fn read_packet(
+        &mut self,
+        budget: &ByteBudget,
+        freed: &tokio::sync::Notify,
+    ) -> Result<Packet, ReadError> {
         loop {
             if let Some(packet) = self.next_packet()? {
                 return Ok(packet);
             }
-            self.stream.readable().await?;
-            if let (_, true, _) = self.read_available()? {
-                return match self.next_packet()? {
-                    Some(packet) => Ok(packet),
-                    None => Err(ReadError::Closed),
-                };
+            while !self.settle_budget(budget, freed) {
+                let released = freed.notified();
+                tokio::pin!(released);
+                released.as_mut().enable();
+                if self.settle_budget(budget, freed) {
+                    break;
+                }
+                metrics().read_budget_waits.inc();
+                released.await;
             }
+            self.stream.readable().await?;
+            match self.read_once() {
+                Ok(0) => {
+                    return match self.next_packet()? {
+                        Some(packet) => Ok(packet),
+                        None => Err(ReadError::Closed),
+                    }
+                }
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Gives back the read budget held (the connection is closing).
+    fn release_budget(&mut self, budget: &ByteBudget, freed: &tokio::sync::Notify) {
+        if self.reserved > 0 {
+            budget.release(self.reserved);
+            self.reserved = 0;
+            freed.notify_waiters();
         }
     }
 
@@ -215,13 +293,18 @@ pub async fn run(
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         max_packet_size: shared.config.max_packet_size,
+        reserved: 0,
     };
-    let Some(conn) = Box::pin(handshake(&mut io, peer, &shared, &shutdown)).await else {
-        return;
+    let established = Box::pin(handshake(&mut io, peer, &shared, &shutdown)).await;
+    let reason = match &established {
+        Some(conn) => Some(serve(&mut io, &shared, conn, &shutdown).await),
+        None => None,
     };
-    let reason = serve(&mut io, &shared, &conn, &shutdown).await;
+    io.release_budget(&shared.read_budget, &shared.read_budget_freed);
     drop(io);
-    Box::pin(close(&shared, conn, reason)).await;
+    if let (Some(conn), Some(reason)) = (established, reason) {
+        Box::pin(close(&shared, conn, reason)).await;
+    }
 }
 
 /// CONNECT within the timeout, validation, session attach (with takeover), the Connected event
@@ -239,7 +322,10 @@ async fn handshake(
             refused("broker_shutdown");
             return None;
         }
-        first = tokio::time::timeout(config.connect_timeout, io.read_packet()) => first,
+        first = tokio::time::timeout(
+            config.connect_timeout,
+            io.read_packet(&shared.read_budget, &shared.read_budget_freed),
+        ) => first,
     };
     let connect = match first {
         Ok(Ok(Packet::Connect(connect))) => connect,
@@ -252,7 +338,7 @@ async fn handshake(
             return None;
         }
         Ok(Err(ReadError::Codec(CodecError::UnsupportedProtocol { name, level }))) => {
-            tracing::info!(%peer, %name, level, "Unsupported protocol version; CONNACK 0x01.");
+            tracing::info!(%peer, name = name.as_str(), level, "Unsupported protocol version; CONNACK 0x01.");
             refused("unsupported_protocol_version");
             io.refuse(ConnackCode::UnacceptableProtocolVersion).await;
             return None;
@@ -277,7 +363,7 @@ async fn handshake(
     let client_id = match client_id(&connect, config) {
         Ok(id) => id,
         Err(why) => {
-            tracing::info!(%peer, client_id = %connect.client_id, why, "Client identifier rejected; CONNACK 0x02.");
+            tracing::info!(%peer, client_id = connect.client_id.as_str(), why, "Client identifier rejected; CONNACK 0x02.");
             refused("identifier_rejected");
             io.refuse(ConnackCode::IdentifierRejected).await;
             return None;
@@ -298,8 +384,8 @@ async fn handshake(
         }
     };
     if let Some(will) = &connect.last_will {
-        if !topic::valid_topic_name(&will.topic) {
-            tracing::info!(%peer, topic = %will.topic, "Invalid will topic; closing.");
+        if !topic::valid_topic_name(&will.topic, config.max_topic_levels) {
+            tracing::info!(%peer, topic = will.topic.as_str(), "Invalid will topic; closing.");
             refused("protocol_error");
             return None;
         }
@@ -388,6 +474,10 @@ async fn close(shared: &Shared, conn: Established, reason: DisconnectReason) {
         _ => {}
     }
     let session = conn.session;
+    // Nobody drains its queue now: it holds no publisher back.
+    if session.set_online(false) {
+        shared.drained.notify_waiters();
+    }
 
     // The will goes out on every close that the client did not ask for, takeover included
     // (the old connection's will, as MQTT 3.1.1 section 3.1.4 requires). A broker shutdown closes
@@ -433,13 +523,13 @@ async fn send_event(shared: &Shared, event: ConnectionEvent) {
 
 fn publish_will(shared: &Shared, will: LastWill) {
     metrics().wills_published.inc();
-    tracing::debug!(topic = %will.topic, "Publishing will.");
-    shared.router.publish(Message {
+    tracing::debug!(topic = will.topic.as_str(), "Publishing will.");
+    shared.router.publish(Arc::new(Message {
         topic: will.topic.into_boxed_str(),
         payload: Bytes::copy_from_slice(&will.message),
         qos: will.qos,
         retain: will.retain,
-    });
+    }));
 }
 
 /// The client id to use, or why the CONNECT's one is refused.
@@ -460,15 +550,14 @@ fn client_id(connect: &Connect, config: &MqttConfig) -> Result<String, &'static 
     Ok(id.clone())
 }
 
-/// The keep-alive in force after applying `min_keepalive`/`max_keepalive`. 0 means "never
-/// expires"; only `max_keepalive` bounds it.
+/// The keep-alive in force after applying `min_keepalive`/`max_keepalive`. A client's 0 means
+/// "never expires", which is above any `max_keepalive` (0 there: no upper bound).
 fn keep_alive(requested: u16, config: &MqttConfig) -> Result<u16, &'static str> {
     let too_low = config
         .min_keepalive
         .filter(|min| requested != 0 && requested < *min);
-    let too_high = config
-        .max_keepalive
-        .filter(|max| requested == 0 || requested > *max);
+    let too_high =
+        Some(config.max_keepalive).filter(|max| *max != 0 && (requested == 0 || requested > *max));
     match (too_low.or(too_high), config.keepalive_policy) {
         (None, _) => Ok(requested),
         (Some(bound), KeepAlivePolicy::Clamp) => Ok(bound),
@@ -480,12 +569,43 @@ fn keep_alive(requested: u16, config: &MqttConfig) -> Result<u16, &'static str> 
 
 /// Timers and counters of the serve loop.
 struct Deadlines {
-    /// When bytes were last received: the keep-alive deadline counts from here only.
+    /// When a complete packet was last received: the keep-alive deadline counts from here only.
     last_received: Instant,
+    /// Since when the first byte of the packet still arriving is here.
+    partial_since: Option<Instant>,
     /// Since when the write buffer has been waiting for the socket.
     stalled_since: Option<Instant>,
+    /// When a message held back by a congested subscriber is routed regardless.
+    parked_until: Option<Instant>,
     /// The instant the timer is set to, if it is armed.
     armed: Option<Instant>,
+}
+
+/// A PUBLISH received but not yet routed, because a session it goes to is congested while the
+/// broker could drain it ([`super::router::Router::try_publish`]). Nothing more is read from
+/// the client until it is routed.
+struct Parked<'a> {
+    message: Arc<Message>,
+    /// The PUBLISH's QoS and packet id, for its acknowledgement once routed.
+    qos: QoS,
+    pkid: u16,
+    /// When it was parked.
+    since: Instant,
+    /// Becomes ready when some session stops holding publishers back.
+    drained: Pin<Box<Notified<'a>>>,
+}
+
+/// What one established connection keeps between wake-ups, besides its socket.
+struct ServeState<'a> {
+    deadlines: Deadlines,
+    /// A SUBSCRIBE or UNSUBSCRIBE still being applied; no other packet is handled until it is
+    /// done.
+    job: Option<Box<Job>>,
+    /// Waiting for read budget to be released (only while `mqtt.max_buffered_read_bytes` is
+    /// exhausted).
+    budget_wait: Option<Pin<Box<Notified<'a>>>>,
+    /// A message waiting for congested subscribers to drain.
+    parked: Option<Box<Parked<'a>>>,
 }
 
 /// The established connection's loop, until it ends.
@@ -497,43 +617,53 @@ async fn serve(
 ) -> DisconnectReason {
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
-    let mut deadlines = Deadlines {
-        last_received: Instant::now(),
-        stalled_since: None,
-        armed: None,
+    let mut state = ServeState {
+        deadlines: Deadlines {
+            last_received: Instant::now(),
+            partial_since: None,
+            stalled_since: None,
+            parked_until: None,
+            armed: None,
+        },
+        job: None,
+        budget_wait: None,
+        parked: None,
     };
     // The CONNACK goes out before anything else, even a takeover that is already waiting.
     if let Err(error) = io.try_flush() {
         tracing::debug!(%error, "Write failed.");
         return DisconnectReason::ConnectionLost;
     }
-    // Packets that arrived together with the CONNECT are already buffered.
-    if let Err(reason) = handle_packets(io, shared, &conn.session) {
-        return reason;
-    }
     // Shutdown reaches an established connection as a session signal (Shared::close_all); a
     // connection that attached after that sweep sees the token here.
     if shutdown.is_cancelled() {
         return DisconnectReason::BrokerShutdown;
     }
-    std::future::poll_fn(|cx| poll_serve(cx, io, shared, conn, timer.as_mut(), &mut deadlines))
-        .await
+    let reason =
+        std::future::poll_fn(|cx| poll_serve(cx, io, shared, conn, timer.as_mut(), &mut state))
+            .await;
+    if let Some(parked) = state.parked.take() {
+        // Received whole, so routed (or dropped and counted), not lost with the connection.
+        shared.router.publish(parked.message);
+    }
+    reason
 }
 
-/// One wake-up of an established connection: signals, reads, writes, deadlines.
+/// One wake-up of an established connection: signals, a SUBSCRIBE in progress, reads, writes,
+/// deadlines.
 ///
 /// Readiness is polled directly (`poll_read_ready`, `poll_write_ready`, the session's waker) so
-/// that waiting costs no per-wait future inside the task.
-fn poll_serve(
+/// that waiting costs no per-wait future inside the task. Every part does a bounded amount of
+/// work; when one stops with work left, the task wakes itself and yields.
+fn poll_serve<'a>(
     cx: &mut Context<'_>,
     io: &mut Io,
-    shared: &Shared,
+    shared: &'a Shared,
     conn: &Established,
     mut timer: Pin<&mut tokio::time::Sleep>,
-    d: &mut Deadlines,
+    state: &mut ServeState<'a>,
 ) -> Poll<DisconnectReason> {
     let session = &conn.session;
-    let write_timeout = shared.config.write_timeout;
     loop {
         let signals = session.take_signals(cx.waker());
         if signals.shutdown() {
@@ -544,123 +674,37 @@ fn poll_serve(
         }
 
         let mut yield_now = false;
-        match io.stream.poll_read_ready(cx) {
-            Poll::Ready(Ok(())) => {
-                let (n, eof, exhausted) = match io.read_available() {
-                    Ok(read) => read,
-                    Err(error) => {
-                        tracing::debug!(%error, "Read failed.");
-                        return Poll::Ready(DisconnectReason::ConnectionLost);
-                    }
-                };
-                if n > 0 {
-                    d.last_received = Instant::now();
-                    session.touch();
-                }
-                if let Err(reason) = handle_packets(io, shared, session) {
-                    return Poll::Ready(reason);
-                }
-                if eof {
-                    tracing::debug!("Connection closed by peer without DISCONNECT.");
-                    return Poll::Ready(DisconnectReason::ConnectionLost);
-                }
-                // A client that keeps the socket full gets its turn again later, not now.
-                yield_now = exhausted;
-                if !exhausted {
-                    // Readiness was cleared by WouldBlock: poll again so that the waker is
-                    // registered for the next bytes.
-                    continue;
-                }
+        if let Some(job) = &mut state.job {
+            if job.run(io, shared, session) {
+                state.job = None;
+            } else {
+                yield_now = true;
             }
-            Poll::Ready(Err(error)) => {
-                tracing::debug!(%error, "Socket error.");
-                return Poll::Ready(DisconnectReason::ConnectionLost);
+        }
+        if state.parked.is_some() {
+            yield_now |= retry_parked(cx, io, shared, state);
+        }
+        if state.job.is_none() && state.parked.is_none() {
+            match read_side(cx, io, shared, conn, state) {
+                Ok(more) => yield_now |= more,
+                Err(reason) => return Poll::Ready(reason),
             }
+            if let Some(parked) = &mut state.parked {
+                // Register for the drain that will let it go (and go on at once if it came).
+                yield_now |= parked.drained.as_mut().poll(cx).is_ready();
+            }
+        }
+        match write_side(cx, io, shared, session, &mut state.deadlines) {
+            Ok(more) => yield_now |= more,
+            Err(reason) => return Poll::Ready(reason),
+        }
+
+        match deadlines(cx, shared, conn, io, timer.as_mut(), &mut state.deadlines) {
+            Poll::Ready(Some(reason)) => return Poll::Ready(reason),
+            // Fired early (the deadline moved): re-armed, look again.
+            Poll::Ready(None) => continue,
             Poll::Pending => {}
         }
-
-        if io.wbuf.len() < WRITE_HIGH_WATER {
-            let before = io.wbuf.len();
-            let written = session.state().write_pending(
-                &mut io.wbuf,
-                WRITE_HIGH_WATER,
-                shared.config.max_inflight,
-            );
-            if written > 0 {
-                let size = io.wbuf.len() - before;
-                metrics().sent.count("publish", written as u64, size);
-            }
-        }
-        let written = match io.try_flush() {
-            Ok(written) => written,
-            Err(error) => {
-                tracing::debug!(%error, "Write failed.");
-                return Poll::Ready(DisconnectReason::ConnectionLost);
-            }
-        };
-        if io.wbuf.is_empty() {
-            d.stalled_since = None;
-        } else {
-            // The write deadline counts from the last progress: a slow reader that keeps
-            // taking bytes is not a stalled one.
-            if written > 0 || d.stalled_since.is_none() {
-                d.stalled_since = Some(Instant::now());
-            }
-            match io.stream.poll_write_ready(cx) {
-                // Room again: write more right away.
-                Poll::Ready(Ok(())) if !yield_now => continue,
-                Poll::Ready(Ok(())) | Poll::Pending => {}
-                Poll::Ready(Err(error)) => {
-                    tracing::debug!(%error, "Socket error.");
-                    return Poll::Ready(DisconnectReason::ConnectionLost);
-                }
-            }
-        }
-
-        // One timer for both deadlines, moved earlier when needed and otherwise left to fire
-        // and be pushed to the current deadline (keep-alive deadlines only ever move later).
-        let deadline = [
-            conn.keep_alive.map(|ka| d.last_received + ka),
-            d.stalled_since.map(|s| s + write_timeout),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
-        match (deadline, d.armed) {
-            (None, _) => d.armed = None,
-            (Some(next), Some(armed)) if armed <= next => {}
-            (Some(next), _) => {
-                timer.as_mut().reset(next);
-                d.armed = Some(next);
-            }
-        }
-        if d.armed.is_some() && timer.as_mut().poll(cx).is_ready() {
-            d.armed = None;
-            let now = Instant::now();
-            if let Some(ka) = conn.keep_alive {
-                if now >= d.last_received + ka {
-                    tracing::info!(
-                        client_id = %session.client_id,
-                        silent_for = ?now.duration_since(d.last_received),
-                        "Keep-alive timeout: nothing received; closing."
-                    );
-                    return Poll::Ready(DisconnectReason::KeepaliveTimeout);
-                }
-            }
-            if let Some(since) = d.stalled_since {
-                if now >= since + write_timeout {
-                    tracing::info!(
-                        client_id = %session.client_id,
-                        pending_bytes = io.wbuf.len(),
-                        "Writes made no progress within the write timeout; closing."
-                    );
-                    return Poll::Ready(DisconnectReason::ConnectionLost);
-                }
-            }
-            // Fired early (the deadline moved): re-arm.
-            continue;
-        }
-
         if yield_now {
             cx.waker().wake_by_ref();
         }
@@ -668,59 +712,523 @@ fn poll_serve(
     }
 }
 
-/// Handles every complete packet in the read buffer.
-fn handle_packets(
+/// Handles buffered packets and reads more, within the wake-up's budgets. Returns true when it
+/// stopped with work left (the caller yields and comes back).
+fn read_side<'a>(
+    cx: &mut Context<'_>,
+    io: &mut Io,
+    shared: &'a Shared,
+    conn: &Established,
+    state: &mut ServeState<'a>,
+) -> Result<bool, DisconnectReason> {
+    let session = &conn.session;
+    let mut packets = 0;
+    let mut bytes = 0;
+    let result = loop {
+        // Complete packets first (some may have come with the CONNECT, or in the last read).
+        let mut stop = None;
+        while stop.is_none() {
+            if state.job.is_some() {
+                // A SUBSCRIBE left work for later turns; the next packets wait for it.
+                stop = Some(Ok(true));
+            } else if state.parked.is_some() {
+                // A message waits for a congested subscriber: read nothing more until then.
+                stop = Some(Ok(false));
+            } else if packets >= PACKET_BUDGET {
+                stop = Some(Ok(true));
+            } else {
+                match io.next_packet() {
+                    Ok(Some(packet)) => {
+                        packets += 1;
+                        if let Err(reason) = handle(io, shared, session, packet, state) {
+                            stop = Some(Err(reason));
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        tracing::info!(client_id = &*session.client_id, %error, "Protocol error; closing.");
+                        stop = Some(Err(DisconnectReason::ProtocolError));
+                    }
+                }
+            }
+        }
+        if let Some(result) = stop {
+            break result;
+        }
+        if !io.settle_budget(&shared.read_budget, &shared.read_budget_freed) {
+            // Wait for a release, registered before looking once more (none is missed).
+            let wait = state.budget_wait.get_or_insert_with(|| {
+                metrics().read_budget_waits.inc();
+                Box::pin(shared.read_budget_freed.notified())
+            });
+            wait.as_mut().enable();
+            if !io.settle_budget(&shared.read_budget, &shared.read_budget_freed)
+                && wait.as_mut().poll(cx).is_pending()
+            {
+                break Ok(false);
+            }
+            state.budget_wait = None;
+            continue;
+        }
+        state.budget_wait = None;
+        if bytes >= READ_BUDGET {
+            break Ok(true);
+        }
+        match io.stream.poll_read_ready(cx) {
+            Poll::Pending => break Ok(false),
+            Poll::Ready(Err(error)) => {
+                tracing::debug!(%error, "Socket error.");
+                break Err(DisconnectReason::ConnectionLost);
+            }
+            Poll::Ready(Ok(())) => match io.read_once() {
+                Ok(0) => {
+                    tracing::debug!("Connection closed by peer without DISCONNECT.");
+                    break Err(DisconnectReason::ConnectionLost);
+                }
+                Ok(n) => bytes += n,
+                // Readiness was cleared: polling again registers for the next bytes.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    tracing::debug!(%error, "Read failed.");
+                    break Err(DisconnectReason::ConnectionLost);
+                }
+            },
+        }
+    };
+    let d = &mut state.deadlines;
+    let now = Instant::now();
+    if packets > 0 {
+        // Only complete packets are activity (MQTT 3.1.1 section 3.1.2.10).
+        d.last_received = now;
+        session.touch();
+    }
+    d.partial_since = match (io.rbuf.is_empty(), d.partial_since) {
+        (true, _) => None,
+        (false, Some(since)) if packets == 0 => Some(since),
+        (false, _) => Some(now),
+    };
+    result
+}
+
+/// Fills the write buffer from the session (retained deliveries, then the queue) and flushes
+/// it, for as long as the socket takes bytes and the wake-up's budget lasts. Returns true when
+/// it stopped with messages ready to go (the caller yields and comes back).
+fn write_side(
+    cx: &mut Context<'_>,
     io: &mut Io,
     shared: &Shared,
     session: &Arc<Session>,
-) -> Result<(), DisconnectReason> {
-    loop {
-        match io.next_packet() {
-            Ok(Some(packet)) => handle(io, shared, session, packet)?,
-            Ok(None) => return Ok(()),
+    d: &mut Deadlines,
+) -> Result<bool, DisconnectReason> {
+    let mut total = 0;
+    // Whether the writer stops because of the client (socket or in-flight window full) rather
+    // than for lack of messages or of its turn.
+    let mut client_behind = false;
+    let mut more = true;
+    for _ in 0..WRITE_ROUNDS {
+        let backlog = if io.wbuf.len() >= WRITE_HIGH_WATER {
+            Backlog::More
+        } else {
+            fill(io, shared, session)
+        };
+        let written = match io.try_flush() {
+            Ok(written) => written,
             Err(error) => {
-                tracing::info!(client_id = %session.client_id, %error, "Protocol error; closing.");
-                return Err(DisconnectReason::ProtocolError);
+                tracing::debug!(%error, "Write failed.");
+                return Err(DisconnectReason::ConnectionLost);
+            }
+        };
+        total += written;
+        if io.wbuf.is_empty() {
+            d.stalled_since = None;
+            if backlog != Backlog::More {
+                client_behind = backlog == Backlog::Blocked;
+                more = false;
+                break;
+            }
+        } else {
+            // The write deadline counts from the last progress: a slow reader that keeps
+            // taking bytes is not a stalled one.
+            if written > 0 || d.stalled_since.is_none() {
+                d.stalled_since = Some(Instant::now());
+            }
+            match io.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Pending => {
+                    client_behind = true;
+                    more = false;
+                    break;
+                }
+                Poll::Ready(Err(error)) => {
+                    tracing::debug!(%error, "Socket error.");
+                    return Err(DisconnectReason::ConnectionLost);
+                }
+            }
+        }
+        if total >= WRITE_BUDGET {
+            break;
+        }
+    }
+    if client_behind {
+        session.client_behind();
+    }
+    Ok(more)
+}
+
+/// Moves messages into the write buffer up to [`WRITE_HIGH_WATER`]: first retained messages of
+/// new subscriptions (a step at a time, walked without the session lock), then queued ones.
+fn fill(io: &mut Io, shared: &Shared, session: &Arc<Session>) -> Backlog {
+    let limits = shared.router.limits();
+    let max_inflight = shared.config.max_inflight;
+    let mut st = session.state();
+    if let Some(mut cursor) = st.next_retained() {
+        let room = match cursor.qos {
+            QoS::AtMostOnce => RETAINED_BATCH,
+            _ => st.inflight_room(max_inflight).min(RETAINED_BATCH),
+        };
+        if room == 0 {
+            // Waits for acknowledgements; queued messages may still go below.
+            st.resume_retained(cursor);
+        } else {
+            drop(st);
+            let mut batch = Vec::new();
+            let done = shared.router.retained_step(&mut cursor, room, &mut batch);
+            st = session.state();
+            let (count, before) = (batch.len(), io.wbuf.len());
+            st.write_retained(&mut io.wbuf, batch, cursor.qos, limits);
+            if count > 0 {
+                metrics()
+                    .sent
+                    .count("publish", count as u64, io.wbuf.len() - before);
+            }
+            if !done {
+                st.resume_retained(cursor);
+            }
+            // One step per fill: the caller flushes and comes back.
+            return Backlog::More;
+        }
+    }
+    let before = io.wbuf.len();
+    let (written, backlog) = st.write_pending(&mut io.wbuf, WRITE_HIGH_WATER, max_inflight, limits);
+    let relieved = written > 0 && session.relieve(&st, limits);
+    drop(st);
+    if written > 0 {
+        metrics()
+            .sent
+            .count("publish", written as u64, io.wbuf.len() - before);
+    }
+    if relieved {
+        shared.drained.notify_waiters();
+    }
+    backlog
+}
+
+/// Tries again to route the parked message, once some session drained (or it waited
+/// [`PARK_MAX`]). Returns true when the caller should come back soon (a drain came meanwhile).
+fn retry_parked<'a>(
+    cx: &mut Context<'_>,
+    io: &mut Io,
+    shared: &'a Shared,
+    state: &mut ServeState<'a>,
+) -> bool {
+    let Some(parked) = &mut state.parked else {
+        return false;
+    };
+    let now = Instant::now();
+    let timer_fired = state
+        .deadlines
+        .parked_until
+        .is_some_and(|until| now >= until);
+    if !timer_fired && parked.drained.as_mut().poll(cx).is_pending() {
+        return false;
+    }
+    let waited_enough = now >= parked.since + 2 * PARK_MAX;
+    // Registered before trying, so that a drain in between is not missed.
+    parked.drained.set(shared.drained.notified());
+    parked.drained.as_mut().enable();
+    let message = Arc::clone(&parked.message);
+    let routed = if waited_enough {
+        shared.router.publish(message);
+        true
+    } else {
+        match shared.router.try_publish(message) {
+            Ok(()) => true,
+            Err(_) => false,
+        }
+    };
+    if routed {
+        acknowledge(io, parked.qos, parked.pkid);
+        state.parked = None;
+        state.deadlines.parked_until = None;
+        return false;
+    }
+    if timer_fired {
+        state.deadlines.parked_until = Some(now + PARK_MAX);
+    }
+    parked.drained.as_mut().poll(cx).is_ready()
+}
+
+/// Answers a routed PUBLISH: PUBACK for QoS 1, PUBREC for QoS 2.
+fn acknowledge(io: &mut Io, qos: QoS, pkid: u16) {
+    match qos {
+        QoS::AtMostOnce => {}
+        QoS::AtLeastOnce => io.send(&Packet::PubAck(PubAck::new(pkid))),
+        QoS::ExactlyOnce => io.send(&Packet::PubRec(PubRec::new(pkid))),
+    }
+}
+
+/// Sets the connection's one timer to its earliest deadline. `Ready(Some)` when a deadline has
+/// passed (the connection ends), `Ready(None)` when the timer fired early and was re-armed.
+fn deadlines(
+    cx: &mut Context<'_>,
+    shared: &Shared,
+    conn: &Established,
+    io: &Io,
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    d: &mut Deadlines,
+) -> Poll<Option<DisconnectReason>> {
+    let config = &shared.config;
+    // Moved earlier when needed and otherwise left to fire and be pushed to the current
+    // deadline (keep-alive deadlines only ever move later).
+    let deadline = [
+        conn.keep_alive.map(|ka| d.last_received + ka),
+        d.partial_since.map(|s| s + config.packet_read_timeout),
+        d.stalled_since.map(|s| s + config.write_timeout),
+        d.parked_until,
+    ]
+    .into_iter()
+    .flatten()
+    .min();
+    match (deadline, d.armed) {
+        (None, _) => d.armed = None,
+        (Some(next), Some(armed)) if armed <= next => {}
+        (Some(next), _) => {
+            timer.as_mut().reset(next);
+            d.armed = Some(next);
+        }
+    }
+    if d.armed.is_none() || timer.as_mut().poll(cx).is_pending() {
+        return Poll::Pending;
+    }
+    d.armed = None;
+    let now = Instant::now();
+    let session = &conn.session;
+    if let Some(ka) = conn.keep_alive {
+        if now >= d.last_received + ka {
+            tracing::info!(
+                client_id = &*session.client_id,
+                silent_for = ?now.duration_since(d.last_received),
+                "Keep-alive timeout: no packet received; closing."
+            );
+            return Poll::Ready(Some(DisconnectReason::KeepaliveTimeout));
+        }
+    }
+    if let Some(since) = d.partial_since {
+        if now >= since + config.packet_read_timeout {
+            metrics().packet_read_timeouts.inc();
+            if let Some(suppressed) = PACKET_TIMEOUT_LOG.check() {
+                tracing::info!(
+                    client_id = &*session.client_id,
+                    buffered = io.rbuf.len(),
+                    packet_size = io.frame_len(),
+                    suppressed,
+                    "Packet not completed within mqtt.packet_read_timeout; closing."
+                );
+            }
+            return Poll::Ready(Some(DisconnectReason::ConnectionLost));
+        }
+    }
+    if let Some(since) = d.stalled_since {
+        if now >= since + config.write_timeout {
+            tracing::info!(
+                client_id = &*session.client_id,
+                pending_bytes = io.wbuf.len(),
+                "Writes made no progress within the write timeout; closing."
+            );
+            return Poll::Ready(Some(DisconnectReason::ConnectionLost));
+        }
+    }
+    Poll::Ready(None)
+}
+
+/// Connections closed for an unfinished packet: one line per interval for the whole broker.
+static PACKET_TIMEOUT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+/// Refused topic filters: one line per interval for the whole broker.
+static FILTER_REFUSED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+
+/// A SUBSCRIBE or UNSUBSCRIBE applied a slice of filters per wake-up, so that one packet of
+/// thousands of filters does not hold a runtime thread (or the router's lock) for long.
+enum Job {
+    Subscribe {
+        pkid: u16,
+        filters: std::vec::IntoIter<SubscribeFilter>,
+        codes: Vec<SubscribeReasonCode>,
+        /// Retained deliveries of the granted filters, started once the SUBACK is written.
+        cursors: Vec<Cursor>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+        /// Filters handled so far.
+        done: usize,
+    },
+}
+
+impl Job {
+    /// Applies the next slice of filters; true when the packet is done (its ack is written).
+    fn run(&mut self, io: &mut Io, shared: &Shared, session: &Arc<Session>) -> bool {
+        let config = &shared.config;
+        match self {
+            Job::Subscribe {
+                pkid,
+                filters,
+                codes,
+                cursors,
+            } => {
+                let mut granted = Vec::new();
+                {
+                    let mut st = session.state();
+                    for filter in filters.by_ref().take(FILTER_BUDGET) {
+                        let refusal =
+                            if !topic::valid_topic_filter(&filter.path, config.max_topic_levels) {
+                                Some("invalid_filter")
+                            } else if granted.len() + cursors.len()
+                                >= config.max_filters_per_subscribe
+                            {
+                                Some("filters_per_subscribe")
+                            } else if st.subscription_count()
+                                >= config.max_subscriptions_per_session
+                                && !st.is_subscribed(&filter.path)
+                            {
+                                Some("subscriptions_per_session")
+                            } else {
+                                None
+                            };
+                        match refusal {
+                            Some(reason) => {
+                                metrics()
+                                    .subscriptions_refused
+                                    .with_label_values(&[reason])
+                                    .inc();
+                                if let Some(suppressed) = FILTER_REFUSED_LOG.check() {
+                                    tracing::info!(
+                                        client_id = &*session.client_id,
+                                        filter = filter.path.as_str(),
+                                        reason,
+                                        suppressed,
+                                        "Topic filter refused (SUBACK 0x80)."
+                                    );
+                                }
+                                codes.push(SubscribeReasonCode::Failure);
+                            }
+                            None => {
+                                st.add_subscription(&filter.path, filter.qos);
+                                codes.push(SubscribeReasonCode::Success(filter.qos));
+                                granted.push(filter);
+                            }
+                        }
+                    }
+                }
+                // The session lock is never held while taking the router's.
+                shared
+                    .router
+                    .subscribe(session, granted.iter().map(|f| (f.path.as_str(), f.qos)));
+                cursors.extend(
+                    granted
+                        .into_iter()
+                        .map(|f| Cursor::new(f.path.into_boxed_str(), f.qos)),
+                );
+                if filters.len() > 0 {
+                    return false;
+                }
+                io.send(&Packet::SubAck(SubAck::new(*pkid, std::mem::take(codes))));
+                // Retained messages follow the SUBACK, streamed as the socket takes them.
+                session.state().add_retained(std::mem::take(cursors));
+                true
+            }
+            Job::Unsubscribe {
+                pkid,
+                filters,
+                done,
+            } => {
+                let end = (*done + FILTER_BUDGET).min(filters.len());
+                let slice = &filters[*done..end];
+                {
+                    let mut st = session.state();
+                    for filter in slice {
+                        st.remove_subscription(filter);
+                    }
+                    st.remove_retained(slice);
+                }
+                shared
+                    .router
+                    .unsubscribe(session.key, slice.iter().map(String::as_str));
+                *done = end;
+                if *done < filters.len() {
+                    return false;
+                }
+                io.send(&Packet::UnsubAck(UnsubAck::new(*pkid)));
+                true
             }
         }
     }
 }
 
-fn handle(
+fn handle<'a>(
     io: &mut Io,
-    shared: &Shared,
+    shared: &'a Shared,
     session: &Arc<Session>,
     packet: Packet,
+    state: &mut ServeState<'a>,
 ) -> Result<(), DisconnectReason> {
+    let limits = shared.router.limits();
     match packet {
         Packet::Publish(publish) => {
-            if !topic::valid_topic_name(&publish.topic) {
-                tracing::info!(client_id = %session.client_id, topic = %publish.topic, "PUBLISH to an invalid topic name; closing.");
+            if !topic::valid_topic_name(&publish.topic, shared.config.max_topic_levels) {
+                tracing::info!(
+                    client_id = &*session.client_id,
+                    topic = publish.topic.as_str(),
+                    "PUBLISH to an invalid topic name; closing."
+                );
                 return Err(DisconnectReason::ProtocolError);
             }
-            let message = Message {
+            // QoS 2: routed on first receipt; a redelivery before PUBREL is only acknowledged.
+            if publish.qos == QoS::ExactlyOnce && !session.state().receive_qos2(publish.pkid) {
+                acknowledge(io, publish.qos, publish.pkid);
+                return Ok(());
+            }
+            let message = Arc::new(Message {
                 topic: publish.topic.into_boxed_str(),
                 payload: Bytes::copy_from_slice(&publish.payload),
                 qos: publish.qos,
                 retain: publish.retain,
+            });
+            let Err(message) = shared.router.try_publish(message) else {
+                acknowledge(io, publish.qos, publish.pkid);
+                return Ok(());
             };
-            match publish.qos {
-                QoS::AtMostOnce => shared.router.publish(message),
-                QoS::AtLeastOnce => {
-                    shared.router.publish(message);
-                    io.send(&Packet::PubAck(PubAck::new(publish.pkid)));
-                }
-                QoS::ExactlyOnce => {
-                    // Routed on first receipt; a redelivery before PUBREL is only acknowledged.
-                    if session.state().receive_qos2(publish.pkid) {
-                        shared.router.publish(message);
-                    }
-                    io.send(&Packet::PubRec(PubRec::new(publish.pkid)));
-                }
-            }
+            // A subscriber is congested while the broker could drain it: stop reading from
+            // this client until it has (the kernel's buffers then slow the client down).
+            metrics().publish_backpressure.inc();
+            let mut drained = Box::pin(shared.drained.notified());
+            drained.as_mut().enable();
+            let Err(message) = shared.router.try_publish(message) else {
+                acknowledge(io, publish.qos, publish.pkid);
+                return Ok(());
+            };
+            let now = Instant::now();
+            state.parked = Some(Box::new(Parked {
+                message,
+                qos: publish.qos,
+                pkid: publish.pkid,
+                since: now,
+                drained,
+            }));
+            state.deadlines.parked_until = Some(now + PARK_MAX);
         }
         Packet::PubAck(ack) => {
-            if !session.state().puback(ack.pkid) {
+            if !session.state().puback(ack.pkid, limits) {
                 tracing::debug!(pkid = ack.pkid, "PUBACK for an unknown packet id.");
             }
         }
@@ -735,55 +1243,46 @@ fn handle(
             io.send(&Packet::PubComp(PubComp::new(rel.pkid)));
         }
         Packet::PubComp(comp) => {
-            if !session.state().pubcomp(comp.pkid) {
+            if !session.state().pubcomp(comp.pkid, limits) {
                 tracing::debug!(pkid = comp.pkid, "PUBCOMP for an unknown packet id.");
             }
         }
         Packet::Subscribe(subscribe) => {
-            let mut codes = Vec::with_capacity(subscribe.filters.len());
-            let mut granted = Vec::with_capacity(subscribe.filters.len());
-            for filter in subscribe.filters {
-                if topic::valid_topic_filter(&filter.path) {
-                    shared.router.subscribe(session, &filter.path, filter.qos);
-                    codes.push(SubscribeReasonCode::Success(filter.qos));
-                    granted.push((filter.path, filter.qos));
-                } else {
-                    tracing::info!(client_id = %session.client_id, filter = %filter.path, "Invalid topic filter refused.");
-                    codes.push(SubscribeReasonCode::Failure);
-                }
-            }
-            {
-                let mut st = session.state();
-                for (filter, qos) in &granted {
-                    st.add_subscription(filter, *qos);
-                }
-            }
-            io.send(&Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
-            // Retained messages follow the SUBACK (they are written from the queue).
-            for (filter, qos) in granted {
-                shared.router.send_retained(session, &filter, qos);
+            let count = subscribe.filters.len();
+            let mut new = Job::Subscribe {
+                pkid: subscribe.pkid,
+                filters: subscribe.filters.into_iter(),
+                codes: Vec::with_capacity(count),
+                cursors: Vec::new(),
+            };
+            if !new.run(io, shared, session) {
+                state.job = Some(Box::new(new));
             }
         }
         Packet::Unsubscribe(unsubscribe) => {
             if unsubscribe.topics.is_empty() {
-                tracing::info!(client_id = %session.client_id, "UNSUBSCRIBE without topic filters; closing.");
+                tracing::info!(
+                    client_id = &*session.client_id,
+                    "UNSUBSCRIBE without topic filters; closing."
+                );
                 return Err(DisconnectReason::ProtocolError);
             }
-            shared
-                .router
-                .unsubscribe(session.key, unsubscribe.topics.iter().map(|t| t.as_str()));
-            {
-                let mut st = session.state();
-                for filter in &unsubscribe.topics {
-                    st.remove_subscription(filter);
-                }
+            let mut new = Job::Unsubscribe {
+                pkid: unsubscribe.pkid,
+                filters: unsubscribe.topics,
+                done: 0,
+            };
+            if !new.run(io, shared, session) {
+                state.job = Some(Box::new(new));
             }
-            io.send(&Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
         }
         Packet::PingReq => io.send(&Packet::PingResp),
         Packet::Disconnect => return Err(DisconnectReason::ClientDisconnect),
         Packet::Connect(_) => {
-            tracing::info!(client_id = %session.client_id, "Second CONNECT on one connection; closing.");
+            tracing::info!(
+                client_id = &*session.client_id,
+                "Second CONNECT on one connection; closing."
+            );
             return Err(DisconnectReason::ProtocolError);
         }
         other @ (Packet::ConnAck(_)
@@ -791,7 +1290,7 @@ fn handle(
         | Packet::UnsubAck(_)
         | Packet::PingResp) => {
             tracing::info!(
-                client_id = %session.client_id,
+                client_id = &*session.client_id,
                 packet = codec::packet_label(&other),
                 "Server-only packet from a client; closing."
             );
@@ -808,10 +1307,13 @@ mod tests {
     #[test]
     fn keep_alive_bounds() {
         let mut c = MqttConfig::default();
-        assert_eq!(keep_alive(0, &c), Ok(0));
         assert_eq!(keep_alive(30, &c), Ok(30));
+        // The default bound: a client's 0 ("never") becomes 65535 s.
+        assert_eq!(keep_alive(0, &c), Ok(65_535));
+        c.max_keepalive = 0;
+        assert_eq!(keep_alive(0, &c), Ok(0), "0: no upper bound");
         c.min_keepalive = Some(10);
-        c.max_keepalive = Some(60);
+        c.max_keepalive = 60;
         assert_eq!(keep_alive(5, &c), Ok(10));
         assert_eq!(keep_alive(0, &c), Ok(60));
         assert_eq!(keep_alive(61, &c), Ok(60));
@@ -839,8 +1341,8 @@ mod tests {
 }
 #[cfg(test)]
 mod size {
-    /// An idle connection's memory is mostly its task; keep the future small (issue: at most
-    /// 2 KiB RSS per idle connection in total).
+    /// An idle connection's memory is mostly its task and its session; keep both small (at
+    /// most 2 KiB RSS per idle connection in total, and less is the goal).
     #[tokio::test]
     async fn connection_future_stays_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

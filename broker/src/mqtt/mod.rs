@@ -5,9 +5,11 @@
 //! connection decodes packets ([`codec`]), keeps its [`session`] and hands messages to the
 //! [`router`]; connection lifecycle events go out on the presence channel.
 
+pub mod budget;
 pub mod codec;
 pub mod connection;
 pub mod listener;
+pub mod retained;
 pub mod router;
 pub mod session;
 pub mod topic;
@@ -21,6 +23,7 @@ use tokio::sync::Notify;
 use crate::config::MqttConfig;
 use crate::metrics::metrics;
 use crate::presence::{EventSender, SessionId};
+use budget::ByteBudget;
 use router::Router;
 use session::Session;
 
@@ -105,13 +108,26 @@ pub struct Shared {
     /// event). Connections waiting to take a session over wait here and check their session
     /// again: one Notify for all sessions keeps every session smaller.
     pub released: Notify,
+    /// `mqtt.max_buffered_read_bytes`: what connections may hold for large packets arriving.
+    pub read_budget: ByteBudget,
+    /// Signalled whenever read budget is released, for connections waiting for some.
+    pub read_budget_freed: Notify,
+    /// Signalled whenever a session stops holding publishers back (its queue drained, or its
+    /// writer now waits for the client), for publishers waiting to route a message.
+    pub drained: Notify,
 }
 
 impl Shared {
     /// Shared state for one listener.
     pub fn new(config: MqttConfig, events: EventSender) -> Self {
         Self {
-            router: Router::new(config.max_queued_messages),
+            router: Router::new(&config),
+            read_budget: ByteBudget::new(
+                config.max_buffered_read_bytes,
+                metrics().buffered_read_bytes.clone(),
+            ),
+            read_budget_freed: Notify::new(),
+            drained: Notify::new(),
             config,
             sessions: Arc::new(Mutex::new(HashMap::new())),
             events,
@@ -160,10 +176,11 @@ impl Shared {
             return Attach::Wait;
         }
         session.reset_signals();
+        session.set_online(true);
         let was_persistent = st.persistent;
         let mut dropped = Vec::new();
         let session_present = if clean_session {
-            dropped = st.clear();
+            dropped = st.clear(self.router.limits());
             false
         } else {
             was_persistent
@@ -209,7 +226,7 @@ impl Shared {
         if st.owner.is_some() || st.persistent {
             return Vec::new();
         }
-        let dropped = st.clear();
+        let dropped = st.clear(self.router.limits());
         st.ended = true;
         drop(st);
         if sessions

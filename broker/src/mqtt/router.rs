@@ -2,13 +2,17 @@
 //! published message to the sessions whose filters match.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use rumqttc::mqttbytes::QoS;
 
-use super::session::{Message, Session};
-use super::topic;
+use super::budget::ByteBudget;
+use super::retained::{Cursor, RetainedStore};
+use super::session::{Message, MinQos, QueueLimits, Session};
+use crate::config::MqttConfig;
 use crate::metrics::metrics;
+use crate::telemetry::LogLimiter;
 
 /// One level of the subscription trie.
 #[derive(Default)]
@@ -89,38 +93,61 @@ fn add<'a>(
 /// Subscriptions and retained messages of the whole broker.
 pub struct Router {
     subscriptions: RwLock<Node>,
-    retained: Mutex<HashMap<Box<str>, Arc<Message>>>,
-    max_queued: usize,
+    retained: RwLock<RetainedStore>,
+    limits: QueueLimits,
 }
 
+/// Refused retained messages: one line per interval for the whole broker.
+static RETAIN_REFUSED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+
 impl Router {
-    /// An empty router; `max_queued` bounds each session's queue.
-    pub fn new(max_queued: usize) -> Self {
+    /// An empty router with the queue and retained-store limits of `config`.
+    pub fn new(config: &MqttConfig) -> Self {
         Self {
             subscriptions: RwLock::new(Node::default()),
-            retained: Mutex::new(HashMap::new()),
-            max_queued,
+            retained: RwLock::new(RetainedStore::new(
+                config.max_retained_messages,
+                config.max_retained_bytes,
+            )),
+            limits: QueueLimits {
+                max_messages: config.max_queued_messages,
+                max_bytes: config.max_queued_bytes,
+                total: ByteBudget::new(
+                    config.max_queued_bytes_total,
+                    metrics().queued_bytes.clone(),
+                ),
+            },
         }
     }
 
-    /// Adds or updates a subscription. The filter must be valid. Returns true when it is new.
-    pub fn subscribe(&self, session: &Arc<Session>, filter: &str, qos: QoS) -> bool {
+    /// The bounds of every session's queue.
+    pub fn limits(&self) -> &QueueLimits {
+        &self.limits
+    }
+
+    /// Adds or updates subscriptions of `session`, under one lock. The filters must be valid.
+    pub fn subscribe<'f>(
+        &self,
+        session: &Arc<Session>,
+        filters: impl IntoIterator<Item = (&'f str, QoS)>,
+    ) {
         let mut root = self
             .subscriptions
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        let mut node = &mut *root;
-        for level in filter.split('/') {
-            node = node.children.entry(level.into()).or_default();
+        for (filter, qos) in filters {
+            let mut node = &mut *root;
+            for level in filter.split('/') {
+                node = node.children.entry(level.into()).or_default();
+            }
+            let new = node
+                .subscribers
+                .insert(session.key, (Arc::clone(session), qos))
+                .is_none();
+            if new {
+                metrics().subscriptions.inc();
+            }
         }
-        let new = node
-            .subscribers
-            .insert(session.key, (Arc::clone(session), qos))
-            .is_none();
-        if new {
-            metrics().subscriptions.inc();
-        }
-        new
     }
 
     /// Removes subscriptions of one session.
@@ -136,81 +163,95 @@ impl Router {
         }
     }
 
-    /// Routes a message: updates the retained store when the retain flag is set, then queues
-    /// it for every matching session with min(publish QoS, granted QoS).
-    pub fn publish(&self, message: Message) {
-        metrics().messages_published.inc();
-        let message = Arc::new(message);
-        if message.retain {
-            self.retain(&message);
-        }
+    /// Routes a message whatever the state of the subscribers' queues (wills, and publishers
+    /// that have waited long enough): see [`Router::try_publish`].
+    pub fn publish(&self, message: Arc<Message>) {
+        let _ = self.route(message, true);
+    }
+
+    /// Routes a message: updates the retained store when the retain flag is set, then queues it
+    /// for every matching session with min(publish QoS, granted QoS). When a matching session
+    /// holds publishers back (its queue is congested while its writer could drain it), nothing
+    /// is routed and the message comes back: the caller stops reading from its client and tries
+    /// again when a session drains (TCP back-pressure instead of drops).
+    pub fn try_publish(&self, message: Arc<Message>) -> Result<(), Arc<Message>> {
+        self.route(message, false)
+    }
+
+    fn route(&self, message: Arc<Message>, force: bool) -> Result<(), Arc<Message>> {
         let targets: Vec<(Arc<Session>, QoS)> = {
             let root = self.subscriptions.read().unwrap_or_else(|e| e.into_inner());
             let levels: Vec<&str> = message.topic.split('/').collect();
             let mut out = HashMap::new();
             root.collect(&levels, true, &mut out);
+            if !force && out.values().any(|(s, _)| s.holds_back_publishers()) {
+                return Err(message);
+            }
             out.into_values().map(|(s, q)| (Arc::clone(s), q)).collect()
         };
+        metrics().messages_published.inc();
+        if message.retain {
+            self.retain(&message);
+        }
         for (session, granted) in targets {
             let qos = granted.min_qos(message.qos);
-            if let Err(reason) = session.enqueue(Arc::clone(&message), qos, false, self.max_queued)
-            {
+            if let Err(reason) = session.enqueue(Arc::clone(&message), qos, &self.limits) {
                 metrics()
                     .messages_dropped
                     .with_label_values(&[reason.as_str()])
                     .inc();
-                tracing::debug!(client_id = %session.client_id, topic = %message.topic, reason = reason.as_str(), "Message dropped for subscriber.");
+                tracing::debug!(
+                    client_id = &*session.client_id,
+                    topic = &*message.topic,
+                    reason = reason.as_str(),
+                    "Message dropped for subscriber."
+                );
             }
         }
+        Ok(())
     }
 
     fn retain(&self, message: &Arc<Message>) {
-        let mut retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
-        if message.payload.is_empty() {
-            if retained.remove(&message.topic).is_some() {
-                metrics().retained_messages.dec();
-            }
-        } else if retained
-            .insert(message.topic.clone(), Arc::clone(message))
-            .is_none()
-        {
-            metrics().retained_messages.inc();
-        }
-    }
-
-    /// Queues the retained messages matching a new subscription, with the retain flag set.
-    pub fn send_retained(&self, session: &Session, filter: &str, granted: QoS) {
-        let matching: Vec<Arc<Message>> = {
-            let retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
-            retained
-                .values()
-                .filter(|m| topic::matches(filter, &m.topic))
-                .cloned()
-                .collect()
+        let (change, result, held) = {
+            let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
+            let (change, result) = retained.set(message);
+            (change, result, (retained.len(), retained.bytes()))
         };
-        for message in matching {
-            let qos = granted.min_qos(message.qos);
-            if let Err(reason) = session.enqueue(message, qos, true, self.max_queued) {
-                metrics()
-                    .messages_dropped
-                    .with_label_values(&[reason.as_str()])
-                    .inc();
+        metrics().retained_messages.add(change.count as i64);
+        metrics().retained_bytes.add(change.bytes as i64);
+        if let Err(refusal) = result {
+            metrics()
+                .retained_refused
+                .with_label_values(&[refusal.as_str()])
+                .inc();
+            if let Some(suppressed) = RETAIN_REFUSED_LOG.check() {
+                tracing::warn!(
+                    topic = &*message.topic,
+                    limit = refusal.as_str(),
+                    retained_messages = held.0,
+                    retained_bytes = held.1,
+                    suppressed,
+                    "Retained message refused: the retained store is at \
+                     mqtt.max_retained_messages or mqtt.max_retained_bytes \
+                     (counted in heartwire_retained_refused_total)."
+                );
             }
         }
     }
-}
 
-trait MinQos {
-    fn min_qos(self, other: QoS) -> QoS;
-}
-
-impl MinQos for QoS {
-    fn min_qos(self, other: QoS) -> QoS {
-        if (self as u8) <= (other as u8) {
-            self
-        } else {
-            other
-        }
+    /// One step of a retained delivery: appends to `out` the next retained messages matching
+    /// `cursor`, at most `max_messages` of them, visiting a bounded number of trie nodes (so the
+    /// lock is held briefly whatever the filter). Returns true when the delivery is complete.
+    pub fn retained_step(
+        &self,
+        cursor: &mut Cursor,
+        max_messages: usize,
+        out: &mut Vec<Arc<Message>>,
+    ) -> bool {
+        /// Trie nodes one step may visit: some tens of microseconds under the read lock.
+        const MAX_VISITS: usize = 512;
+        let retained = self.retained.read().unwrap_or_else(|e| e.into_inner());
+        retained.step(cursor, MAX_VISITS, max_messages, out)
     }
 }
 
@@ -219,6 +260,10 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    fn router() -> Router {
+        Router::new(&MqttConfig::default())
+    }
+
     fn online(key: u64) -> Arc<Session> {
         let s = Arc::new(Session::new(format!("c{key}").into(), key));
         s.state().owner = Some(crate::presence::SessionId::new());
@@ -226,60 +271,68 @@ mod tests {
     }
 
     fn publish(router: &Router, topic: &str, qos: QoS, retain: bool, payload: &'static [u8]) {
-        router.publish(Message {
+        router.publish(Arc::new(Message {
             topic: topic.into(),
             payload: Bytes::from_static(payload),
             qos,
             retain,
-        });
+        }));
     }
 
-    fn queued(s: &Session) -> usize {
+    fn queued(router: &Router, s: &Session) -> usize {
         let mut buf = bytes::BytesMut::new();
-        s.state().write_pending(&mut buf, usize::MAX, 100)
+        s.state()
+            .write_pending(&mut buf, usize::MAX, 100, router.limits())
+            .0
     }
 
     #[test]
     fn fan_out_with_wildcards_and_dedup() {
-        let router = Router::new(100);
+        let router = router();
         let a = online(1);
         let b = online(2);
-        router.subscribe(&a, "home/+/temp", QoS::AtLeastOnce);
-        router.subscribe(&a, "home/#", QoS::AtMostOnce);
-        router.subscribe(&b, "home/kitchen/temp", QoS::AtMostOnce);
+        router.subscribe(
+            &a,
+            [
+                ("home/+/temp", QoS::AtLeastOnce),
+                ("home/#", QoS::AtMostOnce),
+            ],
+        );
+        router.subscribe(&b, [("home/kitchen/temp", QoS::AtMostOnce)]);
         publish(&router, "home/kitchen/temp", QoS::AtLeastOnce, false, b"21");
-        assert_eq!(queued(&a), 1, "one copy for overlapping filters");
-        assert_eq!(queued(&b), 1);
+        assert_eq!(queued(&router, &a), 1, "one copy for overlapping filters");
+        assert_eq!(queued(&router, &b), 1);
         publish(&router, "office/temp", QoS::AtMostOnce, false, b"x");
-        assert_eq!(queued(&a) + queued(&b), 0);
+        assert_eq!(queued(&router, &a) + queued(&router, &b), 0);
         router.unsubscribe(1, ["home/+/temp", "home/#"]);
         publish(&router, "home/kitchen/temp", QoS::AtMostOnce, false, b"x");
-        assert_eq!(queued(&a), 0);
-        assert_eq!(queued(&b), 1);
+        assert_eq!(queued(&router, &a), 0);
+        assert_eq!(queued(&router, &b), 1);
     }
 
     #[test]
     fn dollar_topics_skip_leading_wildcards() {
-        let router = Router::new(100);
+        let router = router();
         let a = online(1);
-        router.subscribe(&a, "#", QoS::AtMostOnce);
-        router.subscribe(&a, "+/x", QoS::AtMostOnce);
+        router.subscribe(&a, [("#", QoS::AtMostOnce), ("+/x", QoS::AtMostOnce)]);
         publish(&router, "$SYS/x", QoS::AtMostOnce, false, b"x");
-        assert_eq!(queued(&a), 0);
-        router.subscribe(&a, "$SYS/#", QoS::AtMostOnce);
+        assert_eq!(queued(&router, &a), 0);
+        router.subscribe(&a, [("$SYS/#", QoS::AtMostOnce)]);
         publish(&router, "$SYS/x", QoS::AtMostOnce, false, b"x");
-        assert_eq!(queued(&a), 1);
+        assert_eq!(queued(&router, &a), 1);
     }
 
     #[test]
     fn retained_set_replace_clear() {
-        let router = Router::new(100);
-        let a = online(1);
+        let router = router();
         publish(&router, "r/1", QoS::AtMostOnce, true, b"one");
         publish(&router, "r/1", QoS::AtMostOnce, true, b"two");
         publish(&router, "r/2", QoS::AtMostOnce, true, b"x");
         publish(&router, "r/2", QoS::AtMostOnce, true, b"");
-        router.send_retained(&a, "r/#", QoS::AtLeastOnce);
-        assert_eq!(queued(&a), 1);
+        let mut cursor = Cursor::new("r/#".into(), QoS::AtLeastOnce);
+        let mut out = Vec::new();
+        assert!(router.retained_step(&mut cursor, 10, &mut out));
+        assert_eq!(out.len(), 1);
+        assert_eq!(&out[0].payload[..], b"two");
     }
 }

@@ -5,7 +5,7 @@
 //! enqueues messages for it) and the registry. Locking rule: a session's state lock is never held
 //! while taking the router's subscription lock.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
@@ -14,7 +14,9 @@ use atomic_waker::AtomicWaker;
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::QoS;
 
+use super::budget::ByteBudget;
 use super::codec;
+use super::retained::Cursor;
 use crate::metrics::metrics;
 use crate::presence::SessionId;
 
@@ -31,14 +33,45 @@ pub struct Message {
     pub retain: bool,
 }
 
+impl Message {
+    /// Bytes it is accounted for in queues and the retained store: topic and payload.
+    pub fn size(&self) -> usize {
+        self.topic.len() + self.payload.len()
+    }
+}
+
+/// The bounds of every session's queue: per session in messages and bytes, and one byte budget
+/// for all sessions together.
+#[derive(Debug)]
+pub struct QueueLimits {
+    /// `mqtt.max_queued_messages`.
+    pub max_messages: usize,
+    /// `mqtt.max_queued_bytes`.
+    pub max_bytes: usize,
+    /// `mqtt.max_queued_bytes_total`, shared by all sessions.
+    pub total: ByteBudget,
+}
+
 /// One message waiting for a client.
 #[derive(Debug, Clone)]
 struct Outgoing {
     message: Arc<Message>,
     /// min(publish QoS, subscription QoS).
     qos: QoS,
-    /// Set only when it is a retained message sent in answer to a SUBSCRIBE.
+    /// Set only when it is a retained message sent in answer to a SUBSCRIBE. Those come from
+    /// the retained store, not the queue, and are not accounted in the queue's bytes.
     retain: bool,
+}
+
+impl Outgoing {
+    /// Bytes it holds of the session's queue budget.
+    fn cost(&self) -> usize {
+        if self.retain {
+            0
+        } else {
+            self.message.size()
+        }
+    }
 }
 
 /// Where an outgoing QoS 1/2 message stands.
@@ -65,11 +98,18 @@ pub struct SessionState {
     /// The connection using the session now, if any.
     pub owner: Option<SessionId>,
     /// Topic filters and their granted QoS (also held by the router, which matches them).
-    subscriptions: Vec<(Box<str>, QoS)>,
+    subscriptions: HashMap<Box<str>, QoS>,
     /// Messages not yet sent (beyond the in-flight window, or written out soon).
     pending: VecDeque<Outgoing>,
     /// QoS 1/2 messages sent and not yet acknowledged, oldest first.
     inflight: VecDeque<Inflight>,
+    /// Subscriptions whose retained messages are still being sent, oldest first. Each is a
+    /// subscription of `subscriptions`, at most one per filter. Boxed: allocated only while
+    /// some are being sent (8 bytes in every session instead of 32).
+    #[allow(clippy::box_collection)]
+    retained: Option<Box<VecDeque<Cursor>>>,
+    /// Bytes of `pending` and `inflight` held against [`QueueLimits`].
+    queued_bytes: usize,
     /// Last packet id used for an outgoing message.
     last_pkid: u16,
     /// Packet ids of QoS 2 messages received and not yet released (PUBREL).
@@ -81,32 +121,113 @@ pub struct SessionState {
     pub ended: bool,
 }
 
+/// What [`SessionState::write_pending`] left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backlog {
+    /// The queue is empty.
+    Empty,
+    /// QoS 1/2 messages wait for the client to acknowledge earlier ones (in-flight window full).
+    Blocked,
+    /// The buffer reached its limit with messages ready to follow.
+    More,
+}
+
 impl SessionState {
-    /// Forgets everything but the owner (a clean-session connect, or a session that ends).
-    /// Returns the subscriptions the router must drop.
-    pub fn clear(&mut self) -> Vec<Box<str>> {
+    /// Forgets everything but the owner (a clean-session connect, or a session that ends) and
+    /// gives its queue's bytes back. Returns the subscriptions the router must drop.
+    pub fn clear(&mut self, limits: &QueueLimits) -> Vec<Box<str>> {
         metrics().messages_queued.sub(self.pending.len() as i64);
+        limits.total.release(self.queued_bytes);
+        self.queued_bytes = 0;
         self.pending = VecDeque::new();
         self.inflight = VecDeque::new();
+        self.retained = None;
         self.incoming_qos2 = Vec::new();
         self.last_pkid = 0;
         std::mem::take(&mut self.subscriptions)
-            .into_iter()
-            .map(|(filter, _)| filter)
+            .into_keys()
             .collect()
+    }
+
+    /// Subscriptions held.
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
+
+    /// Whether `filter` is subscribed.
+    pub fn is_subscribed(&self, filter: &str) -> bool {
+        self.subscriptions.contains_key(filter)
     }
 
     /// Records a subscription (replacing the QoS of an existing one).
     pub fn add_subscription(&mut self, filter: &str, qos: QoS) {
-        match self.subscriptions.iter_mut().find(|(f, _)| &**f == filter) {
-            Some(existing) => existing.1 = qos,
-            None => self.subscriptions.push((filter.into(), qos)),
+        match self.subscriptions.get_mut(filter) {
+            Some(existing) => *existing = qos,
+            None => {
+                self.subscriptions.insert(filter.into(), qos);
+            }
         }
     }
 
     /// Forgets a subscription.
     pub fn remove_subscription(&mut self, filter: &str) {
-        self.subscriptions.retain(|(f, _)| &**f != filter);
+        self.subscriptions.remove(filter);
+    }
+
+    /// Queues the retained deliveries of new subscriptions, after any still running. A filter
+    /// subscribed again restarts its delivery (its retained messages are sent again, as MQTT
+    /// 3.1.1 section 3.8.4 requires), so there is at most one cursor per filter.
+    pub fn add_retained(&mut self, cursors: Vec<Cursor>) {
+        if cursors.is_empty() {
+            return;
+        }
+        let retained = self.retained.get_or_insert_with(Box::default);
+        if !retained.is_empty() {
+            let new: HashSet<&str> = cursors.iter().map(|c| &*c.filter).collect();
+            retained.retain(|c| !new.contains(&*c.filter));
+        }
+        retained.extend(cursors);
+    }
+
+    /// Stops the retained deliveries of unsubscribed filters.
+    pub fn remove_retained(&mut self, filters: &[String]) {
+        let Some(retained) = &mut self.retained else {
+            return;
+        };
+        let gone: HashSet<&str> = filters.iter().map(String::as_str).collect();
+        retained.retain(|c| !gone.contains(&*c.filter));
+        if retained.is_empty() {
+            self.retained = None;
+        }
+    }
+
+    /// The oldest retained delivery still running, taken out while it is walked (put it back
+    /// with [`SessionState::resume_retained`] unless it finished).
+    pub fn next_retained(&mut self) -> Option<Cursor> {
+        let retained = self.retained.as_mut()?;
+        let cursor = retained.pop_front();
+        if retained.is_empty() {
+            self.retained = None;
+        }
+        cursor
+    }
+
+    /// Puts back a retained delivery that has more to send, first in line.
+    pub fn resume_retained(&mut self, cursor: Cursor) {
+        self.retained
+            .get_or_insert_with(Box::default)
+            .push_front(cursor);
+    }
+
+    /// Whether the queue holds a quarter of its limits or less (a congested session that got
+    /// there no longer holds publishers back).
+    pub fn below_low_water(&self, limits: &QueueLimits) -> bool {
+        self.pending.len() <= limits.max_messages / 4 && self.queued_bytes <= limits.max_bytes / 4
+    }
+
+    /// Room left in the in-flight window.
+    pub fn inflight_room(&self, max_inflight: usize) -> usize {
+        max_inflight.saturating_sub(self.inflight.len())
     }
 
     /// Whether a message was queued or sent since the session started.
@@ -130,8 +251,8 @@ impl SessionState {
     }
 
     /// PUBACK: the QoS 1 message is delivered.
-    pub fn puback(&mut self, pkid: u16) -> bool {
-        self.remove_inflight(pkid, Stage::Published, QoS::AtLeastOnce)
+    pub fn puback(&mut self, pkid: u16, limits: &QueueLimits) -> bool {
+        self.remove_inflight(pkid, Stage::Published, QoS::AtLeastOnce, limits)
     }
 
     /// PUBREC: the QoS 2 message is received; the caller sends PUBREL.
@@ -150,22 +271,29 @@ impl SessionState {
     }
 
     /// PUBCOMP: the QoS 2 exchange is complete.
-    pub fn pubcomp(&mut self, pkid: u16) -> bool {
-        self.remove_inflight(pkid, Stage::Released, QoS::ExactlyOnce)
+    pub fn pubcomp(&mut self, pkid: u16, limits: &QueueLimits) -> bool {
+        self.remove_inflight(pkid, Stage::Released, QoS::ExactlyOnce, limits)
     }
 
-    fn remove_inflight(&mut self, pkid: u16, stage: Stage, qos: QoS) -> bool {
+    fn remove_inflight(&mut self, pkid: u16, stage: Stage, qos: QoS, limits: &QueueLimits) -> bool {
         match self
             .inflight
             .iter()
             .position(|f| f.pkid == pkid && f.stage == stage && f.out.qos == qos)
         {
             Some(i) => {
-                self.inflight.remove(i);
+                if let Some(done) = self.inflight.remove(i) {
+                    self.release(done.out.cost(), limits);
+                }
                 true
             }
             None => false,
         }
+    }
+
+    fn release(&mut self, cost: usize, limits: &QueueLimits) {
+        self.queued_bytes -= cost;
+        limits.total.release(cost);
     }
 
     /// Writes every in-flight message again (PUBLISH with DUP, or PUBREL), as a reconnecting
@@ -200,55 +328,87 @@ impl SessionState {
     }
 
     /// Moves pending messages into `buf` until it holds `limit` bytes or the in-flight window is
-    /// full. Returns how many PUBLISH packets were written.
+    /// full. Returns how many PUBLISH packets were written and what is left.
     pub fn write_pending(
         &mut self,
         buf: &mut BytesMut,
         limit: usize,
         max_inflight: usize,
-    ) -> usize {
+        limits: &QueueLimits,
+    ) -> (usize, Backlog) {
         let mut written = 0;
-        while buf.len() < limit {
+        let backlog = loop {
             let Some(front) = self.pending.front() else {
-                break;
+                break Backlog::Empty;
             };
-            let pkid = if front.qos == QoS::AtMostOnce {
-                0
-            } else {
-                if self.inflight.len() >= max_inflight {
-                    break;
-                }
-                self.next_pkid()
-            };
+            if front.qos != QoS::AtMostOnce && self.inflight.len() >= max_inflight {
+                break Backlog::Blocked;
+            }
+            if buf.len() >= limit {
+                break Backlog::More;
+            }
             let Some(out) = self.pending.pop_front() else {
-                break;
+                break Backlog::Empty;
             };
             metrics().messages_queued.dec();
-            codec::write_publish(
-                buf,
-                &out.message.topic,
-                &out.message.payload,
-                out.qos,
-                pkid,
-                out.retain,
-                false,
-            );
-            if out.qos != QoS::AtMostOnce {
-                self.inflight.push_back(Inflight {
-                    pkid,
-                    out,
-                    stage: Stage::Published,
-                });
-            }
+            self.write(buf, out, false, limits);
             written += 1;
-        }
+        };
         if self.pending.is_empty() {
             self.overflowing = false;
             if self.pending.capacity() > 16 {
                 self.pending = VecDeque::new();
             }
         }
-        written
+        (written, backlog)
+    }
+
+    /// Writes retained messages of a subscription granted `granted` (call with at most
+    /// [`SessionState::inflight_room`] messages when `granted` is above QoS 0).
+    pub fn write_retained(
+        &mut self,
+        buf: &mut BytesMut,
+        messages: Vec<Arc<Message>>,
+        granted: QoS,
+        limits: &QueueLimits,
+    ) {
+        for message in messages {
+            let qos = granted.min_qos(message.qos);
+            let out = Outgoing {
+                message,
+                qos,
+                retain: true,
+            };
+            self.write(buf, out, false, limits);
+        }
+    }
+
+    /// Writes one PUBLISH; a QoS 1/2 message moves to the in-flight window, a QoS 0 message
+    /// gives its queue bytes back.
+    fn write(&mut self, buf: &mut BytesMut, out: Outgoing, dup: bool, limits: &QueueLimits) {
+        let pkid = if out.qos == QoS::AtMostOnce {
+            0
+        } else {
+            self.next_pkid()
+        };
+        codec::write_publish(
+            buf,
+            &out.message.topic,
+            &out.message.payload,
+            out.qos,
+            pkid,
+            out.retain,
+            dup,
+        );
+        if out.qos == QoS::AtMostOnce {
+            self.release(out.cost(), limits);
+        } else {
+            self.inflight.push_back(Inflight {
+                pkid,
+                out,
+                stage: Stage::Published,
+            });
+        }
     }
 
     fn next_pkid(&mut self) -> u16 {
@@ -265,11 +425,32 @@ impl SessionState {
     }
 }
 
+/// The lower of two QoS levels (what a subscriber granted `self` gets of a message sent at
+/// `other`).
+pub trait MinQos {
+    /// min(self, other).
+    fn min_qos(self, other: QoS) -> QoS;
+}
+
+impl MinQos for QoS {
+    fn min_qos(self, other: QoS) -> QoS {
+        if (self as u8) <= (other as u8) {
+            self
+        } else {
+            other
+        }
+    }
+}
+
 /// Why a message was not queued for a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
     /// The session's queue is at `mqtt.max_queued_messages`.
     QueueFull,
+    /// The session's queue would pass `mqtt.max_queued_bytes`.
+    QueueBytes,
+    /// All queues together would pass `mqtt.max_queued_bytes_total`.
+    MemoryLimit,
     /// QoS 0 messages are not kept for a persistent session while its client is away.
     Qos0Offline,
     /// The subscriber's session ended while the message was being routed.
@@ -278,16 +459,43 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason (the closed set of the metric label).
-    pub const ALL: [DropReason; 3] = [Self::QueueFull, Self::Qos0Offline, Self::SessionEnded];
+    pub const ALL: [DropReason; 5] = [
+        Self::QueueFull,
+        Self::QueueBytes,
+        Self::MemoryLimit,
+        Self::Qos0Offline,
+        Self::SessionEnded,
+    ];
 
     /// Metric label.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::QueueFull => "queue_full",
+            Self::QueueBytes => "queue_bytes",
+            Self::MemoryLimit => "memory_limit",
             Self::Qos0Offline => "qos0_offline",
             Self::SessionEnded => "session_ended",
         }
     }
+}
+
+/// Flag in [`Session::flow`]: the queue passed half its limits; publishers feeding it wait
+/// until it is down to a quarter, unless the client is the one behind.
+const CONGESTED: u8 = 1;
+/// Flag in [`Session::flow`]: no connection drains the queue (the client is away): it holds
+/// nobody back, and what does not fit is dropped.
+const OFFLINE: u8 = 2;
+/// How long a congested session may have waited for its client (socket full, in-flight window
+/// full) and still hold publishers back. A fast client whose socket filled with one burst reads
+/// it within this time; a client that stays behind longer is a slow consumer: publishers stop
+/// waiting for it, and what does not fit its queue is dropped and counted.
+pub const CLIENT_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Milliseconds since the first call in this process (a clock that fits in an atomic; never 0).
+fn now_ms() -> u64 {
+    static ORIGIN: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    ORIGIN.elapsed().as_millis() as u64 + 1
 }
 
 /// Flag in [`Session::signals`]: messages were queued.
@@ -328,6 +536,11 @@ pub struct Session {
     state: Mutex<SessionState>,
     /// Flags for the owner ([`QUEUED`], [`KICKED`]).
     signals: AtomicU8,
+    /// Flow control, read by publishers without the state lock ([`CONGESTED`], [`OFFLINE`]).
+    flow: AtomicU8,
+    /// While congested: since when ([`now_ms`]) the writer has been waiting for the client; 0
+    /// when it has not.
+    client_behind_since: AtomicU64,
     /// The owning connection's task.
     waker: AtomicWaker,
     /// When the owner last received a packet, in milliseconds since the Unix epoch. Kept in
@@ -343,6 +556,8 @@ impl Session {
             key,
             state: Mutex::new(SessionState::default()),
             signals: AtomicU8::new(0),
+            flow: AtomicU8::new(OFFLINE),
+            client_behind_since: AtomicU64::new(0),
             waker: AtomicWaker::new(),
             last_seen_ms: AtomicU64::new(0),
         }
@@ -395,13 +610,54 @@ impl Session {
         self.signals.store(0, Ordering::Release);
     }
 
+    /// Whether publishers feeding this session should wait before sending it more: its queue is
+    /// congested, a connection drains it, and the broker rather than the client is behind (the
+    /// writer has not been waiting for the client for longer than [`CLIENT_GRACE`]).
+    pub fn holds_back_publishers(&self) -> bool {
+        if self.flow.load(Ordering::Acquire) & (CONGESTED | OFFLINE) != CONGESTED {
+            return false;
+        }
+        let since = self.client_behind_since.load(Ordering::Acquire);
+        since == 0 || now_ms().saturating_sub(since) < CLIENT_GRACE.as_millis() as u64
+    }
+
+    /// Records whether a connection drains the queue now. Returns true when going offline ends
+    /// the session holding publishers back (they should be told).
+    pub fn set_online(&self, online: bool) -> bool {
+        if online {
+            self.flow.fetch_and(!OFFLINE, Ordering::AcqRel);
+            false
+        } else {
+            self.flow.fetch_or(OFFLINE, Ordering::AcqRel) & (CONGESTED | OFFLINE) == CONGESTED
+        }
+    }
+
+    /// Records that the writer stopped because of the client (socket or in-flight window
+    /// full). While the queue stays congested, that time counts towards [`CLIENT_GRACE`].
+    pub fn client_behind(&self) {
+        if self.flow.load(Ordering::Acquire) & CONGESTED != 0
+            && self.client_behind_since.load(Ordering::Acquire) == 0
+        {
+            self.client_behind_since.store(now_ms(), Ordering::Release);
+        }
+    }
+
+    /// Ends congestion once the queue is down to a quarter of its limits (call with the state
+    /// locked, after writing). Returns true when publishers waiting for it should be told.
+    pub fn relieve(&self, st: &SessionState, limits: &QueueLimits) -> bool {
+        if self.flow.load(Ordering::Acquire) & CONGESTED == 0 || !st.below_low_water(limits) {
+            return false;
+        }
+        self.client_behind_since.store(0, Ordering::Release);
+        self.flow.fetch_and(!CONGESTED, Ordering::AcqRel) & OFFLINE == 0
+    }
+
     /// Queues a message for the client and wakes its connection.
     pub fn enqueue(
         &self,
         message: Arc<Message>,
         qos: QoS,
-        retain: bool,
-        max_queued: usize,
+        limits: &QueueLimits,
     ) -> Result<(), DropReason> {
         {
             let mut st = self.state();
@@ -411,30 +667,55 @@ impl Session {
             if st.owner.is_none() && qos == QoS::AtMostOnce {
                 return Err(DropReason::Qos0Offline);
             }
-            if st.pending.len() >= max_queued {
+            let cost = message.size();
+            let refusal = if st.pending.len() >= limits.max_messages {
+                Some(DropReason::QueueFull)
+            } else if st.queued_bytes > 0 && st.queued_bytes + cost > limits.max_bytes {
+                Some(DropReason::QueueBytes)
+            } else if !limits.total.try_reserve(cost) {
+                Some(DropReason::MemoryLimit)
+            } else {
+                None
+            };
+            if let Some(reason) = refusal {
                 if !st.overflowing {
                     st.overflowing = true;
-                    tracing::warn!(
-                        client_id = %self.client_id,
-                        online = st.owner.is_some(),
-                        max_queued,
-                        "Session queue full: dropping its messages until the client catches up \
-                         (counted in heartwire_messages_dropped_total, reason queue_full)."
-                    );
+                    if let Some(suppressed) = QUEUE_FULL_LOG.check() {
+                        tracing::warn!(
+                            client_id = &*self.client_id,
+                            online = st.owner.is_some(),
+                            reason = reason.as_str(),
+                            queued_messages = st.pending.len(),
+                            queued_bytes = st.queued_bytes,
+                            suppressed,
+                            "Session queue full: dropping its messages until the client catches \
+                             up (counted in heartwire_messages_dropped_total)."
+                        );
+                    }
                 }
-                return Err(DropReason::QueueFull);
+                return Err(reason);
             }
+            st.queued_bytes += cost;
             st.pending.push_back(Outgoing {
                 message,
                 qos,
-                retain,
+                retain: false,
             });
+            if st.pending.len() >= limits.max_messages / 2
+                || st.queued_bytes >= limits.max_bytes / 2
+            {
+                self.flow.fetch_or(CONGESTED, Ordering::AcqRel);
+            }
         }
         metrics().messages_queued.inc();
         self.signal(QUEUED);
         Ok(())
     }
 }
+
+/// Sessions starting to drop messages: one line per interval for the whole broker.
+static QUEUE_FULL_LOG: crate::telemetry::LogLimiter =
+    crate::telemetry::LogLimiter::new(std::time::Duration::from_secs(10));
 
 #[cfg(test)]
 mod tests {
@@ -449,58 +730,176 @@ mod tests {
         })
     }
 
+    fn limits(max_messages: usize, max_bytes: usize, total: usize) -> QueueLimits {
+        QueueLimits {
+            max_messages,
+            max_bytes,
+            total: ByteBudget::new(total, prometheus::IntGauge::new("q", "q").expect("gauge")),
+        }
+    }
+
+    fn online() -> Session {
+        let s = Session::new("c".into(), 1);
+        s.state().owner = Some(SessionId::new());
+        s
+    }
+
     #[test]
     fn inflight_window_and_acks() {
-        let mut st = SessionState::default();
+        let l = limits(100, 1000, 1000);
+        let s = online();
         for _ in 0..5 {
-            st.pending.push_back(Outgoing {
-                message: msg(QoS::AtLeastOnce),
-                qos: QoS::AtLeastOnce,
-                retain: false,
-            });
+            s.enqueue(msg(QoS::AtLeastOnce), QoS::AtLeastOnce, &l)
+                .expect("room");
         }
+        let mut st = s.state();
         let mut buf = BytesMut::new();
-        assert_eq!(st.write_pending(&mut buf, 1 << 20, 2), 2);
+        assert_eq!(
+            st.write_pending(&mut buf, 1 << 20, 2, &l),
+            (2, Backlog::Blocked)
+        );
         assert_eq!(st.inflight.len(), 2);
-        assert!(st.puback(1));
-        assert!(!st.puback(1), "a second PUBACK for the same id is ignored");
-        assert_eq!(st.write_pending(&mut buf, 1 << 20, 2), 1);
+        assert!(st.puback(1, &l));
+        assert!(
+            !st.puback(1, &l),
+            "a second PUBACK for the same id is ignored"
+        );
+        assert_eq!(st.write_pending(&mut buf, 1 << 20, 2, &l).0, 1);
         assert_eq!(
             st.inflight.iter().map(|f| f.pkid).collect::<Vec<_>>(),
             [2, 3]
         );
+        // Two queued, two in flight: four bytes (topic "t" and payload "x" each).
+        assert_eq!((st.queued_bytes, l.total.used()), (8, 8));
+        st.clear(&l);
+        assert_eq!(l.total.used(), 0);
     }
 
     #[test]
     fn qos2_stages() {
-        let mut st = SessionState::default();
-        st.pending.push_back(Outgoing {
-            message: msg(QoS::ExactlyOnce),
-            qos: QoS::ExactlyOnce,
-            retain: false,
-        });
+        let l = limits(100, 1000, 1000);
+        let s = online();
+        s.enqueue(msg(QoS::ExactlyOnce), QoS::ExactlyOnce, &l)
+            .expect("room");
+        let mut st = s.state();
         let mut buf = BytesMut::new();
-        st.write_pending(&mut buf, 1 << 20, 10);
-        assert!(!st.pubcomp(1), "PUBCOMP before PUBREC does not complete");
+        st.write_pending(&mut buf, 1 << 20, 10, &l);
+        assert!(
+            !st.pubcomp(1, &l),
+            "PUBCOMP before PUBREC does not complete"
+        );
         assert!(st.pubrec(1));
-        assert!(st.pubcomp(1));
+        assert!(st.pubcomp(1, &l));
         assert!(!st.has_messages());
+        assert_eq!(l.total.used(), 0);
     }
 
     #[test]
     fn offline_qos0_is_not_queued_and_queue_is_bounded() {
+        let l = limits(3, 1000, 1000);
         let s = Session::new("c".into(), 1);
         assert_eq!(
-            s.enqueue(msg(QoS::AtMostOnce), QoS::AtMostOnce, false, 10),
+            s.enqueue(msg(QoS::AtMostOnce), QoS::AtMostOnce, &l),
             Err(DropReason::Qos0Offline)
         );
         for _ in 0..3 {
-            s.enqueue(msg(QoS::AtLeastOnce), QoS::AtLeastOnce, false, 3)
+            s.enqueue(msg(QoS::AtLeastOnce), QoS::AtLeastOnce, &l)
                 .expect("room");
         }
         assert_eq!(
-            s.enqueue(msg(QoS::AtLeastOnce), QoS::AtLeastOnce, false, 3),
+            s.enqueue(msg(QoS::AtLeastOnce), QoS::AtLeastOnce, &l),
             Err(DropReason::QueueFull)
         );
+    }
+
+    #[test]
+    fn queues_are_bounded_in_bytes_per_session_and_in_total() {
+        let big = |n| {
+            Arc::new(Message {
+                topic: "t".into(),
+                payload: Bytes::from(vec![0u8; n]),
+                qos: QoS::AtMostOnce,
+                retain: false,
+            })
+        };
+        let l = limits(100, 100, 250);
+        let (a, b, c) = (online(), online(), online());
+        // One message bigger than the session's budget fits into an empty queue.
+        assert_eq!(a.enqueue(big(149), QoS::AtMostOnce, &l), Ok(()));
+        assert_eq!(
+            a.enqueue(big(1), QoS::AtMostOnce, &l),
+            Err(DropReason::QueueBytes)
+        );
+        assert_eq!(b.enqueue(big(59), QoS::AtMostOnce, &l), Ok(()));
+        assert_eq!(b.enqueue(big(39), QoS::AtMostOnce, &l), Ok(()));
+        assert_eq!(
+            c.enqueue(big(99), QoS::AtMostOnce, &l),
+            Err(DropReason::MemoryLimit)
+        );
+        // Writing a QoS 0 message gives its bytes back.
+        let mut buf = BytesMut::new();
+        a.state().write_pending(&mut buf, usize::MAX, 10, &l);
+        assert_eq!(l.total.used(), 100);
+        assert_eq!(c.enqueue(big(99), QoS::AtMostOnce, &l), Ok(()));
+    }
+
+    #[test]
+    fn congestion_holds_publishers_back_until_drained_or_the_client_falls_behind() {
+        let l = limits(8, 1000, 10_000);
+        let s = online();
+        assert!(!s.set_online(true));
+        for _ in 0..3 {
+            s.enqueue(msg(QoS::AtMostOnce), QoS::AtMostOnce, &l)
+                .expect("room");
+        }
+        assert!(!s.holds_back_publishers(), "below half the queue");
+        s.enqueue(msg(QoS::AtMostOnce), QoS::AtMostOnce, &l)
+            .expect("room");
+        assert!(s.holds_back_publishers(), "half the queue: congested");
+        // Drained to a quarter: relieved, and waiting publishers are to be told.
+        let mut st = s.state();
+        st.write_pending(&mut BytesMut::new(), 1, 10, &l);
+        assert!(!s.relieve(&st, &l), "three left: more than a quarter");
+        st.write_pending(&mut BytesMut::new(), 1, 10, &l);
+        assert!(s.relieve(&st, &l));
+        drop(st);
+        assert!(!s.holds_back_publishers());
+        // Congested again while the client is behind: held back only for a grace period.
+        for _ in 0..2 {
+            s.enqueue(msg(QoS::AtMostOnce), QoS::AtMostOnce, &l)
+                .expect("room");
+        }
+        s.client_behind();
+        assert!(s.holds_back_publishers());
+        let deadline = std::time::Instant::now() + 20 * CLIENT_GRACE;
+        while s.holds_back_publishers() {
+            assert!(std::time::Instant::now() < deadline, "grace never ended");
+            std::thread::yield_now();
+        }
+        // Nobody holds back for a session whose client is away.
+        let t = online();
+        for _ in 0..4 {
+            t.enqueue(msg(QoS::AtLeastOnce), QoS::AtLeastOnce, &l)
+                .expect("room");
+        }
+        assert!(!t.holds_back_publishers(), "offline until attached");
+        t.set_online(true);
+        assert!(t.holds_back_publishers());
+        assert!(
+            t.set_online(false),
+            "going offline releases waiting publishers"
+        );
+        assert!(!t.holds_back_publishers());
+    }
+
+    #[test]
+    fn retained_cursors_are_one_per_filter() {
+        let mut st = SessionState::default();
+        let c = |f: &str| Cursor::new(f.into(), QoS::AtMostOnce);
+        st.add_retained(vec![c("a"), c("b")]);
+        st.add_retained(vec![c("a")]);
+        st.remove_retained(&["b".to_owned()]);
+        assert_eq!(st.next_retained().map(|c| c.filter), Some("a".into()));
+        assert_eq!(st.next_retained(), None);
     }
 }

@@ -1,14 +1,23 @@
 //! Topic names and topic filters: validation and matching (MQTT 3.1.1 section 4.7).
 
-/// A topic name a client may publish to: non-empty, no wildcards, no NUL.
-pub fn valid_topic_name(topic: &str) -> bool {
-    !topic.is_empty() && topic.len() <= 65_535 && !topic.contains(['+', '#', '\0'])
+/// Topic levels of a topic name or filter (`a/b` has two, `/` has two empty ones).
+fn levels(s: &str) -> usize {
+    s.bytes().filter(|b| *b == b'/').count() + 1
+}
+
+/// A topic name a client may publish to: non-empty, no wildcards, no NUL, at most `max_levels`
+/// levels.
+pub fn valid_topic_name(topic: &str, max_levels: usize) -> bool {
+    !topic.is_empty()
+        && topic.len() <= 65_535
+        && !topic.contains(['+', '#', '\0'])
+        && levels(topic) <= max_levels
 }
 
 /// A topic filter a client may subscribe to: non-empty, no NUL, `+` alone in its level, `#` alone
-/// in the last level.
-pub fn valid_topic_filter(filter: &str) -> bool {
-    if filter.is_empty() || filter.contains('\0') {
+/// in the last level, at most `max_levels` levels.
+pub fn valid_topic_filter(filter: &str, max_levels: usize) -> bool {
+    if filter.is_empty() || filter.contains('\0') || levels(filter) > max_levels {
         return false;
     }
     let mut levels = filter.split('/').peekable();
@@ -49,13 +58,16 @@ mod tests {
 
     #[test]
     fn names() {
-        assert!(valid_topic_name("a/b"));
-        assert!(valid_topic_name("/"));
-        assert!(valid_topic_name("bad/id"));
-        assert!(!valid_topic_name(""));
-        assert!(!valid_topic_name("a/+"));
-        assert!(!valid_topic_name("a/#"));
-        assert!(!valid_topic_name("a\0b"));
+        let ok = |t| valid_topic_name(t, 3);
+        assert!(ok("a/b"));
+        assert!(ok("/"));
+        assert!(ok("bad/id"));
+        assert!(ok("a/b/c"));
+        assert!(!ok("a/b/c/d"), "more levels than allowed");
+        assert!(!ok(""));
+        assert!(!ok("a/+"));
+        assert!(!ok("a/#"));
+        assert!(!ok("a\0b"));
     }
 
     #[test]
@@ -71,10 +83,10 @@ mod tests {
             "$SYS/#",
             "sport/+/player1",
         ] {
-            assert!(valid_topic_filter(ok), "{ok}");
+            assert!(valid_topic_filter(ok, 3), "{ok}");
         }
-        for bad in ["", "a/#/c", "a#", "a/b+", "#/a", "+a", "a\0"] {
-            assert!(!valid_topic_filter(bad), "{bad}");
+        for bad in ["", "a/#/c", "a#", "a/b+", "#/a", "+a", "a\0", "a/b/c/#"] {
+            assert!(!valid_topic_filter(bad, 3), "{bad}");
         }
     }
 

@@ -139,6 +139,23 @@ pub struct Stats {
     pub disconnects: BTreeMap<String, i64>,
 }
 
+/// One boot (process start) of a broker node: a row of the `nodes` table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Boot {
+    /// The node's configured id (`node.id`).
+    pub node_id: String,
+    /// This boot.
+    pub boot_id: Uuid,
+    /// When it started (or its first event, for a boot known only from its journaled events).
+    pub started_at: DateTime<Utc>,
+    /// Its last heartbeat (or latest event): it was alive then. A crashed boot's open sessions
+    /// are closed at this time, with reason broker_restart.
+    pub heartbeat_at: DateTime<Utc>,
+    /// Whether a later boot of the node has closed the sessions this one left open: this boot
+    /// ended without a graceful shutdown.
+    pub recovered: bool,
+}
+
 /// What crash recovery did at the start of a boot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Recovery {
@@ -212,6 +229,12 @@ pub trait PresenceStore: Send + Sync {
         keep: u32,
         limit: u32,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Boots of every node, or of `node_id`, newest first (by `started_at`).
+    fn nodes(
+        &self,
+        node_id: Option<&str>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Boot>, StoreError>> + Send;
 }
 
 /// What a pool is for. The bridge and the API get a pool each, so that API reads never make
@@ -360,6 +383,9 @@ impl PresenceStore for Store {
         limit: u32,
     ) -> Result<u64, StoreError> {
         delegate!(self, s => s.prune_device(device_id, keep, limit))
+    }
+    async fn nodes(&self, node_id: Option<&str>, limit: u32) -> Result<Vec<Boot>, StoreError> {
+        delegate!(self, s => s.nodes(node_id, limit))
     }
 }
 
@@ -629,6 +655,8 @@ pub(crate) const DEVICE_COLUMNS: &str = "device_id, online, session_id, node_id,
 /// Columns of [`Session`], in both backends' `sessions` table.
 pub(crate) const SESSION_COLUMNS: &str = "session_id, device_id, node_id, boot_id, seq, \
      connected_at, disconnected_at, reason, peer, keep_alive, clean_session, coalesced";
+/// Columns of [`Boot`], in both backends' `nodes` table.
+pub(crate) const BOOT_COLUMNS: &str = "boot_id, node_id, started_at, heartbeat_at, recovered";
 /// Totals for [`Stats`]; the same SQL on both backends.
 pub(crate) const STATS_TOTALS: &str =
     "SELECT (SELECT count(*) FROM devices WHERE online) AS online, \

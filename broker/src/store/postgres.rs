@@ -14,6 +14,7 @@ use super::{
     Stats, StoreError, BROKER_RESTART, DEFAULT_COALESCE_AFTER, DEVICE_COLUMNS, SESSION_COLUMNS,
     STATS_REASONS, STATS_TOTALS,
 };
+use super::{Boot, BOOT_COLUMNS};
 
 /// A PostgreSQL connection pool.
 #[derive(Clone)]
@@ -78,6 +79,16 @@ fn session(row: &PgRow) -> Result<Session, sqlx::Error> {
         keep_alive: row.try_get("keep_alive")?,
         clean_session: row.try_get("clean_session")?,
         coalesced: row.try_get("coalesced")?,
+    })
+}
+
+fn boot(row: &PgRow) -> Result<Boot, sqlx::Error> {
+    Ok(Boot {
+        node_id: row.try_get("node_id")?,
+        boot_id: row.try_get("boot_id")?,
+        started_at: row.try_get("started_at")?,
+        heartbeat_at: row.try_get("heartbeat_at")?,
+        recovered: row.try_get("recovered")?,
     })
 }
 
@@ -387,5 +398,17 @@ impl PresenceStore for PgStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn nodes(&self, node_id: Option<&str>, limit: u32) -> Result<Vec<Boot>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {BOOT_COLUMNS} FROM nodes WHERE ($1::text IS NULL OR node_id = $1) \
+             ORDER BY started_at DESC, boot_id DESC LIMIT $2"
+        ))
+        .bind(node_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(boot).collect::<Result<_, _>>()?)
     }
 }

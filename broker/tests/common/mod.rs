@@ -208,7 +208,8 @@ impl RawClient {
     }
 
     pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
-        let sub = rumqttc::mqttbytes::v4::Subscribe::new(filter, qos);
+        let mut sub = rumqttc::mqttbytes::v4::Subscribe::new(filter, qos);
+        sub.pkid = 1;
         self.send(&Packet::Subscribe(sub)).await;
         match self.recv().await {
             Some(Packet::SubAck(_)) => {}

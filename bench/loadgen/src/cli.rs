@@ -1,0 +1,145 @@
+//! Command line: options shared by every scenario, then one subcommand per scenario.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadgen",
+    about = "A neutral MQTT 3.1.1 load generator: the same raw packets for every broker",
+    long_about = "A neutral MQTT 3.1.1 load generator. It writes and parses raw MQTT packets \
+                  over tokio (no client library), so it costs the same against every broker. \
+                  Each scenario prints one summary line of key=value pairs on stdout, and the \
+                  full report as JSON with --json. Every wait is bounded."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+/// Where the broker is, how to reach it, and where the report goes.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Broker, connections and report (any scenario)")]
+pub struct Common {
+    /// Broker hosts, comma-separated (e.g. 127.0.0.1,127.0.0.2); connections are spread over
+    /// them round-robin.
+    #[arg(long, global = true, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Broker MQTT port.
+    #[arg(long, global = true, default_value_t = 1883)]
+    pub port: u16,
+    /// Process id of the broker: its CPU time and resident memory (from /proc) go into the
+    /// report.
+    #[arg(long, global = true, value_name = "PID")]
+    pub broker_pid: Option<u32>,
+    /// Also write the full report to this file as JSON.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// MQTT keep-alive of every connection, seconds; clients that only read send a PINGREQ
+    /// every half of it.
+    #[arg(long, global = true, default_value_t = 60)]
+    pub keepalive: u16,
+    /// Bound for each connection step (TCP connect, CONNACK, SUBACK of a setup client),
+    /// seconds.
+    #[arg(long, global = true, default_value = "10", value_parser = seconds)]
+    pub step_timeout: Duration,
+    /// Connections opened at the same time while setting up.
+    #[arg(long, global = true, default_value_t = 100)]
+    pub connect_concurrency: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Scenario {
+    /// Many publishers, one subscriber: N connections publish QoS 0 to in/<i> while one
+    /// subscriber on in/# counts what it receives. Reports messages written and delivered
+    /// per second over the measurement window and, with --broker-pid, the broker's CPU time
+    /// per delivered message and its RSS.
+    FanIn(FanIn),
+    /// A big SUBSCRIBE over many retained messages: loads R retained messages, starts a
+    /// bystander doing round trips on its own topic, then sends ONE SUBSCRIBE of F filters
+    /// and reads every retained message it brings. Reports the time to SUBACK, the return
+    /// codes, the retained messages received and when the last came, and the bystander's
+    /// round-trip times meanwhile.
+    RetainedSubscribe(RetainedSubscribe),
+}
+
+#[derive(Debug, Args)]
+pub struct FanIn {
+    /// Publisher connections; publisher i publishes to in/<i>.
+    #[arg(long, default_value_t = 1000)]
+    pub publishers: usize,
+    /// Total messages per second over all publishers, spread evenly. Without it, every
+    /// publisher writes as fast as its socket takes.
+    #[arg(long, value_name = "MSG_PER_S")]
+    pub rate: Option<f64>,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 64)]
+    pub payload_size: usize,
+    /// SO_SNDBUF of each publisher socket, bytes (the kernel doubles it); 0 leaves the
+    /// kernel's autotuning, which on loopback lets every connection buffer megabytes, so that
+    /// "written" would count bytes parked in the kernel rather than taken by the broker.
+    #[arg(long, default_value_t = 65536)]
+    pub send_buffer: u32,
+    /// Seconds of publishing before the measurement window opens.
+    #[arg(long, default_value = "5", value_parser = seconds)]
+    pub warmup: Duration,
+    /// Seconds of the measurement window.
+    #[arg(long, default_value = "20", value_parser = seconds)]
+    pub duration: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct RetainedSubscribe {
+    /// Retained messages loaded first, on topics r/<i/1000>/<i%1000>.
+    #[arg(long, default_value_t = 100_000)]
+    pub retained: usize,
+    /// Payload bytes of each retained message.
+    #[arg(long, default_value_t = 1)]
+    pub payload_size: usize,
+    /// Connections that load the retained messages, each a share of the topics.
+    #[arg(long, default_value_t = 4)]
+    pub loaders: usize,
+    /// Topic filters in the one SUBSCRIBE.
+    #[arg(long, default_value_t = 10_000)]
+    pub filters: usize,
+    /// Share of the filters that contain wildcards: first r/<k>/+ for each group k of 1,000
+    /// topics, then r/+/<j>, then +/<k>/<j>. The others name one retained topic each.
+    #[arg(long, default_value_t = 0.1, value_parser = share)]
+    pub wildcard_share: f64,
+    /// Bound on the whole subscribe phase (SUBSCRIBE until the last retained message);
+    /// when it passes, what arrived so far is reported. Seconds.
+    #[arg(long, default_value = "60", value_parser = seconds)]
+    pub timeout: Duration,
+    /// After the SUBACK, stop waiting once no message has arrived for this long (a broker
+    /// may drop what it cannot queue). Seconds.
+    #[arg(long, default_value = "5", value_parser = seconds)]
+    pub idle_timeout: Duration,
+    /// Bound on loading the retained messages (until the broker confirms it has stored them
+    /// all). Seconds.
+    #[arg(long, default_value = "120", value_parser = seconds)]
+    pub load_timeout: Duration,
+    /// Pause between two bystander round trips (one is outstanding at a time), milliseconds.
+    #[arg(long, default_value_t = 1.0)]
+    pub bystander_interval_ms: f64,
+    /// Seconds of bystander round trips before the SUBSCRIBE, reported as its baseline.
+    #[arg(long, default_value = "1", value_parser = seconds)]
+    pub baseline: Duration,
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(v).map_err(|_| format!("{s:?} is not a non-negative duration"))
+}
+
+fn share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a share between 0 and 1")),
+    }
+}

@@ -1,0 +1,122 @@
+//! One client connection: TCP connect and the CONNECT/CONNACK handshake, the connection split
+//! into a frame reader and a raw writer, and the list of broker addresses connections are
+//! spread over.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpSocket;
+use tokio::time::timeout;
+
+use crate::mqtt::{self, FrameReader};
+
+/// The broker's addresses, one per `--host` entry, handed out round-robin.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    addrs: Vec<SocketAddr>,
+}
+
+impl Targets {
+    /// Resolves each comma-separated host (an IP address or a name) with `port`.
+    pub async fn resolve(hosts: &str, port: u16) -> Result<Self> {
+        let mut addrs = Vec::new();
+        for host in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+            let addr = tokio::net::lookup_host((host, port))
+                .await
+                .with_context(|| format!("cannot resolve host {host:?}"))?
+                .next()
+                .with_context(|| format!("host {host:?} has no address"))?;
+            addrs.push(addr);
+        }
+        if addrs.is_empty() {
+            bail!("--host names no host");
+        }
+        Ok(Self { addrs })
+    }
+
+    /// The address for the `i`-th connection.
+    pub fn get(&self, i: usize) -> SocketAddr {
+        self.addrs[i % self.addrs.len()]
+    }
+}
+
+/// A connected MQTT client (CONNACK received, return code 0).
+pub struct Client {
+    pub reader: FrameReader<OwnedReadHalf>,
+    pub writer: OwnedWriteHalf,
+}
+
+/// Connects and completes the MQTT handshake, each step bounded by `step_timeout`.
+/// `read_capacity` sizes the receive buffer (small for clients that only ever get a CONNACK);
+/// `send_buffer`, if given, caps the kernel's send buffer (SO_SNDBUF) of the socket.
+pub async fn connect(
+    addr: SocketAddr,
+    client_id: &str,
+    keep_alive_s: u16,
+    step_timeout: Duration,
+    read_capacity: usize,
+    send_buffer: Option<u32>,
+) -> Result<Client> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(bytes) = send_buffer {
+        socket.set_send_buffer_size(bytes)?;
+    }
+    let stream = timeout(step_timeout, socket.connect(addr))
+        .await
+        .with_context(|| format!("TCP connect to {addr} timed out"))?
+        .with_context(|| format!("TCP connect to {addr}"))?;
+    // Round-trip timings must not wait for Nagle's algorithm.
+    stream.set_nodelay(true)?;
+    let (read, mut writer) = stream.into_split();
+    writer
+        .write_all(&mqtt::connect(client_id, keep_alive_s))
+        .await?;
+    let mut reader = FrameReader::new(read, read_capacity);
+    let frame = timeout(step_timeout, reader.next())
+        .await
+        .with_context(|| format!("no CONNACK for {client_id} within {step_timeout:?}"))??
+        .with_context(|| format!("connection closed before CONNACK for {client_id}"))?;
+    match frame.connack_code() {
+        Some(0) => Ok(Client { reader, writer }),
+        Some(code) => bail!("CONNECT of {client_id} refused with return code {code}"),
+        None => bail!(
+            "expected CONNACK for {client_id}, got packet type {}",
+            frame.kind()
+        ),
+    }
+}
+
+impl Client {
+    /// Subscribes to a few filters at QoS 0 and waits (bounded) for the SUBACK, which must
+    /// grant every one. Packets other than the SUBACK are skipped.
+    pub async fn subscribe(&mut self, filters: &[&str], step_timeout: Duration) -> Result<()> {
+        self.writer
+            .write_all(&mqtt::subscribe(1, filters.iter().copied()))
+            .await?;
+        let wait = async {
+            loop {
+                let frame = self
+                    .reader
+                    .next()
+                    .await?
+                    .context("connection closed before SUBACK")?;
+                if let Some((_, codes)) = frame.suback() {
+                    if codes.iter().any(|&c| c > 2) {
+                        bail!("SUBSCRIBE to {filters:?} refused: return codes {codes:?}");
+                    }
+                    return Ok(());
+                }
+            }
+        };
+        timeout(step_timeout, wait)
+            .await
+            .with_context(|| format!("no SUBACK for {filters:?} within {step_timeout:?}"))?
+    }
+}

@@ -1,0 +1,65 @@
+//! loadgen: a neutral MQTT 3.1.1 load generator for the side-by-side broker benchmarks in
+//! `bench/` (Heartwire next to Mosquitto, same generator for both).
+//!
+//! Modules, from the wire up:
+//! - `mqtt`: the packets, encoded and framed by hand (no client library, so the generator
+//!   costs the same against any broker);
+//! - `client`: one connection (TCP, CONNECT/CONNACK, SUBSCRIBE/SUBACK) and the broker
+//!   addresses connections are spread over;
+//! - `dedicated`: a measuring client on its own thread, out of reach of the load it measures;
+//! - `procfs` and `window`: the broker's and the generator's CPU and RSS over a window;
+//!   `sockets`: the bytes queued in the kernel between publishers and broker;
+//! - `fan_in` and `retained` (with `filters`): the scenarios;
+//! - `report`: the results, as a key=value summary line and as JSON;
+//! - `cli`: the command line.
+
+mod cli;
+mod client;
+mod dedicated;
+mod fan_in;
+mod filters;
+mod mqtt;
+mod procfs;
+mod report;
+mod retained;
+mod sockets;
+mod window;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Parser;
+
+use cli::{Cli, Scenario};
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(run(&cli));
+    // A thread that did not stop (a broker that froze it) must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn run(cli: &Cli) -> Result<()> {
+    let common = &cli.common;
+    match &cli.scenario {
+        Scenario::FanIn(args) => {
+            let report = fan_in::run(common, args).await?;
+            println!("{}", report.summary());
+            if let Some(path) = &common.json {
+                report::write_json(path, &report)?;
+            }
+        }
+        Scenario::RetainedSubscribe(args) => {
+            let report = retained::run(common, args).await?;
+            println!("{}", report.summary());
+            if let Some(path) = &common.json {
+                report::write_json(path, &report)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! Results: the report of each scenario (serialised as JSON), its one-line summary of
+//! key=value pairs, and the percentile arithmetic they share.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::sockets::Queues;
+
+/// The broker's resources over a measurement, when `--broker-pid` was given.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BrokerUsage {
+    pub pid: u32,
+    /// CPU seconds (user + system) the broker used during the window.
+    pub cpu_s: f64,
+    /// The same as a share of one core, in percent.
+    pub cpu_percent: f64,
+    pub rss_start_kib: u64,
+    /// Highest RSS seen, sampled every 250 ms.
+    pub rss_peak_kib: u64,
+    pub rss_end_kib: u64,
+}
+
+/// The fan-in scenario's result.
+#[derive(Debug, Serialize)]
+pub struct FanInReport {
+    pub publishers: usize,
+    pub payload_size: usize,
+    /// The requested total rate, or `None` for "as fast as the sockets take".
+    pub rate: Option<f64>,
+    pub warmup_s: f64,
+    pub window_s: f64,
+    /// Messages the publishers' sockets accepted during the window, per second. The kernel
+    /// takes them before the broker reads them: see `read_by_broker_per_s`.
+    pub written_per_s: f64,
+    /// Messages the broker read from its sockets during the window, per second: written, less
+    /// the growth of the bytes queued on the connections to the broker's port (the
+    /// publishers' send queues and the broker's receive queues). `None` if /proc/net/tcp was
+    /// unreadable.
+    pub read_by_broker_per_s: Option<f64>,
+    /// Messages the subscriber received during the window, per second.
+    pub delivered_per_s: f64,
+    /// Lowest and highest delivered count of any whole second of the window.
+    pub delivered_min_per_s: u64,
+    pub delivered_max_per_s: u64,
+    /// Delivered messages of each whole second of the window.
+    pub delivered_each_second: Vec<u64>,
+    /// 1 - delivered / read by the broker over the window: the share of what the broker took
+    /// in that never reached the subscriber (messages queued inside the broker at either edge
+    /// of the window blur it slightly).
+    pub dropped_share: f64,
+    /// Bytes queued between publishers and broker at the start and end of the window.
+    pub queued_bytes_start: Option<Queues>,
+    pub queued_bytes_end: Option<Queues>,
+    /// Broker CPU microseconds per delivered message (with `--broker-pid`).
+    pub broker_cpu_us_per_delivered: Option<f64>,
+    pub broker: Option<BrokerUsage>,
+    /// The generator's own CPU over the window, in percent of one core.
+    pub loadgen_cpu_percent: f64,
+    /// Publisher connections the broker closed before the end.
+    pub publishers_closed_by_broker: u64,
+    /// Whether the broker closed the subscriber's connection before the end.
+    pub subscriber_closed_by_broker: bool,
+    /// PUBLISH packets the subscriber received with a topic outside in/ or another payload
+    /// size, over the whole run (0 unless a broker or the generator mangles messages).
+    pub unexpected_messages: u64,
+}
+
+impl FanInReport {
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "fan-in publishers={} payload={} written_per_s={:.0} read_by_broker_per_s={} \
+             delivered_per_s={:.0} delivered_min_per_s={} delivered_max_per_s={} dropped_pct={:.1} \
+             queued_mib_end={}",
+            self.publishers,
+            self.payload_size,
+            self.written_per_s,
+            self.read_by_broker_per_s
+                .map_or_else(|| "none".to_owned(), |r| format!("{r:.0}")),
+            self.delivered_per_s,
+            self.delivered_min_per_s,
+            self.delivered_max_per_s,
+            self.dropped_share * 100.0,
+            self.queued_bytes_end.map_or_else(
+                || "none".to_owned(),
+                |q| format!("{:.1}", q.total() as f64 / 1_048_576.0)
+            ),
+        );
+        if let Some(b) = &self.broker {
+            let per_msg = self
+                .broker_cpu_us_per_delivered
+                .map_or_else(|| "none".to_owned(), |us| format!("{us:.1}"));
+            let _ = write!(
+                s,
+                " broker_cpu_pct={:.1} broker_cpu_us_per_delivered={per_msg} rss_start_kib={} \
+                 rss_peak_kib={} rss_end_kib={}",
+                b.cpu_percent, b.rss_start_kib, b.rss_peak_kib, b.rss_end_kib
+            );
+        }
+        let _ = write!(
+            s,
+            " loadgen_cpu_pct={:.1} publishers_closed={} subscriber_closed={} unexpected={}",
+            self.loadgen_cpu_percent,
+            self.publishers_closed_by_broker,
+            self.subscriber_closed_by_broker,
+            self.unexpected_messages
+        );
+        s
+    }
+}
+
+/// Round-trip statistics, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Latency {
+    /// Nearest-rank percentiles of `samples_us` (any order).
+    pub fn from_micros(mut samples_us: Vec<u64>) -> Self {
+        if samples_us.is_empty() {
+            return Self::default();
+        }
+        samples_us.sort_unstable();
+        let at = |p: f64| {
+            let rank = (p * samples_us.len() as f64).ceil() as usize;
+            samples_us[rank.clamp(1, samples_us.len()) - 1] as f64 / 1000.0
+        };
+        Self {
+            count: samples_us.len(),
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
+    }
+}
+
+/// Why the subscribe phase ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscribeEnd {
+    /// Every expected retained message arrived.
+    Complete,
+    /// After the SUBACK, nothing arrived for `--idle-timeout`.
+    Idle,
+    /// `--timeout` passed.
+    Timeout,
+    /// The broker closed the connection.
+    Closed,
+}
+
+impl SubscribeEnd {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::Idle => "idle",
+            Self::Timeout => "timeout",
+            Self::Closed => "closed",
+        }
+    }
+}
+
+/// The retained-subscribe scenario's result.
+#[derive(Debug, Serialize)]
+pub struct RetainedReport {
+    pub retained: usize,
+    /// Seconds from the first retained PUBLISH until the broker confirmed all were stored.
+    pub load_s: f64,
+    pub filters: usize,
+    pub wildcard_filters: usize,
+    /// Retained messages a broker sends for these filters: one per matching (filter, topic)
+    /// pair, since MQTT 3.1.1 sends retained messages per subscription.
+    pub expected_retained: u64,
+    /// Milliseconds from writing the SUBSCRIBE to receiving the SUBACK (`None`: no SUBACK).
+    pub suback_ms: Option<f64>,
+    pub granted: usize,
+    pub refused: usize,
+    pub retained_received: u64,
+    /// Messages received without the retain flag (none are expected).
+    pub other_received: u64,
+    /// Milliseconds from the SUBSCRIBE to the last retained message.
+    pub last_retained_ms: Option<f64>,
+    pub end: SubscribeEnd,
+    /// Milliseconds from the SUBSCRIBE to the end of the phase.
+    pub phase_ms: f64,
+    /// Bystander round trips before the SUBSCRIBE.
+    pub bystander_baseline: Latency,
+    /// Bystander round trips that overlap the period from the SUBSCRIBE until the last
+    /// retained message or the SUBACK, whichever came later (or the end of the phase, if
+    /// neither came). A round trip still unanswered at the end counts with its time so far.
+    pub bystander_during: Latency,
+    /// How long a round trip sent within that period was still unanswered when the phase
+    /// ended, ms (it is counted in `bystander_during` with this time).
+    pub bystander_unanswered_ms: Option<f64>,
+    /// The broker's RSS before the retained messages were loaded.
+    pub broker_rss_before_load_kib: Option<u64>,
+    /// Broker CPU and RSS from the SUBSCRIBE to the end of the phase.
+    pub broker: Option<BrokerUsage>,
+    /// The generator's own CPU over the phase, in percent of one core.
+    pub loadgen_cpu_percent: f64,
+}
+
+impl RetainedReport {
+    pub fn summary(&self) -> String {
+        let opt = |v: Option<f64>| v.map_or_else(|| "none".to_owned(), |v| format!("{v:.1}"));
+        let mut s = format!(
+            "retained-subscribe retained={} load_s={:.2} filters={} wildcard_filters={} \
+             suback_ms={} granted={} refused={} expected_retained={} retained_received={} \
+             other_received={} last_retained_ms={} end={} phase_ms={:.0} \
+             bystander_baseline_p50_ms={:.2} bystander_baseline_p99_ms={:.2} \
+             bystander_rtts={} bystander_p50_ms={:.2} bystander_p99_ms={:.2} bystander_max_ms={:.1} \
+             bystander_unanswered_ms={}",
+            self.retained,
+            self.load_s,
+            self.filters,
+            self.wildcard_filters,
+            opt(self.suback_ms),
+            self.granted,
+            self.refused,
+            self.expected_retained,
+            self.retained_received,
+            self.other_received,
+            opt(self.last_retained_ms),
+            self.end.as_str(),
+            self.phase_ms,
+            self.bystander_baseline.p50_ms,
+            self.bystander_baseline.p99_ms,
+            self.bystander_during.count,
+            self.bystander_during.p50_ms,
+            self.bystander_during.p99_ms,
+            self.bystander_during.max_ms,
+            opt(self.bystander_unanswered_ms),
+        );
+        if let Some(b) = &self.broker {
+            let _ = write!(
+                s,
+                " broker_cpu_s={:.2} rss_before_load_kib={} rss_start_kib={} rss_peak_kib={} \
+                 rss_end_kib={}",
+                b.cpu_s,
+                self.broker_rss_before_load_kib.unwrap_or(0),
+                b.rss_start_kib,
+                b.rss_peak_kib,
+                b.rss_end_kib
+            );
+        }
+        let _ = write!(s, " loadgen_cpu_pct={:.1}", self.loadgen_cpu_percent);
+        s
+    }
+}
+
+/// Writes `report` as pretty JSON to `path`.
+pub fn write_json(path: &Path, report: &impl Serialize) -> Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let l = Latency::from_micros((1..=100).rev().map(|ms| ms * 1000).collect());
+        assert_eq!(
+            (l.count, l.p50_ms, l.p99_ms, l.max_ms),
+            (100, 50.0, 99.0, 100.0)
+        );
+        let one = Latency::from_micros(vec![2500]);
+        assert_eq!((one.p50_ms, one.p99_ms, one.max_ms), (2.5, 2.5, 2.5));
+        assert_eq!(Latency::from_micros(Vec::new()).count, 0);
+    }
+}

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The test suite, runnable on a fresh Debian/Ubuntu machine that has only the Rust toolchain:
+# installs what the tests need when it is missing, then runs `cargo nextest run --workspace`
+# (extra arguments are passed on, e.g. `./test.sh -p broker --test store`).
+#
+# What the tests need besides Rust:
+# - cargo-nextest: `cargo install --locked cargo-nextest` (as the current user).
+# - PostgreSQL server binaries (`initdb`, `pg_ctl`, `postgres`), from which the presence-store
+#   tests start throwaway clusters (broker/tests/common/pg.rs); not needed with
+#   TEST_DATABASE_URL. Debian package `postgresql`.
+# - Prometheus, for the dashboard test (device-sim/tests/dashboards.rs); not needed with
+#   PROMETHEUS_BIN. Debian package `prometheus`.
+# Packages are installed with apt-get as root, or through sudo. When neither is possible the
+# script stops and says what to install: the tests never skip a missing dependency silently.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+say() { echo "test.sh: $*" >&2; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+  say "cargo not found: install the Rust toolchain (https://rustup.rs), version 1.89 or newer"
+  exit 1
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  say "installing cargo-nextest (cargo install --locked cargo-nextest)"
+  cargo install --locked cargo-nextest
+fi
+
+have_postgres() {
+  [[ -n "${TEST_DATABASE_URL:-}" ]] && return 0
+  command -v initdb >/dev/null 2>&1 && return 0
+  local bin
+  for bin in /usr/lib/postgresql/*/bin/initdb; do
+    [[ -x "$bin" ]] && return 0
+  done
+  return 1
+}
+
+have_prometheus() {
+  if [[ -n "${PROMETHEUS_BIN:-}" ]]; then
+    [[ -x "$PROMETHEUS_BIN" ]] && return 0
+    say "PROMETHEUS_BIN=$PROMETHEUS_BIN is not an executable file"
+    exit 1
+  fi
+  command -v prometheus >/dev/null 2>&1
+}
+
+packages=()
+have_postgres || packages+=(postgresql)
+have_prometheus || packages+=(prometheus)
+
+if ((${#packages[@]})); then
+  as_root=()
+  if [[ "$(id -u)" != 0 ]]; then
+    if command -v sudo >/dev/null 2>&1; then
+      as_root=(sudo)
+    else
+      as_root=(none)
+    fi
+  fi
+  if ! command -v apt-get >/dev/null 2>&1 || [[ "${as_root[*]}" == none ]]; then
+    say "missing: ${packages[*]}. This script installs packages with apt-get, as root or through"
+    say "sudo, and can do neither here. Install them yourself, then run ./test.sh again:"
+    for p in "${packages[@]}"; do
+      case "$p" in
+        postgresql)
+          say "  - the PostgreSQL server binaries (initdb, pg_ctl, postgres): Debian/Ubuntu" \
+            "package 'postgresql', or set TEST_DATABASE_URL=postgres://USER:PASSWORD@HOST:PORT/DB" \
+            "(USER needs CREATEDB)"
+          ;;
+        prometheus)
+          say "  - Prometheus: Debian/Ubuntu package 'prometheus', or set PROMETHEUS_BIN to a" \
+            "prometheus binary"
+          ;;
+      esac
+    done
+    exit 1
+  fi
+  say "installing Debian packages: ${packages[*]}"
+  # The tests start their own servers on free ports; a packaged service that starts does no harm.
+  ${as_root[@]+"${as_root[@]}"} apt-get update
+  ${as_root[@]+"${as_root[@]}"} env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y --no-install-recommends "${packages[@]}"
+  if ! have_postgres || ! have_prometheus; then
+    say "apt-get installed ${packages[*]} but initdb or prometheus is still not found"
+    exit 1
+  fi
+fi
+
+exec cargo nextest run --workspace "$@"
