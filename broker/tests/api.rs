@@ -271,6 +271,7 @@ async fn busy_store_slots_answer_503_with_retry_after() {
         "/api/v1/devices",
         "/api/v1/devices/x",
         "/api/v1/devices/x/sessions",
+        "/api/v1/nodes",
     ] {
         let response = app(api.state.clone())
             .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
@@ -296,7 +297,7 @@ async fn busy_store_slots_answer_503_with_retry_after() {
     }
     assert_eq!(
         broker::metrics::metrics().http_store_busy.get() - busy_before,
-        3
+        4
     );
     // /stats refreshes on a connection of its own: busy slots do not make it fail.
     let (status, _) = api.get("/api/v1/stats").await;
