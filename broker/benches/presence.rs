@@ -57,9 +57,9 @@ fn events(n: u64, prefix: &str) -> Vec<ConnectionEvent> {
 
 fn restamp(event: &mut ConnectionEvent) {
     match event {
-        ConnectionEvent::Connected { time, .. } | ConnectionEvent::Disconnected { time, .. } => {
-            *time = SystemTime::now()
-        }
+        ConnectionEvent::Connected { time, .. }
+        | ConnectionEvent::Disconnected { time, .. }
+        | ConnectionEvent::SessionExpired { time, .. } => *time = SystemTime::now(),
     }
 }
 

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub retained_messages: IntGauge,
     /// Sessions with clean_session = false (connected or not).
     pub persistent_sessions: IntGauge,
+    /// Persistent sessions discarded after `mqtt.persistent_session_expiry` without their client.
+    pub sessions_expired: IntCounter,
     /// Topic-filter subscriptions held, over all sessions.
     pub subscriptions: IntGauge,
     /// Messages waiting in session queues (not yet written, beyond the in-flight window).
@@ -162,7 +164,7 @@ pub const RETENTION_POLICIES: [&str; 2] = ["max_age", "max_sessions_per_device"]
 pub const HTTP_TIMEOUT_KINDS: [&str; 2] = ["header_read", "idle"];
 
 /// Presence transition kinds (`kind` label of `heartwire_presence_transitions_total`).
-pub const TRANSITION_KINDS: [&str; 2] = ["connected", "disconnected"];
+pub const TRANSITION_KINDS: [&str; 3] = ["connected", "disconnected", "session_expired"];
 
 /// Packet and byte counters of one direction, one child per [`PACKET_TYPES`] entry resolved at
 /// start so that the per-packet path does no label hashing.
@@ -316,6 +318,11 @@ impl Metrics {
                 &r,
                 "heartwire_persistent_sessions",
                 "Sessions with clean_session = false, connected or not.",
+            ),
+            sessions_expired: counter(
+                &r,
+                "heartwire_sessions_expired_total",
+                "Persistent sessions discarded after mqtt.persistent_session_expiry without a connection.",
             ),
             subscriptions: gauge(
                 &r,

@@ -324,3 +324,88 @@ async fn the_retained_store_is_bounded() {
     }
     assert_eq!(bytes, metrics().retained_bytes.get() as usize);
 }
+
+/// Issue: four abandoned persistent sessions pinned their queues for ever. Now a persistent
+/// session outlives its client by `mqtt.persistent_session_expiry`, then its subscriptions and
+/// queue are discarded, counted, and the expiry is an event for presence. A client that came
+/// back in time keeps its session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_persistent_sessions_expire() {
+    let expiry = Duration::from_millis(800);
+    let mut broker = TestBroker::start_with(|c| c.persistent_session_expiry = expiry).await;
+    let opts = |id| ConnectOpts {
+        clean_session: false,
+        ..ConnectOpts::new(id)
+    };
+    away_subscriber(&mut broker, "returns", "q/#").await;
+    away_subscriber(&mut broker, "abandoned", "q/#").await;
+    let left = Instant::now();
+    let (mut publisher, _) = RawClient::connect(broker.addr, ConnectOpts::new("pub")).await;
+    broker.connected("pub").await;
+    publisher
+        .publish("q/1", QoS::AtLeastOnce, false, b"queued", 1)
+        .await;
+    assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+    assert!(metrics().queued_bytes.get() > 0);
+
+    // "returns" comes back before its expiry and stays past it.
+    let (mut back, present) = RawClient::connect(broker.addr, opts("returns")).await;
+    assert!(present);
+    match back.recv().await {
+        Some(Packet::Publish(p)) => back.send(&Packet::PubAck(PubAck::new(p.pkid))).await,
+        other => panic!("{other:?}"),
+    }
+    let last_connection = match broker.next_event().await {
+        ConnectionEvent::Connected {
+            client_id,
+            session_id,
+            ..
+        } if client_id == "returns" => session_id,
+        other => panic!("{other:?}"),
+    };
+    let abandoned_at = match broker.next_event().await {
+        ConnectionEvent::SessionExpired {
+            client_id,
+            session_id,
+            ..
+        } => {
+            assert_eq!(client_id, "abandoned");
+            assert_ne!(session_id, last_connection);
+            left.elapsed()
+        }
+        other => panic!("{other:?}"),
+    };
+    assert!(abandoned_at >= expiry, "expired after {abandoned_at:?}");
+    assert_eq!(metrics().sessions_expired.get(), 1);
+    // Its queued message went with it; "returns" acknowledged its own.
+    common::eventually("the expired queue to be released", || async {
+        (metrics().queued_bytes.get() == 0).then_some(())
+    })
+    .await;
+    let (_again, present) = RawClient::connect(broker.addr, opts("abandoned")).await;
+    assert!(!present, "an expired session is gone");
+    broker.connected("abandoned").await;
+
+    // "returns" leaves again: its expiry counts from this leave.
+    back.disconnect().await;
+    broker
+        .disconnected("returns", DisconnectReason::ClientDisconnect)
+        .await;
+    match broker.next_event().await {
+        ConnectionEvent::SessionExpired {
+            client_id,
+            session_id,
+            ..
+        } => {
+            assert_eq!(client_id, "returns");
+            assert_eq!(session_id, last_connection);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(metrics().sessions_expired.get(), 2);
+    assert_eq!(
+        metrics().persistent_sessions.get(),
+        1,
+        "only the new one of abandoned"
+    );
+}

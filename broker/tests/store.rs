@@ -64,6 +64,18 @@ impl Node {
         }
     }
 
+    fn expired(&self, device: &str, session: SessionId, at: u64) -> PresenceRecord {
+        PresenceRecord {
+            node_id: self.node_id.clone(),
+            boot_id: self.boot_id,
+            event: ConnectionEvent::SessionExpired {
+                client_id: device.into(),
+                session_id: session,
+                time: t(at),
+            },
+        }
+    }
+
     fn disconnected(
         &self,
         device: &str,
@@ -573,6 +585,37 @@ async fn node_boots_are_listed_newest_first(store: Store) {
         .is_empty());
 }
 
+async fn an_expired_persistent_session_is_recorded_on_its_last_connection(store: Store) {
+    let node = Node::new("n1");
+    let (s1, s2) = (SessionId::new(), SessionId::new());
+    store
+        .apply(&[
+            node.connected("dev", s1, 10),
+            node.disconnected("dev", s1, DisconnectReason::ClientDisconnect, 11),
+            node.connected("dev", s2, 12),
+            node.disconnected("dev", s2, DisconnectReason::ConnectionLost, 13),
+        ])
+        .await
+        .expect("apply");
+    // Expiry in a later batch, applied twice (a retry): the first time stays.
+    for _ in 0..2 {
+        store
+            .apply(&[node.expired("dev", s2, 100)])
+            .await
+            .expect("apply");
+    }
+    store
+        .apply(&[node.expired("dev", s2, 200)])
+        .await
+        .expect("apply");
+    let sessions = store.sessions("dev", 10).await.expect("sessions");
+    assert_eq!(sessions[0].session_id, s2.0);
+    assert_eq!(sessions[0].expired_at, Some(ts(100)));
+    assert_eq!(sessions[1].expired_at, None);
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert_eq!(d.last_reason.as_deref(), Some("connection_lost"));
+}
+
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
         mod sqlite_store {
@@ -598,6 +641,7 @@ macro_rules! store_tests {
 
 store_tests!(
     connect_then_disconnect,
+    an_expired_persistent_session_is_recorded_on_its_last_connection,
     late_events_of_an_old_session_never_win,
     retried_and_replayed_batches_change_nothing,
     whole_session_in_one_batch_and_reconnect_keeps_last_disconnect,

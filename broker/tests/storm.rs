@@ -119,6 +119,9 @@ async fn event_invariants_hold_under_takeover_and_churn() {
                 );
                 assert_eq!(live.remove(client_id), Some(*session_id));
             }
+            ConnectionEvent::SessionExpired { session_id, .. } => {
+                panic!("no persistent session expires in a storm of seconds ({session_id})")
+            }
         }
     }
     assert!(

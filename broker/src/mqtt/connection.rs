@@ -575,8 +575,6 @@ struct Deadlines {
     partial_since: Option<Instant>,
     /// Since when the write buffer has been waiting for the socket.
     stalled_since: Option<Instant>,
-    /// When a message held back by a congested subscriber is routed regardless.
-    parked_until: Option<Instant>,
     /// The instant the timer is set to, if it is armed.
     armed: Option<Instant>,
 }
@@ -591,6 +589,8 @@ struct Parked<'a> {
     pkid: u16,
     /// When it was parked.
     since: Instant,
+    /// When to try again even if no drain was signalled.
+    retry_at: Instant,
     /// Becomes ready when some session stops holding publishers back.
     drained: Pin<Box<Notified<'a>>>,
 }
@@ -622,7 +622,6 @@ async fn serve(
             last_received: Instant::now(),
             partial_since: None,
             stalled_since: None,
-            parked_until: None,
             armed: None,
         },
         job: None,
@@ -699,7 +698,16 @@ fn poll_serve<'a>(
             Err(reason) => return Poll::Ready(reason),
         }
 
-        match deadlines(cx, shared, conn, io, timer.as_mut(), &mut state.deadlines) {
+        let retry_parked_at = state.parked.as_ref().map(|p| p.retry_at);
+        match deadlines(
+            cx,
+            shared,
+            conn,
+            io,
+            timer.as_mut(),
+            &mut state.deadlines,
+            retry_parked_at,
+        ) {
             Poll::Ready(Some(reason)) => return Poll::Ready(reason),
             // Fired early (the deadline moved): re-armed, look again.
             Poll::Ready(None) => continue,
@@ -936,10 +944,7 @@ fn retry_parked<'a>(
         return false;
     };
     let now = Instant::now();
-    let timer_fired = state
-        .deadlines
-        .parked_until
-        .is_some_and(|until| now >= until);
+    let timer_fired = now >= parked.retry_at;
     if !timer_fired && parked.drained.as_mut().poll(cx).is_pending() {
         return false;
     }
@@ -960,11 +965,10 @@ fn retry_parked<'a>(
     if routed {
         acknowledge(io, parked.qos, parked.pkid);
         state.parked = None;
-        state.deadlines.parked_until = None;
         return false;
     }
     if timer_fired {
-        state.deadlines.parked_until = Some(now + PARK_MAX);
+        parked.retry_at = now + PARK_MAX;
     }
     parked.drained.as_mut().poll(cx).is_ready()
 }
@@ -987,6 +991,7 @@ fn deadlines(
     io: &Io,
     mut timer: Pin<&mut tokio::time::Sleep>,
     d: &mut Deadlines,
+    retry_parked_at: Option<Instant>,
 ) -> Poll<Option<DisconnectReason>> {
     let config = &shared.config;
     // Moved earlier when needed and otherwise left to fire and be pushed to the current
@@ -995,7 +1000,7 @@ fn deadlines(
         conn.keep_alive.map(|ka| d.last_received + ka),
         d.partial_since.map(|s| s + config.packet_read_timeout),
         d.stalled_since.map(|s| s + config.write_timeout),
-        d.parked_until,
+        retry_parked_at,
     ]
     .into_iter()
     .flatten()
@@ -1223,9 +1228,9 @@ fn handle<'a>(
                 qos: publish.qos,
                 pkid: publish.pkid,
                 since: now,
+                retry_at: now + PARK_MAX,
                 drained,
             }));
-            state.deadlines.parked_until = Some(now + PARK_MAX);
         }
         Packet::PubAck(ack) => {
             if !session.state().puback(ack.pkid, limits) {

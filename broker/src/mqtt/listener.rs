@@ -45,6 +45,12 @@ pub async fn serve_shared(
     grace: Duration,
 ) {
     let tracker = TaskTracker::new();
+    let expiry = TaskTracker::new();
+    expiry.spawn(super::expiry::run(
+        Arc::clone(&shared),
+        shutdown.child_token(),
+    ));
+    expiry.close();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let mut refused_in_streak: u64 = 0;
 
@@ -109,6 +115,8 @@ pub async fn serve_shared(
         connections = tracker.len(),
         "Listener closed; closing connections."
     );
+    // The expiry task ends with the shutdown token; connections take their grace period.
+    expiry.wait().await;
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(
             remaining = tracker.len(),

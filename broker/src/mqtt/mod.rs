@@ -8,6 +8,7 @@
 pub mod budget;
 pub mod codec;
 pub mod connection;
+pub mod expiry;
 pub mod listener;
 pub mod retained;
 pub mod router;
@@ -55,7 +56,7 @@ impl Registry {
             .unwrap_or_else(|e| e.into_inner())
             .get(client_id)
             .cloned()?;
-        let online = session.state().owner.is_some();
+        let online = session.state().online;
         online.then(|| session.last_seen())
     }
 
@@ -115,6 +116,8 @@ pub struct Shared {
     /// Signalled whenever a session stops holding publishers back (its queue drained, or its
     /// writer now waits for the client), for publishers waiting to route a message.
     pub drained: Notify,
+    /// Persistent sessions whose client left, in the order their expiry falls due.
+    pub expiring: expiry::ExpiryQueue,
 }
 
 impl Shared {
@@ -128,6 +131,7 @@ impl Shared {
             ),
             read_budget_freed: Notify::new(),
             drained: Notify::new(),
+            expiring: expiry::ExpiryQueue::default(),
             config,
             sessions: Arc::new(Mutex::new(HashMap::new())),
             events,
@@ -170,8 +174,8 @@ impl Shared {
             return Attach::Retry;
         }
         let mut st = session.state();
-        if let Some(previous) = st.owner {
-            tracing::debug!(%previous, "Taking over the session.");
+        if st.online {
+            tracing::debug!(previous = %st.connection, "Taking over the session.");
             session.kick();
             return Attach::Wait;
         }
@@ -190,7 +194,8 @@ impl Shared {
         let session_id = SessionId::new();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         st.persistent = !clean_session;
-        st.owner = Some(session_id);
+        st.connection = session_id;
+        st.online = true;
         drop(st);
         drop(sessions);
         match (was_persistent, !clean_session) {
@@ -209,7 +214,7 @@ impl Shared {
     /// Asks every connection that owns a session to close with reason broker_shutdown.
     pub fn close_all(&self) {
         for session in self.sessions().values() {
-            if session.state().owner.is_some() {
+            if session.state().online {
                 session.shut_down();
             }
         }
@@ -220,10 +225,22 @@ impl Shared {
     pub fn detach(&self, session: &Arc<Session>, session_id: SessionId) -> Vec<Box<str>> {
         let mut sessions = self.sessions();
         let mut st = session.state();
-        if st.owner == Some(session_id) {
-            st.owner = None;
+        if st.online && st.connection == session_id {
+            st.online = false;
         }
-        if st.owner.is_some() || st.persistent {
+        if st.online {
+            return Vec::new();
+        }
+        if st.persistent {
+            st.leaves = st.leaves.wrapping_add(1);
+            let leave = st.leaves;
+            drop(st);
+            drop(sessions);
+            self.expiring.schedule(
+                session,
+                leave,
+                tokio::time::Instant::now() + self.config.persistent_session_expiry,
+            );
             return Vec::new();
         }
         let dropped = st.clear(self.router.limits());
@@ -236,5 +253,28 @@ impl Shared {
             sessions.remove(&session.client_id);
         }
         dropped
+    }
+
+    /// Forgets `session` if it is still the persistent session its client left for the
+    /// `leave`-th time (the client has not come back since). Returns the id of the last
+    /// connection that used it, and the filters to remove from the router.
+    fn expire(&self, session: &Arc<Session>, leave: u32) -> Option<(SessionId, Vec<Box<str>>)> {
+        let mut sessions = self.sessions();
+        let mut st = session.state();
+        if st.online || !st.persistent || st.ended || st.leaves != leave {
+            return None;
+        }
+        let dropped = st.clear(self.router.limits());
+        st.persistent = false;
+        st.ended = true;
+        let last = st.connection;
+        drop(st);
+        if sessions
+            .get(&session.client_id)
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
+            sessions.remove(&session.client_id);
+        }
+        Some((last, dropped))
     }
 }

@@ -266,7 +266,7 @@ mod tests {
 
     fn online(key: u64) -> Arc<Session> {
         let s = Arc::new(Session::new(format!("c{key}").into(), key));
-        s.state().owner = Some(crate::presence::SessionId::new());
+        s.state().online = true;
         s
     }
 

@@ -6,7 +6,7 @@
 //! while taking the router's subscription lock.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
@@ -95,30 +95,41 @@ struct Inflight {
 pub struct SessionState {
     /// clean_session = false: the state outlives the connection.
     pub persistent: bool,
-    /// The connection using the session now, if any.
-    pub owner: Option<SessionId>,
+    /// The connection using the session now (`online`), or the last one that did.
+    pub connection: SessionId,
+    /// Whether `connection` is using the session now.
+    pub online: bool,
+    /// How often a connection of this persistent session has left: an expiry scheduled at one
+    /// leave is void if the client came back (and maybe left again) since.
+    pub leaves: u32,
     /// Topic filters and their granted QoS (also held by the router, which matches them).
     subscriptions: HashMap<Box<str>, QoS>,
     /// Messages not yet sent (beyond the in-flight window, or written out soon).
     pending: VecDeque<Outgoing>,
     /// QoS 1/2 messages sent and not yet acknowledged, oldest first.
     inflight: VecDeque<Inflight>,
-    /// Subscriptions whose retained messages are still being sent, oldest first. Each is a
-    /// subscription of `subscriptions`, at most one per filter. Boxed: allocated only while
-    /// some are being sent (8 bytes in every session instead of 32).
-    #[allow(clippy::box_collection)]
-    retained: Option<Box<VecDeque<Cursor>>>,
+    /// Retained deliveries in progress and QoS 2 receipts, allocated only while there are some
+    /// (8 bytes in every session instead of 56).
+    extras: Option<Box<Extras>>,
     /// Bytes of `pending` and `inflight` held against [`QueueLimits`].
     queued_bytes: usize,
     /// Last packet id used for an outgoing message.
     last_pkid: u16,
-    /// Packet ids of QoS 2 messages received and not yet released (PUBREL).
-    incoming_qos2: Vec<u16>,
     /// Messages have been dropped since the queue was last empty (logged once per episode).
     overflowing: bool,
     /// The session was forgotten (its clean-session connection ended): the router may still
     /// hold it for a moment, but nothing is queued any more.
     pub ended: bool,
+}
+
+/// The parts of a session that most sessions do not use at a given moment.
+#[derive(Debug, Default)]
+struct Extras {
+    /// Subscriptions whose retained messages are still being sent, oldest first. Each is a
+    /// subscription of the session, at most one per filter.
+    retained: VecDeque<Cursor>,
+    /// Packet ids of QoS 2 messages received and not yet released (PUBREL).
+    incoming_qos2: Vec<u16>,
 }
 
 /// What [`SessionState::write_pending`] left behind.
@@ -141,8 +152,7 @@ impl SessionState {
         self.queued_bytes = 0;
         self.pending = VecDeque::new();
         self.inflight = VecDeque::new();
-        self.retained = None;
-        self.incoming_qos2 = Vec::new();
+        self.extras = None;
         self.last_pkid = 0;
         std::mem::take(&mut self.subscriptions)
             .into_keys()
@@ -181,7 +191,7 @@ impl SessionState {
         if cursors.is_empty() {
             return;
         }
-        let retained = self.retained.get_or_insert_with(Box::default);
+        let retained = &mut self.extras.get_or_insert_with(Box::default).retained;
         if !retained.is_empty() {
             let new: HashSet<&str> = cursors.iter().map(|c| &*c.filter).collect();
             retained.retain(|c| !new.contains(&*c.filter));
@@ -191,32 +201,39 @@ impl SessionState {
 
     /// Stops the retained deliveries of unsubscribed filters.
     pub fn remove_retained(&mut self, filters: &[String]) {
-        let Some(retained) = &mut self.retained else {
+        let Some(extras) = &mut self.extras else {
             return;
         };
         let gone: HashSet<&str> = filters.iter().map(String::as_str).collect();
-        retained.retain(|c| !gone.contains(&*c.filter));
-        if retained.is_empty() {
-            self.retained = None;
-        }
+        extras.retained.retain(|c| !gone.contains(&*c.filter));
+        self.trim_extras();
     }
 
     /// The oldest retained delivery still running, taken out while it is walked (put it back
     /// with [`SessionState::resume_retained`] unless it finished).
     pub fn next_retained(&mut self) -> Option<Cursor> {
-        let retained = self.retained.as_mut()?;
-        let cursor = retained.pop_front();
-        if retained.is_empty() {
-            self.retained = None;
-        }
+        let cursor = self.extras.as_mut()?.retained.pop_front();
+        self.trim_extras();
         cursor
     }
 
     /// Puts back a retained delivery that has more to send, first in line.
     pub fn resume_retained(&mut self, cursor: Cursor) {
-        self.retained
+        self.extras
             .get_or_insert_with(Box::default)
+            .retained
             .push_front(cursor);
+    }
+
+    /// Gives the extras back once nothing is in them.
+    fn trim_extras(&mut self) {
+        if self
+            .extras
+            .as_ref()
+            .is_some_and(|e| e.retained.is_empty() && e.incoming_qos2.is_empty())
+        {
+            self.extras = None;
+        }
     }
 
     /// Whether the queue holds a quarter of its limits or less (a congested session that got
@@ -238,16 +255,20 @@ impl SessionState {
     /// Records a received QoS 2 packet id; false when it was already recorded (a redelivery that
     /// must not be routed again).
     pub fn receive_qos2(&mut self, pkid: u16) -> bool {
-        if self.incoming_qos2.contains(&pkid) {
+        let received = &mut self.extras.get_or_insert_with(Box::default).incoming_qos2;
+        if received.contains(&pkid) {
             return false;
         }
-        self.incoming_qos2.push(pkid);
+        received.push(pkid);
         true
     }
 
     /// Forgets a received QoS 2 packet id (PUBREL).
     pub fn release_qos2(&mut self, pkid: u16) {
-        self.incoming_qos2.retain(|p| *p != pkid);
+        if let Some(extras) = &mut self.extras {
+            extras.incoming_qos2.retain(|p| *p != pkid);
+            self.trim_extras();
+        }
     }
 
     /// PUBACK: the QoS 1 message is delivered.
@@ -491,11 +512,12 @@ const OFFLINE: u8 = 2;
 /// waiting for it, and what does not fit its queue is dropped and counted.
 pub const CLIENT_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Milliseconds since the first call in this process (a clock that fits in an atomic; never 0).
-fn now_ms() -> u64 {
+/// Milliseconds since the first call in this process, wrapping after 49 days: a clock that fits
+/// in an `AtomicU32`, compared with `wrapping_sub`. Never 0 (0 means "not set").
+fn now_ms() -> u32 {
     static ORIGIN: std::sync::LazyLock<std::time::Instant> =
         std::sync::LazyLock::new(std::time::Instant::now);
-    ORIGIN.elapsed().as_millis() as u64 + 1
+    (ORIGIN.elapsed().as_millis() as u32).max(1)
 }
 
 /// Flag in [`Session::signals`]: messages were queued.
@@ -540,7 +562,7 @@ pub struct Session {
     flow: AtomicU8,
     /// While congested: since when ([`now_ms`]) the writer has been waiting for the client; 0
     /// when it has not.
-    client_behind_since: AtomicU64,
+    client_behind_since: AtomicU32,
     /// The owning connection's task.
     waker: AtomicWaker,
     /// When the owner last received a packet, in milliseconds since the Unix epoch. Kept in
@@ -557,7 +579,7 @@ impl Session {
             state: Mutex::new(SessionState::default()),
             signals: AtomicU8::new(0),
             flow: AtomicU8::new(OFFLINE),
-            client_behind_since: AtomicU64::new(0),
+            client_behind_since: AtomicU32::new(0),
             waker: AtomicWaker::new(),
             last_seen_ms: AtomicU64::new(0),
         }
@@ -618,7 +640,7 @@ impl Session {
             return false;
         }
         let since = self.client_behind_since.load(Ordering::Acquire);
-        since == 0 || now_ms().saturating_sub(since) < CLIENT_GRACE.as_millis() as u64
+        since == 0 || now_ms().wrapping_sub(since) < CLIENT_GRACE.as_millis() as u32
     }
 
     /// Records whether a connection drains the queue now. Returns true when going offline ends
@@ -664,7 +686,7 @@ impl Session {
             if st.ended {
                 return Err(DropReason::SessionEnded);
             }
-            if st.owner.is_none() && qos == QoS::AtMostOnce {
+            if !st.online && qos == QoS::AtMostOnce {
                 return Err(DropReason::Qos0Offline);
             }
             let cost = message.size();
@@ -683,7 +705,7 @@ impl Session {
                     if let Some(suppressed) = QUEUE_FULL_LOG.check() {
                         tracing::warn!(
                             client_id = &*self.client_id,
-                            online = st.owner.is_some(),
+                            online = st.online,
                             reason = reason.as_str(),
                             queued_messages = st.pending.len(),
                             queued_bytes = st.queued_bytes,
@@ -740,7 +762,7 @@ mod tests {
 
     fn online() -> Session {
         let s = Session::new("c".into(), 1);
-        s.state().owner = Some(SessionId::new());
+        s.state().online = true;
         s
     }
 

@@ -245,7 +245,7 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
         }
         self.memory.front().map(|oldest| {
             let waited = SystemTime::now()
-                .duration_since(event_time(&oldest.event))
+                .duration_since(oldest.event.time())
                 // An event "from the future" (the clock was stepped back) is due now.
                 .unwrap_or(self.config.batch_interval);
             Instant::now() + self.config.batch_interval.saturating_sub(waited)
@@ -343,7 +343,7 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
             Phase::Running => {
                 let oldest_waited = self.memory.front().map(|r| {
                     SystemTime::now()
-                        .duration_since(event_time(&r.event))
+                        .duration_since(r.event.time())
                         .unwrap_or(self.config.batch_interval)
                 })?;
                 let due = self.memory.len() >= self.config.batch_size
@@ -447,9 +447,7 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
         metrics().bridge_batch_size.observe(batch.len() as f64);
         let now = SystemTime::now();
         for record in batch {
-            let latency = now
-                .duration_since(event_time(&record.event))
-                .unwrap_or_default();
+            let latency = now.duration_since(record.event.time()).unwrap_or_default();
             metrics()
                 .bridge_commit_latency
                 .observe(latency.as_secs_f64());
@@ -515,24 +513,16 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
                 .peek(1)
                 .ok()
                 .and_then(|(r, _, _)| r.into_iter().next())
-                .map(|r| event_time(&r.event))
+                .map(|r| r.event.time())
         } else {
             self.writing
                 .first()
                 .or(self.memory.front())
-                .map(|r| event_time(&r.event))
+                .map(|r| r.event.time())
         };
         let age = oldest
             .and_then(|t| SystemTime::now().duration_since(t).ok())
             .unwrap_or_default();
         m.bridge_oldest_age.set(age.as_secs_f64());
-    }
-}
-
-fn event_time(event: &ConnectionEvent) -> SystemTime {
-    match event {
-        ConnectionEvent::Connected { time, .. } | ConnectionEvent::Disconnected { time, .. } => {
-            *time
-        }
     }
 }

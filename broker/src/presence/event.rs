@@ -110,6 +110,17 @@ pub enum ConnectionEvent {
         /// When the connection was accepted.
         time: SystemTime,
     },
+    /// A persistent session (clean_session = false) was discarded after
+    /// `mqtt.persistent_session_expiry` without a connection: its subscriptions and queued
+    /// messages are gone. Comes after the Disconnected of its last connection.
+    SessionExpired {
+        /// The device's MQTT client id.
+        client_id: String,
+        /// The last connection that used the session.
+        session_id: SessionId,
+        /// When it was discarded.
+        time: SystemTime,
+    },
     /// A connection that was announced by `Connected` ended.
     Disconnected {
         /// The device's MQTT client id.
@@ -126,27 +137,39 @@ pub enum ConnectionEvent {
 }
 
 impl ConnectionEvent {
-    /// "connected" or "disconnected".
+    /// "connected", "disconnected" or "session_expired".
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Connected { .. } => "connected",
             Self::Disconnected { .. } => "disconnected",
+            Self::SessionExpired { .. } => "session_expired",
         }
     }
 
     /// The client id the event is about.
     pub fn client_id(&self) -> &str {
         match self {
-            Self::Connected { client_id, .. } | Self::Disconnected { client_id, .. } => client_id,
+            Self::Connected { client_id, .. }
+            | Self::Disconnected { client_id, .. }
+            | Self::SessionExpired { client_id, .. } => client_id,
         }
     }
 
     /// The connection the event is about.
     pub fn session_id(&self) -> SessionId {
         match self {
-            Self::Connected { session_id, .. } | Self::Disconnected { session_id, .. } => {
-                *session_id
-            }
+            Self::Connected { session_id, .. }
+            | Self::Disconnected { session_id, .. }
+            | Self::SessionExpired { session_id, .. } => *session_id,
+        }
+    }
+
+    /// When it happened.
+    pub fn time(&self) -> SystemTime {
+        match self {
+            Self::Connected { time, .. }
+            | Self::Disconnected { time, .. }
+            | Self::SessionExpired { time, .. } => *time,
         }
     }
 }

@@ -124,6 +124,9 @@ pub struct Session {
     /// Further sessions of the device folded into this row: they began and ended within the
     /// same batch as this one, after it, with the same reason, and have no row of their own.
     pub coalesced: i32,
+    /// When the persistent session (clean_session = false) that this connection used last was
+    /// discarded after `mqtt.persistent_session_expiry` without a connection.
+    pub expired_at: Option<DateTime<Utc>>,
 }
 
 /// Totals for the stats endpoint.
@@ -432,6 +435,13 @@ impl DeviceUpsert {
     }
 }
 
+/// A SessionExpired event: marks the history row of the session's last connection.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Expiry {
+    pub session_id: Uuid,
+    pub at: DateTime<Utc>,
+}
+
 /// A broker boot seen in a batch, registered so that crash recovery also finds boots that
 /// never reached `begin_boot` (their events came from the journal).
 #[derive(Debug, Clone, PartialEq)]
@@ -480,6 +490,8 @@ pub(crate) struct BatchPlan {
     pub upserts: Vec<DeviceUpsert>,
     /// Boots whose events are in the batch.
     pub boots: Vec<BootSeen>,
+    /// Persistent sessions discarded, after the rows above are written.
+    pub expiries: Vec<Expiry>,
     /// Sessions folded into kept rows instead of getting their own.
     pub coalesced: u64,
 }
@@ -494,10 +506,7 @@ impl BatchPlan {
         let mut newest: HashMap<&str, usize> = HashMap::new();
         let mut boots: HashMap<Uuid, BootSeen> = HashMap::new();
         for record in batch {
-            let at = timestamp(match &record.event {
-                ConnectionEvent::Connected { time, .. }
-                | ConnectionEvent::Disconnected { time, .. } => *time,
-            });
+            let at = timestamp(record.event.time());
             boots
                 .entry(record.boot_id)
                 .and_modify(|b| {
@@ -582,6 +591,12 @@ impl BatchPlan {
                     }
                     plan.closes.push(close);
                 }
+                ConnectionEvent::SessionExpired { session_id, .. } => {
+                    plan.expiries.push(Expiry {
+                        session_id: session_id.0,
+                        at,
+                    });
+                }
             }
         }
         plan.upserts
@@ -654,7 +669,8 @@ pub(crate) const DEVICE_COLUMNS: &str = "device_id, online, session_id, node_id,
      disconnected_at, last_reason, peer, keep_alive, updated_at";
 /// Columns of [`Session`], in both backends' `sessions` table.
 pub(crate) const SESSION_COLUMNS: &str = "session_id, device_id, node_id, boot_id, seq, \
-     connected_at, disconnected_at, reason, peer, keep_alive, clean_session, coalesced";
+     connected_at, disconnected_at, reason, peer, keep_alive, clean_session, coalesced, \
+     expired_at";
 /// Columns of [`Boot`], in both backends' `nodes` table.
 pub(crate) const BOOT_COLUMNS: &str = "boot_id, node_id, started_at, heartbeat_at, recovered";
 /// Totals for [`Stats`]; the same SQL on both backends.

@@ -79,6 +79,7 @@ fn session(row: &PgRow) -> Result<Session, sqlx::Error> {
         keep_alive: row.try_get("keep_alive")?,
         clean_session: row.try_get("clean_session")?,
         coalesced: row.try_get("coalesced")?,
+        expired_at: row.try_get("expired_at")?,
     })
 }
 
@@ -303,6 +304,19 @@ impl PresenceStore for PgStore {
                     .collect::<Vec<_>>(),
             )
             .bind(u.iter().map(|r| r.session.keep_alive).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        if !plan.expiries.is_empty() {
+            let e = &plan.expiries;
+            sqlx::query(
+                "UPDATE sessions s SET expired_at = u.at \
+                 FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(session_id, at) \
+                 WHERE s.session_id = u.session_id AND s.expired_at IS NULL",
+            )
+            .bind(e.iter().map(|r| r.session_id).collect::<Vec<_>>())
+            .bind(e.iter().map(|r| r.at).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }

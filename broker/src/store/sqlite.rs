@@ -147,6 +147,9 @@ fn session(row: &SqliteRow) -> Result<Session, sqlx::Error> {
         keep_alive: row.try_get("keep_alive")?,
         clean_session: row.try_get("clean_session")?,
         coalesced: row.try_get("coalesced")?,
+        expired_at: row
+            .try_get::<Option<i64>, _>("expired_at")?
+            .map(from_micros),
     })
 }
 
@@ -351,6 +354,16 @@ impl PresenceStore for SqliteStore {
             // Not cached: the text changes with the row count, and a cached multi-row
             // statement per batch size would hold megabytes per pooled connection.
             q.build().persistent(false).execute(&mut *tx).await?;
+        }
+
+        for e in &plan.expiries {
+            sqlx::query(
+                "UPDATE sessions SET expired_at = ?2 WHERE session_id = ?1 AND expired_at IS NULL",
+            )
+            .bind(e.session_id.to_string())
+            .bind(micros(e.at))
+            .execute(&mut *tx)
+            .await?;
         }
 
         tx.commit().await?;
