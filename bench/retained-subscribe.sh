@@ -24,7 +24,9 @@
 #   KEEP_WORK=1        keep the temporary directory with logs, configs and JSON reports
 #   HEARTWIRE_BIN=PATH use this broker binary instead of building target/release/broker
 # Any BROKER_* variables in the environment reach the Heartwire broker unchanged;
-# the script itself sets BROKER_MQTT__LISTEN, BROKER_HTTP__LISTEN=127.0.0.1:0 and RUST_LOG=warn;
+# the script itself sets BROKER_MQTT__LISTEN, BROKER_HTTP__LISTEN=127.0.0.1:0 and RUST_LOG=warn,
+# and BROKER_MQTT__MAX_FILTERS_PER_SUBSCRIBE=FILTERS unless given (Heartwire grants 1,000 filters
+# per SUBSCRIBE by default; Mosquitto has no such limit);
 # the broker runs in a temporary directory, so its SQLite file and journal start empty.
 # Mosquitto runs with a generated config: the listener, allow_anonymous true, defaults otherwise.
 #
@@ -59,6 +61,7 @@ done
 (( RETAINED > 0 && FILTERS > 0 && TIMEOUT > 0 )) || die "RETAINED, FILTERS and TIMEOUT must be positive"
 # The generator bounds every phase itself; this outer bound covers them all and a frozen broker.
 LOADGEN_TIMEOUT=$(( LOAD_TIMEOUT + TIMEOUT + 120 ))
+export BROKER_MQTT__MAX_FILTERS_PER_SUBSCRIBE="${BROKER_MQTT__MAX_FILTERS_PER_SUBSCRIBE:-$FILTERS}"
 
 bench_setup retained-subscribe-bench
 loadgen_prerequisites
