@@ -20,7 +20,6 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -280,13 +279,14 @@ struct Established {
 ///
 /// The handshake and the close are boxed so that their futures (timeouts, event sends) do not
 /// stay inside every idle connection's task; the part that lives long is [`serve`], a small
-/// poll loop.
-pub async fn run(
+/// poll loop. Not an `async fn`: its arguments would stay in the task for its whole life next
+/// to the [`Io`] made of them (40 bytes of socket), so the task starts from the `Io`, and the
+/// handshake asks the socket for the peer's address instead of keeping it.
+pub fn run(
     stream: TcpStream,
-    peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
-) {
+) -> impl Future<Output = ()> + Send {
     configure_socket(&stream, &shared.config);
     let mut io = Io {
         stream,
@@ -295,15 +295,17 @@ pub async fn run(
         max_packet_size: shared.config.max_packet_size,
         reserved: 0,
     };
-    let established = Box::pin(handshake(&mut io, peer, &shared, &shutdown)).await;
-    let reason = match &established {
-        Some(conn) => Some(serve(&mut io, &shared, conn, &shutdown).await),
-        None => None,
-    };
-    io.release_budget(&shared.read_budget, &shared.read_budget_freed);
-    drop(io);
-    if let (Some(conn), Some(reason)) = (established, reason) {
-        Box::pin(close(&shared, conn, reason)).await;
+    async move {
+        let established = Box::pin(handshake(&mut io, &shared, &shutdown)).await;
+        let reason = match &established {
+            Some(conn) => Some(serve(&mut io, &shared, conn, &shutdown).await),
+            None => None,
+        };
+        io.release_budget(&shared.read_budget, &shared.read_budget_freed);
+        drop(io);
+        if let (Some(conn), Some(reason)) = (established, reason) {
+            Box::pin(close(&shared, conn, reason)).await;
+        }
     }
 }
 
@@ -311,11 +313,18 @@ pub async fn run(
 /// and the CONNACK. `None` when the connection was refused (and already answered).
 async fn handshake(
     io: &mut Io,
-    peer: SocketAddr,
     shared: &Shared,
     shutdown: &CancellationToken,
 ) -> Option<Established> {
     let config = &shared.config;
+    let peer = match io.stream.peer_addr() {
+        Ok(peer) => peer,
+        Err(error) => {
+            tracing::debug!(%error, "Connection gone before CONNECT.");
+            refused("connection_lost");
+            return None;
+        }
+    };
     let first = tokio::select! {
         biased;
         _ = shutdown.cancelled() => {
@@ -1357,14 +1366,9 @@ mod size {
         let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (tx, _rx) = crate::presence::channel(1);
         let shared = std::sync::Arc::new(super::Shared::new(Default::default(), tx));
-        let fut = super::run(
-            stream,
-            addr,
-            shared,
-            tokio_util::sync::CancellationToken::new(),
-        );
+        let fut = super::run(stream, shared, tokio_util::sync::CancellationToken::new());
         let size = std::mem::size_of_val(&fut);
-        assert!(size <= 640, "connection future is {size} bytes");
+        assert!(size <= 512, "connection future is {size} bytes");
         eprintln!(
             "connection future: {size} bytes, session: {} bytes",
             std::mem::size_of::<super::Session>()

@@ -75,7 +75,7 @@ pub async fn serve_shared(
                 // lines of a connection name the peer or client id themselves.
                 let span = tracing::debug_span!("conn", %peer, client_id = tracing::field::Empty);
                 tracker.spawn(
-                    connection::run(stream, peer, Arc::clone(&shared), shutdown.child_token())
+                    connection::run(stream, Arc::clone(&shared), shutdown.child_token())
                         .instrument(span),
                 );
             }
