@@ -328,3 +328,31 @@ async fn stray_broker_environment_variables_are_ignored_with_one_warning() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unknown field `port`"), "{stderr}");
 }
+
+/// Issue: colour codes reached log files and pipes. The pretty format writes them only to a
+/// terminal (and never with NO_COLOR).
+#[tokio::test]
+async fn pretty_logs_to_a_pipe_have_no_colour_codes() {
+    let data = common::TempDir::new("no-colour");
+    let (mut child, mut lines) = spawn(1024, &data, &[("BROKER_LOG__FORMAT", "pretty")]);
+    let mut seen = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.recv().await {
+            let ready = line.contains("MQTT listener ready");
+            seen.push(line);
+            if ready {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the broker gets ready");
+    assert!(seen.len() > 2, "{seen:?}");
+    for line in &seen {
+        assert!(
+            !line.contains('\x1b'),
+            "colour code in a piped log: {line:?}"
+        );
+    }
+    child.kill().await.expect("kill");
+}

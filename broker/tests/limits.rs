@@ -409,3 +409,56 @@ async fn abandoned_persistent_sessions_expire() {
         "only the new one of abandoned"
     );
 }
+
+/// Limits on topic filters: per SUBSCRIBE and per session, each refused filter answered with
+/// SUBACK 0x80 and counted by reason; re-subscribing a held filter is never refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_limits_answer_0x80_and_are_counted() {
+    use rumqttc::mqttbytes::v4::{Subscribe, SubscribeReasonCode as Code};
+    let mut broker = TestBroker::start_with(|c| {
+        c.max_filters_per_subscribe = 3;
+        c.max_subscriptions_per_session = 5;
+        c.max_topic_levels = 4;
+    })
+    .await;
+    let (mut c, _) = RawClient::connect(broker.addr, ConnectOpts::new("many")).await;
+    broker.connected("many").await;
+    async fn suback(c: &mut RawClient, filters: &[&str], pkid: u16) -> Vec<Code> {
+        let mut s = Subscribe::new(filters[0], QoS::AtLeastOnce);
+        for f in &filters[1..] {
+            s.add((*f).to_owned(), QoS::AtLeastOnce);
+        }
+        s.pkid = pkid;
+        c.send(&Packet::Subscribe(s)).await;
+        match c.recv().await {
+            Some(Packet::SubAck(ack)) => ack.return_codes,
+            other => panic!("{other:?}"),
+        }
+    }
+    let ok = Code::Success(QoS::AtLeastOnce);
+    assert_eq!(
+        suback(&mut c, &["a", "b", "c", "d"], 1).await,
+        [ok, ok, ok, Code::Failure],
+        "three per SUBSCRIBE"
+    );
+    assert_eq!(
+        suback(&mut c, &["e", "a/b/c/d/e", "f"], 2).await,
+        [ok, Code::Failure, ok],
+        "five levels are too many; five subscriptions reached"
+    );
+    assert_eq!(
+        suback(&mut c, &["g", "a"], 3).await,
+        [Code::Failure, ok],
+        "a held filter can be subscribed again at the limit"
+    );
+    let refused = |reason: &str| {
+        metrics()
+            .subscriptions_refused
+            .with_label_values(&[reason])
+            .get()
+    };
+    assert_eq!(refused("filters_per_subscribe"), 1);
+    assert_eq!(refused("invalid_filter"), 1);
+    assert_eq!(refused("subscriptions_per_session"), 1);
+    assert_eq!(metrics().subscriptions.get(), 5);
+}
