@@ -17,9 +17,10 @@ mod pg;
 use std::time::{Duration, Instant, SystemTime};
 
 use broker::config::BridgeConfig;
+use broker::event::{self, ConnectionEvent, SessionId};
+use broker::labels::DisconnectReason;
 use broker::metrics::metrics;
 use broker::presence::bridge::Bridge;
-use broker::presence::{self, ConnectionEvent, DisconnectReason, SessionId};
 use broker::store::{PresenceStore, Store};
 
 fn env(name: &str, default: u64) -> u64 {
@@ -82,7 +83,7 @@ async fn throughput(
     mut events: Vec<ConnectionEvent>,
 ) -> f64 {
     let n = events.len() as u64;
-    let (tx, rx) = presence::channel(8192);
+    let (tx, rx) = event::channel(8192);
     let bridge = Bridge::new(
         store.clone(),
         rx,
@@ -182,7 +183,7 @@ fn main() {
         {
             let batch: Vec<_> = events(1000, "probe")
                 .into_iter()
-                .map(|event| broker::store::PresenceRecord {
+                .map(|event| broker::event::PresenceRecord {
                     node_id: "bench".into(),
                     boot_id: uuid::Uuid::now_v7(),
                     event,
@@ -210,7 +211,7 @@ fn main() {
 
         // Latency at a steady rate, through the default bridge configuration.
         let latency_before = latency_buckets();
-        let (tx, rx) = presence::channel(8192);
+        let (tx, rx) = event::channel(8192);
         let config = BridgeConfig {
             journal_path: dir.join("journal-latency"),
             ..BridgeConfig::default()

@@ -850,8 +850,7 @@ impl Config {
         if self.events.channel_capacity == 0 {
             return invalid("events.channel_capacity", "must be at least 1");
         }
-        let scheme = self.database.url.split(':').next().unwrap_or_default();
-        if !matches!(scheme, "sqlite" | "postgres" | "postgresql") {
+        if crate::database_url::Backend::of_url(&self.database.url).is_none() {
             return invalid(
                 "database.url",
                 "must start with sqlite://, postgres:// or postgresql://",

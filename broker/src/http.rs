@@ -31,6 +31,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::config::HttpConfig;
+use crate::labels::{HttpRoute, StatusClass};
 use crate::metrics::metrics;
 use crate::mqtt::Registry;
 use crate::store::{Device, PresenceStore, Session, Store, StoreError};
@@ -190,7 +191,7 @@ async fn json_errors(request: Request, next: Next) -> Response {
         _ if !text.is_empty() => text,
         _ => status.canonical_reason().unwrap_or("error").to_owned(),
     };
-    count("other", status);
+    count(HttpRoute::Other, status);
     let body = json!({ "error": message }).to_string();
     parts.headers.insert(
         header::CONTENT_TYPE,
@@ -223,19 +224,13 @@ impl DeviceView {
 }
 
 /// Counts a request in `heartwire_http_requests_total` under `route` and `status`'s class.
-pub(crate) fn count(route: &'static str, status: StatusCode) {
-    let class = match status.as_u16() {
-        200..=299 => "2xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    };
+pub(crate) fn count(route: HttpRoute, status: StatusCode) {
     metrics()
         .http_requests
-        .with_label_values(&[route, class])
-        .inc();
+        .inc(route, StatusClass::of(status.as_u16()));
 }
 
-fn counted<T: IntoResponse>(route: &'static str, result: Result<T, ApiError>) -> Response {
+fn counted<T: IntoResponse>(route: HttpRoute, result: Result<T, ApiError>) -> Response {
     let response = result.into_response();
     count(route, response.status());
     response
@@ -355,7 +350,7 @@ async fn get_device(
         }))
     }
     .await;
-    counted("device", result)
+    counted(HttpRoute::Device, result)
 }
 
 async fn list_devices(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
@@ -388,7 +383,7 @@ async fn list_devices(State(state): State<AppState>, RawQuery(query): RawQuery) 
         ))
     }
     .await;
-    counted("devices", result)
+    counted(HttpRoute::Devices, result)
 }
 
 async fn device_sessions(
@@ -409,7 +404,7 @@ async fn device_sessions(
         Ok(Json(json!({ "device_id": id, "sessions": sessions })))
     }
     .await;
-    counted("sessions", result)
+    counted(HttpRoute::Sessions, result)
 }
 
 async fn stats(State(state): State<AppState>) -> Response {
@@ -424,7 +419,7 @@ async fn stats(State(state): State<AppState>) -> Response {
         })))
     }
     .await;
-    counted("stats", result)
+    counted(HttpRoute::Stats, result)
 }
 
 /// Boots of the broker nodes, newest first: when each started, when it was last alive and
@@ -440,7 +435,7 @@ async fn list_nodes(State(state): State<AppState>, RawQuery(query): RawQuery) ->
         Ok::<_, ApiError>(Json(json!({ "nodes": nodes })))
     }
     .await;
-    counted("nodes", result)
+    counted(HttpRoute::Nodes, result)
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -463,7 +458,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
             }
         }
     };
-    count("readyz", response.status());
+    count(HttpRoute::Readyz, response.status());
     response
 }
 

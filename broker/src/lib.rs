@@ -17,7 +17,10 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod database_url;
+pub mod event;
 pub mod http;
+pub mod labels;
 pub mod metrics;
 pub mod mqtt;
 pub mod presence;
@@ -104,14 +107,14 @@ pub async fn run_with(
         .coalescing(config.bridge.coalesce_after);
     let boot_id = Uuid::now_v7();
     tracing::info!(
-        backend = store.backend(),
-        url = %store::redact(&config.database.url),
+        backend = store.backend().as_str(),
+        url = %database_url::redact(&config.database.url),
         node_id = %config.node.id,
         %boot_id,
         "Presence store configured."
     );
 
-    let (events, receiver) = presence::channel(config.events.channel_capacity);
+    let (events, receiver) = event::channel(config.events.channel_capacity);
     let mut bridge = Bridge::new(
         store.clone(),
         receiver,
@@ -234,8 +237,7 @@ async fn heartbeat(
             Err(error) => {
                 metrics::metrics()
                     .store_errors
-                    .with_label_values(&["heartbeat"])
-                    .inc();
+                    .inc(labels::StoreOperation::Heartbeat);
                 if failing {
                     tracing::debug!(%error, "Node heartbeat still not recorded.");
                 } else {

@@ -1,15 +1,24 @@
 //! Every metric the broker exports, defined in one place.
 //!
 //! Names follow Prometheus conventions: prefix `heartwire_`, base units, counters end in `_total`.
-//! Label values come from closed sets (packet types, disconnect reasons, drop reasons); there is
-//! never a per-device label. The process is the unit of metrics, so they live in one global
-//! registry ([`metrics()`]); each test binary is its own process under nextest.
+//! Label values come from the closed sets of [`crate::labels`], and a labelled counter is
+//! indexed by its enum ([`Counters`], [`CounterGrid`]): every child is resolved once at start,
+//! exported at 0 from the start, and counting does no label hashing. There is never a
+//! per-device label. The process is the unit of metrics, so they live in one global registry
+//! ([`metrics()`]); each test binary is its own process under nextest.
 
+use std::marker::PhantomData;
 use std::sync::LazyLock;
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
+};
+
+use crate::labels::{
+    DisconnectReason, DropReason, HttpRoute, HttpTimeout, Label, PacketType, RefusalReason,
+    RetainRefusal, RetentionPolicy, StatusClass, StoreOperation, SubscriptionRefusal,
+    TransitionKind,
 };
 
 /// All broker metrics.
@@ -21,11 +30,11 @@ pub struct Metrics {
     /// TCP connections accepted by the listener (before CONNECT).
     pub tcp_accepted: IntCounter,
     /// Connections refused or closed before a session started, by reason.
-    pub connections_refused: IntCounterVec,
+    pub connections_refused: Counters<RefusalReason>,
     /// MQTT connections that completed CONNECT/CONNACK.
     pub connections_accepted: IntCounter,
     /// Ended MQTT connections, by disconnect reason.
-    pub disconnects: IntCounterVec,
+    pub disconnects: Counters<DisconnectReason>,
     /// Connections closed because nothing was received within keep-alive x multiplier.
     pub keepalive_timeouts: IntCounter,
     /// Connections replaced by a newer connection with the same client id.
@@ -47,7 +56,7 @@ pub struct Metrics {
     /// Messages accepted from publishers.
     pub messages_published: IntCounter,
     /// Messages not delivered to one subscriber, by reason.
-    pub messages_dropped: IntCounterVec,
+    pub messages_dropped: Counters<DropReason>,
     /// Bytes of messages waiting for clients (queued and in flight), over all sessions.
     pub queued_bytes: IntGauge,
     /// Times a publisher stopped reading because a subscriber it feeds was congested while the
@@ -62,15 +71,15 @@ pub struct Metrics {
     /// Bytes (topics and payloads) of retained messages held.
     pub retained_bytes: IntGauge,
     /// Retained messages not stored, by reason (count, bytes).
-    pub retained_refused: IntCounterVec,
+    pub retained_refused: Counters<RetainRefusal>,
     /// Topic filters refused in SUBSCRIBE (SUBACK 0x80), by reason.
-    pub subscriptions_refused: IntCounterVec,
+    pub subscriptions_refused: Counters<SubscriptionRefusal>,
     /// Last-will messages published.
     pub wills_published: IntCounter,
     /// Accept attempts that failed because the process ran out of file descriptors.
     pub accept_fd_exhausted: IntCounter,
     /// Presence transitions received by the bridge, by kind (connected, disconnected).
-    pub presence_transitions: IntCounterVec,
+    pub presence_transitions: Counters<TransitionKind>,
     /// Events written to the store.
     pub bridge_persisted: IntCounter,
     /// Events waiting for the store (memory and journal).
@@ -92,13 +101,13 @@ pub struct Metrics {
     /// From an event's time to its commit in the store, seconds.
     pub bridge_commit_latency: Histogram,
     /// Store failures by operation.
-    pub store_errors: IntCounterVec,
+    pub store_errors: Counters<StoreOperation>,
     /// Sessions folded into a kept history row instead of getting their own.
     pub presence_coalesced: IntCounter,
     /// History rows deleted by retention, by policy.
-    pub history_pruned: IntCounterVec,
+    pub history_pruned: Counters<RetentionPolicy>,
     /// HTTP API requests by route and status class.
-    pub http_requests: IntCounterVec,
+    pub http_requests: CounterGrid<HttpRoute, StatusClass>,
     /// HTTP connections open now.
     pub http_connections: IntGauge,
     /// HTTP connections accepted.
@@ -106,7 +115,7 @@ pub struct Metrics {
     /// Times the HTTP listener paused at `http.max_connections`.
     pub http_connection_limit_waits: IntCounter,
     /// HTTP connections closed by a timeout, by kind.
-    pub http_connection_timeouts: IntCounterVec,
+    pub http_connection_timeouts: Counters<HttpTimeout>,
     /// HTTP accept attempts that failed for lack of file descriptors.
     pub http_accept_fd_exhausted: IntCounter,
     /// API requests answered 503 because every store query slot stayed taken.
@@ -115,104 +124,100 @@ pub struct Metrics {
     pub http_stats_refreshes: IntCounter,
 }
 
-/// MQTT 3.1.1 packet types, the closed set of the `type` label.
-pub const PACKET_TYPES: [&str; 14] = [
-    "connect",
-    "connack",
-    "publish",
-    "puback",
-    "pubrec",
-    "pubrel",
-    "pubcomp",
-    "subscribe",
-    "suback",
-    "unsubscribe",
-    "unsuback",
-    "pingreq",
-    "pingresp",
-    "disconnect",
-];
+/// A counter per value of the closed label set `L`.
+pub struct Counters<L: Label> {
+    children: Vec<IntCounter>,
+    label: PhantomData<L>,
+}
 
-/// Reasons a connection is refused or closed before its session starts (`reason` label of
-/// `heartwire_connections_refused_total`).
-pub const REFUSED_REASONS: [&str; 8] = [
-    "broker_shutdown",
-    "protocol_error",
-    "unsupported_protocol_version",
-    "connection_lost",
-    "connect_timeout",
-    "identifier_rejected",
-    "keepalive_rejected",
-    "fd_exhausted",
-];
+impl<L: Label> Counters<L> {
+    fn new(registry: &Registry, name: &str, help: &str, label: &str) -> Self {
+        let vec = counter_vec(registry, name, help, &[label]);
+        Self {
+            children: L::ALL
+                .iter()
+                .map(|value| vec.with_label_values(&[value.as_str()]))
+                .collect(),
+            label: PhantomData,
+        }
+    }
 
-/// Reasons a topic filter is refused (`reason` label of
-/// `heartwire_subscriptions_refused_total`).
-pub const SUBSCRIPTION_REFUSALS: [&str; 3] = [
-    "invalid_filter",
-    "filters_per_subscribe",
-    "subscriptions_per_session",
-];
+    /// Counts one.
+    pub fn inc(&self, value: L) {
+        self.children[value.index()].inc();
+    }
 
-/// Store operations (`operation` label of `heartwire_store_errors_total`).
-pub const STORE_OPERATIONS: [&str; 5] = ["migrate", "begin_boot", "apply", "heartbeat", "prune"];
+    /// Counts `n`.
+    pub fn inc_by(&self, value: L, n: u64) {
+        self.children[value.index()].inc_by(n);
+    }
 
-/// Retention policies (`policy` label of `heartwire_history_pruned_sessions_total`).
-pub const RETENTION_POLICIES: [&str; 2] = ["max_age", "max_sessions_per_device"];
+    /// The count so far.
+    pub fn get(&self, value: L) -> u64 {
+        self.children[value.index()].get()
+    }
+}
 
-/// HTTP connection timeouts (`kind` label of `heartwire_http_connection_timeouts_total`).
-pub const HTTP_TIMEOUT_KINDS: [&str; 2] = ["header_read", "idle"];
+/// A counter per pair of values of the closed label sets `A` and `B`.
+pub struct CounterGrid<A: Label, B: Label> {
+    children: Vec<IntCounter>,
+    labels: PhantomData<(A, B)>,
+}
 
-/// Presence transition kinds (`kind` label of `heartwire_presence_transitions_total`).
-pub const TRANSITION_KINDS: [&str; 3] = ["connected", "disconnected", "session_expired"];
+impl<A: Label, B: Label> CounterGrid<A, B> {
+    fn new(registry: &Registry, name: &str, help: &str, labels: [&str; 2]) -> Self {
+        let vec = counter_vec(registry, name, help, &labels);
+        let mut children = Vec::with_capacity(A::ALL.len() * B::ALL.len());
+        for a in A::ALL {
+            for b in B::ALL {
+                children.push(vec.with_label_values(&[a.as_str(), b.as_str()]));
+            }
+        }
+        Self {
+            children,
+            labels: PhantomData,
+        }
+    }
 
-/// Packet and byte counters of one direction, one child per [`PACKET_TYPES`] entry resolved at
-/// start so that the per-packet path does no label hashing.
+    /// Counts one.
+    pub fn inc(&self, a: A, b: B) {
+        self.children[a.index() * B::ALL.len() + b.index()].inc();
+    }
+
+    /// The count so far.
+    pub fn get(&self, a: A, b: B) -> u64 {
+        self.children[a.index() * B::ALL.len() + b.index()].get()
+    }
+}
+
+/// Packet and byte counters of one direction, by packet type.
 pub struct PacketCounters {
-    packets: Vec<IntCounter>,
-    bytes: Vec<IntCounter>,
+    packets: Counters<PacketType>,
+    bytes: Counters<PacketType>,
 }
 
 impl PacketCounters {
     fn new(registry: &Registry, direction: &str) -> Self {
-        let packets = counter_vec(
-            registry,
-            &format!("heartwire_packets_{direction}_total"),
-            &format!("MQTT packets {direction}, by type."),
-            &["type"],
-        );
-        let bytes = counter_vec(
-            registry,
-            &format!("heartwire_{direction}_bytes_total"),
-            &format!("Bytes of MQTT packets {direction}, by packet type."),
-            &["type"],
-        );
         Self {
-            packets: PACKET_TYPES
-                .iter()
-                .map(|t| packets.with_label_values(&[t]))
-                .collect(),
-            bytes: PACKET_TYPES
-                .iter()
-                .map(|t| bytes.with_label_values(&[t]))
-                .collect(),
+            packets: Counters::new(
+                registry,
+                &format!("heartwire_packets_{direction}_total"),
+                &format!("MQTT packets {direction}, by type."),
+                "type",
+            ),
+            bytes: Counters::new(
+                registry,
+                &format!("heartwire_{direction}_bytes_total"),
+                &format!("Bytes of MQTT packets {direction}, by packet type."),
+                "type",
+            ),
         }
     }
 
-    /// Counts `n` packets of type `kind` (one of [`PACKET_TYPES`]) totalling `bytes` bytes.
-    pub fn count(&self, kind: &str, n: u64, bytes: usize) {
-        if let Some(i) = PACKET_TYPES.iter().position(|t| *t == kind) {
-            self.packets[i].inc_by(n);
-            self.bytes[i].inc_by(bytes as u64);
-        }
-    }
-}
-
-/// Creates the children of `vec` for every value of a closed label set, so each series exists
-/// (at 0) from the start: dashboards and alerts see "none yet" instead of "no data".
-fn preset(vec: &IntCounterVec, values: &[&str]) {
-    for v in values {
-        vec.with_label_values(&[v]);
+    /// Counts `n` packets of type `kind` totalling `bytes` bytes.
+    pub fn count(&self, kind: PacketType, n: u64, bytes: usize) {
+        self.packets.inc_by(kind, n);
+        self.bytes.inc_by(kind, bytes as u64);
     }
 }
 
@@ -273,7 +278,7 @@ impl Metrics {
         ))
         .expect("unique metric");
 
-        let m = Self {
+        Self {
             connections_current: gauge(
                 &r,
                 "heartwire_connections",
@@ -284,22 +289,22 @@ impl Metrics {
                 "heartwire_tcp_connections_accepted_total",
                 "TCP connections accepted by the listener.",
             ),
-            connections_refused: counter_vec(
+            connections_refused: Counters::new(
                 &r,
                 "heartwire_connections_refused_total",
                 "Connections refused or closed before a session started, by reason.",
-                &["reason"],
+                "reason",
             ),
             connections_accepted: counter(
                 &r,
                 "heartwire_connections_accepted_total",
                 "MQTT connections accepted (CONNACK 0 sent).",
             ),
-            disconnects: counter_vec(
+            disconnects: Counters::new(
                 &r,
                 "heartwire_disconnects_total",
                 "Ended MQTT connections, by reason.",
-                &["reason"],
+                "reason",
             ),
             keepalive_timeouts: counter(
                 &r,
@@ -339,11 +344,11 @@ impl Metrics {
                 "heartwire_messages_published_total",
                 "PUBLISH packets accepted from clients (and wills).",
             ),
-            messages_dropped: counter_vec(
+            messages_dropped: Counters::new(
                 &r,
                 "heartwire_messages_dropped_total",
                 "Messages not delivered to a subscriber, by reason.",
-                &["reason"],
+                "reason",
             ),
             queued_bytes: gauge(
                 &r,
@@ -375,17 +380,17 @@ impl Metrics {
                 "heartwire_retained_bytes",
                 "Bytes (topics and payloads) of retained messages held.",
             ),
-            retained_refused: counter_vec(
+            retained_refused: Counters::new(
                 &r,
                 "heartwire_retained_refused_total",
                 "Retained messages not stored because of mqtt.max_retained_*, by limit.",
-                &["reason"],
+                "reason",
             ),
-            subscriptions_refused: counter_vec(
+            subscriptions_refused: Counters::new(
                 &r,
                 "heartwire_subscriptions_refused_total",
                 "Topic filters refused with SUBACK 0x80, by reason.",
-                &["reason"],
+                "reason",
             ),
             wills_published: counter(
                 &r,
@@ -397,11 +402,11 @@ impl Metrics {
                 "heartwire_accept_fd_exhausted_total",
                 "Accept attempts that failed because the process had no file descriptor left.",
             ),
-            presence_transitions: counter_vec(
+            presence_transitions: Counters::new(
                 &r,
                 "heartwire_presence_transitions_total",
                 "Presence transitions received by the bridge, by kind.",
-                &["kind"],
+                "kind",
             ),
             bridge_persisted: counter(
                 &r,
@@ -461,11 +466,11 @@ impl Metrics {
                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
                 ],
             ),
-            store_errors: counter_vec(
+            store_errors: Counters::new(
                 &r,
                 "heartwire_store_errors_total",
                 "Presence store failures, by operation.",
-                &["operation"],
+                "operation",
             ),
             presence_coalesced: counter(
                 &r,
@@ -473,18 +478,18 @@ impl Metrics {
                 "Sessions that began and ended within one batch folded into a kept history row \
                  (bridge.coalesce_after) instead of getting their own.",
             ),
-            history_pruned: counter_vec(
+            history_pruned: Counters::new(
                 &r,
                 "heartwire_history_pruned_sessions_total",
                 "Session history rows deleted by retention, by policy \
                  (database.history_max_age, database.history_max_sessions_per_device).",
-                &["policy"],
+                "policy",
             ),
-            http_requests: counter_vec(
+            http_requests: CounterGrid::new(
                 &r,
                 "heartwire_http_requests_total",
                 "HTTP API requests, by route and status class.",
-                &["route", "status"],
+                ["route", "status"],
             ),
             http_connections: gauge(
                 &r,
@@ -502,12 +507,12 @@ impl Metrics {
                 "Times the HTTP listener stopped accepting at http.max_connections (new \
                  connections then wait in the listen backlog).",
             ),
-            http_connection_timeouts: counter_vec(
+            http_connection_timeouts: Counters::new(
                 &r,
                 "heartwire_http_connection_timeouts_total",
                 "HTTP connections closed by http.header_read_timeout (header_read) or \
                  http.idle_timeout (idle).",
-                &["kind"],
+                "kind",
             ),
             http_accept_fd_exhausted: counter(
                 &r,
@@ -526,20 +531,7 @@ impl Metrics {
                 "Store queries made to refresh the cached /api/v1/stats totals.",
             ),
             registry: r,
-        };
-        preset(&m.connections_refused, &REFUSED_REASONS);
-        let reasons = crate::presence::DisconnectReason::ALL.map(|r| r.as_str());
-        preset(&m.disconnects, &reasons);
-        let drops = crate::mqtt::session::DropReason::ALL.map(|r| r.as_str());
-        preset(&m.messages_dropped, &drops);
-        let refusals = crate::mqtt::retained::RetainRefusal::ALL.map(|r| r.as_str());
-        preset(&m.retained_refused, &refusals);
-        preset(&m.subscriptions_refused, &SUBSCRIPTION_REFUSALS);
-        preset(&m.presence_transitions, &TRANSITION_KINDS);
-        preset(&m.store_errors, &STORE_OPERATIONS);
-        preset(&m.history_pruned, &RETENTION_POLICIES);
-        preset(&m.http_connection_timeouts, &HTTP_TIMEOUT_KINDS);
-        m
+        }
     }
 
     /// The registry in Prometheus text exposition format.
@@ -600,8 +592,7 @@ mod tests {
                 .unwrap_or(-1.0)
         };
         let before = bytes("suback");
-        m.received.count("suback", 2, 10);
-        m.received.count("no-such-type", 1, 99);
+        m.received.count(PacketType::SubAck, 2, 10);
         assert_eq!(bytes("suback") - before, 10.0);
     }
 }

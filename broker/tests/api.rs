@@ -9,10 +9,11 @@ use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use broker::event::{self, ConnectionEvent, PresenceRecord, SessionId};
 use broker::http::{app, AppState};
+use broker::labels::DisconnectReason;
 use broker::mqtt::{Registry, Shared};
-use broker::presence::{self, ConnectionEvent, DisconnectReason, SessionId};
-use broker::store::{PresenceRecord, PresenceStore, Store};
+use broker::store::{PresenceStore, Store};
 use common::TempDir;
 use http_body_util::BodyExt;
 use serde_json::Value;
@@ -34,7 +35,7 @@ impl Api {
             .await
             .expect("store");
         store.migrate().await.expect("migrate");
-        let (events, _rx) = presence::channel(16);
+        let (events, _rx) = event::channel(16);
         let shared = Shared::new(Default::default(), events);
         Self {
             state: AppState::new(

@@ -3,7 +3,7 @@
 
 mod common;
 
-use broker::presence::DisconnectReason;
+use broker::labels::DisconnectReason;
 use common::{Client, ConnectOpts, RawClient, TestBroker};
 use rumqttc::mqttbytes::v4::{Packet, SubscribeReasonCode};
 use rumqttc::mqttbytes::QoS;

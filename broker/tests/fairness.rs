@@ -236,7 +236,7 @@ async fn a_publish_flood_is_delivered_not_dropped() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
     let addr = listener.local_addr().expect("addr");
-    let (events, mut rx) = broker::presence::channel(4096);
+    let (events, mut rx) = broker::event::channel(4096);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let serving = runtime.spawn({
         let shutdown = shutdown.clone();
@@ -262,14 +262,10 @@ async fn a_publish_flood_is_delivered_not_dropped() {
         publishers.push(c);
     }
     let dropped = || {
-        ["queue_full", "queue_bytes", "memory_limit"]
-            .iter()
-            .map(|r| {
-                broker::metrics::metrics()
-                    .messages_dropped
-                    .with_label_values(&[r])
-                    .get()
-            })
+        use broker::labels::DropReason::{MemoryLimit, QueueBytes, QueueFull};
+        [QueueFull, QueueBytes, MemoryLimit]
+            .into_iter()
+            .map(|r| broker::metrics::metrics().messages_dropped.get(r))
             .sum::<u64>() as usize
     };
     let start = Instant::now();

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use broker::labels::RetentionPolicy;
 use broker::metrics::metrics;
 use broker::store::{PresenceStore, Store};
 use common::{ConnectOpts, FullBroker, RawClient, TempDir};
@@ -146,8 +147,7 @@ async fn background_retention_caps_history_per_device() {
     let store = Store::connect(&url, 2).await.expect("store");
     let pruned_before = metrics()
         .history_pruned
-        .with_label_values(&["max_sessions_per_device"])
-        .get();
+        .get(RetentionPolicy::MaxSessionsPerDevice);
 
     let _online = flap(&broker, &store, "flapper", 30).await;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -164,8 +164,7 @@ async fn background_retention_caps_history_per_device() {
     assert_eq!(rows[0].disconnected_at, None, "the open session is kept");
     let pruned = metrics()
         .history_pruned
-        .with_label_values(&["max_sessions_per_device"])
-        .get()
+        .get(RetentionPolicy::MaxSessionsPerDevice)
         - pruned_before;
     assert_eq!(pruned, 26);
     broker.stop().await;

@@ -212,7 +212,9 @@ async fn tally(
 }
 
 fn apply_errors() -> u64 {
-    metrics().store_errors.with_label_values(&["apply"]).get()
+    metrics()
+        .store_errors
+        .get(broker::labels::StoreOperation::Apply)
 }
 
 /// How long until `store` shows `id` in the wanted state, at most `within`.
@@ -330,8 +332,7 @@ async fn half_a_request_line_is_closed_after_the_header_read_timeout() {
     let timeouts = || {
         metrics()
             .http_connection_timeouts
-            .with_label_values(&["header_read"])
-            .get()
+            .get(broker::labels::HttpTimeout::HeaderRead)
     };
     let before = timeouts();
 
@@ -373,8 +374,7 @@ async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let idle = || {
         metrics()
             .http_connection_timeouts
-            .with_label_values(&["idle"])
-            .get()
+            .get(broker::labels::HttpTimeout::Idle)
     };
     let before = idle();
 

@@ -8,7 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use broker::presence::{ConnectionEvent, DisconnectReason};
+use broker::event::ConnectionEvent;
+use broker::labels::DisconnectReason;
 use common::{Client, ConnectOpts, RawClient, TestBroker};
 use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::mqttbytes::QoS;

@@ -8,19 +8,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use broker::event::ConnectionEvent;
+use broker::labels::{DisconnectReason, DropReason, RetainRefusal, SubscriptionRefusal};
 use broker::metrics::metrics;
-use broker::presence::{ConnectionEvent, DisconnectReason};
 use common::{ConnectOpts, RawClient, TestBroker};
 use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish};
 use rumqttc::mqttbytes::QoS;
 
 const MIB: usize = 1024 * 1024;
 
-fn dropped(reason: &str) -> u64 {
-    metrics()
-        .messages_dropped
-        .with_label_values(&[reason])
-        .get()
+fn dropped(reason: DropReason) -> u64 {
+    metrics().messages_dropped.get(reason)
 }
 
 /// Connects a persistent session subscribed to `topic` at QoS 1, then leaves: messages for it
@@ -112,9 +110,10 @@ async fn session_queues_are_bounded_in_bytes() {
     // it is dropped), all together 3 MiB.
     let held = metrics().queued_bytes.get() as usize;
     assert!(held <= 3 * MIB, "{held} bytes queued");
-    let kept = 4 * 20 - (dropped("queue_bytes") + dropped("memory_limit")) as usize;
+    let kept =
+        4 * 20 - (dropped(DropReason::QueueBytes) + dropped(DropReason::MemoryLimit)) as usize;
     assert_eq!(held, kept * SIZE + kept * "big/x".len());
-    assert!(dropped("queue_bytes") > 0 && dropped("memory_limit") > 0);
+    assert!(dropped(DropReason::QueueBytes) > 0 && dropped(DropReason::MemoryLimit) > 0);
     let bytes = drain_queues(&mut broker, &ids, kept).await;
     for (id, bytes) in ids.iter().zip(&bytes) {
         assert!(*bytes <= MIB, "{id} got {bytes} bytes");
@@ -302,14 +301,9 @@ async fn the_retained_store_is_bounded() {
     }
     let bytes = metrics().retained_bytes.get() as usize;
     assert!(bytes <= 40 * 1024, "{bytes} retained bytes");
-    let refused = |reason: &str| {
-        metrics()
-            .retained_refused
-            .with_label_values(&[reason])
-            .get()
-    };
-    assert_eq!(refused("count"), 50);
-    assert!(refused("bytes") > 0);
+    let refused = |reason| metrics().retained_refused.get(reason);
+    assert_eq!(refused(RetainRefusal::Count), 50);
+    assert!(refused(RetainRefusal::Bytes) > 0);
     // A new subscriber gets exactly what is held.
     let (mut sub, _) = RawClient::connect(broker.addr, ConnectOpts::new("late")).await;
     broker.connected("late").await;
@@ -451,14 +445,9 @@ async fn subscription_limits_answer_0x80_and_are_counted() {
         [Code::Failure, ok],
         "a held filter can be subscribed again at the limit"
     );
-    let refused = |reason: &str| {
-        metrics()
-            .subscriptions_refused
-            .with_label_values(&[reason])
-            .get()
-    };
-    assert_eq!(refused("filters_per_subscribe"), 1);
-    assert_eq!(refused("invalid_filter"), 1);
-    assert_eq!(refused("subscriptions_per_session"), 1);
+    let refused = |reason| metrics().subscriptions_refused.get(reason);
+    assert_eq!(refused(SubscriptionRefusal::FiltersPerSubscribe), 1);
+    assert_eq!(refused(SubscriptionRefusal::InvalidFilter), 1);
+    assert_eq!(refused(SubscriptionRefusal::SubscriptionsPerSession), 1);
     assert_eq!(metrics().subscriptions.get(), 5);
 }

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use broker::config::LogFormat;
-use broker::presence::DisconnectReason;
+use broker::labels::DisconnectReason;
 use common::{ConnectOpts, RawClient, TestBroker};
 use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::mqttbytes::QoS;

@@ -143,8 +143,8 @@ async fn crashed_broker_sessions_are_closed_at_restart(url: String, data: TempDi
 }
 
 /// A Connected event of `id` for session `s`, now.
-fn connected(id: &str, s: broker::presence::SessionId) -> broker::presence::ConnectionEvent {
-    broker::presence::ConnectionEvent::Connected {
+fn connected(id: &str, s: broker::event::SessionId) -> broker::event::ConnectionEvent {
+    broker::event::ConnectionEvent::Connected {
         client_id: id.into(),
         session_id: s,
         seq: 0,
@@ -156,9 +156,10 @@ fn connected(id: &str, s: broker::presence::SessionId) -> broker::presence::Conn
 }
 
 async fn delayed_disconnect_of_an_old_session_never_wins(url: String, data: TempDir) {
-    use broker::presence::{ConnectionEvent, DisconnectReason, SessionId};
+    use broker::event::{ConnectionEvent, SessionId};
+    use broker::labels::DisconnectReason;
     let store = Store::connect(&url, 2).await.expect("store");
-    let (tx, rx) = broker::presence::channel(16);
+    let (tx, rx) = broker::event::channel(16);
     let config = FullBroker::config(&url, &data, "node-late").bridge;
     let bridge = broker::presence::bridge::Bridge::new(
         store.clone(),
@@ -379,7 +380,7 @@ impl broker::store::PresenceStore for StallFirstWrite {
     }
     async fn apply(
         &self,
-        batch: &[broker::store::PresenceRecord],
+        batch: &[broker::event::PresenceRecord],
     ) -> Result<(), broker::store::StoreError> {
         if self
             .applies
@@ -437,7 +438,8 @@ impl broker::store::PresenceStore for StallFirstWrite {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_spilled_during_a_stalled_write_keep_their_order() {
-    use broker::presence::{ConnectionEvent, DisconnectReason, SessionId};
+    use broker::event::{ConnectionEvent, SessionId};
+    use broker::labels::DisconnectReason;
     let data = TempDir::new("stall");
     let url = format!("sqlite://{}/broker.db", data.path().display());
     let store = Store::connect(&url, 2).await.expect("store");
@@ -449,7 +451,7 @@ async fn events_spilled_during_a_stalled_write_keep_their_order() {
     config.batch_size = 1;
     config.memory_capacity = 2;
     config.write_timeout = Duration::from_millis(300);
-    let (tx, rx) = broker::presence::channel(16);
+    let (tx, rx) = broker::event::channel(16);
     let bridge = broker::presence::bridge::Bridge::new(
         stalling,
         rx,

@@ -3,7 +3,8 @@
 
 mod common;
 
-use broker::presence::DisconnectReason;
+use broker::labels::DisconnectReason;
+use broker::labels::DropReason;
 use common::{Client, ConnectOpts, RawClient, TestBroker};
 use rumqttc::mqttbytes::v4::{Packet, PubAck};
 use rumqttc::mqttbytes::QoS;
@@ -296,8 +297,7 @@ async fn queue_of_an_absent_persistent_session_is_bounded_and_counted() {
     let dropped = || {
         broker::metrics::metrics()
             .messages_dropped
-            .with_label_values(&["queue_full"])
-            .get()
+            .get(DropReason::QueueFull)
     };
     let before = dropped();
     let (mut publisher, _) = RawClient::connect(broker.addr, ConnectOpts::new("pub")).await;

@@ -5,8 +5,9 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
-use broker::presence::{ConnectionEvent, DisconnectReason, SessionId};
-use broker::store::{PresenceRecord, PresenceStore, Store};
+use broker::event::{ConnectionEvent, PresenceRecord, SessionId};
+use broker::labels::DisconnectReason;
+use broker::store::{PresenceStore, Store};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 

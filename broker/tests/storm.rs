@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use broker::presence::{ConnectionEvent, SessionId};
+use broker::event::{ConnectionEvent, SessionId};
 use common::{ConnectOpts, RawClient, TestBroker};
 use rumqttc::mqttbytes::v4::Packet;
 use tokio::io::AsyncWriteExt;
@@ -27,7 +27,7 @@ async fn event_invariants_hold_under_takeover_and_churn() {
     let mut broker = TestBroker::start().await;
     let addr = broker.addr;
     // Consume events while the storm runs, as the presence pipeline would.
-    let (_, placeholder) = broker::presence::channel(1);
+    let (_, placeholder) = broker::event::channel(1);
     let mut receiver = std::mem::replace(&mut broker.events, placeholder);
     let collector = tokio::spawn(async move {
         let mut all = Vec::new();

@@ -10,6 +10,8 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 
+use broker::database_url::{redact, Backend, SCHEMES};
+
 use crate::verify::Presence;
 
 const QUERY: &str = "SELECT device_id, online, last_reason FROM devices";
@@ -17,8 +19,8 @@ const QUERY: &str = "SELECT device_id, online, last_reason FROM devices";
 /// Every row of the `devices` table, by device id.
 pub async fn devices(url: &str) -> Result<HashMap<String, Presence>> {
     let shown = redact(url);
-    let rows: Vec<(String, bool, Option<String>)> =
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    let rows: Vec<(String, bool, Option<String>)> = match Backend::of_url(url) {
+        Some(Backend::Postgres) => {
             let mut conn = PgConnectOptions::from_str(url)
                 .with_context(|| format!("bad --database-url {shown}"))?
                 .connect()
@@ -30,7 +32,8 @@ pub async fn devices(url: &str) -> Result<HashMap<String, Presence>> {
                 .with_context(|| format!("reading devices from {shown}"))?;
             let _ = conn.close().await;
             rows
-        } else if url.starts_with("sqlite:") {
+        }
+        Some(Backend::Sqlite) => {
             // No create_if_missing: a wrong path is an error, not an empty database.
             let mut conn = SqliteConnectOptions::from_str(url)
                 .with_context(|| format!("bad --database-url {shown}"))?
@@ -46,9 +49,9 @@ pub async fn devices(url: &str) -> Result<HashMap<String, Presence>> {
             rows.into_iter()
                 .map(|(id, online, reason)| (id, online != 0, reason))
                 .collect()
-        } else {
-            bail!("--database-url must start with postgres://, postgresql:// or sqlite:");
-        };
+        }
+        None => bail!("--database-url must start with {SCHEMES}"),
+    };
     Ok(rows
         .into_iter()
         .map(|(id, online, last_reason)| {
@@ -63,33 +66,9 @@ pub async fn devices(url: &str) -> Result<HashMap<String, Presence>> {
         .collect())
 }
 
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(redact("sqlite:///tmp/b.db"), "sqlite:///tmp/b.db");
-    }
 
     #[tokio::test]
     async fn unknown_scheme_and_missing_file_are_errors() {

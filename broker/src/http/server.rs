@@ -45,6 +45,7 @@ use tokio_util::task::TaskTracker;
 
 use super::head::{HeadLimits, HeadScanner, Scan};
 use crate::config::HttpConfig;
+use crate::labels::{HttpRoute, HttpTimeout};
 use crate::metrics::metrics;
 use crate::telemetry::LogLimiter;
 
@@ -211,12 +212,6 @@ enum Phase {
     Idle(Instant),
 }
 
-/// A request head took longer than `http.header_read_timeout` (a
-/// `heartwire_http_connection_timeouts_total` kind).
-const HEADER_READ: &str = "header_read";
-/// No request for `http.idle_timeout`.
-const IDLE: &str = "idle";
-
 /// A connection's phase, shared by its socket (a request head starts), its service (a request
 /// is answered) and its task (the deadline).
 struct Activity {
@@ -258,11 +253,13 @@ impl Activity {
     }
 
     /// When the current phase times out, and as what.
-    fn deadline(&self, limits: &Limits) -> Option<(Instant, &'static str)> {
+    fn deadline(&self, limits: &Limits) -> Option<(Instant, HttpTimeout)> {
         match self.phase() {
-            Phase::Head(since) => Some((since + limits.header_read_timeout, HEADER_READ)),
+            Phase::Head(since) => {
+                Some((since + limits.header_read_timeout, HttpTimeout::HeaderRead))
+            }
             Phase::Busy => None,
-            Phase::Idle(since) => Some((since + limits.idle_timeout, IDLE)),
+            Phase::Idle(since) => Some((since + limits.idle_timeout, HttpTimeout::Idle)),
         }
     }
 }
@@ -345,8 +342,8 @@ async fn connection(
             _ = &mut sleep => {
                 let now = Instant::now();
                 if let Some((_, kind)) = activity.deadline(&limits).filter(|d| d.0 <= now) {
-                    metrics().http_connection_timeouts.with_label_values(&[kind]).inc();
-                    tracing::debug!(%peer, timeout = kind, "HTTP connection timed out; closing.");
+                    metrics().http_connection_timeouts.inc(kind);
+                    tracing::debug!(%peer, timeout = kind.as_str(), "HTTP connection timed out; closing.");
                     return;
                 }
                 if stop_by.is_some_and(|s| s <= now) {
@@ -482,7 +479,7 @@ impl AsyncRead for Watched {
             Scan::Rejected(rejection) => {
                 // hyper never sees the refused bytes; it gets the end of stream instead.
                 buf.set_filled(before);
-                super::count("rejected", rejection.status());
+                super::count(HttpRoute::Rejected, rejection.status());
                 tracing::debug!(peer = %this.peer, reason = %rejection.message(), "HTTP request head refused.");
                 this.guard = if this.write_pending {
                     Guard::Done

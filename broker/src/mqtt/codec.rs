@@ -5,6 +5,8 @@
 use bytes::{BufMut, BytesMut};
 use rumqttc::mqttbytes::{self, v4::Packet, QoS};
 
+use crate::labels::PacketType;
+
 /// CONNACK return codes of MQTT 3.1.1 that the broker sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnackCode {
@@ -250,23 +252,23 @@ pub fn write_packet(buf: &mut BytesMut, packet: &Packet) {
     }
 }
 
-/// A fixed label for a packet type, for metrics.
-pub fn packet_label(packet: &Packet) -> &'static str {
+/// The type of `packet`.
+pub fn packet_type(packet: &Packet) -> PacketType {
     match packet {
-        Packet::Connect(_) => "connect",
-        Packet::ConnAck(_) => "connack",
-        Packet::Publish(_) => "publish",
-        Packet::PubAck(_) => "puback",
-        Packet::PubRec(_) => "pubrec",
-        Packet::PubRel(_) => "pubrel",
-        Packet::PubComp(_) => "pubcomp",
-        Packet::Subscribe(_) => "subscribe",
-        Packet::SubAck(_) => "suback",
-        Packet::Unsubscribe(_) => "unsubscribe",
-        Packet::UnsubAck(_) => "unsuback",
-        Packet::PingReq => "pingreq",
-        Packet::PingResp => "pingresp",
-        Packet::Disconnect => "disconnect",
+        Packet::Connect(_) => PacketType::Connect,
+        Packet::ConnAck(_) => PacketType::ConnAck,
+        Packet::Publish(_) => PacketType::Publish,
+        Packet::PubAck(_) => PacketType::PubAck,
+        Packet::PubRec(_) => PacketType::PubRec,
+        Packet::PubRel(_) => PacketType::PubRel,
+        Packet::PubComp(_) => PacketType::PubComp,
+        Packet::Subscribe(_) => PacketType::Subscribe,
+        Packet::SubAck(_) => PacketType::SubAck,
+        Packet::Unsubscribe(_) => PacketType::Unsubscribe,
+        Packet::UnsubAck(_) => PacketType::UnsubAck,
+        Packet::PingReq => PacketType::PingReq,
+        Packet::PingResp => PacketType::PingResp,
+        Packet::Disconnect => PacketType::Disconnect,
     }
 }
 

@@ -42,8 +42,9 @@ use super::retained::Cursor;
 use super::session::{Backlog, Message, Session};
 use super::{topic, Attach, Shared};
 use crate::config::{KeepAlivePolicy, MqttConfig};
+use crate::event::{ConnectionEvent, SessionId};
+use crate::labels::{DisconnectReason, PacketType, RefusalReason, SubscriptionRefusal};
 use crate::metrics::metrics;
-use crate::presence::{ConnectionEvent, DisconnectReason, SessionId};
 use crate::telemetry::LogLimiter;
 
 /// Bytes asked of the socket per read call while no large packet is arriving.
@@ -136,7 +137,7 @@ impl Io {
         let packet = codec::read_packet(&mut self.rbuf, self.max_packet_size)?;
         if let Some(p) = &packet {
             let size = before - self.rbuf.len();
-            metrics().received.count(codec::packet_label(p), 1, size);
+            metrics().received.count(codec::packet_type(p), 1, size);
         }
         if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
             // Give the buffer back while the connection is idle.
@@ -218,7 +219,7 @@ impl Io {
         let before = self.wbuf.len();
         codec::write_packet(&mut self.wbuf, packet);
         let size = self.wbuf.len() - before;
-        metrics().sent.count(codec::packet_label(packet), 1, size);
+        metrics().sent.count(codec::packet_type(packet), 1, size);
     }
 
     /// Writes a refusal CONNACK and gives the peer a moment to read it before closing.
@@ -242,11 +243,8 @@ impl Io {
     }
 }
 
-fn refused(reason: &'static str) {
-    metrics()
-        .connections_refused
-        .with_label_values(&[reason])
-        .inc();
+fn refused(reason: RefusalReason) {
+    metrics().connections_refused.inc(reason);
 }
 
 fn configure_socket(stream: &TcpStream, config: &MqttConfig) {
@@ -321,14 +319,14 @@ async fn handshake(
         Ok(peer) => peer,
         Err(error) => {
             tracing::debug!(%error, "Connection gone before CONNECT.");
-            refused("connection_lost");
+            refused(RefusalReason::ConnectionLost);
             return None;
         }
     };
     let first = tokio::select! {
         biased;
         _ = shutdown.cancelled() => {
-            refused("broker_shutdown");
+            refused(RefusalReason::BrokerShutdown);
             return None;
         }
         first = tokio::time::timeout(
@@ -340,31 +338,31 @@ async fn handshake(
         Ok(Ok(Packet::Connect(connect))) => connect,
         Ok(Ok(other)) => {
             tracing::info!(%peer,
-                packet = codec::packet_label(&other),
+                packet = codec::packet_type(&other).as_str(),
                 "First packet is not CONNECT; closing."
             );
-            refused("protocol_error");
+            refused(RefusalReason::ProtocolError);
             return None;
         }
         Ok(Err(ReadError::Codec(CodecError::UnsupportedProtocol { name, level }))) => {
             tracing::info!(%peer, name = name.as_str(), level, "Unsupported protocol version; CONNACK 0x01.");
-            refused("unsupported_protocol_version");
+            refused(RefusalReason::UnsupportedProtocolVersion);
             io.refuse(ConnackCode::UnacceptableProtocolVersion).await;
             return None;
         }
         Ok(Err(ReadError::Codec(error))) => {
             tracing::info!(%peer, %error, "Invalid packet before CONNECT; closing.");
-            refused("protocol_error");
+            refused(RefusalReason::ProtocolError);
             return None;
         }
         Ok(Err(error)) => {
             tracing::debug!(%error, "Connection closed before CONNECT.");
-            refused("connection_lost");
+            refused(RefusalReason::ConnectionLost);
             return None;
         }
         Err(_) => {
             tracing::info!(%peer, timeout = ?config.connect_timeout, "No CONNECT within the connect timeout; closing.");
-            refused("connect_timeout");
+            refused(RefusalReason::ConnectTimeout);
             return None;
         }
     };
@@ -373,7 +371,7 @@ async fn handshake(
         Ok(id) => id,
         Err(why) => {
             tracing::info!(%peer, client_id = connect.client_id.as_str(), why, "Client identifier rejected; CONNACK 0x02.");
-            refused("identifier_rejected");
+            refused(RefusalReason::IdentifierRejected);
             io.refuse(ConnackCode::IdentifierRejected).await;
             return None;
         }
@@ -387,7 +385,7 @@ async fn handshake(
                 why,
                 "Keep-alive refused; CONNACK 0x02."
             );
-            refused("keepalive_rejected");
+            refused(RefusalReason::KeepaliveRejected);
             io.refuse(ConnackCode::IdentifierRejected).await;
             return None;
         }
@@ -395,7 +393,7 @@ async fn handshake(
     if let Some(will) = &connect.last_will {
         if !topic::valid_topic_name(&will.topic, config.max_topic_levels) {
             tracing::info!(%peer, topic = will.topic.as_str(), "Invalid will topic; closing.");
-            refused("protocol_error");
+            refused(RefusalReason::ProtocolError);
             return None;
         }
     }
@@ -418,7 +416,7 @@ async fn handshake(
     let (session, attached) = tokio::select! {
         biased;
         _ = shutdown.cancelled() => {
-            refused("broker_shutdown");
+            refused(RefusalReason::BrokerShutdown);
             return None;
         }
         attached = attach => attached,
@@ -473,10 +471,7 @@ async fn handshake(
 /// paused accept loop go on.
 async fn close(shared: &Shared, conn: Established, reason: DisconnectReason) {
     metrics().connections_current.dec();
-    metrics()
-        .disconnects
-        .with_label_values(&[reason.as_str()])
-        .inc();
+    metrics().disconnects.inc(reason);
     match reason {
         DisconnectReason::KeepaliveTimeout => metrics().keepalive_timeouts.inc(),
         DisconnectReason::Takeover => metrics().takeovers.inc(),
@@ -917,7 +912,7 @@ fn fill(io: &mut Io, shared: &Shared, session: &Arc<Session>) -> Backlog {
             if count > 0 {
                 metrics()
                     .sent
-                    .count("publish", count as u64, io.wbuf.len() - before);
+                    .count(PacketType::Publish, count as u64, io.wbuf.len() - before);
             }
             if !done {
                 st.resume_retained(cursor);
@@ -933,7 +928,7 @@ fn fill(io: &mut Io, shared: &Shared, session: &Arc<Session>) -> Backlog {
     if written > 0 {
         metrics()
             .sent
-            .count("publish", written as u64, io.wbuf.len() - before);
+            .count(PacketType::Publish, written as u64, io.wbuf.len() - before);
     }
     if relieved {
         shared.drained.notify_waiters();
@@ -1106,30 +1101,27 @@ impl Job {
                     for filter in filters.by_ref().take(FILTER_BUDGET) {
                         let refusal =
                             if !topic::valid_topic_filter(&filter.path, config.max_topic_levels) {
-                                Some("invalid_filter")
+                                Some(SubscriptionRefusal::InvalidFilter)
                             } else if granted.len() + cursors.len()
                                 >= config.max_filters_per_subscribe
                             {
-                                Some("filters_per_subscribe")
+                                Some(SubscriptionRefusal::FiltersPerSubscribe)
                             } else if st.subscription_count()
                                 >= config.max_subscriptions_per_session
                                 && !st.is_subscribed(&filter.path)
                             {
-                                Some("subscriptions_per_session")
+                                Some(SubscriptionRefusal::SubscriptionsPerSession)
                             } else {
                                 None
                             };
                         match refusal {
                             Some(reason) => {
-                                metrics()
-                                    .subscriptions_refused
-                                    .with_label_values(&[reason])
-                                    .inc();
+                                metrics().subscriptions_refused.inc(reason);
                                 if let Some(suppressed) = FILTER_REFUSED_LOG.check() {
                                     tracing::info!(
                                         client_id = &*session.client_id,
                                         filter = filter.path.as_str(),
-                                        reason,
+                                        reason = reason.as_str(),
                                         suppressed,
                                         "Topic filter refused (SUBACK 0x80)."
                                     );
@@ -1305,7 +1297,7 @@ fn handle<'a>(
         | Packet::PingResp) => {
             tracing::info!(
                 client_id = &*session.client_id,
-                packet = codec::packet_label(&other),
+                packet = codec::packet_type(&other).as_str(),
                 "Server-only packet from a client; closing."
             );
             return Err(DisconnectReason::ProtocolError);
@@ -1364,7 +1356,7 @@ mod size {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let (tx, _rx) = crate::presence::channel(1);
+        let (tx, _rx) = crate::event::channel(1);
         let shared = std::sync::Arc::new(super::Shared::new(Default::default(), tx));
         let fut = super::run(stream, shared, tokio_util::sync::CancellationToken::new());
         let size = std::mem::size_of_val(&fut);

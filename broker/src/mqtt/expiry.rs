@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::session::Session;
 use super::Shared;
+use crate::event::ConnectionEvent;
 use crate::metrics::metrics;
-use crate::presence::ConnectionEvent;
 
 /// One scheduled expiry: void if the client came back since its `leave`-th leave.
 struct Expiring {

@@ -12,8 +12,9 @@ use tracing::Instrument;
 
 use super::{connection, Shared};
 use crate::config::MqttConfig;
+use crate::event::EventSender;
+use crate::labels::RefusalReason;
 use crate::metrics::metrics;
-use crate::presence::EventSender;
 
 /// First wait after running out of file descriptors; doubles up to `mqtt.accept_backoff_max`.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
@@ -83,8 +84,7 @@ pub async fn serve_shared(
                 metrics().accept_fd_exhausted.inc();
                 metrics()
                     .connections_refused
-                    .with_label_values(&["fd_exhausted"])
-                    .inc();
+                    .inc(RefusalReason::FdExhausted);
                 if refused_in_streak == 0 {
                     tracing::error!(
                         %error,

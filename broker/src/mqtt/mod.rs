@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use crate::config::MqttConfig;
+use crate::event::{EventSender, SessionId};
 use crate::metrics::metrics;
-use crate::presence::{EventSender, SessionId};
 use budget::ByteBudget;
 use router::Router;
 use session::Session;

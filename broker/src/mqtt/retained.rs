@@ -18,28 +18,7 @@ use std::sync::Arc;
 use rumqttc::mqttbytes::QoS;
 
 use super::session::Message;
-
-/// Why a retained message was not stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RetainRefusal {
-    /// The store holds `mqtt.max_retained_messages` already.
-    Count,
-    /// Storing it would exceed `mqtt.max_retained_bytes`.
-    Bytes,
-}
-
-impl RetainRefusal {
-    /// Every reason (the closed set of the metric label).
-    pub const ALL: [RetainRefusal; 2] = [Self::Count, Self::Bytes];
-
-    /// Metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Count => "count",
-            Self::Bytes => "bytes",
-        }
-    }
-}
+use crate::labels::RetainRefusal;
 
 /// One level of the trie.
 #[derive(Default)]

@@ -196,10 +196,7 @@ impl Router {
         for (session, granted) in targets {
             let qos = granted.min_qos(message.qos);
             if let Err(reason) = session.enqueue(Arc::clone(&message), qos, &self.limits) {
-                metrics()
-                    .messages_dropped
-                    .with_label_values(&[reason.as_str()])
-                    .inc();
+                metrics().messages_dropped.inc(reason);
                 tracing::debug!(
                     client_id = &*session.client_id,
                     topic = &*message.topic,
@@ -220,10 +217,7 @@ impl Router {
         metrics().retained_messages.add(change.count as i64);
         metrics().retained_bytes.add(change.bytes as i64);
         if let Err(refusal) = result {
-            metrics()
-                .retained_refused
-                .with_label_values(&[refusal.as_str()])
-                .inc();
+            metrics().retained_refused.inc(refusal);
             if let Some(suppressed) = RETAIN_REFUSED_LOG.check() {
                 tracing::warn!(
                     topic = &*message.topic,

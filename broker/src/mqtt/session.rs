@@ -17,8 +17,9 @@ use rumqttc::mqttbytes::QoS;
 use super::budget::ByteBudget;
 use super::codec;
 use super::retained::Cursor;
+use crate::event::SessionId;
+use crate::labels::{DropReason, PacketType};
 use crate::metrics::metrics;
-use crate::presence::SessionId;
 
 /// A message as routed: shared by every subscriber it goes to.
 #[derive(Debug)]
@@ -323,8 +324,8 @@ impl SessionState {
         for f in &self.inflight {
             let before = buf.len();
             let kind = match f.stage {
-                Stage::Published => "publish",
-                Stage::Released => "pubrel",
+                Stage::Published => PacketType::Publish,
+                Stage::Released => PacketType::PubRel,
             };
             match f.stage {
                 Stage::Published => codec::write_publish(
@@ -459,43 +460,6 @@ impl MinQos for QoS {
             self
         } else {
             other
-        }
-    }
-}
-
-/// Why a message was not queued for a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// The session's queue is at `mqtt.max_queued_messages`.
-    QueueFull,
-    /// The session's queue would pass `mqtt.max_queued_bytes`.
-    QueueBytes,
-    /// All queues together would pass `mqtt.max_queued_bytes_total`.
-    MemoryLimit,
-    /// QoS 0 messages are not kept for a persistent session while its client is away.
-    Qos0Offline,
-    /// The subscriber's session ended while the message was being routed.
-    SessionEnded,
-}
-
-impl DropReason {
-    /// Every reason (the closed set of the metric label).
-    pub const ALL: [DropReason; 5] = [
-        Self::QueueFull,
-        Self::QueueBytes,
-        Self::MemoryLimit,
-        Self::Qos0Offline,
-        Self::SessionEnded,
-    ];
-
-    /// Metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::QueueFull => "queue_full",
-            Self::QueueBytes => "queue_bytes",
-            Self::MemoryLimit => "memory_limit",
-            Self::Qos0Offline => "qos0_offline",
-            Self::SessionEnded => "session_ended",
         }
     }
 }

@@ -25,10 +25,12 @@ use uuid::Uuid;
 
 use super::journal::Journal;
 use super::retention::NewSessions;
-use super::{ConnectionEvent, EventReceiver};
 use crate::config::BridgeConfig;
+use crate::event::PresenceRecord;
+use crate::event::{ConnectionEvent, EventReceiver};
+use crate::labels::StoreOperation;
 use crate::metrics::metrics;
-use crate::store::{PresenceRecord, PresenceStore, StoreError};
+use crate::store::{PresenceStore, StoreError};
 
 /// First retry delay after a store failure; doubles up to `bridge.retry_backoff_max`.
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -223,10 +225,7 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
     }
 
     fn push(&mut self, event: ConnectionEvent) {
-        metrics()
-            .presence_transitions
-            .with_label_values(&[event.kind()])
-            .inc();
+        metrics().presence_transitions.inc(event.kind());
         self.memory.push_back(PresenceRecord {
             node_id: self.node_id.to_string(),
             boot_id: self.boot_id,
@@ -412,11 +411,12 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
             }
             Err(error) => {
                 let operation = match job {
-                    Job::Migrate => "migrate",
-                    Job::Recover => "begin_boot",
-                    Job::Journal { .. } | Job::Memory => "apply",
+                    Job::Migrate => StoreOperation::Migrate,
+                    Job::Recover => StoreOperation::BeginBoot,
+                    Job::Journal { .. } | Job::Memory => StoreOperation::Apply,
                 };
-                metrics().store_errors.with_label_values(&[operation]).inc();
+                metrics().store_errors.inc(operation);
+                let operation = operation.as_str();
                 if self.failures == 0 {
                     tracing::error!(%error, operation, "Presence store unavailable; buffering events and retrying.");
                 } else {

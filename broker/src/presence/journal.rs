@@ -8,7 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::store::PresenceRecord;
+use crate::event::PresenceRecord;
 
 /// Why the journal failed.
 #[derive(Debug, thiserror::Error)]
@@ -182,7 +182,8 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::presence::{ConnectionEvent, DisconnectReason, SessionId};
+    use crate::event::{ConnectionEvent, SessionId};
+    use crate::labels::DisconnectReason;
 
     fn record(i: u64) -> PresenceRecord {
         PresenceRecord {

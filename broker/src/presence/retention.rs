@@ -17,10 +17,12 @@ use chrono::Utc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::ConnectionEvent;
 use crate::config::DatabaseConfig;
+use crate::event::ConnectionEvent;
+use crate::event::PresenceRecord;
+use crate::labels::{RetentionPolicy, StoreOperation};
 use crate::metrics::metrics;
-use crate::store::{PresenceRecord, PresenceStore, StoreError};
+use crate::store::{PresenceStore, StoreError};
 use crate::telemetry::LogLimiter;
 
 /// Devices tracked at once; beyond, a device's new sessions are counted again once others were
@@ -138,7 +140,7 @@ pub async fn run<S: PresenceStore>(
             "History pruned."
         );
         if let Err(error) = result {
-            metrics().store_errors.with_label_values(&["prune"]).inc();
+            metrics().store_errors.inc(StoreOperation::Prune);
             if let Some(suppressed) = PRUNE_FAILED.check() {
                 tracing::warn!(%error, suppressed, "History pruning failed; retrying at the next pass.");
             }
@@ -162,10 +164,7 @@ async fn prune<S: PresenceStore>(
         loop {
             let n = store.prune_ended_before(before, batch).await?;
             pass.by_age += n;
-            metrics()
-                .history_pruned
-                .with_label_values(&["max_age"])
-                .inc_by(n);
+            metrics().history_pruned.inc_by(RetentionPolicy::MaxAge, n);
             if n < u64::from(batch) || shutdown.is_cancelled() {
                 break;
             }
@@ -189,8 +188,7 @@ async fn prune<S: PresenceStore>(
             pass.by_cap += n;
             metrics()
                 .history_pruned
-                .with_label_values(&["max_sessions_per_device"])
-                .inc_by(n);
+                .inc_by(RetentionPolicy::MaxSessionsPerDevice, n);
             if n < u64::from(batch) {
                 break;
             }
@@ -205,7 +203,7 @@ async fn prune<S: PresenceStore>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::presence::SessionId;
+    use crate::event::SessionId;
 
     fn connected(id: &str) -> PresenceRecord {
         PresenceRecord {

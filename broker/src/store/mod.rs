@@ -26,11 +26,13 @@ use std::future::Future;
 use std::time::SystemTime;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use uuid::Uuid;
 
+use crate::database_url::{redact, Backend};
+use crate::event::{ConnectionEvent, PresenceRecord};
+use crate::labels::DisconnectReason;
 use crate::metrics::metrics;
-use crate::presence::{ConnectionEvent, DisconnectReason};
 
 /// Sessions of one device opened and closed within one batch that are recorded as rows before
 /// the rest are folded into them (`bridge.coalesce_after`).
@@ -58,17 +60,6 @@ pub enum StoreError {
         /// Why.
         source: std::io::Error,
     },
-}
-
-/// A connection event together with the broker boot that emitted it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PresenceRecord {
-    /// The broker node's configured id.
-    pub node_id: String,
-    /// The boot (process start) of that node.
-    pub boot_id: Uuid,
-    /// What happened.
-    pub event: ConnectionEvent,
 }
 
 /// The current state of one device.
@@ -273,17 +264,16 @@ impl Store {
     /// As [`Store::connect`], with a pool for `access`. A read-only SQLite pool expects the
     /// file to exist (open the read-write pool first).
     pub async fn open(url: &str, max_connections: u32, access: Access) -> Result<Self, StoreError> {
-        let scheme = url.split(':').next().unwrap_or_default();
-        match scheme {
-            "postgres" | "postgresql" => Ok(Self::Postgres(postgres::PgStore::connect(
+        match Backend::of_url(url) {
+            Some(Backend::Postgres) => Ok(Self::Postgres(postgres::PgStore::connect(
                 url,
                 max_connections,
                 access,
             )?)),
-            "sqlite" => Ok(Self::Sqlite(
+            Some(Backend::Sqlite) => Ok(Self::Sqlite(
                 sqlite::SqliteStore::connect(url, max_connections, access).await?,
             )),
-            _ => Err(StoreError::Scheme(redact(url))),
+            None => Err(StoreError::Scheme(redact(url))),
         }
     }
 
@@ -298,30 +288,11 @@ impl Store {
     }
 
     /// "postgres" or "sqlite", for logs.
-    pub fn backend(&self) -> &'static str {
+    pub fn backend(&self) -> Backend {
         match self {
-            Self::Postgres(_) => "postgres",
-            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => Backend::Postgres,
+            Self::Sqlite(_) => Backend::Sqlite,
         }
-    }
-}
-
-/// `url` without its password, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &userinfo[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -706,7 +677,7 @@ pub(crate) const BROKER_RESTART: &str = DisconnectReason::BrokerRestart.as_str()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::presence::SessionId;
+    use crate::event::SessionId;
     use std::time::Duration;
 
     fn connected(id: &str, session: SessionId, seq: u64) -> PresenceRecord {
@@ -882,14 +853,5 @@ mod tests {
         );
         assert!(plan.offline.is_empty());
         assert_eq!(plan.upserts[0].closed.map(|c| c.1), Some("takeover"));
-    }
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(redact("sqlite://data/x.db"), "sqlite://data/x.db");
     }
 }

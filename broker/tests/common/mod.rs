@@ -8,8 +8,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use broker::config::MqttConfig;
+use broker::event::{self, ConnectionEvent, EventReceiver};
+use broker::labels::DisconnectReason;
 use broker::mqtt;
-use broker::presence::{self, ConnectionEvent, DisconnectReason, EventReceiver};
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{Connect, LastWill, Packet};
 use rumqttc::mqttbytes::QoS;
@@ -40,7 +41,7 @@ impl TestBroker {
         adjust(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
-        let (tx, events) = presence::channel(1024);
+        let (tx, events) = event::channel(1024);
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(mqtt::serve(
             listener,

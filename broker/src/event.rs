@@ -1,4 +1,7 @@
-//! Connection events: what the MQTT layer tells the presence pipeline.
+//! Connection events: what the MQTT layer tells the presence pipeline, and the record the
+//! pipeline stores (the event with the broker boot that emitted it). Imports nothing of the
+//! broker but its label sets, so that the MQTT layer, the presence pipeline and the store all
+//! point down at it.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -6,6 +9,9 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::labels::{DisconnectReason, TransitionKind};
 
 /// Unique, time-sortable identifier of one accepted connection (UUIDv7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -28,64 +34,6 @@ impl Default for SessionId {
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
-    }
-}
-
-/// Why a connection ended. A closed set: it is used as a metric label and a database value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DisconnectReason {
-    /// The client sent DISCONNECT.
-    ClientDisconnect,
-    /// Nothing was received within keep-alive x multiplier.
-    KeepaliveTimeout,
-    /// The socket closed or failed without DISCONNECT, or writes stopped making progress.
-    ConnectionLost,
-    /// The client broke the protocol (malformed, over-size or unexpected packet).
-    ProtocolError,
-    /// A newer connection with the same client id replaced this one.
-    Takeover,
-    /// The broker is shutting down.
-    BrokerShutdown,
-    /// The broker node stopped without a shutdown (crash, kill); recorded at its next start,
-    /// with the time of the node's last heartbeat. Never emitted by the MQTT layer.
-    BrokerRestart,
-}
-
-impl DisconnectReason {
-    /// Every reason, for metrics and documentation.
-    pub const ALL: [DisconnectReason; 7] = [
-        Self::ClientDisconnect,
-        Self::KeepaliveTimeout,
-        Self::ConnectionLost,
-        Self::ProtocolError,
-        Self::Takeover,
-        Self::BrokerShutdown,
-        Self::BrokerRestart,
-    ];
-
-    /// The snake_case name used in logs, metrics and storage.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::ClientDisconnect => "client_disconnect",
-            Self::KeepaliveTimeout => "keepalive_timeout",
-            Self::ConnectionLost => "connection_lost",
-            Self::ProtocolError => "protocol_error",
-            Self::Takeover => "takeover",
-            Self::BrokerShutdown => "broker_shutdown",
-            Self::BrokerRestart => "broker_restart",
-        }
-    }
-
-    /// The reason named `name` (as stored), if it is one.
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|r| r.as_str() == name)
-    }
-}
-
-impl fmt::Display for DisconnectReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -137,12 +85,12 @@ pub enum ConnectionEvent {
 }
 
 impl ConnectionEvent {
-    /// "connected", "disconnected" or "session_expired".
-    pub fn kind(&self) -> &'static str {
+    /// What happened.
+    pub fn kind(&self) -> TransitionKind {
         match self {
-            Self::Connected { .. } => "connected",
-            Self::Disconnected { .. } => "disconnected",
-            Self::SessionExpired { .. } => "session_expired",
+            Self::Connected { .. } => TransitionKind::Connected,
+            Self::Disconnected { .. } => TransitionKind::Disconnected,
+            Self::SessionExpired { .. } => TransitionKind::SessionExpired,
         }
     }
 
@@ -182,4 +130,16 @@ pub type EventReceiver = mpsc::Receiver<ConnectionEvent>;
 /// A bounded event channel.
 pub fn channel(capacity: usize) -> (EventSender, EventReceiver) {
     mpsc::channel(capacity)
+}
+
+/// A connection event together with the broker boot that emitted it: what the presence
+/// pipeline journals and stores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresenceRecord {
+    /// The broker node's configured id.
+    pub node_id: String,
+    /// The boot (process start) of that node.
+    pub boot_id: Uuid,
+    /// What happened.
+    pub event: ConnectionEvent,
 }

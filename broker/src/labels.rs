@@ -1,0 +1,320 @@
+//! The closed sets of values that label metrics (and, for disconnect reasons, are stored): one
+//! enum each, with every value and its name. Imports nothing of the broker, so that every other
+//! module can point down at it.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A closed set of label values.
+pub trait Label: Copy + 'static {
+    /// Every value, in declaration order.
+    const ALL: &'static [Self];
+    /// The value's name (metric label, log field, stored value).
+    fn as_str(self) -> &'static str;
+    /// The value's position in [`Label::ALL`].
+    fn index(self) -> usize;
+}
+
+/// Declares a label enum: its variants with their names, [`Label`] and `Display`.
+macro_rules! label_enum {
+    (
+        $(#[$meta:meta])*
+        $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident => $text:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $name {
+            /// The value's name (metric label, log field).
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)+
+                }
+            }
+        }
+
+        impl Label for $name {
+            const ALL: &'static [Self] = &[$(Self::$variant),+];
+            fn as_str(self) -> &'static str {
+                $name::as_str(self)
+            }
+            fn index(self) -> usize {
+                self as usize
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// Why a connection ended. Also a database value (`sessions.reason`, `devices.last_reason`).
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    DisconnectReason {
+        /// The client sent DISCONNECT.
+        ClientDisconnect => "client_disconnect",
+        /// Nothing was received within keep-alive x multiplier.
+        KeepaliveTimeout => "keepalive_timeout",
+        /// The socket closed or failed without DISCONNECT, writes stopped making progress, or a
+        /// started packet was not finished in time.
+        ConnectionLost => "connection_lost",
+        /// The client broke the protocol (malformed, over-size or unexpected packet).
+        ProtocolError => "protocol_error",
+        /// A newer connection with the same client id replaced this one.
+        Takeover => "takeover",
+        /// The broker is shutting down.
+        BrokerShutdown => "broker_shutdown",
+        /// The broker node stopped without a shutdown (crash, kill); recorded at its next start,
+        /// with the time of the node's last heartbeat. Never emitted by the MQTT layer.
+        BrokerRestart => "broker_restart",
+    }
+}
+
+impl DisconnectReason {
+    /// The reason named `name` (as stored), if it is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|r| r.as_str() == name)
+    }
+}
+
+label_enum! {
+    /// What a connection event says happened (`kind` of `heartwire_presence_transitions_total`).
+    TransitionKind {
+        /// A CONNECT was accepted.
+        Connected => "connected",
+        /// A connection ended.
+        Disconnected => "disconnected",
+        /// A persistent session expired without a connection.
+        SessionExpired => "session_expired",
+    }
+}
+
+label_enum! {
+    /// MQTT 3.1.1 packet types (`type` of the packet and byte counters).
+    PacketType {
+        /// CONNECT.
+        Connect => "connect",
+        /// CONNACK.
+        ConnAck => "connack",
+        /// PUBLISH.
+        Publish => "publish",
+        /// PUBACK.
+        PubAck => "puback",
+        /// PUBREC.
+        PubRec => "pubrec",
+        /// PUBREL.
+        PubRel => "pubrel",
+        /// PUBCOMP.
+        PubComp => "pubcomp",
+        /// SUBSCRIBE.
+        Subscribe => "subscribe",
+        /// SUBACK.
+        SubAck => "suback",
+        /// UNSUBSCRIBE.
+        Unsubscribe => "unsubscribe",
+        /// UNSUBACK.
+        UnsubAck => "unsuback",
+        /// PINGREQ.
+        PingReq => "pingreq",
+        /// PINGRESP.
+        PingResp => "pingresp",
+        /// DISCONNECT.
+        Disconnect => "disconnect",
+    }
+}
+
+label_enum! {
+    /// Why a connection was refused or closed before its session started (`reason` of
+    /// `heartwire_connections_refused_total`).
+    RefusalReason {
+        /// The broker was shutting down.
+        BrokerShutdown => "broker_shutdown",
+        /// Garbage, or a first packet other than CONNECT, or an invalid will topic.
+        ProtocolError => "protocol_error",
+        /// A protocol level other than 4 (CONNACK 0x01).
+        UnsupportedProtocolVersion => "unsupported_protocol_version",
+        /// The socket closed before the CONNECT.
+        ConnectionLost => "connection_lost",
+        /// No CONNECT within `mqtt.connect_timeout`.
+        ConnectTimeout => "connect_timeout",
+        /// A client id that is not allowed (CONNACK 0x02).
+        IdentifierRejected => "identifier_rejected",
+        /// A keep-alive outside the bounds with `mqtt.keepalive_policy = "reject"`.
+        KeepaliveRejected => "keepalive_rejected",
+        /// The process had no file descriptor left to accept it.
+        FdExhausted => "fd_exhausted",
+    }
+}
+
+label_enum! {
+    /// Why a message was not queued for a subscriber (`reason` of
+    /// `heartwire_messages_dropped_total`).
+    DropReason {
+        /// The session's queue is at `mqtt.max_queued_messages`.
+        QueueFull => "queue_full",
+        /// The session's queue would pass `mqtt.max_queued_bytes`.
+        QueueBytes => "queue_bytes",
+        /// All queues together would pass `mqtt.max_queued_bytes_total`.
+        MemoryLimit => "memory_limit",
+        /// QoS 0 messages are not kept for a persistent session while its client is away.
+        Qos0Offline => "qos0_offline",
+        /// The subscriber's session ended while the message was being routed.
+        SessionEnded => "session_ended",
+    }
+}
+
+label_enum! {
+    /// Why a topic filter got SUBACK 0x80 (`reason` of `heartwire_subscriptions_refused_total`).
+    SubscriptionRefusal {
+        /// Not a valid filter, or more than `mqtt.max_topic_levels` levels.
+        InvalidFilter => "invalid_filter",
+        /// Beyond `mqtt.max_filters_per_subscribe` in one SUBSCRIBE.
+        FiltersPerSubscribe => "filters_per_subscribe",
+        /// A new filter beyond `mqtt.max_subscriptions_per_session`.
+        SubscriptionsPerSession => "subscriptions_per_session",
+    }
+}
+
+label_enum! {
+    /// Why a retained message was not stored (`reason` of `heartwire_retained_refused_total`).
+    RetainRefusal {
+        /// The store holds `mqtt.max_retained_messages` already.
+        Count => "count",
+        /// Storing it would pass `mqtt.max_retained_bytes`.
+        Bytes => "bytes",
+    }
+}
+
+label_enum! {
+    /// Presence store operations (`operation` of `heartwire_store_errors_total`).
+    StoreOperation {
+        /// Applying the schema migrations.
+        Migrate => "migrate",
+        /// Recording a boot and closing the sessions earlier boots left open.
+        BeginBoot => "begin_boot",
+        /// Applying a batch of connection events.
+        Apply => "apply",
+        /// Recording that the node is alive.
+        Heartbeat => "heartbeat",
+        /// Deleting history rows by retention.
+        Prune => "prune",
+    }
+}
+
+label_enum! {
+    /// History retention policies (`policy` of `heartwire_history_pruned_sessions_total`).
+    RetentionPolicy {
+        /// `database.history_max_age`.
+        MaxAge => "max_age",
+        /// `database.history_max_sessions_per_device`.
+        MaxSessionsPerDevice => "max_sessions_per_device",
+    }
+}
+
+label_enum! {
+    /// Why an HTTP connection was closed by a timeout (`kind` of
+    /// `heartwire_http_connection_timeouts_total`).
+    HttpTimeout {
+        /// A request head did not arrive within `http.header_read_timeout`.
+        HeaderRead => "header_read",
+        /// A keep-alive connection sent no request within `http.idle_timeout`.
+        Idle => "idle",
+    }
+}
+
+label_enum! {
+    /// What an HTTP request asked for (`route` of `heartwire_http_requests_total`).
+    HttpRoute {
+        /// `GET /api/v1/devices/{id}`.
+        Device => "device",
+        /// `GET /api/v1/devices`.
+        Devices => "devices",
+        /// `GET /api/v1/devices/{id}/sessions`.
+        Sessions => "sessions",
+        /// `GET /api/v1/stats`.
+        Stats => "stats",
+        /// `GET /api/v1/nodes`.
+        Nodes => "nodes",
+        /// `GET /readyz`.
+        Readyz => "readyz",
+        /// A request head refused before routing (too long, too many fields, malformed).
+        Rejected => "rejected",
+        /// An unknown route, a wrong method or a malformed parameter.
+        Other => "other",
+    }
+}
+
+label_enum! {
+    /// Class of an HTTP status (`status` of `heartwire_http_requests_total`).
+    StatusClass {
+        /// 200-299.
+        Success => "2xx",
+        /// 400-499.
+        ClientError => "4xx",
+        /// Everything else.
+        ServerError => "5xx",
+    }
+}
+
+impl StatusClass {
+    /// The class of status code `code`.
+    pub fn of(code: u16) -> Self {
+        match code {
+            200..=299 => Self::Success,
+            400..=499 => Self::ClientError,
+            _ => Self::ServerError,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed<L: Label + PartialEq + std::fmt::Debug>() {
+        for (i, value) in L::ALL.iter().enumerate() {
+            assert_eq!(value.index(), i);
+            assert!(!value.as_str().is_empty());
+        }
+        let mut names: Vec<&str> = L::ALL.iter().map(|v| v.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), L::ALL.len(), "names are unique");
+    }
+
+    #[test]
+    fn every_set_is_indexed_and_named_once() {
+        closed::<DisconnectReason>();
+        closed::<TransitionKind>();
+        closed::<PacketType>();
+        closed::<RefusalReason>();
+        closed::<DropReason>();
+        closed::<SubscriptionRefusal>();
+        closed::<RetainRefusal>();
+        closed::<StoreOperation>();
+        closed::<RetentionPolicy>();
+        closed::<HttpTimeout>();
+        closed::<HttpRoute>();
+        closed::<StatusClass>();
+    }
+
+    #[test]
+    fn disconnect_reasons_round_trip_as_stored() {
+        for reason in DisconnectReason::ALL {
+            assert_eq!(DisconnectReason::from_name(reason.as_str()), Some(*reason));
+            let json = serde_json::to_string(reason).expect("serialize");
+            assert_eq!(json, format!("\"{}\"", reason.as_str()));
+        }
+    }
+}
