@@ -98,9 +98,10 @@ pub struct MqttConfig {
     /// What to do with a keep-alive outside the bounds: "clamp" or "reject".
     pub keepalive_policy: KeepAlivePolicy,
     /// A connection whose pending writes make no progress for this long is closed
-    /// (connection_lost); also set as TCP_USER_TIMEOUT on every socket.
+    /// (connection_lost); also set as TCP_USER_TIMEOUT on every socket. Formerly
+    /// `mqtt.write_timeout`.
     #[serde(with = "humantime_serde")]
-    pub write_timeout: Duration,
+    pub write_stall_timeout: Duration,
     /// Longest client identifier accepted, in bytes; longer ones get CONNACK 0x02.
     pub max_client_id_len: usize,
     /// QoS 1 and 2 messages sent to one client and not yet acknowledged.
@@ -156,7 +157,7 @@ impl Default for MqttConfig {
             min_keepalive: None,
             max_keepalive: 65_535,
             keepalive_policy: KeepAlivePolicy::Clamp,
-            write_timeout: Duration::from_secs(30),
+            write_stall_timeout: Duration::from_secs(30),
             max_client_id_len: 256,
             max_inflight: 32,
             max_queued_messages: 1000,
@@ -247,9 +248,10 @@ pub struct BridgeConfig {
     /// Longest wait between two attempts while the database is unreachable.
     #[serde(with = "humantime_serde")]
     pub retry_backoff_max: Duration,
-    /// A store call that takes longer counts as failed (and is retried).
+    /// A store call that takes longer counts as failed (and is retried). Formerly
+    /// `bridge.write_timeout`.
     #[serde(with = "humantime_serde")]
-    pub write_timeout: Duration,
+    pub store_timeout: Duration,
     /// At shutdown, how long the bridge keeps trying to write before leaving the rest in the
     /// journal.
     #[serde(with = "humantime_serde")]
@@ -269,7 +271,7 @@ impl Default for BridgeConfig {
             memory_capacity: 100_000,
             journal_path: PathBuf::from("data/presence.journal"),
             retry_backoff_max: Duration::from_secs(5),
-            write_timeout: Duration::from_secs(10),
+            store_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
             coalesce_after: crate::store::DEFAULT_COALESCE_AFTER,
         }
@@ -440,7 +442,7 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
         "mqtt.keepalive_policy",
         Accepts::OneOf(&["clamp", "reject"]),
     ),
-    ("mqtt.write_timeout", Accepts::Duration),
+    ("mqtt.write_stall_timeout", Accepts::Duration),
     ("mqtt.max_client_id_len", Accepts::Whole(1, 65_535)),
     ("mqtt.max_inflight", Accepts::Whole(1, 65_535)),
     ("mqtt.max_queued_messages", Accepts::Whole(1, u64::MAX)),
@@ -482,7 +484,7 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     ("bridge.memory_capacity", Accepts::Whole(1, u64::MAX)),
     ("bridge.journal_path", Accepts::Text("a file path")),
     ("bridge.retry_backoff_max", Accepts::Duration),
-    ("bridge.write_timeout", Accepts::Duration),
+    ("bridge.store_timeout", Accepts::Duration),
     ("bridge.drain_timeout", Accepts::Duration),
     ("bridge.coalesce_after", Accepts::Whole(0, 1000)),
     ("node.id", Accepts::Text("a name such as broker-1")),
@@ -590,11 +592,18 @@ fn shown(value: &config::ValueKind) -> String {
 /// Checks the merged raw values against [`ACCEPTS`] before they are converted, so that a bad
 /// value is reported with what is valid (and a float or boolean is never rounded into an
 /// integer). Keys the table does not know are left to `deny_unknown_fields`.
-fn check_raw(merged: &config::Config, file: Option<&Path>) -> Result<(), ConfigError> {
+fn check_raw(
+    merged: &config::Config,
+    file: Option<&Path>,
+    renamed_env: &[(String, &str)],
+) -> Result<(), ConfigError> {
     use config::Source;
     let root = merged.collect()?;
     let from = |key: &str, value: &config::Value| match (value.origin(), file) {
-        (Some("the environment"), _) => format!("from {}", env_var(key)),
+        (Some("the environment"), _) => match renamed_env.iter().find(|(_, new)| *new == key) {
+            Some((old_var, _)) => format!("from {old_var}"),
+            None => format!("from {}", env_var(key)),
+        },
         (_, Some(path)) => format!("in {}", path.display()),
         (_, None) => "from the defaults".to_owned(),
     };
@@ -647,6 +656,41 @@ fn check_raw(merged: &config::Config, file: Option<&Path>) -> Result<(), ConfigE
     Ok(())
 }
 
+/// Keys renamed since an earlier version, as (old, new): the old name still sets the key (a
+/// serde alias) and is reported once at start.
+pub const RENAMED: &[(&str, &str)] = &[
+    ("mqtt.write_timeout", "mqtt.write_stall_timeout"),
+    ("bridge.write_timeout", "bridge.store_timeout"),
+];
+
+/// The TOML file with the old names of [`RENAMED`] keys replaced by the new ones, and the old
+/// names found; `None` when it uses no old name (it is then read as it is).
+fn renamed_in_file(path: &Path) -> Result<Option<(String, Vec<&'static str>)>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Value {
+        key: path.display().to_string(),
+        message: format!("cannot read the configuration file: {e}"),
+    })?;
+    let Ok(mut table) = text.parse::<toml::Table>() else {
+        // Malformed: the config crate reports it, naming the file.
+        return Ok(None);
+    };
+    let mut found = Vec::new();
+    for (old, new) in RENAMED {
+        let (section, old_name) = old.split_once('.').unwrap_or(("", old));
+        let new_name = new.split_once('.').map_or(*new, |(_, n)| n);
+        if let Some(toml::Value::Table(keys)) = table.get_mut(section) {
+            if let Some(value) = keys.remove(old_name) {
+                keys.entry(new_name).or_insert(value);
+                found.push(*old);
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((table.to_string(), found)))
+}
+
 /// A loaded configuration, and what the loader left out.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Loaded {
@@ -655,6 +699,9 @@ pub struct Loaded {
     /// `BROKER_*` environment variables that name no configuration key, sorted. They were
     /// ignored; the caller reports them once, when logging is up.
     pub ignored_env: Vec<String>,
+    /// Old names of [`RENAMED`] keys that were used (in the file or the environment), sorted;
+    /// the caller reports them once, when logging is up.
+    pub renamed: Vec<&'static str>,
 }
 
 /// Prefix of the environment variables that set configuration keys.
@@ -720,23 +767,41 @@ impl Config {
     ) -> Result<Loaded, ConfigError> {
         let defaults = config::Config::try_from(&Config::default())?;
         let mut builder = config::Config::builder().add_source(defaults);
+        let mut renamed = Vec::new();
         if let Some(path) = file {
-            builder = builder.add_source(
-                config::File::from(path)
-                    .format(config::FileFormat::Toml)
-                    .required(true),
-            );
+            match renamed_in_file(path)? {
+                // Old key names are rewritten to the new ones before anything reads them.
+                Some((text, old)) => {
+                    renamed.extend(old);
+                    builder =
+                        builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+                }
+                None => {
+                    builder = builder.add_source(
+                        config::File::from(path)
+                            .format(config::FileFormat::Toml)
+                            .required(true),
+                    );
+                }
+            }
         }
         let known = keys();
         let mut ignored_env = Vec::new();
+        let mut renamed_env = Vec::new();
         let env: config::Map<String, String> = env
             .into_iter()
-            .filter(|(k, _)| match env_key(k) {
-                None => false,
-                Some(key) if known.contains(&key) => true,
-                Some(_) => {
-                    ignored_env.push(k.clone());
-                    false
+            .filter_map(|(k, v)| {
+                let key = env_key(&k)?;
+                if let Some((old, new)) = RENAMED.iter().find(|(old, _)| *old == key) {
+                    renamed.push(*old);
+                    renamed_env.push((k, *new));
+                    return Some((env_var(new), v));
+                }
+                if known.contains(&key) {
+                    Some((k, v))
+                } else {
+                    ignored_env.push(k);
+                    None
                 }
             })
             .collect();
@@ -747,8 +812,10 @@ impl Config {
                 .separator("__")
                 .source(Some(env)),
         );
+        renamed.sort_unstable();
+        renamed.dedup();
         let merged = builder.build()?;
-        check_raw(&merged, file)?;
+        check_raw(&merged, file, &renamed_env)?;
         let config: Config =
             serde_path_to_error::deserialize(merged).map_err(|e| ConfigError::Value {
                 key: e.path().to_string(),
@@ -758,6 +825,7 @@ impl Config {
         Ok(Loaded {
             config,
             ignored_env,
+            renamed,
         })
     }
 
@@ -779,8 +847,8 @@ impl Config {
         if m.connect_timeout.is_zero() {
             return invalid("mqtt.connect_timeout", "must be greater than 0");
         }
-        if m.write_timeout < Duration::from_secs(1) {
-            return invalid("mqtt.write_timeout", "must be at least 1s");
+        if m.write_stall_timeout < Duration::from_secs(1) {
+            return invalid("mqtt.write_stall_timeout", "must be at least 1s");
         }
         if m.max_packet_size < 64 || m.max_packet_size > 268_435_455 {
             return invalid(
@@ -894,8 +962,8 @@ impl Config {
         if b.retry_backoff_max < Duration::from_millis(100) {
             return invalid("bridge.retry_backoff_max", "must be at least 100ms");
         }
-        if b.write_timeout.is_zero() {
-            return invalid("bridge.write_timeout", "must be greater than 0");
+        if b.store_timeout.is_zero() {
+            return invalid("bridge.store_timeout", "must be greater than 0");
         }
         if b.coalesce_after > 1000 {
             return invalid(
@@ -1208,7 +1276,7 @@ mod tests {
             ("BROKER_MQTT__KEEPALIVE_MULTIPLIER=NaN", NUMBER),
             ("BROKER_MQTT__CONNECT_TIMEOUT=soon", DURATION),
             ("BROKER_MQTT__CONNECT_TIMEOUT=10", DURATION),
-            ("BROKER_BRIDGE__WRITE_TIMEOUT=-1s", DURATION),
+            ("BROKER_BRIDGE__STORE_TIMEOUT=-1s", DURATION),
             ("BROKER_MQTT__LISTEN=not-an-address", MQTT_ADDRESS),
             ("BROKER_MQTT__LISTEN=localhost:1883", MQTT_ADDRESS),
             (
@@ -1322,6 +1390,34 @@ mod tests {
         let file = tempfile_with("[mqtt]\nlisten_addr = \"127.0.0.1:1\"\n");
         let err = Config::load_from(Some(file.path()), env(&[])).expect_err("unknown key");
         assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn renamed_keys_still_work_and_are_reported() {
+        let file = tempfile_with("[bridge]\nwrite_timeout = \"3s\"\n");
+        let loaded = Config::load_reporting(
+            Some(file.path()),
+            env(&[("BROKER_MQTT__WRITE_TIMEOUT", "7s")]),
+        )
+        .expect("old names load");
+        assert_eq!(loaded.config.bridge.store_timeout, Duration::from_secs(3));
+        assert_eq!(
+            loaded.config.mqtt.write_stall_timeout,
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            loaded.renamed,
+            ["bridge.write_timeout", "mqtt.write_timeout"]
+        );
+        assert!(loaded.ignored_env.is_empty());
+        let err = Config::load_from(None, env(&[("BROKER_MQTT__WRITE_TIMEOUT", "soon")]))
+            .expect_err("a bad value under the old name");
+        assert!(
+            err.to_string().contains("mqtt.write_stall_timeout"),
+            "{err}"
+        );
+        let clean = Config::load_reporting(None, env(&[])).expect("defaults");
+        assert!(clean.renamed.is_empty());
     }
 
     #[test]

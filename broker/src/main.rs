@@ -55,6 +55,15 @@ fn main() -> ExitCode {
              (keys are BROKER_<SECTION>__<KEY>, see --print-config)."
         );
     }
+    for old in &loaded.renamed {
+        if let Some((_, new)) = broker::config::RENAMED.iter().find(|(o, _)| o == old) {
+            tracing::warn!(
+                old = *old,
+                new = *new,
+                "Configuration key renamed: the old name still works, but use the new one."
+            );
+        }
+    }
     // Every connection is a file descriptor: use all the process may have.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => tracing::info!(limit, "Open-file limit."),

@@ -184,9 +184,9 @@ async fn many_half_open_sockets_do_not_block_accepting() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_that_stops_reading_is_closed_after_write_timeout() {
+async fn client_that_stops_reading_is_closed_after_write_stall_timeout() {
     let mut broker = TestBroker::start_with(|c| {
-        c.write_timeout = std::time::Duration::from_secs(1);
+        c.write_stall_timeout = std::time::Duration::from_secs(1);
         c.max_packet_size = 256 * 1024;
     })
     .await;

@@ -450,7 +450,7 @@ async fn events_spilled_during_a_stalled_write_keep_their_order() {
     let mut config = FullBroker::config(&url, &data, "node-stall").bridge;
     config.batch_size = 1;
     config.memory_capacity = 2;
-    config.write_timeout = Duration::from_millis(300);
+    config.store_timeout = Duration::from_millis(300);
     let (tx, rx) = broker::event::channel(16);
     let bridge = broker::presence::bridge::Bridge::new(
         stalling,

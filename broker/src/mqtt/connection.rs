@@ -252,10 +252,10 @@ fn configure_socket(stream: &TcpStream, config: &MqttConfig) {
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "Cannot set TCP_NODELAY.");
     }
-    // Half-open peers: the kernel gives up on unacknowledged data after write_timeout.
+    // Half-open peers: the kernel gives up on unacknowledged data after write_stall_timeout.
     #[cfg(any(target_os = "linux", target_os = "android"))]
     if let Err(error) =
-        socket2::SockRef::from(stream).set_tcp_user_timeout(Some(config.write_timeout))
+        socket2::SockRef::from(stream).set_tcp_user_timeout(Some(config.write_stall_timeout))
     {
         tracing::debug!(%error, "Cannot set TCP_USER_TIMEOUT.");
     }
@@ -1003,7 +1003,7 @@ fn deadlines(
     let deadline = [
         conn.keep_alive.map(|ka| d.last_received + ka),
         d.partial_since.map(|s| s + config.packet_read_timeout),
-        d.stalled_since.map(|s| s + config.write_timeout),
+        d.stalled_since.map(|s| s + config.write_stall_timeout),
         retry_parked_at,
     ]
     .into_iter()
@@ -1049,11 +1049,11 @@ fn deadlines(
         }
     }
     if let Some(since) = d.stalled_since {
-        if now >= since + config.write_timeout {
+        if now >= since + config.write_stall_timeout {
             tracing::info!(
                 client_id = &*session.client_id,
                 pending_bytes = io.wbuf.len(),
-                "Writes made no progress within the write timeout; closing."
+                "Writes made no progress within mqtt.write_stall_timeout; closing."
             );
             return Poll::Ready(Some(DisconnectReason::ConnectionLost));
         }

@@ -258,7 +258,7 @@ impl<S: PresenceStore + Clone + 'static> Bridge<S> {
         }
         self.retry_at = None;
         let store = self.store.clone();
-        let timeout = self.config.write_timeout;
+        let timeout = self.config.store_timeout;
         let run = move |job: Job,
                         batch: Vec<PresenceRecord>,
                         f: Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>|
