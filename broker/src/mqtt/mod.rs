@@ -10,6 +10,7 @@ pub mod codec;
 pub mod connection;
 pub mod expiry;
 pub mod listener;
+pub mod message;
 pub mod retained;
 pub mod router;
 pub mod session;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use rumqttc::mqttbytes::QoS;
 
-use super::session::Message;
+use super::message::Message;
 use crate::labels::RetainRefusal;
 
 /// One level of the trie.

@@ -9,7 +9,8 @@ use rumqttc::mqttbytes::QoS;
 
 use super::budget::ByteBudget;
 use super::retained::{Cursor, RetainedStore};
-use super::session::{Message, MinQos, QueueLimits, Session};
+use super::message::{Message, MinQos};
+use super::session::{QueueLimits, Session};
 use crate::config::MqttConfig;
 use crate::metrics::metrics;
 use crate::telemetry::LogLimiter;

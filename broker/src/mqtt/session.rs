@@ -11,35 +11,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
 use atomic_waker::AtomicWaker;
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use rumqttc::mqttbytes::QoS;
 
 use super::budget::ByteBudget;
+use super::message::{Message, MinQos};
 use super::codec;
 use super::retained::Cursor;
 use crate::event::SessionId;
 use crate::labels::{DropReason, PacketType};
 use crate::metrics::metrics;
-
-/// A message as routed: shared by every subscriber it goes to.
-#[derive(Debug)]
-pub struct Message {
-    /// The topic it was published to.
-    pub topic: Box<str>,
-    /// Its own copy of the payload, so that it never pins a connection's read buffer.
-    pub payload: Bytes,
-    /// The QoS it was published with.
-    pub qos: QoS,
-    /// The publisher's retain flag.
-    pub retain: bool,
-}
-
-impl Message {
-    /// Bytes it is accounted for in queues and the retained store: topic and payload.
-    pub fn size(&self) -> usize {
-        self.topic.len() + self.payload.len()
-    }
-}
 
 /// The bounds of every session's queue: per session in messages and bytes, and one byte budget
 /// for all sessions together.
@@ -447,23 +428,6 @@ impl SessionState {
     }
 }
 
-/// The lower of two QoS levels (what a subscriber granted `self` gets of a message sent at
-/// `other`).
-pub trait MinQos {
-    /// min(self, other).
-    fn min_qos(self, other: QoS) -> QoS;
-}
-
-impl MinQos for QoS {
-    fn min_qos(self, other: QoS) -> QoS {
-        if (self as u8) <= (other as u8) {
-            self
-        } else {
-            other
-        }
-    }
-}
-
 /// Flag in [`Session::flow`]: the queue passed half its limits; publishers feeding it wait
 /// until it is down to a quarter, unless the client is the one behind.
 const CONGESTED: u8 = 1;
@@ -706,6 +670,7 @@ static QUEUE_FULL_LOG: crate::telemetry::LogLimiter =
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn msg(qos: QoS) -> Arc<Message> {
         Arc::new(Message {
