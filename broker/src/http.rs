@@ -33,7 +33,7 @@ use serde_json::json;
 use crate::config::HttpConfig;
 use crate::labels::{HttpRoute, StatusClass};
 use crate::metrics::metrics;
-use crate::mqtt::Registry;
+use crate::mqtt::LiveSessions;
 use crate::store::{Device, PresenceStore, Session, Store, StoreError};
 use crate::telemetry::LogLimiter;
 use queries::{QueryLimit, StatsCache};
@@ -49,7 +49,7 @@ pub struct AppState {
     /// The presence store: the API's own read-only pool.
     pub store: Store,
     /// The broker's live sessions (for last_seen).
-    pub registry: Registry,
+    pub registry: LiveSessions,
     /// Set by the bridge once migrations are applied.
     pub migrated: Arc<AtomicBool>,
     /// Every handler that queries the store takes a slot here first.
@@ -63,7 +63,7 @@ impl AppState {
     /// /stats refresh, one for /readyz), with the query limit and stats cache of `config`.
     pub fn new(
         store: Store,
-        registry: Registry,
+        registry: LiveSessions,
         migrated: Arc<AtomicBool>,
         config: &HttpConfig,
     ) -> Self {
@@ -212,7 +212,7 @@ struct DeviceView {
 }
 
 impl DeviceView {
-    fn new(device: Device, registry: &Registry) -> Self {
+    fn new(device: Device, registry: &LiveSessions) -> Self {
         let live = device
             .online
             .then(|| registry.last_seen(&device.device_id))

@@ -158,10 +158,10 @@ pub async fn run_with(
         store::Access::ReadOnly,
     )
     .await?;
-    let shared = Arc::new(mqtt::Shared::new(config.mqtt.clone(), events));
+    let mqtt_broker = Arc::new(mqtt::Broker::new(config.mqtt.clone(), events));
     let state = http::AppState::new(
         api_store,
-        mqtt::Registry::new(&shared),
+        mqtt_broker.live_sessions(),
         migrated,
         &config.http,
     );
@@ -188,7 +188,7 @@ pub async fn run_with(
         "MQTT listener ready."
     );
     let grace = config.shutdown.grace_period;
-    mqtt::serve_shared(listeners.mqtt, shared, shutdown, grace).await;
+    mqtt::serve(listeners.mqtt, mqtt_broker, shutdown, grace).await;
 
     // The connections have closed (or the grace period is over): the bridge drains what it
     // has, bounded by bridge.drain_timeout, and journals the rest. It bounds itself.

@@ -12,7 +12,7 @@ use axum::http::{Request, StatusCode};
 use broker::event::{self, ConnectionEvent, PresenceRecord, SessionId};
 use broker::http::{app, AppState};
 use broker::labels::DisconnectReason;
-use broker::mqtt::{Registry, Shared};
+use broker::mqtt::Broker;
 use broker::store::{PresenceStore, Store};
 use common::TempDir;
 use http_body_util::BodyExt;
@@ -36,11 +36,11 @@ impl Api {
             .expect("store");
         store.migrate().await.expect("migrate");
         let (events, _rx) = event::channel(16);
-        let shared = Shared::new(Default::default(), events);
+        let mqtt_broker = Broker::new(Default::default(), events);
         Self {
             state: AppState::new(
                 store,
-                Registry::new(&shared),
+                mqtt_broker.live_sessions(),
                 Arc::new(AtomicBool::new(true)),
                 config,
             ),

@@ -242,14 +242,8 @@ async fn a_publish_flood_is_delivered_not_dropped() {
         let shutdown = shutdown.clone();
         async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            broker::mqtt::serve(
-                listener,
-                Default::default(),
-                events,
-                shutdown,
-                Duration::from_secs(5),
-            )
-            .await
+            let state = Arc::new(broker::mqtt::Broker::new(Default::default(), events));
+            broker::mqtt::serve(listener, state, shutdown, Duration::from_secs(5)).await
         }
     });
     let drain_events = tokio::spawn(async move { while rx.recv().await.is_some() {} });

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::session::Session;
-use super::Shared;
+use super::Broker;
 use crate::event::ConnectionEvent;
 use crate::metrics::metrics;
 
@@ -66,21 +66,25 @@ impl ExpiryQueue {
 }
 
 /// Expires persistent sessions as their time comes, until `shutdown`.
-pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
+pub async fn run(broker: Arc<Broker>, shutdown: CancellationToken) {
     loop {
-        let next = shared.expiring.next_due();
+        let next = broker.expiring.next_due();
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = shared.expiring.scheduled.notified() => continue,
+            _ = broker.expiring.scheduled.notified() => continue,
             _ = async { tokio::time::sleep_until(next.expect("guarded")).await }, if next.is_some() => {}
         }
-        while let Some(due) = shared.expiring.pop_due(Instant::now()) {
-            let Some((last_connection, dropped)) = shared.expire(&due.session, due.leave) else {
+        while let Some(due) = broker.expiring.pop_due(Instant::now()) {
+            let Some((last_connection, dropped)) =
+                broker
+                    .sessions
+                    .expire(&due.session, due.leave, broker.router.limits())
+            else {
                 continue;
             };
-            shared
+            broker
                 .router
-                .unsubscribe(due.session.key, dropped.iter().map(|f| &**f));
+                .unsubscribe(due.session.incarnation, dropped.iter().map(|f| &**f));
             metrics().persistent_sessions.dec();
             metrics().sessions_expired.inc();
             tracing::debug!(
@@ -93,9 +97,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 session_id: last_connection,
                 time: SystemTime::now(),
             };
-            if let Err(error) = shared.events.send(event).await {
-                tracing::error!(event = ?error.0, "Presence pipeline is gone; session expiry not recorded.");
-            }
+            broker.send_event(event).await;
         }
     }
 }

@@ -5,14 +5,13 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::{connection, Shared};
+use super::{connection, Broker};
 use crate::config::MqttConfig;
-use crate::event::EventSender;
 use crate::labels::RefusalReason;
 use crate::metrics::metrics;
 
@@ -21,34 +20,18 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 
 /// Accepts MQTT connections on `listener` until `shutdown` is cancelled, then waits up to
 /// `grace` for every connection to close (each emits its Disconnected event with reason
-/// broker_shutdown).
+/// broker_shutdown). `broker` is the state the connections share (the caller may keep a handle
+/// on it, e.g. for [`super::LiveSessions`]).
 pub async fn serve(
     listener: TcpListener,
-    config: MqttConfig,
-    events: EventSender,
-    shutdown: CancellationToken,
-    grace: Duration,
-) {
-    serve_shared(
-        listener,
-        Arc::new(Shared::new(config, events)),
-        shutdown,
-        grace,
-    )
-    .await;
-}
-
-/// As [`serve`], with state the caller keeps a handle on (see [`super::Registry`]).
-pub async fn serve_shared(
-    listener: TcpListener,
-    shared: Arc<Shared>,
+    broker: Arc<Broker>,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
     let tracker = TaskTracker::new();
     let expiry = TaskTracker::new();
     expiry.spawn(super::expiry::run(
-        Arc::clone(&shared),
+        Arc::clone(&broker),
         shutdown.child_token(),
     ));
     expiry.close();
@@ -75,8 +58,9 @@ pub async fn serve_shared(
                 // Debug level: an enabled span costs ~450 bytes per connection. The info-level
                 // lines of a connection name the peer or client id themselves.
                 let span = tracing::debug_span!("conn", %peer, client_id = tracing::field::Empty);
+                configure_socket(&stream, &broker.config);
                 tracker.spawn(
-                    connection::run(stream, Arc::clone(&shared), shutdown.child_token())
+                    connection::run(stream, Arc::clone(&broker), shutdown.child_token())
                         .instrument(span),
                 );
             }
@@ -96,10 +80,10 @@ pub async fn serve_shared(
                 refused_in_streak += 1;
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = shared.connection_closed.notified() => {}
+                    _ = broker.connection_closed.notified() => {}
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(shared.config.accept_backoff_max);
+                backoff = (backoff * 2).min(broker.config.accept_backoff_max);
             }
             // Errors of one half-open socket (ECONNABORTED, ...) concern only that socket.
             Err(error) => {
@@ -109,7 +93,7 @@ pub async fn serve_shared(
     }
 
     drop(listener);
-    shared.close_all();
+    broker.sessions.close_all();
     tracker.close();
     tracing::info!(
         connections = tracker.len(),
@@ -123,6 +107,21 @@ pub async fn serve_shared(
             ?grace,
             "Grace period over with connections still closing."
         );
+    }
+}
+
+/// TCP settings of every accepted socket.
+fn configure_socket(stream: &TcpStream, config: &MqttConfig) {
+    // MQTT packets are small and latency matters more than segment count.
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "Cannot set TCP_NODELAY.");
+    }
+    // Half-open peers: the kernel gives up on unacknowledged data after write_stall_timeout.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(error) =
+        socket2::SockRef::from(stream).set_tcp_user_timeout(Some(config.write_stall_timeout))
+    {
+        tracing::debug!(%error, "Cannot set TCP_USER_TIMEOUT.");
     }
 }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 use rumqttc::mqttbytes::QoS;
 
 use super::budget::ByteBudget;
-use super::retained::{Cursor, RetainedStore};
 use super::message::{Message, MinQos};
+use super::retained::{Cursor, RetainedStore};
 use super::session::{QueueLimits, Session};
 use crate::config::MqttConfig;
 use crate::metrics::metrics;
@@ -20,7 +20,7 @@ use crate::telemetry::LogLimiter;
 struct Node {
     /// Child levels, including the wildcard levels "+" and "#".
     children: HashMap<Box<str>, Node>,
-    /// Sessions whose filter ends at this node, by session key.
+    /// Sessions whose filter ends at this node, by incarnation.
     subscribers: HashMap<u64, (Arc<Session>, QoS)>,
 }
 
@@ -143,7 +143,7 @@ impl Router {
             }
             let new = node
                 .subscribers
-                .insert(session.key, (Arc::clone(session), qos))
+                .insert(session.incarnation, (Arc::clone(session), qos))
                 .is_none();
             if new {
                 metrics().subscriptions.inc();
@@ -152,13 +152,13 @@ impl Router {
     }
 
     /// Removes subscriptions of one session.
-    pub fn unsubscribe<'f>(&self, session_key: u64, filters: impl IntoIterator<Item = &'f str>) {
+    pub fn unsubscribe<'f>(&self, incarnation: u64, filters: impl IntoIterator<Item = &'f str>) {
         let mut root = self
             .subscriptions
             .write()
             .unwrap_or_else(|e| e.into_inner());
         for filter in filters {
-            if root.remove(filter.split('/'), session_key) {
+            if root.remove(filter.split('/'), incarnation) {
                 metrics().subscriptions.dec();
             }
         }

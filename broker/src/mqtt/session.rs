@@ -15,8 +15,8 @@ use bytes::BytesMut;
 use rumqttc::mqttbytes::QoS;
 
 use super::budget::ByteBudget;
-use super::message::{Message, MinQos};
 use super::codec;
+use super::message::{Message, MinQos};
 use super::retained::Cursor;
 use crate::event::SessionId;
 use crate::labels::{DropReason, PacketType};
@@ -481,8 +481,8 @@ pub struct Session {
     /// The MQTT client id.
     pub client_id: Arc<str>,
     /// Unique per `Session` object, so that the router can tell two incarnations of a client id
-    /// apart.
-    pub key: u64,
+    /// apart (a session that ended and a new one of the same client id).
+    pub incarnation: u64,
     state: Mutex<SessionState>,
     /// Flags for the owner ([`QUEUED`], [`KICKED`]).
     signals: AtomicU8,
@@ -500,10 +500,10 @@ pub struct Session {
 
 impl Session {
     /// A new, empty session.
-    pub fn new(client_id: Arc<str>, key: u64) -> Self {
+    pub fn new(client_id: Arc<str>, incarnation: u64) -> Self {
         Self {
             client_id,
-            key,
+            incarnation,
             state: Mutex::new(SessionState::default()),
             signals: AtomicU8::new(0),
             flow: AtomicU8::new(OFFLINE),

@@ -5,6 +5,7 @@
 pub mod pg;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use broker::config::MqttConfig;
@@ -45,8 +46,7 @@ impl TestBroker {
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(mqtt::serve(
             listener,
-            config,
-            tx,
+            Arc::new(mqtt::Broker::new(config, tx)),
             shutdown.clone(),
             Duration::from_secs(5),
         ));

@@ -1,0 +1,97 @@
+//! [`Broker`]: what every connection task shares — settings, the router, the session table,
+//! the event sender, the broker-wide budgets and the signals connections wait on.
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use super::budget::ByteBudget;
+use super::expiry::ExpiryQueue;
+use super::router::Router;
+use super::session::Session;
+use super::sessions::{Detached, LiveSessions, SessionTable};
+use crate::config::MqttConfig;
+use crate::event::{ConnectionEvent, EventSender, SessionId};
+use crate::metrics::metrics;
+
+/// The MQTT side's shared state.
+pub struct Broker {
+    /// Listener and protocol settings.
+    pub config: MqttConfig,
+    /// Subscriptions, retained messages, fan-out.
+    pub router: Router,
+    /// Client id -> session, for takeover and persistent sessions.
+    pub sessions: SessionTable,
+    /// Where connection events go.
+    pub events: EventSender,
+    /// Signalled whenever a connection closes, so that an accept loop out of file descriptors
+    /// retries at once.
+    pub connection_closed: Notify,
+    /// Signalled whenever a connection has released its session (after its Disconnected
+    /// event). Connections waiting to take a session over wait here and check their session
+    /// again: one Notify for all sessions keeps every session smaller.
+    pub released: Notify,
+    /// `mqtt.max_buffered_read_bytes`: what connections may hold for large packets arriving.
+    pub read_budget: ByteBudget,
+    /// Signalled whenever read budget is released, for connections waiting for some.
+    pub read_budget_freed: Notify,
+    /// Signalled whenever a session stops holding publishers back (its queue drained, or its
+    /// client went away or fell behind), for publishers waiting to route a message.
+    pub drained: Notify,
+    /// Persistent sessions whose client left, in the order their expiry falls due.
+    pub expiring: ExpiryQueue,
+}
+
+impl Broker {
+    /// The state of one listener.
+    pub fn new(config: MqttConfig, events: EventSender) -> Self {
+        Self {
+            router: Router::new(&config),
+            sessions: SessionTable::new(),
+            read_budget: ByteBudget::new(
+                config.max_buffered_read_bytes,
+                metrics().buffered_read_bytes.clone(),
+            ),
+            read_budget_freed: Notify::new(),
+            drained: Notify::new(),
+            expiring: ExpiryQueue::default(),
+            config,
+            events,
+            connection_closed: Notify::new(),
+            released: Notify::new(),
+        }
+    }
+
+    /// A read-only view of the sessions, for the API.
+    pub fn live_sessions(&self) -> LiveSessions {
+        self.sessions.live()
+    }
+
+    /// Ends connection `session_id`'s use of `session`: a persistent session's expiry is
+    /// scheduled, a clean session's subscriptions leave the router.
+    pub fn detach(&self, session: &Arc<Session>, session_id: SessionId) {
+        match self
+            .sessions
+            .detach(session, session_id, self.router.limits())
+        {
+            Detached::TakenOver => {}
+            Detached::Kept { leave } => self.expiring.schedule(
+                session,
+                leave,
+                tokio::time::Instant::now() + self.config.persistent_session_expiry,
+            ),
+            Detached::Forgotten(dropped) => self
+                .router
+                .unsubscribe(session.incarnation, dropped.iter().map(|f| &**f)),
+        }
+    }
+
+    /// Sends a connection event; waits while the channel is full (events are never dropped).
+    pub async fn send_event(&self, event: ConnectionEvent) {
+        // The receiver only goes away when the broker is being torn down; nothing is left to
+        // deliver the event to then, and that is logged loudly.
+        if let Err(error) = self.events.send(event).await {
+            tracing::error!(event = ?error.0, "Presence pipeline is gone; connection event not delivered.");
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! The handshake: CONNECT within `mqtt.connect_timeout`, its validation (client id, keep-alive
+//! bounds, will topic), attaching to the session (taking it over from the connection that holds
+//! it), the Connected event and the CONNACK.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, LastWill, Packet};
+use tokio_util::sync::CancellationToken;
+
+use super::io::{Io, ReadError, Transport};
+use crate::config::{KeepAlivePolicy, MqttConfig};
+use crate::event::{ConnectionEvent, SessionId};
+use crate::labels::RefusalReason;
+use crate::metrics::metrics;
+use crate::mqtt::codec::{self, CodecError, ConnackCode};
+use crate::mqtt::session::Session;
+use crate::mqtt::sessions::Attach;
+use crate::mqtt::{topic, Broker};
+
+/// What the handshake settled and the rest of the connection needs.
+pub struct Established {
+    /// The session the connection uses.
+    pub session: Arc<Session>,
+    /// The connection's id.
+    pub session_id: SessionId,
+    /// The connection's sequence number.
+    pub seq: u64,
+    /// keep-alive x multiplier; `None` when the client asked for no keep-alive.
+    pub keep_alive: Option<Duration>,
+    /// Published if the connection ends without DISCONNECT. Boxed: most devices have none,
+    /// and it is kept for the connection's whole life.
+    pub will: Option<Box<LastWill>>,
+}
+
+/// CONNECT within the timeout, validation, session attach (with takeover), the Connected event
+/// and the CONNACK. `None` when the connection was refused (and already answered).
+pub async fn handshake<S: Transport>(
+    io: &mut Io<S>,
+    broker: &Broker,
+    shutdown: &CancellationToken,
+) -> Option<Established> {
+    let config = &broker.config;
+    let peer = match io.peer_addr() {
+        Ok(peer) => peer,
+        Err(error) => {
+            tracing::debug!(%error, "Connection gone before CONNECT.");
+            refused(RefusalReason::ConnectionLost);
+            return None;
+        }
+    };
+    let first = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => {
+            refused(RefusalReason::BrokerShutdown);
+            return None;
+        }
+        first = tokio::time::timeout(
+            config.connect_timeout,
+            io.read_packet(&broker.read_budget, &broker.read_budget_freed),
+        ) => first,
+    };
+    let connect = match first {
+        Ok(Ok(Packet::Connect(connect))) => connect,
+        Ok(Ok(other)) => {
+            tracing::info!(%peer,
+                packet = codec::packet_type(&other).as_str(),
+                "First packet is not CONNECT; closing."
+            );
+            refused(RefusalReason::ProtocolError);
+            return None;
+        }
+        Ok(Err(ReadError::Codec(CodecError::UnsupportedProtocol { name, level }))) => {
+            tracing::info!(%peer, name = name.as_str(), level, "Unsupported protocol version; CONNACK 0x01.");
+            refused(RefusalReason::UnsupportedProtocolVersion);
+            io.refuse(ConnackCode::UnacceptableProtocolVersion).await;
+            return None;
+        }
+        Ok(Err(ReadError::Codec(error))) => {
+            tracing::info!(%peer, %error, "Invalid packet before CONNECT; closing.");
+            refused(RefusalReason::ProtocolError);
+            return None;
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "Connection closed before CONNECT.");
+            refused(RefusalReason::ConnectionLost);
+            return None;
+        }
+        Err(_) => {
+            tracing::info!(%peer, timeout = ?config.connect_timeout, "No CONNECT within the connect timeout; closing.");
+            refused(RefusalReason::ConnectTimeout);
+            return None;
+        }
+    };
+
+    let client_id = match client_id(&connect, config) {
+        Ok(id) => id,
+        Err(why) => {
+            tracing::info!(%peer, client_id = connect.client_id.as_str(), why, "Client identifier rejected; CONNACK 0x02.");
+            refused(RefusalReason::IdentifierRejected);
+            io.refuse(ConnackCode::IdentifierRejected).await;
+            return None;
+        }
+    };
+    tracing::Span::current().record("client_id", client_id.as_str());
+    let keep_alive = match keep_alive(connect.keep_alive, config) {
+        Ok(ka) => ka,
+        Err(why) => {
+            tracing::info!(%peer,
+                keep_alive = connect.keep_alive,
+                why,
+                "Keep-alive refused; CONNACK 0x02."
+            );
+            refused(RefusalReason::KeepaliveRejected);
+            io.refuse(ConnackCode::IdentifierRejected).await;
+            return None;
+        }
+    };
+    if let Some(will) = &connect.last_will {
+        if !topic::valid_topic_name(&will.topic, config.max_topic_levels) {
+            tracing::info!(%peer, topic = will.topic.as_str(), "Invalid will topic; closing.");
+            refused(RefusalReason::ProtocolError);
+            return None;
+        }
+    }
+
+    // Attach, taking the session over from the connection that holds it, if any.
+    let attach = async {
+        let mut session = broker.sessions.get_or_create(&client_id);
+        loop {
+            let current = Arc::clone(&session);
+            let released = broker.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match broker
+                .sessions
+                .attach(&current, connect.clean_session, broker.router.limits())
+            {
+                Attach::Attached(attached) => return (session, attached),
+                Attach::Wait => released.await,
+                Attach::Retry => session = broker.sessions.get_or_create(&client_id),
+            }
+        }
+    };
+    let (session, attached) = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => {
+            refused(RefusalReason::BrokerShutdown);
+            return None;
+        }
+        attached = attach => attached,
+    };
+    broker.router.unsubscribe(
+        session.incarnation,
+        attached.dropped_subscriptions.iter().map(|f| &**f),
+    );
+
+    // From here on exactly one Disconnected event is owed (sent by `close`).
+    let (session_id, seq) = (attached.session_id, attached.seq);
+    broker
+        .send_event(ConnectionEvent::Connected {
+            client_id,
+            session_id,
+            seq,
+            peer,
+            keep_alive,
+            clean_session: connect.clean_session,
+            time: SystemTime::now(),
+        })
+        .await;
+    session.touch();
+    metrics().connections_accepted.inc();
+    metrics().connections_current.inc();
+    tracing::debug!(%session_id, seq, keep_alive, clean_session = connect.clean_session, "Connected.");
+
+    io.send(&Packet::ConnAck(ConnAck::new(
+        ConnectReturnCode::Success,
+        attached.session_present,
+    )));
+    if attached.session_present {
+        let resent = session.state().write_inflight(&mut io.wbuf);
+        if resent > 0 {
+            tracing::debug!(resent, "Redelivering in-flight messages.");
+        }
+    }
+    Some(Established {
+        session,
+        session_id,
+        seq,
+        keep_alive: (keep_alive > 0).then(|| {
+            Duration::from_secs(u64::from(keep_alive)).mul_f64(config.keepalive_multiplier)
+        }),
+        will: connect.last_will.map(Box::new),
+    })
+}
+
+fn refused(reason: RefusalReason) {
+    metrics().connections_refused.inc(reason);
+}
+
+/// The client id to use, or why the CONNECT's one is refused.
+fn client_id(connect: &Connect, config: &MqttConfig) -> Result<String, &'static str> {
+    let id = &connect.client_id;
+    if id.is_empty() {
+        if !connect.clean_session {
+            return Err("an empty client id requires clean session");
+        }
+        return Ok(format!("hw-{}", uuid::Uuid::now_v7().simple()));
+    }
+    if id.len() > config.max_client_id_len {
+        return Err("client id longer than mqtt.max_client_id_len");
+    }
+    if id.chars().any(char::is_control) {
+        return Err("client id contains control characters");
+    }
+    Ok(id.clone())
+}
+
+/// The keep-alive in force after applying `min_keepalive`/`max_keepalive`. A client's 0 means
+/// "never expires", which is above any `max_keepalive` (0 there: no upper bound).
+fn keep_alive(requested: u16, config: &MqttConfig) -> Result<u16, &'static str> {
+    let too_low = config
+        .min_keepalive
+        .filter(|min| requested != 0 && requested < *min);
+    let too_high =
+        Some(config.max_keepalive).filter(|max| *max != 0 && (requested == 0 || requested > *max));
+    match (too_low.or(too_high), config.keepalive_policy) {
+        (None, _) => Ok(requested),
+        (Some(bound), KeepAlivePolicy::Clamp) => Ok(bound),
+        (Some(_), KeepAlivePolicy::Reject) => {
+            Err("keep-alive outside mqtt.min_keepalive..mqtt.max_keepalive")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_bounds() {
+        let mut c = MqttConfig::default();
+        assert_eq!(keep_alive(30, &c), Ok(30));
+        // The default bound: a client's 0 ("never") becomes 65535 s.
+        assert_eq!(keep_alive(0, &c), Ok(65_535));
+        c.max_keepalive = 0;
+        assert_eq!(keep_alive(0, &c), Ok(0), "0: no upper bound");
+        c.min_keepalive = Some(10);
+        c.max_keepalive = 60;
+        assert_eq!(keep_alive(5, &c), Ok(10));
+        assert_eq!(keep_alive(0, &c), Ok(60));
+        assert_eq!(keep_alive(61, &c), Ok(60));
+        assert_eq!(keep_alive(30, &c), Ok(30));
+        c.keepalive_policy = KeepAlivePolicy::Reject;
+        assert!(keep_alive(5, &c).is_err());
+        assert!(keep_alive(0, &c).is_err());
+        assert_eq!(keep_alive(10, &c), Ok(10));
+    }
+
+    #[test]
+    fn client_ids() {
+        let c = MqttConfig::default();
+        let mut connect = Connect::new("bad/id");
+        assert_eq!(client_id(&connect, &c).as_deref(), Ok("bad/id"));
+        connect.client_id = String::new();
+        assert!(client_id(&connect, &c).is_ok_and(|id| id.starts_with("hw-")));
+        connect.clean_session = false;
+        assert!(client_id(&connect, &c).is_err());
+        connect.client_id = "a\u{1}b".into();
+        assert!(client_id(&connect, &c).is_err());
+        connect.client_id = "x".repeat(c.max_client_id_len + 1);
+        assert!(client_id(&connect, &c).is_err());
+    }
+}

@@ -1,0 +1,223 @@
+//! A connection's byte stream and its on-demand buffers: reading packets (within the
+//! broker-wide read budget), writing what is queued, and nothing about what packets mean.
+//!
+//! Generic over the [`Transport`], so that TLS and WebSocket streams plug in next to TCP
+//! without touching the rest of the connection.
+
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::metrics::metrics;
+use crate::mqtt::budget::ByteBudget;
+use crate::mqtt::codec::{self, CodecError, ConnackCode};
+
+/// Bytes asked of the stream per read call while no large packet is arriving.
+pub const READ_CHUNK: usize = 4096;
+/// Largest single read while a large packet arrives.
+const READ_MAX: usize = 64 * 1024;
+
+/// A byte stream a client connects over.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The client's address.
+    fn peer_addr(&self) -> io::Result<SocketAddr>;
+}
+
+impl Transport for TcpStream {
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        TcpStream::peer_addr(self)
+    }
+}
+
+/// Why reading a packet failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The client closed the stream.
+    #[error("connection closed by peer")]
+    Closed,
+    /// The stream failed.
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+    /// The bytes are not a valid packet.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+/// The stream with its on-demand buffers.
+pub struct Io<S> {
+    stream: S,
+    /// Received bytes not yet decoded; empty (unallocated) while idle.
+    pub rbuf: BytesMut,
+    /// Encoded packets not yet written; empty (unallocated) while idle.
+    pub wbuf: BytesMut,
+    max_packet_size: usize,
+    /// Bytes of `mqtt.max_buffered_read_bytes` held for the large packet now arriving.
+    reserved: usize,
+}
+
+impl<S: Transport> Io<S> {
+    /// `stream` with empty buffers, decoding packets of at most `max_packet_size`.
+    pub fn new(stream: S, max_packet_size: usize) -> Self {
+        Self {
+            stream,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            max_packet_size,
+            reserved: 0,
+        }
+    }
+
+    /// The client's address.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.stream.peer_addr()
+    }
+
+    /// Total size of the packet at the start of the read buffer, once its fixed header is in.
+    pub fn frame_len(&self) -> Option<usize> {
+        codec::frame_length(&self.rbuf)
+    }
+
+    /// Holds read budget for the packet now arriving when it is larger than one read chunk, and
+    /// gives back what a completed packet no longer needs. False when the budget is exhausted:
+    /// the connection must not read until some is released.
+    pub fn settle_budget(&mut self, budget: &ByteBudget, freed: &Notify) -> bool {
+        let need = self
+            .frame_len()
+            .filter(|f| *f > READ_CHUNK && *f <= self.max_packet_size + 5)
+            .unwrap_or(0);
+        if need > self.reserved {
+            if !budget.try_reserve(need - self.reserved) {
+                return false;
+            }
+        } else if need < self.reserved {
+            budget.release(self.reserved - need);
+            freed.notify_waiters();
+        }
+        self.reserved = need;
+        true
+    }
+
+    /// Gives back the read budget held (the connection is closing).
+    pub fn release_budget(&mut self, budget: &ByteBudget, freed: &Notify) {
+        if self.reserved > 0 {
+            budget.release(self.reserved);
+            self.reserved = 0;
+            freed.notify_waiters();
+        }
+    }
+
+    /// One read into the read buffer. `Ready(Ok(0))` is the end of the stream.
+    pub fn poll_read_once(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let missing = self
+            .frame_len()
+            .map_or(0, |frame| frame.saturating_sub(self.rbuf.len()));
+        let want = missing.clamp(READ_CHUNK, READ_MAX);
+        if self.rbuf.capacity() - self.rbuf.len() < want / 4 {
+            self.rbuf.reserve(want);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf)
+    }
+
+    /// The next complete packet in the read buffer, if any.
+    pub fn next_packet(&mut self) -> Result<Option<Packet>, CodecError> {
+        let before = self.rbuf.len();
+        let packet = codec::read_packet(&mut self.rbuf, self.max_packet_size)?;
+        if let Some(p) = &packet {
+            let size = before - self.rbuf.len();
+            metrics().received.count(codec::packet_type(p), 1, size);
+        }
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+            // Give the buffer back while the connection is idle.
+            self.rbuf = BytesMut::new();
+        }
+        Ok(packet)
+    }
+
+    /// Reads until one packet is complete (used for CONNECT), within the read budget.
+    pub async fn read_packet(
+        &mut self,
+        budget: &ByteBudget,
+        freed: &Notify,
+    ) -> Result<Packet, ReadError> {
+        loop {
+            if let Some(packet) = self.next_packet()? {
+                return Ok(packet);
+            }
+            while !self.settle_budget(budget, freed) {
+                let released = freed.notified();
+                tokio::pin!(released);
+                released.as_mut().enable();
+                if self.settle_budget(budget, freed) {
+                    break;
+                }
+                metrics().read_budget_waits.inc();
+                released.await;
+            }
+            if poll_fn(|cx| self.poll_read_once(cx)).await? == 0 {
+                return match self.next_packet()? {
+                    Some(packet) => Ok(packet),
+                    None => Err(ReadError::Closed),
+                };
+            }
+        }
+    }
+
+    /// Writes as much of the write buffer as the stream takes now. `Ready(Ok(n))` once it is
+    /// all out (n bytes this call); `Pending` (registered for writability) with bytes left, `n`
+    /// of them written meanwhile in `written`.
+    pub fn poll_write_out(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: &mut usize,
+    ) -> Poll<io::Result<()>> {
+        while !self.wbuf.is_empty() {
+            match Pin::new(&mut self.stream).poll_write(cx, &self.wbuf) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    let _ = self.wbuf.split_to(n);
+                    *written += n;
+                }
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.wbuf = BytesMut::new();
+        // A stream that buffers (TLS) pushes its records out here; TCP has nothing to do.
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    /// Writes the whole write buffer, waiting for the stream as needed.
+    pub async fn write_all(&mut self) -> io::Result<()> {
+        let mut written = 0;
+        poll_fn(|cx| self.poll_write_out(cx, &mut written)).await
+    }
+
+    /// Queues a control packet.
+    pub fn send(&mut self, packet: &Packet) {
+        let before = self.wbuf.len();
+        codec::write_packet(&mut self.wbuf, packet);
+        let size = self.wbuf.len() - before;
+        metrics().sent.count(codec::packet_type(packet), 1, size);
+    }
+
+    /// Writes a refusal CONNACK and gives the peer a moment to read it before closing.
+    pub async fn refuse(&mut self, code: ConnackCode) {
+        let code = match code {
+            ConnackCode::Accepted => ConnectReturnCode::Success,
+            ConnackCode::UnacceptableProtocolVersion => ConnectReturnCode::RefusedProtocolVersion,
+            ConnackCode::IdentifierRejected => ConnectReturnCode::BadClientId,
+        };
+        self.send(&Packet::ConnAck(ConnAck::new(code, false)));
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.write_all()).await;
+    }
+}

@@ -1,0 +1,141 @@
+//! One task per client connection, in four parts, each a module: [`io`] (the stream and its
+//! on-demand buffers, generic over the [`Transport`]), [`handshake`] (CONNECT, validation,
+//! attaching to the session with takeover, CONNACK), [`serve`] (the loop of reads, writes and
+//! deadlines until the connection ends with exactly one [`DisconnectReason`]) and [`packets`]
+//! (what each packet means). Here: the task itself and its close (detach, will, the
+//! Disconnected event).
+//!
+//! Memory: an idle connection holds no read or write buffer (both are allocated when bytes
+//! arrive or leave and released once empty), and its task is a small poll loop. A packet larger
+//! than one read chunk is buffered only as its bytes arrive, and only while the broker-wide
+//! `mqtt.max_buffered_read_bytes` allows.
+
+pub mod handshake;
+pub mod io;
+pub mod packets;
+pub mod serve;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use rumqttc::mqttbytes::v4::LastWill;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::ConnectionEvent;
+use crate::labels::DisconnectReason;
+use crate::metrics::metrics;
+use crate::mqtt::message::Message;
+use crate::mqtt::Broker;
+use handshake::{handshake, Established};
+use io::Io;
+pub use io::Transport;
+use serve::serve;
+
+/// Serves one accepted stream until it closes.
+///
+/// The handshake and the close are boxed so that their futures (timeouts, event sends) do not
+/// stay inside every idle connection's task; the part that lives long is [`serve`], a small
+/// poll loop. Not an `async fn`: its arguments would stay in the task for its whole life next
+/// to the [`Io`] made of them, so the task starts from the `Io`, and the handshake asks the
+/// stream for the peer's address instead of keeping it.
+pub fn run<S: Transport>(
+    stream: S,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> + Send {
+    let mut io = Io::new(stream, broker.config.max_packet_size);
+    async move {
+        let established = Box::pin(handshake(&mut io, &broker, &shutdown)).await;
+        let reason = match &established {
+            Some(conn) => Some(serve(&mut io, &broker, conn, &shutdown).await),
+            None => None,
+        };
+        io.release_budget(&broker.read_budget, &broker.read_budget_freed);
+        drop(io);
+        if let (Some(conn), Some(reason)) = (established, reason) {
+            Box::pin(close(&broker, conn, reason)).await;
+        }
+    }
+}
+
+/// Detach, will, the Disconnected event, and the signals that let a waiting takeover and a
+/// paused accept loop go on.
+async fn close(broker: &Broker, conn: Established, reason: DisconnectReason) {
+    metrics().connections_current.dec();
+    metrics().disconnects.inc(reason);
+    match reason {
+        DisconnectReason::KeepaliveTimeout => metrics().keepalive_timeouts.inc(),
+        DisconnectReason::Takeover => metrics().takeovers.inc(),
+        _ => {}
+    }
+    let session = conn.session;
+    // Nobody drains its queue now: it holds no publisher back.
+    if session.set_online(false) {
+        broker.drained.notify_waiters();
+    }
+
+    // The will goes out on every close that the client did not ask for, takeover included
+    // (the old connection's will, as MQTT 3.1.1 section 3.1.4 requires). A broker shutdown closes
+    // every subscriber at the same time, so wills are not sent then.
+    if !matches!(
+        reason,
+        DisconnectReason::ClientDisconnect | DisconnectReason::BrokerShutdown
+    ) {
+        if let Some(will) = conn.will {
+            publish_will(broker, *will);
+        }
+    }
+
+    // The event goes out while this connection still owns the session: a newer connection of
+    // the same client id waits for `released`, so its Connected always follows this event.
+    tracing::debug!(session_id = %conn.session_id, reason = reason.as_str(), "Disconnected.");
+    broker
+        .send_event(ConnectionEvent::Disconnected {
+            client_id: session.client_id.to_string(),
+            session_id: conn.session_id,
+            seq: conn.seq,
+            reason,
+            time: SystemTime::now(),
+        })
+        .await;
+    broker.detach(&session, conn.session_id);
+    broker.released.notify_waiters();
+    broker.connection_closed.notify_waiters();
+}
+
+fn publish_will(broker: &Broker, will: LastWill) {
+    metrics().wills_published.inc();
+    tracing::debug!(topic = will.topic.as_str(), "Publishing will.");
+    broker.router.publish(Arc::new(Message {
+        topic: will.topic.into_boxed_str(),
+        payload: Bytes::copy_from_slice(&will.message),
+        qos: will.qos,
+        retain: will.retain,
+    }));
+}
+
+#[cfg(test)]
+mod size {
+    /// An idle connection's memory is mostly its task and its session; keep both small (at
+    /// most 2 KiB RSS per idle connection in total, and less is the goal).
+    #[tokio::test]
+    async fn connection_future_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (tx, _rx) = crate::event::channel(1);
+        let broker = std::sync::Arc::new(crate::mqtt::Broker::new(Default::default(), tx));
+        let fut = super::run(stream, broker, tokio_util::sync::CancellationToken::new());
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 512, "connection future is {size} bytes");
+        eprintln!(
+            "connection future: {size} bytes, session: {} bytes",
+            std::mem::size_of::<crate::mqtt::session::Session>()
+        );
+        assert!(std::mem::size_of::<crate::mqtt::session::Session>() <= 256);
+    }
+}

@@ -1,0 +1,252 @@
+//! The session table: client id -> [`Session`], and the rules of who uses a session when —
+//! attach (with takeover), detach, expiry — plus [`LiveSessions`], the read-only view the API
+//! gets.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::session::{QueueLimits, Session};
+use crate::event::SessionId;
+use crate::metrics::metrics;
+
+/// Client id -> session.
+type Map = Mutex<HashMap<Arc<str>, Arc<Session>>>;
+
+/// Every session the broker holds: connected ones, and persistent ones whose client is away.
+pub struct SessionTable {
+    map: Arc<Map>,
+    /// Last connection sequence number handed out (under the table lock).
+    seq: AtomicU64,
+    /// Last [`Session::incarnation`] handed out.
+    incarnations: AtomicU64,
+}
+
+/// The outcome of [`SessionTable::attach`].
+pub enum Attach {
+    /// The connection uses the session now.
+    Attached(Attached),
+    /// Another connection uses it and was asked to close (takeover): wait until a connection
+    /// releases its session, then try again.
+    Wait,
+    /// The session is no longer in the table: look it up again and retry.
+    Retry,
+}
+
+/// A successful attach.
+pub struct Attached {
+    /// The new connection's id (UUIDv7).
+    pub session_id: SessionId,
+    /// Broker-wide increasing number of this connection (per client id, in attach order).
+    pub seq: u64,
+    /// CONNACK's session-present flag.
+    pub session_present: bool,
+    /// Subscriptions of a discarded previous session, to remove from the router.
+    pub dropped_subscriptions: Vec<Box<str>>,
+}
+
+/// The outcome of [`SessionTable::detach`].
+pub enum Detached {
+    /// A newer connection uses the session already (it took it over).
+    TakenOver,
+    /// A persistent session whose client is away now, for the `leave`-th time: it expires
+    /// unless the client comes back in time.
+    Kept {
+        /// How often its client has left, the stamp of this leave.
+        leave: u32,
+    },
+    /// A clean session, ended and forgotten: these subscriptions must leave the router.
+    Forgotten(Vec<Box<str>>),
+}
+
+impl Default for SessionTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SessionTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self {
+            map: Arc::new(Mutex::new(HashMap::new())),
+            seq: AtomicU64::new(0),
+            incarnations: AtomicU64::new(0),
+        }
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session of `client_id`, created empty when there is none.
+    pub fn get_or_create(&self, client_id: &str) -> Arc<Session> {
+        let mut map = self.map();
+        if let Some(s) = map.get(client_id) {
+            return Arc::clone(s);
+        }
+        let incarnation = self.incarnations.fetch_add(1, Ordering::Relaxed) + 1;
+        let client_id: Arc<str> = client_id.into();
+        let session = Arc::new(Session::new(Arc::clone(&client_id), incarnation));
+        map.insert(client_id, Arc::clone(&session));
+        session
+    }
+
+    /// Makes a new connection the user of `session`.
+    ///
+    /// While another connection uses it, that one is asked to close (takeover) and
+    /// [`Attach::Wait`] says to wait and call again. When the session left the table meanwhile,
+    /// [`Attach::Retry`] says to start over with [`SessionTable::get_or_create`]. A clean-session
+    /// connect discards the previous state (its queue's bytes go back to `limits`).
+    pub fn attach(
+        &self,
+        session: &Arc<Session>,
+        clean_session: bool,
+        limits: &QueueLimits,
+    ) -> Attach {
+        let map = self.map();
+        if !map
+            .get(&session.client_id)
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
+            return Attach::Retry;
+        }
+        let mut st = session.state();
+        if st.online {
+            tracing::debug!(previous = %st.connection, "Taking over the session.");
+            session.kick();
+            return Attach::Wait;
+        }
+        session.reset_signals();
+        session.set_online(true);
+        let was_persistent = st.persistent;
+        let mut dropped = Vec::new();
+        let session_present = if clean_session {
+            dropped = st.clear(limits);
+            false
+        } else {
+            was_persistent
+        };
+        // Both are taken under the table lock, so that for one client id a later connection
+        // always has a higher seq and a later (greater) session id.
+        let session_id = SessionId::new();
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        st.persistent = !clean_session;
+        st.connection = session_id;
+        st.online = true;
+        drop(st);
+        drop(map);
+        match (was_persistent, !clean_session) {
+            (false, true) => metrics().persistent_sessions.inc(),
+            (true, false) => metrics().persistent_sessions.dec(),
+            _ => {}
+        }
+        Attach::Attached(Attached {
+            session_id,
+            seq,
+            session_present,
+            dropped_subscriptions: dropped,
+        })
+    }
+
+    /// Ends connection `session_id`'s use of `session`. A clean session is then forgotten.
+    pub fn detach(
+        &self,
+        session: &Arc<Session>,
+        session_id: SessionId,
+        limits: &QueueLimits,
+    ) -> Detached {
+        let mut map = self.map();
+        let mut st = session.state();
+        if st.online && st.connection == session_id {
+            st.online = false;
+        }
+        if st.online {
+            return Detached::TakenOver;
+        }
+        if st.persistent {
+            st.leaves = st.leaves.wrapping_add(1);
+            return Detached::Kept { leave: st.leaves };
+        }
+        let dropped = st.clear(limits);
+        st.ended = true;
+        drop(st);
+        Self::remove(&mut map, session);
+        Detached::Forgotten(dropped)
+    }
+
+    /// Forgets `session` if it is still the persistent session its client left for the
+    /// `leave`-th time (the client has not come back since). Returns the id of the last
+    /// connection that used it, and the filters to remove from the router.
+    pub fn expire(
+        &self,
+        session: &Arc<Session>,
+        leave: u32,
+        limits: &QueueLimits,
+    ) -> Option<(SessionId, Vec<Box<str>>)> {
+        let mut map = self.map();
+        let mut st = session.state();
+        if st.online || !st.persistent || st.ended || st.leaves != leave {
+            return None;
+        }
+        let dropped = st.clear(limits);
+        st.persistent = false;
+        st.ended = true;
+        let last = st.connection;
+        drop(st);
+        Self::remove(&mut map, session);
+        Some((last, dropped))
+    }
+
+    /// Removes `session` from the table if it is still the one registered for its client id.
+    fn remove(map: &mut HashMap<Arc<str>, Arc<Session>>, session: &Arc<Session>) {
+        if map
+            .get(&session.client_id)
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
+            map.remove(&session.client_id);
+        }
+    }
+
+    /// Asks every connection that uses a session to close with reason broker_shutdown.
+    pub fn close_all(&self) {
+        for session in self.map().values() {
+            if session.state().online {
+                session.shut_down();
+            }
+        }
+    }
+
+    /// A read-only view for the API.
+    pub fn live(&self) -> LiveSessions {
+        LiveSessions(Arc::clone(&self.map))
+    }
+}
+
+/// A read-only view of the broker's sessions, for the API: which devices are connected here
+/// and when each last sent something.
+///
+/// It holds only the table, not the event sender, so that it never keeps the event stream open
+/// after the MQTT layer has shut down.
+#[derive(Clone)]
+pub struct LiveSessions(Arc<Map>);
+
+impl LiveSessions {
+    /// When a device connected to this broker last sent a packet; `None` when it is not
+    /// connected here.
+    pub fn last_seen(&self, client_id: &str) -> Option<std::time::SystemTime> {
+        let session = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(client_id)
+            .cloned()?;
+        let online = session.state().online;
+        online.then(|| session.last_seen())
+    }
+
+    /// Connections open on this broker now.
+    pub fn connected(&self) -> i64 {
+        metrics().connections_current.get()
+    }
+}
