@@ -6,10 +6,9 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use super::budget::ByteBudget;
-use super::expiry::ExpiryQueue;
 use super::router::Router;
 use super::session::Session;
-use super::sessions::{Detached, LiveSessions, SessionTable};
+use super::sessions::{Detached, ExpiryQueue, LiveSessions, SessionTable};
 use crate::config::MqttConfig;
 use crate::event::{ConnectionEvent, EventSender, SessionId};
 use crate::metrics::metrics;

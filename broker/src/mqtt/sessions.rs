@@ -1,10 +1,13 @@
 //! The session table: client id -> [`Session`], and the rules of who uses a session when —
-//! attach (with takeover), detach, expiry — plus [`LiveSessions`], the read-only view the API
-//! gets.
+//! attach (with takeover), detach, expiry (scheduled in the [`ExpiryQueue`], carried out by
+//! [`super::expiry`]) — plus [`LiveSessions`], the read-only view the API gets.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::session::{QueueLimits, Session};
 use crate::event::SessionId;
@@ -248,5 +251,62 @@ impl LiveSessions {
     /// Connections open on this broker now.
     pub fn connected(&self) -> i64 {
         metrics().connections_current.get()
+    }
+}
+
+/// One scheduled expiry: void if the client came back since its `leave`-th leave.
+pub struct Expiring {
+    /// When it falls due.
+    pub at: Instant,
+    /// The session.
+    pub session: Arc<Session>,
+    /// The leave it was scheduled for.
+    pub leave: u32,
+}
+
+/// Persistent sessions whose client left, in the order their expiry falls due (every session
+/// gets the same expiry, so the order of leaving is the order of expiring).
+#[derive(Default)]
+pub struct ExpiryQueue {
+    queue: Mutex<VecDeque<Expiring>>,
+    /// Signalled when an expiry is scheduled into an empty queue.
+    scheduled: Notify,
+}
+
+impl ExpiryQueue {
+    /// Schedules the expiry of `session` at `at`, for its client's `leave`-th leave.
+    pub fn schedule(&self, session: &Arc<Session>, leave: u32, at: Instant) {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let was_empty = queue.is_empty();
+        queue.push_back(Expiring {
+            at,
+            session: Arc::clone(session),
+            leave,
+        });
+        drop(queue);
+        if was_empty {
+            self.scheduled.notify_one();
+        }
+    }
+
+    /// Signalled when an expiry is scheduled into an empty queue.
+    pub fn scheduled(&self) -> tokio::sync::futures::Notified<'_> {
+        self.scheduled.notified()
+    }
+
+    /// The earliest scheduled expiry.
+    pub fn next_due(&self) -> Option<Instant> {
+        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.front().map(|e| e.at)
+    }
+
+    /// Takes the next expiry due at `now`.
+    pub fn pop_due(&self, now: Instant) -> Option<Expiring> {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.front().is_some_and(|e| e.at <= now) {
+            queue.pop_front()
+        } else {
+            None
+        }
     }
 }
