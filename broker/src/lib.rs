@@ -1,18 +1,37 @@
 //! Heartwire: an MQTT 3.1.1 broker that knows, at every moment, which devices are online, since
 //! when, and why each one went offline.
 //!
-//! Modules, in the order data flows through them:
+//! Modules, in the order data flows through them (each imports only modules listed before it,
+//! or the ground floor):
 //! - [`mqtt`]: listener, one task per connection (keep-alive, takeover), sessions, routing;
 //!   emits a connection event for every connect and disconnect.
-//! - [`presence`]: the connection events and the bridge that batches them into the store
-//!   (memory buffer and journal while the database is away, crash recovery at start), and the
-//!   retention that keeps the session history bounded.
+//! - [`presence`]: the bridge that batches connection events into the store (memory buffer and
+//!   journal while the database is away, crash recovery at start), and the retention that keeps
+//!   the session history bounded.
 //! - [`store`]: the presence store trait and its PostgreSQL and SQLite backends.
 //! - [`http`]: the REST API, /metrics, /healthz, /readyz, and the HTTP listener that serves
 //!   them (connection limit, timeouts).
+//!
+//! The ground floor, which imports nothing of the broker above it:
+//! - [`event`]: the connection events and the record the store keeps of each.
+//! - [`labels`]: the closed sets of values that label metrics (disconnect reasons, drop
+//!   reasons, packet types, ...).
 //! - [`config`]: typed configuration (defaults < TOML file < `BROKER_` environment).
+//! - [`database_url`]: which store backend `database.url` names.
 //! - [`metrics`]: every Prometheus metric, defined in one place.
-//! - [`telemetry`]: tracing setup.
+//! - [`telemetry`]: tracing setup and rate-limited log lines.
+//!
+//! Words used throughout:
+//! - *device*: a client id, as the presence store knows it (`devices` table, one row each).
+//! - *connection*: one MQTT connection from CONNECT to its end, identified by a UUIDv7 called
+//!   its session id (`event::SessionId`, the `session_id` of the API and the database): one
+//!   `Connected` and one `Disconnected` event, one history row (`store` calls that row a
+//!   `Session`, the API lists them under `/sessions`).
+//! - *session* (MQTT): the state the broker keeps per client id across connections when
+//!   clean_session = false — subscriptions, queued and in-flight messages (`mqtt::session`);
+//!   a connection uses at most one session, a session is used by at most one connection at a
+//!   time (a newer one takes it over).
+//! - *node* and *boot*: a broker process by its configured `node.id`, and one start of it.
 
 #![forbid(unsafe_code)]
 

@@ -475,7 +475,7 @@ impl Signals {
 ///
 /// Kept small: one exists per connected device. The owning connection is woken through an
 /// [`AtomicWaker`] plus flag bits rather than per-connection channels, tokens or futures; a
-/// connection waiting to take a session over waits on [`super::Shared::released`].
+/// connection waiting to take a session over waits on [`super::Broker::released`].
 #[derive(Debug)]
 pub struct Session {
     /// The MQTT client id.

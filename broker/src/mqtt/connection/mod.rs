@@ -1,6 +1,6 @@
 //! One task per client connection, in four parts, each a module: [`io`] (the stream and its
-//! on-demand buffers, generic over the [`Transport`]), [`handshake`] (CONNECT, validation,
-//! attaching to the session with takeover, CONNACK), [`serve`] (the loop of reads, writes and
+//! on-demand buffers, generic over the [`Transport`]), [`handshake`](mod@handshake) (CONNECT, validation,
+//! attaching to the session with takeover, CONNACK), [`serve`](mod@serve) (the loop of reads, writes and
 //! deadlines until the connection ends with exactly one [`DisconnectReason`]) and [`packets`]
 //! (what each packet means). Here: the task itself and its close (detach, will, the
 //! Disconnected event).
@@ -36,7 +36,7 @@ use serve::serve;
 /// Serves one accepted stream until it closes.
 ///
 /// The handshake and the close are boxed so that their futures (timeouts, event sends) do not
-/// stay inside every idle connection's task; the part that lives long is [`serve`], a small
+/// stay inside every idle connection's task; the part that lives long is [`serve`](fn@serve), a small
 /// poll loop. Not an `async fn`: its arguments would stay in the task for its whole life next
 /// to the [`Io`] made of them, so the task starts from the `Io`, and the handshake asks the
 /// stream for the peer's address instead of keeping it.
