@@ -41,27 +41,34 @@ pub enum Handled {
 pub struct Held {
     /// The message.
     pub message: Arc<Message>,
-    /// The PUBLISH's QoS and packet id, for its acknowledgement once routed.
+    /// The PUBLISH's QoS, for its acknowledgement once routed.
     pub qos: QoS,
-    /// See `qos`.
+    /// The PUBLISH's packet id, likewise.
     pub pkid: u16,
 }
 
 /// Refused topic filters: one line per interval for the whole broker.
 static FILTER_REFUSED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
 
-/// A SUBSCRIBE or UNSUBSCRIBE applied a slice of filters per wake-up, so that one packet of
+/// A SUBSCRIBE or UNSUBSCRIBE applied a slice of filters per turn, so that one packet of
 /// thousands of filters does not hold a runtime thread (or the router's lock) for long.
 pub enum Job {
+    /// A SUBSCRIBE.
     Subscribe {
+        /// Its packet id, for the SUBACK.
         pkid: u16,
+        /// The filters not handled yet.
         filters: std::vec::IntoIter<SubscribeFilter>,
+        /// The SUBACK's return codes so far, one per handled filter.
         codes: Vec<SubscribeReasonCode>,
         /// Retained deliveries of the granted filters, started once the SUBACK is written.
         cursors: Vec<Cursor>,
     },
+    /// An UNSUBSCRIBE.
     Unsubscribe {
+        /// Its packet id, for the UNSUBACK.
         pkid: u16,
+        /// Its filters.
         filters: Vec<String>,
         /// Filters handled so far.
         done: usize,
