@@ -23,6 +23,7 @@ mod db;
 mod device;
 mod http;
 mod metrics;
+mod presence;
 mod progress;
 mod report;
 mod scenario;

@@ -37,6 +37,7 @@ use tokio::task::JoinSet;
 use crate::db;
 use crate::device::KEEPALIVE_MULTIPLIER;
 use crate::http::{encode, Api};
+use crate::presence::Presence;
 use crate::truth::{self, Record};
 
 /// Page size for the device list, the session history and the node boots.
@@ -274,13 +275,6 @@ async fn histories(api: &Api, ids: Vec<String>) -> Result<HashMap<String, Vec<Ap
         out.insert(id, sessions);
     }
     Ok(out)
-}
-
-/// A device's current state as the broker reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Presence {
-    pub(crate) online: bool,
-    pub(crate) last_reason: Option<String>,
 }
 
 /// Compares every device's final state in the truth with `source` (the API or the database),
