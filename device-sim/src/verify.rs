@@ -25,7 +25,6 @@
 //! with synchronised clocks (or the same host).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +33,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use tokio::task::JoinSet;
 
+use crate::cli::VerifyArgs;
 use crate::db;
 use crate::device::KEEPALIVE_MULTIPLIER;
 use crate::http::{encode, Api};
@@ -54,25 +54,6 @@ const CLOSE_TOLERANCE: chrono::TimeDelta = chrono::TimeDelta::milliseconds(1);
 const BROKER_RESTART: &str = "broker_restart";
 /// Session-history requests in flight at once.
 const PARALLEL: usize = 8;
-
-/// Options of `device-sim verify`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct VerifyArgs {
-    /// Truth file written by `device-sim run --truth`.
-    #[arg(long)]
-    pub truth: PathBuf,
-    /// Base URL of the broker's HTTP API, e.g. http://127.0.0.1:8080.
-    #[arg(long)]
-    pub api: String,
-    /// Also compare the final states with the presence database directly (`postgres://…` or
-    /// `sqlite://…`, the broker's `devices` table).
-    #[arg(long)]
-    pub database_url: Option<String>,
-    /// Seconds to wait before checking. A silent death is detected up to 1.5 × keep-alive
-    /// after it happened: use at least that when the run ended with devices dead.
-    #[arg(long, default_value_t = 5.0)]
-    pub settle: f64,
-}
 
 #[derive(Debug, Deserialize)]
 struct ApiDevice {
