@@ -118,7 +118,14 @@ async fn shutdown_signal() -> Result<()> {
 }
 
 /// Runs this process's devices (without --workers, or as worker K) and returns the summary.
-pub async fn run(cli: &RunArgs) -> Result<Summary> {
+/// Its helper tasks (scheduler, spawner, ready file, metrics endpoint) go on `tasks`, the run's
+/// tracker, and stop when `shutdown` is cancelled, if not before: the metrics endpoint
+/// outlives the devices, to be scraped until the summary is out.
+pub async fn run(
+    cli: &RunArgs,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<Summary> {
     raise_nofile(cli.count)?;
     let endpoints = endpoints(&cli.host, &cli.port)?;
     let truth = Arc::new(match &cli.truth {
@@ -129,7 +136,13 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
     let stats = Arc::new(Stats::new(cli.count)?);
     if let (Some(addr), None) = (&cli.metrics_listen, cli.worker_id) {
         let stats = Arc::clone(&stats);
-        metrics::serve(addr, Arc::new(move || stats.live())).await?;
+        metrics::serve(
+            addr,
+            Arc::new(move || stats.live()),
+            tasks,
+            shutdown.clone(),
+        )
+        .await?;
     }
     let profile = Arc::new(Profile {
         keepalive: Duration::from_secs(cli.keepalive.into()),
@@ -142,9 +155,12 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
             .map(|u| (u, cli.password.clone().unwrap_or_default())),
         telemetry: cli.telemetry(),
     });
-    let end = CancellationToken::new();
-    let stop = CancellationToken::new();
+    // Children of `shutdown`, so that a run left early (an error) stops its tasks too.
+    let end = shutdown.child_token();
+    let stop = shutdown.child_token();
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
+    // The devices, apart from the run's other tasks: waiting for them is waiting for every
+    // device to have disconnected.
     let devices = TaskTracker::new();
     let fleet: Fleet = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
@@ -155,7 +171,7 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
         let worker = cli.worker_id.is_some();
         let stats = Arc::clone(&stats);
         let end = end.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             tokio::select! {
                 _ = end.cancelled() => {}
                 _ = stats.wait_all_connected() => {
@@ -191,7 +207,7 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
         start,
         deadline,
     };
-    let scheduler = tokio::spawn(scenario::drive(plan, Arc::clone(&fleet), end.clone()));
+    let scheduler = tasks.spawn(scenario::drive(plan, Arc::clone(&fleet), end.clone()));
 
     // Spawner: starts devices at --rate per second until --count or the end of the run.
     let spawner = {
@@ -203,7 +219,7 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
         let rate = f64::from(cli.rate);
         let profile = Arc::clone(&profile);
         let cli = cli.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(5));
             tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
             let mut spawned = 0u64;

@@ -23,7 +23,7 @@
 //! `worker_protocol`, which `fleet`, `run` and `workers` point down at):
 //! - [`cli`]: the options of both subcommands and their checks.
 //! - [`run`]: `device-sim run`: this process's [`fleet`] or the [`workers`] parent, then the
-//!   summary. [`worker_protocol`]: the lines a worker prints.
+//!   summary; owns the run's task tracker. [`worker_protocol`]: the lines a worker prints.
 //! - [`fleet`]: one process's devices; [`scenario`]: what happens to them; [`device`]: one
 //!   simulated device (rumqttc); [`truth`]: the ground truth they write.
 //! - [`report`]: counters, CONNACK histogram and summary; [`progress`]: the per-second output;

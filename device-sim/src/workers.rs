@@ -25,6 +25,8 @@ use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::cli::{value_name, RunArgs, PASSWORD_ENV};
 use crate::fleet::{raise_nofile, write_ready_file};
@@ -134,8 +136,14 @@ enum Msg {
     Eof(u32),
 }
 
-/// Runs the workers; returns the aggregated summary.
-pub async fn run(cli: &RunArgs) -> Result<Summary> {
+/// Runs the workers; returns the aggregated summary. The readers of their output and the
+/// metrics endpoint go on `tasks`, the run's tracker; the endpoint stops when `shutdown` is
+/// cancelled.
+pub async fn run(
+    cli: &RunArgs,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<Summary> {
     let n = cli.workers;
     if u64::from(n) > cli.count {
         bail!("--workers {n} exceeds --count {}", cli.count);
@@ -159,9 +167,15 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
             .with_context(|| format!("starting worker {k}"))?;
         let stdout = child.stdout.take().context("worker stdout")?;
         let tx = tx.clone();
-        tokio::spawn(async move {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            loop {
+                let line = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    line = lines.next_line() => line,
+                };
+                let Ok(Some(line)) = line else { break };
                 let _ = tx.send(Msg::Line(k, line));
             }
             let _ = tx.send(Msg::Eof(k));
@@ -183,7 +197,7 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
         }
     };
     if let Some(addr) = &cli.metrics_listen {
-        metrics::serve(addr, Arc::new(sum.clone())).await?;
+        metrics::serve(addr, Arc::new(sum.clone()), tasks, shutdown.clone()).await?;
     }
     let start = Instant::now();
     let mut results: Vec<Option<Summary>> = vec![None; len];
