@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
-use crate::device::{EndState, Telemetry};
+use crate::device::{EndState, Telemetry, KEEPALIVE_MULTIPLIER};
 use crate::scenario::{MixKind, Scenario};
 
 /// Largest PUBLISH remaining length device-sim sends (1 MiB, the default `mqtt.max_packet_size`
@@ -22,6 +22,9 @@ const EXIT_CODES: &str = "Exit codes: 0 success; 1 verify: the broker disagrees 
 /// Environment variable that carries `--password` (to the workers too): other users cannot read
 /// it from the process list.
 pub const PASSWORD_ENV: &str = "DEVICE_SIM_PASSWORD";
+/// Range of `verify --keepalive-multiplier`, the range the broker accepts for its
+/// `mqtt.keepalive_multiplier`.
+const MULTIPLIER_RANGE: std::ops::RangeInclusive<f64> = 1.0..=10.0;
 
 /// Command line: `run` options are accepted without the subcommand too.
 #[derive(Debug, Parser)]
@@ -247,10 +250,30 @@ pub struct VerifyArgs {
     /// `sqlite://…`, the broker's `devices` table).
     #[arg(long)]
     pub database_url: Option<String>,
-    /// Seconds to wait before checking. A silent death is detected up to 1.5 × keep-alive
-    /// after it happened: use at least that when the run ended with devices dead.
+    /// Seconds to wait before checking. A silent death is detected up to
+    /// --keepalive-multiplier × keep-alive after it happened: use at least that when the run
+    /// ended with devices dead.
     #[arg(long, default_value_t = 5.0)]
     pub settle: f64,
+    /// The broker's `mqtt.keepalive_multiplier` (1.0 to 10.0): it closes a connection that sent
+    /// nothing for keep-alive × this. Sets the deadline of every silent death (its detection
+    /// overshoot, and whether a broker crash came before it); give the broker's value when it
+    /// is not the default (`broker --print-config` shows it).
+    #[arg(long, default_value_t = KEEPALIVE_MULTIPLIER, value_parser = keepalive_multiplier)]
+    pub keepalive_multiplier: f64,
+}
+
+/// Parses `--keepalive-multiplier`: a number in the range the broker accepts.
+fn keepalive_multiplier(value: &str) -> Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(m) if MULTIPLIER_RANGE.contains(&m) => Ok(m),
+        _ => Err(format!(
+            "expected a number between {:.1} and {:.1} (the broker's mqtt.keepalive_multiplier; \
+             default {KEEPALIVE_MULTIPLIER})",
+            MULTIPLIER_RANGE.start(),
+            MULTIPLIER_RANGE.end()
+        )),
+    }
 }
 
 /// The command-line name of a clap value.
@@ -356,6 +379,36 @@ mod tests {
             (t.interval, t.qos, t.payload_size),
             (Duration::from_millis(500), rumqttc::QoS::ExactlyOnce, 10)
         );
+        Ok(())
+    }
+
+    #[test]
+    fn keepalive_multiplier_is_checked_like_the_brokers() -> Result<()> {
+        let verify = |extra: &[&str]| {
+            let mut argv = vec![
+                "device-sim",
+                "verify",
+                "--truth",
+                "t",
+                "--api",
+                "http://x:1",
+            ];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Some(Command::Verify(v)) => v.keepalive_multiplier,
+                _ => f64::NAN,
+            })
+        };
+        assert_eq!(verify(&[])?, 1.5);
+        assert_eq!(verify(&["--keepalive-multiplier", "2"])?, 2.0);
+        assert_eq!(verify(&["--keepalive-multiplier", "1.0"])?, 1.0);
+        assert_eq!(verify(&["--keepalive-multiplier", "10"])?, 10.0);
+        for bad in ["0.5", "10.5", "x", "NaN", "inf", ""] {
+            let Err(e) = verify(&["--keepalive-multiplier", bad]) else {
+                bail!("--keepalive-multiplier {bad:?} was accepted");
+            };
+            assert!(e.to_string().contains("between 1.0 and 10.0"), "{e}");
+        }
         Ok(())
     }
 }

@@ -18,6 +18,8 @@
 //! the truth with the broker's presence API (see [`verify`]; sessions ended by a broker crash
 //! are recognised from the boots of `GET /api/v1/nodes`), and with `--database-url URL` with
 //! the presence database too (see [`db`]); exit code 1 on any disagreement.
+//! `--keepalive-multiplier` (default 1.5) is the broker's `mqtt.keepalive_multiplier`, from
+//! which verify derives every silent death's deadline.
 //!
 //! The modules (their imports form no cycle: the worker line prefixes, say, live in
 //! `worker_protocol`, which `fleet`, `run` and `workers` point down at):
