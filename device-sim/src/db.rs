@@ -12,7 +12,7 @@ use sqlx::{ConnectOptions, Connection};
 
 use broker::database_url::{redact, Backend, SCHEMES};
 
-use crate::verify::Presence;
+use crate::presence::Presence;
 
 const QUERY: &str = "SELECT device_id, online, last_reason FROM devices";
 

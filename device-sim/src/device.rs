@@ -41,7 +41,9 @@ const SILENT_MARGIN: Duration = Duration::from_secs(1);
 /// Extra time a takeover waits for the first connection to be closed, beyond the connect timeout.
 const TAKEOVER_MARGIN: Duration = Duration::from_secs(5);
 
-/// The broker's keep-alive multiplier (MQTT 3.1.1: 1.5).
+/// The broker's keep-alive multiplier (MQTT 3.1.1: 1.5, Heartwire's default
+/// `mqtt.keepalive_multiplier`): a run keeps a silently dead device away for this many
+/// keep-alives, and `verify --keepalive-multiplier` defaults to it.
 pub const KEEPALIVE_MULTIPLIER: f64 = 1.5;
 
 /// What a device does when the run ends.

@@ -9,26 +9,48 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::report::{Live, BUCKETS_S};
+
+/// Bound on answering one request, first byte read to last byte written.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (out of file descriptors, say) before the next.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// Where the endpoint gets its numbers.
 pub type Source = Arc<dyn Fn() -> Live + Send + Sync>;
 
-/// Binds `addr` and serves `/metrics` until the process ends.
-pub async fn serve(addr: &str, source: Source) -> Result<()> {
+/// Binds `addr` and serves `/metrics` from tasks on `tasks` (the run's tracker) until `stop` is
+/// cancelled, which also cuts short the answers in progress.
+pub async fn serve(
+    addr: &str,
+    source: Source,
+    tasks: &TaskTracker,
+    stop: CancellationToken,
+) -> Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding --metrics-listen {addr}"))?;
-    tokio::spawn(async move {
+    let answers = tasks.clone();
+    tasks.spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let Ok((stream, _)) = accepted else {
+                tokio::time::sleep(ACCEPT_RETRY).await;
                 continue;
             };
             let source = Arc::clone(&source);
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, source)).await;
+            let stop = stop.clone();
+            answers.spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::timeout(ANSWER_TIMEOUT, answer(stream, source)) => {}
+                }
             });
         }
     });

@@ -12,7 +12,8 @@
 //!    can reach the broker before the close of the old socket is processed).
 //! 3. Silent deaths: detection latency = the session's `disconnected_at` − the death's truth
 //!    time; its percentiles are printed, with the overshoot past the broker's deadline
-//!    (last packet sent + 1.5 × keep-alive).
+//!    (last packet sent + `--keepalive-multiplier` × keep-alive: the broker's
+//!    `mqtt.keepalive_multiplier`, 1.5 unless it was configured otherwise).
 //! 4. Broker crashes: the boots of the broker nodes come from `GET /api/v1/nodes`. A session
 //!    recorded as `broker_restart` is accepted in place of the intended reason when it was open
 //!    at a crash ([`ended_by_crash`]): its boot is `recovered` (a later boot of the node closed
@@ -25,7 +26,6 @@
 //! with synchronised clocks (or the same host).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,9 +34,10 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use tokio::task::JoinSet;
 
+use crate::cli::VerifyArgs;
 use crate::db;
-use crate::device::KEEPALIVE_MULTIPLIER;
 use crate::http::{encode, Api};
+use crate::presence::Presence;
 use crate::truth::{self, Record};
 
 /// Page size for the device list, the session history and the node boots.
@@ -53,25 +54,6 @@ const CLOSE_TOLERANCE: chrono::TimeDelta = chrono::TimeDelta::milliseconds(1);
 const BROKER_RESTART: &str = "broker_restart";
 /// Session-history requests in flight at once.
 const PARALLEL: usize = 8;
-
-/// Options of `device-sim verify`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct VerifyArgs {
-    /// Truth file written by `device-sim run --truth`.
-    #[arg(long)]
-    pub truth: PathBuf,
-    /// Base URL of the broker's HTTP API, e.g. http://127.0.0.1:8080.
-    #[arg(long)]
-    pub api: String,
-    /// Also compare the final states with the presence database directly (`postgres://…` or
-    /// `sqlite://…`, the broker's `devices` table).
-    #[arg(long)]
-    pub database_url: Option<String>,
-    /// Seconds to wait before checking. A silent death is detected up to 1.5 × keep-alive
-    /// after it happened: use at least that when the run ended with devices dead.
-    #[arg(long, default_value_t = 5.0)]
-    pub settle: f64,
-}
 
 #[derive(Debug, Deserialize)]
 struct ApiDevice {
@@ -158,15 +140,18 @@ fn expectations(records: Vec<Record>) -> BTreeMap<String, Expected> {
     by_device
 }
 
+/// How long the broker waits for a packet from a client with keep-alive `keepalive` seconds
+/// before it closes the connection: keep-alive × `multiplier` (its `mqtt.keepalive_multiplier`).
+fn keepalive_window(keepalive: u16, multiplier: f64) -> chrono::TimeDelta {
+    chrono::TimeDelta::microseconds((f64::from(keepalive) * multiplier * 1e6) as i64)
+}
+
 /// When the truth says the broker should have ended the session at the latest: for a silent
-/// death its keep-alive deadline (last packet sent + 1.5 × keep-alive), else the end itself.
-fn expected_end(end: &Record) -> DateTime<Utc> {
+/// death its keep-alive deadline (last packet sent + `multiplier` × keep-alive), else the end
+/// itself.
+fn expected_end(end: &Record, multiplier: f64) -> DateTime<Utc> {
     match (end.event.as_str(), end.last_sent, end.keepalive) {
-        (truth::SILENT_DEATH, Some(last), Some(k)) => {
-            last + chrono::TimeDelta::microseconds(
-                (f64::from(k) * KEEPALIVE_MULTIPLIER * 1e6) as i64,
-            )
-        }
+        (truth::SILENT_DEATH, Some(last), Some(k)) => last + keepalive_window(k, multiplier),
         _ => end.t,
     }
 }
@@ -276,13 +261,6 @@ async fn histories(api: &Api, ids: Vec<String>) -> Result<HashMap<String, Vec<Ap
     Ok(out)
 }
 
-/// A device's current state as the broker reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Presence {
-    pub(crate) online: bool,
-    pub(crate) last_reason: Option<String>,
-}
-
 /// Compares every device's final state in the truth with `source` (the API or the database),
 /// printing each disagreement; returns their number.
 fn compare_states(
@@ -335,14 +313,12 @@ fn compare_states(
 pub async fn verify(args: &VerifyArgs) -> Result<bool> {
     let api = Api::parse(&args.api)?;
     let records = truth::read(&args.truth)?;
+    let multiplier = args.keepalive_multiplier;
     // The latest moment by which the broker must have detected every silent death.
     let detect_by = records
         .iter()
         .filter(|r| r.event == truth::SILENT_DEATH)
-        .filter_map(|r| {
-            let k = f64::from(r.keepalive?) * KEEPALIVE_MULTIPLIER;
-            Some(r.t + chrono::TimeDelta::milliseconds((k * 1000.0) as i64))
-        })
+        .filter_map(|r| Some(r.t + keepalive_window(r.keepalive?, multiplier)))
         .max();
     let expected = expectations(records);
     if let Some(by) = detect_by {
@@ -351,7 +327,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<bool> {
         if settled < by {
             println!(
                 "note: the last silent death is due for detection at {}, after --settle ends; \
-                 use --settle of at least 1.5 × keep-alive",
+                 use --settle of at least {multiplier} × keep-alive",
                 truth::rfc3339(by)
             );
         }
@@ -440,7 +416,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<bool> {
                         end.event.as_str(),
                         truth::DISCONNECT_CLEAN | truth::CLOSE_ABRUPT
                     ));
-            if !ok && ended_by_crash(s, expected_end(end), &crashed) {
+            if !ok && ended_by_crash(s, expected_end(end, multiplier), &crashed) {
                 by_crash += 1;
                 continue;
             }
@@ -462,10 +438,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<bool> {
                 if let Some(at) = s.disconnected_at {
                     latency.push(ms(at - end.t));
                     if let (Some(last), Some(k)) = (end.last_sent, end.keepalive) {
-                        let deadline = last
-                            + chrono::TimeDelta::microseconds(
-                                (f64::from(k) * KEEPALIVE_MULTIPLIER * 1e6) as i64,
-                            );
+                        let deadline = last + keepalive_window(k, multiplier);
                         overshoot.push(ms(at - deadline));
                     }
                 }
@@ -485,7 +458,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<bool> {
         );
         if !overshoot.is_empty() {
             println!(
-                "  past the deadline (last packet + 1.5 × keep-alive): {}",
+                "  past the deadline (last packet + {multiplier} × keep-alive): {}",
                 spread(&mut overshoot)
             );
         }
@@ -579,10 +552,29 @@ mod tests {
         death.t = at(50);
         death.last_sent = Some(at(49));
         death.keepalive = Some(2);
-        assert_eq!(expected_end(&death), at(52));
+        assert_eq!(expected_end(&death, 1.5), at(52));
+        assert_eq!(expected_end(&death, 3.0), at(55));
         let mut clean = Record::now("d", truth::DISCONNECT_CLEAN, false);
         clean.t = at(50);
-        assert_eq!(expected_end(&clean), at(50));
+        assert_eq!(expected_end(&clean, 1.5), at(50));
+        assert_eq!(expected_end(&clean, 3.0), at(50));
+    }
+
+    #[test]
+    fn the_keepalive_multiplier_decides_whether_a_crash_came_before_a_silent_death() {
+        // Silent at 95 s, last packet at 94 s, keep-alive 2 s; the broker crashed at 100 s and
+        // the next boot closed the session as broker_restart at that last heartbeat.
+        let mut death = Record::now("d", truth::SILENT_DEATH, false);
+        death.t = at(95);
+        death.last_sent = Some(at(94));
+        death.keepalive = Some(2);
+        let s = restart_session("crashed", 10, 100);
+        // Multiplier 1.5: the deadline (97 s) came well before the crash, so the broker should
+        // have recorded keepalive_timeout: broker_restart is wrong.
+        assert!(!ended_by_crash(&s, expected_end(&death, 1.5), &crashed()));
+        // Multiplier 3 (a broker configured so): the deadline (100 s) was not yet due at the
+        // crash, so broker_restart is right.
+        assert!(ended_by_crash(&s, expected_end(&death, 3.0), &crashed()));
     }
 
     #[test]

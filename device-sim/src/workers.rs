@@ -20,30 +20,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::ValueEnum;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::cli::{value_name, RunArgs, PASSWORD_ENV};
+use crate::fleet::{raise_nofile, write_ready_file};
+use crate::metrics;
 use crate::progress::Progress;
 use crate::report::{self, Live, Summary};
-use crate::RunArgs;
-
-/// Prefix of a worker's per-second status line.
-pub const STATUS: &str = "status ";
-/// Prefix of the line a worker prints once all its devices are connected at once.
-pub const READY: &str = "ready ";
-/// Prefix of a worker's final result line.
-pub const RESULT: &str = "result ";
-
-/// The command-line name of a clap value.
-pub fn value_name<T: ValueEnum>(v: &T) -> String {
-    v.to_possible_value()
-        .map(|p| p.get_name().to_owned())
-        .unwrap_or_default()
-}
+use crate::worker_protocol::{HOLDING, READY, RESULT, STATUS};
 
 /// Devices of worker `k` of `n`: (first number offset, count); contiguous, sizes differ by ≤ 1.
 pub fn split(count: u64, n: u64, k: u64) -> (u64, u64) {
@@ -56,9 +46,6 @@ fn worker_truth(truth: &Path, k: u32) -> PathBuf {
     p.push(format!(".worker-{k}"));
     PathBuf::from(p)
 }
-
-/// Environment variable that carries `--password` (to the workers too).
-pub const PASSWORD_ENV: &str = "DEVICE_SIM_PASSWORD";
 
 /// Arguments of worker `k`.
 fn child_args(cli: &RunArgs, k: u32) -> Vec<String> {
@@ -149,14 +136,20 @@ enum Msg {
     Eof(u32),
 }
 
-/// Runs the workers; returns the aggregated summary.
-pub async fn run(cli: &RunArgs) -> Result<Summary> {
+/// Runs the workers; returns the aggregated summary. The readers of their output and the
+/// metrics endpoint go on `tasks`, the run's tracker; the endpoint stops when `shutdown` is
+/// cancelled.
+pub async fn run(
+    cli: &RunArgs,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<Summary> {
     let n = cli.workers;
     if u64::from(n) > cli.count {
         bail!("--workers {n} exceeds --count {}", cli.count);
     }
     // Each worker needs only its own share of descriptors.
-    crate::raise_nofile(split(cli.count, u64::from(n), 0).1)?;
+    raise_nofile(split(cli.count, u64::from(n), 0).1)?;
     let exe = std::env::current_exe().context("locating the device-sim executable")?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut children = Vec::new();
@@ -174,9 +167,15 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
             .with_context(|| format!("starting worker {k}"))?;
         let stdout = child.stdout.take().context("worker stdout")?;
         let tx = tx.clone();
-        tokio::spawn(async move {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            loop {
+                let line = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    line = lines.next_line() => line,
+                };
+                let Ok(Some(line)) = line else { break };
                 let _ = tx.send(Msg::Line(k, line));
             }
             let _ = tx.send(Msg::Eof(k));
@@ -198,7 +197,7 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
         }
     };
     if let Some(addr) = &cli.metrics_listen {
-        crate::metrics::serve(addr, Arc::new(sum.clone())).await?;
+        metrics::serve(addr, Arc::new(sum.clone()), tasks, shutdown.clone()).await?;
     }
     let start = Instant::now();
     let mut results: Vec<Option<Summary>> = vec![None; len];
@@ -246,12 +245,12 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
                     } else if line.starts_with(READY) {
                         ready += 1;
                         if let (true, Some(path)) = (ready == n, &cli.ready_file) {
-                            let res = crate::write_ready_file(path, cli.count, start.elapsed());
+                            let res = write_ready_file(path, cli.count, start.elapsed());
                             if let Err(e) = res.await {
                                 eprintln!("device-sim: {e:#}");
                             }
                         }
-                    } else if let Some(rest) = line.strip_prefix("holding connected=") {
+                    } else if let Some(rest) = line.strip_prefix(HOLDING) {
                         holding += 1;
                         held += rest
                             .split_whitespace()
@@ -263,7 +262,7 @@ pub async fn run(cli: &RunArgs) -> Result<Summary> {
                                 eprintln!("device-sim: {e:#}");
                             }
                             progress.finish();
-                            println!("holding connected={held} until SIGINT/SIGTERM");
+                            println!("{HOLDING}{held} until SIGINT/SIGTERM");
                         }
                     } else {
                         progress.println(&format!("w{k} {line}"));

@@ -1,0 +1,414 @@
+//! The command line: the subcommands and their options ([`RunArgs`], [`VerifyArgs`]), the
+//! checks clap cannot make ([`RunArgs::check`]) and the settings derived from the options.
+//! `run` options are accepted without the subcommand too.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+use crate::device::{EndState, Telemetry, KEEPALIVE_MULTIPLIER};
+use crate::scenario::{MixKind, Scenario};
+
+/// Largest PUBLISH remaining length device-sim sends (1 MiB, the default `mqtt.max_packet_size`
+/// of Heartwire), so also the bound of `--payload-size`.
+const MAX_PAYLOAD: u64 = 1024 * 1024;
+/// Exit codes, for `--help` (the numbers are `main`'s).
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 verify: the broker disagrees with the truth; \
+                          2 error (bad options, unreachable API or database, I/O); \
+                          3 run: no device ever connected (the first error of each kind is \
+                          printed on stderr and in --json).";
+/// Environment variable that carries `--password` (to the workers too): other users cannot read
+/// it from the process list.
+pub const PASSWORD_ENV: &str = "DEVICE_SIM_PASSWORD";
+/// Range of `verify --keepalive-multiplier`, the range the broker accepts for its
+/// `mqtt.keepalive_multiplier`.
+const MULTIPLIER_RANGE: std::ops::RangeInclusive<f64> = 1.0..=10.0;
+
+/// Command line: `run` options are accepted without the subcommand too.
+#[derive(Debug, Parser)]
+#[command(
+    name = "device-sim",
+    version,
+    about = "Simulated MQTT device fleet for Heartwire",
+    after_help = EXIT_CODES,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    // The subcommand, if any (`run` when there is none).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    // The options of `run` given without the subcommand.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a fleet of simulated devices (the default).
+    #[command(after_help = EXIT_CODES)]
+    Run(Box<RunArgs>),
+    /// Compare a run's ground truth with the broker's presence API.
+    ///
+    /// Checks every device's final state and the reason recorded for every session end the
+    /// simulator caused. A session recorded as broker_restart is accepted when it was open at a
+    /// broker crash: its boot (from GET /api/v1/nodes) was recovered by a later boot, it was
+    /// closed at that boot's last heartbeat, and the truth had it open then (for a silent death:
+    /// its keep-alive deadline was not yet due); their number is printed.
+    #[command(after_help = EXIT_CODES)]
+    Verify(VerifyArgs),
+}
+
+/// Options of `device-sim run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Broker hosts, comma separated; devices are spread round-robin over every host × port pair.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+    pub host: Vec<String>,
+    /// Broker ports, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1883")]
+    pub port: Vec<u16>,
+    /// Number of devices.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: u64,
+    /// Number of the first device; client ids are PREFIX + number.
+    #[arg(long, default_value_t = 0)]
+    pub start_number: u64,
+    /// Client id prefix.
+    #[arg(long, default_value = "dev-")]
+    pub prefix: String,
+    /// New devices started per second.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate: u32,
+    /// MQTT keep-alive in seconds (0 disables pings, and silent deaths become abrupt closes).
+    #[arg(long, default_value_t = 30)]
+    pub keepalive: u16,
+    /// MQTT clean-session flag (`--clean false` for persistent sessions).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub clean: bool,
+    /// Length of the run in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub duration: u64,
+    /// MQTT user name sent in CONNECT (Heartwire does not check credentials yet; other brokers
+    /// may).
+    #[arg(long)]
+    pub username: Option<String>,
+    /// MQTT password sent in CONNECT; needs --username. Prefer the environment variable, which
+    /// other users cannot read from the process list.
+    #[arg(
+        long,
+        env = PASSWORD_ENV,
+        hide_env_values = true,
+        requires = "username"
+    )]
+    pub password: Option<String>,
+    /// Telemetry: seconds between two messages of one device while it is connected (decimals
+    /// allowed); without it devices only ping.
+    #[arg(long)]
+    pub publish_interval: Option<f64>,
+    /// Telemetry: quality of service of the messages (0, 1 or 2).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub qos: u8,
+    /// Telemetry: payload size in bytes (a JSON object padded or cut to exactly this size); a
+    /// PUBLISH (payload, topic and 4 bytes) must fit in 1 MiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=MAX_PAYLOAD))]
+    pub payload_size: u64,
+    /// Telemetry: topic; `%c` becomes the client id, `%i` the device number.
+    #[arg(long, default_value = "devices/%c/telemetry")]
+    pub topic: String,
+    /// Timeout for TCP connect plus CONNACK, in seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub connect_timeout: u64,
+    /// File written once all devices are connected for the first time.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+    /// What happens during the run.
+    #[arg(long, value_enum, default_value_t = Scenario::Steady)]
+    pub scenario: Scenario,
+    /// churn and takeover: devices per minute that leave (churn) or are taken over, in percent
+    /// of --count (may exceed 100).
+    #[arg(long, default_value_t = 10.0)]
+    pub churn_percent: f64,
+    /// churn: ways of leaving to pick from at random, comma separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "clean,abrupt,silent"
+    )]
+    pub churn_mix: Vec<MixKind>,
+    /// churn: mean seconds away before coming back (a silent death stays away at least
+    /// 1.5 × keep-alive + 1 s).
+    #[arg(long, default_value_t = 1.0)]
+    pub churn_pause: f64,
+    /// flap: number of devices (the first ones) that reconnect rapidly.
+    #[arg(long, default_value_t = 5)]
+    pub flappers: u64,
+    /// storm: seconds between storms (one storm half-way when the run is shorter).
+    #[arg(long, default_value_t = 30)]
+    pub storm_every: u64,
+    /// Ground truth output: one JSON line per state change, then each device's final state.
+    #[arg(long)]
+    pub truth: Option<PathBuf>,
+    /// At the end of --duration: `disconnect` every device cleanly, or `keep` the connected
+    /// ones connected (final state recorded, file flushed) until SIGINT/SIGTERM.
+    #[arg(long, value_enum, default_value_t = EndState::Disconnect)]
+    pub end_state: EndState,
+    /// Write the final summary as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Split --count into N contiguous ranges of device numbers, each run by a child process
+    /// (--rate and --flappers are split too; --truth FILE is merged from FILE.worker-K).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub workers: u32,
+    /// Serve Prometheus metrics on ADDR (host:port) at GET /metrics; with --workers the
+    /// parent serves the sum of all workers.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Internal: this process is worker K of a --workers parent (machine-readable output).
+    #[arg(long, hide = true)]
+    pub worker_id: Option<u32>,
+}
+
+impl RunArgs {
+    /// Checks options that clap cannot.
+    pub fn check(&self) -> Result<()> {
+        if self.churn_mix.is_empty() {
+            bail!("--churn-mix needs at least one kind");
+        }
+        if !(self.churn_percent.is_finite() && self.churn_percent >= 0.0) {
+            bail!("--churn-percent must be a non-negative number");
+        }
+        if !(self.churn_pause.is_finite() && self.churn_pause >= 0.0) {
+            bail!("--churn-pause must be a non-negative number of seconds");
+        }
+        if let Some(i) = self.publish_interval {
+            if !(i.is_finite() && i >= 0.001) {
+                bail!("--publish-interval must be a number of seconds, at least 0.001");
+            }
+            // The expanded topic of the device with the longest number (the prefix is in it too).
+            let last = self.start_number.saturating_add(self.count - 1);
+            let topic = self
+                .telemetry()
+                .map(|t| t.topic_for(&format!("{}{last}", self.prefix), last))
+                .unwrap_or_default();
+            if topic.is_empty()
+                || topic.contains(['+', '#', '\0'])
+                || topic.len() > usize::from(u16::MAX)
+            {
+                bail!(
+                    "--topic (with --prefix) must expand to a topic name without wildcards (+, #), \
+                     1 to 65535 bytes; got {topic:?}"
+                );
+            }
+            // PUBLISH remaining length: topic length field + topic + packet id + payload.
+            let publish = 2 + topic.len() as u64 + 2 + self.payload_size;
+            if publish > MAX_PAYLOAD {
+                bail!(
+                    "--payload-size {} with topic {topic:?} makes PUBLISH packets of {publish} bytes, \
+                     over 1 MiB (Heartwire's default mqtt.max_packet_size)",
+                    self.payload_size
+                );
+            }
+        }
+        if self.username.as_deref() == Some("") {
+            bail!(
+                "--username must not be empty (MQTT 3.1.1 sends a password only with a user name)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The telemetry settings, if `--publish-interval` asks for any.
+    pub fn telemetry(&self) -> Option<Telemetry> {
+        let interval = Duration::from_secs_f64(self.publish_interval?);
+        Some(Telemetry {
+            interval,
+            qos: match self.qos {
+                0 => rumqttc::QoS::AtMostOnce,
+                1 => rumqttc::QoS::AtLeastOnce,
+                _ => rumqttc::QoS::ExactlyOnce,
+            },
+            payload_size: usize::try_from(self.payload_size).unwrap_or(usize::MAX),
+            topic: self.topic.clone(),
+        })
+    }
+}
+
+/// Options of `device-sim verify`.
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    /// Truth file written by `device-sim run --truth`.
+    #[arg(long)]
+    pub truth: PathBuf,
+    /// Base URL of the broker's HTTP API, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    pub api: String,
+    /// Also compare the final states with the presence database directly (`postgres://…` or
+    /// `sqlite://…`, the broker's `devices` table).
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Seconds to wait before checking. A silent death is detected up to
+    /// --keepalive-multiplier × keep-alive after it happened: use at least that when the run
+    /// ended with devices dead.
+    #[arg(long, default_value_t = 5.0)]
+    pub settle: f64,
+    /// The broker's `mqtt.keepalive_multiplier` (1.0 to 10.0): it closes a connection that sent
+    /// nothing for keep-alive × this. Sets the deadline of every silent death (its detection
+    /// overshoot, and whether a broker crash came before it); give the broker's value when it
+    /// is not the default (`broker --print-config` shows it).
+    #[arg(long, default_value_t = KEEPALIVE_MULTIPLIER, value_parser = keepalive_multiplier)]
+    pub keepalive_multiplier: f64,
+}
+
+/// Parses `--keepalive-multiplier`: a number in the range the broker accepts.
+fn keepalive_multiplier(value: &str) -> Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(m) if MULTIPLIER_RANGE.contains(&m) => Ok(m),
+        _ => Err(format!(
+            "expected a number between {:.1} and {:.1} (the broker's mqtt.keepalive_multiplier; \
+             default {KEEPALIVE_MULTIPLIER})",
+            MULTIPLIER_RANGE.start(),
+            MULTIPLIER_RANGE.end()
+        )),
+    }
+}
+
+/// The command-line name of a clap value.
+pub fn value_name<T: ValueEnum>(v: &T) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use anyhow::Context;
+
+    use super::*;
+
+    #[test]
+    fn defaults_and_bad_lists() -> Result<()> {
+        let cli = Cli::try_parse_from(["device-sim"])?.run;
+        assert_eq!(cli.host, ["127.0.0.1"]);
+        assert_eq!(cli.scenario, Scenario::Steady);
+        assert_eq!(cli.end_state, EndState::Disconnect);
+        assert_eq!(cli.churn_mix.len(), 3);
+        assert_eq!(cli.port, [1883]);
+        assert!(cli.clean);
+        assert!(Cli::try_parse_from(["device-sim", "--port", "1883,x"]).is_err());
+        assert!(Cli::try_parse_from(["device-sim", "--count", "0"]).is_err());
+        let cli = Cli::try_parse_from(["device-sim", "--clean", "false"])?.run;
+        assert!(!cli.clean);
+        let cli = Cli::try_parse_from([
+            "device-sim",
+            "verify",
+            "--truth",
+            "t.jsonl",
+            "--api",
+            "http://127.0.0.1:8080",
+        ])?;
+        match cli.command {
+            Some(Command::Verify(v)) => assert_eq!(v.settle, 5.0),
+            other => bail!("expected verify, got {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["device-sim", "verify", "--api", "http://x:1"]).is_err());
+        let cli = Cli::try_parse_from([
+            "device-sim",
+            "run",
+            "--scenario",
+            "churn",
+            "--churn-mix",
+            "silent",
+            "--end-state",
+            "keep",
+        ])?;
+        let Some(Command::Run(run)) = cli.command else {
+            bail!("expected run");
+        };
+        assert_eq!(run.churn_mix, [MixKind::Silent]);
+        assert_eq!(run.end_state, EndState::Keep);
+        assert!(
+            run.telemetry().is_none(),
+            "no telemetry without --publish-interval"
+        );
+
+        assert!(Cli::try_parse_from(["device-sim", "--qos", "3"]).is_err());
+        assert!(Cli::try_parse_from(["device-sim", "--payload-size", "0"]).is_err());
+        assert!(Cli::try_parse_from(["device-sim", "--password", "p"]).is_err());
+        let run = Cli::try_parse_from(["device-sim", "--publish-interval", "0"])?.run;
+        assert!(run.check().is_err(), "interval 0");
+        let telemetry_with = |extra: [&str; 2]| {
+            Cli::try_parse_from(["device-sim", "--publish-interval", "1", extra[0], extra[1]])
+                .map(|c| c.run)
+        };
+        assert!(
+            telemetry_with(["--topic", "a/+/b"])?.check().is_err(),
+            "wildcard topic"
+        );
+        let prefixed = telemetry_with(["--prefix", "a#"])?;
+        assert!(prefixed.check().is_err(), "wildcard in the expanded topic");
+        let run = Cli::try_parse_from(["device-sim", "--prefix", "a#"])?.run;
+        run.check()?; // no telemetry, no topic
+        let run = Cli::try_parse_from([
+            "device-sim",
+            "--publish-interval",
+            "1",
+            "--payload-size",
+            "1048576",
+        ])?
+        .run;
+        assert!(run.check().is_err(), "PUBLISH over 1 MiB");
+        let run = Cli::try_parse_from(["device-sim", "--username", ""])?.run;
+        assert!(run.check().is_err(), "empty user name");
+        let run = Cli::try_parse_from([
+            "device-sim",
+            "--publish-interval",
+            "0.5",
+            "--qos",
+            "2",
+            "--payload-size",
+            "10",
+        ])?
+        .run;
+        run.check()?;
+        let t = run.telemetry().context("telemetry")?;
+        assert_eq!(
+            (t.interval, t.qos, t.payload_size),
+            (Duration::from_millis(500), rumqttc::QoS::ExactlyOnce, 10)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn keepalive_multiplier_is_checked_like_the_brokers() -> Result<()> {
+        let verify = |extra: &[&str]| {
+            let mut argv = vec![
+                "device-sim",
+                "verify",
+                "--truth",
+                "t",
+                "--api",
+                "http://x:1",
+            ];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Some(Command::Verify(v)) => v.keepalive_multiplier,
+                _ => f64::NAN,
+            })
+        };
+        assert_eq!(verify(&[])?, 1.5);
+        assert_eq!(verify(&["--keepalive-multiplier", "2"])?, 2.0);
+        assert_eq!(verify(&["--keepalive-multiplier", "1.0"])?, 1.0);
+        assert_eq!(verify(&["--keepalive-multiplier", "10"])?, 10.0);
+        for bad in ["0.5", "10.5", "x", "NaN", "inf", ""] {
+            let Err(e) = verify(&["--keepalive-multiplier", bad]) else {
+                bail!("--keepalive-multiplier {bad:?} was accepted");
+            };
+            assert!(e.to_string().contains("between 1.0 and 10.0"), "{e}");
+        }
+        Ok(())
+    }
+}
