@@ -85,6 +85,10 @@ pub struct RunArgs {
     /// MQTT keep-alive in seconds (0 disables pings, and silent deaths become abrupt closes).
     #[arg(long, default_value_t = 30)]
     pub keepalive: u16,
+    /// The broker's `mqtt.keepalive_multiplier` (1.0 to 10.0): a silently dead device stays
+    /// away until the broker must have closed its connection, keep-alive × this (plus 1 s).
+    #[arg(long, default_value_t = KEEPALIVE_MULTIPLIER, value_parser = keepalive_multiplier)]
+    pub keepalive_multiplier: f64,
     /// MQTT clean-session flag (`--clean false` for persistent sessions).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub clean: bool,

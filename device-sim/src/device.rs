@@ -42,8 +42,7 @@ const SILENT_MARGIN: Duration = Duration::from_secs(1);
 const TAKEOVER_MARGIN: Duration = Duration::from_secs(5);
 
 /// The broker's keep-alive multiplier (MQTT 3.1.1: 1.5, Heartwire's default
-/// `mqtt.keepalive_multiplier`): a run keeps a silently dead device away for this many
-/// keep-alives, and `verify --keepalive-multiplier` defaults to it.
+/// `mqtt.keepalive_multiplier`): the default of `run` and `verify --keepalive-multiplier`.
 pub const KEEPALIVE_MULTIPLIER: f64 = 1.5;
 
 /// What a device does when the run ends.
@@ -61,6 +60,8 @@ pub enum EndState {
 pub struct Profile {
     /// MQTT keep-alive interval; zero disables PINGREQs.
     pub keepalive: Duration,
+    /// The broker's keep-alive multiplier (`run --keepalive-multiplier`).
+    pub keepalive_multiplier: f64,
     /// MQTT clean-session flag.
     pub clean_session: bool,
     /// Bound on TCP connect plus CONNECT/CONNACK exchange, in whole seconds.
@@ -123,10 +124,10 @@ impl Telemetry {
 
 impl Profile {
     /// How long after a silent death the broker must have closed the connection:
-    /// keep-alive × [`KEEPALIVE_MULTIPLIER`] (the deadline counts from the last packet the
+    /// keep-alive × the broker's multiplier (the deadline counts from the last packet the
     /// broker received, which is earlier still).
     pub fn detection_window(&self) -> Duration {
-        self.keepalive.mul_f64(KEEPALIVE_MULTIPLIER)
+        self.keepalive.mul_f64(self.keepalive_multiplier)
     }
 
     /// The shortest time away after a silent death.
@@ -792,6 +793,7 @@ mod tests {
     fn silent_pause_outlasts_the_keepalive_deadline() {
         let p = Profile {
             keepalive: Duration::from_secs(2),
+            keepalive_multiplier: KEEPALIVE_MULTIPLIER,
             clean_session: true,
             connect_timeout_s: 5,
             end_state: EndState::Disconnect,

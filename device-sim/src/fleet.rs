@@ -146,6 +146,7 @@ pub async fn run(
     }
     let profile = Arc::new(Profile {
         keepalive: Duration::from_secs(cli.keepalive.into()),
+        keepalive_multiplier: cli.keepalive_multiplier,
         clean_session: cli.clean,
         connect_timeout_s: cli.connect_timeout,
         end_state: cli.end_state,

@@ -70,6 +70,7 @@ fn child_args(cli: &RunArgs, k: u32) -> Vec<String> {
         format!("--prefix={}", cli.prefix),
         format!("--rate={rate}"),
         format!("--keepalive={}", cli.keepalive),
+        format!("--keepalive-multiplier={}", cli.keepalive_multiplier),
         format!("--clean={}", cli.clean),
         format!("--duration={}", cli.duration),
         format!("--connect-timeout={}", cli.connect_timeout),
