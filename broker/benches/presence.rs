@@ -21,7 +21,7 @@ use broker::event::{self, ConnectionEvent, SessionId};
 use broker::labels::DisconnectReason;
 use broker::metrics::metrics;
 use broker::presence::bridge::Bridge;
-use broker::store::{PresenceStore, Store};
+use broker::store::{PgStore, PresenceStore};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -77,7 +77,7 @@ fn bridge_config(dir: &std::path::Path, batch_size: usize) -> BridgeConfig {
 
 /// Pushes `events` through a bridge with `batch_size`; returns committed events per second.
 async fn throughput(
-    store: &Store,
+    store: &PgStore,
     dir: &std::path::Path,
     batch_size: usize,
     mut events: Vec<ConnectionEvent>,
@@ -170,7 +170,10 @@ fn main() {
             pg.stop_server().await.expect("stop");
             pg.start_server().await.expect("start");
         }
-        let store = Store::connect(pg.url(), 4).await.expect("connect");
+        let store = PgStore::connect(pg.url(), 4)
+            .await
+            .expect("connect")
+            .coalescing(BridgeConfig::default().coalesce_after);
         store.migrate().await.expect("migrate");
         let dir =
             std::env::temp_dir().join(format!("heartwire-bench-{}", uuid::Uuid::now_v7().simple()));

@@ -34,7 +34,7 @@ use crate::config::HttpConfig;
 use crate::labels::{HttpRoute, StatusClass};
 use crate::metrics::metrics;
 use crate::mqtt::Registry;
-use crate::store::{Device, PresenceStore, Session, Store, StoreError};
+use crate::store::{Device, PresenceStore, Session, StoreError};
 use crate::telemetry::LogLimiter;
 use queries::{QueryLimit, StatsCache};
 
@@ -45,9 +45,9 @@ pub const DEFAULT_LIMIT: u32 = 100;
 
 /// What the handlers need.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState<S> {
     /// The presence store: the API's own read-only pool.
-    pub store: Store,
+    pub store: S,
     /// The broker's live sessions (for last_seen).
     pub registry: Registry,
     /// Set by the bridge once migrations are applied.
@@ -58,11 +58,11 @@ pub struct AppState {
     pub stats: Arc<StatsCache>,
 }
 
-impl AppState {
+impl<S: PresenceStore> AppState<S> {
     /// State over `store` (a pool of `http.max_store_queries` + 2 connections: one for the
     /// /stats refresh, one for /readyz), with the query limit and stats cache of `config`.
     pub fn new(
-        store: Store,
+        store: S,
         registry: Registry,
         migrated: Arc<AtomicBool>,
         config: &HttpConfig,
@@ -141,15 +141,15 @@ impl IntoResponse for ApiError {
 }
 
 /// The router.
-pub fn app(state: AppState) -> Router {
+pub fn app<S: PresenceStore>(state: AppState<S>) -> Router {
     let routes = Router::new()
-        .route("/api/v1/devices", get(list_devices))
-        .route("/api/v1/devices/{id}", get(get_device))
-        .route("/api/v1/devices/{id}/sessions", get(device_sessions))
-        .route("/api/v1/stats", get(stats))
-        .route("/api/v1/nodes", get(list_nodes))
+        .route("/api/v1/devices", get(list_devices::<S>))
+        .route("/api/v1/devices/{id}", get(get_device::<S>))
+        .route("/api/v1/devices/{id}/sessions", get(device_sessions::<S>))
+        .route("/api/v1/stats", get(stats::<S>))
+        .route("/api/v1/nodes", get(list_nodes::<S>))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz::<S>))
         .route("/metrics", get(metrics_text))
         .with_state(state);
     // Around the whole router rather than each route, so that it sees their answers complete
@@ -325,8 +325,8 @@ fn percent_decode(text: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-async fn get_device(
-    State(state): State<AppState>,
+async fn get_device<S: PresenceStore>(
+    State(state): State<AppState<S>>,
     path: Result<Path<String>, PathRejection>,
 ) -> Response {
     let result = async {
@@ -353,7 +353,10 @@ async fn get_device(
     counted(HttpRoute::Device, result)
 }
 
-async fn list_devices(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
+async fn list_devices<S: PresenceStore>(
+    State(state): State<AppState<S>>,
+    RawQuery(query): RawQuery,
+) -> Response {
     let result = async {
         let params = query_params(query.as_deref())?;
         check_params(&params, &["online", "limit", "cursor"])?;
@@ -386,8 +389,8 @@ async fn list_devices(State(state): State<AppState>, RawQuery(query): RawQuery) 
     counted(HttpRoute::Devices, result)
 }
 
-async fn device_sessions(
-    State(state): State<AppState>,
+async fn device_sessions<S: PresenceStore>(
+    State(state): State<AppState<S>>,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> Response {
@@ -407,7 +410,7 @@ async fn device_sessions(
     counted(HttpRoute::Sessions, result)
 }
 
-async fn stats(State(state): State<AppState>) -> Response {
+async fn stats<S: PresenceStore>(State(state): State<AppState<S>>) -> Response {
     let result = async {
         let stats = state.stats.get(&state.store).await?;
         Ok::<_, ApiError>(Json(json!({
@@ -424,7 +427,10 @@ async fn stats(State(state): State<AppState>) -> Response {
 
 /// Boots of the broker nodes, newest first: when each started, when it was last alive and
 /// whether it crashed (`recovered`: a later boot closed its sessions as broker_restart).
-async fn list_nodes(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
+async fn list_nodes<S: PresenceStore>(
+    State(state): State<AppState<S>>,
+    RawQuery(query): RawQuery,
+) -> Response {
     let result = async {
         let params = query_params(query.as_deref())?;
         check_params(&params, &["node_id", "limit"])?;
@@ -438,7 +444,7 @@ async fn list_nodes(State(state): State<AppState>, RawQuery(query): RawQuery) ->
     counted(HttpRoute::Nodes, result)
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
+async fn readyz<S: PresenceStore>(State(state): State<AppState<S>>) -> Response {
     let response = if !state.migrated.load(Ordering::Acquire) {
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -39,8 +39,9 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use config::Config;
+use database_url::Backend;
 use presence::bridge::Bridge;
-use store::{PresenceStore, Store};
+use store::{Access, PgStore, PresenceStore, SqliteStore};
 
 /// Why the broker could not run.
 #[derive(Debug, thiserror::Error)]
@@ -96,18 +97,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     run_with(config, listeners, shutdown).await
 }
 
-/// As [`run`], on listeners bound by the caller.
+/// As [`run`], on listeners bound by the caller. The presence store's backend is picked here,
+/// once, from the scheme of `database.url`; everything after runs generic over it
+/// (`serve::<PgStore>` or `serve::<SqliteStore>`, as atuin's server does).
 pub async fn run_with(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let store = Store::connect(&config.database.url, config.database.max_connections)
-        .await?
-        .coalescing(config.bridge.coalesce_after);
+    match Backend::of_url(&config.database.url) {
+        Some(backend @ Backend::Postgres) => {
+            serve::<PgStore>(backend, config, listeners, shutdown).await
+        }
+        Some(backend @ Backend::Sqlite) => {
+            serve::<SqliteStore>(backend, config, listeners, shutdown).await
+        }
+        None => Err(store::StoreError::Scheme(database_url::redact(&config.database.url)).into()),
+    }
+}
+
+/// As [`run_with`], on the presence store `S` of `backend`.
+async fn serve<S: PresenceStore>(
+    backend: Backend,
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let store = S::open(
+        &config.database.url,
+        config.database.max_connections,
+        Access::ReadWrite,
+    )
+    .await?
+    .coalescing(config.bridge.coalesce_after);
     let boot_id = Uuid::now_v7();
     tracing::info!(
-        backend = store.backend().as_str(),
+        backend = backend.as_str(),
         url = %database_url::redact(&config.database.url),
         node_id = %config.node.id,
         %boot_id,
@@ -152,10 +177,10 @@ pub async fn run_with(
     // The API reads through a pool of its own, so that its reads never make the bridge wait
     // for a connection: one connection per query slot, one for the /stats refresh, one for
     // /readyz.
-    let api_store = Store::open(
+    let api_store = S::open(
         &config.database.url,
         config.http.max_store_queries + 2,
-        store::Access::ReadOnly,
+        Access::ReadOnly,
     )
     .await?;
     let shared = Arc::new(mqtt::Shared::new(config.mqtt.clone(), events));
@@ -209,8 +234,8 @@ pub async fn run_with(
 
 /// Records every `interval` that this boot is alive, until `shutdown`; it starts once the bridge
 /// has migrated the schema (before that there is no table to write to).
-async fn heartbeat(
-    store: Store,
+async fn heartbeat<S: PresenceStore>(
+    store: S,
     boot_id: Uuid,
     interval: Duration,
     migrated: Arc<AtomicBool>,

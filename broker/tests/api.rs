@@ -13,14 +13,14 @@ use broker::event::{self, ConnectionEvent, PresenceRecord, SessionId};
 use broker::http::{app, AppState};
 use broker::labels::DisconnectReason;
 use broker::mqtt::{Registry, Shared};
-use broker::store::{PresenceStore, Store};
+use broker::store::{PresenceStore, SqliteStore};
 use common::TempDir;
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 
 struct Api {
-    state: AppState,
+    state: AppState<SqliteStore>,
     _dir: TempDir,
 }
 
@@ -31,7 +31,7 @@ impl Api {
 
     async fn with(config: &broker::config::HttpConfig) -> Self {
         let dir = TempDir::new("api");
-        let store = Store::connect(&format!("sqlite://{}/api.db", dir.path().display()), 2)
+        let store = SqliteStore::connect(&format!("sqlite://{}/api.db", dir.path().display()), 2)
             .await
             .expect("store");
         store.migrate().await.expect("migrate");
