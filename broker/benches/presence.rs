@@ -91,6 +91,7 @@ async fn throughput(
         "bench",
         uuid::Uuid::now_v7(),
     )
+    .await
     .expect("bridge");
     let before = metrics().bridge_persisted.get();
     let task = tokio::spawn(bridge.run(tokio_util::sync::CancellationToken::new()));
@@ -219,8 +220,9 @@ fn main() {
             journal_path: dir.join("journal-latency"),
             ..BridgeConfig::default()
         };
-        let bridge =
-            Bridge::new(store.clone(), rx, config, "bench", uuid::Uuid::now_v7()).expect("bridge");
+        let bridge = Bridge::new(store.clone(), rx, config, "bench", uuid::Uuid::now_v7())
+            .await
+            .expect("bridge");
         let task = tokio::spawn(bridge.run(tokio_util::sync::CancellationToken::new()));
         let all = events(rate * seconds, "l");
         let mut tick = tokio::time::interval(Duration::from_millis(10));

@@ -146,7 +146,8 @@ async fn serve<S: PresenceStore>(
         config.bridge.clone(),
         &config.node.id,
         boot_id,
-    )?;
+    )
+    .await?;
     let migrated = bridge.migrated();
     let new_sessions = (config.database.history_max_sessions_per_device > 0).then(|| {
         Arc::new(presence::retention::NewSessions::new(

@@ -177,6 +177,7 @@ async fn delayed_disconnect_of_an_old_session_never_wins<S: PresenceStore>(
         "node-late",
         uuid::Uuid::now_v7(),
     )
+    .await
     .expect("bridge");
     let task = tokio::spawn(bridge.run(tokio_util::sync::CancellationToken::new()));
     let (s1, s2) = (SessionId::new(), SessionId::new());
@@ -487,6 +488,7 @@ async fn events_spilled_during_a_stalled_write_keep_their_order() {
         "node-stall",
         uuid::Uuid::now_v7(),
     )
+    .await
     .expect("bridge");
     let task = tokio::spawn(bridge.run(tokio_util::sync::CancellationToken::new()));
     // A first event, written normally: the bridge is now past start-up.

@@ -19,6 +19,7 @@ mod sql;
 pub mod sqlite;
 
 use std::future::Future;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -39,6 +40,10 @@ pub enum StoreError {
     /// The schema migrations could not be applied.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The call took longer than its caller allows (`bridge.store_timeout` for the bridge); it
+    /// was abandoned, and a transaction it had begun is rolled back.
+    #[error("no answer from the database within {0:?}")]
+    Timeout(Duration),
     /// `database.url` names no supported backend.
     #[error(
         "unsupported scheme in database.url {0:?}: use postgres://, postgresql:// or sqlite://"
