@@ -4,12 +4,20 @@
 //! Modules, in the order data flows through them:
 //! - [`mqtt`]: listener, one task per connection (keep-alive, takeover), sessions, routing;
 //!   emits a connection event for every connect and disconnect.
-//! - [`presence`]: the connection events and the bridge that batches them into the store
-//!   (memory buffer and journal while the database is away, crash recovery at start), and the
-//!   retention that keeps the session history bounded.
-//! - [`store`]: the presence store trait and its PostgreSQL and SQLite backends.
-//! - [`http`]: the REST API, /metrics, /healthz, /readyz, and the HTTP listener that serves
-//!   them (connection limit, timeouts).
+//! - [`presence`]: the bridge that batches the connection events into the store (memory
+//!   buffer, and a journal whose file I/O runs off the async runtime, while the database is
+//!   away; crash recovery at start), and the retention that keeps the session history bounded.
+//! - [`store`]: the presence store trait and its PostgreSQL and SQLite backends, with the
+//!   models they return and the batch planner they share. The backend is picked once at start
+//!   from `database.url` ([`run_with`]); the bridge, the retention and the API are generic
+//!   over it.
+//! - [`http`]: the REST API (typed parameters, one request-counting layer), /metrics,
+//!   /healthz, /readyz, and the HTTP listener that serves them (connection limit, timeouts).
+//!
+//! And the ground floor they all point down at, importing nothing above it:
+//! - [`event`]: the connection events and the presence record the pipeline stores.
+//! - [`labels`]: the closed sets of metric label values (and stored disconnect reasons).
+//! - [`database_url`]: which backend `database.url` names, and its redacted form.
 //! - [`config`]: typed configuration (defaults < TOML file < `BROKER_` environment).
 //! - [`metrics`]: every Prometheus metric, defined in one place.
 //! - [`telemetry`]: tracing setup.
