@@ -21,7 +21,7 @@ use broker::event::{self, ConnectionEvent, SessionId};
 use broker::labels::DisconnectReason;
 use broker::metrics::metrics;
 use broker::presence::bridge::Bridge;
-use broker::store::{PresenceStore, Store};
+use broker::store::{PgStore, PresenceStore};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -77,7 +77,7 @@ fn bridge_config(dir: &std::path::Path, batch_size: usize) -> BridgeConfig {
 
 /// Pushes `events` through a bridge with `batch_size`; returns committed events per second.
 async fn throughput(
-    store: &Store,
+    store: &PgStore,
     dir: &std::path::Path,
     batch_size: usize,
     mut events: Vec<ConnectionEvent>,
@@ -91,6 +91,7 @@ async fn throughput(
         "bench",
         uuid::Uuid::now_v7(),
     )
+    .await
     .expect("bridge");
     let before = metrics().bridge_persisted.get();
     let task = tokio::spawn(bridge.run(tokio_util::sync::CancellationToken::new()));
@@ -170,7 +171,10 @@ fn main() {
             pg.stop_server().await.expect("stop");
             pg.start_server().await.expect("start");
         }
-        let store = Store::connect(pg.url(), 4).await.expect("connect");
+        let store = PgStore::connect(pg.url(), 4)
+            .await
+            .expect("connect")
+            .coalescing(BridgeConfig::default().coalesce_after);
         store.migrate().await.expect("migrate");
         let dir =
             std::env::temp_dir().join(format!("heartwire-bench-{}", uuid::Uuid::now_v7().simple()));
@@ -216,8 +220,9 @@ fn main() {
             journal_path: dir.join("journal-latency"),
             ..BridgeConfig::default()
         };
-        let bridge =
-            Bridge::new(store.clone(), rx, config, "bench", uuid::Uuid::now_v7()).expect("bridge");
+        let bridge = Bridge::new(store.clone(), rx, config, "bench", uuid::Uuid::now_v7())
+            .await
+            .expect("bridge");
         let task = tokio::spawn(bridge.run(tokio_util::sync::CancellationToken::new()));
         let all = events(rate * seconds, "l");
         let mut tick = tokio::time::interval(Duration::from_millis(10));

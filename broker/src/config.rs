@@ -273,7 +273,7 @@ impl Default for BridgeConfig {
             retry_backoff_max: Duration::from_secs(5),
             store_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
-            coalesce_after: crate::store::DEFAULT_COALESCE_AFTER,
+            coalesce_after: 3,
         }
     }
 }

@@ -250,7 +250,8 @@ label_enum! {
         Readyz => "readyz",
         /// A request head refused before routing (too long, too many fields, malformed).
         Rejected => "rejected",
-        /// An unknown route, a wrong method or a malformed parameter.
+        /// An unknown route or a wrong method: answered by the router, not a route (a bad
+        /// parameter counts under its route, as a 4xx).
         Other => "other",
     }
 }

@@ -5,19 +5,21 @@
 //! or the ground floor):
 //! - [`mqtt`]: listener, one task per connection (keep-alive, takeover), sessions, routing;
 //!   emits a connection event for every connect and disconnect.
-//! - [`presence`]: the bridge that batches connection events into the store (memory buffer and
-//!   journal while the database is away, crash recovery at start), and the retention that keeps
-//!   the session history bounded.
-//! - [`store`]: the presence store trait and its PostgreSQL and SQLite backends.
-//! - [`http`]: the REST API, /metrics, /healthz, /readyz, and the HTTP listener that serves
-//!   them (connection limit, timeouts).
+//! - [`presence`]: the bridge that batches the connection events into the store (memory
+//!   buffer, and a journal whose file I/O runs off the async runtime, while the database is
+//!   away; crash recovery at start), and the retention that keeps the session history bounded.
+//! - [`store`]: the presence store trait and its PostgreSQL and SQLite backends, with the
+//!   models they return and the batch planner they share. The backend is picked once at start
+//!   from `database.url` ([`run_with`]); the bridge, the retention and the API are generic
+//!   over it.
+//! - [`http`]: the REST API (typed parameters, one request-counting layer), /metrics,
+//!   /healthz, /readyz, and the HTTP listener that serves them (connection limit, timeouts).
 //!
-//! The ground floor, which imports nothing of the broker above it:
-//! - [`event`]: the connection events and the record the store keeps of each.
-//! - [`labels`]: the closed sets of values that label metrics (disconnect reasons, drop
-//!   reasons, packet types, ...).
+//! And the ground floor they all point down at, importing nothing above it:
+//! - [`event`]: the connection events and the presence record the pipeline stores.
+//! - [`labels`]: the closed sets of metric label values (and stored disconnect reasons).
+//! - [`database_url`]: which backend `database.url` names, and its redacted form.
 //! - [`config`]: typed configuration (defaults < TOML file < `BROKER_` environment).
-//! - [`database_url`]: which store backend `database.url` names.
 //! - [`metrics`]: every Prometheus metric, defined in one place.
 //! - [`telemetry`]: tracing setup and rate-limited log lines.
 //!
@@ -58,8 +60,9 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use config::Config;
+use database_url::Backend;
 use presence::bridge::Bridge;
-use store::{PresenceStore, Store};
+use store::{Access, PgStore, PresenceStore, SqliteStore};
 
 /// Why the broker could not run.
 #[derive(Debug, thiserror::Error)]
@@ -115,18 +118,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     run_with(config, listeners, shutdown).await
 }
 
-/// As [`run`], on listeners bound by the caller.
+/// As [`run`], on listeners bound by the caller. The presence store's backend is picked here,
+/// once, from the scheme of `database.url`; everything after runs generic over it
+/// (`serve::<PgStore>` or `serve::<SqliteStore>`, as atuin's server does).
 pub async fn run_with(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let store = Store::connect(&config.database.url, config.database.max_connections)
-        .await?
-        .coalescing(config.bridge.coalesce_after);
+    match Backend::of_url(&config.database.url) {
+        Some(backend @ Backend::Postgres) => {
+            serve::<PgStore>(backend, config, listeners, shutdown).await
+        }
+        Some(backend @ Backend::Sqlite) => {
+            serve::<SqliteStore>(backend, config, listeners, shutdown).await
+        }
+        None => Err(store::StoreError::Scheme(database_url::redact(&config.database.url)).into()),
+    }
+}
+
+/// As [`run_with`], on the presence store `S` of `backend`.
+async fn serve<S: PresenceStore>(
+    backend: Backend,
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let store = S::open(
+        &config.database.url,
+        config.database.max_connections,
+        Access::ReadWrite,
+    )
+    .await?
+    .coalescing(config.bridge.coalesce_after);
     let boot_id = Uuid::now_v7();
     tracing::info!(
-        backend = store.backend().as_str(),
+        backend = backend.as_str(),
         url = %database_url::redact(&config.database.url),
         node_id = %config.node.id,
         %boot_id,
@@ -140,7 +167,8 @@ pub async fn run_with(
         config.bridge.clone(),
         &config.node.id,
         boot_id,
-    )?;
+    )
+    .await?;
     let migrated = bridge.migrated();
     let new_sessions = (config.database.history_max_sessions_per_device > 0).then(|| {
         Arc::new(presence::retention::NewSessions::new(
@@ -171,10 +199,10 @@ pub async fn run_with(
     // The API reads through a pool of its own, so that its reads never make the bridge wait
     // for a connection: one connection per query slot, one for the /stats refresh, one for
     // /readyz.
-    let api_store = Store::open(
+    let api_store = S::open(
         &config.database.url,
         config.http.max_store_queries + 2,
-        store::Access::ReadOnly,
+        Access::ReadOnly,
     )
     .await?;
     let mqtt_broker = Arc::new(mqtt::Broker::new(config.mqtt.clone(), events));
@@ -228,8 +256,8 @@ pub async fn run_with(
 
 /// Records every `interval` that this boot is alive, until `shutdown`; it starts once the bridge
 /// has migrated the schema (before that there is no table to write to).
-async fn heartbeat(
-    store: Store,
+async fn heartbeat<S: PresenceStore>(
+    store: S,
     boot_id: Uuid,
     interval: Duration,
     migrated: Arc<AtomicBool>,

@@ -13,14 +13,14 @@ use broker::event::{self, ConnectionEvent, PresenceRecord, SessionId};
 use broker::http::{app, AppState};
 use broker::labels::DisconnectReason;
 use broker::mqtt::Broker;
-use broker::store::{PresenceStore, Store};
+use broker::store::{PresenceStore, SqliteStore};
 use common::TempDir;
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 
 struct Api {
-    state: AppState,
+    state: AppState<SqliteStore>,
     _dir: TempDir,
 }
 
@@ -31,7 +31,7 @@ impl Api {
 
     async fn with(config: &broker::config::HttpConfig) -> Self {
         let dir = TempDir::new("api");
-        let store = Store::connect(&format!("sqlite://{}/api.db", dir.path().display()), 2)
+        let store = SqliteStore::connect(&format!("sqlite://{}/api.db", dir.path().display()), 2)
             .await
             .expect("store");
         store.migrate().await.expect("migrate");
@@ -418,5 +418,66 @@ async fn node_boots() {
             body["error"].as_str().expect("message").contains(needle),
             "{uri}: {body}"
         );
+    }
+}
+
+/// Every request is counted once in `heartwire_http_requests_total`, under its route (a bad
+/// parameter included), or as `other` when no route answered; probes and scrapes are not.
+#[tokio::test]
+async fn every_request_is_counted_once_under_its_route() {
+    use broker::labels::{HttpRoute, Label, StatusClass};
+    use HttpRoute::{Device, Devices, Nodes, Other, Readyz, Sessions, Stats};
+    use StatusClass::{ClientError, Success};
+    let api = Api::new().await;
+    let grid = || {
+        let m = broker::metrics::metrics();
+        HttpRoute::ALL
+            .iter()
+            .flat_map(|r| StatusClass::ALL.iter().map(|s| m.http_requests.get(*r, *s)))
+            .collect::<Vec<u64>>()
+    };
+    let cell = |route: HttpRoute, status: StatusClass| {
+        route.index() * StatusClass::ALL.len() + status.index()
+    };
+    /// Where a request is counted; `None`: nowhere.
+    type Counted = Option<(HttpRoute, StatusClass)>;
+    let cases: &[(&str, &str, Counted)] = &[
+        ("GET", "/api/v1/devices", Some((Devices, Success))),
+        (
+            "GET",
+            "/api/v1/devices?limit=0",
+            Some((Devices, ClientError)),
+        ),
+        ("GET", "/api/v1/devices/ghost", Some((Device, ClientError))),
+        ("GET", "/api/v1/devices/%FF", Some((Device, ClientError))),
+        (
+            "GET",
+            "/api/v1/devices/ghost/sessions?limit=x",
+            Some((Sessions, ClientError)),
+        ),
+        ("GET", "/api/v1/stats", Some((Stats, Success))),
+        ("GET", "/api/v1/nodes?node=x", Some((Nodes, ClientError))),
+        ("GET", "/readyz", Some((Readyz, Success))),
+        ("GET", "/nope", Some((Other, ClientError))),
+        ("POST", "/api/v1/stats", Some((Other, ClientError))),
+        ("GET", "/healthz", None),
+        ("GET", "/metrics", None),
+    ];
+    for (method, uri, counted) in cases {
+        let before = grid();
+        let request = Request::builder()
+            .method(*method)
+            .uri(*uri)
+            .body(Body::empty())
+            .expect("request");
+        app(api.state.clone())
+            .oneshot(request)
+            .await
+            .expect("response");
+        let mut want = before;
+        if let Some((route, status)) = counted {
+            want[cell(*route, *status)] += 1;
+        }
+        assert_eq!(grid(), want, "{method} {uri}");
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use broker::labels::RetentionPolicy;
 use broker::metrics::metrics;
-use broker::store::{PresenceStore, Store};
+use broker::store::{PresenceStore, SqliteStore};
 use common::{ConnectOpts, FullBroker, RawClient, TempDir};
 use rumqttc::mqttbytes::v4::Packet;
 use tokio::time::Instant;
@@ -55,7 +55,7 @@ async fn takeover_fight_is_coalesced_in_the_history() {
     let mut config = FullBroker::config(&url, &data, "fight");
     config.bridge.batch_interval = Duration::from_millis(250);
     let broker = FullBroker::start(config).await;
-    let store = Store::connect(&url, 2).await.expect("store");
+    let store = SqliteStore::connect(&url, 2).await.expect("store");
     let batches_before = metrics().bridge_batch_size.get_sample_count();
     let accepted_before = metrics().connections_accepted.get();
     let coalesced_before = metrics().presence_coalesced.get();
@@ -117,7 +117,7 @@ async fn takeover_fight_is_coalesced_in_the_history() {
 /// Connects as `id` `n` times, each session closed by a clean DISCONNECT, then once more and
 /// holds that connection; returns once the store has all of them (a marker client connected
 /// after them is stored, and events are stored in order).
-async fn flap(broker: &FullBroker, store: &Store, id: &str, n: usize) -> RawClient {
+async fn flap(broker: &FullBroker, store: &SqliteStore, id: &str, n: usize) -> RawClient {
     for _ in 0..n {
         let (client, _) = RawClient::connect(broker.mqtt, ConnectOpts::new(id)).await;
         client.disconnect().await;
@@ -144,7 +144,7 @@ async fn background_retention_caps_history_per_device() {
     // A row per session: this is about retention, not coalescing.
     config.bridge.coalesce_after = 0;
     let broker = FullBroker::start(config).await;
-    let store = Store::connect(&url, 2).await.expect("store");
+    let store = SqliteStore::connect(&url, 2).await.expect("store");
     let pruned_before = metrics()
         .history_pruned
         .get(RetentionPolicy::MaxSessionsPerDevice);
@@ -181,7 +181,7 @@ async fn background_retention_deletes_closed_sessions_older_than_the_max_age() {
     config.database.prune_interval = Duration::from_secs(1);
     config.bridge.coalesce_after = 0;
     let broker = FullBroker::start(config).await;
-    let store = Store::connect(&url, 2).await.expect("store");
+    let store = SqliteStore::connect(&url, 2).await.expect("store");
 
     let _online = flap(&broker, &store, "ager", 10).await;
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use broker::metrics::metrics;
-use broker::store::{PresenceStore, Store};
+use broker::store::{PresenceStore, SqliteStore};
 use common::{eventually, ConnectOpts, FullBroker, RawClient, TempDir};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -143,7 +143,7 @@ async fn ready(broker: &FullBroker) {
 /// Fills the presence database with `sessions` closed history rows over 1,000 offline devices,
 /// so that whole-table aggregates have real work to do.
 async fn prefill(url: &str, sessions: u32) {
-    let store = Store::connect(url, 1).await.expect("store");
+    let store = SqliteStore::connect(url, 1).await.expect("store");
     store.migrate().await.expect("migrate");
     drop(store);
     let options: sqlx::sqlite::SqliteConnectOptions = url.parse().expect("url");
@@ -218,7 +218,7 @@ fn apply_errors() -> u64 {
 }
 
 /// How long until `store` shows `id` in the wanted state, at most `within`.
-async fn lag(store: &Store, id: &str, online: bool, within: Duration) -> Option<Duration> {
+async fn lag(store: &SqliteStore, id: &str, online: bool, within: Duration) -> Option<Duration> {
     let started = Instant::now();
     while started.elapsed() < within {
         if let Ok(Some(d)) = store.device(id).await {
@@ -252,7 +252,7 @@ async fn api_storm_does_not_delay_presence_writes() {
     config.http.max_connections = 2000;
     let broker = FullBroker::start(config).await;
     ready(&broker).await;
-    let store = Store::connect(&url, 2).await.expect("store");
+    let store = SqliteStore::connect(&url, 2).await.expect("store");
     let errors_before = apply_errors();
     let refreshes_before = metrics().http_stats_refreshes.get();
 

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use broker::store::{Device, PresenceStore, Store};
+use broker::store::{Device, PgStore, PresenceStore, SqliteStore};
 use common::{eventually, ConnectOpts, FullBroker, RawClient, TempDir};
 use rumqttc::mqttbytes::v4::Packet;
 
@@ -24,8 +24,8 @@ async fn postgres_db(_data: &TempDir) -> (String, Option<common::pg::TestPostgre
     (pg.url().to_owned(), Some(pg))
 }
 
-async fn device_where(
-    store: &Store,
+async fn device_where<S: PresenceStore>(
+    store: &S,
     id: &str,
     what: &str,
     pred: impl Fn(&Device) -> bool,
@@ -36,9 +36,9 @@ async fn device_where(
     .await
 }
 
-async fn each_end_is_recorded_with_its_reason(url: String, data: TempDir) {
+async fn each_end_is_recorded_with_its_reason<S: PresenceStore>(url: String, data: TempDir) {
     let broker = FullBroker::start(FullBroker::config(&url, &data, "node-1")).await;
-    let store = Store::connect(&url, 2).await.expect("store");
+    let store = S::connect(&url, 2).await.expect("store");
 
     // Connect, then a clean DISCONNECT.
     let (polite, _) = RawClient::connect(broker.mqtt, ConnectOpts::new("polite")).await;
@@ -96,10 +96,13 @@ async fn each_end_is_recorded_with_its_reason(url: String, data: TempDir) {
     assert_eq!(stats.online, 0);
 }
 
-async fn crashed_broker_sessions_are_closed_at_restart(url: String, data: TempDir) {
+async fn crashed_broker_sessions_are_closed_at_restart<S: PresenceStore>(
+    url: String,
+    data: TempDir,
+) {
     let config = FullBroker::config(&url, &data, "node-crash");
     let broker = FullBroker::start(config.clone()).await;
-    let store = Store::connect(&url, 2).await.expect("store");
+    let store = S::connect(&url, 2).await.expect("store");
     let mut clients = Vec::new();
     for i in 0..5 {
         let id = format!("orphan-{i}");
@@ -155,12 +158,18 @@ fn connected(id: &str, s: broker::event::SessionId) -> broker::event::Connection
     }
 }
 
-async fn delayed_disconnect_of_an_old_session_never_wins(url: String, data: TempDir) {
+async fn delayed_disconnect_of_an_old_session_never_wins<S: PresenceStore>(
+    url: String,
+    data: TempDir,
+) {
     use broker::event::{ConnectionEvent, SessionId};
     use broker::labels::DisconnectReason;
-    let store = Store::connect(&url, 2).await.expect("store");
-    let (tx, rx) = broker::event::channel(16);
     let config = FullBroker::config(&url, &data, "node-late").bridge;
+    let store = S::connect(&url, 2)
+        .await
+        .expect("store")
+        .coalescing(config.coalesce_after);
+    let (tx, rx) = broker::event::channel(16);
     let bridge = broker::presence::bridge::Bridge::new(
         store.clone(),
         rx,
@@ -168,6 +177,7 @@ async fn delayed_disconnect_of_an_old_session_never_wins(url: String, data: Temp
         "node-late",
         uuid::Uuid::now_v7(),
     )
+    .await
     .expect("bridge");
     let task = tokio::spawn(bridge.run(tokio_util::sync::CancellationToken::new()));
     let (s1, s2) = (SessionId::new(), SessionId::new());
@@ -212,7 +222,7 @@ macro_rules! presence_tests {
                 async fn $name() {
                     let data = super::TempDir::new("presence");
                     let (url, _pg) = super::sqlite_db(&data).await;
-                    super::$name(url, data).await;
+                    super::$name::<super::SqliteStore>(url, data).await;
                 }
             )*
         }
@@ -222,7 +232,7 @@ macro_rules! presence_tests {
                 async fn $name() {
                     let data = super::TempDir::new("presence");
                     let (url, _pg) = super::postgres_db(&data).await;
-                    super::$name(url, data).await;
+                    super::$name::<super::PgStore>(url, data).await;
                 }
             )*
         }
@@ -246,7 +256,7 @@ async fn shutdown_while_database_is_down_keeps_events_for_the_next_start() {
     let mut config = FullBroker::config(pg.url(), &data, "node-exit");
     config.bridge.drain_timeout = Duration::from_millis(500);
     let broker = FullBroker::start(config.clone()).await;
-    let store = Store::connect(pg.url(), 2).await.expect("store");
+    let store = PgStore::connect(pg.url(), 2).await.expect("store");
     let (_a, _) = RawClient::connect(broker.mqtt, ConnectOpts::new("exit-a")).await;
     device_where(&store, "exit-a", "online", |d| d.online).await;
 
@@ -295,7 +305,7 @@ async fn postgres_outage_loses_nothing() {
     config.bridge.batch_size = 50;
     config.bridge.memory_capacity = 60;
     let broker = FullBroker::start(config).await;
-    let store = Store::connect(pg.url(), 2).await.expect("store");
+    let store = PgStore::connect(pg.url(), 2).await.expect("store");
     let (_steady, _) = RawClient::connect(broker.mqtt, ConnectOpts::new("steady")).await;
     device_where(&store, "steady", "online", |d| d.online).await;
 
@@ -352,11 +362,27 @@ async fn postgres_outage_loses_nothing() {
 /// A store whose second `apply` hangs (a database that stalls mid-write).
 #[derive(Clone)]
 struct StallFirstWrite {
-    inner: Store,
+    inner: SqliteStore,
     applies: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl broker::store::PresenceStore for StallFirstWrite {
+    async fn open(
+        url: &str,
+        max_connections: u32,
+        access: broker::store::Access,
+    ) -> Result<Self, broker::store::StoreError> {
+        Ok(Self {
+            inner: SqliteStore::open(url, max_connections, access).await?,
+            applies: Default::default(),
+        })
+    }
+    fn coalescing(self, coalesce_after: usize) -> Self {
+        Self {
+            inner: self.inner.coalescing(coalesce_after),
+            ..self
+        }
+    }
     async fn migrate(&self) -> Result<(), broker::store::StoreError> {
         self.inner.migrate().await
     }
@@ -442,12 +468,15 @@ async fn events_spilled_during_a_stalled_write_keep_their_order() {
     use broker::labels::DisconnectReason;
     let data = TempDir::new("stall");
     let url = format!("sqlite://{}/broker.db", data.path().display());
-    let store = Store::connect(&url, 2).await.expect("store");
+    let mut config = FullBroker::config(&url, &data, "node-stall").bridge;
+    let store = SqliteStore::connect(&url, 2)
+        .await
+        .expect("store")
+        .coalescing(config.coalesce_after);
     let stalling = StallFirstWrite {
         inner: store.clone(),
         applies: Default::default(),
     };
-    let mut config = FullBroker::config(&url, &data, "node-stall").bridge;
     config.batch_size = 1;
     config.memory_capacity = 2;
     config.store_timeout = Duration::from_millis(300);
@@ -459,6 +488,7 @@ async fn events_spilled_during_a_stalled_write_keep_their_order() {
         "node-stall",
         uuid::Uuid::now_v7(),
     )
+    .await
     .expect("bridge");
     let task = tokio::spawn(bridge.run(tokio_util::sync::CancellationToken::new()));
     // A first event, written normally: the bridge is now past start-up.

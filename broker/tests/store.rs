@@ -5,24 +5,31 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
+use broker::config::BridgeConfig;
 use broker::event::{ConnectionEvent, PresenceRecord, SessionId};
 use broker::labels::DisconnectReason;
-use broker::store::{PresenceStore, Store};
+use broker::store::{PgStore, PresenceStore, SqliteStore};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 /// A store on a fresh database; the guard keeps the database alive.
-async fn sqlite() -> (Store, Box<dyn std::any::Any>) {
+async fn sqlite() -> (SqliteStore, Box<dyn std::any::Any>) {
     let dir = common::TempDir::new("store");
     let url = format!("sqlite://{}/presence.db", dir.path().display());
-    let store = Store::connect(&url, 4).await.expect("open sqlite");
+    let store = SqliteStore::connect(&url, 4)
+        .await
+        .expect("open sqlite")
+        .coalescing(BridgeConfig::default().coalesce_after);
     store.migrate().await.expect("migrate");
     (store, Box::new(dir))
 }
 
-async fn postgres() -> (Store, Box<dyn std::any::Any>) {
+async fn postgres() -> (PgStore, Box<dyn std::any::Any>) {
     let pg = common::pg::TestPostgres::start().await;
-    let store = Store::connect(pg.url(), 4).await.expect("open postgres");
+    let store = PgStore::connect(pg.url(), 4)
+        .await
+        .expect("open postgres")
+        .coalescing(BridgeConfig::default().coalesce_after);
     store.migrate().await.expect("migrate");
     (store, Box::new(pg))
 }
@@ -98,7 +105,7 @@ impl Node {
     }
 }
 
-async fn connect_then_disconnect(store: Store) {
+async fn connect_then_disconnect<S: PresenceStore>(store: S) {
     let node = Node::new("n1");
     let s1 = SessionId::new();
     store
@@ -128,7 +135,7 @@ async fn connect_then_disconnect(store: Store) {
     assert!(store.device("nobody").await.expect("query").is_none());
 }
 
-async fn late_events_of_an_old_session_never_win(store: Store) {
+async fn late_events_of_an_old_session_never_win<S: PresenceStore>(store: S) {
     let node = Node::new("n1");
     let s1 = SessionId::new();
     let s2 = SessionId::new();
@@ -166,7 +173,7 @@ async fn late_events_of_an_old_session_never_win(store: Store) {
     );
 }
 
-async fn retried_and_replayed_batches_change_nothing(store: Store) {
+async fn retried_and_replayed_batches_change_nothing<S: PresenceStore>(store: S) {
     let node = Node::new("n1");
     let s1 = SessionId::new();
     let first = vec![
@@ -192,7 +199,9 @@ async fn retried_and_replayed_batches_change_nothing(store: Store) {
     assert_eq!(stats.disconnects.get("connection_lost"), Some(&1));
 }
 
-async fn whole_session_in_one_batch_and_reconnect_keeps_last_disconnect(store: Store) {
+async fn whole_session_in_one_batch_and_reconnect_keeps_last_disconnect<S: PresenceStore>(
+    store: S,
+) {
     let node = Node::new("n1");
     let s1 = SessionId::new();
     let s2 = SessionId::new();
@@ -220,7 +229,7 @@ async fn whole_session_in_one_batch_and_reconnect_keeps_last_disconnect(store: S
     );
 }
 
-async fn crash_recovery_closes_sessions_of_earlier_boots(store: Store) {
+async fn crash_recovery_closes_sessions_of_earlier_boots<S: PresenceStore>(store: S) {
     let boot1 = Node::new("node-a");
     let other = Node::new("node-b");
     store
@@ -279,7 +288,7 @@ async fn crash_recovery_closes_sessions_of_earlier_boots(store: Store) {
     assert_eq!((again.boots, again.sessions_closed), (1, 0));
 }
 
-async fn pagination_filters_and_history_limits(store: Store) {
+async fn pagination_filters_and_history_limits<S: PresenceStore>(store: S) {
     let node = Node::new("n1");
     let mut batch = Vec::new();
     for i in 0..25u64 {
@@ -335,7 +344,7 @@ async fn pagination_filters_and_history_limits(store: Store) {
     );
 }
 
-async fn large_batches_apply_in_one_transaction(store: Store) {
+async fn large_batches_apply_in_one_transaction<S: PresenceStore>(store: S) {
     let node = Node::new("n1");
     let mut batch = Vec::new();
     for i in 0..3_000u64 {
@@ -353,7 +362,7 @@ async fn large_batches_apply_in_one_transaction(store: Store) {
     );
 }
 
-async fn takeover_within_one_batch_keeps_the_last_disconnect(store: Store) {
+async fn takeover_within_one_batch_keeps_the_last_disconnect<S: PresenceStore>(store: S) {
     let node = Node::new("n1");
     let (s1, s2) = (SessionId::new(), SessionId::new());
     store
@@ -373,7 +382,7 @@ async fn takeover_within_one_batch_keeps_the_last_disconnect(store: Store) {
     );
 }
 
-async fn boots_known_only_from_their_events_are_recovered(store: Store) {
+async fn boots_known_only_from_their_events_are_recovered<S: PresenceStore>(store: S) {
     // A boot that started while the database was down and crashed: its events arrive later
     // (from the journal) without begin_boot ever having recorded it.
     let lost_boot = Node::new("node-j");
@@ -402,7 +411,7 @@ async fn boots_known_only_from_their_events_are_recovered(store: Store) {
     );
 }
 
-async fn history_is_pruned_by_age_and_per_device_never_open_sessions(store: Store) {
+async fn history_is_pruned_by_age_and_per_device_never_open_sessions<S: PresenceStore>(store: S) {
     use DisconnectReason::ClientDisconnect;
     let node = Node::new("n1");
     // One batch per session, as a device that reconnects now and then produces them.
@@ -481,7 +490,7 @@ async fn history_is_pruned_by_age_and_per_device_never_open_sessions(store: Stor
     assert_eq!(store.stats().await.expect("stats").connects, 2 + 1 + 2);
 }
 
-async fn coalesced_sessions_count_in_history_and_totals(store: Store) {
+async fn coalesced_sessions_count_in_history_and_totals<S: PresenceStore>(store: S) {
     let node = Node::new("n1");
     let mut batch = Vec::new();
     for i in 0..10 {
@@ -525,7 +534,7 @@ async fn coalesced_sessions_count_in_history_and_totals(store: Store) {
     );
 }
 
-async fn node_boots_are_listed_newest_first(store: Store) {
+async fn node_boots_are_listed_newest_first<S: PresenceStore>(store: S) {
     let first = Node::new("node-a");
     let other = Node::new("node-b");
     store
@@ -586,7 +595,9 @@ async fn node_boots_are_listed_newest_first(store: Store) {
         .is_empty());
 }
 
-async fn an_expired_persistent_session_is_recorded_on_its_last_connection(store: Store) {
+async fn an_expired_persistent_session_is_recorded_on_its_last_connection<S: PresenceStore>(
+    store: S,
+) {
     let node = Node::new("n1");
     let (s1, s2) = (SessionId::new(), SessionId::new());
     store

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::ApiError;
 use crate::metrics::metrics;
-use crate::store::{PresenceStore, Stats, Store};
+use crate::store::{PresenceStore, Stats};
 
 /// The API's store query slots.
 pub struct QueryLimit {
@@ -80,7 +80,7 @@ impl StatsCache {
 
     /// The totals: the cached ones while fresh, else the result of the refresh in flight, else
     /// a new refresh.
-    pub async fn get(&self, store: &Store) -> Result<Arc<Stats>, ApiError> {
+    pub async fn get<S: PresenceStore>(&self, store: &S) -> Result<Arc<Stats>, ApiError> {
         let seen = {
             let last = self.last();
             match &*last {

@@ -479,7 +479,7 @@ impl AsyncRead for Watched {
             Scan::Rejected(rejection) => {
                 // hyper never sees the refused bytes; it gets the end of stream instead.
                 buf.set_filled(before);
-                super::count(HttpRoute::Rejected, rejection.status());
+                super::layers::count(HttpRoute::Rejected, rejection.status());
                 tracing::debug!(peer = %this.peer, reason = %rejection.message(), "HTTP request head refused.");
                 this.guard = if this.write_pending {
                     Guard::Done

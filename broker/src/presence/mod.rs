@@ -3,8 +3,10 @@
 //! The MQTT layer sends exactly one `Connected` and, later, exactly one `Disconnected` per
 //! accepted connection, on a bounded channel. A full channel makes connecting and disconnecting
 //! clients wait: events are never dropped. The [`bridge::Bridge`] consumes the channel and writes
-//! to the store, buffering in memory and in the [`journal`] while the database is away.
-//! [`retention`] keeps the session history it writes bounded.
+//! to the store, one store call at a time, buffering in memory and in the [`journal`] while the
+//! database is away; the journal's file I/O runs on the blocking pool, never on an async
+//! worker. [`retention`] keeps the session history it writes bounded. Presence points down at
+//! the store and the event types; nothing below imports it.
 
 pub mod bridge;
 pub mod journal;

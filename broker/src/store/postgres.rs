@@ -9,41 +9,24 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-use super::{
-    stats_from_rows, Access, BatchPlan, Device, PresenceRecord, PresenceStore, Recovery, Session,
-    Stats, StoreError, BROKER_RESTART, DEFAULT_COALESCE_AFTER, DEVICE_COLUMNS, SESSION_COLUMNS,
-    STATS_REASONS, STATS_TOTALS,
+use super::model::{Boot, Device, Recovery, Session, Stats};
+use super::plan::BatchPlan;
+use super::sql::{
+    stats_from_rows, BOOT_COLUMNS, BROKER_RESTART, DEVICE_COLUMNS, PRUNE_DEVICE,
+    PRUNE_ENDED_BEFORE, SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
 };
-use super::{Boot, BOOT_COLUMNS};
+use super::{count_folded, Access, PresenceStore, StoreError};
+use crate::event::PresenceRecord;
 
 /// A PostgreSQL connection pool.
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
-    /// See [`BatchPlan`].
-    pub(super) coalesce_after: usize,
+    /// Sessions kept per device and batch before folding ([`PresenceStore::coalescing`]).
+    coalesce_after: usize,
 }
 
 impl PgStore {
-    /// A pool that connects on first use, so the broker starts while the database is down.
-    /// A read-only pool's sessions refuse writes (`default_transaction_read_only`).
-    pub fn connect(url: &str, max_connections: u32, access: Access) -> Result<Self, StoreError> {
-        let mut options = PgConnectOptions::from_str(url)?.application_name("heartwire");
-        if access == Access::ReadOnly {
-            options = options
-                .application_name("heartwire-api")
-                .options([("default_transaction_read_only", "on")]);
-        }
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(options);
-        Ok(Self {
-            pool,
-            coalesce_after: DEFAULT_COALESCE_AFTER,
-        })
-    }
-
     /// The pool, for tests and benchmarks.
     pub fn pool(&self) -> &PgPool {
         &self.pool
@@ -94,6 +77,30 @@ fn boot(row: &PgRow) -> Result<Boot, sqlx::Error> {
 }
 
 impl PresenceStore for PgStore {
+    /// A pool that connects on first use, so the broker starts while the database is down.
+    /// A read-only pool's sessions refuse writes (`default_transaction_read_only`).
+    async fn open(url: &str, max_connections: u32, access: Access) -> Result<Self, StoreError> {
+        let mut options = PgConnectOptions::from_str(url)?.application_name("heartwire");
+        if access == Access::ReadOnly {
+            options = options
+                .application_name("heartwire-api")
+                .options([("default_transaction_read_only", "on")]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options);
+        Ok(Self {
+            pool,
+            coalesce_after: 0,
+        })
+    }
+
+    fn coalescing(mut self, coalesce_after: usize) -> Self {
+        self.coalesce_after = coalesce_after;
+        self
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("../migrations/postgres")
             .run(&self.pool)
@@ -322,7 +329,7 @@ impl PresenceStore for PgStore {
         }
 
         tx.commit().await?;
-        plan.committed();
+        count_folded(&plan);
         Ok(())
     }
 
@@ -378,16 +385,11 @@ impl PresenceStore for PgStore {
         before: DateTime<Utc>,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        // sessions_disconnected_at finds them oldest first (NULLs, the open ones, never match).
-        let done = sqlx::query(
-            "DELETE FROM sessions WHERE session_id IN ( \
-               SELECT session_id FROM sessions WHERE disconnected_at < $1 \
-               ORDER BY disconnected_at LIMIT $2)",
-        )
-        .bind(before)
-        .bind(i64::from(limit))
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query(PRUNE_ENDED_BEFORE)
+            .bind(before)
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -397,20 +399,12 @@ impl PresenceStore for PgStore {
         keep: u32,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        // sessions_device (device_id, session_id DESC): the keep-th newest, then what is older.
-        let done = sqlx::query(
-            "DELETE FROM sessions WHERE session_id IN ( \
-               SELECT session_id FROM sessions \
-               WHERE device_id = $1 AND disconnected_at IS NOT NULL AND session_id < ( \
-                 SELECT session_id FROM sessions WHERE device_id = $1 \
-                 ORDER BY session_id DESC OFFSET $2 - 1 LIMIT 1) \
-               ORDER BY session_id LIMIT $3)",
-        )
-        .bind(device_id)
-        .bind(i64::from(keep.max(1)))
-        .bind(i64::from(limit))
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query(PRUNE_DEVICE)
+            .bind(device_id)
+            .bind(i64::from(keep.max(1)))
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 

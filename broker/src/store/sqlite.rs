@@ -15,12 +15,14 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
 
-use super::{
-    stats_from_rows, Access, BatchPlan, Device, PresenceRecord, PresenceStore, Recovery, Session,
-    Stats, StoreError, BROKER_RESTART, DEFAULT_COALESCE_AFTER, DEVICE_COLUMNS, SESSION_COLUMNS,
-    STATS_REASONS, STATS_TOTALS,
+use super::model::{Boot, Device, Recovery, Session, Stats};
+use super::plan::BatchPlan;
+use super::sql::{
+    stats_from_rows, BOOT_COLUMNS, BROKER_RESTART, DEVICE_COLUMNS, PRUNE_DEVICE,
+    PRUNE_ENDED_BEFORE, SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
 };
-use super::{Boot, BOOT_COLUMNS};
+use super::{count_folded, Access, PresenceStore, StoreError};
+use crate::event::PresenceRecord;
 
 /// Rows per multi-row statement: 10 parameters each stays under SQLite's 32,766 limit.
 const ROWS_PER_STATEMENT: usize = 2_000;
@@ -29,8 +31,8 @@ const ROWS_PER_STATEMENT: usize = 2_000;
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    /// See [`BatchPlan`].
-    pub(super) coalesce_after: usize,
+    /// Sessions kept per device and batch before folding ([`PresenceStore::coalescing`]).
+    coalesce_after: usize,
 }
 
 fn micros(t: DateTime<Utc>) -> i64 {
@@ -43,75 +45,6 @@ fn from_micros(v: i64) -> DateTime<Utc> {
 
 fn uuid(text: &str) -> Result<Uuid, sqlx::Error> {
     Uuid::parse_str(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
-}
-
-impl SqliteStore {
-    /// Opens the database file named by a `sqlite://PATH` URL. A read-write pool creates the
-    /// file when missing and is a single connection (SQLite has one writer at a time; a second
-    /// one would only wait for the lock); a read-only pool has up to `max_connections`
-    /// `query_only` connections, which WAL mode lets read beside the writer.
-    pub async fn connect(
-        url: &str,
-        max_connections: u32,
-        access: Access,
-    ) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)?
-            .busy_timeout(Duration::from_secs(5))
-            // 256 KiB page cache per connection (SQLite's default is 2 MiB): the memory
-            // belongs to device connections; presence writes touch few pages.
-            .pragma("cache_size", "-256")
-            .foreign_keys(true);
-        if access == Access::ReadOnly {
-            let pool = SqlitePoolOptions::new()
-                .max_connections(max_connections.max(1))
-                .acquire_timeout(Duration::from_secs(5))
-                .connect_with(options.pragma("query_only", "ON"))
-                .await?;
-            return Ok(Self {
-                pool,
-                coalesce_after: DEFAULT_COALESCE_AFTER,
-            });
-        }
-        let options = options
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal);
-        let file = options.get_filename();
-        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.exists() && file != Path::new(":memory:") {
-                std::fs::create_dir_all(dir).map_err(|source| StoreError::Directory {
-                    path: dir.display().to_string(),
-                    source,
-                })?;
-            }
-        }
-        // Kept open: while it is, the WAL and shared-memory files stay, and the readers with
-        // them.
-        let pool_options = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(5));
-        // Switching a new file to WAL takes an exclusive lock that SQLite does not wait for; a
-        // second process (or pool) opening the file at that moment gets SQLITE_BUSY at once.
-        let mut attempt = 0;
-        loop {
-            match pool_options.clone().connect_with(options.clone()).await {
-                Ok(pool) => {
-                    return Ok(Self {
-                        pool,
-                        coalesce_after: DEFAULT_COALESCE_AFTER,
-                    })
-                }
-                Err(sqlx::Error::Database(e))
-                    if e.code().as_deref() == Some("5") && attempt < 50 =>
-                {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
 }
 
 fn device(row: &SqliteRow) -> Result<Device, sqlx::Error> {
@@ -164,6 +97,76 @@ fn boot(row: &SqliteRow) -> Result<Boot, sqlx::Error> {
 }
 
 impl PresenceStore for SqliteStore {
+    /// Opens the database file named by a `sqlite://PATH` URL. A read-write pool creates the
+    /// file when missing and is a single connection (SQLite has one writer at a time; a second
+    /// one would only wait for the lock); a read-only pool has up to `max_connections`
+    /// `query_only` connections, which WAL mode lets read beside the writer.
+    async fn open(url: &str, max_connections: u32, access: Access) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .busy_timeout(Duration::from_secs(5))
+            // 256 KiB page cache per connection (SQLite's default is 2 MiB): the memory
+            // belongs to device connections; presence writes touch few pages.
+            .pragma("cache_size", "-256")
+            .foreign_keys(true);
+        if access == Access::ReadOnly {
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections.max(1))
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(options.pragma("query_only", "ON"))
+                .await?;
+            return Ok(Self {
+                pool,
+                coalesce_after: 0,
+            });
+        }
+        let options = options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal);
+        let file = options.get_filename();
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if file != Path::new(":memory:") {
+                tokio::fs::create_dir_all(dir)
+                    .await
+                    .map_err(|source| StoreError::Directory {
+                        path: dir.display().to_string(),
+                        source,
+                    })?;
+            }
+        }
+        // Kept open: while it is, the WAL and shared-memory files stay, and the readers with
+        // them.
+        let pool_options = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(5));
+        // Switching a new file to WAL takes an exclusive lock that SQLite does not wait for; a
+        // second process (or pool) opening the file at that moment gets SQLITE_BUSY at once.
+        let mut attempt = 0;
+        loop {
+            match pool_options.clone().connect_with(options.clone()).await {
+                Ok(pool) => {
+                    return Ok(Self {
+                        pool,
+                        coalesce_after: 0,
+                    })
+                }
+                Err(sqlx::Error::Database(e))
+                    if e.code().as_deref() == Some("5") && attempt < 50 =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn coalescing(mut self, coalesce_after: usize) -> Self {
+        self.coalesce_after = coalesce_after;
+        self
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("../migrations/sqlite")
             .run(&self.pool)
@@ -367,7 +370,7 @@ impl PresenceStore for SqliteStore {
         }
 
         tx.commit().await?;
-        plan.committed();
+        count_folded(&plan);
         Ok(())
     }
 
@@ -423,17 +426,11 @@ impl PresenceStore for SqliteStore {
         before: DateTime<Utc>,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        // sessions_disconnected_at (a partial index on closed sessions) finds them oldest first.
-        let done = sqlx::query(
-            "DELETE FROM sessions WHERE session_id IN ( \
-               SELECT session_id FROM sessions \
-               WHERE disconnected_at IS NOT NULL AND disconnected_at < ?1 \
-               ORDER BY disconnected_at LIMIT ?2)",
-        )
-        .bind(micros(before))
-        .bind(i64::from(limit))
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query(PRUNE_ENDED_BEFORE)
+            .bind(micros(before))
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -443,20 +440,12 @@ impl PresenceStore for SqliteStore {
         keep: u32,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        // sessions_device (device_id, session_id DESC): the keep-th newest, then what is older.
-        let done = sqlx::query(
-            "DELETE FROM sessions WHERE session_id IN ( \
-               SELECT session_id FROM sessions \
-               WHERE device_id = ?1 AND disconnected_at IS NOT NULL AND session_id < ( \
-                 SELECT session_id FROM sessions WHERE device_id = ?1 \
-                 ORDER BY session_id DESC LIMIT 1 OFFSET ?2 - 1) \
-               ORDER BY session_id LIMIT ?3)",
-        )
-        .bind(device_id)
-        .bind(i64::from(keep.max(1)))
-        .bind(i64::from(limit))
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query(PRUNE_DEVICE)
+            .bind(device_id)
+            .bind(i64::from(keep.max(1)))
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 

@@ -1,0 +1,108 @@
+//! What the presence store holds, as the API and the presence pipeline read it: a device's
+//! current state, its sessions (the history rows), the totals, the node boots, and what crash
+//! recovery did. Plain data: the SQL that fills it is in the backends.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+/// The current state of one device.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Device {
+    /// The MQTT client id.
+    pub device_id: String,
+    /// Whether its current session is open.
+    pub online: bool,
+    /// Its current (latest) session.
+    pub session_id: Uuid,
+    /// The node that holds (or held) that session.
+    pub node_id: String,
+    /// When the current session started.
+    pub connected_at: DateTime<Utc>,
+    /// When the device last went offline (kept while it is online again).
+    pub disconnected_at: Option<DateTime<Utc>>,
+    /// Why it last went offline.
+    pub last_reason: Option<String>,
+    /// The address of the current session's peer.
+    pub peer: String,
+    /// The current session's keep-alive, seconds.
+    pub keep_alive: i32,
+    /// When this row last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One session (connection) of a device.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Session {
+    /// UUIDv7 of the connection.
+    pub session_id: Uuid,
+    /// The MQTT client id.
+    pub device_id: String,
+    /// The node that held it.
+    pub node_id: String,
+    /// The boot of that node.
+    pub boot_id: Uuid,
+    /// The node's connection sequence number.
+    pub seq: i64,
+    /// When it started.
+    pub connected_at: DateTime<Utc>,
+    /// When it ended; `None` while open.
+    pub disconnected_at: Option<DateTime<Utc>>,
+    /// Why it ended.
+    pub reason: Option<String>,
+    /// The peer address.
+    pub peer: String,
+    /// Keep-alive in seconds.
+    pub keep_alive: i32,
+    /// The CONNECT's clean-session flag.
+    pub clean_session: bool,
+    /// Further sessions of the device folded into this row: they began and ended within the
+    /// same batch as this one, after it, with the same reason, and have no row of their own.
+    pub coalesced: i32,
+    /// When the persistent session (clean_session = false) that this connection used last was
+    /// discarded after `mqtt.persistent_session_expiry` without a connection.
+    pub expired_at: Option<DateTime<Utc>>,
+}
+
+/// Totals for the stats endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stats {
+    /// Devices online now.
+    pub online: i64,
+    /// Devices ever seen.
+    pub known_devices: i64,
+    /// Sessions in the retained history (coalesced ones included).
+    pub connects: i64,
+    /// Ended sessions in the retained history by reason (coalesced ones included).
+    pub disconnects: BTreeMap<String, i64>,
+}
+
+/// One boot (process start) of a broker node: a row of the `nodes` table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Boot {
+    /// The node's configured id (`node.id`).
+    pub node_id: String,
+    /// This boot.
+    pub boot_id: Uuid,
+    /// When it started (or its first event, for a boot known only from its journaled events).
+    pub started_at: DateTime<Utc>,
+    /// Its last heartbeat (or latest event): it was alive then. A crashed boot's open sessions
+    /// are closed at this time, with reason broker_restart.
+    pub heartbeat_at: DateTime<Utc>,
+    /// Whether a later boot of the node has closed the sessions this one left open: this boot
+    /// ended without a graceful shutdown.
+    pub recovered: bool,
+}
+
+/// What crash recovery did at the start of a boot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Earlier boots of this node whose open sessions were closed.
+    pub boots: u64,
+    /// Sessions closed with reason broker_restart.
+    pub sessions_closed: u64,
+    /// Devices turned offline by it.
+    pub devices_offline: u64,
+}
