@@ -1,7 +1,7 @@
 //! The request-head check: each request head is checked as its bytes arrive, before hyper sees
 //! them, against `http.max_uri_len`, `http.max_header_size` and `http.max_headers`, and parsed
 //! once complete (with httparse, hyper's parser) so that a malformed head is refused too. A
-//! refusal is answered by the broker with a JSON body ([`Rejection::response`]); hyper, whose
+//! refusal is answered by the broker with a JSON body (`Rejection::response`); hyper, whose
 //! own limits are set above these, would answer with an empty one.
 //!
 //! Only the bytes of the head are kept while it arrives (at most `http.max_header_size`), and

@@ -12,11 +12,11 @@
 //! hyper's own `header_read_timeout` runs from the end of a response to the end of the next
 //! request head, idle wait included (hyper 1.12), so it cannot tell an idle keep-alive
 //! connection from a slow request. The two timeouts are kept here instead: the connection's
-//! [`Activity`] records when a request head starts (its first byte), when a request is being
+//! `Activity` records when a request head starts (its first byte), when a request is being
 //! answered and when the connection became idle, and the connection task closes it at the
 //! deadline of its current phase.
 //!
-//! The socket wrapper ([`Watched`]) also checks each request head before hyper reads it
+//! The socket wrapper (`Watched`) also checks each request head before hyper reads it
 //! ([`super::head`]) and answers a refused one itself, with a JSON body. It knows where heads
 //! start as long as requests come one at a time without bodies (what this API receives); once
 //! bytes arrive beyond a head (a pipelined request or a request body) it steps aside for the
