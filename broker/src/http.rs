@@ -18,6 +18,7 @@
 //!   before routing.
 
 pub mod api;
+pub mod error;
 pub mod head;
 pub mod layers;
 pub mod params;
@@ -38,7 +39,7 @@ use crate::store::PresenceStore;
 use layers::counted_as;
 use queries::{QueryLimit, StatsCache};
 
-pub use api::ApiError;
+pub use error::ApiError;
 
 /// What the handlers need.
 #[derive(Clone)]

@@ -1,6 +1,6 @@
-//! The REST API's handlers, generic over the store backend, and [`ApiError`], the JSON answer
-//! of a request that failed. Their parameters come typed from [`super::params`]; counting and
-//! the router's own errors are the layers' business ([`super::layers`]).
+//! The REST API's handlers, generic over the store backend. Their parameters come typed from
+//! [`super::params`], their failures are [`ApiError`]s; counting and the router's own errors are
+//! the layers' business ([`super::layers`]).
 
 use std::sync::atomic::Ordering;
 
@@ -12,72 +12,12 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::error::ApiError;
 use super::params::{DeviceId, DevicesQuery, NodesQuery, Query, SessionsQuery};
 use super::AppState;
 use crate::metrics::metrics;
 use crate::mqtt::LiveSessions;
-use crate::store::{Device, PresenceStore, Session, StoreError};
-use crate::telemetry::LogLimiter;
-
-/// Failed API requests are logged at most once per this interval (with the count held back).
-const LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-static STORE_FAILED: LogLimiter = LogLimiter::new(LOG_INTERVAL);
-static STORE_BUSY: LogLimiter = LogLimiter::new(LOG_INTERVAL);
-
-/// Why a request failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// 404.
-    #[error("device {0:?} not found")]
-    NotFound(String),
-    /// 400.
-    #[error("{0}")]
-    BadRequest(String),
-    /// 503; the cause is logged.
-    #[error("presence store unavailable")]
-    Store(#[from] StoreError),
-    /// 503: a request that shared a failed store query (the failure was logged by the request
-    /// that made it).
-    #[error("presence store unavailable")]
-    Unavailable,
-    /// 503 with `Retry-After`: every store query slot stayed taken for
-    /// `http.store_queue_timeout`.
-    #[error("too many concurrent requests to the presence store; retry in a moment")]
-    Busy,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = match &self {
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Store(error) => {
-                if let Some(suppressed) = STORE_FAILED.check() {
-                    tracing::warn!(%error, suppressed, "API request failed on the store.");
-                }
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Busy => {
-                if let Some(suppressed) = STORE_BUSY.check() {
-                    tracing::warn!(
-                        suppressed,
-                        "API requests refused: every store query slot stayed taken \
-                         (http.max_store_queries, http.store_queue_timeout)."
-                    );
-                }
-                let body = Json(json!({ "error": self.to_string() }));
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    [(header::RETRY_AFTER, "1")],
-                    body,
-                )
-                    .into_response();
-            }
-        };
-        (status, Json(json!({ "error": self.to_string() }))).into_response()
-    }
-}
+use crate::store::{Device, PresenceStore, Session};
 
 /// A device as the API shows it.
 #[derive(Debug, Serialize)]

@@ -14,7 +14,7 @@ use axum::http::request::Parts;
 use serde::de::{self, DeserializeOwned, IntoDeserializer, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use super::ApiError;
+use super::error::ApiError;
 
 /// Largest page of devices or sessions.
 pub const MAX_LIMIT: u32 = 1000;

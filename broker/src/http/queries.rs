@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
-use super::ApiError;
+use super::error::ApiError;
 use crate::metrics::metrics;
 use crate::store::{PresenceStore, Stats};
 
