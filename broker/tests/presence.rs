@@ -12,15 +12,15 @@ use common::{eventually, ConnectOpts, FullBroker, RawClient, TempDir};
 use rumqttc::mqttbytes::v4::Packet;
 
 /// A database for one test: (url, guard keeping it alive, the PostgreSQL handle if any).
-async fn sqlite_db(data: &TempDir) -> (String, Option<common::pg::TestPostgres>) {
+async fn sqlite_db(data: &TempDir) -> (String, Option<testkit::pg::TestPostgres>) {
     (
         format!("sqlite://{}/broker.db", data.path().display()),
         None,
     )
 }
 
-async fn postgres_db(_data: &TempDir) -> (String, Option<common::pg::TestPostgres>) {
-    let pg = common::pg::TestPostgres::start().await;
+async fn postgres_db(_data: &TempDir) -> (String, Option<testkit::pg::TestPostgres>) {
+    let pg = testkit::pg::TestPostgres::start().await;
     (pg.url().to_owned(), Some(pg))
 }
 
@@ -248,7 +248,7 @@ presence_tests!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_while_database_is_down_keeps_events_for_the_next_start() {
     let data = TempDir::new("down-at-exit");
-    let pg = common::pg::TestPostgres::start().await;
+    let pg = testkit::pg::TestPostgres::start().await;
     assert!(
         pg.controls_server(),
         "this test stops PostgreSQL: unset TEST_DATABASE_URL to run it"
@@ -294,7 +294,7 @@ async fn shutdown_while_database_is_down_keeps_events_for_the_next_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_loses_nothing() {
     let data = TempDir::new("outage");
-    let pg = common::pg::TestPostgres::start().await;
+    let pg = testkit::pg::TestPostgres::start().await;
     assert!(
         pg.controls_server(),
         "this test stops and restarts PostgreSQL: it needs the throwaway cluster, \

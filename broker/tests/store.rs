@@ -25,7 +25,7 @@ async fn sqlite() -> (SqliteStore, Box<dyn std::any::Any>) {
 }
 
 async fn postgres() -> (PgStore, Box<dyn std::any::Any>) {
-    let pg = common::pg::TestPostgres::start().await;
+    let pg = testkit::pg::TestPostgres::start().await;
     let store = PgStore::connect(pg.url(), 4)
         .await
         .expect("open postgres")

@@ -10,8 +10,6 @@
 //!   (Grafana macros expanded) runs and returns at least one row.
 
 mod common;
-#[path = "../../broker/tests/common/pg.rs"]
-mod pg;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -24,6 +22,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, ChildStdin};
 
 use common::{http_body, http_status, sim, Broker, TempDir, WAIT};
+use testkit::{free_port, pg};
 
 /// Datasource uids the dashboards may use, as provisioned.
 const PROMETHEUS_UID: &str = "heartwire-prometheus";
@@ -428,7 +427,7 @@ impl Prometheus {
             serde_norway::to_string(&config).expect("yaml"),
         )
         .expect("write config");
-        let addr = format!("127.0.0.1:{}", local_port());
+        let addr = format!("127.0.0.1:{}", free_port());
         let log = dir.path().join("prometheus.log");
         let mut child = tokio::process::Command::new("sh")
             .args([
@@ -472,12 +471,6 @@ impl Prometheus {
     }
 }
 
-/// A free port outside the ephemeral range, for servers that cannot report a `:0` bind (see
-/// `pg::pick_port`): a port in that range could be taken by an outgoing connection first.
-fn local_port() -> u16 {
-    pg::pick_port().expect("a free local port")
-}
-
 /// Number of series in a successful query answer.
 fn series(answer: &Value) -> Option<usize> {
     (answer["status"] == "success").then(|| answer["data"]["result"].as_array().map_or(0, Vec::len))
@@ -488,7 +481,7 @@ fn series(answer: &Value) -> Option<usize> {
 async fn every_dashboard_query_returns_data() {
     let db = pg::TestPostgres::start().await;
     let broker = Broker::start_on(Some(db.url().to_owned())).await;
-    let sim_metrics = format!("127.0.0.1:{}", local_port());
+    let sim_metrics = format!("127.0.0.1:{}", free_port());
     let targets = BTreeMap::from([
         ("heartwire", broker.http.to_string()),
         ("device-sim", sim_metrics.clone()),

@@ -2,8 +2,6 @@
 //! client, and helpers that wait on conditions with a deadline.
 #![allow(dead_code)]
 
-pub mod pg;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
