@@ -16,7 +16,8 @@
 //! - `full`: the whole broker (MQTT, bridge, store, HTTP) on a runtime of its own
 //!   ([`FullBroker`]): ready, graceful stop, crash; [`sqlite_url`] for a database in a directory.
 //!
-//! Every wait is bounded, and no server has a fixed port: listeners bind 127.0.0.1:0.
+//! Every wait is bounded, and no server has a fixed port: listeners bind 127.0.0.1:0, and a
+//! child process that must be told its port gets a [`free_port`].
 
 mod client;
 mod full;
