@@ -6,7 +6,7 @@
 # What the tests need besides Rust:
 # - cargo-nextest: `cargo install --locked cargo-nextest` (as the current user).
 # - PostgreSQL server binaries (`initdb`, `pg_ctl`, `postgres`), from which the presence-store
-#   tests start throwaway clusters (broker/tests/common/pg.rs); not needed with
+#   tests start throwaway clusters (testkit/src/pg.rs); not needed with
 #   TEST_DATABASE_URL. Debian package `postgresql`.
 # - Prometheus, for the dashboard test (device-sim/tests/dashboards.rs); not needed with
 #   PROMETHEUS_BIN. Debian package `prometheus`.

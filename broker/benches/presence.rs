@@ -11,9 +11,6 @@
 //! Run: `cargo bench -p broker --bench presence` (env BATCHED=200000 UNBATCHED=10000 RATE=5000
 //! SECONDS=10 to change the sizes).
 
-#[path = "../tests/common/pg.rs"]
-mod pg;
-
 use std::time::{Duration, Instant, SystemTime};
 
 use broker::config::BridgeConfig;
@@ -152,7 +149,7 @@ fn main() {
         let rate = env("RATE", 5_000);
         let seconds = env("SECONDS", 10);
 
-        let pg = pg::TestPostgres::start().await;
+        let pg = testkit::pg::TestPostgres::start().await;
         if pg.controls_server() {
             // The test cluster trades durability for speed; measure with production settings.
             let pool = sqlx::PgPool::connect(pg.url()).await.expect("connect");

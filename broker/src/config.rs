@@ -1353,7 +1353,7 @@ mod tests {
             assert!(err.contains(want), "{text:?}: want {want:?} in: {err}");
             let name = file.path().display().to_string();
             assert!(err.contains(&name), "{text:?}: the file is named: {err}");
-            // The file's random name may contain "f64" in its hex digits.
+            // The file's random name may contain "f64" among its random characters.
             let message = err.replace(&name, "");
             for internal in INTERNAL {
                 assert!(
@@ -1428,30 +1428,14 @@ mod tests {
         assert_eq!(back, c);
     }
 
-    struct TempFile {
-        path: std::path::PathBuf,
-        file: std::fs::File,
-    }
-    impl TempFile {
-        fn path(&self) -> &Path {
-            &self.path
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            self.file.flush()
-        }
-    }
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-    fn tempfile_with(contents: &str) -> TempFile {
-        let path = std::env::temp_dir().join(format!(
-            "heartwire-config-{}.toml",
-            uuid::Uuid::now_v7().simple()
-        ));
-        let mut file = std::fs::File::create(&path).expect("create temp file");
+    /// A TOML file holding `contents`, removed when dropped.
+    fn tempfile_with(contents: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::Builder::new()
+            .prefix("heartwire-config-")
+            .suffix(".toml")
+            .tempfile()
+            .expect("create temp file");
         file.write_all(contents.as_bytes()).expect("write");
-        TempFile { path, file }
+        file
     }
 }

@@ -1,8 +1,6 @@
 //! The REST API through `http::app()` without a socket (axum's testing pattern), on a SQLite
 //! store filled through the store itself and a live MQTT session table.
 
-mod common;
-
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -14,9 +12,9 @@ use broker::http::{app, AppState};
 use broker::labels::DisconnectReason;
 use broker::mqtt::Broker;
 use broker::store::{PresenceStore, SqliteStore};
-use common::TempDir;
 use http_body_util::BodyExt;
 use serde_json::Value;
+use testkit::TempDir;
 use tower::ServiceExt;
 
 struct Api {
@@ -30,7 +28,7 @@ impl Api {
     }
 
     async fn with(config: &broker::config::HttpConfig) -> Self {
-        let dir = TempDir::new("api");
+        let dir = testkit::temp_dir("api");
         let store = SqliteStore::connect(&format!("sqlite://{}/api.db", dir.path().display()), 2)
             .await
             .expect("store");
@@ -231,17 +229,17 @@ async fn health_readiness_and_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_seen_comes_from_memory_for_connected_devices() {
-    let data = TempDir::new("api-live");
-    let url = format!("sqlite://{}/broker.db", data.path().display());
-    let broker = common::FullBroker::start(common::FullBroker::config(&url, &data, "n")).await;
+    let data = testkit::temp_dir("api-live");
+    let url = testkit::sqlite_url(&data);
+    let broker = testkit::FullBroker::start(testkit::FullBroker::config(&url, &data, "n")).await;
     let (mut dev, _) =
-        common::RawClient::connect(broker.mqtt, common::ConnectOpts::new("live")).await;
+        testkit::RawClient::connect(broker.mqtt, testkit::ConnectOpts::new("live")).await;
     let before_ping = chrono::Utc::now();
     dev.send(&rumqttc::mqttbytes::v4::Packet::PingReq).await;
     assert!(dev.recv().await.is_some());
     // Over real HTTP this time.
-    let body: Value = common::eventually("device online in the API", || async {
-        let body = common::http_get(broker.http, "/api/v1/devices/live").await?;
+    let body: Value = testkit::eventually("device online in the API", || async {
+        let body = testkit::http_get(broker.http, "/api/v1/devices/live").await?;
         let v: Value = serde_json::from_str(&body).ok()?;
         (v["online"] == true).then_some(v)
     })

@@ -1,12 +1,10 @@
 //! Misbehaving clients: each one gets a protocol-level answer (CONNACK code or close), the right
 //! event when a session had started, and never disturbs a well-behaved client.
 
-mod common;
-
 use broker::labels::DisconnectReason;
-use common::{Client, ConnectOpts, RawClient, TestBroker};
 use rumqttc::mqttbytes::v4::{Packet, SubscribeReasonCode};
 use rumqttc::mqttbytes::QoS;
+use testkit::{Client, ConnectOpts, RawClient, TestBroker};
 
 /// A subscriber and a publisher that must keep working while others misbehave.
 async fn bystander(broker: &mut TestBroker) -> (Client, RawClient) {
@@ -32,7 +30,7 @@ async fn second_connect_is_a_protocol_error() {
     let (mut sub, mut publisher) = bystander(&mut broker).await;
     let (mut c, _) = RawClient::connect(broker.addr, ConnectOpts::new("twice")).await;
     broker.connected("twice").await;
-    c.send(&common::connect_packet(&ConnectOpts::new("twice")))
+    c.send(&testkit::connect_packet(&ConnectOpts::new("twice")))
         .await;
     assert!(c.until_closed().await.is_empty());
     broker
@@ -90,7 +88,7 @@ async fn reserved_flag_bits_and_server_packets_close_the_connection() {
             .await;
     }
     // CONNECT with the reserved flag bit set.
-    let mut bytes = common::encode(&common::connect_packet(&ConnectOpts::new("reserved")));
+    let mut bytes = testkit::encode(&testkit::connect_packet(&ConnectOpts::new("reserved")));
     bytes[9] |= 1;
     let mut c = RawClient::tcp(broker.addr).await;
     c.send_bytes(&bytes).await;
@@ -123,7 +121,7 @@ async fn over_size_packet_closes_the_connection() {
 async fn unsupported_protocol_levels_get_connack_1() {
     let mut broker = TestBroker::start().await;
     for level in [3u8, 5] {
-        let mut bytes = common::encode(&common::connect_packet(&ConnectOpts::new("old")));
+        let mut bytes = testkit::encode(&testkit::connect_packet(&ConnectOpts::new("old")));
         bytes[8] = level;
         let mut c = RawClient::tcp(broker.addr).await;
         c.send_bytes(&bytes).await;
@@ -260,7 +258,7 @@ async fn packets_the_specification_forbids_are_protocol_errors() {
     }
 
     // A CONNECT with bytes after its last field, inside its remaining length.
-    let mut bytes = common::encode(&common::connect_packet(&ConnectOpts::new("trailing")));
+    let mut bytes = testkit::encode(&testkit::connect_packet(&ConnectOpts::new("trailing")));
     bytes[1] += 3;
     bytes.extend_from_slice(&[0, 1, 2]);
     let mut c = RawClient::tcp(broker.addr).await;

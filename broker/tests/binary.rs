@@ -3,13 +3,11 @@
 //!
 //! Kept in its own test binary because it starts processes.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{ConnectOpts, RawClient, WAIT};
 use rumqttc::mqttbytes::v4::Packet;
+use testkit::{ConnectOpts, RawClient, WAIT};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -20,7 +18,7 @@ const BROKER: &str = env!("CARGO_BIN_EXE_broker");
 /// address and its stderr lines.
 async fn start(
     nofile: u32,
-    data: &common::TempDir,
+    data: &testkit::TempDir,
 ) -> (Child, std::net::SocketAddr, mpsc::UnboundedReceiver<String>) {
     let (child, mut lines) = spawn(nofile, data, &[]);
     let ready = wait_for_line(&mut lines, "MQTT listener ready").await;
@@ -37,7 +35,7 @@ async fn start(
 /// the child and its stderr lines.
 fn spawn(
     nofile: u32,
-    data: &common::TempDir,
+    data: &testkit::TempDir,
     env: &[(&str, &str)],
 ) -> (Child, mpsc::UnboundedReceiver<String>) {
     let mut child = Command::new("sh")
@@ -46,10 +44,7 @@ fn spawn(
         .arg(BROKER)
         .env("BROKER_MQTT__LISTEN", "127.0.0.1:0")
         .env("BROKER_HTTP__LISTEN", "127.0.0.1:0")
-        .env(
-            "BROKER_DATABASE__URL",
-            format!("sqlite://{}/broker.db", data.path().display()),
-        )
+        .env("BROKER_DATABASE__URL", testkit::sqlite_url(data))
         .env(
             "BROKER_BRIDGE__JOURNAL_PATH",
             data.path().join("presence.journal"),
@@ -85,7 +80,7 @@ struct Started {
 }
 
 /// As [`start`], with `env` added; also returns the HTTP address.
-async fn start_with(nofile: u32, data: &common::TempDir, env: &[(&str, &str)]) -> Started {
+async fn start_with(nofile: u32, data: &testkit::TempDir, env: &[(&str, &str)]) -> Started {
     let (child, mut lines) = spawn(nofile, data, env);
     let listen = |line: &str| -> std::net::SocketAddr {
         let value: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
@@ -120,7 +115,7 @@ async fn wait_for_line(lines: &mut mpsc::UnboundedReceiver<String>, needle: &str
 
 #[tokio::test]
 async fn out_of_file_descriptors_backs_off_and_recovers() {
-    let data = common::TempDir::new("fd-limit");
+    let data = testkit::temp_dir("fd-limit");
     let (mut child, addr, mut lines) = start(64, &data).await;
 
     // Far more clients than 64 descriptors allow; each reports its CONNACK.
@@ -128,7 +123,7 @@ async fn out_of_file_descriptors_backs_off_and_recovers() {
     let mut clients = Vec::new();
     for i in 0..100 {
         let mut c = RawClient::tcp(addr).await;
-        c.send(&common::connect_packet(&ConnectOpts::new(&format!(
+        c.send(&testkit::connect_packet(&ConnectOpts::new(&format!(
             "fd-{i}"
         ))))
         .await;
@@ -189,7 +184,7 @@ async fn out_of_file_descriptors_backs_off_and_recovers() {
 /// client still connects and gets its CONNACK.
 #[tokio::test]
 async fn idle_http_connections_cannot_lock_mqtt_out() {
-    let data = common::TempDir::new("http-fds");
+    let data = testkit::temp_dir("http-fds");
     let Started {
         mut child,
         mqtt,
@@ -205,7 +200,7 @@ async fn idle_http_connections_cannot_lock_mqtt_out() {
 
     let mut client = RawClient::tcp(mqtt).await;
     client
-        .send(&common::connect_packet(&ConnectOpts::new(
+        .send(&testkit::connect_packet(&ConnectOpts::new(
             "after-http-flood",
         )))
         .await;
@@ -223,8 +218,8 @@ async fn idle_http_connections_cannot_lock_mqtt_out() {
     // Once the idle clients leave, the connections that waited in the backlog are served and
     // closed too, and HTTP answers again.
     drop(idle);
-    let metrics = common::eventually("HTTP answers again", || async {
-        common::http_get(http, "/metrics").await
+    let metrics = testkit::eventually("HTTP answers again", || async {
+        testkit::http_get(http, "/metrics").await
     })
     .await;
     let limit_waits = metrics
@@ -271,7 +266,7 @@ async fn bad_configuration_exits_2_naming_the_key() {
 /// TOML file still stops it with exit code 2.
 #[tokio::test]
 async fn stray_broker_environment_variables_are_ignored_with_one_warning() {
-    let data = common::TempDir::new("stray-env");
+    let data = testkit::temp_dir("stray-env");
     let (mut child, mut lines) = spawn(
         1024,
         &data,
@@ -333,7 +328,7 @@ async fn stray_broker_environment_variables_are_ignored_with_one_warning() {
 /// terminal (and never with NO_COLOR).
 #[tokio::test]
 async fn pretty_logs_to_a_pipe_have_no_colour_codes() {
-    let data = common::TempDir::new("no-colour");
+    let data = testkit::temp_dir("no-colour");
     let (mut child, mut lines) = spawn(1024, &data, &[("BROKER_LOG__FORMAT", "pretty")]);
     let mut seen = Vec::new();
     tokio::time::timeout(WAIT, async {

@@ -2,15 +2,13 @@
 //! SUBSCRIBEs next to a bystander's round trips, bursts around the write buffer's boundaries to
 //! a client that only reads, and retained deliveries streamed as the client reads.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{ConnectOpts, RawClient, TestBroker, WAIT};
 use rumqttc::mqttbytes::v4::{Packet, Subscribe, SubscribeReasonCode};
 use rumqttc::mqttbytes::QoS;
+use testkit::{ConnectOpts, RawClient, TestBroker, WAIT};
 
 /// Publishes `count` retained messages `r/<i>` (payload `payload` bytes) and returns once the
 /// broker has stored them all (a sentinel published last has come back).
@@ -22,7 +20,7 @@ async fn retain(broker: &TestBroker, count: usize, payload: usize) {
         let mut p =
             rumqttc::mqttbytes::v4::Publish::new(format!("r/{i}"), QoS::AtMostOnce, body.clone());
         p.retain = true;
-        bytes.extend_from_slice(&common::encode(&Packet::Publish(p)));
+        bytes.extend_from_slice(&testkit::encode(&Packet::Publish(p)));
     }
     publisher.send_bytes(&bytes).await;
     // PUBLISHes of one connection are handled in order: once a QoS 1 message sent after them is
@@ -160,7 +158,7 @@ async fn bursts_reach_a_client_that_only_reads() {
         for _ in 0..count {
             let p =
                 rumqttc::mqttbytes::v4::Publish::new("burst/x", QoS::AtMostOnce, payload.clone());
-            bytes.extend_from_slice(&common::encode(&Packet::Publish(p)));
+            bytes.extend_from_slice(&testkit::encode(&Packet::Publish(p)));
         }
         publisher.send_bytes(&bytes).await;
         let mut got = 0;
@@ -271,7 +269,7 @@ async fn a_publish_flood_is_delivered_not_dropped() {
                 QoS::AtMostOnce,
                 vec![1u8; 64],
             );
-            let one = common::encode(&Packet::Publish(p));
+            let one = testkit::encode(&Packet::Publish(p));
             let burst: Vec<u8> = one.iter().copied().cycle().take(one.len() * EACH).collect();
             c.send_bytes(&burst).await;
             c

@@ -2,8 +2,6 @@
 //! writing one history row per session, and the background retention prunes history by age and
 //! by rows per device.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,13 +9,9 @@ use std::time::Duration;
 use broker::labels::RetentionPolicy;
 use broker::metrics::metrics;
 use broker::store::{PresenceStore, SqliteStore};
-use common::{ConnectOpts, FullBroker, RawClient, TempDir};
 use rumqttc::mqttbytes::v4::Packet;
+use testkit::{sqlite_url, temp_dir, ConnectOpts, FullBroker, RawClient};
 use tokio::time::Instant;
-
-fn sqlite_url(data: &TempDir) -> String {
-    format!("sqlite://{}/broker.db", data.path().display())
-}
 
 /// Connects as `id` again and again until `until`, each connection taken over by the other
 /// fighter; returns how many sessions (CONNACKs) it got.
@@ -26,7 +20,7 @@ async fn fight(addr: std::net::SocketAddr, id: &'static str, until: Instant) -> 
     while Instant::now() < until {
         let mut client = RawClient::tcp(addr).await;
         client
-            .send(&common::connect_packet(&ConnectOpts::new(id)))
+            .send(&testkit::connect_packet(&ConnectOpts::new(id)))
             .await;
         match tokio::time::timeout_at(until, client.recv_untimed()).await {
             Ok(Some(Packet::ConnAck(_))) => sessions += 1,
@@ -50,7 +44,7 @@ async fn fight(addr: std::net::SocketAddr, id: &'static str, until: Instant) -> 
 /// the device's state is exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_fight_is_coalesced_in_the_history() {
-    let data = TempDir::new("fight");
+    let data = temp_dir("fight");
     let url = sqlite_url(&data);
     let mut config = FullBroker::config(&url, &data, "fight");
     config.bridge.batch_interval = Duration::from_millis(250);
@@ -66,7 +60,7 @@ async fn takeover_fight_is_coalesced_in_the_history() {
     let acked = a.await.expect("fighter a") + b.await.expect("fighter b");
 
     let seen = Arc::new(AtomicUsize::new(0));
-    let rows = common::eventually("every session of the fight in the history", || {
+    let rows = testkit::eventually("every session of the fight in the history", || {
         let store = store.clone();
         let seen = Arc::clone(&seen);
         async move {
@@ -125,7 +119,7 @@ async fn flap(broker: &FullBroker, store: &SqliteStore, id: &str, n: usize) -> R
     let (online, _) = RawClient::connect(broker.mqtt, ConnectOpts::new(id)).await;
     let marker = format!("{id}-marker");
     let (_marker, _) = RawClient::connect(broker.mqtt, ConnectOpts::new(&marker)).await;
-    common::eventually("marker stored", || async {
+    testkit::eventually("marker stored", || async {
         store.device(&marker).await.ok().flatten()
     })
     .await;
@@ -136,7 +130,7 @@ async fn flap(broker: &FullBroker, store: &SqliteStore, id: &str, n: usize) -> R
 /// the background, keeping the open session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_retention_caps_history_per_device() {
-    let data = TempDir::new("retention-cap");
+    let data = temp_dir("retention-cap");
     let url = sqlite_url(&data);
     let mut config = FullBroker::config(&url, &data, "retention");
     config.database.history_max_sessions_per_device = 5;
@@ -174,7 +168,7 @@ async fn background_retention_caps_history_per_device() {
 /// open session stays however old it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_retention_deletes_closed_sessions_older_than_the_max_age() {
-    let data = TempDir::new("retention-age");
+    let data = temp_dir("retention-age");
     let url = sqlite_url(&data);
     let mut config = FullBroker::config(&url, &data, "retention");
     config.database.history_max_age = Duration::from_secs(1);

@@ -3,15 +3,13 @@
 //! API reads), header-read and idle timeouts, the connection limit, and JSON error bodies for
 //! every status the server or the router produces.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use broker::metrics::metrics;
 use broker::store::{PresenceStore, SqliteStore};
-use common::{eventually, ConnectOpts, FullBroker, RawClient, TempDir};
 use serde_json::Value;
+use testkit::{sqlite_url, temp_dir, ConnectOpts, FullBroker, RawClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -87,10 +85,10 @@ fn preview(request: &[u8]) -> String {
     String::from_utf8_lossy(&request[..request.len().min(80)]).into_owned()
 }
 
-/// Reads one response from `stream` (bounded by `common::WAIT`).
+/// Reads one response from `stream` (bounded by `testkit::WAIT`).
 async fn read_reply(stream: &mut TcpStream) -> Option<Reply> {
     let mut buf = Vec::new();
-    tokio::time::timeout(common::WAIT, async {
+    tokio::time::timeout(testkit::WAIT, async {
         loop {
             if let Some(reply) = parse_reply(&buf) {
                 return Some(reply);
@@ -124,17 +122,6 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Durat
         ),
         Err(_) => None,
     }
-}
-
-fn sqlite_url(data: &TempDir) -> String {
-    format!("sqlite://{}/broker.db", data.path().display())
-}
-
-async fn ready(broker: &FullBroker) {
-    eventually("broker ready", || async {
-        common::http_get(broker.http, "/readyz").await
-    })
-    .await;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -242,7 +229,7 @@ async fn api_storm_does_not_delay_presence_writes() {
     const LISTINGS: usize = 200;
     const DEVICES: usize = 20;
     const BOUND: Duration = Duration::from_secs(1);
-    let data = TempDir::new("stats-storm");
+    let data = temp_dir("stats-storm");
     let url = sqlite_url(&data);
     let started = Instant::now();
     prefill(&url, 100_000).await;
@@ -251,7 +238,7 @@ async fn api_storm_does_not_delay_presence_writes() {
     // (The storm is about the store, not the connection limit.)
     config.http.max_connections = 2000;
     let broker = FullBroker::start(config).await;
-    ready(&broker).await;
+    broker.ready().await;
     let store = SqliteStore::connect(&url, 2).await.expect("store");
     let errors_before = apply_errors();
     let refreshes_before = metrics().http_stats_refreshes.get();
@@ -324,7 +311,7 @@ async fn api_storm_does_not_delay_presence_writes() {
 /// `http.header_read_timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_a_request_line_is_closed_after_the_header_read_timeout() {
-    let data = TempDir::new("http-header-timeout");
+    let data = temp_dir("http-header-timeout");
     let mut config = FullBroker::config(&sqlite_url(&data), &data, "n");
     config.http.header_read_timeout = Duration::from_millis(300);
     config.http.idle_timeout = Duration::from_secs(5);
@@ -366,7 +353,7 @@ async fn half_a_request_line_is_closed_after_the_header_read_timeout() {
 /// is closed after `http.idle_timeout` without a request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
-    let data = TempDir::new("http-idle-timeout");
+    let data = temp_dir("http-idle-timeout");
     let mut config = FullBroker::config(&sqlite_url(&data), &data, "n");
     config.http.header_read_timeout = Duration::from_millis(300);
     config.http.idle_timeout = Duration::from_secs(1);
@@ -402,11 +389,11 @@ async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 /// frees up, then is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_max_connections_a_new_connection_waits_for_a_free_slot() {
-    let data = TempDir::new("http-limit");
+    let data = temp_dir("http-limit");
     let mut config = FullBroker::config(&sqlite_url(&data), &data, "n");
     config.http.max_connections = 4;
     let broker = FullBroker::start(config).await;
-    ready(&broker).await;
+    broker.ready().await;
     let waits_before = metrics().http_connection_limit_waits.get();
 
     let mut held = Vec::new();
@@ -459,9 +446,9 @@ fn check(failures: &mut Vec<String>, what: &str, reply: Reply, status: u16, need
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_status_has_a_json_body() {
-    let data = TempDir::new("http-errors");
+    let data = temp_dir("http-errors");
     let broker = FullBroker::start(FullBroker::config(&sqlite_url(&data), &data, "n")).await;
-    ready(&broker).await;
+    broker.ready().await;
     let addr = broker.http;
     let mut failures = Vec::new();
     check(
@@ -645,16 +632,16 @@ async fn every_error_status_has_a_json_body() {
 /// check steps aside when it cannot tell where the next head starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_and_request_bodies_are_served() {
-    let data = TempDir::new("http-pipelined");
+    let data = temp_dir("http-pipelined");
     let broker = FullBroker::start(FullBroker::config(&sqlite_url(&data), &data, "n")).await;
-    ready(&broker).await;
+    broker.ready().await;
 
     let mut stream = TcpStream::connect(broker.http).await.expect("connect");
     let two = [get("/healthz"), get("/api/v1/nope")].concat();
     stream.write_all(&two).await.expect("write");
     let mut buf = Vec::new();
     let mut replies = Vec::new();
-    tokio::time::timeout(common::WAIT, async {
+    tokio::time::timeout(testkit::WAIT, async {
         while replies.len() < 2 {
             let mut chunk = [0u8; 4096];
             let n = stream.read(&mut chunk).await.expect("read");

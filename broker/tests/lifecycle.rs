@@ -4,15 +4,13 @@
 //! Time-based tests run on tokio's paused clock: time only advances when every task is idle, so
 //! "closed at 1.5 x keep-alive" is checked exactly, without waiting for real seconds.
 
-mod common;
-
 use std::time::Duration;
 
 use broker::event::ConnectionEvent;
 use broker::labels::DisconnectReason;
-use common::{Client, ConnectOpts, RawClient, TestBroker};
 use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::mqttbytes::QoS;
+use testkit::{Client, ConnectOpts, RawClient, TestBroker};
 use tokio::time::Instant;
 
 // Real time: the broker relays between two sockets here, and the paused clock may jump ahead
@@ -134,7 +132,7 @@ async fn keepalive_zero_never_times_out_unless_bounded() {
     let mut c = RawClient::tcp(strict.addr).await;
     let mut opts = ConnectOpts::new("refused");
     opts.keep_alive = 0;
-    c.send(&common::connect_packet(&opts)).await;
+    c.send(&testkit::connect_packet(&opts)).await;
     match c.recv().await {
         Some(Packet::ConnAck(ack)) => assert_eq!(ack.code as u8, 2),
         other => panic!("{other:?}"),
@@ -233,7 +231,7 @@ async fn odd_client_ids_and_generated_ids() {
     let mut c = RawClient::tcp(broker.addr).await;
     let mut opts = ConnectOpts::new("");
     opts.clean_session = false;
-    c.send(&common::connect_packet(&opts)).await;
+    c.send(&testkit::connect_packet(&opts)).await;
     match c.recv().await {
         Some(Packet::ConnAck(ack)) => assert_eq!(ack.code as u8, 2),
         other => panic!("{other:?}"),

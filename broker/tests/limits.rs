@@ -2,8 +2,6 @@
 //! partly received packets (keep-alive counts complete packets only, a started packet must be
 //! finished in time, one budget for all of them), keep-alive 0, and the retained store.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,9 +9,9 @@ use std::time::{Duration, Instant};
 use broker::event::ConnectionEvent;
 use broker::labels::{DisconnectReason, DropReason, RetainRefusal, SubscriptionRefusal};
 use broker::metrics::metrics;
-use common::{ConnectOpts, RawClient, TestBroker};
 use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish};
 use rumqttc::mqttbytes::QoS;
+use testkit::{ConnectOpts, RawClient, TestBroker};
 
 const MIB: usize = 1024 * 1024;
 
@@ -119,7 +117,7 @@ async fn session_queues_are_bounded_in_bytes() {
         assert!(*bytes <= MIB, "{id} got {bytes} bytes");
     }
     assert_eq!(bytes.iter().sum::<usize>(), kept * SIZE);
-    common::eventually("every delivered message to be released", || async {
+    testkit::eventually("every delivered message to be released", || async {
         (metrics().queued_bytes.get() == 0).then_some(())
     })
     .await;
@@ -174,7 +172,7 @@ async fn an_unfinished_packet_times_out() {
     let (mut c, _) = RawClient::connect(broker.addr, opts).await;
     broker.connected("holder").await;
     let start = Instant::now();
-    let mut bytes = common::encode(&Packet::Publish(Publish::new(
+    let mut bytes = testkit::encode(&Packet::Publish(Publish::new(
         "held",
         QoS::AtMostOnce,
         vec![0u8; 500_000],
@@ -207,7 +205,7 @@ async fn partly_received_packets_share_one_budget() {
     broker.connected("sub").await;
     sub.subscribe("large/#", QoS::AtMostOnce).await;
     let packet = |n: u8| {
-        common::encode(&Packet::Publish(Publish::new(
+        testkit::encode(&Packet::Publish(Publish::new(
             format!("large/{n}"),
             QoS::AtMostOnce,
             vec![n; 900 * 1024],
@@ -223,7 +221,7 @@ async fn partly_received_packets_share_one_budget() {
         holders.push((c, bytes));
     }
     // Two fit; the third waits for budget.
-    common::eventually("the third holder to wait for read budget", || async {
+    testkit::eventually("the third holder to wait for read budget", || async {
         (metrics().read_budget_waits.get() >= 1).then_some(())
     })
     .await;
@@ -372,7 +370,7 @@ async fn abandoned_persistent_sessions_expire() {
     assert!(abandoned_at >= expiry, "expired after {abandoned_at:?}");
     assert_eq!(metrics().sessions_expired.get(), 1);
     // Its queued message went with it; "returns" acknowledged its own.
-    common::eventually("the expired queue to be released", || async {
+    testkit::eventually("the expired queue to be released", || async {
         (metrics().queued_bytes.get() == 0).then_some(())
     })
     .await;

@@ -2,16 +2,14 @@
 //! the log escaped in every log format, so a client can neither forge a log line nor send escape
 //! sequences to an operator's terminal.
 
-mod common;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use broker::config::LogFormat;
 use broker::labels::DisconnectReason;
-use common::{ConnectOpts, RawClient, TestBroker};
 use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::mqttbytes::QoS;
+use testkit::{ConnectOpts, RawClient, TestBroker};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
@@ -46,7 +44,7 @@ async fn misbehave(broker: &mut TestBroker) {
     // A client id with control characters: refused with CONNACK 0x02, and logged.
     let id = format!("evil{FORGED}");
     let mut c = RawClient::tcp(broker.addr).await;
-    c.send(&common::connect_packet(&ConnectOpts::new(&id)))
+    c.send(&testkit::connect_packet(&ConnectOpts::new(&id)))
         .await;
     assert!(matches!(c.recv().await, Some(Packet::ConnAck(ack)) if ack.code as u8 == 2));
 
@@ -57,7 +55,7 @@ async fn misbehave(broker: &mut TestBroker) {
         ..ConnectOpts::new("will-topic")
     };
     let mut c = RawClient::tcp(broker.addr).await;
-    c.send(&common::connect_packet(&opts)).await;
+    c.send(&testkit::connect_packet(&opts)).await;
     assert!(c.until_closed().await.is_empty());
 
     // An invalid topic filter: SUBACK 0x80, logged.

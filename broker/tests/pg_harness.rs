@@ -1,12 +1,9 @@
-//! Tests of the PostgreSQL test harness itself (tests/common/pg.rs).
-
-#[path = "common/pg.rs"]
-mod pg;
+//! Tests of the PostgreSQL test harness itself (testkit's `pg`).
 
 use std::time::{Duration, Instant};
 
-use pg::TestPostgres;
 use sqlx::{Connection, PgConnection, PgPool};
+use testkit::pg::TestPostgres;
 
 async fn select_one(conn: &mut PgConnection) -> Result<i32, sqlx::Error> {
     sqlx::query_scalar("SELECT 1").fetch_one(conn).await

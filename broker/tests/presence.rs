@@ -3,24 +3,19 @@
 //! online, a crashed broker's sessions are closed at its next start, and (PostgreSQL) nothing is
 //! lost while the database is down.
 
-mod common;
-
 use std::time::Duration;
 
 use broker::store::{Device, PgStore, PresenceStore, SqliteStore};
-use common::{eventually, ConnectOpts, FullBroker, RawClient, TempDir};
 use rumqttc::mqttbytes::v4::Packet;
+use testkit::{eventually, ConnectOpts, FullBroker, RawClient, TempDir};
 
 /// A database for one test: (url, guard keeping it alive, the PostgreSQL handle if any).
-async fn sqlite_db(data: &TempDir) -> (String, Option<common::pg::TestPostgres>) {
-    (
-        format!("sqlite://{}/broker.db", data.path().display()),
-        None,
-    )
+async fn sqlite_db(data: &TempDir) -> (String, Option<testkit::pg::TestPostgres>) {
+    (testkit::sqlite_url(data), None)
 }
 
-async fn postgres_db(_data: &TempDir) -> (String, Option<common::pg::TestPostgres>) {
-    let pg = common::pg::TestPostgres::start().await;
+async fn postgres_db(_data: &TempDir) -> (String, Option<testkit::pg::TestPostgres>) {
+    let pg = testkit::pg::TestPostgres::start().await;
     (pg.url().to_owned(), Some(pg))
 }
 
@@ -220,7 +215,7 @@ macro_rules! presence_tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let data = super::TempDir::new("presence");
+                    let data = testkit::temp_dir("presence");
                     let (url, _pg) = super::sqlite_db(&data).await;
                     super::$name::<super::SqliteStore>(url, data).await;
                 }
@@ -230,7 +225,7 @@ macro_rules! presence_tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let data = super::TempDir::new("presence");
+                    let data = testkit::temp_dir("presence");
                     let (url, _pg) = super::postgres_db(&data).await;
                     super::$name::<super::PgStore>(url, data).await;
                 }
@@ -247,8 +242,8 @@ presence_tests!(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_while_database_is_down_keeps_events_for_the_next_start() {
-    let data = TempDir::new("down-at-exit");
-    let pg = common::pg::TestPostgres::start().await;
+    let data = testkit::temp_dir("down-at-exit");
+    let pg = testkit::pg::TestPostgres::start().await;
     assert!(
         pg.controls_server(),
         "this test stops PostgreSQL: unset TEST_DATABASE_URL to run it"
@@ -293,8 +288,8 @@ async fn shutdown_while_database_is_down_keeps_events_for_the_next_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_loses_nothing() {
-    let data = TempDir::new("outage");
-    let pg = common::pg::TestPostgres::start().await;
+    let data = testkit::temp_dir("outage");
+    let pg = testkit::pg::TestPostgres::start().await;
     assert!(
         pg.controls_server(),
         "this test stops and restarts PostgreSQL: it needs the throwaway cluster, \
@@ -466,8 +461,8 @@ impl broker::store::PresenceStore for StallFirstWrite {
 async fn events_spilled_during_a_stalled_write_keep_their_order() {
     use broker::event::{ConnectionEvent, SessionId};
     use broker::labels::DisconnectReason;
-    let data = TempDir::new("stall");
-    let url = format!("sqlite://{}/broker.db", data.path().display());
+    let data = testkit::temp_dir("stall");
+    let url = testkit::sqlite_url(&data);
     let mut config = FullBroker::config(&url, &data, "node-stall").bridge;
     let store = SqliteStore::connect(&url, 2)
         .await

@@ -1,13 +1,11 @@
 //! Publish/subscribe through the broker: QoS 0/1/2, wildcards, retained messages, wills and
 //! persistent-session redelivery.
 
-mod common;
-
 use broker::labels::DisconnectReason;
 use broker::labels::DropReason;
-use common::{Client, ConnectOpts, RawClient, TestBroker};
 use rumqttc::mqttbytes::v4::{Packet, PubAck};
 use rumqttc::mqttbytes::QoS;
+use testkit::{Client, ConnectOpts, RawClient, TestBroker};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_subscribe_at_each_qos() {
@@ -269,11 +267,11 @@ async fn qos2_from_client_is_routed_once() {
 async fn packets_pipelined_with_connect_are_handled() {
     let mut broker = TestBroker::start().await;
     let mut c = RawClient::tcp(broker.addr).await;
-    let mut bytes = common::encode(&common::connect_packet(&ConnectOpts::new("eager")));
+    let mut bytes = testkit::encode(&testkit::connect_packet(&ConnectOpts::new("eager")));
     let mut sub = rumqttc::mqttbytes::v4::Subscribe::new("eager/#", QoS::AtMostOnce);
     sub.pkid = 1;
-    bytes.extend_from_slice(&common::encode(&Packet::Subscribe(sub)));
-    bytes.extend_from_slice(&common::encode(&Packet::PingReq));
+    bytes.extend_from_slice(&testkit::encode(&Packet::Subscribe(sub)));
+    bytes.extend_from_slice(&testkit::encode(&Packet::PingReq));
     c.send_bytes(&bytes).await;
     assert!(matches!(c.recv().await, Some(Packet::ConnAck(_))));
     assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));

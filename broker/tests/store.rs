@@ -1,8 +1,6 @@
 //! One store test story, run against SQLite always and against a real PostgreSQL
 //! (TEST_DATABASE_URL, or a throwaway cluster from the local PostgreSQL binaries).
 
-mod common;
-
 use std::time::{Duration, SystemTime};
 
 use broker::config::BridgeConfig;
@@ -14,7 +12,7 @@ use uuid::Uuid;
 
 /// A store on a fresh database; the guard keeps the database alive.
 async fn sqlite() -> (SqliteStore, Box<dyn std::any::Any>) {
-    let dir = common::TempDir::new("store");
+    let dir = testkit::temp_dir("store");
     let url = format!("sqlite://{}/presence.db", dir.path().display());
     let store = SqliteStore::connect(&url, 4)
         .await
@@ -25,7 +23,7 @@ async fn sqlite() -> (SqliteStore, Box<dyn std::any::Any>) {
 }
 
 async fn postgres() -> (PgStore, Box<dyn std::any::Any>) {
-    let pg = common::pg::TestPostgres::start().await;
+    let pg = testkit::pg::TestPostgres::start().await;
     let store = PgStore::connect(pg.url(), 4)
         .await
         .expect("open postgres")

@@ -2,13 +2,11 @@
 //! connection can end, concurrently. The event stream must keep its invariants: one Connected
 //! and then one Disconnected per session id, and per client id never two live sessions.
 
-mod common;
-
 use std::collections::HashMap;
 
 use broker::event::{ConnectionEvent, SessionId};
-use common::{ConnectOpts, RawClient, TestBroker};
 use rumqttc::mqttbytes::v4::Packet;
+use testkit::{ConnectOpts, RawClient, TestBroker};
 use tokio::io::AsyncWriteExt;
 
 /// Deterministic pseudo-random numbers (xorshift), so a failure replays.
@@ -43,7 +41,7 @@ async fn event_invariants_hold_under_takeover_and_churn() {
             for _ in 0..25 {
                 let id = format!("storm-{}", rng.next(4));
                 let mut c = RawClient::tcp(addr).await;
-                c.send(&common::connect_packet(&ConnectOpts::new(&id)))
+                c.send(&testkit::connect_packet(&ConnectOpts::new(&id)))
                     .await;
                 match rng.next(5) {
                     0 => {
@@ -73,7 +71,7 @@ async fn event_invariants_hold_under_takeover_and_churn() {
         t.await.expect("worker");
     }
     assert!(broker.stop().await.is_empty());
-    let events = tokio::time::timeout(common::WAIT, collector)
+    let events = tokio::time::timeout(testkit::WAIT, collector)
         .await
         .expect("event stream ends after shutdown")
         .expect("collector");

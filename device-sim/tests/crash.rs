@@ -19,7 +19,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use common::{free_port, http_status, sim, TempDir, WAIT};
+use common::{sim, SIM_WAIT};
+use testkit::{free_port, http_get, temp_dir};
 
 /// Set in the environment of the re-run test binary that plays the broker.
 const BROKER_CHILD: &str = "DEVICE_SIM_TEST_BROKER_CHILD";
@@ -99,8 +100,8 @@ impl BrokerProcess {
             .expect("start the broker process");
         let broker = Self { child, log };
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], http));
-        let deadline = Instant::now() + WAIT;
-        while http_status(addr, "/readyz").await != Some(200) {
+        let deadline = Instant::now() + SIM_WAIT;
+        while http_get(addr, "/readyz").await.is_none() {
             assert!(
                 Instant::now() < deadline,
                 "broker {name} not ready in time:\n{}",
@@ -118,7 +119,7 @@ impl BrokerProcess {
     /// SIGKILL: no shutdown, no drain; events not yet written are lost.
     async fn kill(mut self) {
         self.child.start_kill().expect("SIGKILL");
-        tokio::time::timeout(WAIT, self.child.wait())
+        tokio::time::timeout(SIM_WAIT, self.child.wait())
             .await
             .expect("killed broker exits")
             .expect("wait");
@@ -132,7 +133,7 @@ impl BrokerProcess {
             .status()
             .expect("kill runs");
         assert!(kill.success());
-        let status = tokio::time::timeout(WAIT, self.child.wait())
+        let status = tokio::time::timeout(SIM_WAIT, self.child.wait())
             .await
             .expect("broker stops after SIGTERM")
             .expect("wait");
@@ -151,8 +152,8 @@ fn away(line: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_accepts_sessions_ended_by_a_broker_crash() {
     let started = Instant::now();
-    let dir = TempDir::new();
-    let (mqtt, http) = (free_port().await, free_port().await);
+    let dir = temp_dir("crash");
+    let (mqtt, http) = (free_port(), free_port());
     let first = BrokerProcess::start(dir.path(), mqtt, http, "first").await;
     let truth = dir.path().join("truth.jsonl");
 
@@ -187,7 +188,7 @@ async fn verify_accepts_sessions_ended_by_a_broker_crash() {
         .expect("device-sim starts");
     let mut lines = BufReader::new(run.stdout.take().expect("stdout")).lines();
     let mut seen = String::new();
-    let at_kill = tokio::time::timeout(WAIT, async {
+    let at_kill = tokio::time::timeout(SIM_WAIT, async {
         while let Some(line) = lines.next_line().await.expect("read stdout") {
             seen.push_str(&line);
             seen.push('\n');
@@ -211,7 +212,7 @@ async fn verify_accepts_sessions_ended_by_a_broker_crash() {
         }
         rest
     });
-    let status = tokio::time::timeout(WAIT, run.wait())
+    let status = tokio::time::timeout(SIM_WAIT, run.wait())
         .await
         .expect("device-sim ends in time")
         .expect("wait");
@@ -220,7 +221,7 @@ async fn verify_accepts_sessions_ended_by_a_broker_crash() {
     assert!(rest.contains("summary connected="), "{rest}");
 
     let out = tokio::time::timeout(
-        WAIT,
+        SIM_WAIT,
         sim()
             .args([
                 "verify",

@@ -10,8 +10,6 @@
 //!   (Grafana macros expanded) runs and returns at least one row.
 
 mod common;
-#[path = "../../broker/tests/common/pg.rs"]
-mod pg;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -23,7 +21,8 @@ use sqlx::{Connection, Row};
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, ChildStdin};
 
-use common::{http_body, http_status, sim, Broker, TempDir, WAIT};
+use common::{sim, SIM_WAIT};
+use testkit::{free_port, http_get, http_response, pg, temp_dir, FullBroker, TempDir};
 
 /// Datasource uids the dashboards may use, as provisioned.
 const PROMETHEUS_UID: &str = "heartwire-prometheus";
@@ -408,7 +407,7 @@ impl Prometheus {
     /// Starts Prometheus with the repository's scrape jobs, each pointed at `targets[job]`, at a
     /// 1 s scrape interval.
     async fn start(targets: &BTreeMap<&str, String>) -> Self {
-        let dir = TempDir::new();
+        let dir = temp_dir("prometheus");
         let mut config = yaml(&repo().join("prometheus/prometheus.yml"));
         config["global"]["scrape_interval"] = "1s".into();
         config["global"]["evaluation_interval"] = "1s".into();
@@ -428,7 +427,7 @@ impl Prometheus {
             serde_norway::to_string(&config).expect("yaml"),
         )
         .expect("write config");
-        let addr = format!("127.0.0.1:{}", local_port());
+        let addr = format!("127.0.0.1:{}", free_port());
         let log = dir.path().join("prometheus.log");
         let mut child = tokio::process::Command::new("sh")
             .args([
@@ -451,9 +450,8 @@ impl Prometheus {
             _dir: dir,
         };
         // From here on, Drop stops it, also when the wait below panics.
-        let deadline = Instant::now() + WAIT;
-        let sock = prometheus.addr.parse().expect("addr");
-        while http_status(sock, "/-/ready").await != Some(200) {
+        let deadline = Instant::now() + SIM_WAIT;
+        while http_get(&prometheus.addr, "/-/ready").await.is_none() {
             assert!(
                 Instant::now() < deadline,
                 "prometheus not ready: {}",
@@ -467,15 +465,12 @@ impl Prometheus {
     /// Runs an instant query; the API's JSON answer.
     async fn query(&self, promql: &str) -> Value {
         let path = format!("/api/v1/query?query={}", percent_encode(promql));
-        let body = http_body(&self.addr, &path).await.unwrap_or_default();
+        let body = http_response(&self.addr, &path)
+            .await
+            .map(|r| r.body)
+            .unwrap_or_default();
         serde_json::from_str(&body).unwrap_or_else(|_| serde_json::json!({ "error": body }))
     }
-}
-
-/// A free port outside the ephemeral range, for servers that cannot report a `:0` bind (see
-/// `pg::pick_port`): a port in that range could be taken by an outgoing connection first.
-fn local_port() -> u16 {
-    pg::pick_port().expect("a free local port")
 }
 
 /// Number of series in a successful query answer.
@@ -487,8 +482,8 @@ fn series(answer: &Value) -> Option<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_returns_data() {
     let db = pg::TestPostgres::start().await;
-    let broker = Broker::start_on(Some(db.url().to_owned())).await;
-    let sim_metrics = format!("127.0.0.1:{}", local_port());
+    let broker = FullBroker::start_on(db.url()).await;
+    let sim_metrics = format!("127.0.0.1:{}", free_port());
     let targets = BTreeMap::from([
         ("heartwire", broker.http.to_string()),
         ("device-sim", sim_metrics.clone()),
@@ -530,7 +525,7 @@ async fn every_dashboard_query_returns_data() {
         .spawn()
         .expect("device-sim runs");
     let mut lines = tokio::io::BufReader::new(run.stdout.take().expect("stdout")).lines();
-    tokio::time::timeout(WAIT, async {
+    tokio::time::timeout(SIM_WAIT, async {
         while let Some(line) = lines.next_line().await.expect("read device-sim") {
             if line.starts_with("holding") {
                 return;
@@ -542,7 +537,7 @@ async fn every_dashboard_query_returns_data() {
     .expect("device-sim holds in time");
 
     // Enough scrapes of both jobs for rates over the substituted $__rate_interval.
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + SIM_WAIT;
     loop {
         let answer = prometheus
             .query("min by (job) (count_over_time(up[1m])) and min by (job) (up) == 1")

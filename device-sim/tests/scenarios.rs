@@ -11,12 +11,18 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpListener;
 
-use common::{free_port, http_body, read_json, sim, Broker, TempDir, WAIT};
+use common::{sim, SIM_WAIT};
+use testkit::{free_port, http_response, temp_dir, FullBroker};
+
+/// The JSON file at `path` (a summary written by `--json`).
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("json file")).expect("valid JSON")
+}
 
 /// Runs `device-sim run` to completion with `args` after the common ones.
-async fn run_sim(broker: &Broker, truth: &Path, args: &[&str]) -> String {
+async fn run_sim(broker: &FullBroker, truth: &Path, args: &[&str]) -> String {
     let out = tokio::time::timeout(
-        WAIT,
+        SIM_WAIT,
         sim()
             .args(run_args(broker, truth))
             .args(args)
@@ -35,7 +41,7 @@ async fn run_sim(broker: &Broker, truth: &Path, args: &[&str]) -> String {
     stdout
 }
 
-fn run_args(broker: &Broker, truth: &Path) -> Vec<String> {
+fn run_args(broker: &FullBroker, truth: &Path) -> Vec<String> {
     [
         "run",
         "--host",
@@ -50,19 +56,19 @@ fn run_args(broker: &Broker, truth: &Path) -> Vec<String> {
 }
 
 /// Runs `device-sim verify`; returns its exit status and output.
-async fn verify(broker: &Broker, truth: &Path, settle: &str) -> (ExitStatus, String) {
+async fn verify(broker: &FullBroker, truth: &Path, settle: &str) -> (ExitStatus, String) {
     verify_with(broker, truth, settle, &[]).await
 }
 
 /// Runs `device-sim verify` with extra arguments; returns its exit status and output.
 async fn verify_with(
-    broker: &Broker,
+    broker: &FullBroker,
     truth: &Path,
     settle: &str,
     extra: &[&str],
 ) -> (ExitStatus, String) {
     let out = tokio::time::timeout(
-        WAIT,
+        SIM_WAIT,
         sim()
             .args([
                 "verify",
@@ -102,8 +108,8 @@ fn count_events(truth: &Path, event: &str) -> usize {
 /// and offline devices, then SIGTERM makes them disconnect and verify passes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_with_silent_deaths_then_verify_passes() {
-    let broker = Broker::start().await;
-    let dir = TempDir::new();
+    let broker = FullBroker::start_sqlite().await;
+    let dir = temp_dir("scenario");
     let truth = dir.path().join("truth.jsonl");
     let started = Instant::now();
     let mut child = sim()
@@ -128,7 +134,7 @@ async fn churn_with_silent_deaths_then_verify_passes() {
         .spawn()
         .expect("device-sim starts");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let holding = tokio::time::timeout(WAIT, async {
+    let holding = tokio::time::timeout(SIM_WAIT, async {
         while let Some(line) = lines.next_line().await.expect("read stdout") {
             if line.starts_with("holding") {
                 return line;
@@ -161,7 +167,7 @@ async fn churn_with_silent_deaths_then_verify_passes() {
         .status()
         .expect("kill runs");
     assert!(kill.success());
-    let exit = tokio::time::timeout(WAIT, child.wait())
+    let exit = tokio::time::timeout(SIM_WAIT, child.wait())
         .await
         .expect("device-sim exits after SIGTERM")
         .expect("wait");
@@ -176,8 +182,8 @@ async fn churn_with_silent_deaths_then_verify_passes() {
 /// Takeovers: the replaced connection sees its close, the broker records `takeover`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_then_verify_passes() {
-    let broker = Broker::start().await;
-    let dir = TempDir::new();
+    let broker = FullBroker::start_sqlite().await;
+    let dir = temp_dir("scenario");
     let truth = dir.path().join("truth.jsonl");
     run_sim(
         &broker,
@@ -209,8 +215,8 @@ async fn takeover_then_verify_passes() {
 /// Flipping one device's final state in the truth makes verify fail with exit code 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_truth_fails_verify() {
-    let broker = Broker::start().await;
-    let dir = TempDir::new();
+    let broker = FullBroker::start_sqlite().await;
+    let dir = temp_dir("scenario");
     let truth = dir.path().join("truth.jsonl");
     run_sim(
         &broker,
@@ -249,8 +255,8 @@ async fn corrupted_truth_fails_verify() {
 /// `--json` writes the summary as parseable JSON.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_summary_is_written() {
-    let broker = Broker::start().await;
-    let dir = TempDir::new();
+    let broker = FullBroker::start_sqlite().await;
+    let dir = temp_dir("scenario");
     let truth = dir.path().join("truth.jsonl");
     let json = dir.path().join("summary.json");
     let json_arg = json.display().to_string();
@@ -286,12 +292,12 @@ async fn json_summary_is_written() {
 /// the aggregated summary and JSON and verify again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_aggregate_and_verify_passes() {
-    let broker = Broker::start().await;
-    let dir = TempDir::new();
+    let broker = FullBroker::start_sqlite().await;
+    let dir = temp_dir("scenario");
     let truth = dir.path().join("truth.jsonl");
     let json = dir.path().join("summary.json");
     let ready = dir.path().join("ready");
-    let metrics = format!("127.0.0.1:{}", free_port().await);
+    let metrics = format!("127.0.0.1:{}", free_port());
     let started = Instant::now();
     let mut child = sim()
         .args(run_args(&broker, &truth))
@@ -319,12 +325,12 @@ async fn two_workers_aggregate_and_verify_passes() {
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let mut all = String::new();
     let mut scraped = None;
-    tokio::time::timeout(WAIT, async {
+    tokio::time::timeout(SIM_WAIT, async {
         while let Some(line) = lines.next_line().await.expect("read stdout") {
             all.push_str(&line);
             all.push('\n');
             if scraped.is_none() && line.starts_with("t=") && line.contains(" connected=60 ") {
-                scraped = http_body(&metrics, "/metrics").await;
+                scraped = http_response(&metrics, "/metrics").await.map(|r| r.body);
             }
             if line.starts_with("holding") {
                 return;
@@ -353,7 +359,7 @@ async fn two_workers_aggregate_and_verify_passes() {
         .status()
         .expect("kill runs");
     assert!(kill.success());
-    tokio::time::timeout(WAIT, async {
+    tokio::time::timeout(SIM_WAIT, async {
         while let Some(line) = lines.next_line().await.expect("read stdout") {
             all.push_str(&line);
             all.push('\n');
@@ -361,7 +367,7 @@ async fn two_workers_aggregate_and_verify_passes() {
     })
     .await
     .expect("device-sim ends in time after SIGTERM");
-    let exit = tokio::time::timeout(WAIT, child.wait())
+    let exit = tokio::time::timeout(SIM_WAIT, child.wait())
         .await
         .expect("device-sim exits")
         .expect("wait");
@@ -389,8 +395,8 @@ async fn two_workers_aggregate_and_verify_passes() {
 /// Flap: a few devices leave and come back every few hundred ms; verify agrees afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flap_then_verify_passes() {
-    let broker = Broker::start().await;
-    let dir = TempDir::new();
+    let broker = FullBroker::start_sqlite().await;
+    let dir = temp_dir("scenario");
     let truth = dir.path().join("truth.jsonl");
     let started = Instant::now();
     let out = run_sim(
@@ -428,8 +434,8 @@ async fn flap_then_verify_passes() {
 /// Storm: once half-way every connected device closes abruptly and reconnects; verify agrees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_then_verify_passes() {
-    let broker = Broker::start().await;
-    let dir = TempDir::new();
+    let broker = FullBroker::start_sqlite().await;
+    let dir = temp_dir("scenario");
     let truth = dir.path().join("truth.jsonl");
     let started = Instant::now();
     let out = run_sim(
@@ -468,8 +474,8 @@ async fn storm_then_verify_passes() {
 /// truth (devices both online and offline), and a flipped final state fails with exit code 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_url_verify_passes_and_catches_corruption() {
-    let broker = Broker::start().await;
-    let dir = TempDir::new();
+    let broker = FullBroker::start_sqlite().await;
+    let dir = temp_dir("scenario");
     let truth = dir.path().join("truth.jsonl");
     let started = Instant::now();
     let mut child = sim()
@@ -496,7 +502,7 @@ async fn database_url_verify_passes_and_catches_corruption() {
         .spawn()
         .expect("device-sim starts");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    tokio::time::timeout(WAIT, async {
+    tokio::time::timeout(SIM_WAIT, async {
         while let Some(line) = lines.next_line().await.expect("read stdout") {
             if line.starts_with("holding") {
                 return;
@@ -510,7 +516,7 @@ async fn database_url_verify_passes_and_catches_corruption() {
     assert!(text.contains("\"state\":\"online\""), "nobody online");
     assert!(text.contains("\"state\":\"offline\""), "nobody offline");
 
-    let db = ["--database-url", broker.db_url.as_str()];
+    let db = ["--database-url", broker.database_url()];
     let (status, out) = verify_with(&broker, &truth, "0.5", &db).await;
     assert!(status.success(), "verify --database-url failed:\n{out}");
     assert!(out.contains("database state: 30 devices"), "{out}");
@@ -537,7 +543,7 @@ async fn database_url_verify_passes_and_catches_corruption() {
         .status()
         .expect("kill runs");
     assert!(kill.success());
-    let exit = tokio::time::timeout(WAIT, child.wait())
+    let exit = tokio::time::timeout(SIM_WAIT, child.wait())
         .await
         .expect("device-sim exits after SIGTERM")
         .expect("wait");
@@ -553,7 +559,7 @@ async fn database_url_verify_passes_and_catches_corruption() {
 async fn telemetry_reaches_a_subscriber() {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-    let broker = Broker::start().await;
+    let broker = FullBroker::start_sqlite().await;
     let mut opts = MqttOptions::new("telemetry-sink", "127.0.0.1", broker.mqtt.port());
     opts.set_keep_alive(Duration::from_secs(30));
     let (client, mut eventloop) = AsyncClient::new(opts, 10);
@@ -562,7 +568,7 @@ async fn telemetry_reaches_a_subscriber() {
         .await
         .expect("subscribe");
     // Drive the sink until SUBACK, then keep collecting in the background.
-    let suback = tokio::time::timeout(WAIT, async {
+    let suback = tokio::time::timeout(SIM_WAIT, async {
         loop {
             if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await.expect("sink") {
                 break;
@@ -581,7 +587,7 @@ async fn telemetry_reaches_a_subscriber() {
         }
     });
 
-    let dir = TempDir::new();
+    let dir = temp_dir("scenario");
     let truth = dir.path().join("truth.jsonl");
     let json = dir.path().join("summary.json");
     let json_arg = json.display().to_string();
@@ -612,7 +618,7 @@ async fn telemetry_reaches_a_subscriber() {
     let published = v["telemetry"]["published"].as_u64().expect("published");
     // Every message the simulator wrote reaches the subscriber (QoS 1 both ways).
     let mut got = Vec::new();
-    let collected = tokio::time::timeout(WAIT, async {
+    let collected = tokio::time::timeout(SIM_WAIT, async {
         while (got.len() as u64) < published {
             match sink_rx.recv().await {
                 Some(m) => got.push(m),
@@ -646,9 +652,10 @@ async fn telemetry_reaches_a_subscriber() {
         assert_eq!(body["id"], id, "{topic}");
         assert!(body["seq"].as_u64().is_some() && body["ts"].as_u64().is_some());
     }
-    let metrics = http_body(&broker.http.to_string(), "/metrics")
+    let metrics = http_response(broker.http, "/metrics")
         .await
-        .expect("metrics");
+        .expect("metrics")
+        .body;
     let broker_count: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("heartwire_messages_published_total "))
@@ -680,7 +687,7 @@ async fn credentials_are_sent_in_connect() {
         .stdout(Stdio::null())
         .spawn()
         .expect("device-sim runs");
-    let (mut stream, _) = tokio::time::timeout(WAIT, listener.accept())
+    let (mut stream, _) = tokio::time::timeout(SIM_WAIT, listener.accept())
         .await
         .expect("device dials in time")
         .expect("accept");
@@ -697,7 +704,7 @@ async fn credentials_are_sent_in_connect() {
     tail.extend_from_slice(b"\0\x06s3cret");
     assert!(body.ends_with(&tail), "{body:?}");
     drop(stream);
-    let status = tokio::time::timeout(WAIT, child.wait())
+    let status = tokio::time::timeout(SIM_WAIT, child.wait())
         .await
         .expect("device-sim ends in time")
         .expect("status");
@@ -709,11 +716,11 @@ async fn credentials_are_sent_in_connect() {
 /// the JSON summary) and exits with code 3, since no device ever connected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_broker_is_reported_and_exits_3() {
-    let port = free_port().await.to_string();
-    let dir = TempDir::new();
+    let port = free_port().to_string();
+    let dir = temp_dir("scenario");
     let json = dir.path().join("summary.json");
     let out = tokio::time::timeout(
-        WAIT,
+        SIM_WAIT,
         sim()
             .args([
                 "run",

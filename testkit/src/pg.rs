@@ -9,7 +9,8 @@
 //!   runs once per machine into a cached template directory
 //!   (`<base>/heartwire-pg-template-<major>-u<uid>-v<n>`, built elsewhere and renamed into place
 //!   atomically, so concurrent test processes never see a half-built one); each cluster is a copy
-//!   of it (`<base>/heartwire-pg-<pid>-<random>/data`), listening on 127.0.0.1 only, on a free port outside the kernel's ephemeral range, with
+//!   of it (`<base>/heartwire-pg-<pid>-<random>/data`), listening on 127.0.0.1 only, on a free
+//!   port outside the kernel's ephemeral range ([`free_port`](crate::free_port)), with
 //!   trust authentication, `fsync = off` and its unix socket inside its data directory. The
 //!   database is `hw_test`, user `postgres`. As root, the server binaries run as the `postgres`
 //!   OS user (PostgreSQL refuses to run as root). `<base>` is /dev/shm when it has 1 GiB free,
@@ -22,24 +23,21 @@
 //! the test process dies without running `Drop` (SIGKILL, `process::exit`, abort).
 //!
 //! Every wait is bounded; none uses the tokio clock, so `start_paused` tests work too.
-#![allow(dead_code)]
 
-use std::collections::hash_map::RandomState;
 use std::fs;
-use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::Connection;
+
+use crate::random_u64;
 
 /// Environment variable naming an existing server to create test databases in.
 pub const ENV_URL: &str = "TEST_DATABASE_URL";
@@ -85,6 +83,7 @@ pub struct TestPostgres {
 }
 
 enum Backend {
+    #[expect(dead_code, reason = "held for its Drop, which drops the database")]
     External(ExternalDb),
     Private(Cluster),
 }
@@ -350,7 +349,7 @@ impl Cluster {
 
         let mut last = String::new();
         for _ in 0..8 {
-            cluster.port = pick_port()?;
+            cluster.port = crate::net::pick_port()?;
             let sockets = if data.as_os_str().len() < 80 {
                 data.to_string_lossy().into_owned()
             } else {
@@ -835,39 +834,6 @@ fn base_dir() -> PathBuf {
     .clone()
 }
 
-/// A free 127.0.0.1 port outside the kernel's ephemeral range, so that the many `:0` binds and
-/// outgoing connections of tests do not take it while the server is down (see stop_server).
-pub fn pick_port() -> Result<u16, String> {
-    let (lo, hi) = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| {
-            let mut it = s.split_whitespace().map(|n| n.parse::<u32>().ok());
-            Some((it.next()??, it.next()??))
-        })
-        .unwrap_or((32768, 60999));
-    let (from, to) = if lo >= 12000 {
-        (10000, lo)
-    } else if hi <= 55000 {
-        (hi + 1, 65536)
-    } else {
-        (0, 0)
-    };
-    if to > from {
-        for _ in 0..100 {
-            let port = from + (random_u64() % u64::from(to - from)) as u32;
-            if let Ok(port) = u16::try_from(port) {
-                if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-                    return Ok(port);
-                }
-            }
-        }
-    }
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("cannot find a free port on 127.0.0.1: {e}"))
-}
-
 // ------------------------------------------------------------------------------------------------
 // Helpers
 
@@ -941,19 +907,6 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 fn read_from(path: &Path, offset: u64) -> String {
     let text = fs::read(path).unwrap_or_default();
     String::from_utf8_lossy(text.get(offset as usize..).unwrap_or_default()).into_owned()
-}
-
-fn random_u64() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.write_u32(std::process::id());
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
 }
 
 /// Runs blocking `f` on its own thread and awaits it without tokio timers (fine under a paused

@@ -1,0 +1,43 @@
+//! A minimal HTTP/1.1 GET over a fresh connection, enough for readiness probes, /metrics and
+//! JSON answers (`Connection: close`, the whole response read to the end; no chunked decoding).
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, ToSocketAddrs};
+
+/// What a server answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// The status code of the status line.
+    pub status: u16,
+    /// Everything after the head, as text (invalid UTF-8 replaced).
+    pub body: String,
+}
+
+/// GET `path` from `addr`; `None` if nothing answered there with an HTTP response.
+pub async fn http_response(addr: impl ToSocketAddrs, path: &str) -> Option<Response> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    // "HTTP/1.1 200 OK"
+    let mut status_line = head.split_whitespace();
+    let status = match (status_line.next(), status_line.next()) {
+        (Some(version), Some(code)) if version.starts_with("HTTP/") => code.parse().ok()?,
+        _ => return None,
+    };
+    Some(Response {
+        status,
+        body: body.to_owned(),
+    })
+}
+
+/// The body of a 200 answer to GET `path` from `addr`; `None` for any other outcome.
+pub async fn http_get(addr: impl ToSocketAddrs, path: &str) -> Option<String> {
+    http_response(addr, path)
+        .await
+        .filter(|r| r.status == 200)
+        .map(|r| r.body)
+}

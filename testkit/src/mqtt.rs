@@ -1,0 +1,110 @@
+//! The MQTT layer alone ([`mqtt::serve`] with its connection events on a channel), in-process
+//! on the test's runtime: no bridge, no store, no HTTP. Tests read the events it emits.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use broker::config::MqttConfig;
+use broker::event::{self, ConnectionEvent, EventReceiver};
+use broker::labels::DisconnectReason;
+use broker::mqtt;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::WAIT;
+
+/// The MQTT layer serving on an ephemeral port, with its event stream.
+pub struct TestBroker {
+    /// Where clients connect (127.0.0.1, port chosen by the kernel).
+    pub addr: SocketAddr,
+    /// The connection events, as the bridge would receive them; a test that reads them itself
+    /// may take the receiver out.
+    pub events: EventReceiver,
+    /// Cancelled by [`stop`](Self::stop): the graceful shutdown (`broker_shutdown` for each
+    /// connection).
+    pub shutdown: CancellationToken,
+    /// The serve task, awaited by [`stop`](Self::stop).
+    pub handle: JoinHandle<()>,
+}
+
+impl TestBroker {
+    /// The MQTT layer with the default [`MqttConfig`].
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// The MQTT layer with the defaults changed by `adjust`.
+    pub async fn start_with(adjust: impl FnOnce(&mut MqttConfig)) -> Self {
+        let mut config = MqttConfig::default();
+        adjust(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, events) = event::channel(1024);
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(mqtt::serve(
+            listener,
+            Arc::new(mqtt::Broker::new(config, tx)),
+            shutdown.clone(),
+            Duration::from_secs(5),
+        ));
+        Self {
+            addr,
+            events,
+            shutdown,
+            handle,
+        }
+    }
+
+    /// The next connection event, failing after [`WAIT`].
+    pub async fn next_event(&mut self) -> ConnectionEvent {
+        tokio::time::timeout(WAIT, self.events.recv())
+            .await
+            .expect("an event within the deadline")
+            .expect("event channel open")
+    }
+
+    /// Waits for the next event, which must be the Connected event of `client_id`, and returns it.
+    pub async fn connected(&mut self, client_id: &str) -> ConnectionEvent {
+        let event = self.next_event().await;
+        match &event {
+            ConnectionEvent::Connected { client_id: id, .. } if id == client_id => event,
+            other => panic!("expected Connected for {client_id}, got {other:?}"),
+        }
+    }
+
+    /// Waits for the next event, which must be the Disconnected event of `client_id`, and checks
+    /// its reason.
+    pub async fn disconnected(&mut self, client_id: &str, reason: DisconnectReason) {
+        match self.next_event().await {
+            ConnectionEvent::Disconnected {
+                client_id: id,
+                reason: r,
+                ..
+            } if id == client_id => assert_eq!(r, reason, "disconnect reason of {client_id}"),
+            other => panic!("expected Disconnected({reason}) for {client_id}, got {other:?}"),
+        }
+    }
+
+    /// Asserts that no event is waiting right now.
+    pub fn no_event_pending(&mut self) {
+        if let Ok(event) = self.events.try_recv() {
+            panic!("unexpected event {event:?}");
+        }
+    }
+
+    /// Shuts the broker down and returns the events emitted meanwhile.
+    pub async fn stop(mut self) -> Vec<ConnectionEvent> {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, &mut self.handle)
+            .await
+            .expect("broker stops within the deadline")
+            .expect("broker task");
+        let mut rest = Vec::new();
+        while let Ok(event) = self.events.try_recv() {
+            rest.push(event);
+        }
+        rest
+    }
+}
