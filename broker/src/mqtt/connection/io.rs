@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -117,6 +117,20 @@ impl<S: Transport> Io<S> {
 
     /// One read into the read buffer. `Ready(Ok(0))` is the end of the stream.
     pub fn poll_read_once(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.is_empty() {
+            // Nothing buffered: read into the stack, so that waiting for bytes holds no buffer
+            // (an idle connection spends most of its life here).
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut buf = ReadBuf::new(&mut chunk);
+            return match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => {
+                    self.rbuf.extend_from_slice(buf.filled());
+                    Poll::Ready(Ok(buf.filled().len()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            };
+        }
         let missing = self
             .frame_len()
             .map_or(0, |frame| frame.saturating_sub(self.rbuf.len()));
