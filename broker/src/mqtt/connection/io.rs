@@ -120,8 +120,8 @@ impl<S: Transport> Io<S> {
         if self.rbuf.is_empty() {
             // Nothing buffered: read into the stack, so that waiting for bytes holds no buffer
             // (an idle connection spends most of its life here).
-            let mut chunk = [0u8; READ_CHUNK];
-            let mut buf = ReadBuf::new(&mut chunk);
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut buf = ReadBuf::uninit(&mut chunk);
             return match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
                 Poll::Ready(Ok(())) => {
                     // A whole chunk, as a read into the buffer would take: exact-size copies
