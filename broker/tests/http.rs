@@ -228,7 +228,10 @@ async fn api_storm_does_not_delay_presence_writes() {
     const STATS: usize = 1000;
     const LISTINGS: usize = 200;
     const DEVICES: usize = 20;
-    const BOUND: Duration = Duration::from_secs(1);
+    // Before the API had its own pool and query limit, a change took 5.6 s to reach the store;
+    // now it takes tens of milliseconds, and the bound leaves room for a loaded CI machine
+    // running other tests beside this one.
+    const BOUND: Duration = Duration::from_secs(2);
     let data = temp_dir("stats-storm");
     let url = sqlite_url(&data);
     let started = Instant::now();
