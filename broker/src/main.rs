@@ -15,7 +15,8 @@ use broker::config::Config;
 /// Run with --print-config to see every key and its effective value. Unknown keys in the file
 /// are an error; BROKER_* variables that name no key (such as the BROKER_PORT and
 /// BROKER_SERVICE_HOST that Kubernetes sets for a Service named broker) are ignored with one
-/// warning. Renamed keys (mqtt.write_timeout, bridge.write_timeout) still work under their old names, with a warning. A configuration error exits with code 2.
+/// warning. Renamed keys (mqtt.write_timeout, bridge.write_timeout) still work under their old
+/// names, with a warning. A configuration error exits with code 2.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
