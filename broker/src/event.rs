@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::labels::{DisconnectReason, TransitionKind};
+use crate::labels::{DisconnectReason, Listener, TransitionKind};
 
 /// Unique, time-sortable identifier of one accepted connection (UUIDv7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -49,8 +49,13 @@ pub enum ConnectionEvent {
         session_id: SessionId,
         /// Broker-wide increasing number of this connection; higher means accepted later.
         seq: u64,
-        /// The client's address.
+        /// The client's address (from the PROXY protocol header or a trusted proxy's
+        /// X-Forwarded-For where the listener is configured for them).
         peer: SocketAddr,
+        /// The listener the connection came in on.
+        listener: Listener,
+        /// The identity of the client's verified TLS certificate (mutual TLS), if any.
+        identity: Option<String>,
         /// The keep-alive in force, in seconds (after clamping); 0 means none.
         keep_alive: u16,
         /// The CONNECT's clean-session flag.

@@ -158,6 +158,62 @@ label_enum! {
 }
 
 label_enum! {
+    /// The listener, and so the transport, a connection came in on (`listener` of the listener
+    /// metrics; also a database value, `sessions.listener`).
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    Listener {
+        /// MQTT over TCP (`mqtt.listen`).
+        Tcp => "tcp",
+        /// MQTT over TLS (`mqtt.tls.listen`).
+        Tls => "tls",
+        /// MQTT over WebSocket (`mqtt.ws.listen`).
+        Ws => "ws",
+        /// MQTT over WebSocket over TLS (`mqtt.wss.listen`).
+        Wss => "wss",
+    }
+}
+
+impl Listener {
+    /// The listener of a stored name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|l| l.as_str() == name)
+    }
+}
+
+label_enum! {
+    /// Why a transport handshake (PROXY header, TLS, WebSocket upgrade) failed before MQTT began
+    /// (`reason` of `heartwire_transport_handshake_failures_total`).
+    HandshakeFailure {
+        /// Not completed within `mqtt.connect_timeout`.
+        Timeout => "timeout",
+        /// The peer closed or reset the connection during the handshake.
+        Closed => "closed",
+        /// The bytes are not a PROXY protocol header although the listener expects one.
+        ProxyHeader => "proxy_header",
+        /// The bytes are not TLS (for example plain MQTT on the TLS port).
+        NotTls => "not_tls",
+        /// No TLS version both sides accept (`mqtt.tls.min_version`).
+        TlsVersion => "tls_version",
+        /// The client's certificate was refused (unknown issuer, expired, not yet valid, revoked,
+        /// wrong usage).
+        BadCertificate => "bad_certificate",
+        /// `mqtt.tls.require_client_cert` and the client sent no certificate.
+        NoCertificate => "no_certificate",
+        /// The client's certificate was verified but names no usable identity.
+        NoIdentity => "no_identity",
+        /// Any other TLS failure (no common cipher suite, alert from the client, ...).
+        Tls => "tls",
+        /// Not a valid WebSocket upgrade request (method, headers, version, oversized head).
+        WsRequest => "ws_request",
+        /// A WebSocket upgrade for a path other than `mqtt.ws.path`.
+        WsPath => "ws_path",
+        /// A WebSocket upgrade that offers neither `mqtt` nor `mqttv3.1` as subprotocol.
+        WsSubprotocol => "ws_subprotocol",
+    }
+}
+
+label_enum! {
     /// Why a message was not queued for a subscriber (`reason` of
     /// `heartwire_messages_dropped_total`).
     DropReason {
@@ -300,6 +356,8 @@ mod tests {
         closed::<TransitionKind>();
         closed::<PacketType>();
         closed::<RefusalReason>();
+        closed::<Listener>();
+        closed::<HandshakeFailure>();
         closed::<DropReason>();
         closed::<SubscriptionRefusal>();
         closed::<RetainRefusal>();

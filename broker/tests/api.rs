@@ -78,6 +78,8 @@ fn connected(id: &str, session: SessionId) -> PresenceRecord {
         session_id: session,
         seq: 1,
         peer: "10.0.0.1:1234".parse().expect("addr"),
+        listener: broker::labels::Listener::Tcp,
+        identity: None,
         keep_alive: 45,
         clean_session: true,
         time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),

@@ -147,6 +147,8 @@ fn connected(id: &str, s: broker::event::SessionId) -> broker::event::Connection
         session_id: s,
         seq: 0,
         peer: "127.0.0.1:1".parse().expect("addr"),
+        listener: broker::labels::Listener::Tcp,
+        identity: None,
         keep_alive: 30,
         clean_session: true,
         time: std::time::SystemTime::now(),

@@ -63,6 +63,8 @@ impl Node {
                 session_id: session,
                 seq: at,
                 peer: "127.0.0.1:5000".parse().expect("addr"),
+                listener: broker::labels::Listener::Tcp,
+                identity: None,
                 keep_alive: 30,
                 clean_session: true,
                 time: t(at),

@@ -689,6 +689,8 @@ mod tests {
                     session_id: SessionId::new(),
                     seq,
                     peer: "127.0.0.1:1".parse().expect("addr"),
+                    listener: crate::labels::Listener::Tcp,
+                    identity: None,
                     keep_alive: 30,
                     clean_session: true,
                     time: SystemTime::now(),

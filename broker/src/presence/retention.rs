@@ -214,6 +214,8 @@ mod tests {
                 session_id: SessionId::new(),
                 seq: 1,
                 peer: "127.0.0.1:1".parse().expect("addr"),
+                listener: crate::labels::Listener::Tcp,
+                identity: None,
                 keep_alive: 30,
                 clean_session: true,
                 time: std::time::SystemTime::now(),

@@ -155,6 +155,7 @@ impl BatchPlan {
                     keep_alive,
                     clean_session,
                     time,
+                    ..
                 } => {
                     let session = NewSession {
                         session_id: session_id.0,
@@ -303,6 +304,8 @@ mod tests {
                 session_id: session,
                 seq,
                 peer: "127.0.0.1:1".parse().expect("addr"),
+                listener: crate::labels::Listener::Tcp,
+                identity: None,
                 keep_alive: 30,
                 clean_session: true,
                 time: SystemTime::UNIX_EPOCH + Duration::from_secs(seq),

@@ -163,6 +163,8 @@ pub async fn handshake<S: Transport>(
             session_id,
             seq,
             peer,
+            listener: crate::labels::Listener::Tcp,
+            identity: None,
             keep_alive,
             clean_session: connect.clean_session,
             time: SystemTime::now(),
