@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use broker::config::BridgeConfig;
 use broker::event::{self, ConnectionEvent, SessionId};
-use broker::labels::DisconnectReason;
+use broker::labels::{DisconnectReason, Listener};
 use broker::metrics::metrics;
 use broker::presence::bridge::Bridge;
 use broker::store::{PgStore, PresenceStore};
@@ -38,6 +38,8 @@ fn events(n: u64, prefix: &str) -> Vec<ConnectionEvent> {
             session_id,
             seq: i,
             peer: "127.0.0.1:40000".parse().expect("addr"),
+            listener: Listener::Tcp,
+            identity: None,
             keep_alive: 30,
             clean_session: true,
             time: SystemTime::now(),
