@@ -8,6 +8,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::labels::Listener;
+
 /// The current state of one device.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Device {
@@ -27,6 +29,11 @@ pub struct Device {
     pub last_reason: Option<String>,
     /// The address of the current session's peer.
     pub peer: String,
+    /// The listener (transport) of the current session.
+    pub listener: Listener,
+    /// The identity of the current session's verified TLS client certificate (mutual TLS);
+    /// `None` without one.
+    pub identity: Option<String>,
     /// The current session's keep-alive, seconds.
     pub keep_alive: i32,
     /// When this row last changed.
@@ -54,6 +61,10 @@ pub struct Session {
     pub reason: Option<String>,
     /// The peer address.
     pub peer: String,
+    /// The listener (transport) it came in on.
+    pub listener: Listener,
+    /// The identity of its verified TLS client certificate (mutual TLS); `None` without one.
+    pub identity: Option<String>,
     /// Keep-alive in seconds.
     pub keep_alive: i32,
     /// The CONNECT's clean-session flag.

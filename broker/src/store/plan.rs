@@ -18,6 +18,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::event::{ConnectionEvent, PresenceRecord};
+use crate::labels::Listener;
 
 /// A Connected event, as a history row to insert.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,9 +30,14 @@ pub struct NewSession {
     pub seq: i64,
     pub connected_at: DateTime<Utc>,
     pub peer: String,
+    /// The listener (transport) the connection came in on.
+    pub listener: Listener,
+    /// The identity of the client's verified TLS certificate, if it presented one.
+    pub identity: Option<String>,
     pub keep_alive: i32,
     pub clean_session: bool,
-    /// Sessions folded into this one (see [`BatchPlan`]).
+    /// Sessions folded into this one (see [`BatchPlan`]); the row keeps its own session's
+    /// peer, listener and identity.
     pub coalesced: i32,
 }
 
@@ -97,8 +103,9 @@ fn later(
 /// Coalescing: a device's sessions that begin and end within the batch ("transient": a
 /// reconnect loop, two clients taking one client id from each other) are recorded as history
 /// rows up to `coalesce_after` of them; each later one is folded into the last kept row of the
-/// device with the same reason (its `coalesced` count grows by one) and gets no row, no close
-/// and no device update, or is kept when no kept row has its reason (so at most
+/// device with the same reason (its `coalesced` count grows by one; the row stays that of its
+/// own session, peer, listener and identity included) and gets no row, no close and no device
+/// update, or is kept when no kept row has its reason (so at most
 /// `coalesce_after` + 6 transient rows per device and batch). The device's newest session in the
 /// batch is never folded, so its current state and `last_session` stay exact, and the totals
 /// by reason count folded sessions under their own reason.
@@ -152,10 +159,11 @@ impl BatchPlan {
                     session_id,
                     seq,
                     peer,
+                    listener,
+                    identity,
                     keep_alive,
                     clean_session,
                     time,
-                    ..
                 } => {
                     let session = NewSession {
                         session_id: session_id.0,
@@ -165,6 +173,8 @@ impl BatchPlan {
                         seq: i64::try_from(*seq).unwrap_or(i64::MAX),
                         connected_at: timestamp(*time),
                         peer: peer.to_string(),
+                        listener: *listener,
+                        identity: identity.clone(),
                         keep_alive: i32::from(*keep_alive),
                         clean_session: *clean_session,
                         coalesced: 0,
@@ -296,6 +306,16 @@ mod tests {
     const KEEP: usize = 3;
 
     fn connected(id: &str, session: SessionId, seq: u64) -> PresenceRecord {
+        connected_on(id, session, seq, Listener::Tcp, None)
+    }
+
+    fn connected_on(
+        id: &str,
+        session: SessionId,
+        seq: u64,
+        listener: Listener,
+        identity: Option<&str>,
+    ) -> PresenceRecord {
         PresenceRecord {
             node_id: "n".into(),
             boot_id: Uuid::nil(),
@@ -304,8 +324,8 @@ mod tests {
                 session_id: session,
                 seq,
                 peer: "127.0.0.1:1".parse().expect("addr"),
-                listener: crate::labels::Listener::Tcp,
-                identity: None,
+                listener,
+                identity: identity.map(str::to_owned),
                 keep_alive: 30,
                 clean_session: true,
                 time: SystemTime::UNIX_EPOCH + Duration::from_secs(seq),
@@ -410,6 +430,44 @@ mod tests {
         assert_eq!(
             plan.upserts[0].closed.map(|c| c.1),
             Some("client_disconnect")
+        );
+    }
+
+    #[test]
+    fn rows_and_devices_keep_the_listener_and_identity_of_their_own_session() {
+        use DisconnectReason::Takeover;
+        // Two clients fight over one client id: one with a certificate over TLS, one over TCP.
+        let mut batch = Vec::new();
+        for i in 0..6 {
+            let s = SessionId::new();
+            batch.push(if i % 2 == 0 {
+                connected_on("a", s, i, Listener::Tls, Some("device-7"))
+            } else {
+                connected_on("a", s, i, Listener::Tcp, None)
+            });
+            batch.push(disconnected_as("a", s, Takeover));
+        }
+        let last = SessionId::new();
+        batch.push(connected_on("a", last, 9, Listener::Wss, Some("device-8")));
+        let plan = BatchPlan::new(&batch, 2);
+        let rows: Vec<(Listener, Option<&str>, i32)> = plan
+            .inserts
+            .iter()
+            .map(|s| (s.listener, s.identity.as_deref(), s.coalesced))
+            .collect();
+        // The folded sessions leave their count in the second kept row, which stays its own.
+        assert_eq!(
+            rows,
+            [
+                (Listener::Tls, Some("device-7"), 0),
+                (Listener::Tcp, None, 4),
+                (Listener::Wss, Some("device-8"), 0),
+            ]
+        );
+        let device = &plan.upserts[0].session;
+        assert_eq!(
+            (device.listener, device.identity.as_deref()),
+            (Listener::Wss, Some("device-8"))
         );
     }
 

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::model::{Boot, Device, Recovery, Session, Stats};
 use super::plan::BatchPlan;
 use super::sql::{
-    stats_from_rows, BOOT_COLUMNS, BROKER_RESTART, DEVICE_COLUMNS, PRUNE_DEVICE,
+    listener, stats_from_rows, BOOT_COLUMNS, BROKER_RESTART, DEVICE_COLUMNS, PRUNE_DEVICE,
     PRUNE_ENDED_BEFORE, SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
 };
 use super::{count_folded, Access, PresenceStore, StoreError};
@@ -43,6 +43,8 @@ fn device(row: &PgRow) -> Result<Device, sqlx::Error> {
         disconnected_at: row.try_get("disconnected_at")?,
         last_reason: row.try_get("last_reason")?,
         peer: row.try_get("peer")?,
+        listener: listener(row.try_get("listener")?)?,
+        identity: row.try_get("identity")?,
         keep_alive: row.try_get("keep_alive")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -59,6 +61,8 @@ fn session(row: &PgRow) -> Result<Session, sqlx::Error> {
         disconnected_at: row.try_get("disconnected_at")?,
         reason: row.try_get("reason")?,
         peer: row.try_get("peer")?,
+        listener: listener(row.try_get("listener")?)?,
+        identity: row.try_get("identity")?,
         keep_alive: row.try_get("keep_alive")?,
         clean_session: row.try_get("clean_session")?,
         coalesced: row.try_get("coalesced")?,
@@ -207,10 +211,11 @@ impl PresenceStore for PgStore {
             let s = &plan.inserts;
             sqlx::query(
                 "INSERT INTO sessions (session_id, device_id, node_id, boot_id, seq, connected_at, \
-                                       peer, keep_alive, clean_session, coalesced) \
+                                       peer, keep_alive, clean_session, coalesced, listener, \
+                                       identity) \
                  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::int8[], \
                                       $6::timestamptz[], $7::text[], $8::int4[], $9::bool[], \
-                                      $10::int4[]) \
+                                      $10::int4[], $11::text[], $12::text[]) \
                  ON CONFLICT (session_id) DO NOTHING",
             )
             .bind(s.iter().map(|r| r.session_id).collect::<Vec<_>>())
@@ -223,6 +228,8 @@ impl PresenceStore for PgStore {
             .bind(s.iter().map(|r| r.keep_alive).collect::<Vec<_>>())
             .bind(s.iter().map(|r| r.clean_session).collect::<Vec<_>>())
             .bind(s.iter().map(|r| r.coalesced).collect::<Vec<_>>())
+            .bind(s.iter().map(|r| r.listener.as_str()).collect::<Vec<_>>())
+            .bind(s.iter().map(|r| r.identity.as_deref()).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
@@ -264,19 +271,22 @@ impl PresenceStore for PgStore {
             // online again, the previous disconnect time and reason are kept.
             sqlx::query(
                 "INSERT INTO devices (device_id, online, session_id, node_id, connected_at, \
-                                      disconnected_at, last_reason, peer, keep_alive, updated_at) \
+                                      disconnected_at, last_reason, peer, keep_alive, listener, \
+                                      identity, updated_at) \
                  SELECT device_id, online, session_id, node_id, connected_at, disconnected_at, \
-                        last_reason, peer, keep_alive, now() \
+                        last_reason, peer, keep_alive, listener, identity, now() \
                  FROM UNNEST($1::text[], $2::bool[], $3::uuid[], $4::text[], $5::timestamptz[], \
-                             $6::timestamptz[], $7::text[], $8::text[], $9::int4[]) \
+                             $6::timestamptz[], $7::text[], $8::text[], $9::int4[], $10::text[], \
+                             $11::text[]) \
                       AS u(device_id, online, session_id, node_id, connected_at, disconnected_at, \
-                           last_reason, peer, keep_alive) \
+                           last_reason, peer, keep_alive, listener, identity) \
                  ON CONFLICT (device_id) DO UPDATE SET \
                    online = EXCLUDED.online, session_id = EXCLUDED.session_id, \
                    node_id = EXCLUDED.node_id, connected_at = EXCLUDED.connected_at, \
                    disconnected_at = COALESCE(EXCLUDED.disconnected_at, devices.disconnected_at), \
                    last_reason = COALESCE(EXCLUDED.last_reason, devices.last_reason), \
                    peer = EXCLUDED.peer, keep_alive = EXCLUDED.keep_alive, \
+                   listener = EXCLUDED.listener, identity = EXCLUDED.identity, \
                    updated_at = EXCLUDED.updated_at \
                  WHERE devices.session_id < EXCLUDED.session_id \
                     OR (devices.session_id = EXCLUDED.session_id AND devices.online \
@@ -311,6 +321,16 @@ impl PresenceStore for PgStore {
                     .collect::<Vec<_>>(),
             )
             .bind(u.iter().map(|r| r.session.keep_alive).collect::<Vec<_>>())
+            .bind(
+                u.iter()
+                    .map(|r| r.session.listener.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                u.iter()
+                    .map(|r| r.session.identity.as_deref())
+                    .collect::<Vec<_>>(),
+            )
             .execute(&mut *tx)
             .await?;
         }
