@@ -1,13 +1,16 @@
 //! One store test story, run against SQLite always and against a real PostgreSQL
 //! (TEST_DATABASE_URL, or a throwaway cluster from the local PostgreSQL binaries).
 
+use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
 use broker::config::BridgeConfig;
 use broker::event::{ConnectionEvent, PresenceRecord, SessionId};
-use broker::labels::DisconnectReason;
+use broker::labels::{DisconnectReason, Listener};
 use broker::store::{PgStore, PresenceStore, SqliteStore};
 use chrono::{DateTime, Utc};
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::SqliteConnectOptions;
 use uuid::Uuid;
 
 /// A store on a fresh database; the guard keeps the database alive.
@@ -55,6 +58,18 @@ impl Node {
     }
 
     fn connected(&self, device: &str, session: SessionId, at: u64) -> PresenceRecord {
+        self.connected_on(device, session, at, Listener::Tcp, None)
+    }
+
+    /// A connection on `listener`, with the identity of a verified client certificate.
+    fn connected_on(
+        &self,
+        device: &str,
+        session: SessionId,
+        at: u64,
+        listener: Listener,
+        identity: Option<&str>,
+    ) -> PresenceRecord {
         PresenceRecord {
             node_id: self.node_id.clone(),
             boot_id: self.boot_id,
@@ -63,8 +78,8 @@ impl Node {
                 session_id: session,
                 seq: at,
                 peer: "127.0.0.1:5000".parse().expect("addr"),
-                listener: broker::labels::Listener::Tcp,
-                identity: None,
+                listener,
+                identity: identity.map(str::to_owned),
                 keep_alive: 30,
                 clean_session: true,
                 time: t(at),
@@ -133,6 +148,53 @@ async fn connect_then_disconnect<S: PresenceStore>(store: S) {
     assert_eq!(sessions[0].disconnected_at, Some(ts(20)));
     assert_eq!(sessions[0].boot_id, node.boot_id);
     assert!(store.device("nobody").await.expect("query").is_none());
+}
+
+async fn listener_and_identity_are_recorded_on_sessions_and_devices<S: PresenceStore>(store: S) {
+    let node = Node::new("n1");
+    let (tls, tcp) = (SessionId::new(), SessionId::new());
+    let first = [node.connected_on("dev", tls, 10, Listener::Tls, Some("device-7"))];
+    store.apply(&first).await.expect("apply");
+    let seen = |d: &broker::store::Device| (d.listener, d.identity.clone());
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert_eq!(seen(&d), (Listener::Tls, Some("device-7".to_owned())));
+    let sessions = store.sessions("dev", 10).await.expect("sessions");
+    assert_eq!(
+        (sessions[0].listener, sessions[0].identity.as_deref()),
+        (Listener::Tls, Some("device-7"))
+    );
+
+    // Offline, the device keeps its last session's, as it keeps the peer.
+    store
+        .apply(&[node.disconnected("dev", tls, DisconnectReason::ClientDisconnect, 11)])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert!(!d.online);
+    assert_eq!(seen(&d), (Listener::Tls, Some("device-7".to_owned())));
+
+    // Back over plain TCP without a certificate: the identity goes with the TLS session.
+    store
+        .apply(&[node.connected("dev", tcp, 12)])
+        .await
+        .expect("apply");
+    // A late replay of the TLS session's Connected does not bring its identity back.
+    store.apply(&first).await.expect("replay");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert_eq!((d.session_id, seen(&d)), (tcp.0, (Listener::Tcp, None)));
+    let listed = store.devices(None, None, 10).await.expect("devices");
+    assert_eq!(listed.iter().map(seen).collect::<Vec<_>>(), [seen(&d)]);
+    let sessions = store.sessions("dev", 10).await.expect("sessions");
+    assert_eq!(
+        sessions
+            .iter()
+            .map(|s| (s.session_id, s.listener, s.identity.as_deref()))
+            .collect::<Vec<_>>(),
+        [
+            (tcp.0, Listener::Tcp, None),
+            (tls.0, Listener::Tls, Some("device-7")),
+        ]
+    );
 }
 
 async fn late_events_of_an_old_session_never_win<S: PresenceStore>(store: S) {
@@ -499,7 +561,7 @@ async fn coalesced_sessions_count_in_history_and_totals<S: PresenceStore>(store:
         batch.push(node.disconnected("fight", s, DisconnectReason::Takeover, i));
     }
     let last = SessionId::new();
-    batch.push(node.connected("fight", last, 10));
+    batch.push(node.connected_on("fight", last, 10, Listener::Wss, Some("device-7")));
     store.apply(&batch).await.expect("apply");
     // Applying it again changes nothing (a retried batch).
     store.apply(&batch).await.expect("apply again");
@@ -510,9 +572,25 @@ async fn coalesced_sessions_count_in_history_and_totals<S: PresenceStore>(store:
         "newest first: the open session, then the third kept one with 7 folded into it"
     );
     assert_eq!(rows[0].session_id, last.0);
+    assert_eq!(
+        rows.iter()
+            .map(|s| (s.listener, s.identity.as_deref()))
+            .collect::<Vec<_>>(),
+        [
+            (Listener::Wss, Some("device-7")),
+            (Listener::Tcp, None),
+            (Listener::Tcp, None),
+            (Listener::Tcp, None),
+        ],
+        "a kept row keeps its own session's listener and identity"
+    );
     let d = store.device("fight").await.expect("query").expect("device");
     assert!(d.online);
     assert_eq!(d.session_id, last.0);
+    assert_eq!(
+        (d.listener, d.identity.as_deref()),
+        (Listener::Wss, Some("device-7"))
+    );
     assert_eq!(d.last_reason.as_deref(), Some("takeover"));
     let stats = store.stats().await.expect("stats");
     assert_eq!(stats.connects, 11);
@@ -628,6 +706,121 @@ async fn an_expired_persistent_session_is_recorded_on_its_last_connection<S: Pre
     assert_eq!(d.last_reason.as_deref(), Some("connection_lost"));
 }
 
+/// A migrator of `backend`'s migrations before `before` (the schema an earlier version
+/// created), from copies in `dir`.
+async fn migrations_before(backend: &str, before: &str, dir: &std::path::Path) -> Migrator {
+    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../migrations")
+        .join(backend);
+    for entry in std::fs::read_dir(&all).expect("migrations") {
+        let name = entry.expect("entry").file_name();
+        if name.to_string_lossy().as_ref() < before {
+            std::fs::copy(all.join(&name), dir.join(&name)).expect("copy");
+        }
+    }
+    Migrator::new(dir).await.expect("migrator")
+}
+
+/// What a database of the version before 0004 holds once migrated forward: its device and
+/// session were TCP without a certificate, and new connections record theirs.
+async fn rows_of_version_3_read_as_tcp<S: PresenceStore>(store: S, old: SessionId) {
+    store.migrate().await.expect("migrate forward");
+    let d = store.device("old").await.expect("query").expect("device");
+    assert_eq!((d.session_id, d.peer.as_str()), (old.0, "10.0.0.1:1"));
+    assert_eq!((d.listener, d.identity), (Listener::Tcp, None));
+    let sessions = store.sessions("old", 10).await.expect("sessions");
+    assert_eq!(
+        sessions
+            .iter()
+            .map(|s| (s.session_id, s.listener, s.identity.as_deref()))
+            .collect::<Vec<_>>(),
+        [(old.0, Listener::Tcp, None)]
+    );
+    let node = Node::new("n1");
+    let new = SessionId::new();
+    store
+        .apply(&[node.connected_on("old", new, 10, Listener::Tls, Some("device-7"))])
+        .await
+        .expect("apply");
+    let d = store.device("old").await.expect("query").expect("device");
+    assert_eq!(
+        (d.session_id, d.listener, d.identity.as_deref()),
+        (new.0, Listener::Tls, Some("device-7"))
+    );
+}
+
+/// A device and its open session as the version before 0004 wrote them (`$N` binds by number
+/// on both backends).
+const VERSION_3_SESSION: &str = "INSERT INTO sessions (session_id, device_id, node_id, boot_id, \
+     seq, connected_at, peer, keep_alive, clean_session) \
+     VALUES ($1, 'old', 'n0', $2, 1, $3, '10.0.0.1:1', 30, TRUE)";
+const VERSION_3_DEVICE: &str = "INSERT INTO devices (device_id, online, session_id, node_id, \
+     connected_at, peer, keep_alive, updated_at) \
+     VALUES ('old', TRUE, $1, 'n0', $2, '10.0.0.1:1', 30, $2)";
+
+#[tokio::test]
+async fn sqlite_database_of_version_3_migrates_forward() {
+    let dir = testkit::temp_dir("store-v3");
+    let url = format!("sqlite://{}/presence.db", dir.path().display());
+    let old = SessionId::new();
+    {
+        let migrations = testkit::temp_dir("migrations-v3");
+        let options = SqliteConnectOptions::from_str(&url)
+            .expect("url")
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(options).await.expect("open");
+        migrations_before("sqlite", "0004", migrations.path())
+            .await
+            .run(&pool)
+            .await
+            .expect("migrate to version 3");
+        let at = ts(1).timestamp_micros();
+        sqlx::query(VERSION_3_SESSION)
+            .bind(old.to_string())
+            .bind(Uuid::now_v7().to_string())
+            .bind(at)
+            .execute(&pool)
+            .await
+            .expect("session");
+        sqlx::query(VERSION_3_DEVICE)
+            .bind(old.to_string())
+            .bind(at)
+            .execute(&pool)
+            .await
+            .expect("device");
+        pool.close().await;
+    }
+    let store = SqliteStore::connect(&url, 1).await.expect("open sqlite");
+    rows_of_version_3_read_as_tcp(store, old).await;
+}
+
+#[tokio::test]
+async fn postgres_database_of_version_3_migrates_forward() {
+    let pg = testkit::pg::TestPostgres::start().await;
+    let store = PgStore::connect(pg.url(), 2).await.expect("open postgres");
+    let old = SessionId::new();
+    let migrations = testkit::temp_dir("migrations-v3");
+    migrations_before("postgres", "0004", migrations.path())
+        .await
+        .run(store.pool())
+        .await
+        .expect("migrate to version 3");
+    sqlx::query(VERSION_3_SESSION)
+        .bind(old.0)
+        .bind(Uuid::now_v7())
+        .bind(ts(1))
+        .execute(store.pool())
+        .await
+        .expect("session");
+    sqlx::query(VERSION_3_DEVICE)
+        .bind(old.0)
+        .bind(ts(1))
+        .execute(store.pool())
+        .await
+        .expect("device");
+    rows_of_version_3_read_as_tcp(store, old).await;
+}
+
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
         mod sqlite_store {
@@ -653,6 +846,7 @@ macro_rules! store_tests {
 
 store_tests!(
     connect_then_disconnect,
+    listener_and_identity_are_recorded_on_sessions_and_devices,
     an_expired_persistent_session_is_recorded_on_its_last_connection,
     late_events_of_an_old_session_never_win,
     retried_and_replayed_batches_change_nothing,
