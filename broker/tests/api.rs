@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use broker::event::{self, ConnectionEvent, PresenceRecord, SessionId};
 use broker::http::{app, AppState};
-use broker::labels::DisconnectReason;
+use broker::labels::{DisconnectReason, Listener};
 use broker::mqtt::Broker;
 use broker::store::{PresenceStore, SqliteStore};
 use http_body_util::BodyExt;
@@ -73,13 +73,23 @@ fn record(event: ConnectionEvent) -> PresenceRecord {
 }
 
 fn connected(id: &str, session: SessionId) -> PresenceRecord {
+    connected_on(id, session, Listener::Tcp, None)
+}
+
+/// A connection on `listener`, with the identity of a verified client certificate.
+fn connected_on(
+    id: &str,
+    session: SessionId,
+    listener: Listener,
+    identity: Option<&str>,
+) -> PresenceRecord {
     record(ConnectionEvent::Connected {
         client_id: id.into(),
         session_id: session,
         seq: 1,
         peer: "10.0.0.1:1234".parse().expect("addr"),
-        listener: broker::labels::Listener::Tcp,
-        identity: None,
+        listener,
+        identity: identity.map(str::to_owned),
         keep_alive: 45,
         clean_session: true,
         time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
@@ -135,6 +145,55 @@ async fn device_sessions_and_stats() {
     assert_eq!(body["known_devices"], 2);
     assert_eq!(body["connects"], 2);
     assert_eq!(body["disconnects"]["keepalive_timeout"], 1);
+}
+
+#[tokio::test]
+async fn devices_and_sessions_show_the_listener_and_identity() {
+    let api = Api::new().await;
+    let (secure, plain) = (SessionId::new(), SessionId::new());
+    api.state
+        .store
+        .apply(&[
+            connected_on("secure", secure, Listener::Tls, Some("device-7")),
+            connected("plain", plain),
+        ])
+        .await
+        .expect("apply");
+    let shown = |v: &Value| {
+        let object = v.as_object().expect("object");
+        assert!(
+            object.contains_key("identity"),
+            "identity shown even if null: {v}"
+        );
+        (v["listener"].clone(), v["identity"].clone())
+    };
+    let tls = (Value::from("tls"), Value::from("device-7"));
+    let tcp = (Value::from("tcp"), Value::Null);
+
+    let (status, body) = api.get("/api/v1/devices/secure").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(shown(&body), tls);
+    assert_eq!(shown(&body["last_session"]), tls);
+    let (_, body) = api.get("/api/v1/devices/plain").await;
+    assert_eq!(
+        (shown(&body), shown(&body["last_session"])),
+        (tcp.clone(), tcp.clone())
+    );
+
+    let (status, body) = api.get("/api/v1/devices/secure/sessions").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(shown(&body["sessions"][0]), tls);
+    let (_, body) = api.get("/api/v1/devices").await;
+    let devices: Vec<_> = body["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| (d["device_id"].clone(), shown(d)))
+        .collect();
+    assert_eq!(
+        devices,
+        [(Value::from("plain"), tcp), (Value::from("secure"), tls)]
+    );
 }
 
 #[tokio::test]
