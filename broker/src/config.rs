@@ -145,6 +145,134 @@ pub struct MqttConfig {
     /// Longest wait between two accept attempts while the process is out of file descriptors.
     #[serde(with = "humantime_serde")]
     pub accept_backoff_max: Duration,
+    /// Whether every connection to `mqtt.listen` starts with a PROXY protocol header (v1 or v2,
+    /// as HAProxy and cloud load balancers send it): the address it carries is recorded as the
+    /// client's. A connection without a valid header is closed. Only for a listener that nothing
+    /// but the balancer can reach.
+    pub proxy_protocol: bool,
+    /// MQTT over TLS.
+    pub tls: TlsConfig,
+    /// MQTT over WebSocket.
+    pub ws: WsConfig,
+    /// MQTT over WebSocket over TLS (the certificate and client-certificate settings of
+    /// `mqtt.tls`).
+    pub wss: WsConfig,
+}
+
+/// Lowest TLS protocol version accepted.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// Which part of a verified client certificate names the device.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// The subject's common name (CN), as Mosquitto's use_identity_as_username.
+    #[default]
+    CommonName,
+    /// The first DNS name or URI of the subject alternative names.
+    San,
+}
+
+/// The TLS listener, and the certificate settings that the WSS listener shares.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address the MQTT-over-TLS listener binds (8883 by convention). Unset: no TLS listener.
+    pub listen: Option<SocketAddr>,
+    /// The server's certificate chain, PEM, leaf first. Required with `mqtt.tls.listen` or
+    /// `mqtt.wss.listen`. Re-read on SIGHUP.
+    pub cert_file: Option<PathBuf>,
+    /// The certificate's private key, PEM: PKCS#8, PKCS#1 (RSA) or SEC1 (EC); RSA, ECDSA or
+    /// Ed25519. Re-read on SIGHUP.
+    pub key_file: Option<PathBuf>,
+    /// Lowest TLS version accepted: "1.2" or "1.3".
+    pub min_version: TlsVersion,
+    /// CA certificates (PEM) that client certificates are verified against (mutual TLS). Unset:
+    /// clients are not asked for a certificate. Re-read on SIGHUP.
+    pub client_ca_file: Option<PathBuf>,
+    /// Whether a client without a valid certificate is refused. False: a client may connect
+    /// without one, but a certificate it presents must verify.
+    pub require_client_cert: bool,
+    /// What names the device in a verified client certificate: "common_name" or "san" (first
+    /// DNS name or URI). Recorded as the session's identity.
+    pub identity: IdentitySource,
+    /// Whether connections to `mqtt.tls.listen` start with a PROXY protocol header.
+    pub proxy_protocol: bool,
+}
+
+/// A WebSocket listener.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WsConfig {
+    /// Address the listener binds (8083 for ws, 8084 for wss by convention). Unset: none.
+    pub listen: Option<SocketAddr>,
+    /// The HTTP path of the WebSocket endpoint; other paths get 404.
+    pub path: String,
+    /// Proxies (addresses or networks such as 10.0.0.0/8) whose X-Forwarded-For header is
+    /// believed: the client's address is then the last address in it that is not a trusted
+    /// proxy. Empty: the header is ignored. In the environment: comma-separated.
+    #[serde(deserialize_with = "networks")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Whether connections start with a PROXY protocol header.
+    pub proxy_protocol: bool,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            path: "/mqtt".to_owned(),
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
+        }
+    }
+}
+
+/// A list of networks, from a list or from a comma-separated string (the environment); a bare
+/// address is a network of one.
+fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match Raw::deserialize(d)? {
+        Raw::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Raw::Many(v) => v,
+    };
+    items
+        .iter()
+        .map(|item| parse_network(item).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// `10.0.0.0/8`, `fd00::/8` or a single address.
+fn parse_network(item: &str) -> Result<ipnet::IpNet, String> {
+    let item = item.trim();
+    if item.contains('/') {
+        item.parse::<ipnet::IpNet>()
+            .map(|n| n.trunc())
+            .map_err(|_| format!("{item:?} is not a network such as 10.0.0.0/8"))
+    } else {
+        item.parse::<std::net::IpAddr>()
+            .map(ipnet::IpNet::from)
+            .map_err(|_| format!("{item:?} is not an IP address"))
+    }
 }
 
 impl Default for MqttConfig {
@@ -172,6 +300,10 @@ impl Default for MqttConfig {
             max_buffered_read_bytes: 64 * 1024 * 1024,
             persistent_session_expiry: Duration::from_secs(24 * 3600),
             accept_backoff_max: Duration::from_secs(1),
+            proxy_protocol: false,
+            tls: TlsConfig::default(),
+            ws: WsConfig::default(),
+            wss: WsConfig::default(),
         }
     }
 }
@@ -427,6 +559,10 @@ pub enum Accepts {
     OneOf(&'static [&'static str]),
     /// A string, described so.
     Text(&'static str),
+    /// true or false.
+    Bool,
+    /// A list of IP addresses or networks (a comma-separated string in the environment).
+    Networks,
 }
 
 /// Every key and what it accepts (a test keeps this in step with [`Config`]). Bounds are those
@@ -463,6 +599,32 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     ("mqtt.max_buffered_read_bytes", Accepts::Whole(64, u64::MAX)),
     ("mqtt.persistent_session_expiry", Accepts::Duration),
     ("mqtt.accept_backoff_max", Accepts::Duration),
+    ("mqtt.proxy_protocol", Accepts::Bool),
+    ("mqtt.tls.listen", Accepts::Address("0.0.0.0:8883")),
+    (
+        "mqtt.tls.cert_file",
+        Accepts::Text("a file path (PEM certificate chain)"),
+    ),
+    (
+        "mqtt.tls.key_file",
+        Accepts::Text("a file path (PEM private key)"),
+    ),
+    ("mqtt.tls.min_version", Accepts::OneOf(&["1.2", "1.3"])),
+    (
+        "mqtt.tls.client_ca_file",
+        Accepts::Text("a file path (PEM CA certificates)"),
+    ),
+    ("mqtt.tls.require_client_cert", Accepts::Bool),
+    ("mqtt.tls.identity", Accepts::OneOf(&["common_name", "san"])),
+    ("mqtt.tls.proxy_protocol", Accepts::Bool),
+    ("mqtt.ws.listen", Accepts::Address("0.0.0.0:8083")),
+    ("mqtt.ws.path", Accepts::Text("an HTTP path such as /mqtt")),
+    ("mqtt.ws.trusted_proxies", Accepts::Networks),
+    ("mqtt.ws.proxy_protocol", Accepts::Bool),
+    ("mqtt.wss.listen", Accepts::Address("0.0.0.0:8084")),
+    ("mqtt.wss.path", Accepts::Text("an HTTP path such as /mqtt")),
+    ("mqtt.wss.trusted_proxies", Accepts::Networks),
+    ("mqtt.wss.proxy_protocol", Accepts::Bool),
     ("events.channel_capacity", Accepts::Whole(1, u64::MAX)),
     (
         "database.url",
@@ -522,6 +684,11 @@ impl std::fmt::Display for Accepts {
             }
             Accepts::OneOf(words) => write!(f, "one of {}", words.join(", ")),
             Accepts::Text(what) => f.write_str(what),
+            Accepts::Bool => f.write_str("true or false"),
+            Accepts::Networks => f.write_str(
+                "a list of IP addresses or networks such as [\"10.0.0.0/8\", \"192.0.2.7\"] \
+                 (comma-separated in the environment)",
+            ),
         }
     }
 }
@@ -555,6 +722,16 @@ impl Accepts {
             (Accepts::Address(_), V::String(s)) => s.parse::<SocketAddr>().is_ok(),
             (Accepts::OneOf(words), V::String(s)) => words.contains(&s.as_str()),
             (Accepts::Text(_), V::String(_)) => true,
+            (Accepts::Bool, V::Boolean(_)) => true,
+            (Accepts::Bool, V::String(s)) => s == "true" || s == "false",
+            (Accepts::Networks, V::String(s)) => s
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .all(|s| parse_network(s).is_ok()),
+            (Accepts::Networks, V::Array(items)) => items
+                .iter()
+                .all(|item| matches!(&item.kind, V::String(s) if parse_network(s).is_ok())),
             _ => false,
         }
     }
@@ -637,7 +814,7 @@ fn check_raw(
             let Some(name) = key.strip_prefix(section).and_then(|k| k.strip_prefix('.')) else {
                 continue;
             };
-            let Some(value) = table.get(name) else {
+            let Some(value) = lookup(table, name) else {
                 continue;
             };
             if !accepts.fits(&value.kind) {
@@ -654,6 +831,23 @@ fn check_raw(
         }
     }
     Ok(())
+}
+
+/// The value at the dotted `name` (`tls.listen`) inside `table`.
+fn lookup<'a>(
+    table: &'a config::Map<String, config::Value>,
+    name: &str,
+) -> Option<&'a config::Value> {
+    let (first, rest) = match name.split_once('.') {
+        Some((first, rest)) => (first, Some(rest)),
+        None => (name, None),
+    };
+    let value = table.get(first)?;
+    match (rest, &value.kind) {
+        (None, _) => Some(value),
+        (Some(rest), config::ValueKind::Table(inner)) => lookup(inner, rest),
+        (Some(_), _) => None,
+    }
 }
 
 /// Keys renamed since an earlier version, as (old, new): the old name still sets the key (a
@@ -915,6 +1109,7 @@ impl Config {
         if m.accept_backoff_max.is_zero() {
             return invalid("mqtt.accept_backoff_max", "must be greater than 0");
         }
+        self.validate_transports()?;
         if self.events.channel_capacity == 0 {
             return invalid("events.channel_capacity", "must be at least 1");
         }
@@ -978,6 +1173,73 @@ impl Config {
             return invalid("node.heartbeat_interval", "must be greater than 0");
         }
         self.validate_http()?;
+        Ok(())
+    }
+
+    /// The TLS and WebSocket listeners: what each needs, and no two on one address.
+    fn validate_transports(&self) -> Result<(), ConfigError> {
+        let m = &self.mqtt;
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        let tls_needed = m.tls.listen.is_some() || m.wss.listen.is_some();
+        if tls_needed {
+            let needs = if m.tls.listen.is_some() {
+                "mqtt.tls.listen"
+            } else {
+                "mqtt.wss.listen"
+            };
+            if m.tls.cert_file.is_none() {
+                return invalid(
+                    "mqtt.tls.cert_file",
+                    format!("must be set (a PEM certificate chain) when {needs} is set"),
+                );
+            }
+            if m.tls.key_file.is_none() {
+                return invalid(
+                    "mqtt.tls.key_file",
+                    format!("must be set (the certificate's PEM private key) when {needs} is set"),
+                );
+            }
+        }
+        if m.tls.require_client_cert && m.tls.client_ca_file.is_none() {
+            return invalid(
+                "mqtt.tls.require_client_cert",
+                "needs mqtt.tls.client_ca_file (the CA that signs the client certificates)"
+                    .to_owned(),
+            );
+        }
+        for (key, ws) in [("mqtt.ws.path", &m.ws), ("mqtt.wss.path", &m.wss)] {
+            if !ws.path.starts_with('/') || ws.path.chars().any(|c| c.is_whitespace() || c == '?') {
+                return invalid(
+                    key,
+                    format!(
+                        "must be an HTTP path starting with / (no spaces, no query), such as \
+                         /mqtt; got {:?}",
+                        ws.path
+                    ),
+                );
+            }
+        }
+        let listeners = [
+            ("mqtt.listen", Some(m.listen)),
+            ("mqtt.tls.listen", m.tls.listen),
+            ("mqtt.ws.listen", m.ws.listen),
+            ("mqtt.wss.listen", m.wss.listen),
+            ("http.listen", Some(self.http.listen)),
+        ];
+        for (i, (key, addr)) in listeners.iter().enumerate() {
+            let Some(addr) = addr.filter(|a| a.port() != 0) else {
+                continue;
+            };
+            if let Some((other, _)) = listeners[..i]
+                .iter()
+                .find(|(_, a)| a.is_some_and(|a| a.port() == addr.port() && a.ip() == addr.ip()))
+            {
+                return invalid(
+                    key,
+                    format!("{addr} is also {other}: each listener needs an address of its own"),
+                );
+            }
+        }
         Ok(())
     }
 

@@ -52,7 +52,9 @@ pub enum ConnectionEvent {
         /// The client's address (from the PROXY protocol header or a trusted proxy's
         /// X-Forwarded-For where the listener is configured for them).
         peer: SocketAddr,
-        /// The listener the connection came in on.
+        /// The listener the connection came in on (TCP in journals written before there were
+        /// other listeners).
+        #[serde(default)]
         listener: Listener,
         /// The identity of the client's verified TLS certificate (mutual TLS), if any.
         identity: Option<String>,

@@ -160,10 +160,12 @@ label_enum! {
 label_enum! {
     /// The listener, and so the transport, a connection came in on (`listener` of the listener
     /// metrics; also a database value, `sessions.listener`).
-    #[derive(Serialize, Deserialize)]
+    #[derive(Serialize, Deserialize, Default)]
     #[serde(rename_all = "snake_case")]
     Listener {
-        /// MQTT over TCP (`mqtt.listen`).
+        /// MQTT over TCP (`mqtt.listen`); the default, as every connection was before there
+        /// were other listeners.
+        #[default]
         Tcp => "tcp",
         /// MQTT over TLS (`mqtt.tls.listen`).
         Tls => "tls",
@@ -202,7 +204,10 @@ label_enum! {
         NoCertificate => "no_certificate",
         /// The client's certificate was verified but names no usable identity.
         NoIdentity => "no_identity",
-        /// Any other TLS failure (no common cipher suite, alert from the client, ...).
+        /// The client refused the server with a TLS alert (it does not trust the broker's
+        /// certificate, or the name does not match what it dialled).
+        ClientAlert => "client_alert",
+        /// Any other TLS failure (no common cipher suite, malformed handshake, ...).
         Tls => "tls",
         /// Not a valid WebSocket upgrade request (method, headers, version, oversized head).
         WsRequest => "ws_request",
@@ -210,6 +215,17 @@ label_enum! {
         WsPath => "ws_path",
         /// A WebSocket upgrade that offers neither `mqtt` nor `mqttv3.1` as subprotocol.
         WsSubprotocol => "ws_subprotocol",
+    }
+}
+
+label_enum! {
+    /// How a reload of the TLS certificate files went (`outcome` of
+    /// `heartwire_tls_reloads_total`).
+    ReloadOutcome {
+        /// The new files are in use for new connections.
+        Ok => "ok",
+        /// A file could not be read or used; the previous certificate stays in use.
+        Failed => "failed",
     }
 }
 
@@ -358,6 +374,7 @@ mod tests {
         closed::<RefusalReason>();
         closed::<Listener>();
         closed::<HandshakeFailure>();
+        closed::<ReloadOutcome>();
         closed::<DropReason>();
         closed::<SubscriptionRefusal>();
         closed::<RetainRefusal>();

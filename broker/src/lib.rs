@@ -47,6 +47,7 @@ pub mod mqtt;
 pub mod presence;
 pub mod store;
 pub mod telemetry;
+pub mod transport;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,6 +64,7 @@ use config::Config;
 use database_url::Backend;
 use presence::bridge::Bridge;
 use store::{Access, PgStore, PresenceStore, SqliteStore};
+use transport::tls::Tls;
 
 /// Why the broker could not run.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,9 @@ pub enum Error {
     /// The presence store could not be opened.
     #[error("presence store (database.url): {0}")]
     Store(#[from] store::StoreError),
+    /// The TLS certificate or key could not be used.
+    #[error("TLS: {0}")]
+    Tls(#[from] transport::tls::TlsError),
     /// The presence journal could not be opened.
     #[error("presence journal (bridge.journal_path): {0}")]
     Journal(#[from] presence::journal::JournalError),
@@ -93,19 +98,55 @@ async fn bind(key: &'static str, addr: std::net::SocketAddr) -> Result<TcpListen
 
 /// The listeners, bound before anything starts (so that tests can bind port 0).
 pub struct Listeners {
-    /// MQTT.
+    /// MQTT over TCP.
     pub mqtt: TcpListener,
     /// HTTP API, /metrics, health.
     pub http: TcpListener,
+    /// MQTT over TLS, when `mqtt.tls.listen` is set.
+    pub tls: Option<TcpListener>,
+    /// MQTT over WebSocket, when `mqtt.ws.listen` is set.
+    pub ws: Option<TcpListener>,
+    /// MQTT over WebSocket over TLS, when `mqtt.wss.listen` is set.
+    pub wss: Option<TcpListener>,
 }
 
 impl Listeners {
-    /// Binds `mqtt.listen` and `http.listen`.
+    /// Binds `mqtt.listen`, `http.listen` and the optional MQTT listeners that are set.
     pub async fn bind(config: &Config) -> Result<Self, Error> {
+        let m = &config.mqtt;
         Ok(Self {
-            mqtt: bind("mqtt.listen", config.mqtt.listen).await?,
+            mqtt: bind("mqtt.listen", m.listen).await?,
             http: bind("http.listen", config.http.listen).await?,
+            tls: bind_optional("mqtt.tls.listen", m.tls.listen).await?,
+            ws: bind_optional("mqtt.ws.listen", m.ws.listen).await?,
+            wss: bind_optional("mqtt.wss.listen", m.wss.listen).await?,
         })
+    }
+
+    /// The MQTT endpoints of these listeners, with what each needs from `config` (the TLS
+    /// certificate is read here), and the HTTP listener.
+    fn endpoints(self, config: &config::MqttConfig) -> Result<Endpoints, Error> {
+        let sockets = mqtt::listener::Sockets {
+            tcp: self.mqtt,
+            tls: self.tls,
+            ws: self.ws,
+            wss: self.wss,
+        };
+        let (endpoints, tls) = sockets.endpoints(config)?;
+        Ok((endpoints, tls, self.http))
+    }
+}
+
+/// The MQTT endpoints, the TLS configuration they share, and the HTTP listener.
+type Endpoints = (Vec<mqtt::listener::Endpoint>, Option<Arc<Tls>>, TcpListener);
+
+async fn bind_optional(
+    key: &'static str,
+    addr: Option<std::net::SocketAddr>,
+) -> Result<Option<TcpListener>, Error> {
+    match addr {
+        Some(addr) => bind(key, addr).await.map(Some),
+        None => Ok(None),
     }
 }
 
@@ -126,12 +167,14 @@ pub async fn run_with(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    // Certificates are read before anything starts, so that a bad file stops the broker at once.
+    let endpoints = listeners.endpoints(&config.mqtt)?;
     match Backend::of_url(&config.database.url) {
         Some(backend @ Backend::Postgres) => {
-            serve::<PgStore>(backend, config, listeners, shutdown).await
+            serve::<PgStore>(backend, config, endpoints, shutdown).await
         }
         Some(backend @ Backend::Sqlite) => {
-            serve::<SqliteStore>(backend, config, listeners, shutdown).await
+            serve::<SqliteStore>(backend, config, endpoints, shutdown).await
         }
         None => Err(store::StoreError::Scheme(database_url::redact(&config.database.url)).into()),
     }
@@ -141,7 +184,7 @@ pub async fn run_with(
 async fn serve<S: PresenceStore>(
     backend: Backend,
     config: Config,
-    listeners: Listeners,
+    (endpoints, tls, http_listener): Endpoints,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let store = S::open(
@@ -213,7 +256,7 @@ async fn serve<S: PresenceStore>(
         &config.http,
     );
     tracing::info!(
-        listen = %listeners.http.local_addr().unwrap_or(config.http.listen),
+        listen = %http_listener.local_addr().unwrap_or(config.http.listen),
         "HTTP listener ready."
     );
     let http_config = config.http.clone();
@@ -221,7 +264,7 @@ async fn serve<S: PresenceStore>(
     let grace = config.shutdown.grace_period;
     tracker.spawn(async move {
         http::server::serve(
-            listeners.http,
+            http_listener,
             http::app(state),
             &http_config,
             http_shutdown,
@@ -230,12 +273,14 @@ async fn serve<S: PresenceStore>(
         .await;
     });
 
-    tracing::info!(
-        listen = %listeners.mqtt.local_addr().unwrap_or(config.mqtt.listen),
-        "MQTT listener ready."
-    );
+    for endpoint in &endpoints {
+        if let Ok(listen) = endpoint.local_addr() {
+            tracing::info!(%listen, listener = endpoint.kind().as_str(), "MQTT listener ready.");
+        }
+    }
+    tracker.spawn(reload_on_hangup(tls, shutdown.child_token()));
     let grace = config.shutdown.grace_period;
-    mqtt::serve(listeners.mqtt, mqtt_broker, shutdown, grace).await;
+    mqtt::serve(endpoints, mqtt_broker, shutdown, grace).await;
 
     // The connections have closed (or the grace period is over): the bridge drains what it
     // has, bounded by bridge.drain_timeout, and journals the rest. It bounds itself.
@@ -252,6 +297,52 @@ async fn serve<S: PresenceStore>(
     }
     tracing::info!("Broker stopped.");
     Ok(())
+}
+
+/// Re-reads the TLS certificate files on every SIGHUP until `shutdown` (new handshakes use
+/// them; open connections keep theirs; a file that cannot be used leaves the old ones in force).
+/// Without TLS, a SIGHUP is logged and otherwise ignored (it no longer ends the process).
+async fn reload_on_hangup(tls: Option<Arc<Tls>>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "Cannot listen for SIGHUP; TLS certificates cannot be reloaded.");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            received = hangups.recv() => if received.is_none() { return },
+        }
+        let Some(tls) = &tls else {
+            tracing::info!("SIGHUP received: no TLS listener, nothing to reload.");
+            continue;
+        };
+        let tls = Arc::clone(tls);
+        let outcome = tokio::task::spawn_blocking(move || tls.reload()).await;
+        match outcome {
+            Ok(Ok(())) => {
+                metrics::metrics()
+                    .tls_reloads
+                    .inc(labels::ReloadOutcome::Ok);
+                tracing::info!("SIGHUP: TLS certificate files reloaded; new connections use them.");
+            }
+            Ok(Err(error)) => {
+                metrics::metrics()
+                    .tls_reloads
+                    .inc(labels::ReloadOutcome::Failed);
+                tracing::error!(%error, "SIGHUP: TLS certificate files not reloaded; the previous ones stay in use.");
+            }
+            Err(error) => {
+                metrics::metrics()
+                    .tls_reloads
+                    .inc(labels::ReloadOutcome::Failed);
+                tracing::error!(%error, "SIGHUP: TLS reload failed; the previous certificate stays in use.");
+            }
+        }
+    }
 }
 
 /// Records every `interval` that this boot is alive, until `shutdown`; it starts once the bridge

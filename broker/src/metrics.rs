@@ -16,9 +16,9 @@ use prometheus::{
 };
 
 use crate::labels::{
-    DisconnectReason, DropReason, HttpRoute, HttpTimeout, Label, PacketType, RefusalReason,
-    RetainRefusal, RetentionPolicy, StatusClass, StoreOperation, SubscriptionRefusal,
-    TransitionKind,
+    DisconnectReason, DropReason, HandshakeFailure, HttpRoute, HttpTimeout, Label, Listener,
+    PacketType, RefusalReason, ReloadOutcome, RetainRefusal, RetentionPolicy, StatusClass,
+    StoreOperation, SubscriptionRefusal, TransitionKind,
 };
 
 /// All broker metrics.
@@ -31,6 +31,15 @@ pub struct Metrics {
     pub tcp_accepted: IntCounter,
     /// Connections refused or closed before a session started, by reason.
     pub connections_refused: Counters<RefusalReason>,
+    /// Sockets accepted, by listener.
+    pub listener_accepted: Counters<Listener>,
+    /// MQTT connections that completed CONNECT/CONNACK and are open now, by listener.
+    pub listener_connections: Gauges<Listener>,
+    /// Transport handshakes (PROXY header, TLS, WebSocket upgrade) that failed, by listener
+    /// and reason.
+    pub handshake_failures: CounterGrid<Listener, HandshakeFailure>,
+    /// Reloads of the TLS certificate files, by outcome.
+    pub tls_reloads: Counters<ReloadOutcome>,
     /// MQTT connections that completed CONNECT/CONNACK.
     pub connections_accepted: IntCounter,
     /// Ended MQTT connections, by disconnect reason.
@@ -154,6 +163,43 @@ impl<L: Label> Counters<L> {
 
     /// The count so far.
     pub fn get(&self, value: L) -> u64 {
+        self.children[value.index()].get()
+    }
+}
+
+/// A gauge per value of the closed label set `L`.
+pub struct Gauges<L: Label> {
+    children: Vec<IntGauge>,
+    label: PhantomData<L>,
+}
+
+impl<L: Label> Gauges<L> {
+    fn new(registry: &Registry, name: &str, help: &str, label: &str) -> Self {
+        let vec = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        registry
+            .register(Box::new(vec.clone()))
+            .expect("unique metric");
+        Self {
+            children: L::ALL
+                .iter()
+                .map(|value| vec.with_label_values(&[value.as_str()]))
+                .collect(),
+            label: PhantomData,
+        }
+    }
+
+    /// Adds one.
+    pub fn inc(&self, value: L) {
+        self.children[value.index()].inc();
+    }
+
+    /// Takes one away.
+    pub fn dec(&self, value: L) {
+        self.children[value.index()].dec();
+    }
+
+    /// The value now.
+    pub fn get(&self, value: L) -> i64 {
         self.children[value.index()].get()
     }
 }
@@ -294,6 +340,32 @@ impl Metrics {
                 "heartwire_connections_refused_total",
                 "Connections refused or closed before a session started, by reason.",
                 "reason",
+            ),
+            listener_accepted: Counters::new(
+                &r,
+                "heartwire_listener_accepted_total",
+                "Sockets accepted, by listener (tcp, tls, ws, wss).",
+                "listener",
+            ),
+            listener_connections: Gauges::new(
+                &r,
+                "heartwire_listener_connections",
+                "MQTT connections open now (CONNACK sent), by listener (tcp, tls, ws, wss).",
+                "listener",
+            ),
+            handshake_failures: CounterGrid::new(
+                &r,
+                "heartwire_transport_handshake_failures_total",
+                "Transport handshakes (PROXY header, TLS, WebSocket upgrade) that failed before \
+                 MQTT began, by listener and reason.",
+                ["listener", "reason"],
+            ),
+            tls_reloads: Counters::new(
+                &r,
+                "heartwire_tls_reloads_total",
+                "Reloads of the TLS certificate files (SIGHUP), by outcome; after a failed one \
+                 the previous certificate stays in use.",
+                "outcome",
             ),
             connections_accepted: counter(
                 &r,

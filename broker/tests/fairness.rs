@@ -241,7 +241,13 @@ async fn a_publish_flood_is_delivered_not_dropped() {
         async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
             let state = Arc::new(broker::mqtt::Broker::new(Default::default(), events));
-            broker::mqtt::serve(listener, state, shutdown, Duration::from_secs(5)).await
+            broker::mqtt::serve(
+                vec![broker::mqtt::listener::Endpoint::tcp(listener)],
+                state,
+                shutdown,
+                Duration::from_secs(5),
+            )
+            .await
         }
     });
     let drain_events = tokio::spawn(async move { while rx.recv().await.is_some() {} });

@@ -8,17 +8,17 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{Connect, LastWill, Packet};
 use rumqttc::mqttbytes::QoS;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::WAIT;
 
-/// A client that speaks raw MQTT bytes.
-pub struct RawClient {
+/// A client that speaks raw MQTT bytes, over TCP or any other byte stream (TLS, WebSocket).
+pub struct RawClient<S = TcpStream> {
     /// The connection, for tests that write or inspect it directly.
-    pub stream: TcpStream,
+    pub stream: S,
     /// Bytes read but not yet decoded into a packet.
     buf: BytesMut,
 }
@@ -69,15 +69,27 @@ impl RawClient {
     /// A TCP connection to `addr`, nothing sent yet.
     pub async fn tcp(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).await.expect("tcp connect");
+        Self::over(stream)
+    }
+
+    /// Connects and expects CONNACK 0; returns the session-present flag.
+    pub async fn connect(addr: SocketAddr, opts: ConnectOpts<'_>) -> (Self, bool) {
+        Self::tcp(addr).await.handshake(opts).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
+    /// A client on an established `stream`, nothing sent yet.
+    pub fn over(stream: S) -> Self {
         Self {
             stream,
             buf: BytesMut::new(),
         }
     }
 
-    /// Connects and expects CONNACK 0; returns the session-present flag.
-    pub async fn connect(addr: SocketAddr, opts: ConnectOpts<'_>) -> (Self, bool) {
-        let mut c = Self::tcp(addr).await;
+    /// Sends CONNECT and expects CONNACK 0; returns the session-present flag.
+    pub async fn handshake(self, opts: ConnectOpts<'_>) -> (Self, bool) {
+        let mut c = self;
         c.send(&connect_packet(&opts)).await;
         match c.recv().await {
             Some(Packet::ConnAck(ack)) => {

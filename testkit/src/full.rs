@@ -30,6 +30,13 @@ pub struct FullBroker {
     pub mqtt: SocketAddr,
     /// The HTTP listener's address: the API, /metrics, /healthz, /readyz.
     pub http: SocketAddr,
+    /// The TLS listener's address, when the configuration sets `mqtt.tls.listen` (to any
+    /// address: a free loopback port is bound instead).
+    pub tls: Option<SocketAddr>,
+    /// The WebSocket listener's address, likewise.
+    pub ws: Option<SocketAddr>,
+    /// The WebSocket-over-TLS listener's address, likewise.
+    pub wss: Option<SocketAddr>,
     /// `database.url` of its configuration, for tests that read the store themselves.
     database_url: String,
     /// Cancelled to shut the broker down gracefully.
@@ -101,6 +108,9 @@ impl FullBroker {
             mqtt.local_addr().expect("addr"),
             http.local_addr().expect("addr"),
         );
+        let (tls, tls_addr) = bind_if(config.mqtt.tls.listen);
+        let (ws, ws_addr) = bind_if(config.mqtt.ws.listen);
+        let (wss, wss_addr) = bind_if(config.mqtt.wss.listen);
         mqtt.set_nonblocking(true).expect("nonblocking");
         http.set_nonblocking(true).expect("nonblocking");
         let database_url = config.database.url.clone();
@@ -111,6 +121,9 @@ impl FullBroker {
             let listeners = broker::Listeners {
                 mqtt: TcpListener::from_std(mqtt).expect("listener"),
                 http: TcpListener::from_std(http).expect("listener"),
+                tls: tls.map(|l| TcpListener::from_std(l).expect("listener")),
+                ws: ws.map(|l| TcpListener::from_std(l).expect("listener")),
+                wss: wss.map(|l| TcpListener::from_std(l).expect("listener")),
             };
             // (from_std registers with this runtime's reactor, so it runs inside the task.)
             broker::run_with(config, listeners, token)
@@ -121,6 +134,9 @@ impl FullBroker {
         Self {
             mqtt: mqtt_addr,
             http: http_addr,
+            tls: tls_addr,
+            ws: ws_addr,
+            wss: wss_addr,
             database_url,
             shutdown,
             runtime: Some(runtime),
@@ -175,4 +191,15 @@ impl Drop for FullBroker {
             rt.shutdown_background();
         }
     }
+}
+
+/// A non-blocking listener on a free loopback port when `configured` is set.
+fn bind_if(configured: Option<SocketAddr>) -> (Option<std::net::TcpListener>, Option<SocketAddr>) {
+    if configured.is_none() {
+        return (None, None);
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    (Some(listener), Some(addr))
 }

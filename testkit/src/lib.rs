@@ -26,6 +26,7 @@ mod mqtt;
 mod net;
 pub mod pg;
 mod temp;
+pub mod tls;
 mod wait;
 
 pub use client::{connect_packet, encode, Client, ConnectOpts, RawClient};

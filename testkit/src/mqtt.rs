@@ -19,6 +19,15 @@ use crate::WAIT;
 pub struct TestBroker {
     /// Where clients connect (127.0.0.1, port chosen by the kernel).
     pub addr: SocketAddr,
+    /// The TLS listener's address, when the configuration sets `tls.listen` (any address: a
+    /// free loopback port is bound instead).
+    pub tls: Option<SocketAddr>,
+    /// The WebSocket listener's address, likewise.
+    pub ws: Option<SocketAddr>,
+    /// The WebSocket-over-TLS listener's address, likewise.
+    pub wss: Option<SocketAddr>,
+    /// The TLS configuration the TLS and WSS listeners share, to reload it.
+    pub tls_config: Option<Arc<broker::transport::tls::Tls>>,
     /// The connection events, as the bridge would receive them; a test that reads them itself
     /// may take the receiver out.
     pub events: EventReceiver,
@@ -41,16 +50,32 @@ impl TestBroker {
         adjust(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
+        let (tls, tls_addr) = bind_if(config.tls.listen).await;
+        let (ws, ws_addr) = bind_if(config.ws.listen).await;
+        let (wss, wss_addr) = bind_if(config.wss.listen).await;
+        let sockets = mqtt::listener::Sockets {
+            tcp: listener,
+            tls,
+            ws,
+            wss,
+        };
+        let (endpoints, tls_config) = sockets
+            .endpoints(&config)
+            .expect("the TLS configuration loads");
         let (tx, events) = event::channel(1024);
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(mqtt::serve(
-            listener,
+            endpoints,
             Arc::new(mqtt::Broker::new(config, tx)),
             shutdown.clone(),
             Duration::from_secs(5),
         ));
         Self {
             addr,
+            tls: tls_addr,
+            ws: ws_addr,
+            wss: wss_addr,
+            tls_config,
             events,
             shutdown,
             handle,
@@ -107,4 +132,14 @@ impl TestBroker {
         }
         rest
     }
+}
+
+/// A listener on a free loopback port when `configured` is set.
+async fn bind_if(configured: Option<SocketAddr>) -> (Option<TcpListener>, Option<SocketAddr>) {
+    if configured.is_none() {
+        return (None, None);
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    (Some(listener), Some(addr))
 }

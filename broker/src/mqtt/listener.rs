@@ -1,29 +1,142 @@
-//! The accept loop: one task per accepted socket, never blocked by any one client, backing off
-//! (and counting) while the process is out of file descriptors.
+//! The accept loops: one per configured listener (TCP, TLS, WebSocket, WebSocket over TLS),
+//! one task per accepted socket, never blocked by any one client, backing off (and counting)
+//! while the process is out of file descriptors.
+//!
+//! A socket that needs a transport handshake first (PROXY header, TLS, WebSocket upgrade) gets
+//! a short-lived task for it, under the connection's `mqtt.connect_timeout` (which also covers
+//! the CONNECT that follows); it then hands the stream to a connection task of its own, so
+//! that a long-lived connection carries nothing of its handshake.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::{connection, Broker};
+use super::connection::{self, Hello, Transport};
+use super::Broker;
 use crate::config::MqttConfig;
-use crate::labels::RefusalReason;
+use crate::labels::{HandshakeFailure, Listener, RefusalReason};
 use crate::metrics::metrics;
+use crate::telemetry::LogLimiter;
+use crate::transport::tls::{self, Tls};
 
 /// First wait after running out of file descriptors; doubles up to `mqtt.accept_backoff_max`.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 
-/// Accepts MQTT connections on `listener` until `shutdown` is cancelled, then waits up to
+/// One line per 10 s about failed transport handshakes; each failure is counted.
+static HANDSHAKE_FAILED: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+
+/// What a listener does with a socket before MQTT begins.
+#[derive(Clone)]
+pub enum Upgrade {
+    /// Nothing: MQTT over TCP.
+    Plain,
+    /// A TLS handshake.
+    Tls(Arc<Tls>),
+}
+
+/// A bound listener and what its sockets go through.
+pub struct Endpoint {
+    listener: TcpListener,
+    setup: Arc<Setup>,
+}
+
+/// The part of an [`Endpoint`] that its handshake tasks share.
+struct Setup {
+    kind: Listener,
+    proxy_protocol: bool,
+    upgrade: Upgrade,
+}
+
+impl Endpoint {
+    /// A listener of `kind` whose sockets go through `upgrade`, after a PROXY protocol header
+    /// when `proxy_protocol`.
+    pub fn new(
+        listener: TcpListener,
+        kind: Listener,
+        upgrade: Upgrade,
+        proxy_protocol: bool,
+    ) -> Self {
+        Self {
+            listener,
+            setup: Arc::new(Setup {
+                kind,
+                proxy_protocol,
+                upgrade,
+            }),
+        }
+    }
+
+    /// Plain MQTT over TCP.
+    pub fn tcp(listener: TcpListener) -> Self {
+        Self::new(listener, Listener::Tcp, Upgrade::Plain, false)
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Which listener it is.
+    pub fn kind(&self) -> Listener {
+        self.setup.kind
+    }
+}
+
+/// The bound MQTT listeners: TCP always, the others when configured.
+pub struct Sockets {
+    /// `mqtt.listen`.
+    pub tcp: TcpListener,
+    /// `mqtt.tls.listen`.
+    pub tls: Option<TcpListener>,
+    /// `mqtt.ws.listen`.
+    pub ws: Option<TcpListener>,
+    /// `mqtt.wss.listen`.
+    pub wss: Option<TcpListener>,
+}
+
+impl Sockets {
+    /// Their endpoints, as `config` sets them up, and the TLS configuration they share (read
+    /// here from the certificate files, when a TLS or WSS listener is bound).
+    pub fn endpoints(
+        self,
+        config: &MqttConfig,
+    ) -> Result<(Vec<Endpoint>, Option<Arc<Tls>>), tls::TlsError> {
+        let tls = if self.tls.is_some() || self.wss.is_some() {
+            Some(Arc::new(Tls::load(&config.tls)?))
+        } else {
+            None
+        };
+        let mut endpoints = vec![Endpoint::new(
+            self.tcp,
+            Listener::Tcp,
+            Upgrade::Plain,
+            config.proxy_protocol,
+        )];
+        if let (Some(listener), Some(tls)) = (self.tls, &tls) {
+            endpoints.push(Endpoint::new(
+                listener,
+                Listener::Tls,
+                Upgrade::Tls(Arc::clone(tls)),
+                config.tls.proxy_protocol,
+            ));
+        }
+        Ok((endpoints, tls))
+    }
+}
+
+/// Accepts MQTT connections on every endpoint until `shutdown` is cancelled, then waits up to
 /// `grace` for every connection to close (each emits its Disconnected event with reason
 /// broker_shutdown). `broker` is the state the connections share (the caller may keep a handle
 /// on it, e.g. for [`super::LiveSessions`]).
 pub async fn serve(
-    listener: TcpListener,
+    endpoints: Vec<Endpoint>,
     broker: Arc<Broker>,
     shutdown: CancellationToken,
     grace: Duration,
@@ -35,9 +148,46 @@ pub async fn serve(
         shutdown.child_token(),
     ));
     expiry.close();
+    let accepting = TaskTracker::new();
+    for endpoint in endpoints {
+        accepting.spawn(accept_loop(
+            endpoint,
+            Arc::clone(&broker),
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+    }
+    accepting.close();
+    accepting.wait().await;
+
+    broker.sessions.close_all();
+    tracker.close();
+    tracing::info!(
+        connections = tracker.len(),
+        "Listeners closed; closing connections."
+    );
+    // The expiry task ends with the shutdown token; connections take their grace period.
+    expiry.wait().await;
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            remaining = tracker.len(),
+            ?grace,
+            "Grace period over with connections still closing."
+        );
+    }
+}
+
+/// Accepts on one listener until `shutdown`.
+async fn accept_loop(
+    endpoint: Endpoint,
+    broker: Arc<Broker>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let Endpoint { listener, setup } = endpoint;
+    let direct = matches!(setup.upgrade, Upgrade::Plain) && !setup.proxy_protocol;
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let mut refused_in_streak: u64 = 0;
-
     loop {
         let accepted = tokio::select! {
             biased;
@@ -55,14 +205,38 @@ pub async fn serve(
                 }
                 backoff = ACCEPT_BACKOFF_MIN;
                 metrics().tcp_accepted.inc();
+                metrics().listener_accepted.inc(setup.kind);
+                // The deadline of the transport handshake and the CONNECT together.
+                let deadline = Instant::now() + broker.config.connect_timeout;
                 // Debug level: an enabled span costs ~450 bytes per connection. The info-level
                 // lines of a connection name the peer or client id themselves.
-                let span = tracing::debug_span!("conn", %peer, client_id = tracing::field::Empty);
-                configure_socket(&stream, &broker.config);
-                tracker.spawn(
-                    connection::run(stream, Arc::clone(&broker), shutdown.child_token())
-                        .instrument(span),
+                let span = tracing::debug_span!(
+                    "conn",
+                    %peer,
+                    listener = setup.kind.as_str(),
+                    client_id = tracing::field::Empty
                 );
+                configure_socket(&stream, &broker.config);
+                if direct {
+                    let hello = Hello::new(peer, setup.kind, None, deadline);
+                    tracker.spawn(
+                        connection::run(stream, hello, Arc::clone(&broker), shutdown.child_token())
+                            .instrument(span),
+                    );
+                } else {
+                    tracker.spawn(
+                        upgrade(
+                            stream,
+                            peer,
+                            deadline,
+                            Arc::clone(&setup),
+                            Arc::clone(&broker),
+                            tracker.clone(),
+                            shutdown.clone(),
+                        )
+                        .instrument(span),
+                    );
+                }
             }
             Err(error) if is_fd_exhaustion(&error) => {
                 metrics().accept_fd_exhausted.inc();
@@ -72,6 +246,7 @@ pub async fn serve(
                 if refused_in_streak == 0 {
                     tracing::error!(
                         %error,
+                        listener = setup.kind.as_str(),
                         connections = metrics().connections_current.get(),
                         "Out of file descriptors: accepting paused until a connection closes. \
                          Raise the open-file limit (ulimit -n) to hold more connections."
@@ -91,23 +266,108 @@ pub async fn serve(
             }
         }
     }
+}
 
-    drop(listener);
-    broker.sessions.close_all();
-    tracker.close();
-    tracing::info!(
-        connections = tracker.len(),
-        "Listener closed; closing connections."
+/// The transport handshake of one socket, then its connection in a task of its own.
+async fn upgrade(
+    stream: TcpStream,
+    peer: SocketAddr,
+    deadline: Instant,
+    setup: Arc<Setup>,
+    broker: Arc<Broker>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let handshake = async {
+        if setup.proxy_protocol {
+            // MERGE-PROXY
+            return Err(HandshakeFailure::ProxyHeader);
+        }
+        match &setup.upgrade {
+            Upgrade::Plain => {
+                launch(
+                    stream,
+                    Hello::new(peer, setup.kind, None, deadline),
+                    &broker,
+                    &tracker,
+                    &shutdown,
+                );
+                Ok(())
+            }
+            Upgrade::Tls(tls) => {
+                let stream = tls.acceptor().accept(stream).await.map_err(|e| {
+                    tracing::debug!(error = %e, "TLS handshake failed.");
+                    tls::failure(&e)
+                })?;
+                let identity = client_identity(&stream, tls)?;
+                launch(
+                    stream,
+                    Hello::new(peer, setup.kind, identity, deadline),
+                    &broker,
+                    &tracker,
+                    &shutdown,
+                );
+                Ok(())
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => {
+            metrics().connections_refused.inc(RefusalReason::BrokerShutdown);
+            return;
+        }
+        outcome = tokio::time::timeout_at(deadline, handshake) => outcome,
+    };
+    let reason = match outcome {
+        Ok(Ok(())) => return,
+        Ok(Err(reason)) => reason,
+        Err(_) => HandshakeFailure::Timeout,
+    };
+    metrics().handshake_failures.inc(setup.kind, reason);
+    tracing::debug!(
+        reason = reason.as_str(),
+        "Transport handshake failed; closing."
     );
-    // The expiry task ends with the shutdown token; connections take their grace period.
-    expiry.wait().await;
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            remaining = tracker.len(),
-            ?grace,
-            "Grace period over with connections still closing."
+    if let Some(suppressed) = HANDSHAKE_FAILED.check() {
+        tracing::info!(
+            %peer,
+            listener = setup.kind.as_str(),
+            reason = reason.as_str(),
+            suppressed,
+            "Transport handshake failed; closing. Counted by reason in \
+             heartwire_transport_handshake_failures_total; this line at most every 10 s."
         );
     }
+}
+
+/// The identity of the verified client certificate, if any. With
+/// `mqtt.tls.require_client_cert`, a certificate without one is refused.
+fn client_identity<S>(
+    stream: &tokio_rustls::server::TlsStream<S>,
+    tls: &Tls,
+) -> Result<Option<String>, HandshakeFailure> {
+    let (_, connection) = stream.get_ref();
+    let chain = connection.peer_certificates();
+    let identity = tls::identity(chain, tls.identity_source());
+    if identity.is_none() && chain.is_some_and(|c| !c.is_empty()) && tls.requires_client_cert() {
+        return Err(HandshakeFailure::NoIdentity);
+    }
+    Ok(identity)
+}
+
+/// Starts the connection task of an upgraded stream.
+fn launch<S: Transport>(
+    stream: S,
+    hello: Hello,
+    broker: &Arc<Broker>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    tracker.spawn(
+        connection::run(stream, hello, Arc::clone(broker), shutdown.child_token())
+            .instrument(tracing::Span::current()),
+    );
 }
 
 /// TCP settings of every accepted socket.

@@ -9,9 +9,10 @@ use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, LastWill, Pack
 use tokio_util::sync::CancellationToken;
 
 use super::io::{Io, ReadError, Transport};
+use super::Hello;
 use crate::config::{KeepAlivePolicy, MqttConfig};
 use crate::event::{ConnectionEvent, SessionId};
-use crate::labels::RefusalReason;
+use crate::labels::{Listener, RefusalReason};
 use crate::metrics::metrics;
 use crate::mqtt::codec::{self, CodecError, ConnackCode};
 use crate::mqtt::session::Session;
@@ -26,6 +27,8 @@ pub struct Established {
     pub session_id: SessionId,
     /// The connection's sequence number.
     pub seq: u64,
+    /// The listener it came in on.
+    pub listener: Listener,
     /// keep-alive x multiplier; `None` when the client asked for no keep-alive.
     pub keep_alive: Option<Duration>,
     /// Published if the connection ends without DISCONNECT. Boxed: most devices have none,
@@ -37,26 +40,25 @@ pub struct Established {
 /// and the CONNACK. `None` when the connection was refused (and already answered).
 pub async fn handshake<S: Transport>(
     io: &mut Io<S>,
+    hello: Box<Hello>,
     broker: &Broker,
     shutdown: &CancellationToken,
 ) -> Option<Established> {
     let config = &broker.config;
-    let peer = match io.peer_addr() {
-        Ok(peer) => peer,
-        Err(error) => {
-            tracing::debug!(%error, "Connection gone before CONNECT.");
-            refused(RefusalReason::ConnectionLost);
-            return None;
-        }
-    };
+    let Hello {
+        peer,
+        listener,
+        identity,
+        deadline,
+    } = *hello;
     let first = tokio::select! {
         biased;
         _ = shutdown.cancelled() => {
             refused(RefusalReason::BrokerShutdown);
             return None;
         }
-        first = tokio::time::timeout(
-            config.connect_timeout,
+        first = tokio::time::timeout_at(
+            deadline,
             io.read_packet(&broker.read_budget, &broker.read_budget_freed),
         ) => first,
     };
@@ -163,8 +165,8 @@ pub async fn handshake<S: Transport>(
             session_id,
             seq,
             peer,
-            listener: crate::labels::Listener::Tcp,
-            identity: None,
+            listener,
+            identity,
             keep_alive,
             clean_session: connect.clean_session,
             time: SystemTime::now(),
@@ -173,6 +175,7 @@ pub async fn handshake<S: Transport>(
     session.touch();
     metrics().connections_accepted.inc();
     metrics().connections_current.inc();
+    metrics().listener_connections.inc(listener);
     tracing::debug!(%session_id, seq, keep_alive, clean_session = connect.clean_session, "Connected.");
 
     io.send(&Packet::ConnAck(ConnAck::new(
@@ -189,6 +192,7 @@ pub async fn handshake<S: Transport>(
         session,
         session_id,
         seq,
+        listener,
         keep_alive: (keep_alive > 0).then(|| {
             Duration::from_secs(u64::from(keep_alive)).mul_f64(config.keepalive_multiplier)
         }),

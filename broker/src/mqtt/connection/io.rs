@@ -6,7 +6,6 @@
 
 use std::future::poll_fn;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -14,7 +13,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::metrics::metrics;
@@ -26,17 +24,10 @@ pub const READ_CHUNK: usize = 4096;
 /// Largest single read while a large packet arrives.
 const READ_MAX: usize = 64 * 1024;
 
-/// A byte stream a client connects over.
-pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    /// The client's address.
-    fn peer_addr(&self) -> io::Result<SocketAddr>;
-}
+/// A byte stream a client connects over: TCP, or TLS or WebSocket over it.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 
-impl Transport for TcpStream {
-    fn peer_addr(&self) -> io::Result<SocketAddr> {
-        TcpStream::peer_addr(self)
-    }
-}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for S {}
 
 /// Why reading a packet failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,11 +65,6 @@ impl<S: Transport> Io<S> {
             max_packet_size,
             reserved: 0,
         }
-    }
-
-    /// The client's address.
-    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.stream.peer_addr()
     }
 
     /// Total size of the packet at the start of the read buffer, once its fixed header is in.

@@ -16,15 +16,17 @@ pub mod packets;
 pub mod serve;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::v4::LastWill;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::ConnectionEvent;
-use crate::labels::DisconnectReason;
+use crate::labels::{DisconnectReason, Listener};
 use crate::metrics::metrics;
 use crate::mqtt::message::Message;
 use crate::mqtt::Broker;
@@ -32,6 +34,36 @@ use handshake::{handshake, Established};
 use io::Io;
 pub use io::Transport;
 use serve::serve;
+
+/// What the listener learnt of a connection before its first MQTT byte.
+#[derive(Debug, Clone)]
+pub struct Hello {
+    /// The client's address (from the PROXY header or a trusted proxy where configured).
+    pub peer: SocketAddr,
+    /// The listener it came in on.
+    pub listener: Listener,
+    /// The identity of its verified TLS client certificate.
+    pub identity: Option<String>,
+    /// When the CONNECT must have arrived (`mqtt.connect_timeout` after the accept).
+    pub deadline: Instant,
+}
+
+impl Hello {
+    /// A connection from `peer` on `listener`.
+    pub fn new(
+        peer: SocketAddr,
+        listener: Listener,
+        identity: Option<String>,
+        deadline: Instant,
+    ) -> Self {
+        Self {
+            peer,
+            listener,
+            identity,
+            deadline,
+        }
+    }
+}
 
 /// Serves one accepted stream until it closes.
 ///
@@ -42,12 +74,15 @@ use serve::serve;
 /// stream for the peer's address instead of keeping it.
 pub fn run<S: Transport>(
     stream: S,
+    hello: Hello,
     broker: Arc<Broker>,
     shutdown: CancellationToken,
 ) -> impl Future<Output = ()> + Send {
     let mut io = Io::new(stream, broker.config.max_packet_size);
+    // Boxed: it is needed by the handshake only, and would otherwise stay in the task.
+    let hello = Box::new(hello);
     async move {
-        let established = Box::pin(handshake(&mut io, &broker, &shutdown)).await;
+        let established = Box::pin(handshake(&mut io, hello, &broker, &shutdown)).await;
         let reason = match &established {
             Some(conn) => Some(serve(&mut io, &broker, conn, &shutdown).await),
             None => None,
@@ -64,6 +99,7 @@ pub fn run<S: Transport>(
 /// paused accept loop go on.
 async fn close(broker: &Broker, conn: Established, reason: DisconnectReason) {
     metrics().connections_current.dec();
+    metrics().listener_connections.dec(conn.listener);
     metrics().disconnects.inc(reason);
     match reason {
         DisconnectReason::KeepaliveTimeout => metrics().keepalive_timeouts.inc(),
@@ -129,7 +165,18 @@ mod size {
         let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (tx, _rx) = crate::event::channel(1);
         let broker = std::sync::Arc::new(crate::mqtt::Broker::new(Default::default(), tx));
-        let fut = super::run(stream, broker, tokio_util::sync::CancellationToken::new());
+        let hello = super::Hello::new(
+            addr,
+            crate::labels::Listener::Tcp,
+            None,
+            tokio::time::Instant::now(),
+        );
+        let fut = super::run(
+            stream,
+            hello,
+            broker,
+            tokio_util::sync::CancellationToken::new(),
+        );
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 512, "connection future is {size} bytes");
         eprintln!(
@@ -137,5 +184,9 @@ mod size {
             std::mem::size_of::<crate::mqtt::session::Session>()
         );
         assert!(std::mem::size_of::<crate::mqtt::session::Session>() <= 256);
+        // A TLS connection's future holds the rustls connection instead of the bare socket.
+        let tls = std::mem::size_of::<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>();
+        let tcp = std::mem::size_of::<tokio::net::TcpStream>();
+        eprintln!("TLS stream: {tls} bytes, TCP stream: {tcp} bytes");
     }
 }
