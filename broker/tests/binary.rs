@@ -351,3 +351,120 @@ async fn pretty_logs_to_a_pipe_have_no_colour_codes() {
     }
     child.kill().await.expect("kill");
 }
+
+/// The address of the listener named `listener` in an "MQTT listener ready" line.
+async fn listener_addr(
+    lines: &mut mpsc::UnboundedReceiver<String>,
+    listener: &str,
+) -> std::net::SocketAddr {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let line = wait_for_line(lines, "MQTT listener ready").await;
+            let value: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+            if value["listener"] == listener {
+                return value["listen"]
+                    .as_str()
+                    .expect("listen field")
+                    .parse()
+                    .expect("address");
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {listener} listener ready"))
+}
+
+async fn kill(child: &Child, signal: &str) {
+    let pid = child.id().expect("pid");
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .await
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// An operator renews the certificate: SIGHUP makes new connections use it and keeps the
+/// connections made before; a bad file on reload keeps the certificate in force. A certificate
+/// file that cannot be read at start stops the broker, naming the key.
+#[tokio::test]
+async fn sighup_reloads_the_tls_certificate_without_dropping_a_connection() {
+    use testkit::tls::{client_config, tls_connect, Ca, Validity};
+    let data = testkit::temp_dir("tls-reload");
+    let ca = Ca::new("Heartwire test CA");
+    let (cert, key) = ca
+        .server(&["localhost"], Validity::Now)
+        .write(data.path(), "server");
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let env = [
+        ("BROKER_MQTT__TLS__LISTEN", "127.0.0.1:0"),
+        ("BROKER_MQTT__TLS__CERT_FILE", cert.as_str()),
+        ("BROKER_MQTT__TLS__KEY_FILE", key.as_str()),
+    ];
+    let (mut child, mut lines) = spawn(1024, &data, &env);
+    let tls = listener_addr(&mut lines, "tls").await;
+
+    let stream = tls_connect(tls, "localhost", client_config(&ca.pem(), None))
+        .await
+        .expect("TLS handshake");
+    let (mut old, _) = RawClient::over(stream)
+        .handshake(ConnectOpts::new("before-reload"))
+        .await;
+
+    let renewed = Ca::new("Heartwire renewed CA");
+    renewed
+        .server(&["localhost"], Validity::Now)
+        .write(data.path(), "server");
+    kill(&child, "HUP").await;
+    wait_for_line(&mut lines, "TLS certificate files reloaded").await;
+    tls_connect(tls, "localhost", client_config(&renewed.pem(), None))
+        .await
+        .expect("the renewed certificate is presented");
+
+    std::fs::write(data.path().join("server.key"), "garbage").expect("write");
+    kill(&child, "HUP").await;
+    let line = wait_for_line(&mut lines, "not reloaded").await;
+    assert!(line.contains("mqtt.tls.key_file"), "{line}");
+    tls_connect(tls, "localhost", client_config(&renewed.pem(), None))
+        .await
+        .expect("still the renewed certificate");
+
+    old.send(&Packet::PingReq).await;
+    assert!(matches!(old.recv().await, Some(Packet::PingResp)));
+    kill(&child, "TERM").await;
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+
+    // At start, an unreadable certificate stops the broker with the key in the message.
+    let out = Command::new(BROKER)
+        .env("BROKER_MQTT__LISTEN", "127.0.0.1:0")
+        .env("BROKER_HTTP__LISTEN", "127.0.0.1:0")
+        .env("BROKER_DATABASE__URL", testkit::sqlite_url(&data))
+        .env("BROKER_MQTT__TLS__LISTEN", "127.0.0.1:0")
+        .env(
+            "BROKER_MQTT__TLS__CERT_FILE",
+            data.path().join("missing.crt"),
+        )
+        .env("BROKER_MQTT__TLS__KEY_FILE", &key)
+        .output()
+        .await
+        .expect("run broker");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mqtt.tls.cert_file"), "{stderr}");
+    assert!(stderr.contains("missing.crt"), "{stderr}");
+
+    // A TLS listener without a certificate is a configuration error.
+    let out = Command::new(BROKER)
+        .env("BROKER_MQTT__TLS__LISTEN", "127.0.0.1:0")
+        .output()
+        .await
+        .expect("run broker");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mqtt.tls.cert_file"), "{stderr}");
+}
