@@ -47,6 +47,7 @@ pub mod mqtt;
 pub mod presence;
 pub mod store;
 pub mod telemetry;
+pub mod transport;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
