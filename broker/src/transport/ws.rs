@@ -107,7 +107,9 @@ const CLOSE_INVALID: u16 = 1007;
 /// that offers none is refused with 400, as is one that offers only others. Refusals: 405
 /// (not GET), 404 (another path), 426 (`Sec-WebSocket-Version` other than 13), 431 (head
 /// larger than `max_request_bytes`), 400 (anything else). Bytes that arrive after the
-/// request head are kept for the [`WsStream`]. The caller bounds the whole with a timeout.
+/// request head are kept for the [`WsStream`]. `Host` and `Origin` are not checked: an MQTT
+/// client authenticates in its CONNECT, not with cookies. The caller bounds the whole with a
+/// timeout.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     options: &WsOptions,
@@ -374,7 +376,9 @@ pub fn client_addr(socket_peer: IpAddr, forwarded_for: &[IpAddr], trusted: &[IpN
 /// a close frame is answered with a close frame echoing its status code, after which reads
 /// return end of stream. A protocol violation (an unmasked frame, RSV bits, a reserved
 /// opcode, a malformed control frame, a continuation out of place) sends close 1002, a text
-/// frame close 1003, and fails the read with [`io::ErrorKind::InvalidData`].
+/// frame close 1003, and fails the read with [`io::ErrorKind::InvalidData`]. Frames of any
+/// length are accepted, as their payload is streamed, not buffered: the MQTT layer's packet
+/// size limit is what bounds a client. Extensions are never agreed on (RSV bits stay zero).
 ///
 /// Reads also send the control frames owed (pongs, close replies), so those go out even when
 /// nothing is written; a read may thus register the task for writability. Read and write
