@@ -14,17 +14,19 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::connection::{self, Hello, Transport};
 use super::Broker;
-use crate::config::MqttConfig;
+use crate::config::{MqttConfig, WsConfig};
 use crate::labels::{HandshakeFailure, Listener, RefusalReason};
 use crate::metrics::metrics;
 use crate::telemetry::LogLimiter;
 use crate::transport::tls::{self, Tls};
+use crate::transport::{proxy, ws};
 
 /// First wait after running out of file descriptors; doubles up to `mqtt.accept_backoff_max`.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
@@ -39,6 +41,10 @@ pub enum Upgrade {
     Plain,
     /// A TLS handshake.
     Tls(Arc<Tls>),
+    /// A WebSocket upgrade.
+    Ws(Arc<WsEndpoint>),
+    /// A TLS handshake, then a WebSocket upgrade.
+    Wss(Arc<Tls>, Arc<WsEndpoint>),
 }
 
 /// A bound listener and what its sockets go through.
@@ -125,6 +131,22 @@ impl Sockets {
                 Listener::Tls,
                 Upgrade::Tls(Arc::clone(tls)),
                 config.tls.proxy_protocol,
+            ));
+        }
+        if let Some(listener) = self.ws {
+            endpoints.push(Endpoint::new(
+                listener,
+                Listener::Ws,
+                Upgrade::Ws(Arc::new(WsEndpoint::new(&config.ws))),
+                config.ws.proxy_protocol,
+            ));
+        }
+        if let (Some(listener), Some(tls)) = (self.wss, &tls) {
+            endpoints.push(Endpoint::new(
+                listener,
+                Listener::Wss,
+                Upgrade::Wss(Arc::clone(tls), Arc::new(WsEndpoint::new(&config.wss))),
+                config.wss.proxy_protocol,
             ));
         }
         Ok((endpoints, tls))
@@ -270,8 +292,8 @@ async fn accept_loop(
 
 /// The transport handshake of one socket, then its connection in a task of its own.
 async fn upgrade(
-    stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
     deadline: Instant,
     setup: Arc<Setup>,
     broker: Arc<Broker>,
@@ -280,36 +302,36 @@ async fn upgrade(
 ) {
     let handshake = async {
         if setup.proxy_protocol {
-            // MERGE-PROXY
-            return Err(HandshakeFailure::ProxyHeader);
+            match proxy::read_header(&mut stream).await {
+                Ok(Some(source)) => peer = source,
+                Ok(None) => {}
+                Err(proxy::ProxyError::Closed) => return Err(HandshakeFailure::Closed),
+                Err(error) => {
+                    tracing::debug!(%error, "Invalid PROXY protocol header.");
+                    return Err(HandshakeFailure::ProxyHeader);
+                }
+            }
         }
+        let hello = |peer, identity| Hello::new(peer, setup.kind, identity, deadline);
         match &setup.upgrade {
-            Upgrade::Plain => {
-                launch(
-                    stream,
-                    Hello::new(peer, setup.kind, None, deadline),
-                    &broker,
-                    &tracker,
-                    &shutdown,
-                );
-                Ok(())
-            }
+            Upgrade::Plain => launch(stream, hello(peer, None), &broker, &tracker, &shutdown),
             Upgrade::Tls(tls) => {
-                let stream = tls.acceptor().accept(stream).await.map_err(|e| {
-                    tracing::debug!(error = %e, "TLS handshake failed.");
-                    tls::failure(&e)
-                })?;
+                let stream = tls_accept(tls, stream).await?;
                 let identity = client_identity(&stream, tls)?;
-                launch(
-                    stream,
-                    Hello::new(peer, setup.kind, identity, deadline),
-                    &broker,
-                    &tracker,
-                    &shutdown,
-                );
-                Ok(())
+                launch(stream, hello(peer, identity), &broker, &tracker, &shutdown);
+            }
+            Upgrade::Ws(ws) => {
+                let (stream, peer) = ws.accept(stream, peer).await?;
+                launch(stream, hello(peer, None), &broker, &tracker, &shutdown);
+            }
+            Upgrade::Wss(tls, ws) => {
+                let stream = tls_accept(tls, stream).await?;
+                let identity = client_identity(&stream, tls)?;
+                let (stream, peer) = ws.accept(stream, peer).await?;
+                launch(stream, hello(peer, identity), &broker, &tracker, &shutdown);
             }
         }
+        Ok(())
     };
     let outcome = tokio::select! {
         biased;
@@ -341,10 +363,65 @@ async fn upgrade(
     }
 }
 
+/// The TLS handshake.
+async fn tls_accept(
+    tls: &Tls,
+    stream: TcpStream,
+) -> Result<TlsStream<TcpStream>, HandshakeFailure> {
+    tls.acceptor().accept(stream).await.map_err(|error| {
+        tracing::debug!(%error, "TLS handshake failed.");
+        tls::failure(&error)
+    })
+}
+
+/// A WebSocket endpoint: its path and the proxies whose X-Forwarded-For is believed.
+pub struct WsEndpoint {
+    options: ws::WsOptions,
+    trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+impl WsEndpoint {
+    /// The endpoint `config` describes.
+    pub fn new(config: &WsConfig) -> Self {
+        Self {
+            options: ws::WsOptions {
+                path: config.path.clone(),
+                ..ws::WsOptions::default()
+            },
+            trusted_proxies: config.trusted_proxies.clone(),
+        }
+    }
+
+    /// The WebSocket upgrade of `stream` from `peer`; the stream and the client's address
+    /// (from X-Forwarded-For when `peer` is a trusted proxy; its port is then unknown, 0).
+    async fn accept<S: Transport>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+    ) -> Result<(ws::WsStream<S>, SocketAddr), HandshakeFailure> {
+        let (stream, upgraded) = ws::accept(stream, &self.options).await.map_err(|error| {
+            tracing::debug!(%error, "WebSocket upgrade failed.");
+            match error {
+                ws::WsError::Request(_) => HandshakeFailure::WsRequest,
+                ws::WsError::Path(_) => HandshakeFailure::WsPath,
+                ws::WsError::Subprotocol => HandshakeFailure::WsSubprotocol,
+                ws::WsError::Io(_) | ws::WsError::Closed => HandshakeFailure::Closed,
+            }
+        })?;
+        let client = ws::client_addr(peer.ip(), &upgraded.forwarded_for, &self.trusted_proxies);
+        let peer = if client == peer.ip() {
+            peer
+        } else {
+            SocketAddr::new(client, 0)
+        };
+        Ok((stream, peer))
+    }
+}
+
 /// The identity of the verified client certificate, if any. With
 /// `mqtt.tls.require_client_cert`, a certificate without one is refused.
 fn client_identity<S>(
-    stream: &tokio_rustls::server::TlsStream<S>,
+    stream: &TlsStream<S>,
     tls: &Tls,
 ) -> Result<Option<String>, HandshakeFailure> {
     let (_, connection) = stream.get_ref();
