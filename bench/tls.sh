@@ -115,6 +115,20 @@ chmod a+r "$PKI"/*  # Mosquitto started as root reads them as the account it swi
 log "certificates: $KEY_LABEL, server certificate for localhost and 127.0.0.1, mutual TLS: $MUTUAL"
 
 # --- brokers with a TLS listener ------------------------------------------------------------
+# wait_listener PORT PID: bounded wait until 127.0.0.1:PORT accepts. Returns 1 if PID exits
+# first, 2 if the broker's log says it ignores the TLS keys (a Heartwire build without TLS
+# listeners warns and starts without one); dies on timeout.
+wait_listener() {
+  local port="$1" pid="$2" i
+  for (( i = 0; i < BROKER_START_TIMEOUT * 10; i++ )); do
+    kill -0 "$pid" 2>/dev/null || return 1
+    grep -q 'name no configuration key.*BROKER_MQTT__TLS__' "$BROKER_LOG" 2>/dev/null && return 2
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  die "broker pid $pid did not accept TCP on port $port within ${BROKER_START_TIMEOUT}s (see $BROKER_LOG)"
+}
+
 # start_tls_broker NAME TAG -> sets BROKER_PID, BROKER_PORT, BROKER_LOG; returns 1 when the
 # broker does not come up (its log says why).
 start_tls_broker() {
@@ -156,7 +170,14 @@ EOF
     esac
     BROKER_PID=$!
     PIDS+=("$BROKER_PID")
-    if wait_tcp "$BROKER_PORT" "$BROKER_PID" "$name"; then return 0; fi
+    local waited=0
+    wait_listener "$BROKER_PORT" "$BROKER_PID" || waited=$?
+    (( waited == 0 )) && return 0
+    if (( waited == 2 )); then
+      stop_pid "$BROKER_PID" TERM
+      echo "this build has no TLS listener: it ignores BROKER_MQTT__TLS__*" >>"$BROKER_LOG"
+      return 1
+    fi
     wait "$BROKER_PID" 2>/dev/null || true
     cp "$BROKER_LOG" "$BROKER_LOG.attempt$attempt"
     # Only a port taken in the meantime is worth another try.
@@ -167,7 +188,7 @@ EOF
 
 # first_error LOG: the line of a broker log that says why it did not start.
 first_error() {
-  grep -m 1 -iE 'error|unknown|invalid' "$1" 2>/dev/null || tail -n 1 "$1" 2>/dev/null || true
+  grep -m 1 -iE 'no TLS listener|error|unknown|invalid' "$1" 2>/dev/null || tail -n 1 "$1" 2>/dev/null || true
 }
 
 # run_loadgen NAME TAG TIMEOUT ARGS...: starts the broker, runs loadgen against it, stops the
