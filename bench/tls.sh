@@ -18,7 +18,7 @@
 # BROKER_MQTT__TLS__KEY_FILE (with MUTUAL=1 also BROKER_MQTT__TLS__CLIENT_CA_FILE and
 # BROKER_MQTT__TLS__REQUIRE_CLIENT_CERT=true); a broker build without TLS refuses those keys,
 # and its row of the table says so. Mosquitto gets the equivalent listener (cafile, certfile,
-# keyfile, require_certificate).
+# keyfile, require_certificate, and set_tcp_nodelay: see MOSQUITTO_NODELAY).
 #
 # Environment (all optional):
 #   COUNT=10000          idle TLS connections (one loadgen process, one broker: each needs a
@@ -29,6 +29,10 @@
 #   KEY_TYPE=ec          ec (ECDSA P-256) or rsa (RSA 2048): the server's (and client's) key
 #   MUTUAL=0             1: the brokers require a client certificate (signed by the same CA),
 #                        which loadgen presents (one for all connections)
+#   MOSQUITTO_NODELAY=1  1: Mosquitto sets TCP_NODELAY like Heartwire (set_tcp_nodelay true);
+#                        0: Mosquitto's default, Nagle's algorithm on, which holds each TLS
+#                        CONNACK behind the unacknowledged TLS 1.3 session tickets until the
+#                        client's delayed ACK (about 40 ms on Linux)
 #   CORES=1              1: broker pinned to core 0, loadgen to core 1 (taskset); 2: neither
 #                        pinned (the generator's handshakes then compete with the broker's)
 #   BROKERS="heartwire mosquitto"   which brokers to measure, in order
@@ -49,6 +53,7 @@ CONNECTS="${CONNECTS:-5000}"
 CONNECT_RATE="${CONNECT_RATE:-1000}"
 KEY_TYPE="${KEY_TYPE:-ec}"
 MUTUAL="${MUTUAL:-0}"
+MOSQUITTO_NODELAY="${MOSQUITTO_NODELAY:-1}"
 CORES="${CORES:-1}"
 BROKERS="${BROKERS:-heartwire mosquitto}"
 KEEPALIVE=60
@@ -74,6 +79,7 @@ case "$KEY_TYPE" in
   *) die "KEY_TYPE must be ec or rsa" ;;
 esac
 [[ "$MUTUAL" == 0 || "$MUTUAL" == 1 ]] || die "MUTUAL must be 0 or 1"
+[[ "$MOSQUITTO_NODELAY" == 0 || "$MOSQUITTO_NODELAY" == 1 ]] || die "MOSQUITTO_NODELAY must be 0 or 1"
 command -v openssl >/dev/null || die "openssl is needed to make the certificates (Debian package openssl)"
 # Connections are held at most this long per step by loadgen itself; this outer bound covers a
 # whole measurement.
@@ -159,6 +165,7 @@ keyfile $PKI/server.key
 require_certificate $([[ "$MUTUAL" == 1 ]] && echo true || echo false)
 allow_anonymous true
 max_keepalive 65535
+set_tcp_nodelay $([[ "$MOSQUITTO_NODELAY" == 1 ]] && echo true || echo false)
 persistence false
 user $(id -un)
 log_dest stderr
@@ -224,7 +231,7 @@ done
 
 # --- report ---------------------------------------------------------------------------------
 echo
-echo "MQTT over TLS ($KEY_LABEL certificate, mutual TLS: $MUTUAL, no session resumption): $COUNT idle connections (settle ${SETTLE}s); $CONNECTS connects at $CONNECT_RATE/s; CORES=$CORES ($(nproc) cores, load average $(machine_load))"
+echo "MQTT over TLS ($KEY_LABEL certificate, mutual TLS: $MUTUAL, no session resumption, Mosquitto set_tcp_nodelay: $MOSQUITTO_NODELAY): $COUNT idle connections (settle ${SETTLE}s); $CONNECTS connects at $CONNECT_RATE/s; CORES=$CORES ($(nproc) cores, load average $(machine_load))"
 fmt='%-10s | %11s | %22s | %18s | %12s | %11s | %14s | %14s | %14s | %15s | %13s\n'
 # shellcheck disable=SC2059
 printf "$fmt" broker "idle conns" "RSS before/after KiB" "KiB per idle conn" "connected" "connects/s" \
