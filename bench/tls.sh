@@ -232,10 +232,10 @@ done
 # --- report ---------------------------------------------------------------------------------
 echo
 echo "MQTT over TLS ($KEY_LABEL certificate, mutual TLS: $MUTUAL, no session resumption, Mosquitto set_tcp_nodelay: $MOSQUITTO_NODELAY): $COUNT idle connections (settle ${SETTLE}s); $CONNECTS connects at $CONNECT_RATE/s; CORES=$CORES ($(nproc) cores, load average $(machine_load))"
-fmt='%-10s | %11s | %22s | %18s | %12s | %11s | %14s | %14s | %14s | %15s | %13s\n'
+fmt='%-10s | %11s | %22s | %18s | %12s | %11s | %14s | %14s | %14s | %15s | %16s | %13s\n'
 # shellcheck disable=SC2059
 printf "$fmt" broker "idle conns" "RSS before/after KiB" "KiB per idle conn" "connected" "connects/s" \
-  "connack p50 ms" "connack p99 ms" "connack max ms" "CPU ms/connect" "loadgen CPU %"
+  "connack p50 ms" "connack p99 ms" "connack max ms" "CPU ms/connect" "listen overflows" "loadgen CPU %"
 for b in $BROKERS; do
   idle="${IDLE[$b]}" rate="${RATE[$b]}"
   if [[ "$idle" != idle* ]]; then
@@ -253,8 +253,11 @@ for b in $BROKERS; do
     "$(field kib_per_connection "$idle")" "$(field connected "$rate")/$CONNECTS" \
     "$(field achieved_per_s "$rate")" "$(field connack_p50_ms "$rate")" \
     "$(field connack_p99_ms "$rate")" "$(field connack_max_ms "$rate")" \
-    "$(field broker_cpu_ms_per_connect "$rate")" "$(field loadgen_cpu_pct "$rate")"
+    "$(field broker_cpu_ms_per_connect "$rate")" "$(field listen_overflows "$rate")" \
+    "$(field loadgen_cpu_pct "$rate")"
 done
 echo "KiB per idle conn: (RSS after - RSS before) / connections, from /proc/PID/status. connack: from"
 echo "the start of the TCP connect to the CONNACK, TLS handshake included; CPU ms/connect: the"
-echo "broker's user+system CPU over the connect phase / connections."
+echo "broker's user+system CPU over the connect phase / connections; listen overflows: SYNs or"
+echo "handshake ACKs the kernel dropped from a full listen queue meanwhile (system-wide), each a"
+echo "retransmission of a second or more for its client."

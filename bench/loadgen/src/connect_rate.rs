@@ -16,6 +16,7 @@ use crate::cli::{Common, ConnectRate};
 use crate::client::{self, Targets};
 use crate::procfs::clock_ticks_per_second;
 use crate::report::{ConnectRateReport, Latency};
+use crate::sockets;
 use crate::tls::Tls;
 use crate::window::{self, Meter};
 
@@ -36,6 +37,7 @@ pub async fn run(common: &Common, args: &ConnectRate) -> Result<ConnectRateRepor
     let mut tasks = JoinSet::new();
     let run_id = std::process::id();
     let rss_start = meter.broker_rss_kib();
+    let overflows_start = sockets::listen_overflows();
     let start_mark = meter.mark();
     let start = start_mark.at;
     let mut lag_max = Duration::ZERO;
@@ -74,6 +76,7 @@ pub async fn run(common: &Common, args: &ConnectRate) -> Result<ConnectRateRepor
         }
     }
     let end_mark = meter.mark();
+    let overflows_end = sockets::listen_overflows();
     let rss_end = meter.broker_rss_kib();
     stop.cancel();
     if timeout(WIND_DOWN, async {
@@ -103,6 +106,9 @@ pub async fn run(common: &Common, args: &ConnectRate) -> Result<ConnectRateRepor
         elapsed_s,
         achieved_per_s: connected as f64 / elapsed_s,
         start_lag_max_ms: lag_max.as_secs_f64() * 1000.0,
+        listen_overflows: overflows_start
+            .zip(overflows_end)
+            .map(|(a, b)| b.saturating_sub(a)),
         connack: Latency::from_micros(samples_us),
         broker_cpu_ms_per_connect: broker.as_ref().map(|b| b.cpu_s * 1000.0 / connected as f64),
         broker,

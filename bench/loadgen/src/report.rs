@@ -317,6 +317,9 @@ pub struct ConnectRateReport {
     /// How late the generator started a connect after its scheduled time, at worst, ms (a
     /// busy generator shows here).
     pub start_lag_max_ms: f64,
+    /// Connections the kernel dropped from a full listen queue during the run (system-wide
+    /// TcpExt ListenOverflows; `None` if unreadable): each costs its client a retransmission.
+    pub listen_overflows: Option<u64>,
     /// From the start of the TCP connect to the CONNACK, successful connects only.
     pub connack: Latency,
     /// Broker CPU and RSS over `elapsed_s` (with --broker-pid).
@@ -331,8 +334,8 @@ impl ConnectRateReport {
     pub fn summary(&self) -> String {
         let mut s = format!(
             "connect-rate connections={} rate={} tls={} connected={} failed={} elapsed_s={:.2} \
-             achieved_per_s={:.0} start_lag_max_ms={:.1} connack_p50_ms={:.2} \
-             connack_p99_ms={:.2} connack_max_ms={:.1}",
+             achieved_per_s={:.0} start_lag_max_ms={:.1} listen_overflows={} \
+             connack_p50_ms={:.2} connack_p99_ms={:.2} connack_max_ms={:.1}",
             self.connections,
             self.rate,
             self.tls,
@@ -341,6 +344,8 @@ impl ConnectRateReport {
             self.elapsed_s,
             self.achieved_per_s,
             self.start_lag_max_ms,
+            self.listen_overflows
+                .map_or_else(|| "none".to_owned(), |n| n.to_string()),
             self.connack.p50_ms,
             self.connack.p99_ms,
             self.connack.max_ms,
