@@ -172,16 +172,16 @@ pub struct RunArgs {
     /// parent serves the sum of all workers.
     #[arg(long)]
     pub metrics_listen: Option<String>,
-    /// Transport: MQTT over TLS; needs --cafile.
+    /// MQTT over TLS; needs --cafile.
     #[arg(long, help_heading = "Transport", conflicts_with_all = ["ws", "wss"])]
     pub tls: bool,
-    /// Transport: MQTT over WebSocket (ws://HOST:PORT/--ws-path, subprotocol "mqtt").
+    /// MQTT over WebSocket (ws://HOST:PORT/--ws-path, subprotocol "mqtt").
     #[arg(long, help_heading = "Transport", conflicts_with = "wss")]
     pub ws: bool,
-    /// Transport: MQTT over WebSocket over TLS (wss://HOST:PORT/--ws-path); needs --cafile.
+    /// MQTT over WebSocket over TLS (wss://HOST:PORT/--ws-path); needs --cafile.
     #[arg(long, help_heading = "Transport")]
     pub wss: bool,
-    /// Transport: HTTP path of the broker's WebSocket endpoint, with --ws or --wss
+    /// HTTP path of the broker's WebSocket endpoint, with --ws or --wss
     /// [default: /mqtt].
     #[arg(long, help_heading = "Transport", value_name = "PATH")]
     pub ws_path: Option<String>,
