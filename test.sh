@@ -10,6 +10,8 @@
 #   TEST_DATABASE_URL. Debian package `postgresql`.
 # - Prometheus, for the dashboard test (device-sim/tests/dashboards.rs); not needed with
 #   PROMETHEUS_BIN. Debian package `prometheus`.
+# - Mosquitto, the TLS server of device-sim's TLS test (device-sim/tests/mosquitto_tls.rs).
+#   Debian package `mosquitto` (its binary is /usr/sbin/mosquitto, often not on a user's PATH).
 # Packages are installed with apt-get as root, or through sudo. When neither is possible the
 # script stops and says what to install: the tests never skip a missing dependency silently.
 set -euo pipefail
@@ -46,9 +48,14 @@ have_prometheus() {
   command -v prometheus >/dev/null 2>&1
 }
 
+have_mosquitto() {
+  command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]]
+}
+
 packages=()
 have_postgres || packages+=(postgresql)
 have_prometheus || packages+=(prometheus)
+have_mosquitto || packages+=(mosquitto)
 
 if ((${#packages[@]})); then
   as_root=()
@@ -73,6 +80,9 @@ if ((${#packages[@]})); then
           say "  - Prometheus: Debian/Ubuntu package 'prometheus', or set PROMETHEUS_BIN to a" \
             "prometheus binary"
           ;;
+        mosquitto)
+          say "  - Mosquitto: Debian/Ubuntu package 'mosquitto' (on the PATH or /usr/sbin/mosquitto)"
+          ;;
       esac
     done
     exit 1
@@ -82,8 +92,8 @@ if ((${#packages[@]})); then
   ${as_root[@]+"${as_root[@]}"} apt-get update
   ${as_root[@]+"${as_root[@]}"} env DEBIAN_FRONTEND=noninteractive \
     apt-get install -y --no-install-recommends "${packages[@]}"
-  if ! have_postgres || ! have_prometheus; then
-    say "apt-get installed ${packages[*]} but initdb or prometheus is still not found"
+  if ! have_postgres || ! have_prometheus || ! have_mosquitto; then
+    say "apt-get installed ${packages[*]} but initdb, prometheus or mosquitto is still not found"
     exit 1
   fi
 fi

@@ -10,6 +10,7 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::device::{EndState, Telemetry, KEEPALIVE_MULTIPLIER};
 use crate::scenario::{MixKind, Scenario};
+use crate::transport::{self, ClientCert, Kind};
 
 /// Largest PUBLISH remaining length device-sim sends (1 MiB, the default `mqtt.max_packet_size`
 /// of Heartwire), so also the bound of `--payload-size`.
@@ -171,6 +172,50 @@ pub struct RunArgs {
     /// parent serves the sum of all workers.
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// MQTT over TLS; needs --cafile.
+    #[arg(long, help_heading = "Transport", conflicts_with_all = ["ws", "wss"])]
+    pub tls: bool,
+    /// MQTT over WebSocket (ws://HOST:PORT/--ws-path, subprotocol "mqtt").
+    #[arg(long, help_heading = "Transport", conflicts_with = "wss")]
+    pub ws: bool,
+    /// MQTT over WebSocket over TLS (wss://HOST:PORT/--ws-path); needs --cafile.
+    #[arg(long, help_heading = "Transport")]
+    pub wss: bool,
+    /// HTTP path of the broker's WebSocket endpoint, with --ws or --wss
+    /// [default: /mqtt].
+    #[arg(long, help_heading = "Transport", value_name = "PATH")]
+    pub ws_path: Option<String>,
+    /// TLS: PEM file of the CA certificate(s) that verify the broker's certificate; required
+    /// with --tls and --wss (device-sim trusts no system roots).
+    #[arg(long, help_heading = "Transport", value_name = "PATH")]
+    pub cafile: Option<PathBuf>,
+    /// TLS: client certificate presented by every device (PEM, the device certificate first,
+    /// then any intermediates); needs --key.
+    #[arg(
+        long,
+        help_heading = "Transport",
+        value_name = "PATH",
+        requires = "key",
+        conflicts_with = "cert_dir"
+    )]
+    pub cert: Option<PathBuf>,
+    /// TLS: private key of --cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(
+        long,
+        help_heading = "Transport",
+        value_name = "PATH",
+        requires = "cert",
+        conflicts_with = "cert_dir"
+    )]
+    pub key: Option<PathBuf>,
+    /// TLS: a certificate per device: DIR/<client id>.crt and DIR/<client id>.key (PEM), read
+    /// when the device starts.
+    #[arg(long, help_heading = "Transport", value_name = "DIR")]
+    pub cert_dir: Option<PathBuf>,
+    /// TLS: the name the broker's certificate is verified against [default: the --host a
+    /// device connects to], e.g. `localhost` when connecting to 127.0.0.1.
+    #[arg(long, help_heading = "Transport", value_name = "NAME")]
+    pub tls_server_name: Option<String>,
     /// Internal: this process is worker K of a --workers parent (machine-readable output).
     #[arg(long, hide = true)]
     pub worker_id: Option<u32>,
@@ -217,12 +262,65 @@ impl RunArgs {
                 );
             }
         }
+        self.transport()?;
         if self.username.as_deref() == Some("") {
             bail!(
                 "--username must not be empty (MQTT 3.1.1 sends a password only with a user name)"
             );
         }
         Ok(())
+    }
+
+    /// The transport settings (`--tls`, `--ws`, `--wss` and their options), checked: TLS needs
+    /// `--cafile`, and the TLS and WebSocket options need a transport that uses them (clap
+    /// rejects the conflicting flags).
+    pub fn transport(&self) -> Result<transport::Settings> {
+        let kind = match (self.tls, self.ws, self.wss) {
+            (true, _, _) => Kind::Tls,
+            (_, true, _) => Kind::Ws,
+            (_, _, true) => Kind::Wss,
+            _ => Kind::Tcp,
+        };
+        if !kind.is_tls() {
+            let given = [
+                ("--cafile", self.cafile.is_some()),
+                ("--cert", self.cert.is_some()),
+                ("--key", self.key.is_some()),
+                ("--cert-dir", self.cert_dir.is_some()),
+                ("--tls-server-name", self.tls_server_name.is_some()),
+            ];
+            if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+                bail!("{flag} needs --tls or --wss");
+            }
+        } else if self.cafile.is_none() {
+            bail!(
+                "--{} needs --cafile PATH: the PEM CA certificate that signed the broker's \
+                 certificate (device-sim trusts no system roots)",
+                if kind == Kind::Tls { "tls" } else { "wss" }
+            );
+        }
+        if self.ws_path.is_some() && !kind.is_ws() {
+            bail!("--ws-path needs --ws or --wss");
+        }
+        let ws_path = self.ws_path.clone().unwrap_or_else(|| "/mqtt".to_owned());
+        if !ws_path.starts_with('/') || ws_path.contains(char::is_whitespace) {
+            bail!("--ws-path must be an absolute HTTP path without spaces, like /mqtt; got {ws_path:?}");
+        }
+        let client_cert = match (&self.cert, &self.key, &self.cert_dir) {
+            (Some(cert), Some(key), _) => ClientCert::Shared {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            (_, _, Some(dir)) => ClientCert::PerDevice(dir.clone()),
+            _ => ClientCert::None,
+        };
+        Ok(transport::Settings {
+            kind,
+            ws_path,
+            cafile: self.cafile.clone(),
+            client_cert,
+            server_name: self.tls_server_name.clone(),
+        })
     }
 
     /// The telemetry settings, if `--publish-interval` asks for any.
@@ -383,6 +481,106 @@ mod tests {
             (t.interval, t.qos, t.payload_size),
             (Duration::from_millis(500), rumqttc::QoS::ExactlyOnce, 10)
         );
+        Ok(())
+    }
+
+    /// `device-sim` with `args`, parsed and checked: the transport settings, or the error
+    /// message (clap's or the check's).
+    fn transport_of(args: &[&str]) -> Result<transport::Settings, String> {
+        let mut argv = vec!["device-sim"];
+        argv.extend_from_slice(args);
+        let run = Cli::try_parse_from(argv).map_err(|e| e.to_string())?.run;
+        run.check().map_err(|e| e.to_string())?;
+        run.transport().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn transport_flags() -> Result<()> {
+        let tcp = transport_of(&[]).map_err(anyhow::Error::msg)?;
+        assert_eq!((tcp.kind, tcp.client_cert), (Kind::Tcp, ClientCert::None));
+        let ws = transport_of(&["--ws"]).map_err(anyhow::Error::msg)?;
+        assert_eq!((ws.kind, ws.ws_path.as_str()), (Kind::Ws, "/mqtt"));
+        let wss = transport_of(&["--wss", "--ws-path", "/x", "--cafile", "ca.pem"])
+            .map_err(anyhow::Error::msg)?;
+        assert_eq!((wss.kind, wss.ws_path.as_str()), (Kind::Wss, "/x"));
+        let tls = transport_of(&[
+            "--tls",
+            "--cafile",
+            "ca.pem",
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+            "--tls-server-name",
+            "localhost",
+        ])
+        .map_err(anyhow::Error::msg)?;
+        assert_eq!(tls.kind, Kind::Tls);
+        assert_eq!(tls.cafile, Some(PathBuf::from("ca.pem")));
+        assert_eq!(tls.server_name.as_deref(), Some("localhost"));
+        assert_eq!(
+            tls.client_cert,
+            ClientCert::Shared {
+                cert: "c.pem".into(),
+                key: "k.pem".into()
+            }
+        );
+        let dir = transport_of(&["--tls", "--cafile", "ca", "--cert-dir", "certs"])
+            .map_err(anyhow::Error::msg)?;
+        assert_eq!(dir.client_cert, ClientCert::PerDevice("certs".into()));
+        // The run subcommand takes them too.
+        let cli = Cli::try_parse_from(["device-sim", "run", "--wss", "--cafile", "ca"])?;
+        let Some(Command::Run(run)) = cli.command else {
+            bail!("expected run");
+        };
+        assert_eq!(run.transport()?.kind, Kind::Wss);
+
+        // Each refusal names the flags at fault.
+        for (args, flags) in [
+            (&["--tls", "--ws"][..], &["--tls", "--ws"][..]),
+            (&["--ws", "--wss"], &["--ws", "--wss"]),
+            (&["--tls", "--wss", "--cafile", "c"], &["--tls", "--wss"]),
+            (&["--tls", "--cafile", "c", "--cert", "c"], &["--key"]),
+            (&["--tls", "--cafile", "c", "--key", "k"], &["--cert"]),
+            (
+                &[
+                    "--tls",
+                    "--cafile",
+                    "c",
+                    "--cert",
+                    "c",
+                    "--key",
+                    "k",
+                    "--cert-dir",
+                    "d",
+                ],
+                &["--cert", "--cert-dir"],
+            ),
+            (&["--tls"], &["--tls", "--cafile"]),
+            (&["--wss"], &["--wss", "--cafile"]),
+            (&["--cafile", "c"], &["--cafile", "--tls or --wss"]),
+            (
+                &["--ws", "--cert-dir", "d"],
+                &["--cert-dir", "--tls or --wss"],
+            ),
+            (
+                &["--tls-server-name", "x"],
+                &["--tls-server-name", "--tls or --wss"],
+            ),
+            (&["--ws-path", "/x"], &["--ws-path", "--ws or --wss"]),
+            (
+                &["--tls", "--cafile", "c", "--ws-path", "/x"],
+                &["--ws-path"],
+            ),
+            (&["--ws", "--ws-path", "mqtt"], &["--ws-path"]),
+        ] {
+            let Err(e) = transport_of(args) else {
+                bail!("{args:?} was accepted");
+            };
+            for flag in flags {
+                assert!(e.contains(flag), "{args:?}: {e:?} does not name {flag}");
+            }
+        }
         Ok(())
     }
 

@@ -14,13 +14,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet,
-    QoS,
+    AsyncClient, ConnectionError, Event, EventLoop, NetworkOptions, Outgoing, Packet, QoS,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::report::Stats;
+use crate::transport::{Link, Transport};
 use crate::truth::{self, Record, TruthWriter};
 
 /// First retry delay after an error.
@@ -72,6 +72,8 @@ pub struct Profile {
     pub credentials: Option<(String, String)>,
     /// Periodic publishing while connected, if any.
     pub telemetry: Option<Telemetry>,
+    /// How devices reach the broker (TCP, TLS, WebSocket); built once per process.
+    pub transport: Arc<Transport>,
 }
 
 /// Telemetry a connected device publishes (`--publish-interval`, `--qos`, `--payload-size`,
@@ -213,9 +215,10 @@ struct Conn {
 }
 
 impl Conn {
-    /// A connection of `device`, whose telemetry topic (if any) is `topic_len` bytes long.
-    fn new(device: &Device, profile: &Profile, topic_len: usize) -> Self {
-        let mut opts = MqttOptions::new(&device.client_id, &device.host, device.port);
+    /// A connection of `device` over `link`, whose telemetry topic (if any) is `topic_len`
+    /// bytes long.
+    fn new(device: &Device, profile: &Profile, link: &Link, topic_len: usize) -> Self {
+        let mut opts = link.options(&device.client_id, &device.host, device.port);
         let outgoing = profile.telemetry.as_ref().map_or(MAX_PACKET_SIZE, |t| {
             t.packet_size(topic_len).max(MAX_PACKET_SIZE)
         });
@@ -317,6 +320,8 @@ struct Sim {
     stats: Arc<Stats>,
     truth: Arc<TruthWriter>,
     phase: Arc<AtomicU8>,
+    /// The device's way to the broker (its TLS configuration, if any), for every dial.
+    link: Link,
     /// The current connection (dialling, backing off or connected).
     conn: Option<Conn>,
     connected: bool,
@@ -351,7 +356,7 @@ impl Sim {
 
     /// A new connection (not dialled until polled).
     fn dial(&self) -> Conn {
-        Conn::new(&self.device, &self.profile, self.topic.len())
+        Conn::new(&self.device, &self.profile, &self.link, self.topic.len())
     }
 
     fn set_phase(&self, p: u8) {
@@ -695,12 +700,17 @@ pub async fn run(
     mut ctl: Control,
 ) {
     stats.device_started();
+    let link = match profile.transport.link(&device.client_id).await {
+        Ok(link) => link,
+        Err(error) => return never_connects(&device, &profile, &stats, &truth, ctl, &error).await,
+    };
     let topic = profile
         .telemetry
         .as_ref()
         .map(|t| t.topic_for(&device.client_id, device.number))
         .unwrap_or_default();
     let mut sim = Sim {
+        link,
         conn: None,
         next_publish: None,
         seq: 0,
@@ -731,6 +741,27 @@ pub async fn run(
         let _ = ctl.ended.send(());
     }
     sim.finish().await;
+}
+
+/// A device whose transport could not be set up (its certificate is unreadable, say): counted
+/// as a failed connect (the error names the file), it never dials and ends offline.
+async fn never_connects(
+    device: &Device,
+    profile: &Profile,
+    stats: &Stats,
+    truth: &TruthWriter,
+    ctl: Control,
+    error: &crate::transport::TransportError,
+) {
+    stats.error(false, || format!("{}: {error}", device.client_id));
+    ctl.end.cancelled().await;
+    ctl.phase.store(phase::ENDED, Ordering::Relaxed);
+    truth.final_state(&device.client_id, false);
+    let _ = ctl.ended.send(());
+    if profile.end_state == EndState::Keep {
+        ctl.stop.cancelled().await;
+    }
+    stats.device_stopped(false);
 }
 
 /// Delay before retry number `failures` (0-based): exponential from
@@ -799,6 +830,7 @@ mod tests {
             end_state: EndState::Disconnect,
             credentials: None,
             telemetry: None,
+            transport: Arc::new(Transport::tcp()),
         };
         assert_eq!(p.detection_window(), Duration::from_secs(3));
         assert!(p.silent_pause() > p.detection_window());

@@ -25,6 +25,7 @@ use crate::metrics;
 use crate::progress::Progress;
 use crate::report::{self, Stats, Summary};
 use crate::scenario::{self, Fleet, Handle, Plan};
+use crate::transport::Transport;
 use crate::truth::TruthWriter;
 use crate::worker_protocol::{HOLDING, READY, STATUS};
 
@@ -155,6 +156,8 @@ pub async fn run(
             .clone()
             .map(|u| (u, cli.password.clone().unwrap_or_default())),
         telemetry: cli.telemetry(),
+        // Once per process: the TLS configuration (CA, shared client certificate) is shared.
+        transport: Arc::new(Transport::new(&cli.transport()?)?),
     });
     // Children of `shutdown`, so that a run left early (an error) stops its tasks too.
     let end = shutdown.child_token();

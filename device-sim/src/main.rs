@@ -12,7 +12,9 @@
 //! change (see [`truth`]), ending with every device's final state. `--json FILE` writes the
 //! summary as JSON (see [`report::Summary`]); `--metrics-listen ADDR` serves Prometheus
 //! metrics at `GET /metrics` (see [`metrics`]); `--workers N` splits the fleet over N child
-//! processes and aggregates them (see [`workers`]).
+//! processes and aggregates them (see [`workers`]). `--tls`, `--ws` and `--wss` (with
+//! `--cafile`, `--cert`/`--key` or `--cert-dir`, `--tls-server-name`, `--ws-path`) choose the
+//! transport of every scenario (see [`transport`]).
 //!
 //! `device-sim verify --truth FILE --api http://HOST:PORT` waits `--settle` seconds and compares
 //! the truth with the broker's presence API (see [`verify`]; sessions ended by a broker crash
@@ -27,7 +29,8 @@
 //! - [`run`]: `device-sim run`: this process's [`fleet`] or the [`workers`] parent, then the
 //!   summary; owns the run's task tracker. [`worker_protocol`]: the lines a worker prints.
 //! - [`fleet`]: one process's devices; [`scenario`]: what happens to them; [`device`]: one
-//!   simulated device (rumqttc); [`truth`]: the ground truth they write.
+//!   simulated device (rumqttc); [`transport`]: how devices reach the broker (TCP, TLS,
+//!   WebSocket, WebSocket over TLS); [`truth`]: the ground truth they write.
 //! - [`report`]: counters, CONNACK histogram and summary; [`progress`]: the per-second output;
 //!   [`metrics`]: the Prometheus endpoint.
 //! - [`verify`]: `device-sim verify`; [`http`]: its API client; [`db`]: its database reads;
@@ -44,6 +47,7 @@ mod progress;
 mod report;
 mod run;
 mod scenario;
+mod transport;
 mod truth;
 mod verify;
 mod worker_protocol;

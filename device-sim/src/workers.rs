@@ -33,6 +33,7 @@ use crate::fleet::{raise_nofile, write_ready_file};
 use crate::metrics;
 use crate::progress::Progress;
 use crate::report::{self, Live, Summary};
+use crate::transport::Transport;
 use crate::worker_protocol::{HOLDING, READY, RESULT, STATUS};
 
 /// Devices of worker `k` of `n`: (first number offset, count); contiguous, sizes differ by ≤ 1.
@@ -102,6 +103,36 @@ fn child_args(cli: &RunArgs, k: u32) -> Vec<String> {
     if let Some(t) = &cli.truth {
         a.push(format!("--truth={}", worker_truth(t, k).display()));
     }
+    a.extend(transport_args(cli));
+    a
+}
+
+/// The transport options, as given (each worker builds its own TLS configuration from them;
+/// relative paths work as the workers share the parent's working directory).
+fn transport_args(cli: &RunArgs) -> Vec<String> {
+    let mut a = Vec::new();
+    for (flag, on) in [("--tls", cli.tls), ("--ws", cli.ws), ("--wss", cli.wss)] {
+        if on {
+            a.push(flag.to_owned());
+        }
+    }
+    if let Some(p) = &cli.ws_path {
+        a.push(format!("--ws-path={p}"));
+    }
+    let paths = [
+        ("--cafile", &cli.cafile),
+        ("--cert", &cli.cert),
+        ("--key", &cli.key),
+        ("--cert-dir", &cli.cert_dir),
+    ];
+    for (flag, path) in paths {
+        if let Some(p) = path {
+            a.push(format!("{flag}={}", p.display()));
+        }
+    }
+    if let Some(name) = &cli.tls_server_name {
+        a.push(format!("--tls-server-name={name}"));
+    }
     a
 }
 
@@ -151,6 +182,8 @@ pub async fn run(
     }
     // Each worker needs only its own share of descriptors.
     raise_nofile(split(cli.count, u64::from(n), 0).1)?;
+    // A bad CA or client certificate fails here once rather than in every worker.
+    Transport::new(&cli.transport()?)?;
     let exe = std::env::current_exe().context("locating the device-sim executable")?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut children = Vec::new();
@@ -328,5 +361,36 @@ mod tests {
         let parts: Vec<_> = (0..3).map(|k| split(50_000, 3, k)).collect();
         assert_eq!(parts, [(0, 16_667), (16_667, 16_667), (33_334, 16_666)]);
         assert_eq!(split(60, 2, 1), (30, 30));
+    }
+
+    #[test]
+    fn workers_get_the_transport_options() -> anyhow::Result<()> {
+        use clap::Parser;
+
+        let argv = [
+            "device-sim",
+            "--workers",
+            "2",
+            "--wss",
+            "--ws-path",
+            "/ws",
+            "--cafile",
+            "ca.pem",
+            "--cert-dir",
+            "certs",
+            "--tls-server-name",
+            "localhost",
+        ];
+        let parent = crate::cli::Cli::try_parse_from(argv)?.run;
+        let args = child_args(&parent, 1);
+        let child =
+            crate::cli::Cli::try_parse_from(std::iter::once("device-sim".to_owned()).chain(args))?;
+        let Some(crate::cli::Command::Run(child)) = child.command else {
+            anyhow::bail!("workers run the run subcommand");
+        };
+        assert_eq!(child.transport()?, parent.transport()?);
+        let tls = crate::cli::Cli::try_parse_from(["device-sim", "--tls", "--cafile", "c"])?.run;
+        assert!(transport_args(&tls).contains(&"--tls".to_owned()));
+        Ok(())
     }
 }

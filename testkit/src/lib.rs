@@ -9,6 +9,8 @@
 //! - `http`: a minimal HTTP/1.1 GET: [`http_response`] (status and body), [`http_get`] (the
 //!   body of a 200).
 //! - [`pg`]: a throwaway PostgreSQL ([`pg::TestPostgres`]).
+//! - `pki`: a throwaway certificate authority for TLS tests ([`TestPki`]): CA, server and
+//!   client certificates as PEM files.
 //! - `client`: MQTT test clients: raw bytes ([`RawClient`], [`ConnectOpts`], [`encode`],
 //!   [`connect_packet`]) and rumqttc ([`Client`]).
 //! - `mqtt`: the MQTT layer alone, in-process on the test's runtime ([`TestBroker`]), with its
@@ -25,6 +27,7 @@ mod http;
 mod mqtt;
 mod net;
 pub mod pg;
+mod pki;
 mod temp;
 pub mod tls;
 mod wait;
@@ -34,6 +37,7 @@ pub use full::{sqlite_url, FullBroker};
 pub use http::{http_get, http_response, Response};
 pub use mqtt::TestBroker;
 pub use net::free_port;
+pub use pki::{CertFiles, TestPki};
 pub use temp::{temp_dir, TempDir};
 pub use wait::{eventually, WAIT};
 

@@ -50,6 +50,24 @@ pub struct Common {
     /// Connections opened at the same time while setting up.
     #[arg(long, global = true, default_value_t = 100)]
     pub connect_concurrency: usize,
+    /// MQTT over TLS (the idle and connect-rate scenarios): every connection makes a full
+    /// handshake (no session resumption); needs --cafile.
+    #[arg(long, global = true)]
+    pub tls: bool,
+    /// PEM file of the CA certificate(s) that verify the broker's certificate (with --tls;
+    /// no system roots are used).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub cafile: Option<PathBuf>,
+    /// The name the broker's certificate is verified against [default: the --host entry a
+    /// connection goes to], e.g. localhost when connecting to 127.0.0.1.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+    /// Client certificate (PEM) presented by every connection, with --key.
+    #[arg(long, global = true, value_name = "PATH", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key of --cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, global = true, value_name = "PATH", requires = "cert")]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,6 +83,39 @@ pub enum Scenario {
     /// codes, the retained messages received and when the last came, and the bystander's
     /// round-trip times meanwhile.
     RetainedSubscribe(RetainedSubscribe),
+    /// Idle connections: opens N connections (TCP, or TLS with --tls), waits --settle seconds
+    /// and, with --broker-pid, reports the broker's RSS before and after and the KiB per
+    /// connection; then holds them for --hold seconds (PINGREQs only) and disconnects.
+    Idle(Idle),
+    /// Connect rate: opens N connections at R per second (open loop: each starts at its time,
+    /// whatever the ones before are doing) and reports the CONNACK latency from the start of
+    /// the TCP connect to the CONNACK (with --tls, the handshake included), p50/p99/max, and
+    /// with --broker-pid the broker's CPU per connect. Connections stay open until the last
+    /// one is answered, then disconnect.
+    ConnectRate(ConnectRate),
+}
+
+#[derive(Debug, Args)]
+pub struct Idle {
+    /// Connections to open.
+    #[arg(long, default_value_t = 10_000)]
+    pub connections: usize,
+    /// Seconds between "all connected" and the broker's RSS reading.
+    #[arg(long, default_value = "5", value_parser = seconds)]
+    pub settle: Duration,
+    /// Seconds the connections stay open after the reading.
+    #[arg(long, default_value = "0", value_parser = seconds)]
+    pub hold: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectRate {
+    /// Connections to open.
+    #[arg(long, default_value_t = 5_000)]
+    pub connections: usize,
+    /// Connections started per second.
+    #[arg(long, default_value_t = 1_000.0)]
+    pub rate: f64,
 }
 
 #[derive(Debug, Args)]

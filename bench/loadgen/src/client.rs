@@ -1,6 +1,7 @@
 //! One client connection: TCP connect and the CONNECT/CONNACK handshake, the connection split
 //! into a frame reader and a raw writer, and the list of broker addresses connections are
-//! spread over.
+//! spread over. [`open`] and [`hold`] serve the `idle` and `connect-rate` scenarios, over TCP
+//! or TLS ([`Stream`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,22 +9,31 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpSocket;
-use tokio::time::timeout;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
 
 use crate::mqtt::{self, FrameReader};
+use crate::tls::{Stream, Tls};
+
+/// How long a connection that is told to stop gets to write its DISCONNECT.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The broker's addresses, one per `--host` entry, handed out round-robin.
 #[derive(Debug, Clone)]
 pub struct Targets {
     addrs: Vec<SocketAddr>,
+    /// The `--host` entries as written: the names TLS verifies by default.
+    hosts: Vec<String>,
 }
 
 impl Targets {
     /// Resolves each comma-separated host (an IP address or a name) with `port`.
     pub async fn resolve(hosts: &str, port: u16) -> Result<Self> {
         let mut addrs = Vec::new();
+        let mut names = Vec::new();
         for host in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+            names.push(host.to_owned());
             let addr = tokio::net::lookup_host((host, port))
                 .await
                 .with_context(|| format!("cannot resolve host {host:?}"))?
@@ -34,12 +44,106 @@ impl Targets {
         if addrs.is_empty() {
             bail!("--host names no host");
         }
-        Ok(Self { addrs })
+        Ok(Self {
+            addrs,
+            hosts: names,
+        })
     }
 
     /// The address for the `i`-th connection.
     pub fn get(&self, i: usize) -> SocketAddr {
         self.addrs[i % self.addrs.len()]
+    }
+
+    /// The `--host` entry of the `i`-th connection.
+    pub fn host(&self, i: usize) -> &str {
+        &self.hosts[i % self.hosts.len()]
+    }
+}
+
+/// Opens a connection of the `idle` and `connect-rate` scenarios: TCP connect, the TLS
+/// handshake with `tls` (verifying `host` or `--tls-server-name`), CONNECT, CONNACK; each step
+/// bounded by `step_timeout`. The reader's buffer is small: these clients only ever read
+/// CONNACK and PINGRESP.
+pub async fn open(
+    addr: SocketAddr,
+    host: &str,
+    tls: Option<&Tls>,
+    client_id: &str,
+    keep_alive_s: u16,
+    step_timeout: Duration,
+) -> Result<FrameReader<Stream>> {
+    let tcp = timeout(step_timeout, TcpStream::connect(addr))
+        .await
+        .with_context(|| format!("TCP connect to {addr} timed out"))?
+        .with_context(|| format!("TCP connect to {addr}"))?;
+    tcp.set_nodelay(true)?;
+    let mut stream = match tls {
+        Some(tls) => timeout(step_timeout, tls.handshake(tcp, host))
+            .await
+            .with_context(|| format!("TLS handshake with {addr} timed out"))?
+            .with_context(|| format!("with {addr}"))?,
+        None => Stream::Plain(tcp),
+    };
+    stream
+        .write_all(&mqtt::connect(client_id, keep_alive_s))
+        .await?;
+    stream.flush().await?;
+    let mut reader = FrameReader::new(stream, 64);
+    let frame = timeout(step_timeout, reader.next())
+        .await
+        .with_context(|| format!("no CONNACK for {client_id} within {step_timeout:?}"))?
+        .with_context(|| format!("reading the CONNACK of {client_id}"))?
+        .with_context(|| format!("connection closed before CONNACK for {client_id}"))?;
+    match frame.connack_code() {
+        Some(0) => Ok(reader),
+        Some(code) => bail!("CONNECT of {client_id} refused with return code {code}"),
+        None => bail!(
+            "expected CONNACK for {client_id}, got packet type {}",
+            frame.kind()
+        ),
+    }
+}
+
+/// Holds an [`open`]ed connection until `stop`: a PINGREQ every half keep-alive, whatever the
+/// broker sends read and dropped; on `stop` a DISCONNECT (TLS: then close_notify). Returns
+/// `true` if the broker closed the connection first.
+pub async fn hold(
+    mut conn: FrameReader<Stream>,
+    keep_alive_s: u16,
+    stop: &CancellationToken,
+) -> bool {
+    enum Wake {
+        Stop,
+        Ping,
+        Read(bool),
+    }
+    let every = Duration::from_secs(u64::from(keep_alive_s.max(2))) / 2;
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    loop {
+        let wake = tokio::select! {
+            _ = stop.cancelled() => Wake::Stop,
+            _ = tick.tick(), if keep_alive_s > 0 => Wake::Ping,
+            frame = conn.next() => Wake::Read(matches!(frame, Ok(Some(_)))),
+        };
+        match wake {
+            Wake::Stop => {
+                let stream = conn.get_mut();
+                let _ = timeout(DISCONNECT_TIMEOUT, async {
+                    stream.write_all(&mqtt::DISCONNECT).await?;
+                    stream.shutdown().await
+                })
+                .await;
+                return false;
+            }
+            Wake::Ping => {
+                if conn.get_mut().write_all(&mqtt::PINGREQ).await.is_err() {
+                    return true;
+                }
+            }
+            Wake::Read(true) => {}
+            Wake::Read(false) => return true,
+        }
     }
 }
 

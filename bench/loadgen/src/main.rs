@@ -9,25 +9,30 @@
 //! - `dedicated`: a measuring client on its own thread, out of reach of the load it measures;
 //! - `procfs` and `window`: the broker's and the generator's CPU and RSS over a window;
 //!   `sockets`: the bytes queued in the kernel between publishers and broker;
-//! - `fan_in` and `retained` (with `filters`): the scenarios;
+//! - `tls`: the TLS client of `--tls` (rustls, ring) and a stream that is TCP or TLS;
+//! - `fan_in` and `retained` (with `filters`), `idle` and `connect_rate`: the scenarios (only
+//!   the last two speak TLS);
 //! - `report`: the results, as a key=value summary line and as JSON;
 //! - `cli`: the command line.
 
 mod cli;
 mod client;
+mod connect_rate;
 mod dedicated;
 mod fan_in;
 mod filters;
+mod idle;
 mod mqtt;
 mod procfs;
 mod report;
 mod retained;
 mod sockets;
+mod tls;
 mod window;
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Parser;
 
 use cli::{Cli, Scenario};
@@ -45,7 +50,29 @@ fn main() -> Result<()> {
 
 async fn run(cli: &Cli) -> Result<()> {
     let common = &cli.common;
+    if common.tls
+        && matches!(
+            cli.scenario,
+            Scenario::FanIn(_) | Scenario::RetainedSubscribe(_)
+        )
+    {
+        bail!("--tls works with the idle and connect-rate scenarios only");
+    }
     match &cli.scenario {
+        Scenario::Idle(args) => {
+            let report = idle::run(common, args).await?;
+            println!("{}", report.summary());
+            if let Some(path) = &common.json {
+                report::write_json(path, &report)?;
+            }
+        }
+        Scenario::ConnectRate(args) => {
+            let report = connect_rate::run(common, args).await?;
+            println!("{}", report.summary());
+            if let Some(path) = &common.json {
+                report::write_json(path, &report)?;
+            }
+        }
         Scenario::FanIn(args) => {
             let report = fan_in::run(common, args).await?;
             println!("{}", report.summary());

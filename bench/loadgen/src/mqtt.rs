@@ -196,6 +196,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The stream, to write to it between reads.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
     /// The next packet, or `None` when the peer closed the stream (between packets or not).
     pub async fn next(&mut self) -> io::Result<Option<Frame<'_>>> {
         loop {

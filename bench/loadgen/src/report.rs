@@ -253,6 +253,119 @@ impl RetainedReport {
     }
 }
 
+/// The idle scenario's result.
+#[derive(Debug, Serialize)]
+pub struct IdleReport {
+    pub connections: usize,
+    pub tls: bool,
+    pub connected: usize,
+    pub failed: usize,
+    /// The first failure's message, if any failed.
+    pub first_error: Option<String>,
+    /// Seconds from the first connect to the last CONNACK (or failure).
+    pub connect_s: f64,
+    pub settle_s: f64,
+    /// The broker's RSS before the first connection and after --settle (with --broker-pid).
+    pub broker_rss_before_kib: Option<u64>,
+    pub broker_rss_after_kib: Option<u64>,
+    /// (after - before) / connected, KiB.
+    pub broker_kib_per_connection: Option<f64>,
+    /// The generator's own RSS with every connection open.
+    pub loadgen_rss_kib: Option<u64>,
+    /// Connections the broker closed before the generator let them go.
+    pub closed_by_broker: usize,
+}
+
+impl IdleReport {
+    pub fn summary(&self) -> String {
+        let opt = |v: Option<u64>| v.map_or_else(|| "none".to_owned(), |v| v.to_string());
+        format!(
+            "idle connections={} tls={} connected={} failed={} connect_s={:.2} settle_s={:.1} \
+             rss_before_kib={} rss_after_kib={} kib_per_connection={} loadgen_rss_kib={} \
+             closed_by_broker={}",
+            self.connections,
+            self.tls,
+            self.connected,
+            self.failed,
+            self.connect_s,
+            self.settle_s,
+            opt(self.broker_rss_before_kib),
+            opt(self.broker_rss_after_kib),
+            self.broker_kib_per_connection
+                .map_or_else(|| "none".to_owned(), |k| format!("{k:.2}")),
+            opt(self.loadgen_rss_kib),
+            self.closed_by_broker,
+        )
+    }
+}
+
+/// The connect-rate scenario's result.
+#[derive(Debug, Serialize)]
+pub struct ConnectRateReport {
+    pub connections: usize,
+    /// Requested connects per second.
+    pub rate: f64,
+    pub tls: bool,
+    pub connected: usize,
+    pub failed: usize,
+    /// The first failure's message, if any failed.
+    pub first_error: Option<String>,
+    /// Seconds from the first connect to the last answer (CONNACK or failure).
+    pub elapsed_s: f64,
+    /// Connected per second over `elapsed_s`.
+    pub achieved_per_s: f64,
+    /// How late the generator started a connect after its scheduled time, at worst, ms (a
+    /// busy generator shows here).
+    pub start_lag_max_ms: f64,
+    /// Connections the kernel dropped from a full listen queue during the run (system-wide
+    /// TcpExt ListenOverflows; `None` if unreadable): each costs its client a retransmission.
+    pub listen_overflows: Option<u64>,
+    /// From the start of the TCP connect to the CONNACK, successful connects only.
+    pub connack: Latency,
+    /// Broker CPU and RSS over `elapsed_s` (with --broker-pid).
+    pub broker: Option<BrokerUsage>,
+    /// Broker CPU milliseconds per successful connect.
+    pub broker_cpu_ms_per_connect: Option<f64>,
+    /// The generator's own CPU over `elapsed_s`, in percent of one core.
+    pub loadgen_cpu_percent: f64,
+}
+
+impl ConnectRateReport {
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "connect-rate connections={} rate={} tls={} connected={} failed={} elapsed_s={:.2} \
+             achieved_per_s={:.0} start_lag_max_ms={:.1} listen_overflows={} \
+             connack_p50_ms={:.2} connack_p99_ms={:.2} connack_max_ms={:.1}",
+            self.connections,
+            self.rate,
+            self.tls,
+            self.connected,
+            self.failed,
+            self.elapsed_s,
+            self.achieved_per_s,
+            self.start_lag_max_ms,
+            self.listen_overflows
+                .map_or_else(|| "none".to_owned(), |n| n.to_string()),
+            self.connack.p50_ms,
+            self.connack.p99_ms,
+            self.connack.max_ms,
+        );
+        if let Some(b) = &self.broker {
+            let _ = write!(
+                s,
+                " broker_cpu_pct={:.1} broker_cpu_ms_per_connect={} rss_start_kib={} rss_end_kib={}",
+                b.cpu_percent,
+                self.broker_cpu_ms_per_connect
+                    .map_or_else(|| "none".to_owned(), |ms| format!("{ms:.3}")),
+                b.rss_start_kib,
+                b.rss_end_kib
+            );
+        }
+        let _ = write!(s, " loadgen_cpu_pct={:.1}", self.loadgen_cpu_percent);
+        s
+    }
+}
+
 /// Writes `report` as pretty JSON to `path`.
 pub fn write_json(path: &Path, report: &impl Serialize) -> Result<()> {
     let json = serde_json::to_string_pretty(report)?;

@@ -70,6 +70,23 @@ fn parse(table: &str, port: u16) -> Queues {
     q
 }
 
+/// The kernel's count of connections dropped because a listen queue was full
+/// (`TcpExt: ListenOverflows` in `/proc/net/netstat`, for the whole network namespace): a
+/// dropped SYN or handshake ACK costs the client a retransmission, a second or more.
+pub fn listen_overflows() -> Option<u64> {
+    parse_listen_overflows(&fs::read_to_string("/proc/net/netstat").ok()?)
+}
+
+/// `/proc/net/netstat` holds pairs of lines: `TcpExt: <names>` then `TcpExt: <values>`.
+fn parse_listen_overflows(netstat: &str) -> Option<u64> {
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "ListenOverflows")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 fn port_of(address: &str) -> Option<u16> {
     u16::from_str_radix(address.rsplit_once(':')?.1, 16).ok()
 }
@@ -100,6 +117,16 @@ mod tests {
                 broker_receive: 0x1000
             }
         );
+    }
+
+    #[test]
+    fn listen_overflows_are_found_by_name() {
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n\
+                       TcpExt: 0 42 43\n\
+                       IpExt: InNoRoutes\n\
+                       IpExt: 0\n";
+        assert_eq!(parse_listen_overflows(netstat), Some(42));
+        assert_eq!(parse_listen_overflows("IpExt: x\nIpExt: 1\n"), None);
     }
 
     #[test]

@@ -1,0 +1,306 @@
+//! device-sim over `--tls` against a real TLS server: Debian's Mosquitto (installed by
+//! ./test.sh), on a free port of 127.0.0.1 with certificates from a throwaway CA
+//! ([`testkit::TestPki`]). Heartwire's own TLS listener is tested by the broker's tests; this
+//! checks the client side against an independent implementation (OpenSSL's).
+//!
+//! The server certificate names only `localhost`, so every run also needs
+//! `--tls-server-name localhost` to reach 127.0.0.1. One Mosquitto asks for no client
+//! certificate, the other requires one signed by the CA: devices connect to the first with
+//! none, to the second with one certificate for all (`--cert`/`--key`, over two workers) or
+//! each with its own (`--cert-dir`, reconnecting in a churn), and fail without.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use common::{sim, SIM_WAIT};
+use testkit::{free_port, temp_dir, TempDir, TestPki};
+
+/// Debian's Mosquitto binary: on the PATH or where the package puts it.
+fn mosquitto_bin() -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "no mosquitto binary (on the PATH or /usr/sbin): install Debian's mosquitto \
+                 package (./test.sh does)"
+            )
+        })
+}
+
+/// A Mosquitto with one TLS listener on 127.0.0.1, stopped when dropped.
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    /// Its configuration and log.
+    dir: TempDir,
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto with the PKI's CA and `localhost` server certificate; with
+    /// `require_certificate` clients must present a certificate signed by the CA.
+    async fn start(pki: &TestPki, require_certificate: bool) -> Self {
+        let server = pki.server(&["localhost"]);
+        let dir = temp_dir("mosquitto");
+        let port = free_port();
+        let config = dir.path().join("mosquitto.conf");
+        // `user root` keeps a root test run as root (Mosquitto would switch to the
+        // `mosquitto` account, which cannot read the temporary files); ignored otherwise.
+        let body = format!(
+            "listener {port} 127.0.0.1\n\
+             cafile {}\ncertfile {}\nkeyfile {}\n\
+             require_certificate {require_certificate}\n\
+             allow_anonymous true\npersistence false\nuser root\n\
+             log_dest stderr\nlog_type error\nlog_type warning\n",
+            pki.ca_file().display(),
+            server.cert.display(),
+            server.key.display(),
+        );
+        std::fs::write(&config, body).expect("writing mosquitto.conf");
+        let log = std::fs::File::create(dir.path().join("mosquitto.log")).expect("log file");
+        let mut child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting mosquitto");
+        let deadline = tokio::time::Instant::now() + testkit::WAIT;
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "mosquitto exited ({status}) during startup: {}",
+                    read(&dir.path().join("mosquitto.log"))
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "mosquitto did not listen on port {port} within {:?}",
+                testkit::WAIT
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { child, port, dir }
+    }
+
+    fn log(&self) -> String {
+        read(&self.dir.path().join("mosquitto.log"))
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The result of one device-sim run: exit code, summary (from `--json`) and output.
+struct Run {
+    code: Option<i32>,
+    summary: serde_json::Value,
+    output: String,
+}
+
+/// Runs device-sim over TLS to `broker` for 2 s with `args` after the common ones.
+async fn run(broker: &Mosquitto, pki: &TestPki, name: &str, args: &[&str]) -> Run {
+    let dir = temp_dir(name);
+    let json = dir.path().join("summary.json");
+    let port = broker.port.to_string();
+    let ca = pki.ca_file();
+    let common = [
+        "run",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--tls",
+        "--cafile",
+        &ca.display().to_string(),
+        "--tls-server-name",
+        "localhost",
+        "--duration",
+        "2",
+        "--keepalive",
+        "5",
+        "--connect-timeout",
+        "3",
+        "--json",
+        &json.display().to_string(),
+    ]
+    .map(str::to_owned);
+    let out = tokio::time::timeout(
+        SIM_WAIT,
+        sim()
+            .args(common)
+            .args(args)
+            .current_dir(pki.dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output(),
+    )
+    .await
+    .expect("device-sim ends in time")
+    .expect("device-sim runs");
+    let output = format!(
+        "{}{}\nmosquitto log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        broker.log()
+    );
+    let summary = std::fs::read_to_string(&json)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(serde_json::Value::Null);
+    Run {
+        code: out.status.code(),
+        summary,
+        output,
+    }
+}
+
+impl Run {
+    /// Every one of `count` devices connected, none failed.
+    fn all_connected(&self, count: u64) {
+        assert_eq!(self.code, Some(0), "{}", self.output);
+        assert_eq!(self.summary["connected"], count, "{}", self.output);
+        assert_eq!(
+            self.summary["errors"]["connect_failed"], 0,
+            "{}",
+            self.output
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_connect_over_tls_with_and_without_client_certificates() {
+    let pki = TestPki::new("mosquitto");
+    let (open, mutual) = tokio::join!(Mosquitto::start(&pki, false), Mosquitto::start(&pki, true));
+    let shared = pki.client("shared");
+    let devices = temp_dir("device-certs");
+    for n in 0..4 {
+        pki.client_in(devices.path(), &format!("tls-dir-{n}"));
+    }
+    let (cert, key) = (
+        shared.cert.display().to_string(),
+        shared.key.display().to_string(),
+    );
+    let cert_dir = devices.path().display().to_string();
+
+    let shared_args = [
+        "--count",
+        "4",
+        "--prefix",
+        "tls-shared-",
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "--workers",
+        "2",
+    ];
+    let churn_args = [
+        "--count",
+        "4",
+        "--prefix",
+        "tls-dir-",
+        "--cert-dir",
+        &cert_dir,
+        "--scenario",
+        "churn",
+        "--churn-mix",
+        "clean,abrupt",
+        "--churn-percent",
+        "3000",
+        "--churn-pause",
+        "0.1",
+    ];
+    let (anonymous, shared_cert, own_certs, refused) = tokio::join!(
+        run(
+            &open,
+            &pki,
+            "anonymous",
+            &["--count", "3", "--prefix", "tls-anon-"]
+        ),
+        run(&mutual, &pki, "shared", &shared_args),
+        run(&mutual, &pki, "cert-dir", &churn_args),
+        run(
+            &mutual,
+            &pki,
+            "refused",
+            &["--count", "2", "--prefix", "tls-none-"]
+        ),
+    );
+
+    anonymous.all_connected(3);
+    shared_cert.all_connected(4);
+    assert_eq!(shared_cert.summary["workers"], 2);
+    // In a churn some devices are away at the end; none ever failed to connect, and the
+    // reconnections used each device's certificate again.
+    assert_eq!(own_certs.code, Some(0), "{}", own_certs.output);
+    assert_eq!(
+        own_certs.summary["errors"]["connect_failed"], 0,
+        "{}",
+        own_certs.output
+    );
+    assert!(
+        own_certs.summary["reconnects"].as_u64() > Some(0),
+        "{}",
+        own_certs.output
+    );
+    // Without a client certificate the handshake fails: no device connects (exit code 3),
+    // and the first error is the server's TLS alert (TLS 1.3 reports it at the first read,
+    // after the client considered the handshake done).
+    assert_eq!(refused.code, Some(3), "{}", refused.output);
+    assert!(
+        refused.output.contains("CertificateRequired"),
+        "{}",
+        refused.output
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_without_its_certificate_file_fails_alone_and_says_which_file() {
+    let pki = TestPki::new("missing");
+    let broker = Mosquitto::start(&pki, true).await;
+    let devices = temp_dir("device-certs");
+    pki.client_in(devices.path(), "tls-miss-0");
+    let cert_dir = devices.path().display().to_string();
+    let run = run(
+        &broker,
+        &pki,
+        "missing",
+        &[
+            "--count",
+            "2",
+            "--prefix",
+            "tls-miss-",
+            "--cert-dir",
+            &cert_dir,
+        ],
+    )
+    .await;
+    assert_eq!(run.code, Some(0), "{}", run.output);
+    assert_eq!(run.summary["connected"], 1, "{}", run.output);
+    assert_eq!(run.summary["errors"]["connect_failed"], 1, "{}", run.output);
+    assert!(run.output.contains("tls-miss-1.crt"), "{}", run.output);
+}
