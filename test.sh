@@ -12,6 +12,10 @@
 #   PROMETHEUS_BIN. Debian package `prometheus`.
 # - Mosquitto, the TLS server of device-sim's TLS test (device-sim/tests/mosquitto_tls.rs).
 #   Debian package `mosquitto` (its binary is /usr/sbin/mosquitto, often not on a user's PATH).
+# - mosquitto_pub and mosquitto_sub, real clients of the TLS listener (broker/tests/clients.rs).
+#   Debian package `mosquitto-clients`.
+# - Node.js and npm, and the MQTT.js client (broker/tests/js, `npm ci` there: the WebSocket
+#   tests of broker/tests/clients.rs). Debian packages `nodejs` and `npm`.
 # Packages are installed with apt-get as root, or through sudo. When neither is possible the
 # script stops and says what to install: the tests never skip a missing dependency silently.
 set -euo pipefail
@@ -52,10 +56,20 @@ have_mosquitto() {
   command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]]
 }
 
+have_mosquitto_clients() {
+  command -v mosquitto_pub >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1
+}
+
+have_node() {
+  command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1
+}
+
 packages=()
 have_postgres || packages+=(postgresql)
 have_prometheus || packages+=(prometheus)
 have_mosquitto || packages+=(mosquitto)
+have_mosquitto_clients || packages+=(mosquitto-clients)
+have_node || packages+=(nodejs npm)
 
 if ((${#packages[@]})); then
   as_root=()
@@ -83,6 +97,12 @@ if ((${#packages[@]})); then
         mosquitto)
           say "  - Mosquitto: Debian/Ubuntu package 'mosquitto' (on the PATH or /usr/sbin/mosquitto)"
           ;;
+        mosquitto-clients)
+          say "  - mosquitto_pub and mosquitto_sub: Debian/Ubuntu package 'mosquitto-clients'"
+          ;;
+        nodejs | npm)
+          say "  - $p: Debian/Ubuntu package '$p' (Node.js and npm, for the MQTT.js client)"
+          ;;
       esac
     done
     exit 1
@@ -92,10 +112,19 @@ if ((${#packages[@]})); then
   ${as_root[@]+"${as_root[@]}"} apt-get update
   ${as_root[@]+"${as_root[@]}"} env DEBIAN_FRONTEND=noninteractive \
     apt-get install -y --no-install-recommends "${packages[@]}"
-  if ! have_postgres || ! have_prometheus || ! have_mosquitto; then
-    say "apt-get installed ${packages[*]} but initdb, prometheus or mosquitto is still not found"
+  if ! have_postgres || ! have_prometheus || ! have_mosquitto || ! have_mosquitto_clients ||
+    ! have_node; then
+    say "apt-get installed ${packages[*]} but initdb, prometheus, mosquitto, mosquitto_pub," \
+      "node or npm is still not found"
     exit 1
   fi
+fi
+
+# The MQTT.js client of the WebSocket tests, at the versions of its package-lock.json.
+js=broker/tests/js
+if [[ ! -d "$js/node_modules/mqtt" || "$js/package-lock.json" -nt "$js/node_modules/.package-lock.json" ]]; then
+  say "installing the MQTT.js test client (npm ci in $js)"
+  npm ci --prefix "$js" --no-audit --no-fund
 fi
 
 exec cargo nextest run --workspace "$@"

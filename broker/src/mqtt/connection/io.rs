@@ -21,6 +21,8 @@ use crate::mqtt::codec::{self, CodecError, ConnackCode};
 
 /// Bytes asked of the stream per read call while no large packet is arriving.
 pub const READ_CHUNK: usize = 4096;
+/// Longest wait for the stream's closing bytes (TLS close_notify, WebSocket close frame).
+const SHUTDOWN_WAIT: Duration = Duration::from_millis(500);
 /// Largest single read while a large packet arrives.
 const READ_MAX: usize = 64 * 1024;
 
@@ -204,6 +206,27 @@ impl<S: Transport> Io<S> {
     pub async fn write_all(&mut self) -> io::Result<()> {
         let mut written = 0;
         poll_fn(|cx| self.poll_write_out(cx, &mut written)).await
+    }
+
+    /// Closes the stream the way its protocol does (TLS close_notify, WebSocket close frame,
+    /// TCP FIN), then reads and discards until the peer has closed its side too (its WebSocket
+    /// close frame or end of stream), so that the peer's last writes are not answered with a
+    /// reset. Gives up after [`SHUTDOWN_WAIT`] in all (a peer that neither reads nor closes).
+    pub async fn shutdown(&mut self) {
+        self.rbuf = BytesMut::new();
+        self.wbuf = BytesMut::new();
+        let goodbye = async {
+            poll_fn(|cx| Pin::new(&mut self.stream).poll_shutdown(cx)).await?;
+            let mut sink = [0u8; 512];
+            loop {
+                let mut buf = ReadBuf::new(&mut sink);
+                poll_fn(|cx| Pin::new(&mut self.stream).poll_read(cx, &mut buf)).await?;
+                if buf.filled().is_empty() {
+                    return Ok::<(), io::Error>(());
+                }
+            }
+        };
+        let _ = tokio::time::timeout(SHUTDOWN_WAIT, goodbye).await;
     }
 
     /// Queues a control packet.

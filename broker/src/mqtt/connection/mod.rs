@@ -88,10 +88,13 @@ pub fn run<S: Transport>(
             None => None,
         };
         io.release_budget(&broker.read_budget, &broker.read_budget_freed);
-        drop(io);
         if let (Some(conn), Some(reason)) = (established, reason) {
             Box::pin(close(&broker, conn, reason)).await;
         }
+        // Then the stream's own goodbye: a WebSocket close frame, a TLS close_notify, a TCP
+        // FIN, and the peer's answer. After `close`, so that a client that does not answer
+        // delays neither its Disconnected event nor a takeover.
+        Box::pin(io.shutdown()).await;
     }
 }
 
