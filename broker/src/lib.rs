@@ -3,8 +3,11 @@
 //!
 //! Modules, in the order data flows through them (each imports only modules listed before it,
 //! or the ground floor):
-//! - [`mqtt`]: listener, one task per connection (keep-alive, takeover), sessions, routing;
-//!   emits a connection event for every connect and disconnect.
+//! - [`transport`]: the byte streams under MQTT: PROXY protocol header, TLS (rustls, its
+//!   reload and the client certificate's identity), WebSocket framing. Knows nothing of MQTT.
+//! - [`mqtt`]: the listeners (one accept loop each; transport handshakes in tasks of their
+//!   own), one task per connection (keep-alive, takeover), sessions, routing; emits a
+//!   connection event for every connect and disconnect.
 //! - [`presence`]: the bridge that batches the connection events into the store (memory
 //!   buffer, and a journal whose file I/O runs off the async runtime, while the database is
 //!   away; crash recovery at start), and the retention that keeps the session history bounded.

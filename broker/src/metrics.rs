@@ -141,12 +141,8 @@ pub struct Counters<L: Label> {
 
 impl<L: Label> Counters<L> {
     fn new(registry: &Registry, name: &str, help: &str, label: &str) -> Self {
-        let vec = counter_vec(registry, name, help, &[label]);
         Self {
-            children: L::ALL
-                .iter()
-                .map(|value| vec.with_label_values(&[value.as_str()]))
-                .collect(),
+            children: per_label::<L, _>(&counter_vec(registry, name, help, &[label])),
             label: PhantomData,
         }
     }
@@ -167,6 +163,16 @@ impl<L: Label> Counters<L> {
     }
 }
 
+/// The child of `vec` for every value of `L`, in [`Label::ALL`] order.
+fn per_label<L: Label, P: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<P>,
+) -> Vec<P::M> {
+    L::ALL
+        .iter()
+        .map(|value| vec.with_label_values(&[value.as_str()]))
+        .collect()
+}
+
 /// A gauge per value of the closed label set `L`.
 pub struct Gauges<L: Label> {
     children: Vec<IntGauge>,
@@ -180,10 +186,7 @@ impl<L: Label> Gauges<L> {
             .register(Box::new(vec.clone()))
             .expect("unique metric");
         Self {
-            children: L::ALL
-                .iter()
-                .map(|value| vec.with_label_values(&[value.as_str()]))
-                .collect(),
+            children: per_label::<L, _>(&vec),
             label: PhantomData,
         }
     }

@@ -88,65 +88,41 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
+/// Runs Debian's `program` (mosquitto_pub or mosquitto_sub) against the TLS listener at
+/// `port` as `client_id`, trusting `cafile`, with `extra` arguments.
+async fn mosquitto(
+    program: &str,
+    port: &str,
+    cafile: &Path,
+    client_id: &str,
+    extra: &[&str],
+) -> (bool, String) {
+    let mut args = vec!["-h", "localhost", "-p", port, "--cafile", path(cafile)];
+    args.extend(["-i", client_id]);
+    args.extend(extra);
+    run(program, &args).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_clients_over_tls() {
     let files = Files::new();
     let mut broker = TestBroker::start_with(|c| files.tls(c)).await;
     let port = broker.tls.expect("TLS").port().to_string();
-    let ca = path(&files.ca_file);
 
     // mosquitto_sub waits for one message while mosquitto_pub sends it, both over TLS.
     let sub = tokio::spawn({
-        let (port, ca) = (port.clone(), ca.to_owned());
+        let (port, ca) = (port.clone(), files.ca_file.clone());
         async move {
-            run(
-                "mosquitto_sub",
-                &[
-                    "-h",
-                    "localhost",
-                    "-p",
-                    &port,
-                    "--cafile",
-                    &ca,
-                    "-i",
-                    "tls-sub",
-                    "-t",
-                    "tls/#",
-                    "-q",
-                    "1",
-                    "-C",
-                    "1",
-                    "-W",
-                    "9",
-                ],
-            )
-            .await
+            let args = ["-t", "tls/#", "-q", "1", "-C", "1", "-W", "9"];
+            mosquitto("mosquitto_sub", &port, &ca, "tls-sub", &args).await
         }
     });
     assert_eq!(
         connected(broker.connected("tls-sub").await),
         (Listener::Tls, None)
     );
-    let (ok, out) = run(
-        "mosquitto_pub",
-        &[
-            "-h",
-            "localhost",
-            "-p",
-            &port,
-            "--cafile",
-            ca,
-            "-i",
-            "tls-pub",
-            "-t",
-            "tls/t",
-            "-q",
-            "1",
-            "-m",
-            "over TLS",
-        ],
-    )
-    .await;
+    let args = ["-t", "tls/t", "-q", "1", "-m", "over TLS"];
+    let (ok, out) = mosquitto("mosquitto_pub", &port, &files.ca_file, "tls-pub", &args).await;
     assert!(ok, "mosquitto_pub: {out}");
     let (ok, out) = sub.await.expect("mosquitto_sub task");
     assert!(ok, "mosquitto_sub: {out}");
@@ -155,24 +131,8 @@ async fn mosquitto_clients_over_tls() {
     // A CA that did not sign the broker's certificate: mosquitto_pub fails.
     let other = files.dir.path().join("other-ca.crt");
     std::fs::write(&other, Ca::new("Other CA").pem()).expect("write");
-    let (ok, out) = run(
-        "mosquitto_pub",
-        &[
-            "-h",
-            "localhost",
-            "-p",
-            &port,
-            "--cafile",
-            path(&other),
-            "-i",
-            "untrusting",
-            "-t",
-            "tls/t",
-            "-m",
-            "x",
-        ],
-    )
-    .await;
+    let args = ["-t", "tls/t", "-m", "x"];
+    let (ok, out) = mosquitto("mosquitto_pub", &port, &other, "untrusting", &args).await;
     assert!(!ok, "a client with another CA must fail: {out}");
     broker.stop().await;
 }
@@ -187,33 +147,24 @@ async fn mosquitto_clients_with_client_certificates() {
     })
     .await;
     let port = broker.tls.expect("TLS").port().to_string();
-    let ca = path(&files.ca_file);
-    let (cert, key) = files
-        .devices
-        .client("sensor-42", &[], Validity::Now)
-        .write(files.dir.path(), "sensor-42");
-    let (ok, out) = run(
-        "mosquitto_pub",
-        &[
-            "-h",
-            "localhost",
-            "-p",
-            &port,
-            "--cafile",
-            ca,
-            "--cert",
-            path(&cert),
-            "--key",
-            path(&key),
-            "-i",
-            "sensor-42",
-            "-t",
-            "mtls/t",
-            "-m",
-            "signed",
-        ],
-    )
-    .await;
+    let certificate = |cn: &str, validity| {
+        files
+            .devices
+            .client(cn, &[], validity)
+            .write(files.dir.path(), cn)
+    };
+    let (cert, key) = certificate("sensor-42", Validity::Now);
+    let args = [
+        "-t",
+        "mtls/t",
+        "-m",
+        "signed",
+        "--cert",
+        path(&cert),
+        "--key",
+        path(&key),
+    ];
+    let (ok, out) = mosquitto("mosquitto_pub", &port, &files.ca_file, "sensor-42", &args).await;
     assert!(ok, "mosquitto_pub with a client certificate: {out}");
     assert_eq!(
         connected(broker.connected("sensor-42").await),
@@ -224,30 +175,12 @@ async fn mosquitto_clients_with_client_certificates() {
         .await;
 
     // Without a certificate, and with an expired one: refused, no session.
-    let (expired_cert, expired_key) = files
-        .devices
-        .client("sensor-43", &[], Validity::Expired)
-        .write(files.dir.path(), "sensor-43");
-    for extra in [
-        vec![],
-        vec!["--cert", path(&expired_cert), "--key", path(&expired_key)],
-    ] {
-        let mut args = vec![
-            "-h",
-            "localhost",
-            "-p",
-            &port,
-            "--cafile",
-            ca,
-            "-i",
-            "refused",
-            "-t",
-            "mtls/t",
-            "-m",
-            "x",
-        ];
-        args.extend(extra.iter().copied());
-        let (ok, out) = run("mosquitto_pub", &args).await;
+    let (expired_cert, expired_key) = certificate("sensor-43", Validity::Expired);
+    let expired = ["--cert", path(&expired_cert), "--key", path(&expired_key)];
+    for extra in [&[][..], &expired[..]] {
+        let mut args = vec!["-t", "mtls/t", "-m", "x"];
+        args.extend(extra);
+        let (ok, out) = mosquitto("mosquitto_pub", &port, &files.ca_file, "refused", &args).await;
         assert!(!ok, "refused without a valid certificate: {out}");
     }
     broker.no_event_pending();

@@ -68,6 +68,27 @@ async fn next_packet<S: AsyncRead + AsyncWrite + Unpin>(
     .expect("a packet within the deadline")
 }
 
+/// Sends `packet` in one binary message.
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, packet: &Packet) {
+    ws.send(Message::binary(encode(packet).to_vec()))
+        .await
+        .expect("send");
+}
+
+/// CONNECT as `client_id` and its CONNACK; the bytes received after it.
+async fn mqtt_connect<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    client_id: &str,
+) -> bytes::BytesMut {
+    send(ws, &connect_packet(&ConnectOpts::new(client_id))).await;
+    let mut buf = bytes::BytesMut::new();
+    assert!(matches!(
+        next_packet(ws, &mut buf).await,
+        Packet::ConnAck(_)
+    ));
+    buf
+}
+
 fn peer_of(event: ConnectionEvent) -> (SocketAddr, Listener) {
     match event {
         ConnectionEvent::Connected { peer, listener, .. } => (peer, listener),
@@ -133,9 +154,7 @@ async fn mqtt_over_websocket_in_any_framing() {
     }
 
     // PINGREQ, then a WebSocket close: a clean end without DISCONNECT is connection_lost.
-    ws.send(Message::binary(encode(&Packet::PingReq).to_vec()))
-        .await
-        .expect("send");
+    send(&mut ws, &Packet::PingReq).await;
     assert!(matches!(
         next_packet(&mut ws, &mut buf).await,
         Packet::PingResp
@@ -156,20 +175,9 @@ async fn mqttv31_subprotocol_and_disconnect() {
     let mut ws = ws_client(tcp, "/mqtt", Some("mqttv3.1"), &[])
         .await
         .expect("upgrade with subprotocol mqttv3.1");
-    ws.send(Message::binary(
-        encode(&connect_packet(&ConnectOpts::new("old-sdk"))).to_vec(),
-    ))
-    .await
-    .expect("send");
-    let mut buf = bytes::BytesMut::new();
-    assert!(matches!(
-        next_packet(&mut ws, &mut buf).await,
-        Packet::ConnAck(_)
-    ));
+    mqtt_connect(&mut ws, "old-sdk").await;
     broker.connected("old-sdk").await;
-    ws.send(Message::binary(encode(&Packet::Disconnect).to_vec()))
-        .await
-        .expect("send");
+    send(&mut ws, &Packet::Disconnect).await;
     broker
         .disconnected("old-sdk", DisconnectReason::ClientDisconnect)
         .await;
@@ -272,11 +280,7 @@ async fn x_forwarded_for_is_believed_from_trusted_proxies_only() {
         )
         .await
         .expect("upgrade");
-        ws.send(Message::binary(
-            encode(&connect_packet(&ConnectOpts::new("proxied"))).to_vec(),
-        ))
-        .await
-        .expect("send");
+        send(&mut ws, &connect_packet(&ConnectOpts::new("proxied"))).await;
         let (peer, _) = peer_of(broker.connected("proxied").await);
         match expected {
             Some(ip) => assert_eq!(peer, format!("{ip}:0").parse().expect("addr")),
@@ -315,16 +319,7 @@ async fn mqtt_over_websocket_over_tls() {
     let mut ws = ws_client(tls, "/mqtt", Some("mqtt"), &[])
         .await
         .expect("upgrade over TLS");
-    ws.send(Message::binary(
-        encode(&connect_packet(&ConnectOpts::new("secure-browser"))).to_vec(),
-    ))
-    .await
-    .expect("send");
-    let mut buf = bytes::BytesMut::new();
-    assert!(matches!(
-        next_packet(&mut ws, &mut buf).await,
-        Packet::ConnAck(_)
-    ));
+    mqtt_connect(&mut ws, "secure-browser").await;
     let (_, listener) = peer_of(broker.connected("secure-browser").await);
     assert_eq!(listener, Listener::Wss);
     assert_eq!(metrics().listener_connections.get(Listener::Wss), 1);
