@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -26,6 +25,7 @@ use crate::labels::{HandshakeFailure, Listener, RefusalReason};
 use crate::metrics::metrics;
 use crate::telemetry::LogLimiter;
 use crate::transport::tls::{self, Tls};
+use crate::transport::tls_stream::{self, TlsStream};
 use crate::transport::{proxy, ws};
 
 /// First wait after running out of file descriptors; doubles up to `mqtt.accept_backoff_max`.
@@ -368,10 +368,12 @@ async fn tls_accept(
     tls: &Tls,
     stream: TcpStream,
 ) -> Result<TlsStream<TcpStream>, HandshakeFailure> {
-    tls.acceptor().accept(stream).await.map_err(|error| {
-        tracing::debug!(%error, "TLS handshake failed.");
-        tls::failure(&error)
-    })
+    tls_stream::accept(stream, tls.config())
+        .await
+        .map_err(|error| {
+            tracing::debug!(%error, "TLS handshake failed.");
+            tls::failure(&error)
+        })
 }
 
 /// A WebSocket endpoint: its path and the proxies whose X-Forwarded-For is believed.
@@ -424,8 +426,7 @@ fn client_identity<S>(
     stream: &TlsStream<S>,
     tls: &Tls,
 ) -> Result<Option<String>, HandshakeFailure> {
-    let (_, connection) = stream.get_ref();
-    let chain = connection.peer_certificates();
+    let chain = stream.connection().peer_certificates();
     let identity = tls::identity(chain, tls.identity_source());
     if identity.is_none() && chain.is_some_and(|c| !c.is_empty()) && tls.requires_client_cert() {
         return Err(HandshakeFailure::NoIdentity);

@@ -6,4 +6,5 @@
 
 pub mod proxy;
 pub mod tls;
+pub mod tls_stream;
 pub mod ws;

@@ -11,7 +11,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::{IdentitySource, TlsConfig, TlsVersion};
 use crate::labels::HandshakeFailure;
@@ -77,10 +76,9 @@ impl Tls {
         Ok(())
     }
 
-    /// An acceptor with the configuration in force.
-    pub fn acceptor(&self) -> TlsAcceptor {
-        let config = self.current.read().unwrap_or_else(|e| e.into_inner());
-        TlsAcceptor::from(Arc::clone(&config))
+    /// The configuration in force, for a new handshake.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Whether a client must present a valid certificate.

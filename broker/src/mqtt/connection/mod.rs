@@ -188,7 +188,8 @@ mod size {
         );
         assert!(std::mem::size_of::<crate::mqtt::session::Session>() <= 256);
         // A TLS connection's future holds the rustls connection instead of the bare socket.
-        let tls = std::mem::size_of::<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>();
+        let tls =
+            std::mem::size_of::<crate::transport::tls_stream::TlsStream<tokio::net::TcpStream>>();
         let tcp = std::mem::size_of::<tokio::net::TcpStream>();
         eprintln!("TLS stream: {tls} bytes, TCP stream: {tcp} bytes");
     }
