@@ -40,6 +40,9 @@ pub struct TlsStream<S> {
     read_closed: bool,
     /// Our close_notify is queued.
     close_sent: bool,
+    /// rustls failed: it must not be asked to process anything again (it would panic on a
+    /// second fatal alert); only what it queued before is still written.
+    failed: bool,
 }
 
 /// Runs the TLS handshake of `io` with `config`. Failures are `InvalidData` errors carrying the
@@ -57,6 +60,7 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         outgoing: BytesMut::new(),
         read_closed: false,
         close_sent: false,
+        failed: false,
     };
     poll_fn(|cx| stream.poll_handshake(cx)).await?;
     Ok(stream)
@@ -85,6 +89,14 @@ fn encode_into(
             Err(io::Error::other(error.to_string()))
         }
     }
+}
+
+/// The error of every operation after rustls failed.
+fn failed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::BrokenPipe,
+        "the TLS connection failed earlier",
+    )
 }
 
 fn invalid(error: rustls::Error) -> io::Error {
@@ -124,11 +136,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
     /// Runs rustls over the received bytes until it needs more: decrypted data goes to
     /// `plain`, what it has to send to `outgoing`; a peer's close sets `read_closed`.
     fn process(&mut self) -> io::Result<()> {
+        if self.failed {
+            return Err(failed());
+        }
         loop {
             let UnbufferedStatus { discard, state } =
                 self.conn.process_tls_records(&mut self.incoming);
             let done = match state {
                 Err(error) => {
+                    self.failed = true;
                     self.encode_alert();
                     return Err(invalid(error));
                 }
@@ -318,7 +334,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.close_sent {
+        if !this.close_sent && !this.failed {
             this.close_sent = true;
             this.encrypt(&[], true)?;
         }
@@ -407,6 +423,39 @@ mod tests {
             "TlsStream<TcpStream>: {} bytes",
             std::mem::size_of::<TlsStream<tokio::net::TcpStream>>()
         );
+    }
+
+    /// Garbage after the handshake: the read fails, and everything after (reads, writes, the
+    /// shutdown that sends close_notify) fails or ends cleanly without asking rustls again.
+    #[tokio::test]
+    async fn garbage_after_the_handshake_fails_once_and_for_all() {
+        let ca = Ca::new("tls_stream test CA");
+        let (client_io, server_io) = tokio::io::duplex(1024);
+        let connector = tokio_rustls::TlsConnector::from(client_config(&ca.pem(), None));
+        let name = ServerName::try_from("localhost").expect("name");
+        let (server, client) = tokio::join!(
+            accept(server_io, server_config(&ca)),
+            connector.connect(name, client_io)
+        );
+        let (mut server, mut client) = (server.expect("server"), client.expect("client"));
+        client
+            .get_mut()
+            .0
+            .write_all(&[0x17, 0x03, 0x03, 0x00, 0x05, 1, 2, 3, 4, 5])
+            .await
+            .expect("garbage record");
+        let mut buf = [0u8; 64];
+        let error = server
+            .read(&mut buf)
+            .await
+            .expect_err("undecryptable record");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        assert!(server.read(&mut buf).await.is_err());
+        assert!(server.write(b"x").await.is_err());
+        server
+            .shutdown()
+            .await
+            .expect("shutdown without close_notify");
     }
 
     /// Garbage instead of a ClientHello: an InvalidData error carrying rustls' error (the
