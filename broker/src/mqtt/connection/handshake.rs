@@ -29,11 +29,20 @@ pub struct Established {
     pub seq: u64,
     /// The listener it came in on.
     pub listener: Listener,
-    /// keep-alive x multiplier; `None` when the client asked for no keep-alive.
-    pub keep_alive: Option<Duration>,
+    /// keep-alive x multiplier in milliseconds (rounded up), 0 when the client asked for no
+    /// keep-alive: a u32 rather than an `Option<Duration>`, as this lives as long as the
+    /// connection (at most 65,535 s x 10 fits). See [`Established::keep_alive`].
+    keep_alive_ms: u32,
     /// Published if the connection ends without DISCONNECT. Boxed: most devices have none,
     /// and it is kept for the connection's whole life.
     pub will: Option<Box<LastWill>>,
+}
+
+impl Established {
+    /// keep-alive x multiplier; `None` when the client asked for no keep-alive.
+    pub fn keep_alive(&self) -> Option<Duration> {
+        (self.keep_alive_ms > 0).then(|| Duration::from_millis(u64::from(self.keep_alive_ms)))
+    }
 }
 
 /// CONNECT within the timeout, validation, session attach (with takeover), the Connected event
@@ -193,9 +202,13 @@ pub async fn handshake<S: Transport>(
         session_id,
         seq,
         listener,
-        keep_alive: (keep_alive > 0).then(|| {
-            Duration::from_secs(u64::from(keep_alive)).mul_f64(config.keepalive_multiplier)
-        }),
+        keep_alive_ms: if keep_alive == 0 {
+            0
+        } else {
+            let limit =
+                Duration::from_secs(u64::from(keep_alive)).mul_f64(config.keepalive_multiplier);
+            u32::try_from(limit.as_micros().div_ceil(1000)).unwrap_or(u32::MAX)
+        },
         will: connect.last_will.map(Box::new),
     })
 }

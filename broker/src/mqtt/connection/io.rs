@@ -52,9 +52,11 @@ pub struct Io<S> {
     pub rbuf: BytesMut,
     /// Encoded packets not yet written; empty (unallocated) while idle.
     pub wbuf: BytesMut,
-    max_packet_size: usize,
+    /// u32 (`mqtt.max_packet_size` is at most 268,435,455): every byte of an idle connection
+    /// counts.
+    max_packet_size: u32,
     /// Bytes of `mqtt.max_buffered_read_bytes` held for the large packet now arriving.
-    reserved: usize,
+    reserved: u32,
 }
 
 impl<S: Transport> Io<S> {
@@ -64,7 +66,7 @@ impl<S: Transport> Io<S> {
             stream,
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
-            max_packet_size,
+            max_packet_size: u32::try_from(max_packet_size).unwrap_or(u32::MAX),
             reserved: 0,
         }
     }
@@ -80,24 +82,26 @@ impl<S: Transport> Io<S> {
     pub fn settle_budget(&mut self, budget: &ByteBudget, freed: &Notify) -> bool {
         let need = self
             .frame_len()
-            .filter(|f| *f > READ_CHUNK && *f <= self.max_packet_size + 5)
+            .filter(|f| *f > READ_CHUNK && *f <= self.max_packet_size as usize + 5)
             .unwrap_or(0);
-        if need > self.reserved {
-            if !budget.try_reserve(need - self.reserved) {
+        let reserved = self.reserved as usize;
+        if need > reserved {
+            if !budget.try_reserve(need - reserved) {
                 return false;
             }
-        } else if need < self.reserved {
-            budget.release(self.reserved - need);
+        } else if need < reserved {
+            budget.release(reserved - need);
             freed.notify_waiters();
         }
-        self.reserved = need;
+        // At most max_packet_size + 5, which fits.
+        self.reserved = u32::try_from(need).unwrap_or(u32::MAX);
         true
     }
 
     /// Gives back the read budget held (the connection is closing).
     pub fn release_budget(&mut self, budget: &ByteBudget, freed: &Notify) {
         if self.reserved > 0 {
-            budget.release(self.reserved);
+            budget.release(self.reserved as usize);
             self.reserved = 0;
             freed.notify_waiters();
         }
@@ -136,7 +140,7 @@ impl<S: Transport> Io<S> {
     /// The next complete packet in the read buffer, if any.
     pub fn next_packet(&mut self) -> Result<Option<Packet>, CodecError> {
         let before = self.rbuf.len();
-        let packet = codec::read_packet(&mut self.rbuf, self.max_packet_size)?;
+        let packet = codec::read_packet(&mut self.rbuf, self.max_packet_size as usize)?;
         if let Some(p) = &packet {
             let size = before - self.rbuf.len();
             metrics().received.count(codec::packet_type(p), 1, size);

@@ -181,7 +181,7 @@ mod size {
             tokio_util::sync::CancellationToken::new(),
         );
         let size = std::mem::size_of_val(&fut);
-        assert!(size <= 512, "connection future is {size} bytes");
+        assert!(size <= 496, "connection future is {size} bytes");
         eprintln!(
             "connection future: {size} bytes, session: {} bytes",
             std::mem::size_of::<crate::mqtt::session::Session>()

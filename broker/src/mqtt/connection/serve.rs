@@ -483,7 +483,7 @@ fn deadlines<S: Transport>(
     // Moved earlier when needed and otherwise left to fire and be pushed to the current
     // deadline (keep-alive deadlines only ever move later).
     let deadline = [
-        conn.keep_alive.map(|ka| d.last_received + ka),
+        conn.keep_alive().map(|ka| d.last_received + ka),
         d.partial_since.map(|s| s + config.packet_read_timeout),
         d.stalled_since.map(|s| s + config.write_stall_timeout),
         retry_parked_at,
@@ -505,7 +505,7 @@ fn deadlines<S: Transport>(
     d.armed = None;
     let now = Instant::now();
     let session = &conn.session;
-    if let Some(ka) = conn.keep_alive {
+    if let Some(ka) = conn.keep_alive() {
         if now >= d.last_received + ka {
             tracing::info!(
                 client_id = &*session.client_id,
