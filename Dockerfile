@@ -8,13 +8,15 @@
 
 FROM rust:1-bookworm AS builder
 WORKDIR /src
-# The workspace manifest and lock file, both members (broker/benches too: its Cargo.toml declares
-# the bench target), and the migrations that sqlx::migrate! embeds at compile time from
-# broker/src/store/{postgres,sqlite}.rs ("../migrations/..."). bench/rumqttd is excluded from the
-# workspace and not needed.
+# The workspace manifest and lock file, every member (broker/benches too: its Cargo.toml declares
+# the bench target; testkit is only a dev-dependency, but cargo loads every member's manifest),
+# and the migrations that sqlx::migrate! embeds at compile time from
+# broker/src/store/{postgres,sqlite}.rs ("../migrations/..."). bench/rumqttd and bench/loadgen
+# are excluded from the workspace and not needed.
 COPY Cargo.toml Cargo.lock ./
 COPY broker ./broker
 COPY device-sim ./device-sim
+COPY testkit ./testkit
 COPY migrations ./migrations
 # Cache mounts keep the registry and the build directory between builds (BuildKit, the default
 # builder); the binaries are copied out of the cached target directory in the same step.
