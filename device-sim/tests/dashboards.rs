@@ -2,7 +2,11 @@
 //! without Docker:
 //!
 //! * the compose file, the Prometheus config, Grafana's provisioning and the dashboards parse, and
-//!   every file, service, datasource and dashboard path they refer to exists;
+//!   every file, service, datasource and dashboard path they refer to exists; the image copies
+//!   every workspace member; the TLS certificate the broker and the demo fleets read is the one
+//!   the one-shot `certs` service makes, in a volume they share;
+//! * `scripts/dev-certs.sh` (the `certs` service) keeps what it made, refuses a partial set and
+//!   replaces it with `--force`;
 //! * against a live system — the broker on a real PostgreSQL, a device-sim run with
 //!   `--metrics-listen`, and a real Prometheus (Debian's `prometheus`, or `PROMETHEUS_BIN`)
 //!   scraping both with the repository's scrape jobs — every PromQL expression of every dashboard
@@ -155,7 +159,7 @@ fn queries(name: &str, dash: &Value) -> Vec<Query> {
     out
 }
 
-/// The part after `prefix` in a volume "SOURCE:TARGET[:ro]" whose target is `target`.
+/// The source of a volume "SOURCE:TARGET[:ro]" whose target is `target`.
 fn volume_source<'a>(service: &'a Value, target: &str) -> Option<&'a str> {
     service["volumes"].as_array()?.iter().find_map(|v| {
         let v = v.as_str()?;
@@ -234,6 +238,26 @@ fn stack_files_parse_and_reference_what_exists() {
             }
         }
     }
+    // The image builds the workspace: cargo loads every member's manifest, dev-only ones too.
+    let manifest = read(&root.join("Cargo.toml"));
+    let members = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("members = ["))
+        .expect("Cargo.toml: workspace members on one line");
+    let dockerfile = read(&root.join("Dockerfile"));
+    for member in members.split(',').map(|m| m.trim_matches([' ', '"', ']'])) {
+        let copied = dockerfile.lines().any(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words.first() == Some(&"COPY") && words.contains(&member)
+        });
+        assert!(
+            copied,
+            "Dockerfile: workspace member {member} is not copied"
+        );
+    }
+
+    tls_wiring(services);
+
     let grafana = &services["grafana"];
     let env = serde_json::to_string(&grafana["environment"]).expect("json");
     assert!(
@@ -311,6 +335,158 @@ fn stack_files_parse_and_reference_what_exists() {
             );
         }
     }
+}
+
+/// The stack's TLS: the broker's certificate and key, and every `--cafile` of a service, are in
+/// the named volume that the `certs` service fills, and the broker starts after it succeeded.
+fn tls_wiring(services: &serde_json::Map<String, Value>) {
+    let broker = &services["broker"];
+    let env = |key: &str| {
+        broker["environment"][key]
+            .as_str()
+            .unwrap_or_else(|| panic!("compose: broker sets no {key}"))
+            .to_owned()
+    };
+    for key in [
+        "BROKER_MQTT__TLS__LISTEN",
+        "BROKER_MQTT__WS__LISTEN",
+        "BROKER_MQTT__WSS__LISTEN",
+    ] {
+        let port = env(key).rsplit(':').next().unwrap_or_default().to_owned();
+        let published = broker["ports"]
+            .as_array()
+            .expect("compose: broker ports")
+            .iter()
+            .any(|p| p.as_str() == Some(&format!("{port}:{port}")));
+        assert!(
+            published,
+            "compose: broker does not publish {key}'s port {port}"
+        );
+    }
+    let cert = env("BROKER_MQTT__TLS__CERT_FILE");
+    let key = env("BROKER_MQTT__TLS__KEY_FILE");
+    let dir = Path::new(&cert).parent().expect("cert directory");
+    assert_eq!(
+        Path::new(&key).parent(),
+        Some(dir),
+        "certificate and key in one directory"
+    );
+    let dir = dir.to_str().expect("utf-8");
+
+    let certs = &services["certs"];
+    let volume = volume_source(certs, dir)
+        .unwrap_or_else(|| panic!("compose: the certs service mounts nothing at {dir}"));
+    assert!(
+        !volume.starts_with('.') && !volume.starts_with('/'),
+        "compose: certificates in a named volume, not on the host: {volume}"
+    );
+    assert!(
+        certs["command"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|a| a == dir)),
+        "compose: the certs service writes to {dir}: {}",
+        certs["command"]
+    );
+    assert_eq!(
+        broker["depends_on"]["certs"]["condition"], "service_completed_successfully",
+        "compose: the broker starts once the certificates exist"
+    );
+    for (name, svc) in services {
+        let mounts_at = |path: &str| {
+            svc["volumes"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|v| {
+                    let mut parts = v.split(':');
+                    parts.next() == Some(volume)
+                        && parts.next().is_some_and(|t| Path::new(path).starts_with(t))
+                })
+        };
+        if name == "broker" {
+            assert!(
+                mounts_at(&cert),
+                "compose: broker does not mount {volume} at {dir}"
+            );
+        }
+        let args = svc["command"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        for cafile in args
+            .iter()
+            .filter_map(|a| a.as_str()?.strip_prefix("--cafile="))
+        {
+            assert!(
+                mounts_at(cafile),
+                "compose: {name} reads {cafile} from no {volume} mount"
+            );
+        }
+    }
+}
+
+/// `scripts/dev-certs.sh ARGS` to its end: success, and what it printed.
+fn dev_certs(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("sh")
+        .arg(repo().join("scripts/dev-certs.sh"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sh scripts/dev-certs.sh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The certificate generator of the stack keeps what it made (so `up` after `down` changes
+/// nothing), refuses to complete a partial set, and starts over with `--force`.
+#[test]
+fn dev_certs_keeps_refuses_and_forces() {
+    let dir = temp_dir("dev-certs");
+    let path = dir.path().join("certs");
+    let target = path.to_str().expect("utf-8");
+    let files = ["ca.crt", "server.crt", "server.key"].map(|f| path.join(f));
+    let contents = || {
+        files
+            .each_ref()
+            .map(|f| std::fs::read(f).unwrap_or_default())
+    };
+
+    let (ok, out) = dev_certs(&[target]);
+    assert!(ok, "{out}");
+    let made = contents();
+    assert!(made.iter().all(|c| !c.is_empty()), "{out}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&files[2])
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "server.key is private");
+    }
+    let left: Vec<_> = std::fs::read_dir(&path)
+        .expect("certs")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(left.len(), 3, "only the three files, no CA key: {left:?}");
+
+    let (ok, out) = dev_certs(&[target]);
+    assert!(ok && out.contains("keeping"), "{out}");
+    assert_eq!(contents(), made, "a second run changes nothing");
+
+    std::fs::remove_file(&files[0]).expect("remove ca.crt");
+    let (ok, out) = dev_certs(&[target]);
+    assert!(!ok && out.contains("--force"), "{out}");
+    assert!(!files[0].exists(), "a refused run writes nothing");
+
+    let (ok, out) = dev_certs(&["--force", target]);
+    assert!(ok, "{out}");
+    let remade = contents();
+    assert!(remade.iter().all(|c| !c.is_empty()), "{out}");
+    assert_ne!(remade[1], made[1], "--force makes a new certificate");
 }
 
 /// Expands the Grafana macros and `$device` in `sql`; panics on anything else starting with `$`.
