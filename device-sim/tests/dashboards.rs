@@ -7,11 +7,12 @@
 //!   the one-shot `certs` service makes, in a volume they share;
 //! * `scripts/dev-certs.sh` (the `certs` service) keeps what it made, refuses a partial set and
 //!   replaces it with `--force`;
-//! * against a live system — the broker on a real PostgreSQL, a device-sim run with
-//!   `--metrics-listen`, and a real Prometheus (Debian's `prometheus`, or `PROMETHEUS_BIN`)
-//!   scraping both with the repository's scrape jobs — every PromQL expression of every dashboard
-//!   (variables substituted) is valid and returns at least one series, and every SQL query
-//!   (Grafana macros expanded) runs and returns at least one row.
+//! * against a live system — the broker on a real PostgreSQL with the stack's TLS, WebSocket and
+//!   WSS listeners and the script's certificate, device-sim runs over TCP (with
+//!   `--metrics-listen`), TLS and WSS, one failed TLS handshake, and a real Prometheus (Debian's
+//!   `prometheus`, or `PROMETHEUS_BIN`) scraping with the repository's scrape jobs — every PromQL
+//!   expression of every dashboard (variables substituted) is valid and returns at least one
+//!   series, and every SQL query (Grafana macros expanded) runs and returns at least one row.
 
 mod common;
 
@@ -22,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sqlx::{Connection, Row};
-use tokio::io::AsyncBufReadExt;
-use tokio::process::{Child, ChildStdin};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
 
 use common::{sim, SIM_WAIT};
 use testkit::{free_port, http_get, http_response, pg, temp_dir, FullBroker, TempDir};
@@ -649,6 +650,37 @@ impl Prometheus {
     }
 }
 
+/// Reads a device-sim run's output until it holds its devices (bounded); the rest of its output,
+/// to keep open while it runs.
+async fn holding(child: &mut Child) -> Lines<BufReader<ChildStdout>> {
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    tokio::time::timeout(SIM_WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("read device-sim") {
+            if line.starts_with("holding") {
+                return;
+            }
+        }
+        panic!("device-sim ended without holding");
+    })
+    .await
+    .expect("device-sim holds in time");
+    lines
+}
+
+/// Each series' value of an instant query answer, by the value of `label`.
+fn by_label(answer: &Value, label: &str) -> BTreeMap<String, f64> {
+    answer["data"]["result"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .filter_map(|s| {
+            let value = s["value"][1].as_str()?.parse().ok()?;
+            Some((s["metric"][label].as_str()?.to_owned(), value))
+        })
+        .collect()
+}
+
 /// Number of series in a successful query answer.
 fn series(answer: &Value) -> Option<usize> {
     (answer["status"] == "success").then(|| answer["data"]["result"].as_array().map_or(0, Vec::len))
@@ -658,7 +690,22 @@ fn series(answer: &Value) -> Option<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_returns_data() {
     let db = pg::TestPostgres::start().await;
-    let broker = FullBroker::start_on(db.url()).await;
+    // The listeners of the compose stack (TLS, WebSocket, WSS besides TCP) with the certificate
+    // its `certs` service makes.
+    let cert_dir = temp_dir("dev-certs");
+    let certs = cert_dir.path().to_str().expect("utf-8").to_owned();
+    let (ok, out) = dev_certs(&[&certs]);
+    assert!(ok, "{out}");
+    let data = temp_dir("broker");
+    let mut config = FullBroker::config(db.url(), data.path(), "test-node");
+    let any = Some("127.0.0.1:0".parse().expect("address"));
+    config.mqtt.tls.listen = any;
+    config.mqtt.tls.cert_file = Some(Path::new(&certs).join("server.crt"));
+    config.mqtt.tls.key_file = Some(Path::new(&certs).join("server.key"));
+    config.mqtt.ws.listen = any;
+    config.mqtt.wss.listen = any;
+    let broker = FullBroker::start(config).await;
+    broker.ready().await;
     let sim_metrics = format!("127.0.0.1:{}", free_port());
     let targets = BTreeMap::from([
         ("heartwire", broker.http.to_string()),
@@ -700,17 +747,33 @@ async fn every_dashboard_query_returns_data() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("device-sim runs");
-    let mut lines = tokio::io::BufReader::new(run.stdout.take().expect("stdout")).lines();
-    tokio::time::timeout(SIM_WAIT, async {
-        while let Some(line) = lines.next_line().await.expect("read device-sim") {
-            if line.starts_with("holding") {
-                return;
-            }
-        }
-        panic!("device-sim ended without holding");
-    })
-    .await
-    .expect("device-sim holds in time");
+    // A few devices over TLS and over WSS, as the stack's demo-devices-tls and -wss run them:
+    // trusting the script's CA, and checking the name the certificate gives the compose service.
+    let mut secure = Vec::new();
+    for (transport, listener) in [("tls", broker.tls), ("wss", broker.wss)] {
+        let port = listener.expect("listener").port().to_string();
+        let cafile = format!("{certs}/ca.crt");
+        let prefix = format!("{transport}-");
+        let mut child = sim()
+            .args([
+                "run",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--cafile",
+                &cafile,
+            ])
+            .args([&format!("--{transport}"), "--tls-server-name", "broker"])
+            .args(["--prefix", &prefix, "--count", "5", "--keepalive", "5"])
+            .args(["--duration", "1", "--end-state", "keep"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("device-sim runs");
+        let lines = holding(&mut child).await;
+        secure.push((child, lines));
+    }
+    let _lines = holding(&mut run).await;
 
     // Enough scrapes of both jobs for rates over the substituted $__rate_interval.
     let deadline = Instant::now() + SIM_WAIT;
@@ -733,6 +796,46 @@ async fn every_dashboard_query_returns_data() {
         assert!(
             Instant::now() < deadline,
             "scrapes not up in time: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A client that speaks MQTT to the TLS port: one failed handshake (`not_tls`) for the
+    // handshake failures panel, whose per-reason series shows only pairs that failed. After the
+    // scrapes began, so that Prometheus sees the counter rise from 0.
+    let mut plain = tokio::net::TcpStream::connect(broker.tls.expect("tls"))
+        .await
+        .expect("connect");
+    // CONNECT, MQTT 3.1.1, clean session, keep-alive 30 s, client id "p".
+    let connect = b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x1e\x00\x01p";
+    plain.write_all(connect).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(SIM_WAIT, plain.read_to_end(&mut answer)).await;
+
+    // Prometheus has seen every transport's connections and the failed handshake.
+    let deadline = Instant::now() + SIM_WAIT;
+    loop {
+        let open = prometheus
+            .query("sum by (listener) (heartwire_listener_connections)")
+            .await;
+        let failed = prometheus
+            .query(concat!(
+                "sum by (listener, reason) ",
+                "(rate(heartwire_transport_handshake_failures_total[1m])) > 0"
+            ))
+            .await;
+        let open = by_label(&open, "listener");
+        let failed = by_label(&failed, "reason");
+        let held = [("tls", 5.0), ("wss", 5.0)];
+        if open.get("tcp").is_some_and(|&n| n > 0.0)
+            && held.iter().all(|(l, n)| open.get(*l) == Some(n))
+            && open.get("ws") == Some(&0.0)
+            && failed.contains_key("not_tls")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "transports not scraped in time: open {open:?}, failed {failed:?}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -809,7 +912,9 @@ async fn every_dashboard_query_returns_data() {
         .await;
     assert_eq!(errors["data"]["result"][0]["value"][1], "0", "{errors}");
 
-    let _ = run.start_kill();
-    let _ = run.wait().await;
+    for mut child in secure.into_iter().map(|(c, _)| c).chain([run]) {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
     broker.stop().await;
 }
