@@ -2,12 +2,17 @@
 //! without Docker:
 //!
 //! * the compose file, the Prometheus config, Grafana's provisioning and the dashboards parse, and
-//!   every file, service, datasource and dashboard path they refer to exists;
-//! * against a live system — the broker on a real PostgreSQL, a device-sim run with
-//!   `--metrics-listen`, and a real Prometheus (Debian's `prometheus`, or `PROMETHEUS_BIN`)
-//!   scraping both with the repository's scrape jobs — every PromQL expression of every dashboard
-//!   (variables substituted) is valid and returns at least one series, and every SQL query
-//!   (Grafana macros expanded) runs and returns at least one row.
+//!   every file, service, datasource and dashboard path they refer to exists; the image copies
+//!   every workspace member; the TLS certificate the broker and the demo fleets read is the one
+//!   the one-shot `certs` service makes, in a volume they share;
+//! * `scripts/dev-certs.sh` (the `certs` service) keeps what it made, refuses a partial set and
+//!   replaces it with `--force`;
+//! * against a live system — the broker on a real PostgreSQL with the stack's TLS, WebSocket and
+//!   WSS listeners and the script's certificate, device-sim runs over TCP (with
+//!   `--metrics-listen`), TLS and WSS, one failed TLS handshake, and a real Prometheus (Debian's
+//!   `prometheus`, or `PROMETHEUS_BIN`) scraping with the repository's scrape jobs — every PromQL
+//!   expression of every dashboard (variables substituted) is valid and returns at least one
+//!   series, and every SQL query (Grafana macros expanded) runs and returns at least one row.
 
 mod common;
 
@@ -18,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sqlx::{Connection, Row};
-use tokio::io::AsyncBufReadExt;
-use tokio::process::{Child, ChildStdin};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
 
 use common::{sim, SIM_WAIT};
 use testkit::{free_port, http_get, http_response, pg, temp_dir, FullBroker, TempDir};
@@ -155,7 +160,7 @@ fn queries(name: &str, dash: &Value) -> Vec<Query> {
     out
 }
 
-/// The part after `prefix` in a volume "SOURCE:TARGET[:ro]" whose target is `target`.
+/// The source of a volume "SOURCE:TARGET[:ro]" whose target is `target`.
 fn volume_source<'a>(service: &'a Value, target: &str) -> Option<&'a str> {
     service["volumes"].as_array()?.iter().find_map(|v| {
         let v = v.as_str()?;
@@ -234,6 +239,26 @@ fn stack_files_parse_and_reference_what_exists() {
             }
         }
     }
+    // The image builds the workspace: cargo loads every member's manifest, dev-only ones too.
+    let manifest = read(&root.join("Cargo.toml"));
+    let members = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("members = ["))
+        .expect("Cargo.toml: workspace members on one line");
+    let dockerfile = read(&root.join("Dockerfile"));
+    for member in members.split(',').map(|m| m.trim_matches([' ', '"', ']'])) {
+        let copied = dockerfile.lines().any(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words.first() == Some(&"COPY") && words.contains(&member)
+        });
+        assert!(
+            copied,
+            "Dockerfile: workspace member {member} is not copied"
+        );
+    }
+
+    tls_wiring(services);
+
     let grafana = &services["grafana"];
     let env = serde_json::to_string(&grafana["environment"]).expect("json");
     assert!(
@@ -311,6 +336,158 @@ fn stack_files_parse_and_reference_what_exists() {
             );
         }
     }
+}
+
+/// The stack's TLS: the broker's certificate and key, and every `--cafile` of a service, are in
+/// the named volume that the `certs` service fills, and the broker starts after it succeeded.
+fn tls_wiring(services: &serde_json::Map<String, Value>) {
+    let broker = &services["broker"];
+    let env = |key: &str| {
+        broker["environment"][key]
+            .as_str()
+            .unwrap_or_else(|| panic!("compose: broker sets no {key}"))
+            .to_owned()
+    };
+    for key in [
+        "BROKER_MQTT__TLS__LISTEN",
+        "BROKER_MQTT__WS__LISTEN",
+        "BROKER_MQTT__WSS__LISTEN",
+    ] {
+        let port = env(key).rsplit(':').next().unwrap_or_default().to_owned();
+        let published = broker["ports"]
+            .as_array()
+            .expect("compose: broker ports")
+            .iter()
+            .any(|p| p.as_str() == Some(&format!("{port}:{port}")));
+        assert!(
+            published,
+            "compose: broker does not publish {key}'s port {port}"
+        );
+    }
+    let cert = env("BROKER_MQTT__TLS__CERT_FILE");
+    let key = env("BROKER_MQTT__TLS__KEY_FILE");
+    let dir = Path::new(&cert).parent().expect("cert directory");
+    assert_eq!(
+        Path::new(&key).parent(),
+        Some(dir),
+        "certificate and key in one directory"
+    );
+    let dir = dir.to_str().expect("utf-8");
+
+    let certs = &services["certs"];
+    let volume = volume_source(certs, dir)
+        .unwrap_or_else(|| panic!("compose: the certs service mounts nothing at {dir}"));
+    assert!(
+        !volume.starts_with('.') && !volume.starts_with('/'),
+        "compose: certificates in a named volume, not on the host: {volume}"
+    );
+    assert!(
+        certs["command"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|a| a == dir)),
+        "compose: the certs service writes to {dir}: {}",
+        certs["command"]
+    );
+    assert_eq!(
+        broker["depends_on"]["certs"]["condition"], "service_completed_successfully",
+        "compose: the broker starts once the certificates exist"
+    );
+    for (name, svc) in services {
+        let mounts_at = |path: &str| {
+            svc["volumes"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|v| {
+                    let mut parts = v.split(':');
+                    parts.next() == Some(volume)
+                        && parts.next().is_some_and(|t| Path::new(path).starts_with(t))
+                })
+        };
+        if name == "broker" {
+            assert!(
+                mounts_at(&cert),
+                "compose: broker does not mount {volume} at {dir}"
+            );
+        }
+        let args = svc["command"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        for cafile in args
+            .iter()
+            .filter_map(|a| a.as_str()?.strip_prefix("--cafile="))
+        {
+            assert!(
+                mounts_at(cafile),
+                "compose: {name} reads {cafile} from no {volume} mount"
+            );
+        }
+    }
+}
+
+/// `scripts/dev-certs.sh ARGS` to its end: success, and what it printed.
+fn dev_certs(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("sh")
+        .arg(repo().join("scripts/dev-certs.sh"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sh scripts/dev-certs.sh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The certificate generator of the stack keeps what it made (so `up` after `down` changes
+/// nothing), refuses to complete a partial set, and starts over with `--force`.
+#[test]
+fn dev_certs_keeps_refuses_and_forces() {
+    let dir = temp_dir("dev-certs");
+    let path = dir.path().join("certs");
+    let target = path.to_str().expect("utf-8");
+    let files = ["ca.crt", "server.crt", "server.key"].map(|f| path.join(f));
+    let contents = || {
+        files
+            .each_ref()
+            .map(|f| std::fs::read(f).unwrap_or_default())
+    };
+
+    let (ok, out) = dev_certs(&[target]);
+    assert!(ok, "{out}");
+    let made = contents();
+    assert!(made.iter().all(|c| !c.is_empty()), "{out}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&files[2])
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "server.key is private");
+    }
+    let left: Vec<_> = std::fs::read_dir(&path)
+        .expect("certs")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(left.len(), 3, "only the three files, no CA key: {left:?}");
+
+    let (ok, out) = dev_certs(&[target]);
+    assert!(ok && out.contains("keeping"), "{out}");
+    assert_eq!(contents(), made, "a second run changes nothing");
+
+    std::fs::remove_file(&files[0]).expect("remove ca.crt");
+    let (ok, out) = dev_certs(&[target]);
+    assert!(!ok && out.contains("--force"), "{out}");
+    assert!(!files[0].exists(), "a refused run writes nothing");
+
+    let (ok, out) = dev_certs(&["--force", target]);
+    assert!(ok, "{out}");
+    let remade = contents();
+    assert!(remade.iter().all(|c| !c.is_empty()), "{out}");
+    assert_ne!(remade[1], made[1], "--force makes a new certificate");
 }
 
 /// Expands the Grafana macros and `$device` in `sql`; panics on anything else starting with `$`.
@@ -473,6 +650,37 @@ impl Prometheus {
     }
 }
 
+/// Reads a device-sim run's output until it holds its devices (bounded); the rest of its output,
+/// to keep open while it runs.
+async fn holding(child: &mut Child) -> Lines<BufReader<ChildStdout>> {
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    tokio::time::timeout(SIM_WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("read device-sim") {
+            if line.starts_with("holding") {
+                return;
+            }
+        }
+        panic!("device-sim ended without holding");
+    })
+    .await
+    .expect("device-sim holds in time");
+    lines
+}
+
+/// Each series' value of an instant query answer, by the value of `label`.
+fn by_label(answer: &Value, label: &str) -> BTreeMap<String, f64> {
+    answer["data"]["result"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .filter_map(|s| {
+            let value = s["value"][1].as_str()?.parse().ok()?;
+            Some((s["metric"][label].as_str()?.to_owned(), value))
+        })
+        .collect()
+}
+
 /// Number of series in a successful query answer.
 fn series(answer: &Value) -> Option<usize> {
     (answer["status"] == "success").then(|| answer["data"]["result"].as_array().map_or(0, Vec::len))
@@ -482,7 +690,22 @@ fn series(answer: &Value) -> Option<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_returns_data() {
     let db = pg::TestPostgres::start().await;
-    let broker = FullBroker::start_on(db.url()).await;
+    // The listeners of the compose stack (TLS, WebSocket, WSS besides TCP) with the certificate
+    // its `certs` service makes.
+    let cert_dir = temp_dir("dev-certs");
+    let certs = cert_dir.path().to_str().expect("utf-8").to_owned();
+    let (ok, out) = dev_certs(&[&certs]);
+    assert!(ok, "{out}");
+    let data = temp_dir("broker");
+    let mut config = FullBroker::config(db.url(), data.path(), "test-node");
+    let any = Some("127.0.0.1:0".parse().expect("address"));
+    config.mqtt.tls.listen = any;
+    config.mqtt.tls.cert_file = Some(Path::new(&certs).join("server.crt"));
+    config.mqtt.tls.key_file = Some(Path::new(&certs).join("server.key"));
+    config.mqtt.ws.listen = any;
+    config.mqtt.wss.listen = any;
+    let broker = FullBroker::start(config).await;
+    broker.ready().await;
     let sim_metrics = format!("127.0.0.1:{}", free_port());
     let targets = BTreeMap::from([
         ("heartwire", broker.http.to_string()),
@@ -524,17 +747,33 @@ async fn every_dashboard_query_returns_data() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("device-sim runs");
-    let mut lines = tokio::io::BufReader::new(run.stdout.take().expect("stdout")).lines();
-    tokio::time::timeout(SIM_WAIT, async {
-        while let Some(line) = lines.next_line().await.expect("read device-sim") {
-            if line.starts_with("holding") {
-                return;
-            }
-        }
-        panic!("device-sim ended without holding");
-    })
-    .await
-    .expect("device-sim holds in time");
+    // A few devices over TLS and over WSS, as the stack's demo-devices-tls and -wss run them:
+    // trusting the script's CA, and checking the name the certificate gives the compose service.
+    let mut secure = Vec::new();
+    for (transport, listener) in [("tls", broker.tls), ("wss", broker.wss)] {
+        let port = listener.expect("listener").port().to_string();
+        let cafile = format!("{certs}/ca.crt");
+        let prefix = format!("{transport}-");
+        let mut child = sim()
+            .args([
+                "run",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--cafile",
+                &cafile,
+            ])
+            .args([&format!("--{transport}"), "--tls-server-name", "broker"])
+            .args(["--prefix", &prefix, "--count", "5", "--keepalive", "5"])
+            .args(["--duration", "1", "--end-state", "keep"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("device-sim runs");
+        let lines = holding(&mut child).await;
+        secure.push((child, lines));
+    }
+    let _lines = holding(&mut run).await;
 
     // Enough scrapes of both jobs for rates over the substituted $__rate_interval.
     let deadline = Instant::now() + SIM_WAIT;
@@ -557,6 +796,46 @@ async fn every_dashboard_query_returns_data() {
         assert!(
             Instant::now() < deadline,
             "scrapes not up in time: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A client that speaks MQTT to the TLS port: one failed handshake (`not_tls`) for the
+    // handshake failures panel, whose per-reason series shows only pairs that failed. After the
+    // scrapes began, so that Prometheus sees the counter rise from 0.
+    let mut plain = tokio::net::TcpStream::connect(broker.tls.expect("tls"))
+        .await
+        .expect("connect");
+    // CONNECT, MQTT 3.1.1, clean session, keep-alive 30 s, client id "p".
+    let connect = b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x1e\x00\x01p";
+    plain.write_all(connect).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(SIM_WAIT, plain.read_to_end(&mut answer)).await;
+
+    // Prometheus has seen every transport's connections and the failed handshake.
+    let deadline = Instant::now() + SIM_WAIT;
+    loop {
+        let open = prometheus
+            .query("sum by (listener) (heartwire_listener_connections)")
+            .await;
+        let failed = prometheus
+            .query(concat!(
+                "sum by (listener, reason) ",
+                "(rate(heartwire_transport_handshake_failures_total[1m])) > 0"
+            ))
+            .await;
+        let open = by_label(&open, "listener");
+        let failed = by_label(&failed, "reason");
+        let held = [("tls", 5.0), ("wss", 5.0)];
+        if open.get("tcp").is_some_and(|&n| n > 0.0)
+            && held.iter().all(|(l, n)| open.get(*l) == Some(n))
+            && open.get("ws") == Some(&0.0)
+            && failed.contains_key("not_tls")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "transports not scraped in time: open {open:?}, failed {failed:?}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -633,7 +912,9 @@ async fn every_dashboard_query_returns_data() {
         .await;
     assert_eq!(errors["data"]["result"][0]["value"][1], "0", "{errors}");
 
-    let _ = run.start_kill();
-    let _ = run.wait().await;
+    for mut child in secure.into_iter().map(|(c, _)| c).chain([run]) {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
     broker.stop().await;
 }
