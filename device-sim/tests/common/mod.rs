@@ -163,10 +163,11 @@ pub struct Run {
 }
 
 impl Run {
-    /// The number of errors of `kind` (`connect_failed`, `total`, ...) in the summary;
-    /// `u64::MAX` without one (no summary was written).
+    /// The number of errors of `kind` (`connect_failed`, `total`, ...) in the summary.
     pub fn errors(&self, kind: &str) -> u64 {
-        self.summary["errors"][kind].as_u64().unwrap_or(u64::MAX)
+        self.summary["errors"][kind]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no errors.{kind} in the summary:\n{}", self.output))
     }
 
     /// The run ended normally (exit code 0) and no connect ever failed.
