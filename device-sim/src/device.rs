@@ -466,7 +466,7 @@ impl Sim {
         self.set_phase(phase::AWAY);
     }
 
-    async fn on_command(&mut self, command: Command, end: &CancellationToken) {
+    async fn on_command(&mut self, command: Command) {
         if !self.connected {
             return;
         }
@@ -505,17 +505,19 @@ impl Sim {
                 drop(conn);
                 self.gone(backoff(0));
             }
-            Command::Takeover => self.takeover(conn, end).await,
+            Command::Takeover => self.takeover(conn).await,
         }
     }
 
     /// Opens a second connection with the same client id while still polling `old`, until the
-    /// new one is connected and the broker closed the old one.
+    /// new one is connected and the broker closed the old one. The end of the run does not
+    /// interrupt it (the limit below bounds it): the truth already says `takeover`, and
+    /// dropping both connections would make the broker see the old one lost instead.
     ///
     /// rumqttc's `poll` is not cancel-safe while it connects (a dropped future abandons the
     /// half-open connection), so each connection is driven by one future that lives until it
     /// completes instead of a fresh `poll` per `select!` round.
-    async fn takeover(&mut self, old: Conn, end: &CancellationToken) {
+    async fn takeover(&mut self, old: Conn) {
         self.record(truth::TAKEOVER, false, Some("takeover"));
         let stats = Arc::clone(&self.stats);
         let old_fut = async move {
@@ -531,7 +533,6 @@ impl Sim {
         let (mut new, mut new_done, mut old_closed) = (None::<Conn>, false, false);
         loop {
             tokio::select! {
-                _ = end.cancelled() => break,
                 _ = &mut deadline => break,
                 res = &mut new_fut, if !new_done => {
                     new_done = true;
@@ -565,7 +566,7 @@ impl Sim {
         }
         match new {
             Some(conn) => {
-                if !old_closed && !end.is_cancelled() {
+                if !old_closed {
                     eprintln!(
                         "device-sim: {}: the first connection was not closed after a takeover",
                         self.device.client_id
@@ -607,7 +608,7 @@ impl Sim {
             match step {
                 Step::End => return,
                 Step::Closed => commands_open = false,
-                Step::Command(c) => self.on_command(c, &ctl.end).await,
+                Step::Command(c) => self.on_command(c).await,
                 Step::Wake => self.on_wake(),
                 Step::Publish => self.publish(),
                 Step::Net(ev) => self.on_net(ev),
@@ -783,6 +784,9 @@ pub fn random_u64() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
     use super::*;
 
     #[test]
@@ -818,6 +822,110 @@ mod tests {
         t.payload_size = 5;
         assert_eq!(t.payload("dev-7", 3), b"{\"id\"");
         assert!(t.packet_size(10) > 15);
+    }
+
+    /// Reads one short MQTT packet (remaining length below 128) from `socket`; its first byte.
+    async fn read_packet(socket: &mut TcpStream, what: &str) -> u8 {
+        let mut head = [0u8; 2];
+        let read = tokio::time::timeout(testkit::WAIT, socket.read_exact(&mut head)).await;
+        assert!(matches!(read, Ok(Ok(_))), "no {what}: {read:?}");
+        let mut body = vec![0u8; usize::from(head[1])];
+        socket.read_exact(&mut body).await.expect("packet body");
+        head[0]
+    }
+
+    /// A takeover under way when the run ends is completed, not abandoned: abandoning it
+    /// dropped both connections, so the broker saw the first one lost (`connection_lost`)
+    /// where the truth said `takeover`, and the run counted an error.
+    #[tokio::test]
+    async fn a_takeover_under_way_when_the_run_ends_is_completed() {
+        const CONNECT: u8 = 0x10;
+        const CONNACK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
+        const DISCONNECT: u8 = 0xE0;
+        let broker = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = broker.local_addr().expect("address").port();
+        let accept = || async {
+            let accepted = tokio::time::timeout(testkit::WAIT, broker.accept()).await;
+            accepted.expect("the device dials").expect("accept").0
+        };
+        let dir = testkit::temp_dir("takeover-end");
+        let path = dir.path().join("truth.jsonl");
+        let truth = Arc::new(TruthWriter::create(&path).expect("truth file"));
+        let stats = Arc::new(Stats::new(1).expect("stats"));
+        let profile = Arc::new(Profile {
+            keepalive: Duration::from_secs(30),
+            keepalive_multiplier: KEEPALIVE_MULTIPLIER,
+            clean_session: true,
+            connect_timeout_s: 5,
+            end_state: EndState::Disconnect,
+            credentials: None,
+            telemetry: None,
+            transport: Arc::new(Transport::tcp()),
+        });
+        let (commands, commands_rx) = mpsc::channel(1);
+        let (ended, _ended_rx) = mpsc::unbounded_channel();
+        let (end, phase) = (CancellationToken::new(), Arc::new(AtomicU8::new(0)));
+        let ctl = Control {
+            commands: commands_rx,
+            phase: Arc::clone(&phase),
+            end: end.clone(),
+            stop: CancellationToken::new(),
+            ended,
+        };
+        let device = Device {
+            client_id: "dev-0".to_owned(),
+            host: "127.0.0.1".to_owned(),
+            port,
+            number: 0,
+        };
+        let task = tokio::spawn(run(
+            device,
+            profile,
+            Arc::clone(&stats),
+            Arc::clone(&truth),
+            ctl,
+        ));
+
+        let mut first = accept().await;
+        assert_eq!(read_packet(&mut first, "CONNECT").await, CONNECT);
+        first.write_all(&CONNACK).await.expect("CONNACK");
+        testkit::eventually("the device is connected", || async {
+            (phase.load(Ordering::Relaxed) == phase::CONNECTED).then_some(())
+        })
+        .await;
+        commands.send(Command::Takeover).await.expect("command");
+        let mut second = accept().await;
+        assert_eq!(read_packet(&mut second, "second CONNECT").await, CONNECT);
+        // The run ends while the second connection waits for its CONNACK. On this
+        // single-threaded runtime, yielding lets the woken device task see the end first.
+        end.cancel();
+        tokio::task::yield_now().await;
+        second.write_all(&CONNACK).await.expect("second CONNACK");
+        drop(first); // as a broker closes the connection taken over
+        assert_eq!(
+            read_packet(&mut second, "DISCONNECT on the second connection").await,
+            DISCONNECT
+        );
+        drop(second); // as a broker closes after DISCONNECT
+        tokio::time::timeout(testkit::WAIT, task)
+            .await
+            .expect("the device ends")
+            .expect("device task");
+
+        truth.flush().expect("flush");
+        let events: Vec<String> = truth::read(&path)
+            .expect("truth")
+            .into_iter()
+            .map(|r| r.event)
+            .collect();
+        for event in [truth::TAKEOVER_CONNECTED, truth::TAKEN_OVER] {
+            assert!(events.iter().any(|e| e == event), "{events:?}");
+        }
+        assert!(
+            events.ends_with(&[truth::DISCONNECT_CLEAN.to_owned(), truth::FINAL.to_owned()]),
+            "{events:?}"
+        );
+        assert_eq!(stats.snapshot().errors, 0, "{events:?}");
     }
 
     #[test]

@@ -1,11 +1,18 @@
 //! What only device-sim's tests share: the `device-sim` binary under test (Cargo names it to
-//! this crate's tests alone) and the bound on waiting for it. Everything else comes from
-//! `testkit`.
+//! this crate's tests alone) and the bound on waiting for it; the whole broker with its TLS,
+//! WebSocket and WSS listeners ([`SecureBroker`]); one `device-sim run` or `verify` as a
+//! process, with its outcome. Everything else comes from `testkit`.
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
+use broker::config::Config;
 use tokio::process::Command;
+
+use testkit::{http_get, sqlite_url, temp_dir, FullBroker, TempDir, TestPki};
 
 /// Bound on any wait of these tests: a device-sim run, a broker process or Prometheus, and
 /// what a test waits for meanwhile. Longer than `testkit::WAIT`: a run itself takes seconds.
@@ -16,4 +23,193 @@ pub fn sim() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_device-sim"));
     c.kill_on_drop(true);
     c
+}
+
+/// The whole broker in-process on a fresh SQLite file, with its plain TCP, TLS, WebSocket and
+/// WebSocket-over-TLS listeners on free loopback ports, and the CA that signed its
+/// certificate. The certificate names only `localhost`, so TLS devices connecting to
+/// 127.0.0.1 need `--tls-server-name localhost` ([`SecureBroker::tls_args`]).
+pub struct SecureBroker {
+    /// The broker (declared first, so dropped before the files it uses).
+    pub broker: FullBroker,
+    /// The throwaway CA of the server certificate, and of client certificates if the test
+    /// asks for them.
+    pub pki: TestPki,
+    /// The SQLite file and journal.
+    _data: TempDir,
+}
+
+impl SecureBroker {
+    /// Starts the broker with every listener, its configuration changed by `adjust` (the
+    /// client-certificate keys, say); returns once it is ready.
+    pub async fn start(label: &str, adjust: impl FnOnce(&mut Config, &TestPki)) -> Self {
+        let pki = TestPki::new(label);
+        let server = pki.server(&["localhost"]);
+        let data = temp_dir("broker");
+        let mut config = FullBroker::config(&sqlite_url(&data), &data, "test-node");
+        // Any address: FullBroker binds a free loopback port for each listener that is set.
+        let any = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        config.mqtt.tls.listen = any;
+        config.mqtt.ws.listen = any;
+        config.mqtt.wss.listen = any;
+        config.mqtt.tls.cert_file = Some(server.cert);
+        config.mqtt.tls.key_file = Some(server.key);
+        adjust(&mut config, &pki);
+        let broker = FullBroker::start(config).await;
+        broker.ready().await;
+        Self {
+            broker,
+            pki,
+            _data: data,
+        }
+    }
+
+    /// Graceful shutdown; waits until the broker has drained.
+    pub async fn stop(self) {
+        self.broker.stop().await;
+    }
+
+    /// The port of the listener of `transport` (`tcp`, `tls`, `ws` or `wss`).
+    pub fn port(&self, transport: &str) -> u16 {
+        let addr = match transport {
+            "tcp" => Some(self.broker.mqtt),
+            "tls" => self.broker.tls,
+            "ws" => self.broker.ws,
+            "wss" => self.broker.wss,
+            other => panic!("no transport {other}"),
+        };
+        addr.expect("the listener is open").port()
+    }
+
+    /// The device-sim options of `transport`: its flag, and for TLS the CA and server name.
+    pub fn transport_args(&self, transport: &str) -> Vec<String> {
+        match transport {
+            "tcp" => Vec::new(),
+            "ws" => args(["--ws"]),
+            "tls" | "wss" => [args([format!("--{transport}")]), self.tls_args()].concat(),
+            other => panic!("no transport {other}"),
+        }
+    }
+
+    /// `--cafile CA --tls-server-name localhost`.
+    pub fn tls_args(&self) -> Vec<String> {
+        [
+            "--cafile",
+            &self.pki.ca_file().display().to_string(),
+            "--tls-server-name",
+            "localhost",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// `GET path` on the API, parsed; `None` unless it answered 200 with JSON.
+    pub async fn api_json(&self, path: &str) -> Option<serde_json::Value> {
+        let body = http_get(self.broker.http, path).await?;
+        serde_json::from_str(&body).ok()
+    }
+
+    /// The value of the sample of `name` whose labels include every one of `labels`
+    /// (`listener="tls"`, say) on the broker's /metrics; 0 if there is none.
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> u64 {
+        let text = http_get(self.broker.http, "/metrics")
+            .await
+            .expect("/metrics answers");
+        text.lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+            .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Runs `device-sim verify` against the broker's API; panics with its output unless it
+    /// agrees with `truth`.
+    pub async fn verify(&self, truth: &Path, settle: &str) -> String {
+        verify(&self.broker.api(), truth, settle).await
+    }
+}
+
+/// Runs `device-sim verify` against the API at `api`; panics with its output unless it agrees
+/// with `truth`, which it returns otherwise.
+pub async fn verify(api: &str, truth: &Path, settle: &str) -> String {
+    let out = tokio::time::timeout(
+        SIM_WAIT,
+        sim()
+            .args(["verify", "--api", api, "--settle", settle])
+            .arg("--truth")
+            .arg(truth)
+            .output(),
+    )
+    .await
+    .expect("verify ends in time")
+    .expect("verify runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "verify disagrees with {}:\n{text}",
+        truth.display()
+    );
+    text
+}
+
+/// One `device-sim run`: exit code, `--json` summary, and output (stdout, then stderr).
+pub struct Run {
+    pub code: Option<i32>,
+    pub summary: serde_json::Value,
+    pub output: String,
+}
+
+impl Run {
+    /// The number of errors of `kind` (`connect_failed`, `total`, ...) in the summary.
+    pub fn errors(&self, kind: &str) -> u64 {
+        self.summary["errors"][kind]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no errors.{kind} in the summary:\n{}", self.output))
+    }
+
+    /// The run ended normally (exit code 0) and no connect ever failed.
+    pub fn no_connect_failed(&self) {
+        assert_eq!(self.code, Some(0), "{}", self.output);
+        assert_eq!(self.errors("connect_failed"), 0, "{}", self.output);
+    }
+}
+
+/// Runs `device-sim run --host 127.0.0.1 --port PORT` with `args`, its summary written to
+/// `dir/NAME.json`.
+pub async fn run(port: u16, dir: &Path, name: &str, args: &[String]) -> Run {
+    let json = dir.join(format!("{name}.json"));
+    let out = tokio::time::timeout(
+        SIM_WAIT,
+        sim()
+            .args(["run", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--json")
+            .arg(&json)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output(),
+    )
+    .await
+    .expect("device-sim ends in time")
+    .expect("device-sim runs");
+    Run {
+        code: out.status.code(),
+        summary: std::fs::read_to_string(&json)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(serde_json::Value::Null),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// `args` as owned strings, for [`run`].
+pub fn args<S: AsRef<str>>(args: impl IntoIterator<Item = S>) -> Vec<String> {
+    args.into_iter().map(|a| a.as_ref().to_owned()).collect()
 }
