@@ -368,10 +368,11 @@ mod tests {
         Arc::new(config)
     }
 
-    /// Large writes both ways through a pipe that takes 1 KiB at a time (partial writes of
-    /// every record), then nothing held while idle, then close_notify seen by the client.
-    #[tokio::test]
-    async fn carries_large_writes_and_holds_no_buffer_while_idle() {
+    type Client = tokio_rustls::client::TlsStream<tokio::io::DuplexStream>;
+
+    /// A server stream and a client whose handshake completed, over a pipe that takes 1 KiB
+    /// at a time.
+    async fn connected_pair() -> (TlsStream<tokio::io::DuplexStream>, Client) {
         let ca = Ca::new("tls_stream test CA");
         let (client_io, server_io) = tokio::io::duplex(1024);
         let connector = tokio_rustls::TlsConnector::from(client_config(&ca.pem(), None));
@@ -380,7 +381,14 @@ mod tests {
             accept(server_io, server_config(&ca)),
             connector.connect(name, client_io)
         );
-        let (mut server, mut client) = (server.expect("server"), client.expect("client"));
+        (server.expect("server"), client.expect("client"))
+    }
+
+    /// Large writes both ways through a pipe that takes 1 KiB at a time (partial writes of
+    /// every record), then nothing held while idle, then close_notify seen by the client.
+    #[tokio::test]
+    async fn carries_large_writes_and_holds_no_buffer_while_idle() {
+        let (mut server, mut client) = connected_pair().await;
 
         let down: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let up: Vec<u8> = (0..100_000u32).map(|i| (i % 241) as u8).collect();
@@ -429,15 +437,7 @@ mod tests {
     /// shutdown that sends close_notify) fails or ends cleanly without asking rustls again.
     #[tokio::test]
     async fn garbage_after_the_handshake_fails_once_and_for_all() {
-        let ca = Ca::new("tls_stream test CA");
-        let (client_io, server_io) = tokio::io::duplex(1024);
-        let connector = tokio_rustls::TlsConnector::from(client_config(&ca.pem(), None));
-        let name = ServerName::try_from("localhost").expect("name");
-        let (server, client) = tokio::join!(
-            accept(server_io, server_config(&ca)),
-            connector.connect(name, client_io)
-        );
-        let (mut server, mut client) = (server.expect("server"), client.expect("client"));
+        let (mut server, mut client) = connected_pair().await;
         client
             .get_mut()
             .0
