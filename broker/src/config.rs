@@ -1648,6 +1648,65 @@ mod tests {
     }
 
     #[test]
+    fn transport_keys_from_the_environment() {
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("BROKER_MQTT__WS__LISTEN", "127.0.0.1:8083"),
+                ("BROKER_MQTT__WS__TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.7"),
+                ("BROKER_MQTT__WSS__PROXY_PROTOCOL", "true"),
+                ("BROKER_MQTT__TLS__MIN_VERSION", "1.3"),
+            ]),
+        )
+        .expect("valid transport keys");
+        assert_eq!(
+            c.mqtt.ws.listen,
+            Some("127.0.0.1:8083".parse().expect("addr"))
+        );
+        let trusted: Vec<String> = c
+            .mqtt
+            .ws
+            .trusted_proxies
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(trusted, ["10.0.0.0/8", "192.0.2.7/32"]);
+        assert!(c.mqtt.wss.proxy_protocol);
+        assert_eq!(c.mqtt.tls.min_version, TlsVersion::Tls13);
+
+        let cases: [(&[(&str, &str)], &str); 6] = [
+            (
+                &[("BROKER_MQTT__WS__TRUSTED_PROXIES", "10.0.0.0/8,proxy.local")],
+                "mqtt.ws.trusted_proxies",
+            ),
+            (
+                &[("BROKER_MQTT__TLS__REQUIRE_CLIENT_CERT", "yes")],
+                "true or false",
+            ),
+            (
+                &[("BROKER_MQTT__TLS__MIN_VERSION", "1.1")],
+                "one of 1.2, 1.3",
+            ),
+            (
+                &[("BROKER_MQTT__TLS__LISTEN", "0.0.0.0:8883")],
+                "mqtt.tls.cert_file",
+            ),
+            (
+                &[("BROKER_MQTT__TLS__REQUIRE_CLIENT_CERT", "true")],
+                "mqtt.tls.client_ca_file",
+            ),
+            (
+                &[("BROKER_MQTT__WS__LISTEN", "0.0.0.0:1883")],
+                "also mqtt.listen",
+            ),
+        ];
+        for (vars, expected) in cases {
+            let err = Config::load_from(None, env(vars)).expect_err("refused");
+            assert!(err.to_string().contains(expected), "{vars:?}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_in_file_are_refused() {
         let file = tempfile_with("[mqtt]\nlisten_addr = \"127.0.0.1:1\"\n");
         let err = Config::load_from(Some(file.path()), env(&[])).expect_err("unknown key");

@@ -17,6 +17,12 @@ use broker::config::Config;
 /// BROKER_SERVICE_HOST that Kubernetes sets for a Service named broker) are ignored with one
 /// warning. Renamed keys (mqtt.write_timeout, bridge.write_timeout) still work under their old
 /// names, with a warning. A configuration error exits with code 2.
+///
+/// Listeners: MQTT over TCP (mqtt.listen), and when set MQTT over TLS (mqtt.tls.listen, with
+/// mqtt.tls.cert_file and mqtt.tls.key_file), over WebSocket (mqtt.ws.listen) and over
+/// WebSocket over TLS (mqtt.wss.listen); HTTP (http.listen). SIGHUP re-reads the TLS
+/// certificate files; a certificate that cannot be used at start exits with code 1. SIGINT and
+/// SIGTERM shut down gracefully.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
