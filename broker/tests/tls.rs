@@ -474,3 +474,50 @@ async fn min_version_refuses_older_clients() {
         .expect("TLS 1.3 accepted");
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_and_shutdown_work_across_transports() {
+    let pki = Pki::new();
+    let mut broker = TestBroker::start_with(|c| pki.config(c)).await;
+    let tls = broker.tls.expect("TLS listener");
+    let stream = tls_connect(tls, "localhost", pki.client(None))
+        .await
+        .expect("handshake");
+    let mut over_tls = mqtt_over(stream, "roaming").await;
+    assert_eq!(
+        connected_event(&mut broker, "roaming").await,
+        (Listener::Tls, None)
+    );
+
+    // The same client id over TCP takes the session over from the TLS connection.
+    let (_over_tcp, _) = RawClient::connect(broker.addr, ConnectOpts::new("roaming")).await;
+    broker
+        .disconnected("roaming", DisconnectReason::Takeover)
+        .await;
+    assert_eq!(
+        connected_event(&mut broker, "roaming").await,
+        (Listener::Tcp, None)
+    );
+    assert!(over_tls.until_closed().await.is_empty());
+
+    // A TLS connection open at shutdown ends with broker_shutdown, like a TCP one.
+    let stream = tls_connect(tls, "localhost", pki.client(None))
+        .await
+        .expect("handshake");
+    let _staying = mqtt_over(stream, "staying").await;
+    broker.connected("staying").await;
+    let rest = broker.stop().await;
+    let reasons: Vec<(String, DisconnectReason)> = rest
+        .into_iter()
+        .filter_map(|e| match e {
+            ConnectionEvent::Disconnected {
+                client_id, reason, ..
+            } => Some((client_id, reason)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        reasons.contains(&("staying".to_owned(), DisconnectReason::BrokerShutdown)),
+        "{reasons:?}"
+    );
+}
