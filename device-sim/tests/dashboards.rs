@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sqlx::{Connection, Row};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin};
 
-use common::{sim, SIM_WAIT};
+use common::{holding, sim_run, SIM_WAIT};
 use testkit::{free_port, http_get, http_response, pg, temp_dir, FullBroker, TempDir};
 
 /// Datasource uids the dashboards may use, as provisioned.
@@ -650,23 +650,6 @@ impl Prometheus {
     }
 }
 
-/// Reads a device-sim run's output until it holds its devices (bounded); the rest of its output,
-/// to keep open while it runs.
-async fn holding(child: &mut Child) -> Lines<BufReader<ChildStdout>> {
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    tokio::time::timeout(SIM_WAIT, async {
-        while let Some(line) = lines.next_line().await.expect("read device-sim") {
-            if line.starts_with("holding") {
-                return;
-            }
-        }
-        panic!("device-sim ended without holding");
-    })
-    .await
-    .expect("device-sim holds in time");
-    lines
-}
-
 /// Each series' value of an instant query answer, by the value of `label`.
 fn by_label(answer: &Value, label: &str) -> BTreeMap<String, f64> {
     answer["data"]["result"]
@@ -716,13 +699,8 @@ async fn every_dashboard_query_returns_data() {
     // Churn with every way of leaving (keep-alive 1 s: silent deaths end as keep-alive
     // timeouts), QoS 1 telemetry; the survivors stay connected, so the simulator keeps serving
     // its metrics while the queries run.
-    let mut run = sim()
+    let mut run = sim_run(broker.mqtt.port())
         .args([
-            "run",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &broker.mqtt.port().to_string(),
             "--count",
             "60",
             "--keepalive",
@@ -751,29 +729,21 @@ async fn every_dashboard_query_returns_data() {
     // trusting the script's CA, and checking the name the certificate gives the compose service.
     let mut secure = Vec::new();
     for (transport, listener) in [("tls", broker.tls), ("wss", broker.wss)] {
-        let port = listener.expect("listener").port().to_string();
+        let port = listener.expect("listener").port();
         let cafile = format!("{certs}/ca.crt");
         let prefix = format!("{transport}-");
-        let mut child = sim()
-            .args([
-                "run",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port,
-                "--cafile",
-                &cafile,
-            ])
+        let mut child = sim_run(port)
+            .args(["--cafile", &cafile])
             .args([&format!("--{transport}"), "--tls-server-name", "broker"])
             .args(["--prefix", &prefix, "--count", "5", "--keepalive", "5"])
             .args(["--duration", "1", "--end-state", "keep"])
             .stdout(Stdio::piped())
             .spawn()
             .expect("device-sim runs");
-        let lines = holding(&mut child).await;
+        let (_, lines) = holding(&mut child).await;
         secure.push((child, lines));
     }
-    let _lines = holding(&mut run).await;
+    let (_, _lines) = holding(&mut run).await;
 
     // Enough scrapes of both jobs for rates over the substituted $__rate_interval.
     let deadline = Instant::now() + SIM_WAIT;

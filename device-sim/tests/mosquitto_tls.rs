@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use common::{sim, SIM_WAIT};
+use common::{args, clean_abrupt_churn, finish, sim_run, timing, Run};
 use testkit::{free_port, temp_dir, TempDir, TestPki};
 
 /// Debian's Mosquitto binary: on the PATH or where the package puts it.
@@ -114,81 +114,24 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// The result of one device-sim run: exit code, summary (from `--json`) and output.
-struct Run {
-    code: Option<i32>,
-    summary: serde_json::Value,
-    output: String,
-}
-
-/// Runs device-sim over TLS to `broker` for 2 s with `args` after the common ones.
-async fn run(broker: &Mosquitto, pki: &TestPki, name: &str, args: &[&str]) -> Run {
+/// Runs device-sim over TLS to `broker` for 2 s with `args` after the common ones; its output
+/// ends with Mosquitto's log.
+async fn run(broker: &Mosquitto, pki: &TestPki, name: &str, args: &[String]) -> Run {
     let dir = temp_dir(name);
     let json = dir.path().join("summary.json");
-    let port = broker.port.to_string();
-    let ca = pki.ca_file();
-    let common = [
-        "run",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--tls",
-        "--cafile",
-        &ca.display().to_string(),
-        "--tls-server-name",
-        "localhost",
-        "--duration",
-        "2",
-        "--keepalive",
-        "5",
-        "--connect-timeout",
-        "3",
-        "--json",
-        &json.display().to_string(),
-    ]
-    .map(str::to_owned);
-    let out = tokio::time::timeout(
-        SIM_WAIT,
-        sim()
-            .args(common)
-            .args(args)
-            .current_dir(pki.dir())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output(),
-    )
-    .await
-    .expect("device-sim ends in time")
-    .expect("device-sim runs");
-    let output = format!(
-        "{}{}\nmosquitto log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        broker.log()
-    );
-    let summary = std::fs::read_to_string(&json)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(serde_json::Value::Null);
-    Run {
-        code: out.status.code(),
-        summary,
-        output,
-    }
-}
-
-impl Run {
-    /// Every one of `count` devices connected, none failed.
-    fn all_connected(&self, count: u64) {
-        assert_eq!(self.code, Some(0), "{}", self.output);
-        assert_eq!(self.summary["connected"], count, "{}", self.output);
-        assert_eq!(
-            self.summary["errors"]["connect_failed"], 0,
-            "{}",
-            self.output
-        );
-    }
+    let mut command = sim_run(broker.port);
+    command
+        .args(["--tls", "--cafile"])
+        .arg(pki.ca_file())
+        .args(["--tls-server-name", "localhost"])
+        .args(timing("2"))
+        .arg("--json")
+        .arg(&json)
+        .args(args)
+        .current_dir(pki.dir());
+    let mut run = finish(command, &json).await;
+    run.output = format!("{}\nmosquitto log:\n{}", run.output, broker.log());
+    run
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,7 +149,7 @@ async fn devices_connect_over_tls_with_and_without_client_certificates() {
     );
     let cert_dir = devices.path().display().to_string();
 
-    let shared_args = [
+    let shared_args = args([
         "--count",
         "4",
         "--prefix",
@@ -217,38 +160,26 @@ async fn devices_connect_over_tls_with_and_without_client_certificates() {
         &key,
         "--workers",
         "2",
-    ];
+    ]);
     let churn_args = [
-        "--count",
-        "4",
-        "--prefix",
-        "tls-dir-",
-        "--cert-dir",
-        &cert_dir,
-        "--scenario",
-        "churn",
-        "--churn-mix",
-        "clean,abrupt",
-        "--churn-percent",
-        "3000",
-        "--churn-pause",
-        "0.1",
-    ];
+        args([
+            "--count",
+            "4",
+            "--prefix",
+            "tls-dir-",
+            "--cert-dir",
+            &cert_dir,
+        ]),
+        clean_abrupt_churn("3000", "0.1"),
+    ]
+    .concat();
+    let anonymous_args = args(["--count", "3", "--prefix", "tls-anon-"]);
+    let refused_args = args(["--count", "2", "--prefix", "tls-none-"]);
     let (anonymous, shared_cert, own_certs, refused) = tokio::join!(
-        run(
-            &open,
-            &pki,
-            "anonymous",
-            &["--count", "3", "--prefix", "tls-anon-"]
-        ),
+        run(&open, &pki, "anonymous", &anonymous_args),
         run(&mutual, &pki, "shared", &shared_args),
         run(&mutual, &pki, "cert-dir", &churn_args),
-        run(
-            &mutual,
-            &pki,
-            "refused",
-            &["--count", "2", "--prefix", "tls-none-"]
-        ),
+        run(&mutual, &pki, "refused", &refused_args),
     );
 
     anonymous.all_connected(3);
@@ -256,17 +187,7 @@ async fn devices_connect_over_tls_with_and_without_client_certificates() {
     assert_eq!(shared_cert.summary["workers"], 2);
     // In a churn some devices are away at the end; none ever failed to connect, and the
     // reconnections used each device's certificate again.
-    assert_eq!(own_certs.code, Some(0), "{}", own_certs.output);
-    assert_eq!(
-        own_certs.summary["errors"]["connect_failed"], 0,
-        "{}",
-        own_certs.output
-    );
-    assert!(
-        own_certs.summary["reconnects"].as_u64() > Some(0),
-        "{}",
-        own_certs.output
-    );
+    own_certs.churned();
     // Without a client certificate the handshake fails: no device connects (exit code 3),
     // and the first error is the server's TLS alert (TLS 1.3 reports it at the first read,
     // after the client considered the handshake done).
@@ -289,18 +210,18 @@ async fn a_device_without_its_certificate_file_fails_alone_and_says_which_file()
         &broker,
         &pki,
         "missing",
-        &[
+        &args([
             "--count",
             "2",
             "--prefix",
             "tls-miss-",
             "--cert-dir",
             &cert_dir,
-        ],
+        ]),
     )
     .await;
     assert_eq!(run.code, Some(0), "{}", run.output);
     assert_eq!(run.summary["connected"], 1, "{}", run.output);
-    assert_eq!(run.summary["errors"]["connect_failed"], 1, "{}", run.output);
+    assert_eq!(run.errors("connect_failed"), 1, "{}", run.output);
     assert!(run.output.contains("tls-miss-1.crt"), "{}", run.output);
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpListener;
 
-use common::{sim, SIM_WAIT};
+use common::{clean_abrupt_churn, count_events, holding, sim, sim_run, SIM_WAIT};
 use testkit::{free_port, http_response, temp_dir, FullBroker};
 
 /// The JSON file at `path` (a summary written by `--json`).
@@ -67,40 +67,7 @@ async fn verify_with(
     settle: &str,
     extra: &[&str],
 ) -> (ExitStatus, String) {
-    let out = tokio::time::timeout(
-        SIM_WAIT,
-        sim()
-            .args([
-                "verify",
-                "--api",
-                &broker.api(),
-                "--settle",
-                settle,
-                "--truth",
-            ])
-            .arg(truth)
-            .args(extra)
-            .output(),
-    )
-    .await
-    .expect("verify ends in time")
-    .expect("verify runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status, text)
-}
-
-/// Number of truth lines with this event.
-fn count_events(truth: &Path, event: &str) -> usize {
-    let needle = format!("\"event\":\"{event}\"");
-    std::fs::read_to_string(truth)
-        .expect("truth file")
-        .lines()
-        .filter(|l| l.contains(&needle))
-        .count()
+    common::verify_with(&broker.api(), truth, settle, extra).await
 }
 
 /// Churn with every way of leaving (silent deaths with keep-alive 1 s); the devices still
@@ -133,17 +100,7 @@ async fn churn_with_silent_deaths_then_verify_passes() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("device-sim starts");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let holding = tokio::time::timeout(SIM_WAIT, async {
-        while let Some(line) = lines.next_line().await.expect("read stdout") {
-            if line.starts_with("holding") {
-                return line;
-            }
-        }
-        panic!("device-sim ended without holding");
-    })
-    .await
-    .expect("device-sim reaches the hold in time");
+    let (holding, _lines) = holding(&mut child).await;
     assert!(count_events(&truth, "silent_death") > 0, "no silent death");
     assert!(
         count_events(&truth, "disconnect_clean") > 0,
@@ -487,31 +444,14 @@ async fn database_url_verify_passes_and_catches_corruption() {
             "5",
             "--duration",
             "3",
-            "--scenario",
-            "churn",
-            "--churn-mix",
-            "clean,abrupt",
-            "--churn-percent",
-            "600",
-            "--churn-pause",
-            "30",
             "--end-state",
             "keep",
         ])
+        .args(clean_abrupt_churn("600", "30"))
         .stdout(Stdio::piped())
         .spawn()
         .expect("device-sim starts");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    tokio::time::timeout(SIM_WAIT, async {
-        while let Some(line) = lines.next_line().await.expect("read stdout") {
-            if line.starts_with("holding") {
-                return;
-            }
-        }
-        panic!("device-sim ended without holding");
-    })
-    .await
-    .expect("device-sim reaches the hold in time");
+    let (_, _lines) = holding(&mut child).await;
     let text = std::fs::read_to_string(&truth).expect("truth");
     assert!(text.contains("\"state\":\"online\""), "nobody online");
     assert!(text.contains("\"state\":\"offline\""), "nobody offline");
@@ -716,24 +656,13 @@ async fn credentials_are_sent_in_connect() {
 /// the JSON summary) and exits with code 3, since no device ever connected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_broker_is_reported_and_exits_3() {
-    let port = free_port().to_string();
+    let port = free_port();
     let dir = temp_dir("scenario");
     let json = dir.path().join("summary.json");
     let out = tokio::time::timeout(
         SIM_WAIT,
-        sim()
-            .args([
-                "run",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port,
-                "--count",
-                "5",
-                "--duration",
-                "1",
-                "--json",
-            ])
+        sim_run(port)
+            .args(["--count", "5", "--duration", "1", "--json"])
             .arg(&json)
             .output(),
     )

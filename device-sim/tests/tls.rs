@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{args, run, Run, SecureBroker};
+use common::{args, clean_abrupt_churn, run, timing, SecureBroker};
 use testkit::{temp_dir, TestPki};
 
 /// The broker's rows for device `id`: the device and every one of its sessions came in on the
@@ -32,41 +32,25 @@ async fn recorded_over_tls(broker: &SecureBroker, id: &str, identity: Option<&st
     }
 }
 
+/// The broker with client certificates required, signed by its own CA.
+async fn start_mutual(label: &str) -> SecureBroker {
+    SecureBroker::start(label, |config, pki| {
+        config.mqtt.tls.client_ca_file = Some(pki.ca_file());
+        config.mqtt.tls.require_client_cert = true;
+    })
+    .await
+}
+
 /// `--count COUNT --prefix PREFIX` in a 3 s churn of clean and abrupt leaves, recorded in
 /// `truth`.
 fn churn(count: u64, prefix: &str, truth: &std::path::Path) -> Vec<String> {
-    args([
-        "--count",
-        &count.to_string(),
-        "--prefix",
-        prefix,
-        "--duration",
-        "3",
-        "--keepalive",
-        "5",
-        "--connect-timeout",
-        "3",
-        "--scenario",
-        "churn",
-        "--churn-mix",
-        "clean,abrupt",
-        "--churn-percent",
-        "1200",
-        "--churn-pause",
-        "0.1",
-        "--truth",
-        &truth.display().to_string(),
-    ])
-}
-
-/// Every device reconnected at least once in the run, and none ever failed to connect.
-fn churned(run: &Run) {
-    run.no_connect_failed();
-    assert!(
-        run.summary["reconnects"].as_u64() > Some(0),
-        "{}",
-        run.output
-    );
+    [
+        args(["--count", &count.to_string(), "--prefix", prefix]),
+        timing("3"),
+        clean_abrupt_churn("1200", "0.1"),
+        args(["--truth", &truth.display().to_string()]),
+    ]
+    .concat()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,7 +65,7 @@ async fn churn_over_tls_then_verify_passes() {
         &[broker.transport_args("tls"), churn(20, "tls-", &truth)].concat(),
     )
     .await;
-    churned(&run);
+    run.churned();
     broker.verify(&truth, "1").await;
     for n in 0..20 {
         recorded_over_tls(&broker, &format!("tls-{n}"), None).await;
@@ -91,11 +75,7 @@ async fn churn_over_tls_then_verify_passes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_records_each_devices_certificate_as_its_identity() {
-    let broker = SecureBroker::start("mtls", |config, pki| {
-        config.mqtt.tls.client_ca_file = Some(pki.ca_file());
-        config.mqtt.tls.require_client_cert = true;
-    })
-    .await;
+    let broker = start_mutual("mtls").await;
     let dir = temp_dir("mtls");
     let certs = temp_dir("device-certs");
     let ids: Vec<String> = (0..20).map(|n| format!("mtls-{n}")).collect();
@@ -115,7 +95,7 @@ async fn mutual_tls_records_each_devices_certificate_as_its_identity() {
         .concat(),
     )
     .await;
-    churned(&run);
+    run.churned();
     broker.verify(&truth, "1").await;
     for id in &ids {
         recorded_over_tls(&broker, id, Some(id)).await;
@@ -125,11 +105,7 @@ async fn mutual_tls_records_each_devices_certificate_as_its_identity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_without_a_usable_certificate_fail_alone() {
-    let broker = SecureBroker::start("mtls-missing", |config, pki| {
-        config.mqtt.tls.client_ca_file = Some(pki.ca_file());
-        config.mqtt.tls.require_client_cert = true;
-    })
-    .await;
+    let broker = start_mutual("mtls-missing").await;
     let dir = temp_dir("mtls-missing");
     // miss-1 has no files; foreign-1's certificate is signed by a CA the broker does not know.
     let certs = temp_dir("device-certs");
@@ -149,15 +125,9 @@ async fn devices_without_a_usable_certificate_fail_alone() {
                 count,
                 "--prefix",
                 prefix,
-                "--duration",
-                "2",
-                "--keepalive",
-                "5",
-                "--connect-timeout",
-                "3",
-                "--truth",
-                &dir.path().join(truth).display().to_string(),
             ]),
+            timing("2"),
+            args(["--truth", &dir.path().join(truth).display().to_string()]),
         ]
         .concat()
     };

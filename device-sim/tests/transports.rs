@@ -6,11 +6,9 @@
 
 mod common;
 
-use std::path::Path;
-
 use tokio::task::JoinSet;
 
-use common::{args, run, verify, SecureBroker};
+use common::{args, count_events, run, verify, SecureBroker};
 use testkit::temp_dir;
 
 /// One run of the round.
@@ -61,16 +59,6 @@ static ROUND: [Case; 5] = [
         options: &["--keepalive", "5", "--churn-percent", "900"],
     },
 ];
-
-/// Number of truth lines with this event.
-fn count_events(truth: &Path, event: &str) -> usize {
-    let needle = format!("\"event\":\"{event}\"");
-    std::fs::read_to_string(truth)
-        .expect("truth file")
-        .lines()
-        .filter(|l| l.contains(&needle))
-        .count()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_over_its_own_transport_then_verify_passes() {

@@ -1,16 +1,18 @@
 //! What only device-sim's tests share: the `device-sim` binary under test (Cargo names it to
 //! this crate's tests alone) and the bound on waiting for it; the whole broker with its TLS,
 //! WebSocket and WSS listeners ([`SecureBroker`]); one `device-sim run` or `verify` as a
-//! process, with its outcome. Everything else comes from `testkit`.
+//! process, with its outcome; the options and truth files those runs share. Everything else
+//! comes from `testkit`.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 use broker::config::Config;
-use tokio::process::Command;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
 
 use testkit::{http_get, sqlite_url, temp_dir, FullBroker, TempDir, TestPki};
 
@@ -22,6 +24,13 @@ pub const SIM_WAIT: Duration = Duration::from_secs(30);
 pub fn sim() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_device-sim"));
     c.kill_on_drop(true);
+    c
+}
+
+/// `device-sim run --host 127.0.0.1 --port PORT`, killed if the test drops it.
+pub fn sim_run(port: u16) -> Command {
+    let mut c = sim();
+    c.args(["run", "--host", "127.0.0.1", "--port", &port.to_string()]);
     c
 }
 
@@ -131,28 +140,45 @@ impl SecureBroker {
 /// Runs `device-sim verify` against the API at `api`; panics with its output unless it agrees
 /// with `truth`, which it returns otherwise.
 pub async fn verify(api: &str, truth: &Path, settle: &str) -> String {
+    let (status, text) = verify_with(api, truth, settle, &[]).await;
+    assert!(
+        status.success(),
+        "verify disagrees with {}:\n{text}",
+        truth.display()
+    );
+    text
+}
+
+/// Runs `device-sim verify` against the API at `api` with `extra` arguments; returns its exit
+/// status and output, whatever the verdict.
+pub async fn verify_with(
+    api: &str,
+    truth: &Path,
+    settle: &str,
+    extra: &[&str],
+) -> (ExitStatus, String) {
     let out = tokio::time::timeout(
         SIM_WAIT,
         sim()
             .args(["verify", "--api", api, "--settle", settle])
             .arg("--truth")
             .arg(truth)
+            .args(extra)
             .output(),
     )
     .await
     .expect("verify ends in time")
     .expect("verify runs");
-    let text = format!(
+    (out.status, output_text(&out))
+}
+
+/// A finished process's stdout, then its stderr.
+fn output_text(out: &Output) -> String {
+    format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "verify disagrees with {}:\n{text}",
-        truth.display()
-    );
-    text
+    )
 }
 
 /// One `device-sim run`: exit code, `--json` summary, and output (stdout, then stderr).
@@ -175,19 +201,38 @@ impl Run {
         assert_eq!(self.code, Some(0), "{}", self.output);
         assert_eq!(self.errors("connect_failed"), 0, "{}", self.output);
     }
+
+    /// Every one of `count` devices connected, and none ever failed to.
+    pub fn all_connected(&self, count: u64) {
+        self.no_connect_failed();
+        assert_eq!(self.summary["connected"], count, "{}", self.output);
+    }
+
+    /// Devices reconnected at least once in the run, and none ever failed to connect.
+    pub fn churned(&self) {
+        self.no_connect_failed();
+        assert!(
+            self.summary["reconnects"].as_u64() > Some(0),
+            "{}",
+            self.output
+        );
+    }
 }
 
 /// Runs `device-sim run --host 127.0.0.1 --port PORT` with `args`, its summary written to
 /// `dir/NAME.json`.
 pub async fn run(port: u16, dir: &Path, name: &str, args: &[String]) -> Run {
     let json = dir.join(format!("{name}.json"));
+    let mut command = sim_run(port);
+    command.arg("--json").arg(&json).args(args);
+    finish(command, &json).await
+}
+
+/// Runs `command` (a `device-sim run` that writes its summary to `json`) to completion.
+pub async fn finish(mut command: Command, json: &Path) -> Run {
     let out = tokio::time::timeout(
         SIM_WAIT,
-        sim()
-            .args(["run", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--json")
-            .arg(&json)
-            .args(args)
+        command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .output(),
@@ -197,16 +242,66 @@ pub async fn run(port: u16, dir: &Path, name: &str, args: &[String]) -> Run {
     .expect("device-sim runs");
     Run {
         code: out.status.code(),
-        summary: std::fs::read_to_string(&json)
+        summary: std::fs::read_to_string(json)
             .ok()
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or(serde_json::Value::Null),
-        output: format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+        output: output_text(&out),
     }
+}
+
+/// Reads a device-sim run's stdout until it holds its devices (bounded): the `holding` line,
+/// and the rest of its output, to keep open while it runs.
+pub async fn holding(child: &mut Child) -> (String, Lines<BufReader<ChildStdout>>) {
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let line = tokio::time::timeout(SIM_WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("read device-sim") {
+            if line.starts_with("holding") {
+                return line;
+            }
+        }
+        panic!("device-sim ended without holding");
+    })
+    .await
+    .expect("device-sim holds in time");
+    (line, lines)
+}
+
+/// `--duration SECONDS --keepalive 5 --connect-timeout 3`.
+pub fn timing(seconds: &str) -> Vec<String> {
+    args([
+        "--duration",
+        seconds,
+        "--keepalive",
+        "5",
+        "--connect-timeout",
+        "3",
+    ])
+}
+
+/// `--scenario churn --churn-mix clean,abrupt`: `percent` of the devices leave per minute,
+/// cleanly or abruptly, and come back after `pause` seconds on average.
+pub fn clean_abrupt_churn(percent: &str, pause: &str) -> Vec<String> {
+    args([
+        "--scenario",
+        "churn",
+        "--churn-mix",
+        "clean,abrupt",
+        "--churn-percent",
+        percent,
+        "--churn-pause",
+        pause,
+    ])
+}
+
+/// Number of truth lines with this event.
+pub fn count_events(truth: &Path, event: &str) -> usize {
+    let needle = format!("\"event\":\"{event}\"");
+    std::fs::read_to_string(truth)
+        .expect("truth file")
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .count()
 }
 
 /// `args` as owned strings, for [`run`].
