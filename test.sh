@@ -10,7 +10,8 @@
 #   TEST_DATABASE_URL. Debian package `postgresql`.
 # - Prometheus, for the dashboard test (device-sim/tests/dashboards.rs); not needed with
 #   PROMETHEUS_BIN. Debian package `prometheus`.
-# - Mosquitto, the TLS server of device-sim's TLS test (device-sim/tests/mosquitto_tls.rs).
+# - Mosquitto, the TLS server of device-sim's TLS test (device-sim/tests/mosquitto_tls.rs), and
+#   its mosquitto_passwd, which makes the password files of broker/tests/passwd.rs.
 #   Debian package `mosquitto` (its binary is /usr/sbin/mosquitto, often not on a user's PATH).
 # - mosquitto_pub and mosquitto_sub, real clients of the TLS listener (broker/tests/clients.rs).
 #   Debian package `mosquitto-clients`.

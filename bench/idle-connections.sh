@@ -164,7 +164,8 @@ start_broker() {  # NAME -> sets BROKER_PID and BROKER_PORT
       BROKER_PORT="$PORT1"
       mkdir -p "$WORK/heartwire"
       (cd "$WORK/heartwire" && \
-        BROKER_MQTT__LISTEN="0.0.0.0:$PORT1" BROKER_HTTP__LISTEN="127.0.0.1:0" RUST_LOG=warn exec "$HEARTWIRE") \
+        BROKER_MQTT__LISTEN="0.0.0.0:$PORT1" BROKER_AUTH__ALLOW_ANONYMOUS=true \
+        BROKER_HTTP__LISTEN="127.0.0.1:0" RUST_LOG=warn exec "$HEARTWIRE") \
         >"$WORK/heartwire.log" 2>&1 &
       ;;
     mosquitto)

@@ -1,5 +1,5 @@
 //! Typed configuration: defaults < TOML file (`--config PATH`) < environment (`BROKER_` prefix,
-//! `__` between sections, e.g. `BROKER_MQTT__LISTEN=0.0.0.0:1883`).
+//! `__` between sections, e.g. `BROKER_MQTT__LISTEN=127.0.0.1:1883`).
 //!
 //! Every key is documented on its field; `broker --print-config` prints the effective values.
 //! Durations are written as humantime strings ("10s", "1m 30s", "250ms").
@@ -49,6 +49,8 @@ pub enum ConfigError {
 pub struct Config {
     /// The MQTT listener and protocol limits.
     pub mqtt: MqttConfig,
+    /// Who may connect.
+    pub auth: AuthConfig,
     /// The connection-event channel between the MQTT layer and the presence pipeline.
     pub events: EventsConfig,
     /// The presence store.
@@ -278,7 +280,7 @@ fn parse_network(item: &str) -> Result<ipnet::IpNet, String> {
 impl Default for MqttConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             connect_timeout: Duration::from_secs(10),
             max_packet_size: 1024 * 1024,
             keepalive_multiplier: 1.5,
@@ -305,6 +307,61 @@ impl Default for MqttConfig {
             ws: WsConfig::default(),
             wss: WsConfig::default(),
         }
+    }
+}
+
+/// Which identity a client id must equal.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientIdBinding {
+    /// Any client id.
+    #[default]
+    None,
+    /// The authenticated user name.
+    Username,
+    /// The identity of the verified TLS client certificate.
+    Identity,
+}
+
+/// Authentication: who may connect, and as whom.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Whether a client that presents no credentials is accepted. Without any authentication
+    /// configured and with every MQTT listener on a loopback address, clients are accepted
+    /// anyway (local-only mode, as Mosquitto 2); a listener on another address then refuses to
+    /// start unless this is true.
+    pub allow_anonymous: bool,
+    /// A Mosquitto-format password file (`user:$7$...` from mosquitto_passwd, or argon2id lines
+    /// from `broker passwd`). Re-read on SIGHUP.
+    pub password_file: Option<PathBuf>,
+    /// Which identity the client id must equal: "none", "username" (the authenticated user
+    /// name) or "identity" (the TLS client certificate's). A client claiming another id gets
+    /// CONNACK 0x05; the device connected under that id is untouched.
+    pub bind_client_id: ClientIdBinding,
+    /// Password hashes verified at once, off the async runtime; further CONNECTs wait their turn.
+    pub max_concurrent_verifications: usize,
+    /// Verified credentials remembered, so that a reconnecting device is not hashed again
+    /// (0: none). Cleared when the password file is reloaded.
+    pub credential_cache_size: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            allow_anonymous: false,
+            password_file: None,
+            bind_client_id: ClientIdBinding::None,
+            max_concurrent_verifications: 2,
+            credential_cache_size: 100_000,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Whether any way of authenticating a client is configured.
+    pub fn has_provider(&self) -> bool {
+        self.password_file.is_some()
     }
 }
 
@@ -483,7 +540,7 @@ pub struct HttpConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_connections: 256,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
@@ -568,7 +625,7 @@ pub enum Accepts {
 /// Every key and what it accepts (a test keeps this in step with [`Config`]). Bounds are those
 /// of [`Config::validate`], which also checks the rules that span keys.
 pub const ACCEPTS: &[(&str, Accepts)] = &[
-    ("mqtt.listen", Accepts::Address("0.0.0.0:1883")),
+    ("mqtt.listen", Accepts::Address("127.0.0.1:1883")),
     ("mqtt.connect_timeout", Accepts::Duration),
     ("mqtt.max_packet_size", Accepts::Whole(64, 268_435_455)),
     ("mqtt.keepalive_multiplier", Accepts::Number(1.0, 10.0)),
@@ -625,6 +682,17 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     ("mqtt.wss.path", Accepts::Text("an HTTP path such as /mqtt")),
     ("mqtt.wss.trusted_proxies", Accepts::Networks),
     ("mqtt.wss.proxy_protocol", Accepts::Bool),
+    ("auth.allow_anonymous", Accepts::Bool),
+    (
+        "auth.password_file",
+        Accepts::Text("a file path (Mosquitto password file)"),
+    ),
+    (
+        "auth.bind_client_id",
+        Accepts::OneOf(&["none", "username", "identity"]),
+    ),
+    ("auth.max_concurrent_verifications", Accepts::Whole(1, 1024)),
+    ("auth.credential_cache_size", Accepts::Whole(0, u64::MAX)),
     ("events.channel_capacity", Accepts::Whole(1, u64::MAX)),
     (
         "database.url",
@@ -651,7 +719,7 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     ("bridge.coalesce_after", Accepts::Whole(0, 1000)),
     ("node.id", Accepts::Text("a name such as broker-1")),
     ("node.heartbeat_interval", Accepts::Duration),
-    ("http.listen", Accepts::Address("0.0.0.0:8080")),
+    ("http.listen", Accepts::Address("127.0.0.1:8080")),
     ("http.max_connections", Accepts::Whole(1, 65_535)),
     ("http.header_read_timeout", Accepts::Duration),
     ("http.idle_timeout", Accepts::Duration),
@@ -1110,6 +1178,7 @@ impl Config {
             return invalid("mqtt.accept_backoff_max", "must be greater than 0");
         }
         self.validate_transports()?;
+        self.validate_auth()?;
         if self.events.channel_capacity == 0 {
             return invalid("events.channel_capacity", "must be at least 1");
         }
@@ -1238,6 +1307,59 @@ impl Config {
                     key,
                     format!("{addr} is also {other}: each listener needs an address of its own"),
                 );
+            }
+        }
+        Ok(())
+    }
+
+    /// Secure by default: an MQTT listener that other machines can reach needs authentication,
+    /// or `auth.allow_anonymous = true` saying that anyone may connect.
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        if !(1..=1024).contains(&a.max_concurrent_verifications) {
+            return Err(ConfigError::Invalid {
+                key: "auth.max_concurrent_verifications",
+                message: "must be between 1 and 1024".to_owned(),
+            });
+        }
+        if a.bind_client_id == ClientIdBinding::Username && a.password_file.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "auth.bind_client_id",
+                message: "\"username\" needs auth.password_file (user names are not verified \
+                          without it)"
+                    .to_owned(),
+            });
+        }
+        if a.bind_client_id == ClientIdBinding::Identity && self.mqtt.tls.client_ca_file.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "auth.bind_client_id",
+                message: "\"identity\" needs mqtt.tls.client_ca_file (client certificates)"
+                    .to_owned(),
+            });
+        }
+        if a.allow_anonymous || a.has_provider() {
+            return Ok(());
+        }
+        let m = &self.mqtt;
+        // A TLS listener that requires client certificates authenticates by itself.
+        let certified = m.tls.require_client_cert;
+        let listeners = [
+            ("mqtt.listen", Some(m.listen)),
+            ("mqtt.tls.listen", m.tls.listen.filter(|_| !certified)),
+            ("mqtt.ws.listen", m.ws.listen),
+            ("mqtt.wss.listen", m.wss.listen.filter(|_| !certified)),
+        ];
+        for (key, addr) in listeners {
+            if let Some(addr) = addr.filter(|a| !a.ip().is_loopback()) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!(
+                        "{addr} is reachable from other machines and no authentication is \
+                         configured: set auth.password_file, or set auth.allow_anonymous = true \
+                         to let anyone connect (or listen on a loopback address such as \
+                         127.0.0.1)"
+                    ),
+                });
             }
         }
         Ok(())
@@ -1509,7 +1631,7 @@ mod tests {
         const WHOLE: &str = "expected a whole number between 1 and 65535";
         const NUMBER: &str = "expected a number between 1.0 and 10.0";
         const DURATION: &str = "expected a duration such as 10s, 1m 30s, 250ms";
-        const MQTT_ADDRESS: &str = "expected an address such as 0.0.0.0:1883";
+        const MQTT_ADDRESS: &str = "expected an address such as 127.0.0.1:1883";
         // (variable=value, what the message must say); the key is the variable's.
         let cases: &[(&str, &str)] = &[
             ("BROKER_LOG__FORMAT=xml", "expected one of pretty, json"),
@@ -1543,7 +1665,7 @@ mod tests {
             ("BROKER_MQTT__LISTEN=localhost:1883", MQTT_ADDRESS),
             (
                 "BROKER_HTTP__LISTEN=8080",
-                "expected an address such as 0.0.0.0:8080",
+                "expected an address such as 127.0.0.1:8080",
             ),
         ];
         for (case, want) in cases {
@@ -1638,8 +1760,12 @@ mod tests {
         for (key, accepts) in ACCEPTS {
             if let Accepts::OneOf(words) = accepts {
                 for word in *words {
-                    Config::load_from(None, env(&[(&env_var(key), word)]))
-                        .unwrap_or_else(|e| panic!("{key} = {word}: {e}"));
+                    match Config::load_from(None, env(&[(&env_var(key), word)])) {
+                        // Parsed; refused by a rule spanning keys (bind_client_id = "username"
+                        // needs a password file), which names its key.
+                        Ok(_) | Err(ConfigError::Invalid { .. }) => {}
+                        Err(e) => panic!("{key} = {word}: {e}"),
+                    }
                 }
             }
         }
@@ -1696,7 +1822,7 @@ mod tests {
                 "mqtt.tls.client_ca_file",
             ),
             (
-                &[("BROKER_MQTT__WS__LISTEN", "0.0.0.0:1883")],
+                &[("BROKER_MQTT__WS__LISTEN", "127.0.0.1:1883")],
                 "also mqtt.listen",
             ),
         ];
@@ -1704,6 +1830,38 @@ mod tests {
             let err = Config::load_from(None, env(vars)).expect_err("refused");
             assert!(err.to_string().contains(expected), "{vars:?}: {err}");
         }
+    }
+
+    #[test]
+    fn a_listener_reachable_from_the_network_needs_authentication() {
+        // The defaults: loopback only, no authentication, anonymous clients (local-only mode).
+        let c = Config::load_from(None, env(&[])).expect("defaults");
+        assert!(c.mqtt.listen.ip().is_loopback() && c.http.listen.ip().is_loopback());
+        let err = Config::load_from(None, env(&[("BROKER_MQTT__LISTEN", "0.0.0.0:1883")]))
+            .expect_err("open to the network without authentication");
+        let message = err.to_string();
+        assert!(message.contains("mqtt.listen"), "{message}");
+        assert!(message.contains("auth.password_file"), "{message}");
+        assert!(message.contains("auth.allow_anonymous"), "{message}");
+        let err = Config::load_from(None, env(&[("BROKER_MQTT__WS__LISTEN", "0.0.0.0:8083")]))
+            .expect_err("a WebSocket listener open to the network");
+        assert!(err.to_string().contains("mqtt.ws.listen"), "{err}");
+        for allowed in [
+            &[
+                ("BROKER_MQTT__LISTEN", "0.0.0.0:1883"),
+                ("BROKER_AUTH__ALLOW_ANONYMOUS", "true"),
+            ][..],
+            &[
+                ("BROKER_MQTT__LISTEN", "0.0.0.0:1883"),
+                ("BROKER_AUTH__PASSWORD_FILE", "/etc/heartwire/passwords"),
+            ][..],
+            &[("BROKER_MQTT__LISTEN", "127.0.0.2:1883")][..],
+        ] {
+            Config::load_from(None, env(allowed)).unwrap_or_else(|e| panic!("{allowed:?}: {e}"));
+        }
+        let err = Config::load_from(None, env(&[("BROKER_AUTH__BIND_CLIENT_ID", "username")]))
+            .expect_err("binding to user names needs a password file");
+        assert!(err.to_string().contains("auth.bind_client_id"), "{err}");
     }
 
     #[test]

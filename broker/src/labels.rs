@@ -154,6 +154,11 @@ label_enum! {
         KeepaliveRejected => "keepalive_rejected",
         /// The process had no file descriptor left to accept it.
         FdExhausted => "fd_exhausted",
+        /// Unknown user name or wrong password (CONNACK 0x04).
+        BadCredentials => "bad_credentials",
+        /// No credentials where they are required, or a client id the credentials do not
+        /// allow (CONNACK 0x05).
+        NotAuthorized => "not_authorized",
     }
 }
 
@@ -215,6 +220,18 @@ label_enum! {
         WsPath => "ws_path",
         /// A WebSocket upgrade that offers neither `mqtt` nor `mqttv3.1` as subprotocol.
         WsSubprotocol => "ws_subprotocol",
+    }
+}
+
+label_enum! {
+    /// How a password was checked (`outcome` of `heartwire_auth_verifications_total`).
+    VerifyOutcome {
+        /// The same user and password were verified recently (no hashing).
+        CacheHit => "cache_hit",
+        /// Hashed and found right.
+        Verified => "verified",
+        /// Hashed and found wrong, or the user is unknown.
+        Rejected => "rejected",
     }
 }
 
@@ -375,6 +392,7 @@ mod tests {
         closed::<Listener>();
         closed::<HandshakeFailure>();
         closed::<ReloadOutcome>();
+        closed::<VerifyOutcome>();
         closed::<DropReason>();
         closed::<SubscriptionRefusal>();
         closed::<RetainRefusal>();

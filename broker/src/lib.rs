@@ -5,6 +5,8 @@
 //! or the ground floor):
 //! - [`transport`]: the byte streams under MQTT: PROXY protocol header, TLS (rustls, its
 //!   reload and the client certificate's identity), WebSocket framing. Knows nothing of MQTT.
+//! - [`auth`]: who may connect: a CONNECT's credentials checked against Mosquitto-format
+//!   password files (also written by `broker passwd`), off the runtime, with a cache.
 //! - [`mqtt`]: the listeners (one accept loop each; transport handshakes in tasks of their
 //!   own), one task per connection (keep-alive, takeover), sessions, routing; emits a
 //!   connection event for every connect and disconnect.
@@ -40,6 +42,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod config;
 pub mod database_url;
 pub mod event;
@@ -88,6 +91,9 @@ pub enum Error {
     /// The TLS certificate or key could not be used.
     #[error("TLS: {0}")]
     Tls(#[from] transport::tls::TlsError),
+    /// The authentication configuration could not be used.
+    #[error("{0}")]
+    Auth(#[from] auth::AuthError),
     /// The presence journal could not be opened.
     #[error("presence journal (bridge.journal_path): {0}")]
     Journal(#[from] presence::journal::JournalError),
@@ -170,8 +176,11 @@ pub async fn run_with(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    // Certificates are read before anything starts, so that a bad file stops the broker at once.
+    // Certificates and the password file are read before anything starts, so that a bad file
+    // stops the broker at once.
     let endpoints = listeners.endpoints(&config.mqtt)?;
+    let auth = Arc::new(auth::Auth::new(&config.auth)?);
+    let endpoints = (endpoints, auth);
     match Backend::of_url(&config.database.url) {
         Some(backend @ Backend::Postgres) => {
             serve::<PgStore>(backend, config, endpoints, shutdown).await
@@ -187,7 +196,7 @@ pub async fn run_with(
 async fn serve<S: PresenceStore>(
     backend: Backend,
     config: Config,
-    (endpoints, tls, http_listener): Endpoints,
+    ((endpoints, tls, http_listener), auth): (Endpoints, Arc<auth::Auth>),
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let store = S::open(
@@ -251,7 +260,8 @@ async fn serve<S: PresenceStore>(
         Access::ReadOnly,
     )
     .await?;
-    let mqtt_broker = Arc::new(mqtt::Broker::new(config.mqtt.clone(), events));
+    let mqtt_broker =
+        Arc::new(mqtt::Broker::new(config.mqtt.clone(), events).with_auth(Arc::clone(&auth)));
     let state = http::AppState::new(
         api_store,
         mqtt_broker.live_sessions(),
@@ -281,7 +291,7 @@ async fn serve<S: PresenceStore>(
             tracing::info!(%listen, listener = endpoint.kind().as_str(), "MQTT listener ready.");
         }
     }
-    tracker.spawn(reload_on_hangup(tls, shutdown.child_token()));
+    tracker.spawn(reload_on_hangup(tls, auth, shutdown.child_token()));
     let grace = config.shutdown.grace_period;
     mqtt::serve(endpoints, mqtt_broker, shutdown, grace).await;
 
@@ -302,15 +312,21 @@ async fn serve<S: PresenceStore>(
     Ok(())
 }
 
-/// Re-reads the TLS certificate files on every SIGHUP until `shutdown` (new handshakes use
-/// them; open connections keep theirs; a file that cannot be used leaves the old ones in force).
-/// Without TLS, a SIGHUP is logged and otherwise ignored (it no longer ends the process).
-async fn reload_on_hangup(tls: Option<Arc<Tls>>, shutdown: CancellationToken) {
+/// Re-reads the TLS certificate files and the password file on every SIGHUP until `shutdown`
+/// (new handshakes and CONNECTs use them; open connections keep going; a file that cannot be
+/// used leaves the one in force). Without either, a SIGHUP is logged and otherwise ignored (it
+/// no longer ends the process).
+async fn reload_on_hangup(
+    tls: Option<Arc<Tls>>,
+    auth: Arc<auth::Auth>,
+    shutdown: CancellationToken,
+) {
+    use labels::ReloadOutcome;
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(hangups) => hangups,
         Err(error) => {
-            tracing::warn!(%error, "Cannot listen for SIGHUP; TLS certificates cannot be reloaded.");
+            tracing::warn!(%error, "Cannot listen for SIGHUP; files cannot be reloaded.");
             return;
         }
     };
@@ -319,30 +335,38 @@ async fn reload_on_hangup(tls: Option<Arc<Tls>>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             received = hangups.recv() => if received.is_none() { return },
         }
-        let Some(tls) = &tls else {
-            tracing::info!("SIGHUP received: no TLS listener, nothing to reload.");
+        let tls = tls.clone();
+        let auth = Arc::clone(&auth);
+        let outcome =
+            tokio::task::spawn_blocking(move || (tls.map(|tls| tls.reload()), auth.reload())).await;
+        let Ok((tls_outcome, auth_outcome)) = outcome else {
+            tracing::error!("SIGHUP: the reload task failed; the files in force stay.");
             continue;
         };
-        let tls = Arc::clone(tls);
-        let outcome = tokio::task::spawn_blocking(move || tls.reload()).await;
-        match outcome {
-            Ok(Ok(())) => {
-                metrics::metrics()
-                    .tls_reloads
-                    .inc(labels::ReloadOutcome::Ok);
+        match tls_outcome {
+            None => {}
+            Some(Ok(())) => {
+                metrics::metrics().tls_reloads.inc(ReloadOutcome::Ok);
                 tracing::info!("SIGHUP: TLS certificate files reloaded; new connections use them.");
             }
-            Ok(Err(error)) => {
-                metrics::metrics()
-                    .tls_reloads
-                    .inc(labels::ReloadOutcome::Failed);
+            Some(Err(error)) => {
+                metrics::metrics().tls_reloads.inc(ReloadOutcome::Failed);
                 tracing::error!(%error, "SIGHUP: TLS certificate files not reloaded; the previous ones stay in use.");
+            }
+        }
+        match auth_outcome {
+            Ok(false) => {}
+            Ok(true) => {
+                metrics::metrics()
+                    .password_file_reloads
+                    .inc(ReloadOutcome::Ok);
+                tracing::info!("SIGHUP: password file reloaded.");
             }
             Err(error) => {
                 metrics::metrics()
-                    .tls_reloads
-                    .inc(labels::ReloadOutcome::Failed);
-                tracing::error!(%error, "SIGHUP: TLS reload failed; the previous certificate stays in use.");
+                    .password_file_reloads
+                    .inc(ReloadOutcome::Failed);
+                tracing::error!(%error, "SIGHUP: password file not reloaded; the previous one stays in use.");
             }
         }
     }

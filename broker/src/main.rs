@@ -1,4 +1,7 @@
-//! The `broker` binary: CLI -> config -> telemetry -> run until SIGINT/SIGTERM.
+//! The `broker` binary: CLI -> config -> telemetry -> run until SIGINT/SIGTERM; or, with the
+//! `passwd` subcommand, manage a password file and exit.
+
+mod passwd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,8 +26,11 @@ use broker::config::Config;
 /// WebSocket over TLS (mqtt.wss.listen); HTTP (http.listen). SIGHUP re-reads the TLS
 /// certificate files; a certificate that cannot be used at start exits with code 1. SIGINT and
 /// SIGTERM shut down gracefully.
+///
+/// `broker passwd` manages a password file (Mosquitto's format) and exits; see
+/// `broker passwd --help`.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, args_conflicts_with_subcommands = true)]
 struct Cli {
     /// TOML configuration file.
     #[arg(long, value_name = "PATH")]
@@ -32,10 +38,39 @@ struct Cli {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// A subcommand instead of running the broker.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// What the binary does instead of running the broker.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Add, change or delete users of a password file, as mosquitto_passwd does.
+    ///
+    /// `broker passwd [-c] FILE USER` asks for the password twice, without echo, when standard
+    /// input is a terminal; otherwise it reads one line from standard input. `-b FILE USER
+    /// PASSWORD` takes it from the command line. `-D FILE USER` deletes the user (an error if
+    /// there is none). `--bulk FILE` reads `user:password` lines from standard input and adds
+    /// or replaces each (a malformed line stops everything, naming its line, and nothing is
+    /// written). `-c` starts from an empty file. New and changed users are stored as argon2id,
+    /// which Mosquitto cannot read (keep a file Mosquitto-compatible by managing it with
+    /// mosquitto_passwd); other lines are kept as they are. The file is replaced atomically,
+    /// with mode 0600. Errors name the file and line, and exit with code 1.
+    Passwd(passwd::PasswdArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Passwd(args)) = cli.command {
+        return match passwd::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("broker passwd: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let loaded = match Config::load_reporting(cli.config.as_deref(), std::env::vars()) {
         Ok(loaded) => loaded,
         Err(error) => {

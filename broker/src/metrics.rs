@@ -18,7 +18,7 @@ use prometheus::{
 use crate::labels::{
     DisconnectReason, DropReason, HandshakeFailure, HttpRoute, HttpTimeout, Label, Listener,
     PacketType, RefusalReason, ReloadOutcome, RetainRefusal, RetentionPolicy, StatusClass,
-    StoreOperation, SubscriptionRefusal, TransitionKind,
+    StoreOperation, SubscriptionRefusal, TransitionKind, VerifyOutcome,
 };
 
 /// All broker metrics.
@@ -40,6 +40,10 @@ pub struct Metrics {
     pub handshake_failures: CounterGrid<Listener, HandshakeFailure>,
     /// Reloads of the TLS certificate files, by outcome.
     pub tls_reloads: Counters<ReloadOutcome>,
+    /// Passwords checked, by outcome.
+    pub auth_verifications: Counters<VerifyOutcome>,
+    /// Reloads of the password file, by outcome.
+    pub password_file_reloads: Counters<ReloadOutcome>,
     /// MQTT connections that completed CONNECT/CONNACK.
     pub connections_accepted: IntCounter,
     /// Ended MQTT connections, by disconnect reason.
@@ -368,6 +372,20 @@ impl Metrics {
                 "heartwire_tls_reloads_total",
                 "Reloads of the TLS certificate files (SIGHUP), by outcome; after a failed one \
                  the previous certificate stays in use.",
+                "outcome",
+            ),
+            auth_verifications: Counters::new(
+                &r,
+                "heartwire_auth_verifications_total",
+                "Passwords checked at CONNECT, by outcome (cache_hit: verified recently, no \
+                 hashing; verified; rejected: wrong password or unknown user).",
+                "outcome",
+            ),
+            password_file_reloads: Counters::new(
+                &r,
+                "heartwire_password_file_reloads_total",
+                "Reloads of auth.password_file (SIGHUP), by outcome; after a failed one the \
+                 previous file stays in use.",
                 "outcome",
             ),
             connections_accepted: counter(

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use broker::config::MqttConfig;
+use broker::auth::Auth;
+use broker::config::{AuthConfig, MqttConfig};
 use broker::event::{self, ConnectionEvent, EventReceiver};
 use broker::labels::DisconnectReason;
 use broker::mqtt;
@@ -28,6 +29,8 @@ pub struct TestBroker {
     pub wss: Option<SocketAddr>,
     /// The TLS configuration the TLS and WSS listeners share, to reload it.
     pub tls_config: Option<Arc<broker::transport::tls::Tls>>,
+    /// The authentication in force, to reload it.
+    pub auth: Arc<Auth>,
     /// The connection events, as the bridge would receive them; a test that reads them itself
     /// may take the receiver out.
     pub events: EventReceiver,
@@ -46,8 +49,14 @@ impl TestBroker {
 
     /// The MQTT layer with the defaults changed by `adjust`.
     pub async fn start_with(adjust: impl FnOnce(&mut MqttConfig)) -> Self {
+        Self::start_with_auth(adjust, AuthConfig::default()).await
+    }
+
+    /// As [`start_with`](Self::start_with), checking credentials as `auth` says.
+    pub async fn start_with_auth(adjust: impl FnOnce(&mut MqttConfig), auth: AuthConfig) -> Self {
         let mut config = MqttConfig::default();
         adjust(&mut config);
+        let auth = Arc::new(Auth::new(&auth).expect("the auth configuration loads"));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tls, tls_addr) = bind_if(config.tls.listen).await;
@@ -66,7 +75,7 @@ impl TestBroker {
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(mqtt::serve(
             endpoints,
-            Arc::new(mqtt::Broker::new(config, tx)),
+            Arc::new(mqtt::Broker::new(config, tx).with_auth(Arc::clone(&auth))),
             shutdown.clone(),
             Duration::from_secs(5),
         ));
@@ -76,6 +85,7 @@ impl TestBroker {
             ws: ws_addr,
             wss: wss_addr,
             tls_config,
+            auth,
             events,
             shutdown,
             handle,

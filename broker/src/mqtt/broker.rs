@@ -9,6 +9,7 @@ use super::budget::ByteBudget;
 use super::router::Router;
 use super::session::Session;
 use super::sessions::{Detached, ExpiryQueue, LiveSessions, SessionTable};
+use crate::auth::Auth;
 use crate::config::MqttConfig;
 use crate::event::{ConnectionEvent, EventSender, SessionId};
 use crate::metrics::metrics;
@@ -39,6 +40,8 @@ pub struct Broker {
     pub drained: Notify,
     /// Persistent sessions whose client left, in the order their expiry falls due.
     pub expiring: ExpiryQueue,
+    /// Who may connect: every CONNECT's credentials are checked here.
+    pub auth: Arc<Auth>,
 }
 
 impl Broker {
@@ -58,7 +61,14 @@ impl Broker {
             events,
             connection_closed: Notify::new(),
             released: Notify::new(),
+            auth: Arc::new(Auth::open()),
         }
+    }
+
+    /// The same, checking credentials with `auth`.
+    pub fn with_auth(mut self, auth: Arc<Auth>) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// A read-only view of the sessions, for the API.

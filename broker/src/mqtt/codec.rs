@@ -16,6 +16,10 @@ pub enum ConnackCode {
     UnacceptableProtocolVersion = 1,
     /// 0x02: the client identifier is not allowed.
     IdentifierRejected = 2,
+    /// 0x04: bad user name or password.
+    BadUsernamePassword = 4,
+    /// 0x05: not authorized.
+    NotAuthorized = 5,
 }
 
 /// Why the bytes from a client are not a valid packet. Every variant closes the connection.

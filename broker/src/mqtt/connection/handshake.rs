@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::io::{Io, ReadError, Transport};
 use super::Hello;
+use crate::auth::{self, Refusal};
 use crate::config::{KeepAlivePolicy, MqttConfig};
 use crate::event::{ConnectionEvent, SessionId};
 use crate::labels::{Listener, RefusalReason};
@@ -18,6 +19,10 @@ use crate::mqtt::codec::{self, CodecError, ConnackCode};
 use crate::mqtt::session::Session;
 use crate::mqtt::sessions::Attach;
 use crate::mqtt::{topic, Broker};
+use crate::telemetry::LogLimiter;
+
+/// One line per 10 s about refused credentials; each refusal is counted.
+static AUTH_REFUSED: LogLimiter = LogLimiter::new(Duration::from_secs(10));
 
 /// What the handshake settled and the rest of the connection needs.
 pub struct Established {
@@ -134,6 +139,58 @@ pub async fn handshake<S: Transport>(
             return None;
         }
     }
+
+    // Credentials, before anything of the session is touched: a refused client never
+    // disturbs the device connected under the id it claims.
+    let login = connect.login.as_ref();
+    let request = auth::Request {
+        client_id: &client_id,
+        username: login.map(|l| l.username.as_str()),
+        password: login.map(|l| l.password.as_bytes()),
+        identity: identity.as_deref(),
+    };
+    let checked = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => {
+            refused(RefusalReason::BrokerShutdown);
+            return None;
+        }
+        checked = tokio::time::timeout_at(deadline, broker.auth.authenticate(request)) => checked,
+    };
+    let method = match checked {
+        Ok(Ok(method)) => method,
+        Ok(Err(refusal)) => {
+            let (reason, code) = match refusal {
+                Refusal::BadCredentials => (
+                    RefusalReason::BadCredentials,
+                    ConnackCode::BadUsernamePassword,
+                ),
+                Refusal::NotAuthorized => {
+                    (RefusalReason::NotAuthorized, ConnackCode::NotAuthorized)
+                }
+            };
+            refused(reason);
+            if let Some(suppressed) = AUTH_REFUSED.check() {
+                tracing::info!(
+                    %peer,
+                    client_id = client_id.as_str(),
+                    username = login.map_or("", |l| l.username.as_str()),
+                    reason = reason.as_str(),
+                    suppressed,
+                    "Connection refused by authentication; counted by reason in \
+                     heartwire_connections_refused_total, this line at most every 10 s."
+                );
+            }
+            io.refuse(code).await;
+            return None;
+        }
+        Err(_) => {
+            tracing::info!(%peer, timeout = ?config.connect_timeout, "Credentials not checked within the connect timeout; closing.");
+            refused(RefusalReason::ConnectTimeout);
+            return None;
+        }
+    };
+    tracing::debug!(method = ?method, "Authenticated.");
 
     // Attach, taking the session over from the connection that holds it, if any.
     let attach = async {

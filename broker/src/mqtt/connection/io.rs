@@ -247,6 +247,8 @@ impl<S: Transport> Io<S> {
             ConnackCode::Accepted => ConnectReturnCode::Success,
             ConnackCode::UnacceptableProtocolVersion => ConnectReturnCode::RefusedProtocolVersion,
             ConnackCode::IdentifierRejected => ConnectReturnCode::BadClientId,
+            ConnackCode::BadUsernamePassword => ConnectReturnCode::BadUserNamePassword,
+            ConnackCode::NotAuthorized => ConnectReturnCode::NotAuthorized,
         };
         self.send(&Packet::ConnAck(ConnAck::new(code, false)));
         let _ = tokio::time::timeout(Duration::from_secs(1), self.write_all()).await;

@@ -1,0 +1,145 @@
+//! Authentication at CONNECT: Mosquitto password files made by Debian's `mosquitto_passwd`,
+//! CONNACK 0x04 and 0x05 counted by reason, the credential cache, client ids bound to user
+//! names, and reloading the password file; a refused client never disturbs the device connected
+//! under the id it claims.
+
+use std::path::Path;
+use std::process::Command;
+
+use broker::config::{AuthConfig, ClientIdBinding};
+use broker::labels::{RefusalReason, VerifyOutcome};
+use broker::metrics::metrics;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use testkit::{connect_packet, temp_dir, ConnectOpts, RawClient, TestBroker};
+
+/// Adds (or with `create`, creates the file with) `user` to the password file at `path`, with
+/// Debian's mosquitto_passwd (./test.sh installs it with the `mosquitto` package).
+fn mosquitto_passwd(path: &Path, user: &str, password: &str, create: bool) {
+    let mut command = Command::new("mosquitto_passwd");
+    if create {
+        command.arg("-c");
+    }
+    let status = command
+        .arg("-b")
+        .arg(path)
+        .arg(user)
+        .arg(password)
+        .status()
+        .expect("mosquitto_passwd runs (./test.sh installs Debian's mosquitto)");
+    assert!(status.success(), "mosquitto_passwd {user}");
+}
+
+/// CONNECT as `client_id` with `login`; the CONNACK's return code (`None`: closed without one).
+async fn connack(
+    broker: &TestBroker,
+    client_id: &str,
+    login: Option<(&str, &str)>,
+) -> (RawClient, Option<ConnectReturnCode>) {
+    let mut c = RawClient::tcp(broker.addr).await;
+    let mut packet = connect_packet(&ConnectOpts::new(client_id));
+    if let (Packet::Connect(connect), Some((user, password))) = (&mut packet, login) {
+        connect.set_login(user, password);
+    }
+    c.send(&packet).await;
+    let code = match c.recv().await {
+        Some(Packet::ConnAck(ack)) => Some(ack.code),
+        Some(other) => panic!("expected CONNACK, got {other:?}"),
+        None => None,
+    };
+    (c, code)
+}
+
+fn refusals(reason: RefusalReason) -> u64 {
+    metrics().connections_refused.get(reason)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_password_files_decide_who_connects() {
+    let dir = temp_dir("auth");
+    let file = dir.path().join("passwords");
+    mosquitto_passwd(&file, "sensor-1", "s3cret", true);
+    mosquitto_passwd(&file, "sensor-2", "other", false);
+    let mut broker = TestBroker::start_with_auth(
+        |_| {},
+        AuthConfig {
+            password_file: Some(file.clone()),
+            ..AuthConfig::default()
+        },
+    )
+    .await;
+
+    let (_ok, code) = connack(&broker, "sensor-1", Some(("sensor-1", "s3cret"))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    broker.connected("sensor-1").await;
+    assert_eq!(metrics().auth_verifications.get(VerifyOutcome::Verified), 1);
+
+    // Wrong password, unknown user: 0x04; no credentials: 0x05. No session, no event.
+    let bad = refusals(RefusalReason::BadCredentials);
+    let (_, code) = connack(&broker, "intruder", Some(("sensor-2", "guess"))).await;
+    assert_eq!(code, Some(ConnectReturnCode::BadUserNamePassword));
+    let (_, code) = connack(&broker, "intruder", Some(("nobody", "x"))).await;
+    assert_eq!(code, Some(ConnectReturnCode::BadUserNamePassword));
+    assert_eq!(refusals(RefusalReason::BadCredentials), bad + 2);
+    let unauthorized = refusals(RefusalReason::NotAuthorized);
+    let (_, code) = connack(&broker, "anonymous", None).await;
+    assert_eq!(code, Some(ConnectReturnCode::NotAuthorized));
+    assert_eq!(refusals(RefusalReason::NotAuthorized), unauthorized + 1);
+    broker.no_event_pending();
+
+    // A known device reconnecting: from the credential cache, no hashing.
+    let (_again, code) = connack(&broker, "sensor-1b", Some(("sensor-1", "s3cret"))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    broker.connected("sensor-1b").await;
+    assert_eq!(metrics().auth_verifications.get(VerifyOutcome::CacheHit), 1);
+
+    // A user added and the file reloaded: the new user connects; a broken file keeps the old.
+    mosquitto_passwd(&file, "sensor-3", "new", false);
+    assert!(broker.auth.reload().expect("reload"));
+    let (_new, code) = connack(&broker, "sensor-3", Some(("sensor-3", "new"))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    broker.connected("sensor-3").await;
+    std::fs::write(&file, "sensor-1:not-a-hash\n").expect("write");
+    let error = broker.auth.reload().expect_err("a malformed line");
+    assert!(error.to_string().contains("line 1"), "{error}");
+    assert!(!error.to_string().contains("not-a-hash"), "{error}");
+    let (_still, code) = connack(&broker, "sensor-3b", Some(("sensor-3", "new"))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_can_only_take_its_own_client_id() {
+    let dir = temp_dir("auth-bind");
+    let file = dir.path().join("passwords");
+    mosquitto_passwd(&file, "valve-1", "one", true);
+    mosquitto_passwd(&file, "valve-2", "two", false);
+    let mut broker = TestBroker::start_with_auth(
+        |_| {},
+        AuthConfig {
+            password_file: Some(file.clone()),
+            bind_client_id: ClientIdBinding::Username,
+            ..AuthConfig::default()
+        },
+    )
+    .await;
+    let (mut valve_2, code) = connack(&broker, "valve-2", Some(("valve-2", "two"))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    broker.connected("valve-2").await;
+
+    // valve-1's valid credentials do not let it take valve-2's id: 0x05, valve-2 untouched.
+    let (_, code) = connack(&broker, "valve-2", Some(("valve-1", "one"))).await;
+    assert_eq!(code, Some(ConnectReturnCode::NotAuthorized));
+    broker.no_event_pending();
+    valve_2.send(&Packet::PingReq).await;
+    assert!(matches!(valve_2.recv().await, Some(Packet::PingResp)));
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_authentication_on_loopback_anyone_connects() {
+    let mut broker = TestBroker::start().await;
+    let (_c, code) = connack(&broker, "local", Some(("whoever", "whatever"))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    broker.connected("local").await;
+    broker.stop().await;
+}
