@@ -343,6 +343,10 @@ async fn reload_on_hangup(
             tracing::error!("SIGHUP: the reload task failed; the files in force stay.");
             continue;
         };
+        if tls_outcome.is_none() && matches!(auth_outcome, Ok(false)) {
+            tracing::info!("SIGHUP received: no TLS certificate or password file to reload.");
+            continue;
+        }
         match tls_outcome {
             None => {}
             Some(Ok(())) => {
