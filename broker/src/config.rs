@@ -344,6 +344,11 @@ pub struct AuthConfig {
     /// Verified credentials remembered, so that a reconnecting device is not hashed again
     /// (0: none). Cleared when the password file is reloaded.
     pub credential_cache_size: usize,
+    /// Longest delay before a refusal is answered. Refusals in a row from one address or for
+    /// one client id are answered after 0, 200 ms, 400 ms, ... doubling up to this; a success
+    /// or a minute without failures starts over. 0s: no delay.
+    #[serde(with = "humantime_serde")]
+    pub failure_delay_max: Duration,
 }
 
 impl Default for AuthConfig {
@@ -354,6 +359,7 @@ impl Default for AuthConfig {
             bind_client_id: ClientIdBinding::None,
             max_concurrent_verifications: 2,
             credential_cache_size: 100_000,
+            failure_delay_max: Duration::from_secs(10),
         }
     }
 }
@@ -693,6 +699,7 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     ),
     ("auth.max_concurrent_verifications", Accepts::Whole(1, 1024)),
     ("auth.credential_cache_size", Accepts::Whole(0, u64::MAX)),
+    ("auth.failure_delay_max", Accepts::Duration),
     ("events.channel_capacity", Accepts::Whole(1, u64::MAX)),
     (
         "database.url",
@@ -1320,6 +1327,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "auth.max_concurrent_verifications",
                 message: "must be between 1 and 1024".to_owned(),
+            });
+        }
+        if a.failure_delay_max > Duration::from_secs(60) {
+            return Err(ConfigError::Invalid {
+                key: "auth.failure_delay_max",
+                message: "must be at most 60s (0s: refusals are answered at once)".to_owned(),
             });
         }
         if a.bind_client_id == ClientIdBinding::Username && a.password_file.is_none() {

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub auth_verifications: Counters<VerifyOutcome>,
     /// Reloads of the password file, by outcome.
     pub password_file_reloads: Counters<ReloadOutcome>,
+    /// Refusals answered after a delay (they followed others from the same address or for the
+    /// same client id).
+    pub auth_refusals_delayed: IntCounter,
     /// MQTT connections that completed CONNECT/CONNACK.
     pub connections_accepted: IntCounter,
     /// Ended MQTT connections, by disconnect reason.
@@ -387,6 +390,12 @@ impl Metrics {
                 "Reloads of auth.password_file (SIGHUP), by outcome; after a failed one the \
                  previous file stays in use.",
                 "outcome",
+            ),
+            auth_refusals_delayed: counter(
+                &r,
+                "heartwire_auth_refusals_delayed_total",
+                "Authentication refusals answered after a delay (auth.failure_delay_max): they \
+                 followed others from the same address or for the same client id.",
             ),
             connections_accepted: counter(
                 &r,

@@ -143,3 +143,35 @@ async fn without_authentication_on_loopback_anyone_connects() {
     broker.connected("local").await;
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_in_a_row_are_answered_later_and_later() {
+    let dir = temp_dir("auth-delay");
+    let file = dir.path().join("passwords");
+    mosquitto_passwd(&file, "pump-1", "right", true);
+    let mut broker = TestBroker::start_with_auth(
+        |_| {},
+        AuthConfig {
+            password_file: Some(file.clone()),
+            ..AuthConfig::default()
+        },
+    )
+    .await;
+    // The first refusal at once, then 200 ms, 400 ms: the n-th waits at least 200 ms x 2^(n-2).
+    for (attempt, at_least_ms) in [(1u32, 0u64), (2, 200), (3, 400)] {
+        let started = std::time::Instant::now();
+        let (_, code) = connack(&broker, "pump-1", Some(("pump-1", "wrong"))).await;
+        assert_eq!(code, Some(ConnectReturnCode::BadUserNamePassword));
+        let waited = started.elapsed();
+        assert!(
+            waited >= std::time::Duration::from_millis(at_least_ms),
+            "attempt {attempt} answered after {waited:?}"
+        );
+    }
+    assert_eq!(metrics().auth_refusals_delayed.get(), 2);
+    // The right password is accepted (and not delayed: delays apply to refusals only).
+    let (_c, code) = connack(&broker, "pump-1", Some(("pump-1", "right"))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    broker.connected("pump-1").await;
+    broker.stop().await;
+}

@@ -10,8 +10,10 @@
 pub mod password_file;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use ring::digest;
 use tokio::sync::Semaphore;
@@ -32,9 +34,18 @@ pub enum AuthError {
     Random,
 }
 
+/// First delay of a refusal that follows another; doubles with each further one.
+const FAILURE_DELAY_MIN: Duration = Duration::from_millis(200);
+/// Failures older than this are forgotten.
+const FAILURE_MEMORY: Duration = Duration::from_secs(60);
+/// Addresses and client ids whose failures are remembered at most.
+const FAILURE_KEYS_MAX: usize = 100_000;
+
 /// What a CONNECT presents.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
+    /// Where it comes from.
+    pub peer: IpAddr,
     /// The client id it asks for (after validation).
     pub client_id: &'a str,
     /// The CONNECT's user name, if any.
@@ -75,6 +86,16 @@ pub struct Auth {
     cache: Mutex<HashMap<String, digest::Digest>>,
     cache_size: usize,
     cache_key: [u8; 32],
+    failure_delay_max: Duration,
+    /// Refusals in a row by source address and by client id, and when the last was.
+    failures: Mutex<HashMap<FailureKey, (u32, Instant)>>,
+}
+
+/// What repeated refusals are remembered by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum FailureKey {
+    Peer(IpAddr),
+    ClientId(Box<str>),
 }
 
 impl Auth {
@@ -98,6 +119,8 @@ impl Auth {
             cache: Mutex::new(HashMap::new()),
             cache_size: config.credential_cache_size,
             cache_key,
+            failure_delay_max: config.failure_delay_max,
+            failures: Mutex::new(HashMap::new()),
         })
     }
 
@@ -112,6 +135,8 @@ impl Auth {
             cache: Mutex::new(HashMap::new()),
             cache_size: 0,
             cache_key: [0; 32],
+            failure_delay_max: Duration::ZERO,
+            failures: Mutex::new(HashMap::new()),
         }
     }
 
@@ -150,6 +175,54 @@ impl Auth {
             return Err(Refusal::NotAuthorized);
         }
         Ok(method)
+    }
+
+    /// Records a refusal of `request`; how long to wait before answering it: nothing the first
+    /// time, then 200 ms doubling per refusal in a row from its address or for its client id,
+    /// up to `auth.failure_delay_max`.
+    pub fn refused(&self, request: &Request<'_>) -> Duration {
+        if self.failure_delay_max.is_zero() {
+            return Duration::ZERO;
+        }
+        let now = Instant::now();
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if failures.len() >= FAILURE_KEYS_MAX {
+            failures.retain(|_, (_, last)| now.duration_since(*last) < FAILURE_MEMORY);
+            if failures.len() >= FAILURE_KEYS_MAX {
+                failures.clear();
+            }
+        }
+        let mut count = 0;
+        for key in [
+            FailureKey::Peer(request.peer),
+            FailureKey::ClientId(request.client_id.into()),
+        ] {
+            let entry = failures.entry(key).or_insert((0, now));
+            if now.duration_since(entry.1) >= FAILURE_MEMORY {
+                entry.0 = 0;
+            }
+            entry.0 = entry.0.saturating_add(1);
+            entry.1 = now;
+            count = count.max(entry.0);
+        }
+        if count <= 1 {
+            return Duration::ZERO;
+        }
+        let doublings = (count - 2).min(16);
+        (FAILURE_DELAY_MIN * 2u32.pow(doublings)).min(self.failure_delay_max)
+    }
+
+    /// Forgets the refusals of `request`'s client id and address after it was accepted.
+    pub fn accepted(&self, request: &Request<'_>) {
+        if self.failure_delay_max.is_zero() {
+            return;
+        }
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if failures.is_empty() {
+            return;
+        }
+        failures.remove(&FailureKey::Peer(request.peer));
+        failures.remove(&FailureKey::ClientId(request.client_id.into()));
     }
 
     /// Verifies `user`'s `password` against the password file: from the cache, or hashed on

@@ -144,6 +144,7 @@ pub async fn handshake<S: Transport>(
     // disturbs the device connected under the id it claims.
     let login = connect.login.as_ref();
     let request = auth::Request {
+        peer: peer.ip(),
         client_id: &client_id,
         username: login.map(|l| l.username.as_str()),
         password: login.map(|l| l.password.as_bytes()),
@@ -158,7 +159,10 @@ pub async fn handshake<S: Transport>(
         checked = tokio::time::timeout_at(deadline, broker.auth.authenticate(request)) => checked,
     };
     let method = match checked {
-        Ok(Ok(method)) => method,
+        Ok(Ok(method)) => {
+            broker.auth.accepted(&request);
+            method
+        }
         Ok(Err(refusal)) => {
             let (reason, code) = match refusal {
                 Refusal::BadCredentials => (
@@ -180,6 +184,16 @@ pub async fn handshake<S: Transport>(
                     "Connection refused by authentication; counted by reason in \
                      heartwire_connections_refused_total, this line at most every 10 s."
                 );
+            }
+            // Refusals in a row are answered later and later (within the connect timeout).
+            let delay = broker.auth.refused(&request);
+            if !delay.is_zero() {
+                metrics().auth_refusals_delayed.inc();
+                let until = (tokio::time::Instant::now() + delay).min(deadline);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep_until(until) => {}
+                }
             }
             io.refuse(code).await;
             return None;
