@@ -44,6 +44,7 @@ pub struct Credentials {
 
 impl Credentials {
     /// No credentials at all.
+    #[cfg(test)]
     pub fn none() -> Self {
         Self {
             user: User::None,
