@@ -13,7 +13,7 @@ use std::process::Stdio;
 use broker::auth::password_file::{parse_bulk, Hash, PasswordFileEditor};
 use broker::config::ClientIdBinding;
 
-use common::{args, clean_abrupt_churn, run, sim, timing, verify, SIM_WAIT};
+use common::{args, clean_abrupt_churn, count_events, run, sim, timing, verify, SIM_WAIT};
 use testkit::{sqlite_url, temp_dir, FullBroker, TempDir};
 
 /// Devices of these tests: enough for a fleet, few enough to hash (argon2id) in a second.
@@ -94,6 +94,46 @@ async fn provisioned_devices_churn_with_auth_on_and_verify_passes() {
     run.churned();
     verify(&broker.api(), &truth, "1").await;
     broker.stop().await;
+}
+
+/// Takeover, flap and storm, each on a broker of its own, with every device logging in as
+/// itself: the connection that takes a device over logs in too, and the devices that come back
+/// at once after a storm are let in again; verify agrees after each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_flap_and_storm_work_with_auth_on() {
+    for (scenario, extra, event) in [
+        ("takeover", ["--churn-percent", "900"], "takeover_connected"),
+        ("flap", ["--flappers", "4"], "connected"),
+        ("storm", ["--storm-every", "30"], "connected"),
+    ] {
+        let dir = temp_dir("auth");
+        let file = provision(dir.path(), SEED).await;
+        let broker = start_broker(&dir, file).await;
+        let truth = dir.path().join("truth.jsonl");
+        let options = [
+            login(SEED),
+            timing("3"),
+            args([
+                "--scenario",
+                scenario,
+                "--truth",
+                &truth.display().to_string(),
+            ]),
+            args(extra),
+        ]
+        .concat();
+        let run = run(broker.mqtt.port(), dir.path(), scenario, &options).await;
+        run.no_connect_failed();
+        // Beyond the first connect of each device: someone came back or took over.
+        let first = if event == "connected" { 12 } else { 0 };
+        assert!(
+            count_events(&truth, event) > first,
+            "{scenario}: no {event} beyond the first connects:\n{}",
+            run.output
+        );
+        verify(&broker.api(), &truth, "0.5").await;
+        broker.stop().await;
+    }
 }
 
 /// Passwords from another seed: every CONNECT is refused with 0x04 (bad user name or password),
