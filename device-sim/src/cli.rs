@@ -1,5 +1,6 @@
-//! The command line: the subcommands and their options ([`RunArgs`], [`VerifyArgs`]), the
-//! checks clap cannot make ([`RunArgs::check`]) and the settings derived from the options.
+//! The command line: the subcommands and their options ([`RunArgs`], [`ProvisionArgs`],
+//! [`VerifyArgs`]), the checks clap cannot make ([`RunArgs::check`]) and the settings derived
+//! from the options.
 //! `run` options are accepted without the subcommand too.
 
 use std::path::PathBuf;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
+use crate::credentials::{Credentials, Password, User};
 use crate::device::{EndState, Telemetry, KEEPALIVE_MULTIPLIER};
 use crate::scenario::{MixKind, Scenario};
 use crate::transport::{self, ClientCert, Kind};
@@ -23,6 +25,9 @@ const EXIT_CODES: &str = "Exit codes: 0 success; 1 verify: the broker disagrees 
 /// Environment variable that carries `--password` (to the workers too): other users cannot read
 /// it from the process list.
 pub const PASSWORD_ENV: &str = "DEVICE_SIM_PASSWORD";
+/// Environment variable that carries `--password-seed` (to the workers too), for the same
+/// reason.
+pub const PASSWORD_SEED_ENV: &str = "DEVICE_SIM_PASSWORD_SEED";
 /// Range of `verify --keepalive-multiplier`, the range the broker accepts for its
 /// `mqtt.keepalive_multiplier`.
 const MULTIPLIER_RANGE: std::ops::RangeInclusive<f64> = 1.0..=10.0;
@@ -60,6 +65,14 @@ pub enum Command {
     /// its keep-alive deadline was not yet due); their number is printed.
     #[command(after_help = EXIT_CODES)]
     Verify(VerifyArgs),
+    /// Print `user:password` lines for the devices of a run, to create their accounts.
+    ///
+    /// One line per device (user name = client id, the password from --password-seed or
+    /// --password), for `broker passwd --bulk FILE` or `mosquitto_passwd`-style tools; the
+    /// devices of `run --count N --prefix P --start-number S --username-from-client-id
+    /// --password-seed SEED` log in with them.
+    #[command(after_help = EXIT_CODES)]
+    Provision(ProvisionArgs),
 }
 
 /// Options of `device-sim run`.
@@ -96,19 +109,40 @@ pub struct RunArgs {
     /// Length of the run in seconds.
     #[arg(long, default_value_t = 60)]
     pub duration: u64,
-    /// MQTT user name sent in CONNECT (Heartwire does not check credentials yet; other brokers
-    /// may).
-    #[arg(long)]
-    pub username: Option<String>,
-    /// MQTT password sent in CONNECT; needs --username. Prefer the environment variable, which
-    /// other users cannot read from the process list.
+    /// MQTT user name sent in CONNECT by every device.
     #[arg(
         long,
+        help_heading = "Credentials",
+        group = "user",
+        value_name = "NAME"
+    )]
+    pub username: Option<String>,
+    /// Every device sends its client id as its MQTT user name (for a broker with
+    /// `auth.bind_client_id = "username"`).
+    #[arg(long, help_heading = "Credentials", group = "user")]
+    pub username_from_client_id: bool,
+    /// MQTT password sent in CONNECT by every device; needs --username or
+    /// --username-from-client-id. Prefer the environment variable, which other users cannot
+    /// read from the process list.
+    #[arg(
+        long,
+        help_heading = "Credentials",
         env = PASSWORD_ENV,
         hide_env_values = true,
-        requires = "username"
+        requires = "user"
     )]
     pub password: Option<String>,
+    /// Each device's password is the first 24 hex digits of SHA-256(SEED || client id), as
+    /// `device-sim provision` prints it; needs --username-from-client-id.
+    #[arg(
+        long,
+        help_heading = "Credentials",
+        value_name = "SEED",
+        env = PASSWORD_SEED_ENV,
+        hide_env_values = true,
+        conflicts_with = "password"
+    )]
+    pub password_seed: Option<String>,
     /// Telemetry: seconds between two messages of one device while it is connected (decimals
     /// allowed); without it devices only ping.
     #[arg(long)]
@@ -263,12 +297,35 @@ impl RunArgs {
             }
         }
         self.transport()?;
-        if self.username.as_deref() == Some("") {
-            bail!(
+        self.credentials()?;
+        Ok(())
+    }
+
+    /// The credentials settings (`--username`, `--username-from-client-id`, `--password`,
+    /// `--password-seed`), checked: a seed derives a password per client id, so it needs the
+    /// client id as user name (clap rejects the conflicting flags).
+    pub fn credentials(&self) -> Result<Credentials> {
+        let user = match (&self.username, self.username_from_client_id) {
+            (Some(name), _) if name.is_empty() => bail!(
                 "--username must not be empty (MQTT 3.1.1 sends a password only with a user name)"
+            ),
+            (Some(name), _) => User::Shared(name.clone()),
+            (None, true) => User::ClientId,
+            (None, false) => User::None,
+        };
+        let password = match (&self.password, &self.password_seed) {
+            (_, Some(seed)) if seed.is_empty() => bail!("--password-seed must not be empty"),
+            (_, Some(seed)) => Password::Seeded(seed.clone()),
+            (Some(password), None) => Password::Shared(password.clone()),
+            (None, None) => Password::None,
+        };
+        if matches!(password, Password::Seeded(_)) && user != User::ClientId {
+            bail!(
+                "--password-seed needs --username-from-client-id: the seed derives one password \
+                 per client id, for a user of that name"
             );
         }
-        Ok(())
+        Ok(Credentials { user, password })
     }
 
     /// The transport settings (`--tls`, `--ws`, `--wss` and their options), checked: TLS needs
@@ -335,6 +392,54 @@ impl RunArgs {
             },
             payload_size: usize::try_from(self.payload_size).unwrap_or(usize::MAX),
             topic: self.topic.clone(),
+        })
+    }
+}
+
+/// Options of `device-sim provision`: the devices of a run (same defaults as `run`) and their
+/// passwords.
+#[derive(Debug, Clone, Args)]
+#[command(group = clap::ArgGroup::new("secret").required(true))]
+pub struct ProvisionArgs {
+    /// Number of devices.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: u64,
+    /// Number of the first device; client ids (and user names) are PREFIX + number.
+    #[arg(long, default_value_t = 0)]
+    pub start_number: u64,
+    /// Client id prefix.
+    #[arg(long, default_value = "dev-")]
+    pub prefix: String,
+    /// Each device's password is derived from SEED and its client id, as by `run
+    /// --password-seed`.
+    #[arg(
+        long,
+        value_name = "SEED",
+        env = PASSWORD_SEED_ENV,
+        hide_env_values = true,
+        group = "secret"
+    )]
+    pub password_seed: Option<String>,
+    /// The same password for every device, as by `run --password`.
+    #[arg(long, env = PASSWORD_ENV, hide_env_values = true, group = "secret")]
+    pub password: Option<String>,
+}
+
+impl ProvisionArgs {
+    /// The credentials of the devices: their client ids as user names, and the password(s).
+    pub fn credentials(&self) -> Result<Credentials> {
+        let password = match (&self.password_seed, &self.password) {
+            (Some(seed), _) if seed.is_empty() => bail!("--password-seed must not be empty"),
+            (Some(seed), _) => Password::Seeded(seed.clone()),
+            (None, Some(password)) if password.is_empty() => {
+                bail!("--password must not be empty")
+            }
+            (None, Some(password)) => Password::Shared(password.clone()),
+            (None, None) => bail!("provision needs --password-seed SEED or --password"),
+        };
+        Ok(Credentials {
+            user: User::ClientId,
+            password,
         })
     }
 }
@@ -581,6 +686,113 @@ mod tests {
                 assert!(e.contains(flag), "{args:?}: {e:?} does not name {flag}");
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn credentials_flags() -> Result<()> {
+        let credentials_of = |args: &[&str]| -> Result<Credentials, String> {
+            let mut argv = vec!["device-sim"];
+            argv.extend_from_slice(args);
+            let run = Cli::try_parse_from(argv).map_err(|e| e.to_string())?.run;
+            run.check().map_err(|e| e.to_string())?;
+            run.credentials().map_err(|e| e.to_string())
+        };
+        let ok = |args: &[&str]| credentials_of(args).map_err(anyhow::Error::msg);
+        assert_eq!(ok(&[])?, Credentials::none());
+        assert_eq!(
+            ok(&["--username-from-client-id", "--password-seed", "s"])?,
+            Credentials {
+                user: User::ClientId,
+                password: Password::Seeded("s".into())
+            }
+        );
+        assert_eq!(
+            ok(&["--username-from-client-id", "--password", "p"])?.for_device("dev-1"),
+            Some(("dev-1".into(), "p".into()))
+        );
+        assert_eq!(
+            ok(&["--username", "u", "--password", "p"])?.for_device("dev-1"),
+            Some(("u".into(), "p".into()))
+        );
+        // The run subcommand takes them too.
+        let cli = Cli::try_parse_from([
+            "device-sim",
+            "run",
+            "--username-from-client-id",
+            "--password-seed",
+            "s",
+        ])?;
+        let Some(Command::Run(run)) = cli.command else {
+            bail!("expected run");
+        };
+        assert_eq!(run.credentials()?.user, User::ClientId);
+
+        // Each refusal names the flags at fault.
+        for (args, flags) in [
+            (
+                &["--username", "u", "--username-from-client-id"][..],
+                &["--username <NAME>", "--username-from-client-id"][..],
+            ),
+            (
+                &[
+                    "--username-from-client-id",
+                    "--password",
+                    "p",
+                    "--password-seed",
+                    "s",
+                ],
+                &["--password", "--password-seed"],
+            ),
+            (&["--password", "p"], &["--password", "--username"]),
+            (
+                &["--password-seed", "s"],
+                &["--password-seed", "--username-from-client-id"],
+            ),
+            (
+                &["--username", "u", "--password-seed", "s"],
+                &["--password-seed", "--username-from-client-id"],
+            ),
+            (&["--username", ""], &["--username"]),
+            (
+                &["--username-from-client-id", "--password-seed", ""],
+                &["--password-seed"],
+            ),
+        ] {
+            let Err(e) = credentials_of(args) else {
+                bail!("{args:?} was accepted");
+            };
+            for flag in flags {
+                assert!(e.contains(flag), "{args:?}: {e:?} does not name {flag}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn provision_takes_the_devices_and_a_secret() -> Result<()> {
+        let provision = |args: &[&str]| {
+            let mut argv = vec!["device-sim", "provision"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Some(Command::Provision(p)) => Some(p),
+                _ => None,
+            })
+        };
+        let p = provision(&["--password-seed", "s"])?.context("provision")?;
+        assert_eq!(
+            (p.count, p.start_number, p.prefix.as_str()),
+            (100, 0, "dev-")
+        );
+        assert_eq!(p.credentials()?.password, Password::Seeded("s".into()));
+        let p = provision(&["--password", "p", "--count", "3"])?.context("provision")?;
+        assert_eq!(p.credentials()?.password, Password::Shared("p".into()));
+        let e = provision(&[]).err().context("no secret")?.to_string();
+        assert!(
+            e.contains("--password-seed") && e.contains("--password"),
+            "{e}"
+        );
+        assert!(provision(&["--password", "p", "--password-seed", "s"]).is_err());
         Ok(())
     }
 

@@ -19,6 +19,7 @@ use rumqttc::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::credentials::Credentials;
 use crate::report::Stats;
 use crate::transport::{Link, Transport};
 use crate::truth::{self, Record, TruthWriter};
@@ -68,8 +69,8 @@ pub struct Profile {
     pub connect_timeout_s: u64,
     /// What to do at the end of the run.
     pub end_state: EndState,
-    /// MQTT user name and password sent in CONNECT.
-    pub credentials: Option<(String, String)>,
+    /// Where each device's MQTT user name and password (sent in CONNECT) come from.
+    pub credentials: Credentials,
     /// Periodic publishing while connected, if any.
     pub telemetry: Option<Telemetry>,
     /// How devices reach the broker (TCP, TLS, WebSocket); built once per process.
@@ -226,7 +227,7 @@ impl Conn {
             .set_clean_session(profile.clean_session)
             .set_max_packet_size(MAX_PACKET_SIZE, outgoing)
             .set_inflight(1);
-        if let Some((user, password)) = &profile.credentials {
+        if let Some((user, password)) = profile.credentials.for_device(&device.client_id) {
             opts.set_credentials(user, password);
         }
         let (client, mut eventloop) = AsyncClient::new(opts, 1);
@@ -858,7 +859,7 @@ mod tests {
             clean_session: true,
             connect_timeout_s: 5,
             end_state: EndState::Disconnect,
-            credentials: None,
+            credentials: Credentials::none(),
             telemetry: None,
             transport: Arc::new(Transport::tcp()),
         });
@@ -936,7 +937,7 @@ mod tests {
             clean_session: true,
             connect_timeout_s: 5,
             end_state: EndState::Disconnect,
-            credentials: None,
+            credentials: Credentials::none(),
             telemetry: None,
             transport: Arc::new(Transport::tcp()),
         };

@@ -151,10 +151,7 @@ pub async fn run(
         clean_session: cli.clean,
         connect_timeout_s: cli.connect_timeout,
         end_state: cli.end_state,
-        credentials: cli
-            .username
-            .clone()
-            .map(|u| (u, cli.password.clone().unwrap_or_default())),
+        credentials: cli.credentials()?,
         telemetry: cli.telemetry(),
         // Once per process: the TLS configuration (CA, shared client certificate) is shared.
         transport: Arc::new(Transport::new(&cli.transport()?)?),

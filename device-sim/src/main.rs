@@ -16,6 +16,11 @@
 //! `--cafile`, `--cert`/`--key` or `--cert-dir`, `--tls-server-name`, `--ws-path`) choose the
 //! transport of every scenario (see [`transport`]).
 //!
+//! Devices log in with `--username NAME` or `--username-from-client-id`, and `--password` or
+//! `--password-seed SEED` (a password per device, derived from the seed and its client id; see
+//! [`credentials`]). `device-sim provision` prints the `user:password` lines of a run's
+//! devices for `broker passwd --bulk FILE` (see [`provision`]).
+//!
 //! `device-sim verify --truth FILE --api http://HOST:PORT` waits `--settle` seconds and compares
 //! the truth with the broker's presence API (see [`verify`]; sessions ended by a broker crash
 //! are recognised from the boots of `GET /api/v1/nodes`), and with `--database-url URL` with
@@ -25,18 +30,20 @@
 //!
 //! The modules (their imports form no cycle: the worker line prefixes, say, live in
 //! `worker_protocol`, which `fleet`, `run` and `workers` point down at):
-//! - [`cli`]: the options of both subcommands and their checks.
+//! - [`cli`]: the options of the subcommands and their checks.
 //! - [`run`]: `device-sim run`: this process's [`fleet`] or the [`workers`] parent, then the
 //!   summary; owns the run's task tracker. [`worker_protocol`]: the lines a worker prints.
 //! - [`fleet`]: one process's devices; [`scenario`]: what happens to them; [`device`]: one
 //!   simulated device (rumqttc); [`transport`]: how devices reach the broker (TCP, TLS,
-//!   WebSocket, WebSocket over TLS); [`truth`]: the ground truth they write.
+//!   WebSocket, WebSocket over TLS); [`credentials`]: what they log in with; [`truth`]: the
+//!   ground truth they write. [`provision`]: `device-sim provision`, their accounts.
 //! - [`report`]: counters, CONNACK histogram and summary; [`progress`]: the per-second output;
 //!   [`metrics`]: the Prometheus endpoint.
 //! - [`verify`]: `device-sim verify`; [`http`]: its API client; [`db`]: its database reads;
 //!   [`presence`]: a device's state as either reports it.
 
 mod cli;
+mod credentials;
 mod db;
 mod device;
 mod fleet;
@@ -44,6 +51,7 @@ mod http;
 mod metrics;
 mod presence;
 mod progress;
+mod provision;
 mod report;
 mod run;
 mod scenario;
@@ -79,6 +87,7 @@ async fn main() -> ExitCode {
                 ExitCode::from(DISAGREES)
             }
         }),
+        Some(Command::Provision(args)) => provision::provision(&args).map(|()| ExitCode::SUCCESS),
         Some(Command::Run(args)) => run::run(&args).await.map(exit_code),
         None => run::run(&cli.run).await.map(exit_code),
     };

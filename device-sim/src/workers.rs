@@ -28,7 +28,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cli::{value_name, RunArgs, PASSWORD_ENV};
+use crate::cli::{value_name, RunArgs, PASSWORD_ENV, PASSWORD_SEED_ENV};
 use crate::fleet::{raise_nofile, write_ready_file};
 use crate::metrics;
 use crate::progress::Progress;
@@ -96,9 +96,13 @@ fn child_args(cli: &RunArgs, k: u32) -> Vec<String> {
     if let Some(i) = cli.publish_interval {
         a.push(format!("--publish-interval={i}"));
     }
+    // The password and the seed reach the workers through their environment, not their
+    // command line.
     if let Some(u) = &cli.username {
-        // The password reaches the workers through their environment, not their command line.
         a.push(format!("--username={u}"));
+    }
+    if cli.username_from_client_id {
+        a.push("--username-from-client-id".into());
     }
     if let Some(t) = &cli.truth {
         a.push(format!("--truth={}", worker_truth(t, k).display()));
@@ -191,6 +195,9 @@ pub async fn run(
         let mut command = Command::new(&exe);
         if let Some(password) = &cli.password {
             command.env(PASSWORD_ENV, password);
+        }
+        if let Some(seed) = &cli.password_seed {
+            command.env(PASSWORD_SEED_ENV, seed);
         }
         let mut child = command
             .args(child_args(cli, k))
@@ -391,6 +398,32 @@ mod tests {
         assert_eq!(child.transport()?, parent.transport()?);
         let tls = crate::cli::Cli::try_parse_from(["device-sim", "--tls", "--cafile", "c"])?.run;
         assert!(transport_args(&tls).contains(&"--tls".to_owned()));
+        Ok(())
+    }
+
+    #[test]
+    fn workers_get_the_credentials_options_but_not_the_secrets() -> anyhow::Result<()> {
+        use clap::Parser;
+
+        for (flags, secret) in [
+            (["--username-from-client-id", "--password-seed"], "seed-1"),
+            (["--username=fleet", "--password"], "s3cret"),
+        ] {
+            let argv = ["device-sim", "--workers", "2", flags[0], flags[1], secret];
+            let parent = crate::cli::Cli::try_parse_from(argv)?.run;
+            let args = child_args(&parent, 1);
+            assert!(!args.iter().any(|a| a.contains(secret)), "{args:?}");
+            // The secret comes from the environment that `run` gives each worker.
+            let argv = std::iter::once("device-sim".to_owned())
+                .chain(args)
+                .chain([flags[1].to_owned(), secret.to_owned()]);
+            let Some(crate::cli::Command::Run(child)) =
+                crate::cli::Cli::try_parse_from(argv)?.command
+            else {
+                anyhow::bail!("workers run the run subcommand");
+            };
+            assert_eq!(child.credentials()?, parent.credentials()?);
+        }
         Ok(())
     }
 }
