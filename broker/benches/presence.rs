@@ -40,6 +40,8 @@ fn events(n: u64, prefix: &str) -> Vec<ConnectionEvent> {
             peer: "127.0.0.1:40000".parse().expect("addr"),
             listener: Listener::Tcp,
             identity: None,
+            username: None,
+            auth_method: broker::labels::AuthMethod::Anonymous,
             keep_alive: 30,
             clean_session: true,
             time: SystemTime::now(),

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::labels::{DisconnectReason, Listener, TransitionKind};
+use crate::labels::{AuthMethod, DisconnectReason, Listener, TransitionKind};
 
 /// Unique, time-sortable identifier of one accepted connection (UUIDv7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -58,6 +58,14 @@ pub enum ConnectionEvent {
         listener: Listener,
         /// The identity of the client's verified TLS certificate (mutual TLS), if any.
         identity: Option<String>,
+        /// The user name it authenticated as (`None` without one, or when no password was
+        /// checked).
+        #[serde(default)]
+        username: Option<String>,
+        /// How it was authenticated (anonymous in journals written before there was
+        /// authentication).
+        #[serde(default)]
+        auth_method: AuthMethod,
         /// The keep-alive in force, in seconds (after clamping); 0 means none.
         keep_alive: u16,
         /// The CONNECT's clean-session flag.

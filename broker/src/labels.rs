@@ -224,6 +224,29 @@ label_enum! {
 }
 
 label_enum! {
+    /// How a connection was authenticated (also a database value: `sessions.auth_method`).
+    #[derive(Serialize, Deserialize, Default)]
+    #[serde(rename_all = "snake_case")]
+    AuthMethod {
+        /// No credentials were checked (the default, and what connections were before there
+        /// was authentication).
+        #[default]
+        Anonymous => "anonymous",
+        /// User name and password, against the password file.
+        Password => "password",
+        /// A verified TLS client certificate.
+        Certificate => "certificate",
+    }
+}
+
+impl AuthMethod {
+    /// The method of a stored name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|m| m.as_str() == name)
+    }
+}
+
+label_enum! {
     /// How a password was checked (`outcome` of `heartwire_auth_verifications_total`).
     VerifyOutcome {
         /// The same user and password were verified recently (no hashing).
@@ -393,6 +416,7 @@ mod tests {
         closed::<HandshakeFailure>();
         closed::<ReloadOutcome>();
         closed::<VerifyOutcome>();
+        closed::<AuthMethod>();
         closed::<DropReason>();
         closed::<SubscriptionRefusal>();
         closed::<RetainRefusal>();

@@ -90,6 +90,8 @@ fn connected_on(
         peer: "10.0.0.1:1234".parse().expect("addr"),
         listener,
         identity: identity.map(str::to_owned),
+        username: None,
+        auth_method: broker::labels::AuthMethod::Anonymous,
         keep_alive: 45,
         clean_session: true,
         time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::process::Command;
 
 use broker::config::{AuthConfig, ClientIdBinding};
-use broker::labels::{RefusalReason, VerifyOutcome};
+use broker::event::ConnectionEvent;
+use broker::labels::{AuthMethod, RefusalReason, VerifyOutcome};
 use broker::metrics::metrics;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
 use testkit::{connect_packet, temp_dir, ConnectOpts, RawClient, TestBroker};
@@ -49,6 +50,18 @@ async fn connack(
     (c, code)
 }
 
+/// The user name and method a Connected event records.
+fn authenticated(event: ConnectionEvent) -> (Option<String>, AuthMethod) {
+    match event {
+        ConnectionEvent::Connected {
+            username,
+            auth_method,
+            ..
+        } => (username, auth_method),
+        other => panic!("expected Connected, got {other:?}"),
+    }
+}
+
 fn refusals(reason: RefusalReason) -> u64 {
     metrics().connections_refused.get(reason)
 }
@@ -70,7 +83,10 @@ async fn mosquitto_password_files_decide_who_connects() {
 
     let (_ok, code) = connack(&broker, "sensor-1", Some(("sensor-1", "s3cret"))).await;
     assert_eq!(code, Some(ConnectReturnCode::Success));
-    broker.connected("sensor-1").await;
+    assert_eq!(
+        authenticated(broker.connected("sensor-1").await),
+        (Some("sensor-1".to_owned()), AuthMethod::Password)
+    );
     assert_eq!(metrics().auth_verifications.get(VerifyOutcome::Verified), 1);
 
     // Wrong password, unknown user: 0x04; no credentials: 0x05. No session, no event.
@@ -140,7 +156,11 @@ async fn without_authentication_on_loopback_anyone_connects() {
     let mut broker = TestBroker::start().await;
     let (_c, code) = connack(&broker, "local", Some(("whoever", "whatever"))).await;
     assert_eq!(code, Some(ConnectReturnCode::Success));
-    broker.connected("local").await;
+    // No password was checked: the user name it gave is not recorded as authenticated.
+    assert_eq!(
+        authenticated(broker.connected("local").await),
+        (None, AuthMethod::Anonymous)
+    );
     broker.stop().await;
 }
 

@@ -149,6 +149,8 @@ fn connected(id: &str, s: broker::event::SessionId) -> broker::event::Connection
         peer: "127.0.0.1:1".parse().expect("addr"),
         listener: broker::labels::Listener::Tcp,
         identity: None,
+        username: None,
+        auth_method: broker::labels::AuthMethod::Anonymous,
         keep_alive: 30,
         clean_session: true,
         time: std::time::SystemTime::now(),

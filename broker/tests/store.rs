@@ -80,6 +80,8 @@ impl Node {
                 peer: "127.0.0.1:5000".parse().expect("addr"),
                 listener,
                 identity: identity.map(str::to_owned),
+                username: None,
+                auth_method: broker::labels::AuthMethod::Anonymous,
                 keep_alive: 30,
                 clean_session: true,
                 time: t(at),

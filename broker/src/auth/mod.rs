@@ -19,7 +19,7 @@ use ring::digest;
 use tokio::sync::Semaphore;
 
 use crate::config::{AuthConfig, ClientIdBinding};
-use crate::labels::VerifyOutcome;
+use crate::labels::{AuthMethod, VerifyOutcome};
 use crate::metrics::metrics;
 use password_file::{PasswordFile, PasswordFileError};
 
@@ -54,17 +54,6 @@ pub struct Request<'a> {
     pub password: Option<&'a [u8]>,
     /// The identity of its verified TLS client certificate, if any.
     pub identity: Option<&'a str>,
-}
-
-/// How a connection was authenticated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    /// No credentials were checked.
-    Anonymous,
-    /// User name and password, against the password file.
-    Password,
-    /// A verified TLS client certificate.
-    Certificate,
 }
 
 /// Why a CONNECT is refused.
@@ -153,21 +142,21 @@ impl Auth {
     }
 
     /// Checks `request`; how it was authenticated, or why it is refused.
-    pub async fn authenticate(&self, request: Request<'_>) -> Result<Method, Refusal> {
+    pub async fn authenticate(&self, request: Request<'_>) -> Result<AuthMethod, Refusal> {
         let method = match (&self.password_file, request.username) {
             (Some((_, file)), Some(user)) => {
                 let password = request.password.unwrap_or_default();
                 self.verify(file, user, password).await?;
-                Method::Password
+                AuthMethod::Password
             }
-            _ if request.identity.is_some() => Method::Certificate,
-            _ if self.allow_anonymous => Method::Anonymous,
+            _ if request.identity.is_some() => AuthMethod::Certificate,
+            _ if self.allow_anonymous => AuthMethod::Anonymous,
             _ => return Err(Refusal::NotAuthorized),
         };
         let bound = match self.bind_client_id {
             ClientIdBinding::None => true,
             ClientIdBinding::Username => {
-                method == Method::Password && request.username == Some(request.client_id)
+                method == AuthMethod::Password && request.username == Some(request.client_id)
             }
             ClientIdBinding::Identity => request.identity == Some(request.client_id),
         };

@@ -216,6 +216,8 @@ mod tests {
                 peer: "127.0.0.1:1".parse().expect("addr"),
                 listener: crate::labels::Listener::Tcp,
                 identity: None,
+                username: None,
+                auth_method: crate::labels::AuthMethod::Anonymous,
                 keep_alive: 30,
                 clean_session: true,
                 time: std::time::SystemTime::now(),

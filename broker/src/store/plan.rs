@@ -164,6 +164,9 @@ impl BatchPlan {
                     keep_alive,
                     clean_session,
                     time,
+                    // Recorded once the store has columns for them.
+                    username: _,
+                    auth_method: _,
                 } => {
                     let session = NewSession {
                         session_id: session_id.0,
@@ -326,6 +329,8 @@ mod tests {
                 peer: "127.0.0.1:1".parse().expect("addr"),
                 listener,
                 identity: identity.map(str::to_owned),
+                username: None,
+                auth_method: crate::labels::AuthMethod::Anonymous,
                 keep_alive: 30,
                 clean_session: true,
                 time: SystemTime::UNIX_EPOCH + Duration::from_secs(seq),

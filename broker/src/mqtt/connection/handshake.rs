@@ -13,7 +13,7 @@ use super::Hello;
 use crate::auth::{self, Refusal};
 use crate::config::{KeepAlivePolicy, MqttConfig};
 use crate::event::{ConnectionEvent, SessionId};
-use crate::labels::{Listener, RefusalReason};
+use crate::labels::{AuthMethod, Listener, RefusalReason};
 use crate::metrics::metrics;
 use crate::mqtt::codec::{self, CodecError, ConnackCode};
 use crate::mqtt::session::Session;
@@ -247,6 +247,10 @@ pub async fn handshake<S: Transport>(
             peer,
             listener,
             identity,
+            username: (method == AuthMethod::Password)
+                .then(|| login.map(|l| l.username.clone()))
+                .flatten(),
+            auth_method: method,
             keep_alive,
             clean_session: connect.clean_session,
             time: SystemTime::now(),
