@@ -147,6 +147,9 @@ pub struct MqttConfig {
     /// Longest wait between two accept attempts while the process is out of file descriptors.
     #[serde(with = "humantime_serde")]
     pub accept_backoff_max: Duration,
+    /// Most MQTT connections open at once (past CONNECT and authentication); a CONNECT beyond
+    /// gets CONNACK 0x03 (server unavailable). 0: no limit but the open-file limit.
+    pub max_connections: usize,
     /// Whether every connection to `mqtt.listen` starts with a PROXY protocol header (v1 or v2,
     /// as HAProxy and cloud load balancers send it): the address it carries is recorded as the
     /// client's. A connection without a valid header is closed. Only for a listener that nothing
@@ -302,6 +305,7 @@ impl Default for MqttConfig {
             max_buffered_read_bytes: 64 * 1024 * 1024,
             persistent_session_expiry: Duration::from_secs(24 * 3600),
             accept_backoff_max: Duration::from_secs(1),
+            max_connections: 0,
             proxy_protocol: false,
             tls: TlsConfig::default(),
             ws: WsConfig::default(),
@@ -662,6 +666,7 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     ("mqtt.max_buffered_read_bytes", Accepts::Whole(64, u64::MAX)),
     ("mqtt.persistent_session_expiry", Accepts::Duration),
     ("mqtt.accept_backoff_max", Accepts::Duration),
+    ("mqtt.max_connections", Accepts::Whole(0, u64::MAX)),
     ("mqtt.proxy_protocol", Accepts::Bool),
     ("mqtt.tls.listen", Accepts::Address("0.0.0.0:8883")),
     (

@@ -159,6 +159,8 @@ label_enum! {
         /// No credentials where they are required, or a client id the credentials do not
         /// allow (CONNACK 0x05).
         NotAuthorized => "not_authorized",
+        /// `mqtt.max_connections` connections were open (CONNACK 0x03).
+        MaxConnections => "max_connections",
     }
 }
 

@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use broker::event::ConnectionEvent;
-use broker::labels::{DisconnectReason, DropReason, RetainRefusal, SubscriptionRefusal};
+use broker::labels::{
+    DisconnectReason, DropReason, RefusalReason, RetainRefusal, SubscriptionRefusal,
+};
 use broker::metrics::metrics;
-use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish};
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, PubAck, Publish};
 use rumqttc::mqttbytes::QoS;
 use testkit::{ConnectOpts, RawClient, TestBroker};
 
@@ -448,4 +450,39 @@ async fn subscription_limits_answer_0x80_and_are_counted() {
     assert_eq!(refused(SubscriptionRefusal::InvalidFilter), 1);
     assert_eq!(refused(SubscriptionRefusal::SubscriptionsPerSession), 1);
     assert_eq!(metrics().subscriptions.get(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_refuses_with_0x03_until_one_closes() {
+    let mut broker = TestBroker::start_with(|c| c.max_connections = 2).await;
+    let (a, _) = RawClient::connect(broker.addr, ConnectOpts::new("a")).await;
+    broker.connected("a").await;
+    let (_b, _) = RawClient::connect(broker.addr, ConnectOpts::new("b")).await;
+    broker.connected("b").await;
+    let refused = metrics()
+        .connections_refused
+        .get(RefusalReason::MaxConnections);
+
+    let mut c = RawClient::tcp(broker.addr).await;
+    c.send(&testkit::connect_packet(&ConnectOpts::new("c")))
+        .await;
+    match c.recv().await {
+        Some(Packet::ConnAck(ack)) => assert_eq!(ack.code, ConnectReturnCode::ServiceUnavailable),
+        other => panic!("expected CONNACK 0x03, got {other:?}"),
+    }
+    assert_eq!(
+        metrics()
+            .connections_refused
+            .get(RefusalReason::MaxConnections),
+        refused + 1
+    );
+    broker.no_event_pending();
+
+    a.disconnect().await;
+    broker
+        .disconnected("a", DisconnectReason::ClientDisconnect)
+        .await;
+    let (_c, _) = RawClient::connect(broker.addr, ConnectOpts::new("c")).await;
+    broker.connected("c").await;
+    broker.stop().await;
 }

@@ -42,6 +42,8 @@ pub struct Broker {
     pub expiring: ExpiryQueue,
     /// Who may connect: every CONNECT's credentials are checked here.
     pub auth: Arc<Auth>,
+    /// Connections past authentication and not yet closed (`mqtt.max_connections`).
+    pub open_connections: std::sync::atomic::AtomicUsize,
 }
 
 impl Broker {
@@ -62,6 +64,7 @@ impl Broker {
             connection_closed: Notify::new(),
             released: Notify::new(),
             auth: Arc::new(Auth::open()),
+            open_connections: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 

@@ -16,6 +16,8 @@ pub enum ConnackCode {
     UnacceptableProtocolVersion = 1,
     /// 0x02: the client identifier is not allowed.
     IdentifierRejected = 2,
+    /// 0x03: the server is unavailable (`mqtt.max_connections` reached).
+    ServerUnavailable = 3,
     /// 0x04: bad user name or password.
     BadUsernamePassword = 4,
     /// 0x05: not authorized.

@@ -2,6 +2,7 @@
 //! bounds, will topic), attaching to the session (taking it over from the connection that holds
 //! it), the Connected event and the CONNACK.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +24,8 @@ use crate::telemetry::LogLimiter;
 
 /// One line per 10 s about refused credentials; each refusal is counted.
 static AUTH_REFUSED: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+/// One line per 10 s about connections refused at `mqtt.max_connections`.
+static MAX_CONNECTIONS: LogLimiter = LogLimiter::new(Duration::from_secs(10));
 
 /// What the handshake settled and the rest of the connection needs.
 pub struct Established {
@@ -206,6 +209,25 @@ pub async fn handshake<S: Transport>(
     };
     tracing::debug!(method = ?method, "Authenticated.");
 
+    // A place among `mqtt.max_connections` (given back by `close`, or below if the handshake
+    // ends before the session starts).
+    let open = broker.open_connections.fetch_add(1, Ordering::AcqRel);
+    if config.max_connections > 0 && open >= config.max_connections {
+        broker.open_connections.fetch_sub(1, Ordering::AcqRel);
+        refused(RefusalReason::MaxConnections);
+        if let Some(suppressed) = MAX_CONNECTIONS.check() {
+            tracing::warn!(
+                limit = config.max_connections,
+                suppressed,
+                "mqtt.max_connections reached: connection refused with CONNACK 0x03; counted in \
+                 heartwire_connections_refused_total (reason max_connections), this line at \
+                 most every 10 s."
+            );
+        }
+        io.refuse(ConnackCode::ServerUnavailable).await;
+        return None;
+    }
+
     // Attach, taking the session over from the connection that holds it, if any.
     let attach = async {
         let mut session = broker.sessions.get_or_create(&client_id);
@@ -227,6 +249,7 @@ pub async fn handshake<S: Transport>(
     let (session, attached) = tokio::select! {
         biased;
         _ = shutdown.cancelled() => {
+            broker.open_connections.fetch_sub(1, Ordering::AcqRel);
             refused(RefusalReason::BrokerShutdown);
             return None;
         }

@@ -247,6 +247,7 @@ impl<S: Transport> Io<S> {
             ConnackCode::Accepted => ConnectReturnCode::Success,
             ConnackCode::UnacceptableProtocolVersion => ConnectReturnCode::RefusedProtocolVersion,
             ConnackCode::IdentifierRejected => ConnectReturnCode::BadClientId,
+            ConnackCode::ServerUnavailable => ConnectReturnCode::ServiceUnavailable,
             ConnackCode::BadUsernamePassword => ConnectReturnCode::BadUserNamePassword,
             ConnackCode::NotAuthorized => ConnectReturnCode::NotAuthorized,
         };

@@ -103,6 +103,9 @@ pub fn run<S: Transport>(
 async fn close(broker: &Broker, conn: Established, reason: DisconnectReason) {
     metrics().connections_current.dec();
     metrics().listener_connections.dec(conn.listener);
+    broker
+        .open_connections
+        .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     metrics().disconnects.inc(reason);
     match reason {
         DisconnectReason::KeepaliveTimeout => metrics().keepalive_timeouts.inc(),
