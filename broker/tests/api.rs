@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use broker::event::{self, ConnectionEvent, PresenceRecord, SessionId};
 use broker::http::{app, AppState};
-use broker::labels::{DisconnectReason, Listener};
+use broker::labels::{AuthMethod, DisconnectReason, Listener};
 use broker::mqtt::Broker;
 use broker::store::{PresenceStore, SqliteStore};
 use http_body_util::BodyExt;
@@ -91,11 +91,31 @@ fn connected_on(
         listener,
         identity: identity.map(str::to_owned),
         username: None,
-        auth_method: broker::labels::AuthMethod::Anonymous,
+        auth_method: AuthMethod::Anonymous,
         keep_alive: 45,
         clean_session: true,
         time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
     })
+}
+
+/// A connection that authenticated as `username` with `method`.
+fn connected_as(
+    id: &str,
+    session: SessionId,
+    username: Option<&str>,
+    method: AuthMethod,
+) -> PresenceRecord {
+    let mut record = connected(id, session);
+    if let ConnectionEvent::Connected {
+        username: u,
+        auth_method,
+        ..
+    } = &mut record.event
+    {
+        *u = username.map(str::to_owned);
+        *auth_method = method;
+    }
+    record
 }
 
 fn disconnected(id: &str, session: SessionId) -> PresenceRecord {
@@ -195,6 +215,66 @@ async fn devices_and_sessions_show_the_listener_and_identity() {
     assert_eq!(
         devices,
         [(Value::from("plain"), tcp), (Value::from("secure"), tls)]
+    );
+}
+
+#[tokio::test]
+async fn devices_and_sessions_show_the_username_and_auth_method() {
+    let api = Api::new().await;
+    api.state
+        .store
+        .apply(&[
+            connected_as(
+                "alice",
+                SessionId::new(),
+                Some("alice"),
+                AuthMethod::Password,
+            ),
+            connected("anon", SessionId::new()),
+            connected_as("cert", SessionId::new(), None, AuthMethod::Certificate),
+        ])
+        .await
+        .expect("apply");
+    let shown = |v: &Value| {
+        let object = v.as_object().expect("object");
+        assert!(
+            object.contains_key("username"),
+            "username shown even if null: {v}"
+        );
+        assert!(!object.contains_key("password"), "no password: {v}");
+        (v["username"].clone(), v["auth_method"].clone())
+    };
+    let password = (Value::from("alice"), Value::from("password"));
+    let anonymous = (Value::Null, Value::from("anonymous"));
+    let certificate = (Value::Null, Value::from("certificate"));
+
+    let (status, body) = api.get("/api/v1/devices/alice").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(shown(&body), password);
+    assert_eq!(shown(&body["last_session"]), password);
+    let (_, body) = api.get("/api/v1/devices/anon").await;
+    assert_eq!(
+        (shown(&body), shown(&body["last_session"])),
+        (anonymous.clone(), anonymous.clone())
+    );
+
+    let (status, body) = api.get("/api/v1/devices/cert/sessions").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(shown(&body["sessions"][0]), certificate);
+    let (_, body) = api.get("/api/v1/devices").await;
+    let devices: Vec<_> = body["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| (d["device_id"].clone(), shown(d)))
+        .collect();
+    assert_eq!(
+        devices,
+        [
+            (Value::from("alice"), password),
+            (Value::from("anon"), anonymous),
+            (Value::from("cert"), certificate),
+        ]
     );
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use broker::config::BridgeConfig;
 use broker::event::{ConnectionEvent, PresenceRecord, SessionId};
-use broker::labels::{DisconnectReason, Listener};
+use broker::labels::{AuthMethod, DisconnectReason, Listener};
 use broker::store::{PgStore, PresenceStore, SqliteStore};
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
@@ -59,6 +59,28 @@ impl Node {
 
     fn connected(&self, device: &str, session: SessionId, at: u64) -> PresenceRecord {
         self.connected_on(device, session, at, Listener::Tcp, None)
+    }
+
+    /// A connection that authenticated as `username` with `method`.
+    fn connected_as(
+        &self,
+        device: &str,
+        session: SessionId,
+        at: u64,
+        username: Option<&str>,
+        method: AuthMethod,
+    ) -> PresenceRecord {
+        let mut record = self.connected(device, session, at);
+        if let ConnectionEvent::Connected {
+            username: u,
+            auth_method,
+            ..
+        } = &mut record.event
+        {
+            *u = username.map(str::to_owned);
+            *auth_method = method;
+        }
+        record
     }
 
     /// A connection on `listener`, with the identity of a verified client certificate.
@@ -196,6 +218,69 @@ async fn listener_and_identity_are_recorded_on_sessions_and_devices<S: PresenceS
             (tcp.0, Listener::Tcp, None),
             (tls.0, Listener::Tls, Some("device-7")),
         ]
+    );
+}
+
+async fn username_and_auth_method_are_recorded_on_sessions_and_devices<S: PresenceStore>(store: S) {
+    let node = Node::new("n1");
+    let (password, certificate) = (SessionId::new(), SessionId::new());
+    let first = [node.connected_as("dev", password, 10, Some("alice"), AuthMethod::Password)];
+    store.apply(&first).await.expect("apply");
+    let seen = |d: &broker::store::Device| (d.username.clone(), d.auth_method);
+    let alice = (Some("alice".to_owned()), AuthMethod::Password);
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert_eq!(seen(&d), alice);
+    let sessions = store.sessions("dev", 10).await.expect("sessions");
+    assert_eq!(
+        (sessions[0].username.as_deref(), sessions[0].auth_method),
+        (Some("alice"), AuthMethod::Password)
+    );
+
+    // Offline, the device keeps its last session's, as it keeps the peer.
+    store
+        .apply(&[node.disconnected("dev", password, DisconnectReason::ClientDisconnect, 11)])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert!(!d.online);
+    assert_eq!(seen(&d), alice);
+
+    // Back with a certificate and no password: the user name goes with the password session.
+    store
+        .apply(&[node.connected_as("dev", certificate, 12, None, AuthMethod::Certificate)])
+        .await
+        .expect("apply");
+    // A late replay of the password session's Connected does not bring its user name back.
+    store.apply(&first).await.expect("replay");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert_eq!(
+        (d.session_id, seen(&d)),
+        (certificate.0, (None, AuthMethod::Certificate))
+    );
+    let listed = store.devices(None, None, 10).await.expect("devices");
+    assert_eq!(listed.iter().map(seen).collect::<Vec<_>>(), [seen(&d)]);
+    let sessions = store.sessions("dev", 10).await.expect("sessions");
+    assert_eq!(
+        sessions
+            .iter()
+            .map(|s| (s.session_id, s.username.as_deref(), s.auth_method))
+            .collect::<Vec<_>>(),
+        [
+            (certificate.0, None, AuthMethod::Certificate),
+            (password.0, Some("alice"), AuthMethod::Password),
+        ]
+    );
+
+    // An anonymous connection records no user name.
+    let anonymous = SessionId::new();
+    store
+        .apply(&[node.connected("dev", anonymous, 13)])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert_eq!(
+        (d.session_id, seen(&d)),
+        (anonymous.0, (None, AuthMethod::Anonymous))
     );
 }
 
@@ -559,7 +644,12 @@ async fn coalesced_sessions_count_in_history_and_totals<S: PresenceStore>(store:
     let mut batch = Vec::new();
     for i in 0..10 {
         let s = SessionId::new();
-        batch.push(node.connected("fight", s, i));
+        // The first with a password, the ones that will be folded with a certificate.
+        batch.push(match i {
+            0 => node.connected_as("fight", s, i, Some("alice"), AuthMethod::Password),
+            1 | 2 => node.connected("fight", s, i),
+            _ => node.connected_as("fight", s, i, None, AuthMethod::Certificate),
+        });
         batch.push(node.disconnected("fight", s, DisconnectReason::Takeover, i));
     }
     let last = SessionId::new();
@@ -585,6 +675,18 @@ async fn coalesced_sessions_count_in_history_and_totals<S: PresenceStore>(store:
             (Listener::Tcp, None),
         ],
         "a kept row keeps its own session's listener and identity"
+    );
+    assert_eq!(
+        rows.iter()
+            .map(|s| (s.username.as_deref(), s.auth_method))
+            .collect::<Vec<_>>(),
+        [
+            (None, AuthMethod::Anonymous),
+            (None, AuthMethod::Anonymous),
+            (None, AuthMethod::Anonymous),
+            (Some("alice"), AuthMethod::Password),
+        ],
+        "a kept row keeps its own session's user name and method, not the folded sessions'"
     );
     let d = store.device("fight").await.expect("query").expect("device");
     assert!(d.online);
@@ -751,76 +853,134 @@ async fn rows_of_version_3_read_as_tcp<S: PresenceStore>(store: S, old: SessionI
     );
 }
 
-/// A device and its open session as the version before 0004 wrote them (`$N` binds by number
-/// on both backends).
-const VERSION_3_SESSION: &str = "INSERT INTO sessions (session_id, device_id, node_id, boot_id, \
+/// What a database of the version before 0005 holds once migrated forward: its device and
+/// session were anonymous, without a user name, and new connections record theirs.
+async fn rows_of_version_4_read_as_anonymous<S: PresenceStore>(store: S, old: SessionId) {
+    store.migrate().await.expect("migrate forward");
+    let d = store.device("old").await.expect("query").expect("device");
+    assert_eq!((d.session_id, d.peer.as_str()), (old.0, "10.0.0.1:1"));
+    assert_eq!((d.username, d.auth_method), (None, AuthMethod::Anonymous));
+    let sessions = store.sessions("old", 10).await.expect("sessions");
+    assert_eq!(
+        sessions
+            .iter()
+            .map(|s| (s.session_id, s.username.as_deref(), s.auth_method))
+            .collect::<Vec<_>>(),
+        [(old.0, None, AuthMethod::Anonymous)]
+    );
+    let node = Node::new("n1");
+    let new = SessionId::new();
+    store
+        .apply(&[node.connected_as("old", new, 10, Some("alice"), AuthMethod::Password)])
+        .await
+        .expect("apply");
+    let d = store.device("old").await.expect("query").expect("device");
+    assert_eq!(
+        (d.session_id, d.username.as_deref(), d.auth_method),
+        (new.0, Some("alice"), AuthMethod::Password)
+    );
+}
+
+/// A device and its open session as the versions before 0004 and 0005 wrote them (`$N` binds
+/// by number on both backends; version 4's listener and identity take their defaults).
+const OLD_SESSION: &str = "INSERT INTO sessions (session_id, device_id, node_id, boot_id, \
      seq, connected_at, peer, keep_alive, clean_session) \
      VALUES ($1, 'old', 'n0', $2, 1, $3, '10.0.0.1:1', 30, TRUE)";
-const VERSION_3_DEVICE: &str = "INSERT INTO devices (device_id, online, session_id, node_id, \
+const OLD_DEVICE: &str = "INSERT INTO devices (device_id, online, session_id, node_id, \
      connected_at, peer, keep_alive, updated_at) \
      VALUES ('old', TRUE, $1, 'n0', $2, '10.0.0.1:1', 30, $2)";
 
-#[tokio::test]
-async fn sqlite_database_of_version_3_migrates_forward() {
-    let dir = testkit::temp_dir("store-v3");
+/// The URL of a SQLite database migrated up to (not including) migration `before`, holding
+/// [`OLD_DEVICE`] with its session `old`; the guard keeps it alive.
+async fn sqlite_database_before(before: &str, old: SessionId) -> (String, testkit::TempDir) {
+    let dir = testkit::temp_dir("store-old");
     let url = format!("sqlite://{}/presence.db", dir.path().display());
-    let old = SessionId::new();
-    {
-        let migrations = testkit::temp_dir("migrations-v3");
-        let options = SqliteConnectOptions::from_str(&url)
-            .expect("url")
-            .create_if_missing(true);
-        let pool = sqlx::SqlitePool::connect_with(options).await.expect("open");
-        migrations_before("sqlite", "0004", migrations.path())
-            .await
-            .run(&pool)
-            .await
-            .expect("migrate to version 3");
-        let at = ts(1).timestamp_micros();
-        sqlx::query(VERSION_3_SESSION)
-            .bind(old.to_string())
-            .bind(Uuid::now_v7().to_string())
-            .bind(at)
-            .execute(&pool)
-            .await
-            .expect("session");
-        sqlx::query(VERSION_3_DEVICE)
-            .bind(old.to_string())
-            .bind(at)
-            .execute(&pool)
-            .await
-            .expect("device");
-        pool.close().await;
-    }
-    let store = SqliteStore::connect(&url, 1).await.expect("open sqlite");
-    rows_of_version_3_read_as_tcp(store, old).await;
+    let migrations = testkit::temp_dir("migrations-old");
+    let options = SqliteConnectOptions::from_str(&url)
+        .expect("url")
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.expect("open");
+    migrations_before("sqlite", before, migrations.path())
+        .await
+        .run(&pool)
+        .await
+        .expect("migrate to the old version");
+    let at = ts(1).timestamp_micros();
+    sqlx::query(OLD_SESSION)
+        .bind(old.to_string())
+        .bind(Uuid::now_v7().to_string())
+        .bind(at)
+        .execute(&pool)
+        .await
+        .expect("session");
+    sqlx::query(OLD_DEVICE)
+        .bind(old.to_string())
+        .bind(at)
+        .execute(&pool)
+        .await
+        .expect("device");
+    pool.close().await;
+    (url, dir)
 }
 
-#[tokio::test]
-async fn postgres_database_of_version_3_migrates_forward() {
+/// A store on a PostgreSQL database migrated up to (not including) migration `before`,
+/// holding [`OLD_DEVICE`] with its session `old`; the guard keeps it alive.
+async fn postgres_database_before(
+    before: &str,
+    old: SessionId,
+) -> (PgStore, testkit::pg::TestPostgres) {
     let pg = testkit::pg::TestPostgres::start().await;
     let store = PgStore::connect(pg.url(), 2).await.expect("open postgres");
-    let old = SessionId::new();
-    let migrations = testkit::temp_dir("migrations-v3");
-    migrations_before("postgres", "0004", migrations.path())
+    let migrations = testkit::temp_dir("migrations-old");
+    migrations_before("postgres", before, migrations.path())
         .await
         .run(store.pool())
         .await
-        .expect("migrate to version 3");
-    sqlx::query(VERSION_3_SESSION)
+        .expect("migrate to the old version");
+    sqlx::query(OLD_SESSION)
         .bind(old.0)
         .bind(Uuid::now_v7())
         .bind(ts(1))
         .execute(store.pool())
         .await
         .expect("session");
-    sqlx::query(VERSION_3_DEVICE)
+    sqlx::query(OLD_DEVICE)
         .bind(old.0)
         .bind(ts(1))
         .execute(store.pool())
         .await
         .expect("device");
+    (store, pg)
+}
+
+#[tokio::test]
+async fn sqlite_database_of_version_3_migrates_forward() {
+    let old = SessionId::new();
+    let (url, _dir) = sqlite_database_before("0004", old).await;
+    let store = SqliteStore::connect(&url, 1).await.expect("open sqlite");
     rows_of_version_3_read_as_tcp(store, old).await;
+}
+
+#[tokio::test]
+async fn postgres_database_of_version_3_migrates_forward() {
+    let old = SessionId::new();
+    let (store, _pg) = postgres_database_before("0004", old).await;
+    rows_of_version_3_read_as_tcp(store, old).await;
+}
+
+#[tokio::test]
+async fn sqlite_database_of_version_4_migrates_forward() {
+    let old = SessionId::new();
+    let (url, _dir) = sqlite_database_before("0005", old).await;
+    let store = SqliteStore::connect(&url, 1).await.expect("open sqlite");
+    rows_of_version_4_read_as_anonymous(store, old).await;
+}
+
+#[tokio::test]
+async fn postgres_database_of_version_4_migrates_forward() {
+    let old = SessionId::new();
+    let (store, _pg) = postgres_database_before("0005", old).await;
+    rows_of_version_4_read_as_anonymous(store, old).await;
 }
 
 macro_rules! store_tests {
@@ -849,6 +1009,7 @@ macro_rules! store_tests {
 store_tests!(
     connect_then_disconnect,
     listener_and_identity_are_recorded_on_sessions_and_devices,
+    username_and_auth_method_are_recorded_on_sessions_and_devices,
     an_expired_persistent_session_is_recorded_on_its_last_connection,
     late_events_of_an_old_session_never_win,
     retried_and_replayed_batches_change_nothing,

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::labels::Listener;
+use crate::labels::{AuthMethod, Listener};
 
 /// The current state of one device.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -34,6 +34,11 @@ pub struct Device {
     /// The identity of the current session's verified TLS client certificate (mutual TLS);
     /// `None` without one.
     pub identity: Option<String>,
+    /// The user name the current session authenticated as; `None` without one, or when no
+    /// password was checked.
+    pub username: Option<String>,
+    /// How the current session was authenticated.
+    pub auth_method: AuthMethod,
     /// The current session's keep-alive, seconds.
     pub keep_alive: i32,
     /// When this row last changed.
@@ -65,6 +70,10 @@ pub struct Session {
     pub listener: Listener,
     /// The identity of its verified TLS client certificate (mutual TLS); `None` without one.
     pub identity: Option<String>,
+    /// The user name it authenticated as; `None` without one, or when no password was checked.
+    pub username: Option<String>,
+    /// How it was authenticated.
+    pub auth_method: AuthMethod,
     /// Keep-alive in seconds.
     pub keep_alive: i32,
     /// The CONNECT's clean-session flag.

@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::event::{ConnectionEvent, PresenceRecord};
-use crate::labels::Listener;
+use crate::labels::{AuthMethod, Listener};
 
 /// A Connected event, as a history row to insert.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,10 +34,14 @@ pub struct NewSession {
     pub listener: Listener,
     /// The identity of the client's verified TLS certificate, if it presented one.
     pub identity: Option<String>,
+    /// The user name it authenticated as (never the password), if a password was checked.
+    pub username: Option<String>,
+    /// How it was authenticated.
+    pub auth_method: AuthMethod,
     pub keep_alive: i32,
     pub clean_session: bool,
     /// Sessions folded into this one (see [`BatchPlan`]); the row keeps its own session's
-    /// peer, listener and identity.
+    /// peer, listener, identity, user name and authentication method.
     pub coalesced: i32,
 }
 
@@ -104,7 +108,7 @@ fn later(
 /// reconnect loop, two clients taking one client id from each other) are recorded as history
 /// rows up to `coalesce_after` of them; each later one is folded into the last kept row of the
 /// device with the same reason (its `coalesced` count grows by one; the row stays that of its
-/// own session, peer, listener and identity included) and gets no row, no close and no device
+/// own session, peer, listener, identity and authentication included) and gets no row, no close and no device
 /// update, or is kept when no kept row has its reason (so at most
 /// `coalesce_after` + 6 transient rows per device and batch). The device's newest session in the
 /// batch is never folded, so its current state and `last_session` stay exact, and the totals
@@ -164,9 +168,8 @@ impl BatchPlan {
                     keep_alive,
                     clean_session,
                     time,
-                    // Recorded once the store has columns for them.
-                    username: _,
-                    auth_method: _,
+                    username,
+                    auth_method,
                 } => {
                     let session = NewSession {
                         session_id: session_id.0,
@@ -178,6 +181,8 @@ impl BatchPlan {
                         peer: peer.to_string(),
                         listener: *listener,
                         identity: identity.clone(),
+                        username: username.clone(),
+                        auth_method: *auth_method,
                         keep_alive: i32::from(*keep_alive),
                         clean_session: *clean_session,
                         coalesced: 0,
@@ -330,12 +335,30 @@ mod tests {
                 listener,
                 identity: identity.map(str::to_owned),
                 username: None,
-                auth_method: crate::labels::AuthMethod::Anonymous,
+                auth_method: AuthMethod::Anonymous,
                 keep_alive: 30,
                 clean_session: true,
                 time: SystemTime::UNIX_EPOCH + Duration::from_secs(seq),
             },
         }
+    }
+
+    /// A Connected of a client that authenticated as `username` (with a password) or, with
+    /// `None`, with its certificate.
+    fn authenticated(mut record: PresenceRecord, username: Option<&str>) -> PresenceRecord {
+        if let ConnectionEvent::Connected {
+            username: u,
+            auth_method,
+            ..
+        } = &mut record.event
+        {
+            *u = username.map(str::to_owned);
+            *auth_method = match username {
+                Some(_) => AuthMethod::Password,
+                None => AuthMethod::Certificate,
+            };
+        }
+        record
     }
 
     fn disconnected(id: &str, session: SessionId) -> PresenceRecord {
@@ -473,6 +496,52 @@ mod tests {
         assert_eq!(
             (device.listener, device.identity.as_deref()),
             (Listener::Wss, Some("device-8"))
+        );
+    }
+
+    #[test]
+    fn rows_and_devices_keep_the_user_name_and_method_of_their_own_session() {
+        use DisconnectReason::Takeover;
+        // A password client and a certificate client fight over one client id; a third one
+        // comes in anonymously and stays.
+        let mut batch = Vec::new();
+        for i in 0..6 {
+            let s = SessionId::new();
+            let c = connected("a", s, i);
+            batch.push(if i % 2 == 0 {
+                authenticated(c, Some("alice"))
+            } else {
+                authenticated(c, None)
+            });
+            batch.push(disconnected_as("a", s, Takeover));
+        }
+        batch.push(connected("a", SessionId::new(), 9));
+        let plan = BatchPlan::new(&batch, 2);
+        let rows: Vec<(Option<&str>, AuthMethod, i32)> = plan
+            .inserts
+            .iter()
+            .map(|s| (s.username.as_deref(), s.auth_method, s.coalesced))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (Some("alice"), AuthMethod::Password, 0),
+                (None, AuthMethod::Certificate, 4),
+                (None, AuthMethod::Anonymous, 0),
+            ]
+        );
+        let device = &plan.upserts[0].session;
+        assert_eq!(
+            (device.username.as_deref(), device.auth_method),
+            (None, AuthMethod::Anonymous)
+        );
+        // And the other way round: the device takes the authenticated newest session's.
+        let s = SessionId::new();
+        let plan = BatchPlan::new(&[authenticated(connected("b", s, 1), Some("bob"))], KEEP);
+        let device = &plan.upserts[0].session;
+        assert_eq!(
+            (device.username.as_deref(), device.auth_method),
+            (Some("bob"), AuthMethod::Password)
         );
     }
 

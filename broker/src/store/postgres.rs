@@ -12,8 +12,8 @@ use uuid::Uuid;
 use super::model::{Boot, Device, Recovery, Session, Stats};
 use super::plan::BatchPlan;
 use super::sql::{
-    listener, stats_from_rows, BOOT_COLUMNS, BROKER_RESTART, DEVICE_COLUMNS, PRUNE_DEVICE,
-    PRUNE_ENDED_BEFORE, SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
+    auth_method, listener, stats_from_rows, BOOT_COLUMNS, BROKER_RESTART, DEVICE_COLUMNS,
+    PRUNE_DEVICE, PRUNE_ENDED_BEFORE, SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
 };
 use super::{count_folded, Access, PresenceStore, StoreError};
 use crate::event::PresenceRecord;
@@ -45,6 +45,8 @@ fn device(row: &PgRow) -> Result<Device, sqlx::Error> {
         peer: row.try_get("peer")?,
         listener: listener(row.try_get("listener")?)?,
         identity: row.try_get("identity")?,
+        username: row.try_get("username")?,
+        auth_method: auth_method(row.try_get("auth_method")?)?,
         keep_alive: row.try_get("keep_alive")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -63,6 +65,8 @@ fn session(row: &PgRow) -> Result<Session, sqlx::Error> {
         peer: row.try_get("peer")?,
         listener: listener(row.try_get("listener")?)?,
         identity: row.try_get("identity")?,
+        username: row.try_get("username")?,
+        auth_method: auth_method(row.try_get("auth_method")?)?,
         keep_alive: row.try_get("keep_alive")?,
         clean_session: row.try_get("clean_session")?,
         coalesced: row.try_get("coalesced")?,
@@ -212,10 +216,11 @@ impl PresenceStore for PgStore {
             sqlx::query(
                 "INSERT INTO sessions (session_id, device_id, node_id, boot_id, seq, connected_at, \
                                        peer, keep_alive, clean_session, coalesced, listener, \
-                                       identity) \
+                                       identity, username, auth_method) \
                  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::int8[], \
                                       $6::timestamptz[], $7::text[], $8::int4[], $9::bool[], \
-                                      $10::int4[], $11::text[], $12::text[]) \
+                                      $10::int4[], $11::text[], $12::text[], $13::text[], \
+                                      $14::text[]) \
                  ON CONFLICT (session_id) DO NOTHING",
             )
             .bind(s.iter().map(|r| r.session_id).collect::<Vec<_>>())
@@ -230,6 +235,8 @@ impl PresenceStore for PgStore {
             .bind(s.iter().map(|r| r.coalesced).collect::<Vec<_>>())
             .bind(s.iter().map(|r| r.listener.as_str()).collect::<Vec<_>>())
             .bind(s.iter().map(|r| r.identity.as_deref()).collect::<Vec<_>>())
+            .bind(s.iter().map(|r| r.username.as_deref()).collect::<Vec<_>>())
+            .bind(s.iter().map(|r| r.auth_method.as_str()).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
@@ -272,14 +279,16 @@ impl PresenceStore for PgStore {
             sqlx::query(
                 "INSERT INTO devices (device_id, online, session_id, node_id, connected_at, \
                                       disconnected_at, last_reason, peer, keep_alive, listener, \
-                                      identity, updated_at) \
+                                      identity, username, auth_method, updated_at) \
                  SELECT device_id, online, session_id, node_id, connected_at, disconnected_at, \
-                        last_reason, peer, keep_alive, listener, identity, now() \
+                        last_reason, peer, keep_alive, listener, identity, username, auth_method, \
+                        now() \
                  FROM UNNEST($1::text[], $2::bool[], $3::uuid[], $4::text[], $5::timestamptz[], \
                              $6::timestamptz[], $7::text[], $8::text[], $9::int4[], $10::text[], \
-                             $11::text[]) \
+                             $11::text[], $12::text[], $13::text[]) \
                       AS u(device_id, online, session_id, node_id, connected_at, disconnected_at, \
-                           last_reason, peer, keep_alive, listener, identity) \
+                           last_reason, peer, keep_alive, listener, identity, username, \
+                           auth_method) \
                  ON CONFLICT (device_id) DO UPDATE SET \
                    online = EXCLUDED.online, session_id = EXCLUDED.session_id, \
                    node_id = EXCLUDED.node_id, connected_at = EXCLUDED.connected_at, \
@@ -287,6 +296,7 @@ impl PresenceStore for PgStore {
                    last_reason = COALESCE(EXCLUDED.last_reason, devices.last_reason), \
                    peer = EXCLUDED.peer, keep_alive = EXCLUDED.keep_alive, \
                    listener = EXCLUDED.listener, identity = EXCLUDED.identity, \
+                   username = EXCLUDED.username, auth_method = EXCLUDED.auth_method, \
                    updated_at = EXCLUDED.updated_at \
                  WHERE devices.session_id < EXCLUDED.session_id \
                     OR (devices.session_id = EXCLUDED.session_id AND devices.online \
@@ -329,6 +339,16 @@ impl PresenceStore for PgStore {
             .bind(
                 u.iter()
                     .map(|r| r.session.identity.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                u.iter()
+                    .map(|r| r.session.username.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                u.iter()
+                    .map(|r| r.session.auth_method.as_str())
                     .collect::<Vec<_>>(),
             )
             .execute(&mut *tx)

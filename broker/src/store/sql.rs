@@ -4,15 +4,16 @@
 //! microseconds). Everything else is backend-specific and lives in its backend's file.
 
 use super::model::Stats;
-use crate::labels::{DisconnectReason, Listener};
+use crate::labels::{AuthMethod, DisconnectReason, Listener};
 
 /// Columns of [`Device`](super::Device), in both backends' `devices` table.
 pub(super) const DEVICE_COLUMNS: &str = "device_id, online, session_id, node_id, connected_at, \
-     disconnected_at, last_reason, peer, listener, identity, keep_alive, updated_at";
+     disconnected_at, last_reason, peer, listener, identity, username, auth_method, keep_alive, \
+     updated_at";
 /// Columns of [`Session`](super::Session), in both backends' `sessions` table.
 pub(super) const SESSION_COLUMNS: &str = "session_id, device_id, node_id, boot_id, seq, \
-     connected_at, disconnected_at, reason, peer, listener, identity, keep_alive, clean_session, \
-     coalesced, expired_at";
+     connected_at, disconnected_at, reason, peer, listener, identity, username, auth_method, \
+     keep_alive, clean_session, coalesced, expired_at";
 /// Columns of [`Boot`](super::Boot), in both backends' `nodes` table.
 pub(super) const BOOT_COLUMNS: &str = "boot_id, node_id, started_at, heartbeat_at, recovered";
 /// Totals for [`Stats`]; the same SQL on both backends.
@@ -47,6 +48,13 @@ where
 pub(super) fn listener(name: &str) -> Result<Listener, sqlx::Error> {
     Listener::from_name(name)
         .ok_or_else(|| sqlx::Error::Decode(format!("unknown listener {name:?}").into()))
+}
+
+/// The authentication method of a stored name (`auth_method` of both tables), on either
+/// backend; a name this version does not know (written by a newer one) is a decode error.
+pub(super) fn auth_method(name: &str) -> Result<AuthMethod, sqlx::Error> {
+    AuthMethod::from_name(name)
+        .ok_or_else(|| sqlx::Error::Decode(format!("unknown auth_method {name:?}").into()))
 }
 
 /// The stored name of broker_restart.

@@ -18,13 +18,13 @@ use uuid::Uuid;
 use super::model::{Boot, Device, Recovery, Session, Stats};
 use super::plan::BatchPlan;
 use super::sql::{
-    listener, stats_from_rows, BOOT_COLUMNS, BROKER_RESTART, DEVICE_COLUMNS, PRUNE_DEVICE,
-    PRUNE_ENDED_BEFORE, SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
+    auth_method, listener, stats_from_rows, BOOT_COLUMNS, BROKER_RESTART, DEVICE_COLUMNS,
+    PRUNE_DEVICE, PRUNE_ENDED_BEFORE, SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
 };
 use super::{count_folded, Access, PresenceStore, StoreError};
 use crate::event::PresenceRecord;
 
-/// Rows per multi-row statement: 12 parameters each stays under SQLite's 32,766 limit.
+/// Rows per multi-row statement: 14 parameters each stays under SQLite's 32,766 limit.
 const ROWS_PER_STATEMENT: usize = 2_000;
 
 /// A SQLite connection pool.
@@ -61,6 +61,8 @@ fn device(row: &SqliteRow) -> Result<Device, sqlx::Error> {
         peer: row.try_get("peer")?,
         listener: listener(row.try_get("listener")?)?,
         identity: row.try_get("identity")?,
+        username: row.try_get("username")?,
+        auth_method: auth_method(row.try_get("auth_method")?)?,
         keep_alive: row.try_get("keep_alive")?,
         updated_at: from_micros(row.try_get("updated_at")?),
     })
@@ -81,6 +83,8 @@ fn session(row: &SqliteRow) -> Result<Session, sqlx::Error> {
         peer: row.try_get("peer")?,
         listener: listener(row.try_get("listener")?)?,
         identity: row.try_get("identity")?,
+        username: row.try_get("username")?,
+        auth_method: auth_method(row.try_get("auth_method")?)?,
         keep_alive: row.try_get("keep_alive")?,
         clean_session: row.try_get("clean_session")?,
         coalesced: row.try_get("coalesced")?,
@@ -281,7 +285,7 @@ impl PresenceStore for SqliteStore {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO sessions (session_id, device_id, node_id, boot_id, seq, connected_at, \
                                        peer, keep_alive, clean_session, coalesced, listener, \
-                                       identity) ",
+                                       identity, username, auth_method) ",
             );
             q.push_values(chunk, |mut b, s| {
                 b.push_bind(s.session_id.to_string())
@@ -295,7 +299,9 @@ impl PresenceStore for SqliteStore {
                     .push_bind(s.clean_session)
                     .push_bind(s.coalesced)
                     .push_bind(s.listener.as_str())
-                    .push_bind(s.identity.as_deref());
+                    .push_bind(s.identity.as_deref())
+                    .push_bind(s.username.as_deref())
+                    .push_bind(s.auth_method.as_str());
             });
             q.push(" ON CONFLICT (session_id) DO NOTHING");
             // Not cached: the text changes with the row count, and a cached multi-row
@@ -334,7 +340,7 @@ impl PresenceStore for SqliteStore {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO devices (device_id, online, session_id, node_id, connected_at, \
                                       disconnected_at, last_reason, peer, keep_alive, listener, \
-                                      identity, updated_at) ",
+                                      identity, username, auth_method, updated_at) ",
             );
             q.push_values(chunk, |mut b, u| {
                 b.push_bind(&u.session.device_id)
@@ -348,6 +354,8 @@ impl PresenceStore for SqliteStore {
                     .push_bind(u.session.keep_alive)
                     .push_bind(u.session.listener.as_str())
                     .push_bind(u.session.identity.as_deref())
+                    .push_bind(u.session.username.as_deref())
+                    .push_bind(u.session.auth_method.as_str())
                     .push_bind(now);
             });
             // Same rules as PostgreSQL: newer session wins; the same session may only go
@@ -360,6 +368,7 @@ impl PresenceStore for SqliteStore {
                    last_reason = COALESCE(excluded.last_reason, devices.last_reason), \
                    peer = excluded.peer, keep_alive = excluded.keep_alive, \
                    listener = excluded.listener, identity = excluded.identity, \
+                   username = excluded.username, auth_method = excluded.auth_method, \
                    updated_at = excluded.updated_at \
                  WHERE devices.session_id < excluded.session_id \
                     OR (devices.session_id = excluded.session_id AND devices.online \
