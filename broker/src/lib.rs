@@ -132,22 +132,36 @@ impl Listeners {
         })
     }
 
-    /// The MQTT endpoints of these listeners, with what each needs from `config` (the TLS
-    /// certificate is read here), and the HTTP listener.
-    fn endpoints(self, config: &config::MqttConfig) -> Result<Endpoints, Error> {
+    /// What serving needs from these listeners and `config`, read before anything starts so
+    /// that a bad certificate or password file stops the broker at once.
+    fn prepare(self, config: &Config) -> Result<Prepared, Error> {
         let sockets = mqtt::listener::Sockets {
             tcp: self.mqtt,
             tls: self.tls,
             ws: self.ws,
             wss: self.wss,
         };
-        let (endpoints, tls) = sockets.endpoints(config)?;
-        Ok((endpoints, tls, self.http))
+        let (endpoints, tls) = sockets.endpoints(&config.mqtt)?;
+        Ok(Prepared {
+            endpoints,
+            tls,
+            http: self.http,
+            auth: Arc::new(auth::Auth::new(&config.auth)?),
+        })
     }
 }
 
-/// The MQTT endpoints, the TLS configuration they share, and the HTTP listener.
-type Endpoints = (Vec<mqtt::listener::Endpoint>, Option<Arc<Tls>>, TcpListener);
+/// The listeners ready to serve, and the files they needed.
+struct Prepared {
+    /// The MQTT endpoints.
+    endpoints: Vec<mqtt::listener::Endpoint>,
+    /// The TLS configuration the TLS and WSS endpoints share (reloaded on SIGHUP).
+    tls: Option<Arc<Tls>>,
+    /// The HTTP listener.
+    http: TcpListener,
+    /// Who may connect (its password file reloaded on SIGHUP).
+    auth: Arc<auth::Auth>,
+}
 
 async fn bind_optional(
     key: &'static str,
@@ -176,17 +190,13 @@ pub async fn run_with(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    // Certificates and the password file are read before anything starts, so that a bad file
-    // stops the broker at once.
-    let endpoints = listeners.endpoints(&config.mqtt)?;
-    let auth = Arc::new(auth::Auth::new(&config.auth)?);
-    let endpoints = (endpoints, auth);
+    let prepared = listeners.prepare(&config)?;
     match Backend::of_url(&config.database.url) {
         Some(backend @ Backend::Postgres) => {
-            serve::<PgStore>(backend, config, endpoints, shutdown).await
+            serve::<PgStore>(backend, config, prepared, shutdown).await
         }
         Some(backend @ Backend::Sqlite) => {
-            serve::<SqliteStore>(backend, config, endpoints, shutdown).await
+            serve::<SqliteStore>(backend, config, prepared, shutdown).await
         }
         None => Err(store::StoreError::Scheme(database_url::redact(&config.database.url)).into()),
     }
@@ -196,9 +206,15 @@ pub async fn run_with(
 async fn serve<S: PresenceStore>(
     backend: Backend,
     config: Config,
-    ((endpoints, tls, http_listener), auth): (Endpoints, Arc<auth::Auth>),
+    prepared: Prepared,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let Prepared {
+        endpoints,
+        tls,
+        http: http_listener,
+        auth,
+    } = prepared;
     let store = S::open(
         &config.database.url,
         config.database.max_connections,

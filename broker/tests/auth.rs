@@ -30,6 +30,16 @@ fn mosquitto_passwd(path: &Path, user: &str, password: &str, create: bool) {
     assert!(status.success(), "mosquitto_passwd {user}");
 }
 
+/// The MQTT layer checking credentials against the password file at `file`.
+async fn with_password_file(file: &Path, bind_client_id: ClientIdBinding) -> TestBroker {
+    let auth = AuthConfig {
+        password_file: Some(file.to_owned()),
+        bind_client_id,
+        ..AuthConfig::default()
+    };
+    TestBroker::start_with_auth(|_| {}, auth).await
+}
+
 /// CONNECT as `client_id` with `login`; the CONNACK's return code (`None`: closed without one).
 async fn connack(
     broker: &TestBroker,
@@ -72,14 +82,7 @@ async fn mosquitto_password_files_decide_who_connects() {
     let file = dir.path().join("passwords");
     mosquitto_passwd(&file, "sensor-1", "s3cret", true);
     mosquitto_passwd(&file, "sensor-2", "other", false);
-    let mut broker = TestBroker::start_with_auth(
-        |_| {},
-        AuthConfig {
-            password_file: Some(file.clone()),
-            ..AuthConfig::default()
-        },
-    )
-    .await;
+    let mut broker = with_password_file(&file, ClientIdBinding::None).await;
 
     let (_ok, code) = connack(&broker, "sensor-1", Some(("sensor-1", "s3cret"))).await;
     assert_eq!(code, Some(ConnectReturnCode::Success));
@@ -129,15 +132,7 @@ async fn a_device_can_only_take_its_own_client_id() {
     let file = dir.path().join("passwords");
     mosquitto_passwd(&file, "valve-1", "one", true);
     mosquitto_passwd(&file, "valve-2", "two", false);
-    let mut broker = TestBroker::start_with_auth(
-        |_| {},
-        AuthConfig {
-            password_file: Some(file.clone()),
-            bind_client_id: ClientIdBinding::Username,
-            ..AuthConfig::default()
-        },
-    )
-    .await;
+    let mut broker = with_password_file(&file, ClientIdBinding::Username).await;
     let (mut valve_2, code) = connack(&broker, "valve-2", Some(("valve-2", "two"))).await;
     assert_eq!(code, Some(ConnectReturnCode::Success));
     broker.connected("valve-2").await;
@@ -169,14 +164,7 @@ async fn refusals_in_a_row_are_answered_later_and_later() {
     let dir = temp_dir("auth-delay");
     let file = dir.path().join("passwords");
     mosquitto_passwd(&file, "pump-1", "right", true);
-    let mut broker = TestBroker::start_with_auth(
-        |_| {},
-        AuthConfig {
-            password_file: Some(file.clone()),
-            ..AuthConfig::default()
-        },
-    )
-    .await;
+    let mut broker = with_password_file(&file, ClientIdBinding::None).await;
     // The first refusal at once, then 200 ms, 400 ms: the n-th waits at least 200 ms x 2^(n-2).
     for (attempt, at_least_ms) in [(1u32, 0u64), (2, 200), (3, 400)] {
         let started = std::time::Instant::now();

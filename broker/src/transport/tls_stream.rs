@@ -230,8 +230,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
     /// Encrypts `data` (at most [`WRITE_CHUNK`] of it) into `outgoing`; how much was taken.
     fn encrypt(&mut self, data: &[u8], close: bool) -> io::Result<usize> {
         let data = &data[..data.len().min(WRITE_CHUNK)];
-        // Whatever rustls has to do first (a key update it owes, ...).
-        self.process()?;
+        if self.failed {
+            return Err(failed());
+        }
+        // Whatever rustls has queued first (a key update it owes, ...). Most writes find
+        // nothing: the received bytes were all processed when they were read.
+        if self.conn.wants_write() {
+            self.process()?;
+        }
         let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut self.incoming);
         let taken = match state.map_err(invalid)? {
             ConnectionState::WriteTraffic(mut traffic) => {
