@@ -545,6 +545,16 @@ pub struct HttpConfig {
     /// one query at a time): concurrent requests share one refresh.
     #[serde(with = "humantime_serde")]
     pub stats_cache_ttl: Duration,
+    /// API tokens, one line per token: `NAME ROLE SHA256HEX` (role `read` or `admin`; the hex
+    /// SHA-256 of the token, made with `broker token NAME ROLE`). Set: every endpoint but
+    /// /healthz and /readyz needs `Authorization: Bearer TOKEN`. Re-read on SIGHUP and by
+    /// `POST /api/v1/admin/reload`.
+    pub api_tokens_file: Option<PathBuf>,
+    /// Whether /metrics answers without a token when `api_tokens_file` is set.
+    pub metrics_public: bool,
+    /// Whether `listen` may be an address other machines can reach without `api_tokens_file`
+    /// (then anyone who reaches it may use every endpoint, the admin ones included).
+    pub allow_anonymous: bool,
 }
 
 impl Default for HttpConfig {
@@ -560,6 +570,9 @@ impl Default for HttpConfig {
             max_store_queries: 4,
             store_queue_timeout: Duration::from_secs(1),
             stats_cache_ttl: Duration::from_secs(1),
+            api_tokens_file: None,
+            metrics_public: false,
+            allow_anonymous: false,
         }
     }
 }
@@ -741,6 +754,12 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     ("http.max_store_queries", Accepts::Whole(1, 1024)),
     ("http.store_queue_timeout", Accepts::Duration),
     ("http.stats_cache_ttl", Accepts::Duration),
+    (
+        "http.api_tokens_file",
+        Accepts::Text("a file path (lines NAME ROLE SHA256HEX, made with `broker token`)"),
+    ),
+    ("http.metrics_public", Accepts::Bool),
+    ("http.allow_anonymous", Accepts::Bool),
     ("shutdown.grace_period", Accepts::Duration),
     ("log.format", Accepts::OneOf(&["pretty", "json"])),
     (
@@ -1430,6 +1449,20 @@ impl Config {
         if h.stats_cache_ttl > Duration::from_secs(3600) {
             return invalid("http.stats_cache_ttl", "must be between 0s and 1h");
         }
+        // Secure by default, as for MQTT (`validate_auth`): an API that other machines can
+        // reach needs tokens, or `http.allow_anonymous = true` saying that anyone may use it.
+        if !h.listen.ip().is_loopback() && h.api_tokens_file.is_none() && !h.allow_anonymous {
+            return Err(ConfigError::Invalid {
+                key: "http.listen",
+                message: format!(
+                    "{} is reachable from other machines and the API is not protected: set \
+                     http.api_tokens_file (tokens made with `broker token NAME ROLE`), or set \
+                     http.allow_anonymous = true to let anyone use it, admin endpoints included \
+                     (or listen on a loopback address such as 127.0.0.1)",
+                    h.listen
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -1880,6 +1913,44 @@ mod tests {
         let err = Config::load_from(None, env(&[("BROKER_AUTH__BIND_CLIENT_ID", "username")]))
             .expect_err("binding to user names needs a password file");
         assert!(err.to_string().contains("auth.bind_client_id"), "{err}");
+    }
+
+    #[test]
+    fn an_api_reachable_from_the_network_needs_tokens() {
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("BROKER_HTTP__LISTEN", "0.0.0.0:8080"),
+                // MQTT's own override does not open the API.
+                ("BROKER_AUTH__ALLOW_ANONYMOUS", "true"),
+            ]),
+        )
+        .expect_err("an API open to the network without tokens");
+        let message = err.to_string();
+        for key in [
+            "`http.listen`",
+            "http.api_tokens_file",
+            "http.allow_anonymous",
+            "broker token",
+        ] {
+            assert!(message.contains(key), "{key} in: {message}");
+        }
+        for allowed in [
+            &[
+                ("BROKER_HTTP__LISTEN", "0.0.0.0:8080"),
+                ("BROKER_HTTP__ALLOW_ANONYMOUS", "true"),
+            ][..],
+            &[
+                ("BROKER_HTTP__LISTEN", "[::]:8080"),
+                ("BROKER_HTTP__API_TOKENS_FILE", "/etc/heartwire/api-tokens"),
+            ][..],
+            &[("BROKER_HTTP__LISTEN", "[::1]:8080")][..],
+        ] {
+            Config::load_from(None, env(allowed)).unwrap_or_else(|e| panic!("{allowed:?}: {e}"));
+        }
+        let err = Config::load_from(None, env(&[("BROKER_HTTP__METRICS_PUBLIC", "yes")]))
+            .expect_err("not a boolean");
+        assert!(err.to_string().contains("http.metrics_public"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,12 @@
 //!   short-lived cache;
 //! - [`head`] and [`server`]: the listener, which refuses request heads over the limits in JSON
 //!   before routing.
+//! - [`tokens`] and [`access`]: who may use which endpoint: bearer tokens from
+//!   `http.api_tokens_file` with role `read` or `admin`, checked around each route;
+//! - [`admin`]: the admin endpoints (kick a client, reload the files).
 
+pub mod access;
+pub mod admin;
 pub mod api;
 pub mod error;
 pub mod head;
@@ -24,20 +29,23 @@ pub mod layers;
 pub mod params;
 pub mod queries;
 pub mod server;
+pub mod tokens;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use axum::middleware;
-use axum::routing::get;
-use axum::Router;
+use axum::routing::{get, MethodRouter};
+use axum::{Extension, Router};
 
 use crate::config::HttpConfig;
 use crate::labels::HttpRoute;
 use crate::mqtt::LiveSessions;
+use crate::reload::Reloader;
 use crate::store::PresenceStore;
 use layers::counted_as;
 use queries::{QueryLimit, StatsCache};
+use tokens::ApiAccess;
 
 pub use error::ApiError;
 
@@ -46,7 +54,7 @@ pub use error::ApiError;
 pub struct AppState<S> {
     /// The presence store: the API's own read-only pool.
     pub store: S,
-    /// The broker's live sessions (for last_seen).
+    /// The broker's live sessions (for last_seen, and to kick a client).
     pub registry: LiveSessions,
     /// Set by the bridge once migrations are applied.
     pub migrated: Arc<AtomicBool>,
@@ -54,6 +62,10 @@ pub struct AppState<S> {
     pub queries: Arc<QueryLimit>,
     /// The /api/v1/stats totals.
     pub stats: Arc<StatsCache>,
+    /// Who may use which endpoint (the API tokens).
+    pub access: Arc<ApiAccess>,
+    /// What `POST /api/v1/admin/reload` reloads (the same as SIGHUP).
+    pub reloader: Arc<Reloader>,
 }
 
 impl<S: PresenceStore> AppState<S> {
@@ -74,38 +86,87 @@ impl<S: PresenceStore> AppState<S> {
                 config.store_queue_timeout,
             )),
             stats: Arc::new(StatsCache::new(config.stats_cache_ttl)),
+            access: Arc::new(ApiAccess::open()),
+            reloader: Arc::new(Reloader::new()),
         }
+    }
+
+    /// The same, letting requests in by the tokens of `access` (without: every request).
+    pub fn with_access(mut self, access: Arc<ApiAccess>) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// The same, reloading files with `reloader` (without: none configured).
+    pub fn with_reloader(mut self, reloader: Arc<Reloader>) -> Self {
+        self.reloader = reloader;
+        self
     }
 }
 
-/// The router: each route with the label its requests are counted under (none for the probes
-/// and the scrape), inside the counting and JSON-error layers.
+/// Who may use a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// Anyone (/healthz, /readyz).
+    Open,
+    /// A token of any role.
+    Read,
+    /// A token of role admin.
+    Admin,
+    /// Anyone with `http.metrics_public`, else a token of any role.
+    Metrics,
+}
+
+/// `route` behind `guard`, its answers (refusals included) counted under `label` (`None`: not
+/// counted). Every route of [`app`] is made by this.
+pub fn endpoint<S>(guard: Guard, label: Option<HttpRoute>, route: MethodRouter<S>) -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let route = match guard {
+        Guard::Open => route,
+        Guard::Read => route.route_layer(middleware::from_fn(access::read)),
+        Guard::Admin => route.route_layer(middleware::from_fn(access::admin)),
+        Guard::Metrics => route.route_layer(middleware::from_fn(access::metrics_scrape)),
+    };
+    counted_as(label, route)
+}
+
+/// The router: each route behind its guard and with the label its requests are counted under
+/// (none for the probes and the scrape), inside the counting and JSON-error layers. Admin
+/// routes come from [`admin::routes`].
 pub fn app<S: PresenceStore>(state: AppState<S>) -> Router {
+    use Guard::{Metrics, Open, Read};
     use HttpRoute::{Device, Devices, Nodes, Readyz, Sessions, Stats};
+    let access = Arc::clone(&state.access);
     let routes = Router::new()
         .route(
             "/api/v1/devices",
-            counted_as(Some(Devices), get(api::list_devices::<S>)),
+            endpoint(Read, Some(Devices), get(api::list_devices::<S>)),
         )
         .route(
             "/api/v1/devices/{id}",
-            counted_as(Some(Device), get(api::get_device::<S>)),
+            endpoint(Read, Some(Device), get(api::get_device::<S>)),
         )
         .route(
             "/api/v1/devices/{id}/sessions",
-            counted_as(Some(Sessions), get(api::device_sessions::<S>)),
+            endpoint(Read, Some(Sessions), get(api::device_sessions::<S>)),
         )
         .route(
             "/api/v1/stats",
-            counted_as(Some(Stats), get(api::stats::<S>)),
+            endpoint(Read, Some(Stats), get(api::stats::<S>)),
         )
         .route(
             "/api/v1/nodes",
-            counted_as(Some(Nodes), get(api::list_nodes::<S>)),
+            endpoint(Read, Some(Nodes), get(api::list_nodes::<S>)),
         )
-        .route("/healthz", counted_as(None, get(|| async { "ok\n" })))
-        .route("/readyz", counted_as(Some(Readyz), get(api::readyz::<S>)))
-        .route("/metrics", counted_as(None, get(api::metrics_text)))
+        .route("/healthz", endpoint(Open, None, get(|| async { "ok\n" })))
+        .route(
+            "/readyz",
+            endpoint(Open, Some(Readyz), get(api::readyz::<S>)),
+        )
+        .route("/metrics", endpoint(Metrics, None, get(api::metrics_text)))
+        .merge(admin::routes::<S>())
         .with_state(state);
     // Around the whole router rather than each route, so that they see its answers complete
     // (a route adds the `Allow` header of its 405 itself) and the router's own errors.
@@ -113,4 +174,5 @@ pub fn app<S: PresenceStore>(state: AppState<S>) -> Router {
         .fallback_service(routes)
         .layer(middleware::from_fn(layers::json_errors))
         .layer(middleware::from_fn(layers::count_requests))
+        .layer(Extension(access))
 }

@@ -78,6 +78,11 @@ label_enum! {
         /// The broker node stopped without a shutdown (crash, kill); recorded at its next start,
         /// with the time of the node's last heartbeat. Never emitted by the MQTT layer.
         BrokerRestart => "broker_restart",
+        /// An operator closed the connection (`POST /api/v1/admin/clients/{client_id}/kick`).
+        Kicked => "kicked",
+        /// The client's credentials or rights no longer allow the connection (revoked on a
+        /// reload).
+        NotAuthorized => "not_authorized",
     }
 }
 
@@ -362,11 +367,26 @@ label_enum! {
         Nodes => "nodes",
         /// `GET /readyz`.
         Readyz => "readyz",
+        /// `POST /api/v1/admin/clients/{client_id}/kick`.
+        Kick => "kick",
+        /// `POST /api/v1/admin/reload`.
+        Reload => "reload",
         /// A request head refused before routing (too long, too many fields, malformed).
         Rejected => "rejected",
         /// An unknown route or a wrong method: answered by the router, not a route (a bad
         /// parameter counts under its route, as a 4xx).
         Other => "other",
+    }
+}
+
+label_enum! {
+    /// Why an API request was refused before its handler (`reason` of
+    /// `heartwire_http_requests_refused_total`).
+    ApiRefusal {
+        /// No bearer token, or one that is not in `http.api_tokens_file` (401).
+        Unauthorized => "unauthorized",
+        /// A valid token whose role may not use the endpoint (403).
+        Forbidden => "forbidden",
     }
 }
 
@@ -426,6 +446,7 @@ mod tests {
         closed::<RetentionPolicy>();
         closed::<HttpTimeout>();
         closed::<HttpRoute>();
+        closed::<ApiRefusal>();
         closed::<StatusClass>();
     }
 

@@ -17,8 +17,11 @@
 //!   models they return and the batch planner they share. The backend is picked once at start
 //!   from `database.url` ([`run_with`]); the bridge, the retention and the API are generic
 //!   over it.
-//! - [`http`]: the REST API (typed parameters, one request-counting layer), /metrics,
-//!   /healthz, /readyz, and the HTTP listener that serves them (connection limit, timeouts).
+//! - [`http`]: the REST API (typed parameters, one request-counting layer, bearer tokens with
+//!   roles, the admin endpoints), /metrics, /healthz, /readyz, and the HTTP listener that serves
+//!   them (connection limit, timeouts).
+//! - [`reload`]: re-reading the TLS certificate, password and API tokens files without a
+//!   restart, on SIGHUP and on the admin API's request, through one reloader.
 //!
 //! And the ground floor they all point down at, importing nothing above it:
 //! - [`event`]: the connection events and the presence record the pipeline stores.
@@ -51,6 +54,7 @@ pub mod labels;
 pub mod metrics;
 pub mod mqtt;
 pub mod presence;
+pub mod reload;
 pub mod store;
 pub mod telemetry;
 pub mod transport;
@@ -94,6 +98,9 @@ pub enum Error {
     /// The authentication configuration could not be used.
     #[error("{0}")]
     Auth(#[from] auth::AuthError),
+    /// The API tokens file could not be used.
+    #[error("{0}")]
+    ApiTokens(#[from] http::tokens::TokensError),
     /// The presence journal could not be opened.
     #[error("presence journal (bridge.journal_path): {0}")]
     Journal(#[from] presence::journal::JournalError),
@@ -147,6 +154,7 @@ impl Listeners {
             tls,
             http: self.http,
             auth: Arc::new(auth::Auth::new(&config.auth)?),
+            access: Arc::new(http::tokens::ApiAccess::new(&config.http)?),
         })
     }
 }
@@ -161,6 +169,8 @@ struct Prepared {
     http: TcpListener,
     /// Who may connect (its password file reloaded on SIGHUP).
     auth: Arc<auth::Auth>,
+    /// Who may use the API (its tokens file reloaded on SIGHUP).
+    access: Arc<http::tokens::ApiAccess>,
 }
 
 async fn bind_optional(
@@ -214,6 +224,7 @@ async fn serve<S: PresenceStore>(
         tls,
         http: http_listener,
         auth,
+        access,
     } = prepared;
     let store = S::open(
         &config.database.url,
@@ -278,12 +289,15 @@ async fn serve<S: PresenceStore>(
     .await?;
     let mqtt_broker =
         Arc::new(mqtt::Broker::new(config.mqtt.clone(), events).with_auth(Arc::clone(&auth)));
+    let reloader = Arc::new(reloader(&config, tls, &auth, &access));
     let state = http::AppState::new(
         api_store,
         mqtt_broker.live_sessions(),
         migrated,
         &config.http,
-    );
+    )
+    .with_access(access)
+    .with_reloader(Arc::clone(&reloader));
     tracing::info!(
         listen = %http_listener.local_addr().unwrap_or(config.http.listen),
         "HTTP listener ready."
@@ -307,7 +321,7 @@ async fn serve<S: PresenceStore>(
             tracing::info!(%listen, listener = endpoint.kind().as_str(), "MQTT listener ready.");
         }
     }
-    tracker.spawn(reload_on_hangup(tls, auth, shutdown.child_token()));
+    tracker.spawn(reload_on_hangup(reloader, shutdown.child_token()));
     let grace = config.shutdown.grace_period;
     mqtt::serve(endpoints, mqtt_broker, shutdown, grace).await;
 
@@ -328,16 +342,47 @@ async fn serve<S: PresenceStore>(
     Ok(())
 }
 
-/// Re-reads the TLS certificate files and the password file on every SIGHUP until `shutdown`
-/// (new handshakes and CONNECTs use them; open connections keep going; a file that cannot be
-/// used leaves the one in force). Without either, a SIGHUP is logged and otherwise ignored (it
-/// no longer ends the process).
-async fn reload_on_hangup(
+/// The files that SIGHUP and `POST /api/v1/admin/reload` re-read, in this order: the TLS
+/// certificate files, the password file, the API tokens file.
+fn reloader(
+    config: &Config,
     tls: Option<Arc<Tls>>,
-    auth: Arc<auth::Auth>,
-    shutdown: CancellationToken,
-) {
-    use labels::ReloadOutcome;
+    auth: &Arc<auth::Auth>,
+    access: &Arc<http::tokens::ApiAccess>,
+) -> reload::Reloader {
+    let m = metrics::metrics();
+    let auth = Arc::clone(auth);
+    let access = Arc::clone(access);
+    reload::Reloader::new()
+        .file(
+            "mqtt.tls",
+            "TLS certificate files",
+            &m.tls_reloads,
+            tls.map(|tls| move || tls.reload()),
+        )
+        .file(
+            "auth.password_file",
+            "Password file",
+            &m.password_file_reloads,
+            config
+                .auth
+                .password_file
+                .is_some()
+                .then_some(move || auth.reload().map(drop)),
+        )
+        .file(
+            "http.api_tokens_file",
+            "API tokens file",
+            &m.api_tokens_file_reloads,
+            access.is_protected().then_some(move || access.reload().map(drop)),
+        )
+}
+
+/// Reloads the files of `reloader` on every SIGHUP until `shutdown` (new handshakes, CONNECTs
+/// and API requests use them; open connections keep going; a file that cannot be used leaves
+/// the one in force). Without any, a SIGHUP is logged and otherwise ignored (it no longer ends
+/// the process).
+async fn reload_on_hangup(reloader: Arc<reload::Reloader>, shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(hangups) => hangups,
@@ -351,44 +396,7 @@ async fn reload_on_hangup(
             _ = shutdown.cancelled() => return,
             received = hangups.recv() => if received.is_none() { return },
         }
-        let tls = tls.clone();
-        let auth = Arc::clone(&auth);
-        let outcome =
-            tokio::task::spawn_blocking(move || (tls.map(|tls| tls.reload()), auth.reload())).await;
-        let Ok((tls_outcome, auth_outcome)) = outcome else {
-            tracing::error!("SIGHUP: the reload task failed; the files in force stay.");
-            continue;
-        };
-        if tls_outcome.is_none() && matches!(auth_outcome, Ok(false)) {
-            tracing::info!("SIGHUP received: no TLS certificate or password file to reload.");
-            continue;
-        }
-        match tls_outcome {
-            None => {}
-            Some(Ok(())) => {
-                metrics::metrics().tls_reloads.inc(ReloadOutcome::Ok);
-                tracing::info!("SIGHUP: TLS certificate files reloaded; new connections use them.");
-            }
-            Some(Err(error)) => {
-                metrics::metrics().tls_reloads.inc(ReloadOutcome::Failed);
-                tracing::error!(%error, "SIGHUP: TLS certificate files not reloaded; the previous ones stay in use.");
-            }
-        }
-        match auth_outcome {
-            Ok(false) => {}
-            Ok(true) => {
-                metrics::metrics()
-                    .password_file_reloads
-                    .inc(ReloadOutcome::Ok);
-                tracing::info!("SIGHUP: password file reloaded.");
-            }
-            Err(error) => {
-                metrics::metrics()
-                    .password_file_reloads
-                    .inc(ReloadOutcome::Failed);
-                tracing::error!(%error, "SIGHUP: password file not reloaded; the previous one stays in use.");
-            }
-        }
+        reloader.reload("SIGHUP").await;
     }
 }
 

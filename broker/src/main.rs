@@ -1,7 +1,8 @@
 //! The `broker` binary: CLI -> config -> telemetry -> run until SIGINT/SIGTERM; or, with the
-//! `passwd` subcommand, manage a password file and exit.
+//! `passwd` subcommand, manage a password file and exit; or, with `token`, make an API token.
 
 mod passwd;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,12 +24,16 @@ use broker::config::Config;
 ///
 /// Listeners: MQTT over TCP (mqtt.listen), and when set MQTT over TLS (mqtt.tls.listen, with
 /// mqtt.tls.cert_file and mqtt.tls.key_file), over WebSocket (mqtt.ws.listen) and over
-/// WebSocket over TLS (mqtt.wss.listen); HTTP (http.listen). SIGHUP re-reads the TLS
-/// certificate files; a certificate that cannot be used at start exits with code 1. SIGINT and
-/// SIGTERM shut down gracefully.
+/// WebSocket over TLS (mqtt.wss.listen); HTTP (http.listen). A listener other machines can
+/// reach needs authentication: auth.password_file (or auth.allow_anonymous = true) for MQTT,
+/// http.api_tokens_file (or http.allow_anonymous = true) for HTTP. SIGHUP (and POST
+/// /api/v1/admin/reload) re-reads the TLS certificate files, the password file and the API
+/// tokens file; a file that cannot be used at start exits with code 1. SIGINT and SIGTERM shut
+/// down gracefully.
 ///
 /// `broker passwd` manages a password file (Mosquitto's format) and exits; see
-/// `broker passwd --help`.
+/// `broker passwd --help`. `broker token NAME ROLE` makes an API token; see
+/// `broker token --help`.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -58,18 +63,38 @@ enum Command {
     /// mosquitto_passwd); other lines are kept as they are. The file is replaced atomically,
     /// with mode 0600. Errors name the file and line, and exit with code 1.
     Passwd(passwd::PasswdArgs),
+    /// Make a new API token and the line of http.api_tokens_file that lets it in.
+    ///
+    /// Prints the token (32 random bytes, URL-safe base64) on the first line of standard output
+    /// and `NAME ROLE SHA256HEX` on the second: add that line to the tokens file and reload
+    /// (SIGHUP or POST /api/v1/admin/reload). The file holds only the token's SHA-256, so the
+    /// token is shown only now. ROLE is `read` (every endpoint but the admin ones) or `admin`.
+    /// A bad name or role exits with code 1.
+    Token(token::TokenArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Passwd(args)) = cli.command {
-        return match passwd::run(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("broker passwd: {error:#}");
-                ExitCode::FAILURE
-            }
-        };
+    match cli.command {
+        Some(Command::Passwd(args)) => {
+            return match passwd::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("broker passwd: {error:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Token(args)) => {
+            return match token::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("broker token: {error:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        None => {}
     }
     let loaded = match Config::load_reporting(cli.config.as_deref(), std::env::vars()) {
         Ok(loaded) => loaded,

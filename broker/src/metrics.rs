@@ -16,7 +16,7 @@ use prometheus::{
 };
 
 use crate::labels::{
-    DisconnectReason, DropReason, HandshakeFailure, HttpRoute, HttpTimeout, Label, Listener,
+    ApiRefusal, DisconnectReason, DropReason, HandshakeFailure, HttpRoute, HttpTimeout, Label, Listener,
     PacketType, RefusalReason, ReloadOutcome, RetainRefusal, RetentionPolicy, StatusClass,
     StoreOperation, SubscriptionRefusal, TransitionKind, VerifyOutcome,
 };
@@ -124,6 +124,10 @@ pub struct Metrics {
     pub history_pruned: Counters<RetentionPolicy>,
     /// HTTP API requests by route and status class.
     pub http_requests: CounterGrid<HttpRoute, StatusClass>,
+    /// API requests refused for their bearer token, by reason.
+    pub http_refused: Counters<ApiRefusal>,
+    /// Reloads of the API tokens file, by outcome.
+    pub api_tokens_file_reloads: Counters<ReloadOutcome>,
     /// HTTP connections open now.
     pub http_connections: IntGauge,
     /// HTTP connections accepted.
@@ -373,7 +377,7 @@ impl Metrics {
             tls_reloads: Counters::new(
                 &r,
                 "heartwire_tls_reloads_total",
-                "Reloads of the TLS certificate files (SIGHUP), by outcome; after a failed one \
+                "Reloads of the TLS certificate files (SIGHUP or the reload endpoint), by outcome; after a failed one \
                  the previous certificate stays in use.",
                 "outcome",
             ),
@@ -387,7 +391,7 @@ impl Metrics {
             password_file_reloads: Counters::new(
                 &r,
                 "heartwire_password_file_reloads_total",
-                "Reloads of auth.password_file (SIGHUP), by outcome; after a failed one the \
+                "Reloads of auth.password_file (SIGHUP or the reload endpoint), by outcome; after a failed one the \
                  previous file stays in use.",
                 "outcome",
             ),
@@ -592,6 +596,20 @@ impl Metrics {
                 "heartwire_http_requests_total",
                 "HTTP API requests, by route and status class.",
                 ["route", "status"],
+            ),
+            http_refused: Counters::new(
+                &r,
+                "heartwire_http_requests_refused_total",
+                "API requests refused for their bearer token (http.api_tokens_file), by reason \
+                 (unauthorized: none or unknown, 401; forbidden: the role may not, 403).",
+                "reason",
+            ),
+            api_tokens_file_reloads: Counters::new(
+                &r,
+                "heartwire_api_tokens_file_reloads_total",
+                "Reloads of http.api_tokens_file (SIGHUP or the reload endpoint), by outcome; \
+                 after a failed one the previous tokens stay in force.",
+                "outcome",
             ),
             http_connections: gauge(
                 &r,

@@ -303,6 +303,7 @@ async fn connection(
     let service = Tracked {
         inner: TowerToHyperService::new(app),
         activity: Arc::clone(&activity),
+        peer,
     };
     let mut builder = http1::Builder::new();
     builder
@@ -533,6 +534,8 @@ impl AsyncWrite for Watched {
 struct Tracked {
     inner: TowerToHyperService<Router>,
     activity: Arc<Activity>,
+    /// The client's address, given to every request (`ConnectInfo`) for the logs of refusals.
+    peer: SocketAddr,
 }
 
 type Answer = Result<axum::response::Response, std::convert::Infallible>;
@@ -547,7 +550,11 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
         if !axum::body::HttpBody::is_end_stream(request.body()) {
             self.activity.body_seen.store(true, Ordering::Relaxed);
         }
-        let answer = self.inner.call(request.map(axum::body::Body::new));
+        let mut request = request.map(axum::body::Body::new);
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
+        let answer = self.inner.call(request);
         let activity = Arc::clone(&self.activity);
         Box::pin(async move {
             let response = answer.await;

@@ -12,6 +12,7 @@ use super::sessions::{Detached, ExpiryQueue, LiveSessions, SessionTable};
 use crate::auth::Auth;
 use crate::config::MqttConfig;
 use crate::event::{ConnectionEvent, EventSender, SessionId};
+use crate::labels::DisconnectReason;
 use crate::metrics::metrics;
 
 /// The MQTT side's shared state.
@@ -72,6 +73,13 @@ impl Broker {
     pub fn with_auth(mut self, auth: Arc<Auth>) -> Self {
         self.auth = auth;
         self
+    }
+
+    /// Closes the connection of `client_id`, if one is open, with `reason` (such as `kicked`
+    /// or `not_authorized`): its will is published and its Disconnected event carries `reason`.
+    /// Whether one was open. Returns at once; the connection closes on its own task.
+    pub fn disconnect(&self, client_id: &str, reason: DisconnectReason) -> bool {
+        self.sessions.disconnect(client_id, reason)
     }
 
     /// A read-only view of the sessions, for the API.

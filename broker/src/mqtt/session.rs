@@ -19,7 +19,7 @@ use super::codec;
 use super::message::{Message, MinQos};
 use super::retained::Cursor;
 use crate::event::SessionId;
-use crate::labels::{DropReason, PacketType};
+use crate::labels::{DisconnectReason, DropReason, Label, PacketType};
 use crate::metrics::metrics;
 
 /// The bounds of every session's queue: per session in messages and bytes, and one byte budget
@@ -454,6 +454,10 @@ const QUEUED: u8 = 1;
 const KICKED: u8 = 2;
 /// Flag in [`Session::signals`]: the broker is shutting down; the owner must close.
 const SHUTDOWN: u8 = 4;
+/// Bits of [`Session::signals`] above the flags: a close asked for with a reason
+/// ([`Session::close_with`]), as the reason's position in [`DisconnectReason::ALL`] plus one; 0
+/// when none is asked for. The first reason asked for wins.
+const CLOSE_SHIFT: u32 = 3;
 
 /// What the owning connection is asked to do, read by [`Session::take_signals`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -468,6 +472,14 @@ impl Signals {
     /// The broker is shutting down: close with reason broker_shutdown.
     pub fn shutdown(self) -> bool {
         self.0 & SHUTDOWN != 0
+    }
+
+    /// The broker asked the connection to close with this reason (kicked, not_authorized).
+    pub fn close_requested(self) -> Option<DisconnectReason> {
+        let n = usize::from(self.0 >> CLOSE_SHIFT);
+        n.checked_sub(1)
+            .and_then(|i| DisconnectReason::ALL.get(i))
+            .copied()
     }
 }
 
@@ -484,7 +496,8 @@ pub struct Session {
     /// apart (a session that ended and a new one of the same client id).
     pub incarnation: u64,
     state: Mutex<SessionState>,
-    /// Flags for the owner ([`QUEUED`], [`KICKED`]).
+    /// Flags for the owner ([`QUEUED`], [`KICKED`], [`SHUTDOWN`]) and a requested close's
+    /// reason (above [`CLOSE_SHIFT`]).
     signals: AtomicU8,
     /// Flow control, read by publishers without the state lock ([`CONGESTED`], [`OFFLINE`]).
     flow: AtomicU8,
@@ -546,6 +559,18 @@ impl Session {
     /// Asks the owning connection to close with reason broker_shutdown.
     pub fn shut_down(&self) {
         self.signal(SHUTDOWN);
+    }
+
+    /// Asks the owning connection to close with `reason` (unless another reason was asked for
+    /// already and not yet seen).
+    pub fn close_with(&self, reason: DisconnectReason) {
+        let code = (reason.index() + 1) as u8;
+        let _ = self
+            .signals
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |signals| {
+                (signals >> CLOSE_SHIFT == 0).then_some(signals | (code << CLOSE_SHIFT))
+            });
+        self.waker.wake();
     }
 
     /// Registers the owner's waker and returns (and clears) the pending signals. Register first,

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use super::session::{QueueLimits, Session};
 use crate::event::SessionId;
+use crate::labels::DisconnectReason;
 use crate::metrics::metrics;
 
 /// Client id -> session.
@@ -220,14 +221,42 @@ impl SessionTable {
         }
     }
 
+    /// Asks the connection using `client_id`'s session, if one does, to close with `reason`;
+    /// whether one does. It closes as every connection does (will, Disconnected event with
+    /// `reason`, session kept or forgotten).
+    pub fn disconnect(&self, client_id: &str, reason: DisconnectReason) -> bool {
+        disconnect(&self.map, client_id, reason)
+    }
+
     /// A read-only view for the API.
     pub fn live(&self) -> LiveSessions {
         LiveSessions(Arc::clone(&self.map))
     }
 }
 
-/// A read-only view of the broker's sessions, for the API: which devices are connected here
-/// and when each last sent something.
+/// Asks the connection using `client_id`'s session in `map` to close with `reason`.
+fn disconnect(map: &Map, client_id: &str, reason: DisconnectReason) -> bool {
+    let Some(session) = map
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(client_id)
+        .cloned()
+    else {
+        return false;
+    };
+    // Under the state lock, as attach is: the signal reaches the connection online now, never
+    // a later one (attach clears signals meant for an earlier owner).
+    let st = session.state();
+    if !st.online {
+        return false;
+    }
+    session.close_with(reason);
+    true
+}
+
+/// A view of the broker's sessions, for the API: which devices are connected here and when
+/// each last sent something, and the admin's way to close a connection
+/// ([`LiveSessions::disconnect`]).
 ///
 /// It holds only the table, not the event sender, so that it never keeps the event stream open
 /// after the MQTT layer has shut down.
@@ -246,6 +275,12 @@ impl LiveSessions {
             .cloned()?;
         let online = session.state().online;
         online.then(|| session.last_seen())
+    }
+
+    /// Asks the connection of `client_id` on this broker, if there is one, to close with
+    /// `reason` (as [`SessionTable::disconnect`]); whether there is one.
+    pub fn disconnect(&self, client_id: &str, reason: DisconnectReason) -> bool {
+        disconnect(&self.0, client_id, reason)
     }
 
     /// Connections open on this broker now.

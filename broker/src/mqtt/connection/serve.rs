@@ -156,6 +156,9 @@ fn poll_serve<'a, S: Transport>(
         if signals.kicked() {
             return Poll::Ready(DisconnectReason::Takeover);
         }
+        if let Some(reason) = signals.close_requested() {
+            return Poll::Ready(reason);
+        }
 
         let mut yield_now = false;
         if let Some(job) = &mut state.job {
