@@ -468,3 +468,190 @@ async fn sighup_reloads_the_tls_certificate_without_dropping_a_connection() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("mqtt.tls.cert_file"), "{stderr}");
 }
+
+/// `broker token NAME ROLE`: the token on the first line of its output, the tokens-file line on
+/// the second.
+async fn broker_token(name: &str, role: &str) -> (String, String) {
+    let out = Command::new(BROKER)
+        .args(["token", name, role])
+        .output()
+        .await
+        .expect("run broker token");
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).expect("UTF-8");
+    let mut lines = stdout.lines();
+    let token = lines.next().expect("the token").to_owned();
+    let line = lines.next().expect("the file line").to_owned();
+    assert_eq!(lines.next(), None);
+    (token, line)
+}
+
+/// Waits until /readyz at `http` answers 200 (the store is migrated).
+async fn ready(http: std::net::SocketAddr) {
+    testkit::eventually("broker ready", || testkit::http_get(http, "/readyz")).await;
+}
+
+/// GET `path` from `http` with `token` as bearer token; the status.
+async fn status_with(http: std::net::SocketAddr, path: &str, token: Option<&str>) -> u16 {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("Authorization", b.as_str()))
+        .collect();
+    testkit::http_request(http, "GET", path, &headers)
+        .await
+        .expect("an HTTP answer")
+        .status
+}
+
+/// An operator makes tokens with `broker token`, puts their lines in the tokens file and
+/// starts the broker: each token works for its role; a token added later works after SIGHUP.
+#[tokio::test]
+async fn tokens_made_by_broker_token_protect_the_api_and_reload_on_sighup() {
+    let data = testkit::temp_dir("api-tokens-bin");
+    let (token, line) = broker_token("grafana", "read").await;
+    assert!(token.len() >= 43, "32 random bytes: {token}");
+    assert!(token
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    assert!(line.starts_with("grafana read "), "{line}");
+    assert!(!line.contains(&token), "the file never holds the token");
+    let (other, _) = broker_token("grafana", "read").await;
+    assert_ne!(token, other, "every token is new");
+    let tokens = data.path().join("api-tokens");
+    std::fs::write(&tokens, format!("{line}\n")).expect("write");
+    let tokens_path = tokens.display().to_string();
+    let mut started = start_with(
+        1024,
+        &data,
+        &[("BROKER_HTTP__API_TOKENS_FILE", tokens_path.as_str())],
+    )
+    .await;
+    let http = started.http;
+    ready(http).await;
+    assert_eq!(status_with(http, "/api/v1/stats", Some(&token)).await, 200);
+    // A refusal is logged (at most once per interval), without the token.
+    assert_eq!(
+        status_with(http, "/api/v1/devices", Some("wrong-token")).await,
+        401
+    );
+    let refused = wait_for_line(&mut started.lines, "API request refused").await;
+    assert!(refused.contains("/api/v1/devices"), "{refused}");
+    assert!(!refused.contains("wrong-token"), "{refused}");
+    assert_eq!(status_with(http, "/api/v1/stats", None).await, 401);
+    assert_eq!(status_with(http, "/metrics", None).await, 401);
+    assert_eq!(status_with(http, "/healthz", None).await, 200);
+
+    let (admin, admin_line) = broker_token("ops", "admin").await;
+    assert_eq!(status_with(http, "/api/v1/stats", Some(&admin)).await, 401);
+    std::fs::write(&tokens, format!("{line}\n{admin_line}\n")).expect("write");
+    kill(&started.child, "HUP").await;
+    wait_for_line(&mut started.lines, "API tokens file reloaded").await;
+    assert_eq!(status_with(http, "/api/v1/stats", Some(&admin)).await, 200);
+    let reload = testkit::http_request(
+        http,
+        "POST",
+        "/api/v1/admin/reload",
+        &[("Authorization", &format!("Bearer {admin}"))],
+    )
+    .await
+    .expect("answer");
+    assert_eq!(reload.status, 200, "{}", reload.body);
+    kill(&started.child, "TERM").await;
+    let status = tokio::time::timeout(WAIT, started.child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn broker_token_refuses_bad_names_and_roles() {
+    for (name, role, want) in [
+        ("two words", "read", "token name"),
+        ("", "read", "token name"),
+        ("ops", "write", "expected one of read, admin"),
+    ] {
+        let out = Command::new(BROKER)
+            .args(["token", name, role])
+            .output()
+            .await
+            .expect("run broker token");
+        assert_eq!(out.status.code(), Some(1), "{name:?} {role:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(want), "{name:?} {role:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "no token printed");
+    }
+}
+
+/// A tokens file with a line that does not parse stops the broker, naming the key, the file,
+/// the line and what is valid.
+#[tokio::test]
+async fn a_malformed_tokens_file_line_stops_the_start() {
+    let data = testkit::temp_dir("api-tokens-bad");
+    let (_, line) = broker_token("ok", "read").await;
+    let tokens = data.path().join("api-tokens");
+    let hex = line.rsplit(' ').next().expect("hex");
+    for (bad, want) in [
+        (format!("ops superuser {}", hex.replace('0', "1")), "expected one of read, admin"),
+        ("ops admin".to_owned(), "expected 3 fields"),
+        (format!("ok admin {}", hex.replace('1', "2")), "duplicate token name ok"),
+        ("ops admin 1234".to_owned(), "64 lowercase hex"),
+    ] {
+        std::fs::write(&tokens, format!("# tokens\n{line}\n{bad}\n")).expect("write");
+        let out = Command::new(BROKER)
+            .env("BROKER_MQTT__LISTEN", "127.0.0.1:0")
+            .env("BROKER_HTTP__LISTEN", "127.0.0.1:0")
+            .env("BROKER_DATABASE__URL", testkit::sqlite_url(&data))
+            .env(
+                "BROKER_BRIDGE__JOURNAL_PATH",
+                data.path().join("presence.journal"),
+            )
+            .env("BROKER_HTTP__API_TOKENS_FILE", &tokens)
+            .output()
+            .await
+            .expect("run broker");
+        assert_eq!(out.status.code(), Some(1), "{bad}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("http.api_tokens_file"), "{stderr}");
+        assert!(stderr.contains("line 3"), "{bad}: {stderr}");
+        assert!(stderr.contains(want), "{bad}: want {want:?} in {stderr}");
+    }
+}
+
+/// An HTTP listener other machines can reach needs a tokens file, or says explicitly that
+/// anyone may use the API.
+#[tokio::test]
+async fn an_api_open_to_the_network_needs_tokens_or_allow_anonymous() {
+    let data = testkit::temp_dir("api-open");
+    let out = Command::new(BROKER)
+        .env("BROKER_HTTP__LISTEN", "0.0.0.0:0")
+        .output()
+        .await
+        .expect("run broker");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "http.listen",
+        "http.api_tokens_file",
+        "http.allow_anonymous",
+    ] {
+        assert!(stderr.contains(key), "{key} in: {stderr}");
+    }
+
+    let mut started = start_with(
+        1024,
+        &data,
+        &[
+            ("BROKER_HTTP__LISTEN", "0.0.0.0:0"),
+            ("BROKER_HTTP__ALLOW_ANONYMOUS", "true"),
+        ],
+    )
+    .await;
+    assert!(started.http.ip().is_unspecified(), "{}", started.http);
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], started.http.port()));
+    ready(local).await;
+    assert_eq!(status_with(local, "/api/v1/stats", None).await, 200);
+    let _ = started.child.start_kill();
+    let _ = started.child.wait().await;
+}
