@@ -453,6 +453,10 @@ pub struct VerifyArgs {
     /// Base URL of the broker's HTTP API, e.g. http://127.0.0.1:8080.
     #[arg(long)]
     pub api: String,
+    /// Bearer token for a broker whose API is protected (`http.api_tokens_file`): a token of
+    /// role read, as `broker token NAME read` prints it.
+    #[arg(long, env = "DEVICE_SIM_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
     /// Also compare the final states with the presence database directly (`postgres://…` or
     /// `sqlite://…`, the broker's `devices` table).
     #[arg(long)]

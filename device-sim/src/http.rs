@@ -1,5 +1,6 @@
 //! A minimal HTTP/1.1 client for the broker's JSON API: plain `GET` over TCP with
-//! `Connection: close`, content-length, chunked or close-delimited bodies. No TLS.
+//! `Connection: close`, content-length, chunked or close-delimited bodies, and a bearer token
+//! for a broker whose API is protected (`http.api_tokens_file`). No TLS.
 
 use std::time::Duration;
 
@@ -11,9 +12,21 @@ use tokio::net::TcpStream;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the API is: `host:port` taken from an `http://HOST:PORT[/]` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Api {
     authority: String,
+    /// Sent as `Authorization: Bearer` with every request, when set.
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        f.debug_struct("Api")
+            .field("authority", &self.authority)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 impl Api {
@@ -34,7 +47,22 @@ impl Api {
         } else {
             format!("{authority}:80")
         };
-        Ok(Self { authority })
+        Ok(Self {
+            authority,
+            token: None,
+        })
+    }
+
+    /// The same, sending `token` (when set) as `Authorization: Bearer` with every request.
+    pub fn with_token(mut self, token: Option<String>) -> Result<Self> {
+        if let Some(t) = &token {
+            if t.is_empty() || t.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+            {
+                bail!("--api-token must be one word without blanks (as `broker token` prints it)");
+            }
+        }
+        self.token = token;
+        Ok(self)
     }
 
     /// `GET path`; returns the status code and the body.
@@ -49,6 +77,13 @@ impl Api {
         let (status, body) = self.get(path).await?;
         if status == 404 {
             return Ok(None);
+        }
+        if status == 401 || status == 403 {
+            bail!(
+                "GET {path}: HTTP {status}: {} (the broker's API needs a token of role read: \
+                 --api-token or DEVICE_SIM_API_TOKEN)",
+                String::from_utf8_lossy(&body).trim()
+            );
         }
         if status != 200 {
             bail!(
@@ -65,8 +100,13 @@ impl Api {
         let mut stream = TcpStream::connect(&self.authority)
             .await
             .with_context(|| format!("connecting to {}", self.authority))?;
+        let authorization = self
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\n{authorization}Connection: close\r\n\r\n",
             self.authority
         );
         stream.write_all(request.as_bytes()).await?;
@@ -166,6 +206,52 @@ mod tests {
         assert_eq!(Api::parse("http://broker")?.authority, "broker:80");
         assert!(Api::parse("https://x:1").is_err());
         assert!(Api::parse("http://x:1/api").is_err());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_token_goes_with_every_request() -> Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let server = tokio::spawn(async move {
+            let mut heads = Vec::new();
+            for status in ["200 OK", "401 Unauthorized"] {
+                let (mut stream, _) = listener.accept().await?;
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    stream.read_exact(&mut byte).await?;
+                    head.push(byte[0]);
+                }
+                heads.push(String::from_utf8_lossy(&head).into_owned());
+                let body = "{}";
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                stream.write_all(answer.as_bytes()).await?;
+            }
+            anyhow::Ok(heads)
+        });
+        let api = Api::parse(&url)?.with_token(Some("s3cret-Token_1".to_owned()))?;
+        assert!(!format!("{api:?}").contains("s3cret"));
+        let ok: Option<serde_json::Value> = api.get_json("/api/v1/stats").await?;
+        assert!(ok.is_some());
+        let refused = api
+            .get_json::<serde_json::Value>("/api/v1/stats")
+            .await
+            .expect_err("401");
+        assert!(refused.to_string().contains("--api-token"), "{refused}");
+        let heads = server.await??;
+        for head in heads {
+            assert!(
+                head.contains("\r\nAuthorization: Bearer s3cret-Token_1\r\n"),
+                "{head}"
+            );
+        }
+        assert!(Api::parse(&url)?
+            .with_token(Some("two words".to_owned()))
+            .is_err());
         Ok(())
     }
 

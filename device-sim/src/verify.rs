@@ -311,7 +311,7 @@ fn compare_states(
 
 /// Runs the check and prints its findings; `Ok(true)` when the broker agrees with the truth.
 pub async fn verify(args: &VerifyArgs) -> Result<bool> {
-    let api = Api::parse(&args.api)?;
+    let api = Api::parse(&args.api)?.with_token(args.api_token.clone())?;
     let records = truth::read(&args.truth)?;
     let multiplier = args.keepalive_multiplier;
     // The latest moment by which the broker must have detected every silent death.
