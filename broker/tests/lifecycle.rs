@@ -1,5 +1,6 @@
-//! Connection lifecycle: keep-alive, takeover, connect timeout, shutdown, and exactly one
-//! Connected and one Disconnected event with the right reason for each.
+//! Connection lifecycle: keep-alive, takeover, connect timeout, shutdown, a disconnect asked
+//! for by the broker (kicked, not_authorized), and exactly one Connected and one Disconnected
+//! event with the right reason for each.
 //!
 //! Time-based tests run on tokio's paused clock: time only advances when every task is idle, so
 //! "closed at 1.5 x keep-alive" is checked exactly, without waiting for real seconds.
@@ -204,6 +205,56 @@ async fn takeover_publishes_the_old_sessions_will_not_the_new_one() {
         b"m",
         "the new session's will was not published"
     );
+}
+
+/// `Broker::disconnect` closes one connection with the reason given (the admin API's kick,
+/// a revocation's not_authorized): its will goes out, its event carries the reason, the others
+/// are untouched; a client id not connected is answered false.
+#[tokio::test]
+async fn a_disconnect_asked_for_closes_with_its_reason_and_publishes_the_will() {
+    let mut broker = TestBroker::start().await;
+    let mut watcher = Client::connect(broker.addr, "watcher").await;
+    broker.connected("watcher").await;
+    watcher.subscribe("will/#", QoS::AtMostOnce).await;
+
+    for (id, reason) in [
+        ("valve-1", DisconnectReason::NotAuthorized),
+        ("valve-2", DisconnectReason::Kicked),
+    ] {
+        let mut opts = ConnectOpts::new(id);
+        let topic = format!("will/{id}");
+        opts.will = Some((topic.as_str(), b"gone", QoS::AtMostOnce, false));
+        let (mut client, _) = RawClient::connect(broker.addr, opts).await;
+        broker.connected(id).await;
+
+        assert!(broker.broker.disconnect(id, reason));
+        broker.disconnected(id, reason).await;
+        assert!(client.until_closed().await.is_empty(), "{id}: socket closed");
+        let will = watcher.publish_received().await;
+        assert_eq!(will.topic, topic);
+        assert!(!broker.broker.disconnect(id, reason), "{id} is gone");
+    }
+    assert!(!broker.broker.disconnect("nobody", DisconnectReason::Kicked));
+    // A persistent session outlives the disconnect; its client comes back to it.
+    let mut opts = ConnectOpts::new("valve-3");
+    opts.clean_session = false;
+    let (mut client, _) = RawClient::connect(broker.addr, opts).await;
+    broker.connected("valve-3").await;
+    client.subscribe("cmd/valve-3", QoS::AtLeastOnce).await;
+    assert!(broker
+        .broker
+        .disconnect("valve-3", DisconnectReason::Kicked));
+    broker
+        .disconnected("valve-3", DisconnectReason::Kicked)
+        .await;
+    let mut opts = ConnectOpts::new("valve-3");
+    opts.clean_session = false;
+    let (_back, session_present) = RawClient::connect(broker.addr, opts).await;
+    assert!(session_present, "the persistent session was kept");
+    broker.connected("valve-3").await;
+    // Nobody else was disconnected.
+    broker.no_event_pending();
+    broker.stop().await;
 }
 
 #[tokio::test]
