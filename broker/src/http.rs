@@ -119,7 +119,11 @@ pub enum Guard {
 
 /// `route` behind `guard`, its answers (refusals included) counted under `label` (`None`: not
 /// counted). Every route of [`app`] is made by this.
-pub fn endpoint<S>(guard: Guard, label: Option<HttpRoute>, route: MethodRouter<S>) -> MethodRouter<S>
+pub fn endpoint<S>(
+    guard: Guard,
+    label: Option<HttpRoute>,
+    route: MethodRouter<S>,
+) -> MethodRouter<S>
 where
     S: Clone + Send + Sync + 'static,
 {

@@ -374,7 +374,9 @@ fn reloader(
             "http.api_tokens_file",
             "API tokens file",
             &m.api_tokens_file_reloads,
-            access.is_protected().then_some(move || access.reload().map(drop)),
+            access
+                .is_protected()
+                .then_some(move || access.reload().map(drop)),
         )
 }
 

@@ -16,9 +16,9 @@ use prometheus::{
 };
 
 use crate::labels::{
-    ApiRefusal, DisconnectReason, DropReason, HandshakeFailure, HttpRoute, HttpTimeout, Label, Listener,
-    PacketType, RefusalReason, ReloadOutcome, RetainRefusal, RetentionPolicy, StatusClass,
-    StoreOperation, SubscriptionRefusal, TransitionKind, VerifyOutcome,
+    ApiRefusal, DisconnectReason, DropReason, HandshakeFailure, HttpRoute, HttpTimeout, Label,
+    Listener, PacketType, RefusalReason, ReloadOutcome, RetainRefusal, RetentionPolicy,
+    StatusClass, StoreOperation, SubscriptionRefusal, TransitionKind, VerifyOutcome,
 };
 
 /// All broker metrics.

@@ -118,7 +118,10 @@ impl Reloader {
                 .collect()
         });
         if outcomes.iter().all(|o| *o == Outcome::NotConfigured) {
-            tracing::info!(trigger, "Reload asked for: no TLS certificate, password or API tokens file is configured.");
+            tracing::info!(
+                trigger,
+                "Reload asked for: no TLS certificate, password or API tokens file is configured."
+            );
         }
         for (entry, outcome) in self.entries.iter().zip(&outcomes) {
             let (key, what) = (entry.key, entry.what);
@@ -126,7 +129,11 @@ impl Reloader {
                 Outcome::NotConfigured => {}
                 Outcome::Reloaded => {
                     entry.counter.inc(ReloadOutcome::Ok);
-                    tracing::info!(trigger, key, "{what} reloaded; new connections and requests use it.");
+                    tracing::info!(
+                        trigger,
+                        key,
+                        "{what} reloaded; new connections and requests use it."
+                    );
                 }
                 Outcome::Failed { error } => {
                     entry.counter.inc(ReloadOutcome::Failed);

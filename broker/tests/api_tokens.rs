@@ -110,7 +110,10 @@ async fn tokens_and_roles_decide_who_uses_which_endpoint() {
         .call("POST", "/api/v1/admin/reload", Some("not-a-token"))
         .await;
     assert_eq!(response.status, 401);
-    assert_eq!(refused(ApiRefusal::Unauthorized), unauthorized + refusals + 1);
+    assert_eq!(
+        refused(ApiRefusal::Unauthorized),
+        unauthorized + refusals + 1
+    );
     // A Basic header is not a bearer token.
     let response = http_request(
         api.broker.http,
@@ -123,7 +126,12 @@ async fn tokens_and_roles_decide_who_uses_which_endpoint() {
     assert_eq!(response.status, 401);
 
     // Read: every endpoint but the admin ones.
-    for path in ["/api/v1/devices", "/api/v1/stats", "/api/v1/nodes", "/metrics"] {
+    for path in [
+        "/api/v1/devices",
+        "/api/v1/stats",
+        "/api/v1/nodes",
+        "/metrics",
+    ] {
         assert_eq!(api.call("GET", path, read).await.status, 200, "{path}");
         assert_eq!(api.call("GET", path, admin).await.status, 200, "{path}");
     }
@@ -133,8 +141,14 @@ async fn tokens_and_roles_decide_who_uses_which_endpoint() {
     ] {
         let response = api.call(method, path, read).await;
         assert_eq!(response.status, 403, "{path}");
-        let error = json(&response)["error"].as_str().unwrap_or_default().to_owned();
-        assert!(error.contains("dashboard") && error.contains("admin"), "{error}");
+        let error = json(&response)["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            error.contains("dashboard") && error.contains("admin"),
+            "{error}"
+        );
     }
     assert_eq!(refused(ApiRefusal::Forbidden), forbidden + 2);
     assert_eq!(
@@ -196,7 +210,10 @@ async fn a_kicked_client_is_disconnected_with_reason_kicked() {
     let device = json(&api.call("GET", "/api/v1/devices/pump-7", read).await);
     assert_eq!(device["online"], false);
     assert_eq!(device["last_reason"], "kicked", "{device}");
-    assert_eq!(metrics().disconnects.get(DisconnectReason::Kicked), kicked + 1);
+    assert_eq!(
+        metrics().disconnects.get(DisconnectReason::Kicked),
+        kicked + 1
+    );
     // Nobody else was touched.
     bystander.send(&Packet::PingReq).await;
     assert!(matches!(bystander.recv().await, Some(Packet::PingResp)));
@@ -312,7 +329,10 @@ async fn the_reload_endpoint_rereads_the_password_and_tokens_files() {
     assert_eq!(failed["status"], "failed", "{body}");
     let error = failed["error"].as_str().unwrap_or_default();
     assert!(error.contains("line 1"), "{error}");
-    assert!(!error.contains("not-a-hash"), "no secret in the answer: {error}");
+    assert!(
+        !error.contains("not-a-hash"),
+        "no secret in the answer: {error}"
+    );
     let failed = &body["files"]["http.api_tokens_file"];
     assert_eq!(failed["status"], "failed", "{body}");
     assert!(

@@ -593,9 +593,15 @@ async fn a_malformed_tokens_file_line_stops_the_start() {
     let tokens = data.path().join("api-tokens");
     let hex = line.rsplit(' ').next().expect("hex");
     for (bad, want) in [
-        (format!("ops superuser {}", hex.replace('0', "1")), "expected one of read, admin"),
+        (
+            format!("ops superuser {}", hex.replace('0', "1")),
+            "expected one of read, admin",
+        ),
         ("ops admin".to_owned(), "expected 3 fields"),
-        (format!("ok admin {}", hex.replace('1', "2")), "duplicate token name ok"),
+        (
+            format!("ok admin {}", hex.replace('1', "2")),
+            "duplicate token name ok",
+        ),
         ("ops admin 1234".to_owned(), "64 lowercase hex"),
     ] {
         std::fs::write(&tokens, format!("# tokens\n{line}\n{bad}\n")).expect("write");

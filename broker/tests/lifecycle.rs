@@ -229,7 +229,10 @@ async fn a_disconnect_asked_for_closes_with_its_reason_and_publishes_the_will() 
 
         assert!(broker.broker.disconnect(id, reason));
         broker.disconnected(id, reason).await;
-        assert!(client.until_closed().await.is_empty(), "{id}: socket closed");
+        assert!(
+            client.until_closed().await.is_empty(),
+            "{id}: socket closed"
+        );
         let will = watcher.publish_received().await;
         assert_eq!(will.topic, topic);
         assert!(!broker.broker.disconnect(id, reason), "{id} is gone");

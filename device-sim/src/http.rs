@@ -56,7 +56,9 @@ impl Api {
     /// The same, sending `token` (when set) as `Authorization: Bearer` with every request.
     pub fn with_token(mut self, token: Option<String>) -> Result<Self> {
         if let Some(t) = &token {
-            if t.is_empty() || t.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+            if t.is_empty()
+                || t.bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
             {
                 bail!("--api-token must be one word without blanks (as `broker token` prints it)");
             }

@@ -41,7 +41,8 @@ pub async fn http_request(
     headers: &[(&str, &str)],
 ) -> Option<Response> {
     let mut stream = TcpStream::connect(addr).await.ok()?;
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }

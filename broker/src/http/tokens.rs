@@ -348,7 +348,9 @@ impl ApiAccess {
             .ok()
             .and_then(|v| {
                 let (scheme, token) = v.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then_some(token.trim())
             })
             .filter(|t| !t.is_empty())
             .ok_or(Denied::Unauthorized(
@@ -410,9 +412,16 @@ mod tests {
             assert!(error.contains(want), "{bad}: want {want:?} in {error}");
             assert!(error.contains("http.api_tokens_file"), "{error}");
         }
-        let duplicate = format!("{}\n{}\n", line("x", Role::Read, &a), line("x", Role::Admin, &b));
+        let duplicate = format!(
+            "{}\n{}\n",
+            line("x", Role::Read, &a),
+            line("x", Role::Admin, &b)
+        );
         let error = parse(&duplicate).expect_err("duplicate").to_string();
-        assert!(error.contains("line 2") && error.contains("duplicate token name x"), "{error}");
+        assert!(
+            error.contains("line 2") && error.contains("duplicate token name x"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -432,7 +441,10 @@ mod tests {
         assert!(access.check(Some(&header(&read)), Role::Read).is_ok());
         assert!(matches!(
             access.check(Some(&header(&read)), Role::Admin),
-            Err(Denied::Forbidden { role: Role::Read, .. })
+            Err(Denied::Forbidden {
+                role: Role::Read,
+                ..
+            })
         ));
         assert_eq!(
             access
@@ -440,7 +452,12 @@ mod tests {
                 .map(|c| c.role),
             Ok(Role::Admin)
         );
-        for bad in [None, Some(&b"Basic abc"[..]), Some(b"Bearer "), Some(b"Bearer nope")] {
+        for bad in [
+            None,
+            Some(&b"Basic abc"[..]),
+            Some(b"Bearer "),
+            Some(b"Bearer nope"),
+        ] {
             assert!(
                 matches!(access.check(bad, Role::Read), Err(Denied::Unauthorized(_))),
                 "{bad:?}"
@@ -448,7 +465,10 @@ mod tests {
         }
         assert!(!access.metrics_public());
         let open = ApiAccess::open();
-        assert_eq!(open.check(None, Role::Admin).map(|c| c.role), Ok(Role::Admin));
+        assert_eq!(
+            open.check(None, Role::Admin).map(|c| c.role),
+            Ok(Role::Admin)
+        );
         assert!(open.metrics_public());
     }
 }
