@@ -697,6 +697,31 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    #[test]
+    fn a_requested_close_carries_its_reason_and_the_first_one_wins() {
+        let session = Session::new("c".into(), 1);
+        let waker = std::task::Waker::noop();
+        assert_eq!(session.take_signals(waker).close_requested(), None);
+        session.close_with(DisconnectReason::NotAuthorized);
+        session.close_with(DisconnectReason::Kicked);
+        session.signal(QUEUED);
+        let signals = session.take_signals(waker);
+        assert_eq!(
+            signals.close_requested(),
+            Some(DisconnectReason::NotAuthorized)
+        );
+        assert!(!signals.kicked() && !signals.shutdown());
+        // Taken: the next owner starts clean.
+        assert_eq!(session.take_signals(waker).close_requested(), None);
+        for reason in DisconnectReason::ALL {
+            session.close_with(*reason);
+            assert_eq!(session.take_signals(waker).close_requested(), Some(*reason));
+        }
+        session.close_with(DisconnectReason::Kicked);
+        session.reset_signals();
+        assert_eq!(session.take_signals(waker).close_requested(), None);
+    }
+
     fn msg(qos: QoS) -> Arc<Message> {
         Arc::new(Message {
             topic: "t".into(),
