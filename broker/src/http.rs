@@ -2,8 +2,9 @@
 //!
 //! [`app`] builds the router from its state, so tests call it without a socket; it is generic
 //! over the store backend, like the rest of the broker. JSON bodies, RFC 3339 UTC timestamps;
-//! errors are `{"error": "..."}` with 400 (bad parameter), 404 (unknown device) or 503 (store
-//! unavailable or busy; internals are logged, not returned).
+//! errors are `{"error": "..."}` with 400 (bad parameter), 401 or 403 (no valid token, or a
+//! role that may not), 404 (unknown device, client not connected) or 503 (store unavailable or
+//! busy; internals are logged, not returned).
 //!
 //! - [`api`]: the handlers, and [`ApiError`], the JSON answer of a failed request;
 //! - [`params`]: the typed parameters of each endpoint, decoded strictly (a query struct per

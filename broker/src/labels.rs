@@ -266,12 +266,12 @@ label_enum! {
 }
 
 label_enum! {
-    /// How a reload of the TLS certificate files went (`outcome` of
-    /// `heartwire_tls_reloads_total`).
+    /// How a reload of a file went (`outcome` of `heartwire_tls_reloads_total`,
+    /// `heartwire_password_file_reloads_total`, `heartwire_api_tokens_file_reloads_total`).
     ReloadOutcome {
         /// The new files are in use for new connections.
         Ok => "ok",
-        /// A file could not be read or used; the previous certificate stays in use.
+        /// A file could not be read or used; the previous one stays in use.
         Failed => "failed",
     }
 }
