@@ -339,6 +339,10 @@ pub struct AuthConfig {
     /// A Mosquitto-format password file (`user:$7$...` from mosquitto_passwd, or argon2id lines
     /// from `broker passwd`). Re-read on SIGHUP.
     pub password_file: Option<PathBuf>,
+    /// A Mosquitto-format ACL file (`topic`, `user`, `pattern` lines with read, write,
+    /// readwrite or deny). Once set, what no rule allows is denied (an empty file denies
+    /// everything). Re-read on SIGHUP; connections lose what the new file no longer allows.
+    pub acl_file: Option<PathBuf>,
     /// Which identity the client id must equal: "none", "username" (the authenticated user
     /// name) or "identity" (the TLS client certificate's). A client claiming another id gets
     /// CONNACK 0x05; the device connected under that id is untouched.
@@ -360,6 +364,7 @@ impl Default for AuthConfig {
         Self {
             allow_anonymous: false,
             password_file: None,
+            acl_file: None,
             bind_client_id: ClientIdBinding::None,
             max_concurrent_verifications: 2,
             credential_cache_size: 100_000,
@@ -697,6 +702,10 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     (
         "auth.password_file",
         Accepts::Text("a file path (Mosquitto password file)"),
+    ),
+    (
+        "auth.acl_file",
+        Accepts::Text("a file path (Mosquitto ACL file)"),
     ),
     (
         "auth.bind_client_id",

@@ -161,6 +161,8 @@ label_enum! {
         NotAuthorized => "not_authorized",
         /// `mqtt.max_connections` connections were open (CONNACK 0x03).
         MaxConnections => "max_connections",
+        /// A will on a topic the client may not write (CONNACK 0x05).
+        WillNotAuthorized => "will_not_authorized",
     }
 }
 
@@ -297,6 +299,24 @@ label_enum! {
         FiltersPerSubscribe => "filters_per_subscribe",
         /// A new filter beyond `mqtt.max_subscriptions_per_session`.
         SubscriptionsPerSession => "subscriptions_per_session",
+        /// The ACL lets the client read no topic of the filter (`auth.acl_file`, grants).
+        NotAuthorized => "not_authorized",
+    }
+}
+
+label_enum! {
+    /// What the ACL refused (`action` of `heartwire_acl_denied_total`).
+    AclDenial {
+        /// A PUBLISH to a topic the client may not write: acknowledged and dropped.
+        Publish => "publish",
+        /// A message for a subscription the client may read only part of, on a topic it may
+        /// not read: not delivered.
+        Delivery => "delivery",
+        /// A retained message on a topic the subscriber may not read: not delivered.
+        Retained => "retained",
+        /// A subscription removed because a reloaded ACL (or the client's new rules) no longer
+        /// lets it read anything of the filter.
+        Revoked => "revoked",
     }
 }
 
@@ -421,6 +441,7 @@ mod tests {
         closed::<AuthMethod>();
         closed::<DropReason>();
         closed::<SubscriptionRefusal>();
+        closed::<AclDenial>();
         closed::<RetainRefusal>();
         closed::<StoreOperation>();
         closed::<RetentionPolicy>();

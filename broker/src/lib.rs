@@ -94,6 +94,9 @@ pub enum Error {
     /// The authentication configuration could not be used.
     #[error("{0}")]
     Auth(#[from] auth::AuthError),
+    /// The ACL file could not be used.
+    #[error("auth.acl_file: {0}")]
+    Acl(#[from] auth::acl::AclError),
     /// The presence journal could not be opened.
     #[error("presence journal (bridge.journal_path): {0}")]
     Journal(#[from] presence::journal::JournalError),
@@ -147,6 +150,7 @@ impl Listeners {
             tls,
             http: self.http,
             auth: Arc::new(auth::Auth::new(&config.auth)?),
+            acl: Arc::new(auth::acl::Acl::new(config.auth.acl_file.as_deref())?),
         })
     }
 }
@@ -161,6 +165,8 @@ struct Prepared {
     http: TcpListener,
     /// Who may connect (its password file reloaded on SIGHUP).
     auth: Arc<auth::Auth>,
+    /// What clients may read and write (its file reloaded on SIGHUP).
+    acl: Arc<auth::acl::Acl>,
 }
 
 async fn bind_optional(
@@ -214,6 +220,7 @@ async fn serve<S: PresenceStore>(
         tls,
         http: http_listener,
         auth,
+        acl,
     } = prepared;
     let store = S::open(
         &config.database.url,
@@ -276,8 +283,11 @@ async fn serve<S: PresenceStore>(
         Access::ReadOnly,
     )
     .await?;
-    let mqtt_broker =
-        Arc::new(mqtt::Broker::new(config.mqtt.clone(), events).with_auth(Arc::clone(&auth)));
+    let mqtt_broker = Arc::new(
+        mqtt::Broker::new(config.mqtt.clone(), events)
+            .with_auth(Arc::clone(&auth))
+            .with_acl(Arc::clone(&acl)),
+    );
     let state = http::AppState::new(
         api_store,
         mqtt_broker.live_sessions(),
@@ -307,7 +317,12 @@ async fn serve<S: PresenceStore>(
             tracing::info!(%listen, listener = endpoint.kind().as_str(), "MQTT listener ready.");
         }
     }
-    tracker.spawn(reload_on_hangup(tls, auth, shutdown.child_token()));
+    tracker.spawn(reload_on_hangup(
+        tls,
+        auth,
+        Arc::clone(&mqtt_broker),
+        shutdown.child_token(),
+    ));
     let grace = config.shutdown.grace_period;
     mqtt::serve(endpoints, mqtt_broker, shutdown, grace).await;
 
@@ -335,6 +350,7 @@ async fn serve<S: PresenceStore>(
 async fn reload_on_hangup(
     tls: Option<Arc<Tls>>,
     auth: Arc<auth::Auth>,
+    broker: Arc<mqtt::Broker>,
     shutdown: CancellationToken,
 ) {
     use labels::ReloadOutcome;
@@ -353,12 +369,37 @@ async fn reload_on_hangup(
         }
         let tls = tls.clone();
         let auth = Arc::clone(&auth);
-        let outcome =
-            tokio::task::spawn_blocking(move || (tls.map(|tls| tls.reload()), auth.reload())).await;
-        let Ok((tls_outcome, auth_outcome)) = outcome else {
+        let broker = Arc::clone(&broker);
+        let outcome = tokio::task::spawn_blocking(move || {
+            (
+                tls.map(|tls| tls.reload()),
+                auth.reload(),
+                broker.reload_acl(),
+            )
+        })
+        .await;
+        let Ok((tls_outcome, auth_outcome, acl_outcome)) = outcome else {
             tracing::error!("SIGHUP: the reload task failed; the files in force stay.");
             continue;
         };
+        match acl_outcome {
+            Ok(None) => {}
+            Ok(Some(reload)) => {
+                metrics::metrics().acl_file_reloads.inc(ReloadOutcome::Ok);
+                tracing::info!(
+                    rules = reload.rules,
+                    sessions = reload.sessions,
+                    revoked = reload.revoked,
+                    "SIGHUP: ACL file reloaded; subscriptions it no longer allows were removed."
+                );
+            }
+            Err(error) => {
+                metrics::metrics()
+                    .acl_file_reloads
+                    .inc(ReloadOutcome::Failed);
+                tracing::error!(%error, "SIGHUP: ACL file not reloaded; the previous one stays in use.");
+            }
+        }
         if tls_outcome.is_none() && matches!(auth_outcome, Ok(false)) {
             tracing::info!("SIGHUP received: no TLS certificate or password file to reload.");
             continue;

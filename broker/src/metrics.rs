@@ -16,9 +16,9 @@ use prometheus::{
 };
 
 use crate::labels::{
-    DisconnectReason, DropReason, HandshakeFailure, HttpRoute, HttpTimeout, Label, Listener,
-    PacketType, RefusalReason, ReloadOutcome, RetainRefusal, RetentionPolicy, StatusClass,
-    StoreOperation, SubscriptionRefusal, TransitionKind, VerifyOutcome,
+    AclDenial, DisconnectReason, DropReason, HandshakeFailure, HttpRoute, HttpTimeout, Label,
+    Listener, PacketType, RefusalReason, ReloadOutcome, RetainRefusal, RetentionPolicy,
+    StatusClass, StoreOperation, SubscriptionRefusal, TransitionKind, VerifyOutcome,
 };
 
 /// All broker metrics.
@@ -90,6 +90,10 @@ pub struct Metrics {
     pub retained_refused: Counters<RetainRefusal>,
     /// Topic filters refused in SUBSCRIBE (SUBACK 0x80), by reason.
     pub subscriptions_refused: Counters<SubscriptionRefusal>,
+    /// `heartwire_acl_denied_total{action}`.
+    pub acl_denied: Counters<AclDenial>,
+    /// `heartwire_acl_file_reloads_total{outcome}`.
+    pub acl_file_reloads: Counters<ReloadOutcome>,
     /// Last-will messages published.
     pub wills_published: IntCounter,
     /// Accept attempts that failed because the process ran out of file descriptors.
@@ -493,6 +497,20 @@ impl Metrics {
                 "heartwire_subscriptions_refused_total",
                 "Topic filters refused with SUBACK 0x80, by reason.",
                 "reason",
+            ),
+            acl_denied: Counters::new(
+                &r,
+                "heartwire_acl_denied_total",
+                "What the ACL refused, by action: publishes dropped (acknowledged), deliveries \
+                 and retained messages withheld, subscriptions revoked on reload.",
+                "action",
+            ),
+            acl_file_reloads: Counters::new(
+                &r,
+                "heartwire_acl_file_reloads_total",
+                "Reloads of auth.acl_file (SIGHUP), by outcome; after a failed one the previous \
+                 file stays in use.",
+                "outcome",
             ),
             wills_published: counter(
                 &r,

@@ -310,6 +310,8 @@ pub enum Subscription {
 /// One client's rules: what its user's block, its grants and the patterns allow it.
 #[derive(Debug)]
 pub struct ClientAcl {
+    /// Its user name, to find its rules again when the file is reloaded.
+    username: Option<Box<str>>,
     /// Its user's rules in the file (denies first).
     user: Option<Arc<[Rule]>>,
     /// The topic filters its credentials grant (allow only).
@@ -364,12 +366,31 @@ impl ClientAcl {
             }
         };
         Some(Self {
+            username: username.map(Into::into),
             user,
             grants,
             patterns,
             patterns_refused,
             cache: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The same client's rules under the ACL file `file` (after a reload): its user's rules
+    /// and the patterns come from `file`, its grants stay.
+    pub fn renewed(&self, file: Option<Arc<AclFile>>, client_id: &str) -> Option<Arc<Self>> {
+        let (publish, subscribe): (Vec<_>, Vec<_>) =
+            self.grants.iter().partition(|r| r.allows == WRITE);
+        let filters = |rules: Vec<&Rule>| -> Vec<Box<str>> {
+            rules.into_iter().map(|r| r.filter.clone()).collect()
+        };
+        Self::new(
+            file,
+            client_id,
+            self.username.as_deref(),
+            &filters(publish),
+            &filters(subscribe),
+        )
+        .map(Arc::new)
     }
 
     /// Every rule in the order they are tried; `None` marks the end of what may be tried
@@ -589,8 +610,14 @@ mod tests {
         let acl = client(file, "c", Some("u"));
         assert!(acl.allows(Access::Read, "a/x"));
         assert!(!acl.allows(Access::Write, "a/x"));
-        assert!(acl.allows(Access::Write, "a/w"), "a read rule does not stop the search");
-        assert!(!acl.allows(Access::Read, "a/secret"), "deny before the earlier allow");
+        assert!(
+            acl.allows(Access::Write, "a/w"),
+            "a read rule does not stop the search"
+        );
+        assert!(
+            !acl.allows(Access::Read, "a/secret"),
+            "deny before the earlier allow"
+        );
         assert!(!acl.allows(Access::Read, "b"));
         // Another user, and no user name: nothing.
         assert!(!client(file, "c", Some("v")).allows(Access::Read, "a/x"));

@@ -9,10 +9,23 @@ use super::budget::ByteBudget;
 use super::router::Router;
 use super::session::Session;
 use super::sessions::{Detached, ExpiryQueue, LiveSessions, SessionTable};
+use crate::auth::acl::{Acl, AclError, ClientAcl};
 use crate::auth::Auth;
 use crate::config::MqttConfig;
 use crate::event::{ConnectionEvent, EventSender, SessionId};
+use crate::labels::AclDenial;
 use crate::metrics::metrics;
+
+/// What an ACL reload did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AclReload {
+    /// Rules in the new file.
+    pub rules: usize,
+    /// Sessions that lost subscriptions.
+    pub sessions: usize,
+    /// Subscriptions removed.
+    pub revoked: usize,
+}
 
 /// The MQTT side's shared state.
 pub struct Broker {
@@ -42,6 +55,8 @@ pub struct Broker {
     pub expiring: ExpiryQueue,
     /// Who may connect: every CONNECT's credentials are checked here.
     pub auth: Arc<Auth>,
+    /// What clients may read and write: every connection's rules come from here.
+    pub acl: Arc<Acl>,
     /// Connections past authentication and not yet closed (`mqtt.max_connections`).
     pub open_connections: std::sync::atomic::AtomicUsize,
 }
@@ -64,6 +79,7 @@ impl Broker {
             connection_closed: Notify::new(),
             released: Notify::new(),
             auth: Arc::new(Auth::open()),
+            acl: Arc::new(Acl::none()),
             open_connections: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -71,6 +87,12 @@ impl Broker {
     /// The same, checking credentials with `auth`.
     pub fn with_auth(mut self, auth: Arc<Auth>) -> Self {
         self.auth = auth;
+        self
+    }
+
+    /// The same, deciding what clients may read and write with `acl`.
+    pub fn with_acl(mut self, acl: Arc<Acl>) -> Self {
+        self.acl = acl;
         self
     }
 
@@ -96,6 +118,51 @@ impl Broker {
                 .router
                 .unsubscribe(session.incarnation, dropped.iter().map(|f| &**f)),
         }
+    }
+
+    /// Gives `session` the client rules `acl` and makes its subscriptions obey them: those
+    /// it may no longer read anything of are removed (and counted), the others are checked
+    /// on delivery or not as the rules say. Returns how many were removed.
+    pub fn apply_acl(&self, session: &Arc<Session>, acl: Option<Arc<ClientAcl>>) -> usize {
+        let changes = session.state().apply_acl(acl);
+        // The session lock is never held while taking the router's.
+        if !changes.kept.is_empty() {
+            self.router
+                .subscribe_checked(session, changes.kept.iter().map(|(f, q, c)| (&**f, *q, *c)));
+        }
+        if !changes.revoked.is_empty() {
+            metrics()
+                .acl_denied
+                .inc_by(AclDenial::Revoked, changes.revoked.len() as u64);
+            self.router
+                .unsubscribe(session.incarnation, changes.revoked.iter().map(|f| &**f));
+        }
+        changes.revoked.len()
+    }
+
+    /// Reads `auth.acl_file` again (blocking: call it off the async runtime) and applies it
+    /// to every session: subscriptions no longer readable at all are removed, nothing else is
+    /// dropped. `Ok(None)` without an ACL file.
+    pub fn reload_acl(&self) -> Result<Option<AclReload>, AclError> {
+        let Some(rules) = self.acl.reload()? else {
+            return Ok(None);
+        };
+        let file = self.acl.file();
+        let mut reload = AclReload {
+            rules,
+            ..AclReload::default()
+        };
+        for session in self.sessions.all() {
+            let current = session.state().acl.clone();
+            let Some(current) = current else { continue };
+            let renewed = current.renewed(file.clone(), &session.client_id);
+            let revoked = self.apply_acl(&session, renewed);
+            if revoked > 0 {
+                reload.sessions += 1;
+                reload.revoked += revoked;
+            }
+        }
+        Ok(Some(reload))
     }
 
     /// Sends a connection event; waits while the channel is full (events are never dropped).

@@ -21,6 +21,6 @@ pub mod session;
 pub mod sessions;
 pub mod topic;
 
-pub use broker::Broker;
+pub use broker::{AclReload, Broker};
 pub use listener::serve;
 pub use sessions::LiveSessions;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::io::{Io, ReadError, Transport};
 use super::Hello;
+use crate::auth::acl::Access;
 use crate::auth::{self, Refusal};
 use crate::config::{KeepAlivePolicy, MqttConfig};
 use crate::event::{ConnectionEvent, SessionId};
@@ -209,6 +210,30 @@ pub async fn handshake<S: Transport>(
     };
     tracing::debug!(method = ?method, "Authenticated.");
 
+    // What it may read and write; a will it may not write refuses the CONNECT (as Mosquitto
+    // 2 does) before the session is touched.
+    // User rules apply to a verified user name only: an anonymous client's name is a claim.
+    let verified_user = request.username.filter(|_| method == AuthMethod::Password);
+    let acl = broker.acl.client(&client_id, verified_user, &[], &[]);
+    if let (Some(acl), Some(will)) = (&acl, &connect.last_will) {
+        if !acl.allows(Access::Write, &will.topic) {
+            refused(RefusalReason::WillNotAuthorized);
+            if let Some(suppressed) = AUTH_REFUSED.check() {
+                tracing::info!(
+                    %peer,
+                    client_id = client_id.as_str(),
+                    topic = will.topic.as_str(),
+                    suppressed,
+                    "Will on a topic the ACL does not let the client write: CONNACK 0x05; \
+                     counted in heartwire_connections_refused_total (reason \
+                     will_not_authorized), this line at most every 10 s."
+                );
+            }
+            io.refuse(ConnackCode::NotAuthorized).await;
+            return None;
+        }
+    }
+
     // A place among `mqtt.max_connections` (given back by `close`, or below if the handshake
     // ends before the session starts).
     let open = broker.open_connections.fetch_add(1, Ordering::AcqRel);
@@ -259,6 +284,14 @@ pub async fn handshake<S: Transport>(
         session.incarnation,
         attached.dropped_subscriptions.iter().map(|f| &**f),
     );
+    // A resumed session's subscriptions obey the rules of the client that resumes it.
+    let revoked = broker.apply_acl(&session, acl);
+    if revoked > 0 {
+        tracing::info!(
+            revoked,
+            "Subscriptions of the resumed session that the ACL no longer allows were removed."
+        );
+    }
 
     // From here on exactly one Disconnected event is owed (sent by `close`).
     let (session_id, seq) = (attached.session_id, attached.seq);

@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 use super::handshake::Established;
 use super::io::{Io, Transport};
 use super::packets::{self, acknowledge, Handled, Held, Job};
-use crate::labels::{DisconnectReason, PacketType};
+use crate::auth::acl::Access;
+use crate::labels::{AclDenial, DisconnectReason, PacketType};
 use crate::metrics::metrics;
 use crate::mqtt::session::{Backlog, Session, CLIENT_GRACE};
 use crate::mqtt::Broker;
@@ -435,9 +436,21 @@ fn fill<S: Transport>(io: &mut Io<S>, broker: &Broker, session: &Arc<Session>) -
             // Waits for acknowledgements; queued messages may still go below.
             st.resume_retained(cursor);
         } else {
+            let acl = st.acl.clone();
             drop(st);
             let mut batch = Vec::new();
             let done = broker.router.retained_step(&mut cursor, room, &mut batch);
+            // Delivered only where reading is allowed (CVE-2018-12546).
+            if let Some(acl) = acl {
+                let before = batch.len();
+                batch.retain(|m| acl.allows(Access::Read, &m.topic));
+                let withheld = before - batch.len();
+                if withheld > 0 {
+                    metrics()
+                        .acl_denied
+                        .inc_by(AclDenial::Retained, withheld as u64);
+                }
+            }
             st = session.state();
             let (count, before) = (batch.len(), io.wbuf.len());
             st.write_retained(&mut io.wbuf, batch, cursor.qos, limits);
