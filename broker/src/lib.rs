@@ -283,7 +283,8 @@ async fn serve<S: PresenceStore>(
         mqtt_broker.live_sessions(),
         migrated,
         &config.http,
-    );
+    )
+    .with_bans(Arc::clone(&mqtt_broker.flapping));
     tracing::info!(
         listen = %http_listener.local_addr().unwrap_or(config.http.listen),
         "HTTP listener ready."

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use super::budget::ByteBudget;
+use super::limits::{AddressCounts, Flapping};
 use super::router::Router;
 use super::session::Session;
 use super::sessions::{Detached, ExpiryQueue, LiveSessions, SessionTable};
@@ -44,11 +45,17 @@ pub struct Broker {
     pub auth: Arc<Auth>,
     /// Connections past authentication and not yet closed (`mqtt.max_connections`).
     pub open_connections: std::sync::atomic::AtomicUsize,
+    /// Connections past authentication and not yet closed, per source address
+    /// (`mqtt.max_connections_per_address`; empty while it is 0).
+    pub addresses: AddressCounts,
+    /// Flapping detection and its bans (`mqtt.flapping`), shared with the admin API.
+    pub flapping: Arc<Flapping>,
 }
 
 impl Broker {
     /// The state of one listener.
     pub fn new(config: MqttConfig, events: EventSender) -> Self {
+        let flapping = Arc::new(Flapping::new(&config.flapping));
         Self {
             router: Router::new(&config),
             sessions: SessionTable::new(),
@@ -65,6 +72,8 @@ impl Broker {
             released: Notify::new(),
             auth: Arc::new(Auth::open()),
             open_connections: std::sync::atomic::AtomicUsize::new(0),
+            addresses: AddressCounts::default(),
+            flapping,
         }
     }
 
