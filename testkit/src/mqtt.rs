@@ -31,6 +31,8 @@ pub struct TestBroker {
     pub tls_config: Option<Arc<broker::transport::tls::Tls>>,
     /// The authentication in force, to reload it.
     pub auth: Arc<Auth>,
+    /// The state the connections share (address counts, flapping bans, ...).
+    pub mqtt: Arc<mqtt::Broker>,
     /// The connection events, as the bridge would receive them; a test that reads them itself
     /// may take the receiver out.
     pub events: EventReceiver,
@@ -73,9 +75,10 @@ impl TestBroker {
             .expect("the TLS configuration loads");
         let (tx, events) = event::channel(1024);
         let shutdown = CancellationToken::new();
+        let broker = Arc::new(mqtt::Broker::new(config, tx).with_auth(Arc::clone(&auth)));
         let handle = tokio::spawn(mqtt::serve(
             endpoints,
-            Arc::new(mqtt::Broker::new(config, tx).with_auth(Arc::clone(&auth))),
+            Arc::clone(&broker),
             shutdown.clone(),
             Duration::from_secs(5),
         ));
@@ -86,6 +89,7 @@ impl TestBroker {
             wss: wss_addr,
             tls_config,
             auth,
+            mqtt: broker,
             events,
             shutdown,
             handle,
