@@ -202,7 +202,6 @@ fn poll_serve<'a, S: Transport>(
         }
 
         let retry_parked_at = state.parked.as_ref().map(|p| p.retry_at);
-        let paused_until = conn.paused_until();
         match deadlines(
             cx,
             broker,
@@ -211,7 +210,6 @@ fn poll_serve<'a, S: Transport>(
             timer.as_mut(),
             &mut state.deadlines,
             retry_parked_at,
-            paused_until,
         ) {
             Poll::Ready(Some(reason)) => return Poll::Ready(reason),
             // Fired early (the deadline moved): re-armed, look again.
@@ -512,9 +510,9 @@ fn deadlines<S: Transport>(
     mut timer: Pin<&mut tokio::time::Sleep>,
     d: &mut Deadlines,
     retry_parked_at: Option<Instant>,
-    paused_until: Option<Instant>,
 ) -> Poll<Option<DisconnectReason>> {
     let config = &broker.config;
+    let paused_until = conn.paused_until();
     // While the broker holds the client's reads back, the client cannot be silent or slow.
     let reading = paused_until.is_none();
     // Moved earlier when needed and otherwise left to fire and be pushed to the current
