@@ -223,6 +223,17 @@ pub struct Ban {
     pub reason: &'static str,
 }
 
+/// What flapping detection says of an accepted CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flap {
+    /// Within the limit.
+    Allowed,
+    /// One too many in the window: the id is banned from now on, this CONNECT included.
+    NewBan,
+    /// Banned already (another connection of the id was checked at the same time).
+    Banned,
+}
+
 /// What the flapping detector knows of one client id.
 #[derive(Debug)]
 struct Track {
@@ -282,11 +293,10 @@ impl Flapping {
             .is_some_and(|(_, until)| now < until)
     }
 
-    /// Counts an accepted CONNECT of `client_id`; true when that is one too many in the
-    /// window: the id is banned from now on (this CONNECT included).
-    pub fn connected(&self, client_id: &str, now: Instant) -> bool {
+    /// Counts an accepted CONNECT of `client_id`, and says whether it may go on.
+    pub fn connected(&self, client_id: &str, now: Instant) -> Flap {
         if !self.enabled() {
-            return false;
+            return Flap::Allowed;
         }
         let window = self.config.window;
         let mut table = self.table();
@@ -306,7 +316,7 @@ impl Flapping {
                          are not followed until older ones leave the window."
                     );
                 }
-                return false;
+                return Flap::Allowed;
             }
             table.ids.insert(
                 client_id.into(),
@@ -318,12 +328,18 @@ impl Flapping {
             );
         }
         let Some(track) = table.ids.get_mut(client_id) else {
-            return false;
+            return Flap::Allowed;
         };
-        if track.banned.is_some_and(|(_, until)| now >= until) {
-            track.banned = None;
-            track.connects = 0;
-            track.window_start = now;
+        match track.banned {
+            // Banned meanwhile (another connection of the id passed the check at the same
+            // time): refused, and the ban stays as it is.
+            Some((_, until)) if now < until => return Flap::Banned,
+            Some(_) => {
+                track.banned = None;
+                track.connects = 0;
+                track.window_start = now;
+            }
+            None => {}
         }
         if now >= track.window_start + window {
             track.window_start = now;
@@ -331,11 +347,11 @@ impl Flapping {
         }
         track.connects = track.connects.saturating_add(1);
         if track.connects <= self.config.max_connects {
-            return false;
+            return Flap::Allowed;
         }
         track.banned = Some((SystemTime::now(), now + self.config.ban_time));
         metrics().flapping_bans.inc();
-        true
+        Flap::NewBan
     }
 
     /// The bans in force, by client id.
@@ -467,16 +483,26 @@ mod tests {
         let f = flapping(3);
         let t0 = Instant::now();
         for i in 0..3 {
-            assert!(!f.connected("dev", t0 + i * MS));
+            assert_eq!(f.connected("dev", t0 + i * MS), Flap::Allowed);
         }
         assert!(!f.is_banned("dev", t0));
-        assert!(f.connected("dev", t0 + 3 * MS), "the fourth in the window");
+        assert_eq!(
+            f.connected("dev", t0 + 3 * MS),
+            Flap::NewBan,
+            "the fourth in the window"
+        );
         assert!(f.is_banned("dev", t0 + 4 * MS));
         assert!(!f.is_banned("other", t0 + 4 * MS));
         assert!(f.is_banned("dev", t0 + Duration::from_secs(300)));
         assert!(!f.is_banned("dev", t0 + Duration::from_secs(301)));
+        // Another connect while banned stays refused, and does not move the ban.
+        assert_eq!(f.connected("dev", t0 + 10 * MS), Flap::Banned);
+        assert!(!f.is_banned("dev", t0 + Duration::from_secs(301)));
         // After the ban, a fresh window.
-        assert!(!f.connected("dev", t0 + Duration::from_secs(301)));
+        assert_eq!(
+            f.connected("dev", t0 + Duration::from_secs(301)),
+            Flap::Allowed
+        );
     }
 
     #[test]
@@ -484,7 +510,8 @@ mod tests {
         let f = flapping(2);
         let t0 = Instant::now();
         for i in 0..10 {
-            assert!(!f.connected("slow", t0 + Duration::from_secs(31 * i)));
+            let at = t0 + Duration::from_secs(31 * i);
+            assert_eq!(f.connected("slow", at), Flap::Allowed);
         }
     }
 
@@ -519,7 +546,7 @@ mod tests {
         f.connected("late", t0 + Duration::from_secs(61));
         assert_eq!(f.tracked(), 1, "swept once the window passed");
         let off = flapping(0);
-        assert!(!off.connected("x", t0));
+        assert_eq!(off.connected("x", t0), Flap::Allowed);
         assert_eq!(off.tracked(), 0, "off: nothing followed");
     }
 }

@@ -18,7 +18,7 @@ use crate::event::{ConnectionEvent, SessionId};
 use crate::labels::{AuthMethod, Listener, RefusalReason};
 use crate::metrics::metrics;
 use crate::mqtt::codec::{self, CodecError, ConnackCode};
-use crate::mqtt::limits::Throttle;
+use crate::mqtt::limits::{Flap, Throttle};
 use crate::mqtt::session::Session;
 use crate::mqtt::sessions::Attach;
 use crate::mqtt::{topic, Broker};
@@ -245,12 +245,15 @@ pub async fn handshake<S: Transport>(
     tracing::debug!(method = ?method, "Authenticated.");
 
     // Counted once authenticated, so that nobody can get someone else's id banned.
-    if broker
+    match broker
         .flapping
         .connected(&client_id, tokio::time::Instant::now())
     {
-        refuse_banned(io, &peer, &client_id, true).await;
-        return None;
+        Flap::Allowed => {}
+        flap => {
+            refuse_banned(io, &peer, &client_id, flap == Flap::NewBan).await;
+            return None;
+        }
     }
 
     // A place among `mqtt.max_connections` (given back by `close`, or below if the handshake
