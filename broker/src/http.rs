@@ -14,10 +14,12 @@
 //! - [`queries`]: the API reads through a store pool of its own, never the bridge's, and at most
 //!   `http.max_store_queries` requests query it at once; /api/v1/stats comes from a
 //!   short-lived cache;
+//! - [`bans`]: the admin endpoints that list and lift flapping bans, merged into [`app`];
 //! - [`head`] and [`server`]: the listener, which refuses request heads over the limits in JSON
 //!   before routing.
 
 pub mod api;
+pub mod bans;
 pub mod error;
 pub mod head;
 pub mod layers;
@@ -34,6 +36,7 @@ use axum::Router;
 
 use crate::config::HttpConfig;
 use crate::labels::HttpRoute;
+use crate::mqtt::limits::Flapping;
 use crate::mqtt::LiveSessions;
 use crate::store::PresenceStore;
 use layers::counted_as;
@@ -54,6 +57,8 @@ pub struct AppState<S> {
     pub queries: Arc<QueryLimit>,
     /// The /api/v1/stats totals.
     pub stats: Arc<StatsCache>,
+    /// The broker's flapping detector, whose bans the admin endpoints list and lift.
+    pub bans: Arc<Flapping>,
 }
 
 impl<S: PresenceStore> AppState<S> {
@@ -74,7 +79,14 @@ impl<S: PresenceStore> AppState<S> {
                 config.store_queue_timeout,
             )),
             stats: Arc::new(StatsCache::new(config.stats_cache_ttl)),
+            bans: Arc::new(Flapping::new(&Default::default())),
         }
+    }
+
+    /// The same, listing and lifting the bans of `flapping` (the broker's).
+    pub fn with_bans(mut self, flapping: Arc<Flapping>) -> Self {
+        self.bans = flapping;
+        self
     }
 }
 
@@ -82,6 +94,7 @@ impl<S: PresenceStore> AppState<S> {
 /// and the scrape), inside the counting and JSON-error layers.
 pub fn app<S: PresenceStore>(state: AppState<S>) -> Router {
     use HttpRoute::{Device, Devices, Nodes, Readyz, Sessions, Stats};
+    let bans = bans::routes(Arc::clone(&state.bans));
     let routes = Router::new()
         .route(
             "/api/v1/devices",
@@ -106,7 +119,8 @@ pub fn app<S: PresenceStore>(state: AppState<S>) -> Router {
         .route("/healthz", counted_as(None, get(|| async { "ok\n" })))
         .route("/readyz", counted_as(Some(Readyz), get(api::readyz::<S>)))
         .route("/metrics", counted_as(None, get(api::metrics_text)))
-        .with_state(state);
+        .with_state(state)
+        .merge(bans);
     // Around the whole router rather than each route, so that they see its answers complete
     // (a route adds the `Allow` header of its 405 itself) and the router's own errors.
     Router::new()

@@ -163,6 +163,11 @@ label_enum! {
         MaxConnections => "max_connections",
         /// A will on a topic the client may not write (CONNACK 0x05).
         WillNotAuthorized => "will_not_authorized",
+        /// `mqtt.max_connections_per_address` connections were open from the client's address
+        /// (CONNACK 0x03).
+        MaxConnectionsPerAddress => "max_connections_per_address",
+        /// The client id is banned for connecting too often (`mqtt.flapping`; CONNACK 0x05).
+        Banned => "banned",
     }
 }
 
@@ -321,6 +326,17 @@ label_enum! {
 }
 
 label_enum! {
+    /// Which publish rate held a client's reads back (`limit` of
+    /// `heartwire_publish_throttled_total`).
+    PublishLimit {
+        /// `mqtt.max_publish_rate`: PUBLISH packets a second.
+        Messages => "messages",
+        /// `mqtt.max_publish_bytes_rate`: topic and payload bytes a second.
+        Bytes => "bytes",
+    }
+}
+
+label_enum! {
     /// Why a retained message was not stored (`reason` of `heartwire_retained_refused_total`).
     RetainRefusal {
         /// The store holds `mqtt.max_retained_messages` already.
@@ -382,6 +398,8 @@ label_enum! {
         Nodes => "nodes",
         /// `GET /readyz`.
         Readyz => "readyz",
+        /// `GET /api/v1/admin/bans` and `DELETE /api/v1/admin/bans/{client_id}`.
+        Bans => "bans",
         /// A request head refused before routing (too long, too many fields, malformed).
         Rejected => "rejected",
         /// An unknown route or a wrong method: answered by the router, not a route (a bad
@@ -440,6 +458,7 @@ mod tests {
         closed::<VerifyOutcome>();
         closed::<AuthMethod>();
         closed::<DropReason>();
+        closed::<PublishLimit>();
         closed::<SubscriptionRefusal>();
         closed::<AclDenial>();
         closed::<RetainRefusal>();

@@ -8,7 +8,8 @@
 //! - [`auth`]: who may connect: a CONNECT's credentials checked against Mosquitto-format
 //!   password files (also written by `broker passwd`), off the runtime, with a cache.
 //! - [`mqtt`]: the listeners (one accept loop each; transport handshakes in tasks of their
-//!   own), one task per connection (keep-alive, takeover), sessions, routing; emits a
+//!   own), one task per connection (keep-alive, takeover), sessions, routing, the limits on
+//!   clients (accept and publish rates, connections per address, flapping bans); emits a
 //!   connection event for every connect and disconnect.
 //! - [`presence`]: the bridge that batches the connection events into the store (memory
 //!   buffer, and a journal whose file I/O runs off the async runtime, while the database is
@@ -293,7 +294,8 @@ async fn serve<S: PresenceStore>(
         mqtt_broker.live_sessions(),
         migrated,
         &config.http,
-    );
+    )
+    .with_bans(Arc::clone(&mqtt_broker.flapping));
     tracing::info!(
         listen = %http_listener.local_addr().unwrap_or(config.http.listen),
         "HTTP listener ready."

@@ -373,7 +373,7 @@ async fn cve_2021_34434_a_reload_removes_subscriptions_no_longer_allowed() {
 async fn a_broken_file_on_reload_keeps_the_rules_in_force() {
     let setup = start(ACL).await;
     std::fs::write(&setup.acl_file, "topic read a\nbogus line\n").unwrap();
-    let error = setup.broker.broker.reload_acl().unwrap_err().to_string();
+    let error = setup.broker.mqtt.reload_acl().unwrap_err().to_string();
     assert!(error.contains("line 2"), "{error}");
     let mut alice = client(&setup, "alice-1", Some("alice")).await;
     assert_eq!(subscribe(&mut alice, &["alice/#"]).await, [GRANTED]);
@@ -383,7 +383,7 @@ async fn a_broken_file_on_reload_keeps_the_rules_in_force() {
 fn reload(setup: &Setup) -> broker::mqtt::AclReload {
     setup
         .broker
-        .broker
+        .mqtt
         .reload_acl()
         .expect("the ACL file reloads")
         .expect("an ACL file is configured")

@@ -39,7 +39,11 @@ runpy.run_path('client_test.py', run_name='__main__')
 async fn paho_interoperability_suite_passes_in_full() {
     let dir = temp_dir("paho");
     let acl_file = dir.path().join("acl");
-    std::fs::write(&acl_file, "topic readwrite #\ntopic deny test/nosubscribe\n").unwrap();
+    std::fs::write(
+        &acl_file,
+        "topic readwrite #\ntopic deny test/nosubscribe\n",
+    )
+    .unwrap();
     let broker = TestBroker::start_with_auth(
         |_| {},
         AuthConfig {

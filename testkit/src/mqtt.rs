@@ -32,8 +32,8 @@ pub struct TestBroker {
     pub tls_config: Option<Arc<broker::transport::tls::Tls>>,
     /// The authentication in force, to reload it.
     pub auth: Arc<Auth>,
-    /// The MQTT layer's shared state (to reload its ACL, look at its sessions).
-    pub broker: Arc<mqtt::Broker>,
+    /// The state the connections share (sessions, ACL, address counts, flapping bans, ...).
+    pub mqtt: Arc<mqtt::Broker>,
     /// The connection events, as the bridge would receive them; a test that reads them itself
     /// may take the receiver out.
     pub events: EventReceiver,
@@ -95,7 +95,7 @@ impl TestBroker {
             wss: wss_addr,
             tls_config,
             auth,
-            broker,
+            mqtt: broker,
             events,
             shutdown,
             handle,

@@ -19,6 +19,9 @@ pub enum ApiError {
     /// 404.
     #[error("device {0:?} not found")]
     NotFound(String),
+    /// 404: a ban to lift that is not in force.
+    #[error("client id {0:?} is not banned")]
+    NotBanned(String),
     /// 400.
     #[error("{0}")]
     BadRequest(String),
@@ -38,7 +41,7 @@ pub enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::NotBanned(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Store(error) => {
                 if let Some(suppressed) = STORE_FAILED.check() {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use super::budget::ByteBudget;
+use super::limits::{AddressCounts, Flapping};
 use super::router::Router;
 use super::session::Session;
 use super::sessions::{Detached, ExpiryQueue, LiveSessions, SessionTable};
@@ -59,11 +60,17 @@ pub struct Broker {
     pub acl: Arc<Acl>,
     /// Connections past authentication and not yet closed (`mqtt.max_connections`).
     pub open_connections: std::sync::atomic::AtomicUsize,
+    /// Connections past authentication and not yet closed, per source address
+    /// (`mqtt.max_connections_per_address`; empty while it is 0).
+    pub addresses: AddressCounts,
+    /// Flapping detection and its bans (`mqtt.flapping`), shared with the admin API.
+    pub flapping: Arc<Flapping>,
 }
 
 impl Broker {
     /// The state of one listener.
     pub fn new(config: MqttConfig, events: EventSender) -> Self {
+        let flapping = Arc::new(Flapping::new(&config.flapping));
         Self {
             router: Router::new(&config),
             sessions: SessionTable::new(),
@@ -81,6 +88,8 @@ impl Broker {
             auth: Arc::new(Auth::open()),
             acl: Arc::new(Acl::none()),
             open_connections: std::sync::atomic::AtomicUsize::new(0),
+            addresses: AddressCounts::default(),
+            flapping,
         }
     }
 
