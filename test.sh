@@ -17,6 +17,8 @@
 #   Debian package `mosquitto-clients`.
 # - Node.js and npm, and the MQTT.js client (broker/tests/js, `npm ci` there: the WebSocket
 #   tests of broker/tests/clients.rs). Debian packages `nodejs` and `npm`.
+# - Python 3, which runs the Eclipse Paho interoperability suite (broker/tests/paho.rs, from
+#   ../shared/paho-interop beside the checkout). Debian package `python3`.
 # Packages are installed with apt-get as root, or through sudo. When neither is possible the
 # script stops and says what to install: the tests never skip a missing dependency silently.
 set -euo pipefail
@@ -61,6 +63,10 @@ have_mosquitto_clients() {
   command -v mosquitto_pub >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1
 }
 
+have_python() {
+  command -v python3 >/dev/null 2>&1
+}
+
 have_node() {
   command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1
 }
@@ -71,6 +77,7 @@ have_prometheus || packages+=(prometheus)
 have_mosquitto || packages+=(mosquitto)
 have_mosquitto_clients || packages+=(mosquitto-clients)
 have_node || packages+=(nodejs npm)
+have_python || packages+=(python3)
 
 if ((${#packages[@]})); then
   as_root=()
@@ -101,6 +108,9 @@ if ((${#packages[@]})); then
         mosquitto-clients)
           say "  - mosquitto_pub and mosquitto_sub: Debian/Ubuntu package 'mosquitto-clients'"
           ;;
+        python3)
+          say "  - Python 3: Debian/Ubuntu package 'python3' (runs the Paho interoperability suite)"
+          ;;
         nodejs | npm)
           say "  - $p: Debian/Ubuntu package '$p' (Node.js and npm, for the MQTT.js client)"
           ;;
@@ -114,9 +124,9 @@ if ((${#packages[@]})); then
   ${as_root[@]+"${as_root[@]}"} env DEBIAN_FRONTEND=noninteractive \
     apt-get install -y --no-install-recommends "${packages[@]}"
   if ! have_postgres || ! have_prometheus || ! have_mosquitto || ! have_mosquitto_clients ||
-    ! have_node; then
+    ! have_node || ! have_python; then
     say "apt-get installed ${packages[*]} but initdb, prometheus, mosquitto, mosquitto_pub," \
-      "node or npm is still not found"
+      "node, npm or python3 is still not found"
     exit 1
   fi
 fi

@@ -5,7 +5,9 @@
 #
 # Before sourcing, set BROKERS, CORES and BROKER_START_TIMEOUT (seconds until a broker must
 # accept TCP); call bench_setup first. loadgen_prerequisites sets MOSQUITTO, HEARTWIRE,
-# LOADGEN, BROKER_PIN and LOADGEN_PIN (taskset prefixes, empty with CORES=2).
+# LOADGEN, BROKER_PIN and LOADGEN_PIN (taskset prefixes, empty with CORES=2). Heartwire gets
+# the BROKER_* variables of the environment; MOSQUITTO_EXTRA_CONF, when set, holds lines added
+# to Mosquitto's generated configuration (an acl_file, a password_file).
 
 # loadgen_prerequisites: checks BROKERS and CORES, installs mosquitto if needed, builds the
 # release broker (unless HEARTWIRE_BIN is given) and bench/loadgen.
@@ -101,6 +103,7 @@ user $(id -un)
 log_dest stderr
 log_type error
 log_type warning
+${MOSQUITTO_EXTRA_CONF:-}
 EOF
       "${BROKER_PIN[@]}" "$MOSQUITTO" -c "$WORK/$tag.conf" >"$BROKER_LOG" 2>&1 &
       ;;

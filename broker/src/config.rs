@@ -150,6 +150,32 @@ pub struct MqttConfig {
     /// Most MQTT connections open at once (past CONNECT and authentication); a CONNECT beyond
     /// gets CONNACK 0x03 (server unavailable). 0: no limit but the open-file limit.
     pub max_connections: usize,
+    /// Most MQTT connections open at once from one source address (the client's, after the
+    /// PROXY protocol header or a trusted proxy's X-Forwarded-For); a CONNECT beyond gets
+    /// CONNACK 0x03 (server unavailable). 0: no limit.
+    pub max_connections_per_address: usize,
+    /// Sockets each MQTT listener accepts per second (a token bucket, as EMQX's
+    /// max_conn_rate): beyond, the accept loop waits for a token and the kernel's listen
+    /// backlog holds the others. 0: no limit.
+    pub max_connection_rate: u64,
+    /// Sockets a listener accepts at once before `max_connection_rate` applies. 0: one second's
+    /// worth (the rate).
+    pub connection_rate_burst: u64,
+    /// PUBLISH packets per second one client may send: beyond, the broker stops reading its
+    /// socket until the rate allows (TCP then slows the client; nothing is dropped). 0: no
+    /// limit.
+    pub max_publish_rate: u64,
+    /// PUBLISH packets a client may send at once before `max_publish_rate` applies. 0: one
+    /// second's worth (the rate).
+    pub publish_rate_burst: u64,
+    /// Topic and payload bytes per second one client may publish, enforced as
+    /// `max_publish_rate` is. 0: no limit.
+    pub max_publish_bytes_rate: u64,
+    /// Bytes a client may publish at once before `max_publish_bytes_rate` applies. 0: one
+    /// second's worth (the rate).
+    pub publish_bytes_burst: u64,
+    /// Flapping detection: client ids that connect too often are banned for a while.
+    pub flapping: FlappingConfig,
     /// Whether every connection to `mqtt.listen` starts with a PROXY protocol header (v1 or v2,
     /// as HAProxy and cloud load balancers send it): the address it carries is recorded as the
     /// client's. A connection without a valid header is closed. Only for a listener that nothing
@@ -162,6 +188,32 @@ pub struct MqttConfig {
     /// MQTT over WebSocket over TLS (the certificate and client-certificate settings of
     /// `mqtt.tls`).
     pub wss: WsConfig,
+}
+
+/// Flapping detection: a client id that connects more than `max_connects` times within
+/// `window` is refused (CONNACK 0x05) for `ban_time`. EMQX's defaults are 15 in 1m, banned for
+/// 5m.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlappingConfig {
+    /// Accepted CONNECTs of one client id allowed within `window`; one more bans it. 0: off.
+    pub max_connects: u32,
+    /// The window connects are counted in.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// How long a flapping client id is refused.
+    #[serde(with = "humantime_serde")]
+    pub ban_time: Duration,
+}
+
+impl Default for FlappingConfig {
+    fn default() -> Self {
+        Self {
+            max_connects: 0,
+            window: Duration::from_secs(60),
+            ban_time: Duration::from_secs(300),
+        }
+    }
 }
 
 /// Lowest TLS protocol version accepted.
@@ -306,6 +358,14 @@ impl Default for MqttConfig {
             persistent_session_expiry: Duration::from_secs(24 * 3600),
             accept_backoff_max: Duration::from_secs(1),
             max_connections: 0,
+            max_connections_per_address: 0,
+            max_connection_rate: 0,
+            connection_rate_burst: 0,
+            max_publish_rate: 0,
+            publish_rate_burst: 0,
+            max_publish_bytes_rate: 0,
+            publish_bytes_burst: 0,
+            flapping: FlappingConfig::default(),
             proxy_protocol: false,
             tls: TlsConfig::default(),
             ws: WsConfig::default(),
@@ -339,6 +399,10 @@ pub struct AuthConfig {
     /// A Mosquitto-format password file (`user:$7$...` from mosquitto_passwd, or argon2id lines
     /// from `broker passwd`). Re-read on SIGHUP.
     pub password_file: Option<PathBuf>,
+    /// A Mosquitto-format ACL file (`topic`, `user`, `pattern` lines with read, write,
+    /// readwrite or deny). Once set, what no rule allows is denied (an empty file denies
+    /// everything). Re-read on SIGHUP; connections lose what the new file no longer allows.
+    pub acl_file: Option<PathBuf>,
     /// Which identity the client id must equal: "none", "username" (the authenticated user
     /// name) or "identity" (the TLS client certificate's). A client claiming another id gets
     /// CONNACK 0x05; the device connected under that id is untouched.
@@ -360,6 +424,7 @@ impl Default for AuthConfig {
         Self {
             allow_anonymous: false,
             password_file: None,
+            acl_file: None,
             bind_client_id: ClientIdBinding::None,
             max_concurrent_verifications: 2,
             credential_cache_size: 100_000,
@@ -680,6 +745,25 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     ("mqtt.persistent_session_expiry", Accepts::Duration),
     ("mqtt.accept_backoff_max", Accepts::Duration),
     ("mqtt.max_connections", Accepts::Whole(0, u64::MAX)),
+    (
+        "mqtt.max_connections_per_address",
+        Accepts::Whole(0, u64::MAX),
+    ),
+    ("mqtt.max_connection_rate", Accepts::Whole(0, 1_000_000)),
+    ("mqtt.connection_rate_burst", Accepts::Whole(0, 1_000_000)),
+    ("mqtt.max_publish_rate", Accepts::Whole(0, 1_000_000)),
+    ("mqtt.publish_rate_burst", Accepts::Whole(0, 1_000_000)),
+    (
+        "mqtt.max_publish_bytes_rate",
+        Accepts::Whole(0, 1_000_000_000_000),
+    ),
+    (
+        "mqtt.publish_bytes_burst",
+        Accepts::Whole(0, 1_000_000_000_000),
+    ),
+    ("mqtt.flapping.max_connects", Accepts::Whole(0, 1_000_000)),
+    ("mqtt.flapping.window", Accepts::Duration),
+    ("mqtt.flapping.ban_time", Accepts::Duration),
     ("mqtt.proxy_protocol", Accepts::Bool),
     ("mqtt.tls.listen", Accepts::Address("0.0.0.0:8883")),
     (
@@ -710,6 +794,10 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     (
         "auth.password_file",
         Accepts::Text("a file path (Mosquitto password file)"),
+    ),
+    (
+        "auth.acl_file",
+        Accepts::Text("a file path (Mosquitto ACL file)"),
     ),
     (
         "auth.bind_client_id",
@@ -1208,6 +1296,7 @@ impl Config {
         if m.accept_backoff_max.is_zero() {
             return invalid("mqtt.accept_backoff_max", "must be greater than 0");
         }
+        self.validate_limits()?;
         self.validate_transports()?;
         self.validate_auth()?;
         if self.events.channel_capacity == 0 {
@@ -1273,6 +1362,76 @@ impl Config {
             return invalid("node.heartbeat_interval", "must be greater than 0");
         }
         self.validate_http()?;
+        Ok(())
+    }
+
+    /// The rate limits and flapping detection.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let m = &self.mqtt;
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_owned(),
+            })
+        };
+        let rates = [
+            (
+                "mqtt.max_connection_rate",
+                m.max_connection_rate,
+                "mqtt.connection_rate_burst",
+                m.connection_rate_burst,
+                1_000_000,
+            ),
+            (
+                "mqtt.max_publish_rate",
+                m.max_publish_rate,
+                "mqtt.publish_rate_burst",
+                m.publish_rate_burst,
+                1_000_000,
+            ),
+            (
+                "mqtt.max_publish_bytes_rate",
+                m.max_publish_bytes_rate,
+                "mqtt.publish_bytes_burst",
+                m.publish_bytes_burst,
+                1_000_000_000_000,
+            ),
+        ];
+        for (rate_key, rate, burst_key, burst, max) in rates {
+            if rate > max {
+                return Err(ConfigError::Invalid {
+                    key: rate_key,
+                    message: format!("must be between 0 (no limit) and {max}"),
+                });
+            }
+            if burst > max {
+                return Err(ConfigError::Invalid {
+                    key: burst_key,
+                    message: format!("must be between 0 (the rate) and {max}"),
+                });
+            }
+        }
+        let f = &m.flapping;
+        if f.max_connects > 1_000_000 {
+            return invalid(
+                "mqtt.flapping.max_connects",
+                "must be between 0 (off) and 1000000 (EMQX uses 15)",
+            );
+        }
+        if f.max_connects > 0 {
+            if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&f.window) {
+                return invalid(
+                    "mqtt.flapping.window",
+                    "must be between 1s and 1d (EMQX uses 1m)",
+                );
+            }
+            if !(Duration::from_secs(1)..=Duration::from_secs(30 * 86_400)).contains(&f.ban_time) {
+                return invalid(
+                    "mqtt.flapping.ban_time",
+                    "must be between 1s and 30d (EMQX uses 5m)",
+                );
+            }
+        }
         Ok(())
     }
 
@@ -1538,6 +1697,49 @@ mod tests {
             let err = Config::load_from(None, env(&[(&var, value)])).expect_err(key);
             assert!(err.to_string().contains(key), "{key}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn rate_limits_and_flapping_are_checked() {
+        refused(&[
+            ("mqtt.max_connection_rate", "2000000"),
+            ("mqtt.connection_rate_burst", "-1"),
+            ("mqtt.max_publish_rate", "1.5"),
+            ("mqtt.publish_rate_burst", "lots"),
+            ("mqtt.max_publish_bytes_rate", "2000000000000"),
+            ("mqtt.max_connections_per_address", "-3"),
+            ("mqtt.flapping.max_connects", "2000000"),
+            ("mqtt.flapping.window", "soon"),
+        ]);
+        let flapping = |window: &str, ban: &str| {
+            Config::load_from(
+                None,
+                env(&[
+                    ("BROKER_MQTT__FLAPPING__MAX_CONNECTS", "15"),
+                    ("BROKER_MQTT__FLAPPING__WINDOW", window),
+                    ("BROKER_MQTT__FLAPPING__BAN_TIME", ban),
+                ]),
+            )
+        };
+        let c = flapping("1m", "5m").expect("EMQX's values");
+        assert_eq!(c.mqtt.flapping.max_connects, 15);
+        assert_eq!(c.mqtt.flapping.ban_time, Duration::from_secs(300));
+        let err = flapping("0s", "5m").expect_err("empty window");
+        assert!(err.to_string().contains("mqtt.flapping.window"), "{err}");
+        let err = flapping("1m", "100d").expect_err("ban too long");
+        assert!(err.to_string().contains("mqtt.flapping.ban_time"), "{err}");
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("BROKER_MQTT__MAX_PUBLISH_RATE", "100"),
+                ("BROKER_MQTT__PUBLISH_BYTES_BURST", "65536"),
+                ("BROKER_MQTT__MAX_CONNECTIONS_PER_ADDRESS", "10"),
+            ]),
+        )
+        .expect("load");
+        assert_eq!(c.mqtt.max_publish_rate, 100);
+        assert_eq!(c.mqtt.publish_bytes_burst, 65_536);
+        assert_eq!(c.mqtt.max_connections_per_address, 10);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! - [`queries`]: the API reads through a store pool of its own, never the bridge's, and at most
 //!   `http.max_store_queries` requests query it at once; /api/v1/stats comes from a
 //!   short-lived cache;
+//! - [`bans`]: the admin endpoints that list and lift flapping bans, merged into [`app`];
 //! - [`head`] and [`server`]: the listener, which refuses request heads over the limits in JSON
 //!   before routing.
 //! - [`tokens`] and [`access`]: who may use which endpoint: bearer tokens from
@@ -24,6 +25,7 @@
 pub mod access;
 pub mod admin;
 pub mod api;
+pub mod bans;
 pub mod error;
 pub mod head;
 pub mod layers;
@@ -41,6 +43,7 @@ use axum::{Extension, Router};
 
 use crate::config::HttpConfig;
 use crate::labels::HttpRoute;
+use crate::mqtt::limits::Flapping;
 use crate::mqtt::LiveSessions;
 use crate::reload::Reloader;
 use crate::store::PresenceStore;
@@ -67,6 +70,8 @@ pub struct AppState<S> {
     pub access: Arc<ApiAccess>,
     /// What `POST /api/v1/admin/reload` reloads (the same as SIGHUP).
     pub reloader: Arc<Reloader>,
+    /// The broker's flapping detector, whose bans the admin endpoints list and lift.
+    pub bans: Arc<Flapping>,
 }
 
 impl<S: PresenceStore> AppState<S> {
@@ -89,6 +94,7 @@ impl<S: PresenceStore> AppState<S> {
             stats: Arc::new(StatsCache::new(config.stats_cache_ttl)),
             access: Arc::new(ApiAccess::open()),
             reloader: Arc::new(Reloader::new()),
+            bans: Arc::new(Flapping::new(&Default::default())),
         }
     }
 
@@ -101,6 +107,12 @@ impl<S: PresenceStore> AppState<S> {
     /// The same, reloading files with `reloader` (without: none configured).
     pub fn with_reloader(mut self, reloader: Arc<Reloader>) -> Self {
         self.reloader = reloader;
+        self
+    }
+
+    /// The same, listing and lifting the bans of `flapping` (the broker's).
+    pub fn with_bans(mut self, flapping: Arc<Flapping>) -> Self {
+        self.bans = flapping;
         self
     }
 }
@@ -139,11 +151,12 @@ where
 
 /// The router: each route behind its guard and with the label its requests are counted under
 /// (none for the probes and the scrape), inside the counting and JSON-error layers. Admin
-/// routes come from [`admin::routes`].
+/// routes come from [`admin::routes`] and [`bans::routes`].
 pub fn app<S: PresenceStore>(state: AppState<S>) -> Router {
     use Guard::{Metrics, Open, Read};
     use HttpRoute::{Device, Devices, Nodes, Readyz, Sessions, Stats};
     let access = Arc::clone(&state.access);
+    let bans = bans::routes(Arc::clone(&state.bans));
     let routes = Router::new()
         .route(
             "/api/v1/devices",
@@ -172,7 +185,8 @@ pub fn app<S: PresenceStore>(state: AppState<S>) -> Router {
         )
         .route("/metrics", endpoint(Metrics, None, get(api::metrics_text)))
         .merge(admin::routes::<S>())
-        .with_state(state);
+        .with_state(state)
+        .merge(bans);
     // Around the whole router rather than each route, so that they see its answers complete
     // (a route adds the `Allow` header of its 405 itself) and the router's own errors.
     Router::new()

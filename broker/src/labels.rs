@@ -166,6 +166,13 @@ label_enum! {
         NotAuthorized => "not_authorized",
         /// `mqtt.max_connections` connections were open (CONNACK 0x03).
         MaxConnections => "max_connections",
+        /// A will on a topic the client may not write (CONNACK 0x05).
+        WillNotAuthorized => "will_not_authorized",
+        /// `mqtt.max_connections_per_address` connections were open from the client's address
+        /// (CONNACK 0x03).
+        MaxConnectionsPerAddress => "max_connections_per_address",
+        /// The client id is banned for connecting too often (`mqtt.flapping`; CONNACK 0x05).
+        Banned => "banned",
     }
 }
 
@@ -302,6 +309,35 @@ label_enum! {
         FiltersPerSubscribe => "filters_per_subscribe",
         /// A new filter beyond `mqtt.max_subscriptions_per_session`.
         SubscriptionsPerSession => "subscriptions_per_session",
+        /// The ACL lets the client read no topic of the filter (`auth.acl_file`, grants).
+        NotAuthorized => "not_authorized",
+    }
+}
+
+label_enum! {
+    /// What the ACL refused (`action` of `heartwire_acl_denied_total`).
+    AclDenial {
+        /// A PUBLISH to a topic the client may not write: acknowledged and dropped.
+        Publish => "publish",
+        /// A message for a subscription the client may read only part of, on a topic it may
+        /// not read: not delivered.
+        Delivery => "delivery",
+        /// A retained message on a topic the subscriber may not read: not delivered.
+        Retained => "retained",
+        /// A subscription removed because a reloaded ACL (or the client's new rules) no longer
+        /// lets it read anything of the filter.
+        Revoked => "revoked",
+    }
+}
+
+label_enum! {
+    /// Which publish rate held a client's reads back (`limit` of
+    /// `heartwire_publish_throttled_total`).
+    PublishLimit {
+        /// `mqtt.max_publish_rate`: PUBLISH packets a second.
+        Messages => "messages",
+        /// `mqtt.max_publish_bytes_rate`: topic and payload bytes a second.
+        Bytes => "bytes",
     }
 }
 
@@ -371,6 +407,8 @@ label_enum! {
         Kick => "kick",
         /// `POST /api/v1/admin/reload`.
         Reload => "reload",
+        /// `GET /api/v1/admin/bans` and `DELETE /api/v1/admin/bans/{client_id}`.
+        Bans => "bans",
         /// A request head refused before routing (too long, too many fields, malformed).
         Rejected => "rejected",
         /// An unknown route or a wrong method: answered by the router, not a route (a bad
@@ -440,7 +478,9 @@ mod tests {
         closed::<VerifyOutcome>();
         closed::<AuthMethod>();
         closed::<DropReason>();
+        closed::<PublishLimit>();
         closed::<SubscriptionRefusal>();
+        closed::<AclDenial>();
         closed::<RetainRefusal>();
         closed::<StoreOperation>();
         closed::<RetentionPolicy>();

@@ -8,7 +8,8 @@
 //! - [`auth`]: who may connect: a CONNECT's credentials checked against Mosquitto-format
 //!   password files (also written by `broker passwd`), off the runtime, with a cache.
 //! - [`mqtt`]: the listeners (one accept loop each; transport handshakes in tasks of their
-//!   own), one task per connection (keep-alive, takeover), sessions, routing; emits a
+//!   own), one task per connection (keep-alive, takeover), sessions, routing, the limits on
+//!   clients (accept and publish rates, connections per address, flapping bans); emits a
 //!   connection event for every connect and disconnect.
 //! - [`presence`]: the bridge that batches the connection events into the store (memory
 //!   buffer, and a journal whose file I/O runs off the async runtime, while the database is
@@ -20,7 +21,7 @@
 //! - [`http`]: the REST API (typed parameters, one request-counting layer, bearer tokens with
 //!   roles, the admin endpoints), /metrics, /healthz, /readyz, and the HTTP listener that serves
 //!   them (connection limit, timeouts).
-//! - [`reload`]: re-reading the TLS certificate, password and API tokens files without a
+//! - [`reload`]: re-reading the TLS certificate, password, ACL and API tokens files without a
 //!   restart, on SIGHUP and on the admin API's request, through one reloader.
 //!
 //! And the ground floor they all point down at, importing nothing above it:
@@ -101,6 +102,9 @@ pub enum Error {
     /// The API tokens file could not be used.
     #[error("{0}")]
     ApiTokens(#[from] http::tokens::TokensError),
+    /// The ACL file could not be used.
+    #[error("auth.acl_file: {0}")]
+    Acl(#[from] auth::acl::AclError),
     /// The presence journal could not be opened.
     #[error("presence journal (bridge.journal_path): {0}")]
     Journal(#[from] presence::journal::JournalError),
@@ -155,6 +159,7 @@ impl Listeners {
             http: self.http,
             auth: Arc::new(auth::Auth::new(&config.auth)?),
             access: Arc::new(http::tokens::ApiAccess::new(&config.http)?),
+            acl: Arc::new(auth::acl::Acl::new(config.auth.acl_file.as_deref())?),
         })
     }
 }
@@ -171,6 +176,8 @@ struct Prepared {
     auth: Arc<auth::Auth>,
     /// Who may use the API (its tokens file reloaded on SIGHUP).
     access: Arc<http::tokens::ApiAccess>,
+    /// What clients may read and write (its file reloaded on SIGHUP).
+    acl: Arc<auth::acl::Acl>,
 }
 
 async fn bind_optional(
@@ -225,6 +232,7 @@ async fn serve<S: PresenceStore>(
         http: http_listener,
         auth,
         access,
+        acl,
     } = prepared;
     let store = S::open(
         &config.database.url,
@@ -287,9 +295,12 @@ async fn serve<S: PresenceStore>(
         Access::ReadOnly,
     )
     .await?;
-    let mqtt_broker =
-        Arc::new(mqtt::Broker::new(config.mqtt.clone(), events).with_auth(Arc::clone(&auth)));
-    let reloader = Arc::new(reloader(&config, tls, &auth, &access));
+    let mqtt_broker = Arc::new(
+        mqtt::Broker::new(config.mqtt.clone(), events)
+            .with_auth(Arc::clone(&auth))
+            .with_acl(Arc::clone(&acl)),
+    );
+    let reloader = Arc::new(reloader(&config, tls, &auth, &mqtt_broker, &access));
     let state = http::AppState::new(
         api_store,
         mqtt_broker.live_sessions(),
@@ -297,7 +308,8 @@ async fn serve<S: PresenceStore>(
         &config.http,
     )
     .with_access(access)
-    .with_reloader(Arc::clone(&reloader));
+    .with_reloader(Arc::clone(&reloader))
+    .with_bans(Arc::clone(&mqtt_broker.flapping));
     tracing::info!(
         listen = %http_listener.local_addr().unwrap_or(config.http.listen),
         "HTTP listener ready."
@@ -343,16 +355,20 @@ async fn serve<S: PresenceStore>(
 }
 
 /// The files that SIGHUP and `POST /api/v1/admin/reload` re-read, in this order: the TLS
-/// certificate files, the password file, the API tokens file.
+/// certificate files, the password file, the ACL file, the API tokens file.
 fn reloader(
     config: &Config,
     tls: Option<Arc<Tls>>,
     auth: &Arc<auth::Auth>,
+    broker: &Arc<mqtt::Broker>,
     access: &Arc<http::tokens::ApiAccess>,
 ) -> reload::Reloader {
     let m = metrics::metrics();
     let auth = Arc::clone(auth);
     let access = Arc::clone(access);
+    // Weak: the reloader lives in the API's state, which must not keep the MQTT layer (and its
+    // event stream) alive after shutdown.
+    let broker = Arc::downgrade(broker);
     reload::Reloader::new()
         .file(
             "mqtt.tls",
@@ -369,6 +385,25 @@ fn reloader(
                 .password_file
                 .is_some()
                 .then_some(move || auth.reload().map(drop)),
+        )
+        .file(
+            "auth.acl_file",
+            "ACL file",
+            &m.acl_file_reloads,
+            config.auth.acl_file.is_some().then_some(move || {
+                let Some(broker) = broker.upgrade() else {
+                    return Ok(());
+                };
+                if let Some(reload) = broker.reload_acl()? {
+                    tracing::info!(
+                        rules = reload.rules,
+                        sessions = reload.sessions,
+                        revoked = reload.revoked,
+                        "ACL file in force; subscriptions it no longer allows were removed."
+                    );
+                }
+                Ok::<(), auth::acl::AclError>(())
+            }),
         )
         .file(
             "http.api_tokens_file",

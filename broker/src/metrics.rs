@@ -11,14 +11,15 @@ use std::marker::PhantomData;
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Counter, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::labels::{
-    ApiRefusal, DisconnectReason, DropReason, HandshakeFailure, HttpRoute, HttpTimeout, Label,
-    Listener, PacketType, RefusalReason, ReloadOutcome, RetainRefusal, RetentionPolicy,
-    StatusClass, StoreOperation, SubscriptionRefusal, TransitionKind, VerifyOutcome,
+    AclDenial, ApiRefusal, DisconnectReason, DropReason, HandshakeFailure, HttpRoute, HttpTimeout,
+    Label, Listener, PacketType, PublishLimit, RefusalReason, ReloadOutcome, RetainRefusal,
+    RetentionPolicy, StatusClass, StoreOperation, SubscriptionRefusal, TransitionKind,
+    VerifyOutcome,
 };
 
 /// All broker metrics.
@@ -47,6 +48,16 @@ pub struct Metrics {
     /// Refusals answered after a delay (they followed others from the same address or for the
     /// same client id).
     pub auth_refusals_delayed: IntCounter,
+    /// Times an accept loop waited for `mqtt.max_connection_rate` before accepting, by
+    /// listener.
+    pub accept_rate_waits: Counters<Listener>,
+    /// PUBLISH packets after which a client's reads paused for its publish rate, by the limit
+    /// that held it back longest.
+    pub publish_throttled: Counters<PublishLimit>,
+    /// Seconds clients' reads were paused for their publish rates.
+    pub publish_throttled_seconds: Counter,
+    /// Client ids banned by flapping detection.
+    pub flapping_bans: IntCounter,
     /// MQTT connections that completed CONNECT/CONNACK.
     pub connections_accepted: IntCounter,
     /// Ended MQTT connections, by disconnect reason.
@@ -90,6 +101,10 @@ pub struct Metrics {
     pub retained_refused: Counters<RetainRefusal>,
     /// Topic filters refused in SUBSCRIBE (SUBACK 0x80), by reason.
     pub subscriptions_refused: Counters<SubscriptionRefusal>,
+    /// `heartwire_acl_denied_total{action}`.
+    pub acl_denied: Counters<AclDenial>,
+    /// `heartwire_acl_file_reloads_total{outcome}`.
+    pub acl_file_reloads: Counters<ReloadOutcome>,
     /// Last-will messages published.
     pub wills_published: IntCounter,
     /// Accept attempts that failed because the process ran out of file descriptors.
@@ -298,6 +313,14 @@ fn float_gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
     g
 }
 
+fn float_counter(registry: &Registry, name: &str, help: &str) -> Counter {
+    let c = Counter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric");
     registry
@@ -401,6 +424,33 @@ impl Metrics {
                 "Authentication refusals answered after a delay (auth.failure_delay_max): they \
                  followed others from the same address or for the same client id.",
             ),
+            accept_rate_waits: Counters::new(
+                &r,
+                "heartwire_listener_accept_rate_waits_total",
+                "Times an accept loop waited for mqtt.max_connection_rate before accepting the \
+                 next socket (the kernel's listen backlog holds the others), by listener.",
+                "listener",
+            ),
+            publish_throttled: Counters::new(
+                &r,
+                "heartwire_publish_throttled_total",
+                "PUBLISH packets after which the broker paused reading the client for its \
+                 publish rate (mqtt.max_publish_rate: messages, mqtt.max_publish_bytes_rate: \
+                 bytes), by the limit that held it back; nothing is dropped.",
+                "limit",
+            ),
+            publish_throttled_seconds: float_counter(
+                &r,
+                "heartwire_publish_throttled_seconds_total",
+                "Time clients' reads were paused for their publish rates (keep-alive does not \
+                 count it).",
+            ),
+            flapping_bans: counter(
+                &r,
+                "heartwire_flapping_bans_total",
+                "Client ids banned for connecting more than mqtt.flapping.max_connects times \
+                 within mqtt.flapping.window.",
+            ),
             connections_accepted: counter(
                 &r,
                 "heartwire_connections_accepted_total",
@@ -497,6 +547,20 @@ impl Metrics {
                 "heartwire_subscriptions_refused_total",
                 "Topic filters refused with SUBACK 0x80, by reason.",
                 "reason",
+            ),
+            acl_denied: Counters::new(
+                &r,
+                "heartwire_acl_denied_total",
+                "What the ACL refused, by action: publishes dropped (acknowledged), deliveries \
+                 and retained messages withheld, subscriptions revoked on reload.",
+                "action",
+            ),
+            acl_file_reloads: Counters::new(
+                &r,
+                "heartwire_acl_file_reloads_total",
+                "Reloads of auth.acl_file (SIGHUP), by outcome; after a failed one the previous \
+                 file stays in use.",
+                "outcome",
             ),
             wills_published: counter(
                 &r,

@@ -1,5 +1,5 @@
 //! Reloading, without a restart, the files the broker reads at start: the TLS certificate
-//! files, the password file, the API tokens file. SIGHUP and `POST /api/v1/admin/reload` both go
+//! files, the password file, the ACL file, the API tokens file. SIGHUP and `POST /api/v1/admin/reload` both go
 //! through one [`Reloader`]: each configured file is read again off the async runtime; a file
 //! that cannot be used leaves the one in force; each outcome is logged and counted.
 //!
@@ -120,7 +120,7 @@ impl Reloader {
         if outcomes.iter().all(|o| *o == Outcome::NotConfigured) {
             tracing::info!(
                 trigger,
-                "Reload asked for: no TLS certificate, password or API tokens file is configured."
+                "Reload asked for: no TLS certificate, password, ACL or API tokens file is configured."
             );
         }
         for (entry, outcome) in self.entries.iter().zip(&outcomes) {

@@ -567,7 +567,7 @@ async fn node_boots() {
 #[tokio::test]
 async fn every_request_is_counted_once_under_its_route() {
     use broker::labels::{HttpRoute, Label, StatusClass};
-    use HttpRoute::{Device, Devices, Nodes, Other, Readyz, Sessions, Stats};
+    use HttpRoute::{Bans, Device, Devices, Nodes, Other, Readyz, Sessions, Stats};
     use StatusClass::{ClientError, Success};
     let api = Api::new().await;
     let grid = || {
@@ -597,6 +597,13 @@ async fn every_request_is_counted_once_under_its_route() {
             Some((Sessions, ClientError)),
         ),
         ("GET", "/api/v1/stats", Some((Stats, Success))),
+        ("GET", "/api/v1/admin/bans", Some((Bans, Success))),
+        (
+            "DELETE",
+            "/api/v1/admin/bans/ghost",
+            Some((Bans, ClientError)),
+        ),
+        ("POST", "/api/v1/admin/bans", Some((Other, ClientError))),
         ("GET", "/api/v1/nodes?node=x", Some((Nodes, ClientError))),
         ("GET", "/readyz", Some((Readyz, Success))),
         ("GET", "/nope", Some((Other, ClientError))),

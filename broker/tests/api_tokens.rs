@@ -138,6 +138,8 @@ async fn tokens_and_roles_decide_who_uses_which_endpoint() {
     for (method, path) in [
         ("POST", "/api/v1/admin/reload"),
         ("POST", "/api/v1/admin/clients/x/kick"),
+        ("GET", "/api/v1/admin/bans"),
+        ("DELETE", "/api/v1/admin/bans/x"),
     ] {
         let response = api.call(method, path, read).await;
         assert_eq!(response.status, 403, "{path}");
@@ -150,10 +152,18 @@ async fn tokens_and_roles_decide_who_uses_which_endpoint() {
             "{error}"
         );
     }
-    assert_eq!(refused(ApiRefusal::Forbidden), forbidden + 2);
+    assert_eq!(refused(ApiRefusal::Forbidden), forbidden + 4);
     assert_eq!(
         api.call("POST", "/api/v1/admin/reload", admin).await.status,
         200
+    );
+    assert_eq!(
+        api.call("GET", "/api/v1/admin/bans", admin).await.status,
+        200
+    );
+    assert_eq!(
+        api.call("GET", "/api/v1/admin/bans", None).await.status,
+        401
     );
     // The token itself is never in the metrics.
     let text = api.call("GET", "/metrics", read).await.body;
@@ -275,6 +285,9 @@ async fn the_reload_endpoint_rereads_the_password_and_tokens_files() {
         let passwords = dir.join("passwords");
         mosquitto_passwd(&passwords, "meter-1", "one", true);
         config.auth.password_file = Some(passwords);
+        let acl = dir.join("acl");
+        std::fs::write(&acl, "topic readwrite #\n").expect("write the ACL file");
+        config.auth.acl_file = Some(acl);
     })
     .await;
     let admin = Some(api.admin.as_str());
@@ -307,6 +320,7 @@ async fn the_reload_endpoint_rereads_the_password_and_tokens_files() {
     assert_eq!(body["files"]["auth.password_file"]["status"], "reloaded");
     assert_eq!(body["files"]["http.api_tokens_file"]["status"], "reloaded");
     assert_eq!(body["files"]["mqtt.tls"]["status"], "not_configured");
+    assert_eq!(body["files"]["auth.acl_file"]["status"], "reloaded");
     assert_eq!(
         login(&api.broker, "meter-2", "two").await,
         ConnectReturnCode::Success
@@ -321,6 +335,7 @@ async fn the_reload_endpoint_rereads_the_password_and_tokens_files() {
     // Broken files: reported as failed, with the line; the ones in force stay.
     std::fs::write(&passwords, "meter-1:not-a-hash\n").expect("write");
     std::fs::write(&api.tokens, "ops admin\n").expect("write");
+    std::fs::write(api.dir.path().join("acl"), "topic read a\nbogus line\n").expect("write");
     let response = api.call("POST", "/api/v1/admin/reload", admin).await;
     assert_eq!(response.status, 200);
     let body = json(&response);
@@ -332,6 +347,14 @@ async fn the_reload_endpoint_rereads_the_password_and_tokens_files() {
     assert!(
         !error.contains("not-a-hash"),
         "no secret in the answer: {error}"
+    );
+    let failed = &body["files"]["auth.acl_file"];
+    assert_eq!(failed["status"], "failed", "{body}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("line 2")),
+        "{body}"
     );
     let failed = &body["files"]["http.api_tokens_file"];
     assert_eq!(failed["status"], "failed", "{body}");

@@ -227,7 +227,7 @@ async fn a_disconnect_asked_for_closes_with_its_reason_and_publishes_the_will() 
         let (mut client, _) = RawClient::connect(broker.addr, opts).await;
         broker.connected(id).await;
 
-        assert!(broker.broker.disconnect(id, reason));
+        assert!(broker.mqtt.disconnect(id, reason));
         broker.disconnected(id, reason).await;
         assert!(
             client.until_closed().await.is_empty(),
@@ -235,18 +235,16 @@ async fn a_disconnect_asked_for_closes_with_its_reason_and_publishes_the_will() 
         );
         let will = watcher.publish_received().await;
         assert_eq!(will.topic, topic);
-        assert!(!broker.broker.disconnect(id, reason), "{id} is gone");
+        assert!(!broker.mqtt.disconnect(id, reason), "{id} is gone");
     }
-    assert!(!broker.broker.disconnect("nobody", DisconnectReason::Kicked));
+    assert!(!broker.mqtt.disconnect("nobody", DisconnectReason::Kicked));
     // A persistent session outlives the disconnect; its client comes back to it.
     let mut opts = ConnectOpts::new("valve-3");
     opts.clean_session = false;
     let (mut client, _) = RawClient::connect(broker.addr, opts).await;
     broker.connected("valve-3").await;
     client.subscribe("cmd/valve-3", QoS::AtLeastOnce).await;
-    assert!(broker
-        .broker
-        .disconnect("valve-3", DisconnectReason::Kicked));
+    assert!(broker.mqtt.disconnect("valve-3", DisconnectReason::Kicked));
     broker
         .disconnected("valve-3", DisconnectReason::Kicked)
         .await;

@@ -13,6 +13,7 @@
 //!   client certificates as PEM files.
 //! - `client`: MQTT test clients: raw bytes ([`RawClient`], [`ConnectOpts`], [`encode`],
 //!   [`connect_packet`]) and rumqttc ([`Client`]).
+//! - `mosquitto`: a real Mosquitto beside ours ([`Mosquitto`]).
 //! - `mqtt`: the MQTT layer alone, in-process on the test's runtime ([`TestBroker`]), with its
 //!   connection events.
 //! - `full`: the whole broker (MQTT, bridge, store, HTTP) on a runtime of its own
@@ -24,6 +25,7 @@
 mod client;
 mod full;
 mod http;
+mod mosquitto;
 mod mqtt;
 mod net;
 pub mod pg;
@@ -35,6 +37,7 @@ mod wait;
 pub use client::{connect_packet, encode, Client, ConnectOpts, RawClient};
 pub use full::{sqlite_url, FullBroker};
 pub use http::{http_get, http_request, http_response, Response};
+pub use mosquitto::{mosquitto_bin, Mosquitto};
 pub use mqtt::TestBroker;
 pub use net::free_port;
 pub use pki::{CertFiles, TestPki};

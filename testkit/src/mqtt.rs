@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use broker::auth::acl::Acl;
 use broker::auth::Auth;
 use broker::config::{AuthConfig, MqttConfig};
 use broker::event::{self, ConnectionEvent, EventReceiver};
@@ -31,9 +32,8 @@ pub struct TestBroker {
     pub tls_config: Option<Arc<broker::transport::tls::Tls>>,
     /// The authentication in force, to reload it.
     pub auth: Arc<Auth>,
-    /// The MQTT layer's shared state, to act on connections as the broker does
-    /// ([`mqtt::Broker::disconnect`]).
-    pub broker: Arc<mqtt::Broker>,
+    /// The state the connections share (sessions, ACL, address counts, flapping bans, ...).
+    pub mqtt: Arc<mqtt::Broker>,
     /// The connection events, as the bridge would receive them; a test that reads them itself
     /// may take the receiver out.
     pub events: EventReceiver,
@@ -59,6 +59,7 @@ impl TestBroker {
     pub async fn start_with_auth(adjust: impl FnOnce(&mut MqttConfig), auth: AuthConfig) -> Self {
         let mut config = MqttConfig::default();
         adjust(&mut config);
+        let acl = Arc::new(Acl::new(auth.acl_file.as_deref()).expect("the ACL file loads"));
         let auth = Arc::new(Auth::new(&auth).expect("the auth configuration loads"));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
@@ -76,7 +77,11 @@ impl TestBroker {
             .expect("the TLS configuration loads");
         let (tx, events) = event::channel(1024);
         let shutdown = CancellationToken::new();
-        let broker = Arc::new(mqtt::Broker::new(config, tx).with_auth(Arc::clone(&auth)));
+        let broker = Arc::new(
+            mqtt::Broker::new(config, tx)
+                .with_auth(Arc::clone(&auth))
+                .with_acl(acl),
+        );
         let handle = tokio::spawn(mqtt::serve(
             endpoints,
             Arc::clone(&broker),
@@ -90,7 +95,7 @@ impl TestBroker {
             wss: wss_addr,
             tls_config,
             auth,
-            broker,
+            mqtt: broker,
             events,
             shutdown,
             handle,

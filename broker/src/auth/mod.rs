@@ -7,6 +7,7 @@
 //! are remembered (as a keyed SHA-256, never the password) so that a reconnect storm of known
 //! devices is cheap; the memory is cleared when the password file is reloaded.
 
+pub mod acl;
 pub mod password_file;
 
 use std::collections::HashMap;

@@ -1,5 +1,6 @@
 //! The admin endpoints (role admin): closing a client's connection and reloading the files.
-//! More admin endpoints join them in [`routes`].
+//! More admin endpoints join them in [`routes`] (the bans of [`super::bans`] have a state of
+//! their own and are merged into [`super::app`] beside them, behind the same guard).
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -62,8 +63,8 @@ pub async fn kick<S: PresenceStore>(
     ))
 }
 
-/// `POST /api/v1/admin/reload`: re-reads the TLS certificate files, the password file and the
-/// API tokens file, as SIGHUP does. 200 with each file's outcome (`reloaded`, `failed` with its
+/// `POST /api/v1/admin/reload`: re-reads the TLS certificate files, the password file, the ACL
+/// file and the API tokens file, as SIGHUP does. 200 with each file's outcome (`reloaded`, `failed` with its
 /// error, `not_configured`) and `ok`: whether none failed.
 pub async fn reload<S: PresenceStore>(
     State(state): State<AppState<S>>,

@@ -22,6 +22,9 @@ pub enum ApiError {
     /// 404: no connection of this client id on this node.
     #[error("client {0:?} is not connected to this node")]
     NotConnected(String),
+    /// 404: a ban to lift that is not in force.
+    #[error("client id {0:?} is not banned")]
+    NotBanned(String),
     /// 400.
     #[error("{0}")]
     BadRequest(String),
@@ -41,7 +44,9 @@ pub enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
-            ApiError::NotFound(_) | ApiError::NotConnected(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::NotConnected(_) | ApiError::NotBanned(_) => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Store(error) => {
                 if let Some(suppressed) = STORE_FAILED.check() {

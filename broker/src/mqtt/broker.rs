@@ -6,14 +6,27 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use super::budget::ByteBudget;
+use super::limits::{AddressCounts, Flapping};
 use super::router::Router;
 use super::session::Session;
 use super::sessions::{Detached, ExpiryQueue, LiveSessions, SessionTable};
+use crate::auth::acl::{Acl, AclError, ClientAcl};
 use crate::auth::Auth;
 use crate::config::MqttConfig;
 use crate::event::{ConnectionEvent, EventSender, SessionId};
-use crate::labels::DisconnectReason;
+use crate::labels::{AclDenial, DisconnectReason};
 use crate::metrics::metrics;
+
+/// What an ACL reload did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AclReload {
+    /// Rules in the new file.
+    pub rules: usize,
+    /// Sessions that lost subscriptions.
+    pub sessions: usize,
+    /// Subscriptions removed.
+    pub revoked: usize,
+}
 
 /// The MQTT side's shared state.
 pub struct Broker {
@@ -43,13 +56,21 @@ pub struct Broker {
     pub expiring: ExpiryQueue,
     /// Who may connect: every CONNECT's credentials are checked here.
     pub auth: Arc<Auth>,
+    /// What clients may read and write: every connection's rules come from here.
+    pub acl: Arc<Acl>,
     /// Connections past authentication and not yet closed (`mqtt.max_connections`).
     pub open_connections: std::sync::atomic::AtomicUsize,
+    /// Connections past authentication and not yet closed, per source address
+    /// (`mqtt.max_connections_per_address`; empty while it is 0).
+    pub addresses: AddressCounts,
+    /// Flapping detection and its bans (`mqtt.flapping`), shared with the admin API.
+    pub flapping: Arc<Flapping>,
 }
 
 impl Broker {
     /// The state of one listener.
     pub fn new(config: MqttConfig, events: EventSender) -> Self {
+        let flapping = Arc::new(Flapping::new(&config.flapping));
         Self {
             router: Router::new(&config),
             sessions: SessionTable::new(),
@@ -65,7 +86,10 @@ impl Broker {
             connection_closed: Notify::new(),
             released: Notify::new(),
             auth: Arc::new(Auth::open()),
+            acl: Arc::new(Acl::none()),
             open_connections: std::sync::atomic::AtomicUsize::new(0),
+            addresses: AddressCounts::default(),
+            flapping,
         }
     }
 
@@ -80,6 +104,12 @@ impl Broker {
     /// Whether one was open. Returns at once; the connection closes on its own task.
     pub fn disconnect(&self, client_id: &str, reason: DisconnectReason) -> bool {
         self.sessions.disconnect(client_id, reason)
+    }
+
+    /// The same, deciding what clients may read and write with `acl`.
+    pub fn with_acl(mut self, acl: Arc<Acl>) -> Self {
+        self.acl = acl;
+        self
     }
 
     /// A read-only view of the sessions, for the API.
@@ -104,6 +134,51 @@ impl Broker {
                 .router
                 .unsubscribe(session.incarnation, dropped.iter().map(|f| &**f)),
         }
+    }
+
+    /// Gives `session` the client rules `acl` and makes its subscriptions obey them: those
+    /// it may no longer read anything of are removed (and counted), the others are checked
+    /// on delivery or not as the rules say. Returns how many were removed.
+    pub fn apply_acl(&self, session: &Arc<Session>, acl: Option<Arc<ClientAcl>>) -> usize {
+        let changes = session.state().apply_acl(acl);
+        // The session lock is never held while taking the router's.
+        if !changes.kept.is_empty() {
+            self.router
+                .subscribe_checked(session, changes.kept.iter().map(|(f, q, c)| (&**f, *q, *c)));
+        }
+        if !changes.revoked.is_empty() {
+            metrics()
+                .acl_denied
+                .inc_by(AclDenial::Revoked, changes.revoked.len() as u64);
+            self.router
+                .unsubscribe(session.incarnation, changes.revoked.iter().map(|f| &**f));
+        }
+        changes.revoked.len()
+    }
+
+    /// Reads `auth.acl_file` again (blocking: call it off the async runtime) and applies it
+    /// to every session: subscriptions no longer readable at all are removed, nothing else is
+    /// dropped. `Ok(None)` without an ACL file.
+    pub fn reload_acl(&self) -> Result<Option<AclReload>, AclError> {
+        let Some(rules) = self.acl.reload()? else {
+            return Ok(None);
+        };
+        let file = self.acl.file();
+        let mut reload = AclReload {
+            rules,
+            ..AclReload::default()
+        };
+        for session in self.sessions.all() {
+            let current = session.state().acl.clone();
+            let Some(current) = current else { continue };
+            let renewed = current.renewed(file.clone(), &session.client_id);
+            let revoked = self.apply_acl(&session, renewed);
+            if revoked > 0 {
+                reload.sessions += 1;
+                reload.revoked += revoked;
+            }
+        }
+        Ok(Some(reload))
     }
 
     /// Sends a connection event; waits while the channel is full (events are never dropped).

@@ -6,6 +6,10 @@
 //! a short-lived task for it, under the connection's `mqtt.connect_timeout` (which also covers
 //! the CONNECT that follows); it then hands the stream to a connection task of its own, so
 //! that a long-lived connection carries nothing of its handshake.
+//!
+//! With `mqtt.max_connection_rate`, each accept loop takes a token from a bucket of its own
+//! before accepting the next socket, waiting for one when there is none (as EMQX's
+//! max_conn_rate): sockets beyond the rate wait in the kernel's listen backlog.
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::connection::{self, Hello, Transport};
+use super::limits::TokenBucket;
 use super::Broker;
 use crate::config::{MqttConfig, WsConfig};
 use crate::labels::{HandshakeFailure, Listener, RefusalReason};
@@ -33,6 +38,8 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 
 /// One line per 10 s about failed transport handshakes; each failure is counted.
 static HANDSHAKE_FAILED: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+/// One line per 10 s about accept loops waiting for `mqtt.max_connection_rate`.
+static RATE_WAIT: LogLimiter = LogLimiter::new(Duration::from_secs(10));
 
 /// What a listener does with a socket before MQTT begins.
 #[derive(Clone)]
@@ -210,7 +217,33 @@ async fn accept_loop(
     let direct = matches!(setup.upgrade, Upgrade::Plain) && !setup.proxy_protocol;
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let mut refused_in_streak: u64 = 0;
+    let mut rate = TokenBucket::new(
+        broker.config.max_connection_rate,
+        broker.config.connection_rate_burst,
+        Instant::now(),
+    );
     loop {
+        if let Some(bucket) = &mut rate {
+            let wait = bucket.wait_for(1.0, Instant::now());
+            if !wait.is_zero() {
+                metrics().accept_rate_waits.inc(setup.kind);
+                if let Some(suppressed) = RATE_WAIT.check() {
+                    tracing::info!(
+                        listener = setup.kind.as_str(),
+                        rate = broker.config.max_connection_rate,
+                        suppressed,
+                        "mqtt.max_connection_rate reached: accepting slowed down (new sockets \
+                         wait in the listen backlog); counted in \
+                         heartwire_listener_accept_rate_waits_total, this line at most every 10 s."
+                    );
+                }
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
         let accepted = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -218,6 +251,9 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                if let Some(bucket) = &mut rate {
+                    bucket.take(1.0, Instant::now());
+                }
                 if refused_in_streak > 0 {
                     tracing::warn!(
                         refused = refused_in_streak,

@@ -5,14 +5,16 @@
 //! connection decodes packets ([`codec`]), attaches to its [`session`] in the [`sessions`] table
 //! and hands [`message`]s to the [`router`] (subscriptions, [`retained`] messages, fan-out);
 //! connection lifecycle events go out on the event channel ([`crate::event`]). What every
-//! connection shares is the [`Broker`]; [`budget`]s bound its memory, [`expiry`] ends abandoned
-//! persistent sessions, [`topic`] validates and matches names and filters.
+//! connection shares is the [`Broker`]; [`budget`]s bound its memory, [`limits`] its clients'
+//! rates (accepting, publishing), connections per address and flapping client ids, [`expiry`]
+//! ends abandoned persistent sessions, [`topic`] validates and matches names and filters.
 
 pub mod broker;
 pub mod budget;
 pub mod codec;
 pub mod connection;
 pub mod expiry;
+pub mod limits;
 pub mod listener;
 pub mod message;
 pub mod retained;
@@ -21,6 +23,6 @@ pub mod session;
 pub mod sessions;
 pub mod topic;
 
-pub use broker::Broker;
+pub use broker::{AclReload, Broker};
 pub use listener::serve;
 pub use sessions::LiveSessions;

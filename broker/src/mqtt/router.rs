@@ -12,6 +12,7 @@ use super::message::{Message, MinQos};
 use super::retained::{Cursor, RetainedStore};
 use super::session::{QueueLimits, Session};
 use crate::config::MqttConfig;
+use crate::labels::AclDenial;
 use crate::metrics::metrics;
 use crate::telemetry::LogLimiter;
 
@@ -21,7 +22,24 @@ struct Node {
     /// Child levels, including the wildcard levels "+" and "#".
     children: HashMap<Box<str>, Node>,
     /// Sessions whose filter ends at this node, by incarnation.
-    subscribers: HashMap<u64, (Arc<Session>, QoS)>,
+    subscribers: HashMap<u64, Subscriber>,
+}
+
+/// A session subscribed to a filter.
+struct Subscriber {
+    session: Arc<Session>,
+    /// The granted QoS.
+    qos: QoS,
+    /// The ACL lets the session read only some topics of the filter: each message is checked.
+    checked: bool,
+}
+
+/// A session a message goes to: its highest granted QoS among the matching filters, and
+/// whether the ACL must be asked (only when every matching filter is checked).
+struct Target<'a> {
+    session: &'a Arc<Session>,
+    qos: QoS,
+    checked: bool,
 }
 
 impl Node {
@@ -47,12 +65,7 @@ impl Node {
     }
 
     /// Collects the subscribers of every filter below this node that matches `levels`.
-    fn collect<'a>(
-        &'a self,
-        levels: &[&str],
-        first: bool,
-        out: &mut HashMap<u64, (&'a Arc<Session>, QoS)>,
-    ) {
+    fn collect<'a>(&'a self, levels: &[&str], first: bool, out: &mut HashMap<u64, Target<'a>>) {
         // Topics starting with '$' are not matched by a wildcard in the first level.
         let dollar = first && levels.first().is_some_and(|l| l.starts_with('$'));
         if !dollar {
@@ -75,19 +88,22 @@ impl Node {
     }
 }
 
-/// Keeps the highest QoS when a session has several matching filters: it gets one copy.
-fn add<'a>(
-    out: &mut HashMap<u64, (&'a Arc<Session>, QoS)>,
-    subscribers: &'a HashMap<u64, (Arc<Session>, QoS)>,
-) {
-    for (key, (session, qos)) in subscribers {
+/// Keeps the highest QoS when a session has several matching filters: it gets one copy,
+/// checked against the ACL only if no matching filter is wholly readable.
+fn add<'a>(out: &mut HashMap<u64, Target<'a>>, subscribers: &'a HashMap<u64, Subscriber>) {
+    for (key, sub) in subscribers {
         out.entry(*key)
             .and_modify(|e| {
-                if *qos > e.1 {
-                    e.1 = *qos;
+                if sub.qos > e.qos {
+                    e.qos = sub.qos;
                 }
+                e.checked &= sub.checked;
             })
-            .or_insert((session, *qos));
+            .or_insert(Target {
+                session: &sub.session,
+                qos: sub.qos,
+                checked: sub.checked,
+            });
     }
 }
 
@@ -132,18 +148,33 @@ impl Router {
         session: &Arc<Session>,
         filters: impl IntoIterator<Item = (&'f str, QoS)>,
     ) {
+        self.subscribe_checked(session, filters.into_iter().map(|(f, q)| (f, q, false)));
+    }
+
+    /// The same, each filter with whether its messages must be checked against the session's
+    /// ACL on delivery ([`crate::auth::acl::Subscription::Checked`]).
+    pub fn subscribe_checked<'f>(
+        &self,
+        session: &Arc<Session>,
+        filters: impl IntoIterator<Item = (&'f str, QoS, bool)>,
+    ) {
         let mut root = self
             .subscriptions
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        for (filter, qos) in filters {
+        for (filter, qos, checked) in filters {
             let mut node = &mut *root;
             for level in filter.split('/') {
                 node = node.children.entry(level.into()).or_default();
             }
+            let subscriber = Subscriber {
+                session: Arc::clone(session),
+                qos,
+                checked,
+            };
             let new = node
                 .subscribers
-                .insert(session.incarnation, (Arc::clone(session), qos))
+                .insert(session.incarnation, subscriber)
                 .is_none();
             if new {
                 metrics().subscriptions.inc();
@@ -180,21 +211,27 @@ impl Router {
     }
 
     fn route(&self, message: Arc<Message>, force: bool) -> Result<(), Arc<Message>> {
-        let targets: Vec<(Arc<Session>, QoS)> = {
+        let targets: Vec<(Arc<Session>, QoS, bool)> = {
             let root = self.subscriptions.read().unwrap_or_else(|e| e.into_inner());
             let levels: Vec<&str> = message.topic.split('/').collect();
             let mut out = HashMap::new();
             root.collect(&levels, true, &mut out);
-            if !force && out.values().any(|(s, _)| s.holds_back_publishers()) {
+            if !force && out.values().any(|t| t.session.holds_back_publishers()) {
                 return Err(message);
             }
-            out.into_values().map(|(s, q)| (Arc::clone(s), q)).collect()
+            out.into_values()
+                .map(|t| (Arc::clone(t.session), t.qos, t.checked))
+                .collect()
         };
         metrics().messages_published.inc();
         if message.retain {
             self.retain(&message);
         }
-        for (session, granted) in targets {
+        for (session, granted, checked) in targets {
+            if checked && !session.may_read(&message.topic) {
+                metrics().acl_denied.inc(AclDenial::Delivery);
+                continue;
+            }
             let qos = granted.min_qos(message.qos);
             if let Err(reason) = session.enqueue(Arc::clone(&message), qos, &self.limits) {
                 metrics().messages_dropped.inc(reason);

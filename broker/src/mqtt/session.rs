@@ -18,6 +18,7 @@ use super::budget::ByteBudget;
 use super::codec;
 use super::message::{Message, MinQos};
 use super::retained::Cursor;
+use crate::auth::acl::{Access, ClientAcl, Subscription};
 use crate::event::SessionId;
 use crate::labels::{DisconnectReason, DropReason, Label, PacketType};
 use crate::metrics::metrics;
@@ -102,6 +103,9 @@ pub struct SessionState {
     /// The session was forgotten (its clean-session connection ended): the router may still
     /// hold it for a moment, but nothing is queued any more.
     pub ended: bool,
+    /// What its client may read and write (`None`: no ACL restricts it). Set by the
+    /// connection that attaches the session, replaced when the ACL file is reloaded.
+    pub acl: Option<Arc<ClientAcl>>,
 }
 
 /// The parts of a session that most sessions do not use at a given moment.
@@ -112,6 +116,16 @@ struct Extras {
     retained: VecDeque<Cursor>,
     /// Packet ids of QoS 2 messages received and not yet released (PUBREL).
     incoming_qos2: Vec<u16>,
+}
+
+/// What [`SessionState::apply_acl`] changed: subscriptions to take out of the router, and
+/// the ones kept with whether each is checked on delivery.
+#[derive(Debug, Default)]
+pub struct AclChanges {
+    /// Filters no longer readable at all.
+    pub revoked: Vec<Box<str>>,
+    /// Filters kept: filter, granted QoS, checked.
+    pub kept: Vec<(Box<str>, QoS, bool)>,
 }
 
 /// What [`SessionState::write_pending`] left behind.
@@ -139,6 +153,45 @@ impl SessionState {
         std::mem::take(&mut self.subscriptions)
             .into_keys()
             .collect()
+    }
+
+    /// Applies the client's rules `acl` to the subscriptions held: those of which nothing
+    /// may be read any more are forgotten; the others come back with whether their messages
+    /// must be checked. The router must be told both (after the session lock is released).
+    pub fn apply_acl(&mut self, acl: Option<Arc<ClientAcl>>) -> AclChanges {
+        let mut changes = AclChanges::default();
+        if let Some(rules) = &acl {
+            self.subscriptions
+                .retain(|filter, qos| match rules.subscription(filter) {
+                    Subscription::Denied => {
+                        changes.revoked.push(filter.clone());
+                        false
+                    }
+                    decision => {
+                        changes.kept.push((
+                            filter.clone(),
+                            *qos,
+                            decision == Subscription::Checked,
+                        ));
+                        true
+                    }
+                });
+        } else if self.acl.is_some() {
+            changes.kept = self
+                .subscriptions
+                .iter()
+                .map(|(filter, qos)| (filter.clone(), *qos, false))
+                .collect();
+        }
+        if !changes.revoked.is_empty() {
+            if let Some(extras) = &mut self.extras {
+                let gone: HashSet<&str> = changes.revoked.iter().map(|f| &**f).collect();
+                extras.retained.retain(|c| !gone.contains(&*c.filter));
+            }
+            self.trim_extras();
+        }
+        self.acl = acl;
+        changes
     }
 
     /// Subscriptions held.
@@ -625,6 +678,12 @@ impl Session {
         }
         self.client_behind_since.store(0, Ordering::Release);
         self.flow.fetch_and(!CONGESTED, Ordering::AcqRel) & OFFLINE == 0
+    }
+
+    /// Whether the client may read `topic` (its ACL, if any, says so).
+    pub fn may_read(&self, topic: &str) -> bool {
+        let acl = self.state().acl.clone();
+        acl.is_none_or(|acl| acl.allows(Access::Read, topic))
     }
 
     /// Queues a message for the client and wakes its connection.

@@ -228,6 +228,12 @@ impl SessionTable {
         disconnect(&self.map, client_id, reason)
     }
 
+    /// Every session held now (connected or not), for a pass over all of them.
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.values().cloned().collect()
+    }
+
     /// A read-only view for the API.
     pub fn live(&self) -> LiveSessions {
         LiveSessions(Arc::clone(&self.map))

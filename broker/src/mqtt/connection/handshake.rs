@@ -2,6 +2,7 @@
 //! bounds, will topic), attaching to the session (taking it over from the connection that holds
 //! it), the Connected event and the CONNACK.
 
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -11,12 +12,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::io::{Io, ReadError, Transport};
 use super::Hello;
+use crate::auth::acl::Access;
 use crate::auth::{self, Refusal};
 use crate::config::{KeepAlivePolicy, MqttConfig};
 use crate::event::{ConnectionEvent, SessionId};
 use crate::labels::{AuthMethod, Listener, RefusalReason};
 use crate::metrics::metrics;
 use crate::mqtt::codec::{self, CodecError, ConnackCode};
+use crate::mqtt::limits::{Flap, Throttle};
 use crate::mqtt::session::Session;
 use crate::mqtt::sessions::Attach;
 use crate::mqtt::{topic, Broker};
@@ -26,6 +29,12 @@ use crate::telemetry::LogLimiter;
 static AUTH_REFUSED: LogLimiter = LogLimiter::new(Duration::from_secs(10));
 /// One line per 10 s about connections refused at `mqtt.max_connections`.
 static MAX_CONNECTIONS: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+/// One line per 10 s about connections refused at `mqtt.max_connections_per_address`.
+static PER_ADDRESS: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+/// One line per 10 s about CONNECTs of banned client ids.
+static BANNED: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+/// One line per 10 s about client ids banned for flapping.
+static NEW_BAN: LogLimiter = LogLimiter::new(Duration::from_secs(10));
 
 /// What the handshake settled and the rest of the connection needs.
 pub struct Established {
@@ -41,15 +50,32 @@ pub struct Established {
     /// keep-alive: a u32 rather than an `Option<Duration>`, as this lives as long as the
     /// connection (at most 65,535 s x 10 fits). See [`Established::keep_alive`].
     keep_alive_ms: u32,
-    /// Published if the connection ends without DISCONNECT. Boxed: most devices have none,
-    /// and it is kept for the connection's whole life.
-    pub will: Option<Box<LastWill>>,
+    /// The will, the counted address and the publish rates: what only some connections need,
+    /// boxed so that the others carry one pointer for all of them.
+    pub extras: Option<Box<Extras>>,
+}
+
+/// The parts of an [`Established`] connection that only some connections have.
+#[derive(Default)]
+pub struct Extras {
+    /// Published if the connection ends without DISCONNECT.
+    pub will: Option<LastWill>,
+    /// The source address counted in [`Broker::addresses`](crate::mqtt::Broker), given back
+    /// when the connection closes.
+    pub address: Option<IpAddr>,
+    /// The publish rates (`mqtt.max_publish_rate`, `mqtt.max_publish_bytes_rate`).
+    pub throttle: Option<Throttle>,
 }
 
 impl Established {
     /// keep-alive x multiplier; `None` when the client asked for no keep-alive.
     pub fn keep_alive(&self) -> Option<Duration> {
         (self.keep_alive_ms > 0).then(|| Duration::from_millis(u64::from(self.keep_alive_ms)))
+    }
+
+    /// Until when the broker holds this client's reads back for its publish rates, if it does.
+    pub fn paused_until(&self) -> Option<tokio::time::Instant> {
+        self.extras.as_ref()?.throttle.as_ref()?.paused_until()
     }
 }
 
@@ -143,6 +169,16 @@ pub async fn handshake<S: Transport>(
         }
     }
 
+    // A banned client id is refused before its credentials cost anything, and without
+    // touching the device connected under it.
+    if broker
+        .flapping
+        .is_banned(&client_id, tokio::time::Instant::now())
+    {
+        refuse_banned(io, &peer, &client_id, false).await;
+        return None;
+    }
+
     // Credentials, before anything of the session is touched: a refused client never
     // disturbs the device connected under the id it claims.
     let login = connect.login.as_ref();
@@ -209,6 +245,42 @@ pub async fn handshake<S: Transport>(
     };
     tracing::debug!(method = ?method, "Authenticated.");
 
+    // What it may read and write; a will it may not write refuses the CONNECT (as Mosquitto
+    // 2 does) before the session is touched.
+    // User rules apply to a verified user name only: an anonymous client's name is a claim.
+    let verified_user = request.username.filter(|_| method == AuthMethod::Password);
+    let acl = broker.acl.client(&client_id, verified_user, &[], &[]);
+    if let (Some(acl), Some(will)) = (&acl, &connect.last_will) {
+        if !acl.allows(Access::Write, &will.topic) {
+            refused(RefusalReason::WillNotAuthorized);
+            if let Some(suppressed) = AUTH_REFUSED.check() {
+                tracing::info!(
+                    %peer,
+                    client_id = client_id.as_str(),
+                    topic = will.topic.as_str(),
+                    suppressed,
+                    "Will on a topic the ACL does not let the client write: CONNACK 0x05; \
+                     counted in heartwire_connections_refused_total (reason \
+                     will_not_authorized), this line at most every 10 s."
+                );
+            }
+            io.refuse(ConnackCode::NotAuthorized).await;
+            return None;
+        }
+    }
+
+    // Counted once authenticated, so that nobody can get someone else's id banned.
+    match broker
+        .flapping
+        .connected(&client_id, tokio::time::Instant::now())
+    {
+        Flap::Allowed => {}
+        flap => {
+            refuse_banned(io, &peer, &client_id, flap == Flap::NewBan).await;
+            return None;
+        }
+    }
+
     // A place among `mqtt.max_connections` (given back by `close`, or below if the handshake
     // ends before the session starts).
     let open = broker.open_connections.fetch_add(1, Ordering::AcqRel);
@@ -226,6 +298,29 @@ pub async fn handshake<S: Transport>(
         }
         io.refuse(ConnackCode::ServerUnavailable).await;
         return None;
+    }
+    // And a place among `mqtt.max_connections_per_address` from the client's address.
+    let address = (config.max_connections_per_address > 0).then_some(peer.ip());
+    if let Some(ip) = address {
+        if !broker
+            .addresses
+            .acquire(ip, config.max_connections_per_address)
+        {
+            broker.open_connections.fetch_sub(1, Ordering::AcqRel);
+            refused(RefusalReason::MaxConnectionsPerAddress);
+            if let Some(suppressed) = PER_ADDRESS.check() {
+                tracing::warn!(
+                    %peer,
+                    limit = config.max_connections_per_address,
+                    suppressed,
+                    "mqtt.max_connections_per_address reached: connection refused with CONNACK \
+                     0x03; counted in heartwire_connections_refused_total (reason \
+                     max_connections_per_address), this line at most every 10 s."
+                );
+            }
+            io.refuse(ConnackCode::ServerUnavailable).await;
+            return None;
+        }
     }
 
     // Attach, taking the session over from the connection that holds it, if any.
@@ -250,6 +345,9 @@ pub async fn handshake<S: Transport>(
         biased;
         _ = shutdown.cancelled() => {
             broker.open_connections.fetch_sub(1, Ordering::AcqRel);
+            if let Some(ip) = address {
+                broker.addresses.release(ip);
+            }
             refused(RefusalReason::BrokerShutdown);
             return None;
         }
@@ -259,6 +357,14 @@ pub async fn handshake<S: Transport>(
         session.incarnation,
         attached.dropped_subscriptions.iter().map(|f| &**f),
     );
+    // A resumed session's subscriptions obey the rules of the client that resumes it.
+    let revoked = broker.apply_acl(&session, acl);
+    if revoked > 0 {
+        tracing::info!(
+            revoked,
+            "Subscriptions of the resumed session that the ACL no longer allows were removed."
+        );
+    }
 
     // From here on exactly one Disconnected event is owed (sent by `close`).
     let (session_id, seq) = (attached.session_id, attached.seq);
@@ -307,8 +413,49 @@ pub async fn handshake<S: Transport>(
                 Duration::from_secs(u64::from(keep_alive)).mul_f64(config.keepalive_multiplier);
             u32::try_from(limit.as_micros().div_ceil(1000)).unwrap_or(u32::MAX)
         },
-        will: connect.last_will.map(Box::new),
+        extras: {
+            let extras = Extras {
+                will: connect.last_will,
+                address,
+                throttle: Throttle::new(config, tokio::time::Instant::now()),
+            };
+            let needed =
+                extras.will.is_some() || extras.address.is_some() || extras.throttle.is_some();
+            needed.then(|| Box::new(extras))
+        },
     })
+}
+
+/// Refuses the CONNECT of a client id banned by flapping detection (CONNACK 0x05); `now`
+/// when this CONNECT is the one that got it banned.
+async fn refuse_banned<S: Transport>(
+    io: &mut Io<S>,
+    peer: &std::net::SocketAddr,
+    client_id: &str,
+    now: bool,
+) {
+    refused(RefusalReason::Banned);
+    if now {
+        if let Some(suppressed) = NEW_BAN.check() {
+            tracing::warn!(
+                %peer,
+                client_id,
+                suppressed,
+                "Client id connects too often (mqtt.flapping): banned for \
+                 mqtt.flapping.ban_time and listed at GET /api/v1/admin/bans; counted in \
+                 heartwire_flapping_bans_total, this line at most every 10 s."
+            );
+        }
+    } else if let Some(suppressed) = BANNED.check() {
+        tracing::info!(
+            %peer,
+            client_id,
+            suppressed,
+            "Banned client id refused with CONNACK 0x05; counted in \
+             heartwire_connections_refused_total (reason banned), this line at most every 10 s."
+        );
+    }
+    io.refuse(ConnackCode::NotAuthorized).await;
 }
 
 fn refused(reason: RefusalReason) {

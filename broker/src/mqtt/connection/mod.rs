@@ -82,8 +82,8 @@ pub fn run<S: Transport>(
     // Boxed: it is needed by the handshake only, and would otherwise stay in the task.
     let hello = Box::new(hello);
     async move {
-        let established = Box::pin(handshake(&mut io, hello, &broker, &shutdown)).await;
-        let reason = match &established {
+        let mut established = Box::pin(handshake(&mut io, hello, &broker, &shutdown)).await;
+        let reason = match &mut established {
             Some(conn) => Some(serve(&mut io, &broker, conn, &shutdown).await),
             None => None,
         };
@@ -113,6 +113,10 @@ async fn close(broker: &Broker, conn: Established, reason: DisconnectReason) {
         _ => {}
     }
     let session = conn.session;
+    let extras = conn.extras.map(|e| *e).unwrap_or_default();
+    if let Some(address) = extras.address {
+        broker.addresses.release(address);
+    }
     // Nobody drains its queue now: it holds no publisher back.
     if session.set_online(false) {
         broker.drained.notify_waiters();
@@ -125,8 +129,8 @@ async fn close(broker: &Broker, conn: Established, reason: DisconnectReason) {
         reason,
         DisconnectReason::ClientDisconnect | DisconnectReason::BrokerShutdown
     ) {
-        if let Some(will) = conn.will {
-            publish_will(broker, *will);
+        if let Some(will) = extras.will {
+            publish_will(broker, will);
         }
     }
 

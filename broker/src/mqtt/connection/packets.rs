@@ -13,7 +13,8 @@ use rumqttc::mqttbytes::v4::{
 use rumqttc::mqttbytes::QoS;
 
 use super::io::{Io, Transport};
-use crate::labels::{DisconnectReason, SubscriptionRefusal};
+use crate::auth::acl::{Access, Subscription};
+use crate::labels::{AclDenial, DisconnectReason, SubscriptionRefusal};
 use crate::metrics::metrics;
 use crate::mqtt::codec;
 use crate::mqtt::message::Message;
@@ -46,6 +47,9 @@ pub struct Held {
     /// The PUBLISH's packet id, likewise.
     pub pkid: u16,
 }
+
+/// PUBLISHes the ACL refused: one line per interval for the whole broker.
+static PUBLISH_DENIED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
 
 /// Refused topic filters: one line per interval for the whole broker.
 static FILTER_REFUSED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
@@ -94,7 +98,9 @@ impl Job {
                 let mut granted = Vec::new();
                 {
                     let mut st = session.state();
+                    let acl = st.acl.clone();
                     for filter in filters.by_ref().take(FILTER_BUDGET) {
+                        let mut decision = Subscription::Allowed;
                         let refusal =
                             if !topic::valid_topic_filter(&filter.path, config.max_topic_levels) {
                                 Some(SubscriptionRefusal::InvalidFilter)
@@ -108,7 +114,11 @@ impl Job {
                             {
                                 Some(SubscriptionRefusal::SubscriptionsPerSession)
                             } else {
-                                None
+                                if let Some(acl) = &acl {
+                                    decision = acl.subscription(&filter.path);
+                                }
+                                (decision == Subscription::Denied)
+                                    .then_some(SubscriptionRefusal::NotAuthorized)
                             };
                         match refusal {
                             Some(reason) => {
@@ -127,19 +137,22 @@ impl Job {
                             None => {
                                 st.add_subscription(&filter.path, filter.qos);
                                 codes.push(SubscribeReasonCode::Success(filter.qos));
-                                granted.push(filter);
+                                granted.push((filter, decision == Subscription::Checked));
                             }
                         }
                     }
                 }
                 // The session lock is never held while taking the router's.
-                broker
-                    .router
-                    .subscribe(session, granted.iter().map(|f| (f.path.as_str(), f.qos)));
+                broker.router.subscribe_checked(
+                    session,
+                    granted
+                        .iter()
+                        .map(|(f, checked)| (f.path.as_str(), f.qos, *checked)),
+                );
                 cursors.extend(
                     granted
                         .into_iter()
-                        .map(|f| Cursor::new(f.path.into_boxed_str(), f.qos)),
+                        .map(|(f, _)| Cursor::new(f.path.into_boxed_str(), f.qos)),
                 );
                 if filters.len() > 0 {
                     return false;
@@ -196,7 +209,29 @@ pub fn handle<S: Transport>(
                 return Err(DisconnectReason::ProtocolError);
             }
             // QoS 2: routed on first receipt; a redelivery before PUBREL is only acknowledged.
-            if publish.qos == QoS::ExactlyOnce && !session.state().receive_qos2(publish.pkid) {
+            let (first, acl) = {
+                let mut st = session.state();
+                let first = publish.qos != QoS::ExactlyOnce || st.receive_qos2(publish.pkid);
+                (first, st.acl.clone())
+            };
+            if !first {
+                acknowledge(io, publish.qos, publish.pkid);
+                return Ok(Handled::Done);
+            }
+            // A topic the client may not write: acknowledged (as MQTT 3.1.1 has no way to
+            // refuse a PUBLISH) and dropped.
+            if acl.is_some_and(|acl| !acl.allows(Access::Write, &publish.topic)) {
+                metrics().acl_denied.inc(AclDenial::Publish);
+                if let Some(suppressed) = PUBLISH_DENIED_LOG.check() {
+                    tracing::info!(
+                        client_id = &*session.client_id,
+                        topic = publish.topic.as_str(),
+                        suppressed,
+                        "PUBLISH to a topic the ACL does not let the client write: acknowledged \
+                         and dropped (counted in heartwire_acl_denied_total, this line at most \
+                         every 10 s)."
+                    );
+                }
                 acknowledge(io, publish.qos, publish.pkid);
                 return Ok(Handled::Done);
             }

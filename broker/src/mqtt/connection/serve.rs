@@ -9,6 +9,11 @@
 //! timer serves every deadline and is re-armed lazily (when it fires early it is pushed to the
 //! current deadline), so an active connection costs about one timer operation per keep-alive
 //! period.
+//!
+//! Publish rates (`mqtt.max_publish_rate`, `mqtt.max_publish_bytes_rate`) pause reading: after
+//! a PUBLISH that puts the client in debt, nothing more is read or handled until the debt is
+//! paid off (the same timer wakes the connection then). The pause is the broker's doing, so it
+//! moves the keep-alive and packet-read deadlines later by its length.
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
@@ -16,6 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::futures::Notified;
 use tokio::time::Instant;
@@ -24,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 use super::handshake::Established;
 use super::io::{Io, Transport};
 use super::packets::{self, acknowledge, Handled, Held, Job};
-use crate::labels::{DisconnectReason, PacketType};
+use crate::auth::acl::Access;
+use crate::labels::{AclDenial, DisconnectReason, PacketType};
 use crate::metrics::metrics;
 use crate::mqtt::session::{Backlog, Session, CLIENT_GRACE};
 use crate::mqtt::Broker;
@@ -89,7 +96,7 @@ struct ServeState<'a> {
 pub async fn serve<S: Transport>(
     io: &mut Io<S>,
     broker: &Broker,
-    conn: &Established,
+    conn: &mut Established,
     shutdown: &CancellationToken,
 ) -> DisconnectReason {
     let timer = tokio::time::sleep(Duration::ZERO);
@@ -143,13 +150,12 @@ fn poll_serve<'a, S: Transport>(
     cx: &mut Context<'_>,
     io: &mut Io<S>,
     broker: &'a Broker,
-    conn: &Established,
+    conn: &mut Established,
     mut timer: Pin<&mut tokio::time::Sleep>,
     state: &mut ServeState<'a>,
 ) -> Poll<DisconnectReason> {
-    let session = &conn.session;
     loop {
-        let signals = session.take_signals(cx.waker());
+        let signals = conn.session.take_signals(cx.waker());
         if signals.shutdown() {
             return Poll::Ready(DisconnectReason::BrokerShutdown);
         }
@@ -162,7 +168,7 @@ fn poll_serve<'a, S: Transport>(
 
         let mut yield_now = false;
         if let Some(job) = &mut state.job {
-            if job.run(io, broker, session) {
+            if job.run(io, broker, &conn.session) {
                 state.job = None;
             } else {
                 yield_now = true;
@@ -170,6 +176,19 @@ fn poll_serve<'a, S: Transport>(
         }
         if state.parked.is_some() {
             yield_now |= retry_parked(cx, io, broker, state);
+        }
+        if let Some(throttle) = conn.extras.as_mut().and_then(|e| e.throttle.as_mut()) {
+            if throttle.paused_until().is_some() {
+                if let Some(paused_for) = throttle.resume(Instant::now()) {
+                    // The broker held the client's reads back: that time is not the client's
+                    // silence.
+                    let d = &mut state.deadlines;
+                    d.last_received += paused_for;
+                    if let Some(since) = &mut d.partial_since {
+                        *since += paused_for;
+                    }
+                }
+            }
         }
         if state.job.is_none() && state.parked.is_none() {
             match read_side(cx, io, broker, conn, state) {
@@ -181,7 +200,7 @@ fn poll_serve<'a, S: Transport>(
                 yield_now |= parked.drained.as_mut().poll(cx).is_ready();
             }
         }
-        match write_side(cx, io, broker, session, &mut state.deadlines) {
+        match write_side(cx, io, broker, &conn.session, &mut state.deadlines) {
             Ok(more) => yield_now |= more,
             Err(reason) => return Poll::Ready(reason),
         }
@@ -214,10 +233,11 @@ fn read_side<'a, S: Transport>(
     cx: &mut Context<'_>,
     io: &mut Io<S>,
     broker: &'a Broker,
-    conn: &Established,
+    conn: &mut Established,
     state: &mut ServeState<'a>,
 ) -> Result<bool, DisconnectReason> {
     let session = &conn.session;
+    let mut throttle = conn.extras.as_mut().and_then(|e| e.throttle.as_mut());
     let mut packets = 0;
     let mut bytes = 0;
     let result = loop {
@@ -230,17 +250,30 @@ fn read_side<'a, S: Transport>(
             } else if state.parked.is_some() {
                 // A message waits for a congested subscriber: read nothing more until then.
                 stop = Some(Ok(false));
+            } else if throttle
+                .as_ref()
+                .is_some_and(|t| t.paused_until().is_some())
+            {
+                // Over its publish rate: read nothing more until the pause is over.
+                stop = Some(Ok(false));
             } else if packets >= PACKET_BUDGET {
                 stop = Some(Ok(true));
             } else {
                 match io.next_packet() {
                     Ok(Some(packet)) => {
                         packets += 1;
+                        let published = match (&packet, &throttle) {
+                            (Packet::Publish(p), Some(_)) => Some(p.topic.len() + p.payload.len()),
+                            _ => None,
+                        };
                         match packets::handle(io, broker, session, packet) {
                             Ok(Handled::Done) => {}
                             Ok(Handled::Started(job)) => state.job = Some(job),
                             Ok(Handled::Held(held)) => park(io, broker, state, held),
                             Err(reason) => stop = Some(Err(reason)),
+                        }
+                        if let (Some(size), Some(throttle)) = (published, throttle.as_mut()) {
+                            throttle.publish(size, Instant::now());
                         }
                     }
                     Ok(None) => break,
@@ -438,9 +471,21 @@ fn fill<S: Transport>(io: &mut Io<S>, broker: &Broker, session: &Arc<Session>) -
             // Waits for acknowledgements; queued messages may still go below.
             st.resume_retained(cursor);
         } else {
+            let acl = st.acl.clone();
             drop(st);
             let mut batch = Vec::new();
             let done = broker.router.retained_step(&mut cursor, room, &mut batch);
+            // Delivered only where reading is allowed (CVE-2018-12546).
+            if let Some(acl) = acl {
+                let before = batch.len();
+                batch.retain(|m| acl.allows(Access::Read, &m.topic));
+                let withheld = before - batch.len();
+                if withheld > 0 {
+                    metrics()
+                        .acl_denied
+                        .inc_by(AclDenial::Retained, withheld as u64);
+                }
+            }
             st = session.state();
             let (count, before) = (batch.len(), io.wbuf.len());
             st.write_retained(&mut io.wbuf, batch, cursor.qos, limits);
@@ -483,13 +528,21 @@ fn deadlines<S: Transport>(
     retry_parked_at: Option<Instant>,
 ) -> Poll<Option<DisconnectReason>> {
     let config = &broker.config;
+    let paused_until = conn.paused_until();
+    // While the broker holds the client's reads back, the client cannot be silent or slow.
+    let reading = paused_until.is_none();
     // Moved earlier when needed and otherwise left to fire and be pushed to the current
     // deadline (keep-alive deadlines only ever move later).
     let deadline = [
-        conn.keep_alive().map(|ka| d.last_received + ka),
-        d.partial_since.map(|s| s + config.packet_read_timeout),
+        conn.keep_alive()
+            .filter(|_| reading)
+            .map(|ka| d.last_received + ka),
+        d.partial_since
+            .filter(|_| reading)
+            .map(|s| s + config.packet_read_timeout),
         d.stalled_since.map(|s| s + config.write_stall_timeout),
         retry_parked_at,
+        paused_until,
     ]
     .into_iter()
     .flatten()
@@ -508,7 +561,7 @@ fn deadlines<S: Transport>(
     d.armed = None;
     let now = Instant::now();
     let session = &conn.session;
-    if let Some(ka) = conn.keep_alive() {
+    if let Some(ka) = conn.keep_alive().filter(|_| reading) {
         if now >= d.last_received + ka {
             tracing::info!(
                 client_id = &*session.client_id,
@@ -518,7 +571,7 @@ fn deadlines<S: Transport>(
             return Poll::Ready(Some(DisconnectReason::KeepaliveTimeout));
         }
     }
-    if let Some(since) = d.partial_since {
+    if let Some(since) = d.partial_since.filter(|_| reading) {
         if now >= since + config.packet_read_timeout {
             metrics().packet_read_timeouts.inc();
             if let Some(suppressed) = PACKET_TIMEOUT_LOG.check() {
