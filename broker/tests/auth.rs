@@ -204,7 +204,10 @@ async fn cve_2018_12551_a_malformed_password_line_lets_nobody_in() {
     .expect("a malformed line fails the load")
     .to_string();
     assert!(error.contains("line 2"), "{error}");
-    assert!(!error.contains("mallory"), "the line's contents stay out: {error}");
+    assert!(
+        !error.contains("mallory"),
+        "the line's contents stay out: {error}"
+    );
 
     let broker = with_password_file(&file, ClientIdBinding::None).await;
     std::fs::write(&file, &broken).unwrap();
