@@ -127,7 +127,7 @@ async fn mosquitto_password_files_decide_who_connects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_can_only_take_its_own_client_id() {
+async fn takeover_by_a_foreign_client_id_is_refused_and_the_device_untouched() {
     let dir = temp_dir("auth-bind");
     let file = dir.path().join("passwords");
     mosquitto_passwd(&file, "valve-1", "one", true);
@@ -181,5 +181,42 @@ async fn refusals_in_a_row_are_answered_later_and_later() {
     let (_c, code) = connack(&broker, "pump-1", Some(("pump-1", "right"))).await;
     assert_eq!(code, Some(ConnectReturnCode::Success));
     broker.connected("pump-1").await;
+    broker.stop().await;
+}
+
+/// CVE-2018-12551: Mosquitto skipped a password-file line it could not read, and a malformed
+/// line let anyone in. Here such a file stops the start naming the line, and a reload to it
+/// keeps the file in force: the malformed user never gets in, the others still do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cve_2018_12551_a_malformed_password_line_lets_nobody_in() {
+    let dir = temp_dir("auth-malformed");
+    let file = dir.path().join("passwords");
+    mosquitto_passwd(&file, "good", "pw", true);
+    let valid = std::fs::read_to_string(&file).unwrap();
+    let broken = format!("{valid}mallory\nmallory:\n");
+    let broken_file = dir.path().join("broken");
+    std::fs::write(&broken_file, &broken).unwrap();
+    let error = broker::auth::Auth::new(&AuthConfig {
+        password_file: Some(broken_file),
+        ..AuthConfig::default()
+    })
+    .err()
+    .expect("a malformed line fails the load")
+    .to_string();
+    assert!(error.contains("line 2"), "{error}");
+    assert!(
+        !error.contains("mallory"),
+        "the line's contents stay out: {error}"
+    );
+
+    let broker = with_password_file(&file, ClientIdBinding::None).await;
+    std::fs::write(&file, &broken).unwrap();
+    assert!(broker.auth.reload().is_err(), "the reload fails");
+    for password in ["", "x"] {
+        let (_, code) = connack(&broker, "m", Some(("mallory", password))).await;
+        assert_eq!(code, Some(ConnectReturnCode::BadUserNamePassword));
+    }
+    let (_, code) = connack(&broker, "g", Some(("good", "pw"))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
     broker.stop().await;
 }

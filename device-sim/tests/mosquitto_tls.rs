@@ -11,107 +11,21 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
-
-use tokio::process::{Child, Command};
-
 use common::{args, clean_abrupt_churn, finish, sim_run, timing, Run};
-use testkit::{free_port, temp_dir, TempDir, TestPki};
+use testkit::{temp_dir, Mosquitto, TestPki};
 
-/// Debian's Mosquitto binary: on the PATH or where the package puts it.
-fn mosquitto_bin() -> PathBuf {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .chain([PathBuf::from("/usr/sbin")])
-        .map(|d| d.join("mosquitto"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "no mosquitto binary (on the PATH or /usr/sbin): install Debian's mosquitto \
-                 package (./test.sh does)"
-            )
-        })
-}
-
-/// A Mosquitto with one TLS listener on 127.0.0.1, stopped when dropped.
-struct Mosquitto {
-    child: Child,
-    port: u16,
-    /// Its configuration and log.
-    dir: TempDir,
-}
-
-impl Mosquitto {
-    /// Starts Mosquitto with the PKI's CA and `localhost` server certificate; with
-    /// `require_certificate` clients must present a certificate signed by the CA.
-    async fn start(pki: &TestPki, require_certificate: bool) -> Self {
-        let server = pki.server(&["localhost"]);
-        let dir = temp_dir("mosquitto");
-        let port = free_port();
-        let config = dir.path().join("mosquitto.conf");
-        // `user root` keeps a root test run as root (Mosquitto would switch to the
-        // `mosquitto` account, which cannot read the temporary files); ignored otherwise.
-        let body = format!(
-            "listener {port} 127.0.0.1\n\
-             cafile {}\ncertfile {}\nkeyfile {}\n\
-             require_certificate {require_certificate}\n\
-             allow_anonymous true\npersistence false\nuser root\n\
-             log_dest stderr\nlog_type error\nlog_type warning\n",
-            pki.ca_file().display(),
-            server.cert.display(),
-            server.key.display(),
-        );
-        std::fs::write(&config, body).expect("writing mosquitto.conf");
-        let log = std::fs::File::create(dir.path().join("mosquitto.log")).expect("log file");
-        let mut child = Command::new(mosquitto_bin())
-            .arg("-c")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("starting mosquitto");
-        let deadline = tokio::time::Instant::now() + testkit::WAIT;
-        loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "mosquitto exited ({status}) during startup: {}",
-                    read(&dir.path().join("mosquitto.log"))
-                );
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "mosquitto did not listen on port {port} within {:?}",
-                testkit::WAIT
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Self { child, port, dir }
-    }
-
-    fn log(&self) -> String {
-        read(&self.dir.path().join("mosquitto.log"))
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
+/// A Mosquitto with one TLS listener on 127.0.0.1 with the PKI's CA and `localhost` server
+/// certificate; with `require_certificate` clients must present a certificate signed by the CA.
+async fn mosquitto(pki: &TestPki, require_certificate: bool) -> Mosquitto {
+    let server = pki.server(&["localhost"]);
+    Mosquitto::start(&format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {require_certificate}\n\
+         allow_anonymous true\n",
+        pki.ca_file().display(),
+        server.cert.display(),
+        server.key.display(),
+    ))
+    .await
 }
 
 /// Runs device-sim over TLS to `broker` for 2 s with `args` after the common ones; its output
@@ -137,7 +51,7 @@ async fn run(broker: &Mosquitto, pki: &TestPki, name: &str, args: &[String]) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_connect_over_tls_with_and_without_client_certificates() {
     let pki = TestPki::new("mosquitto");
-    let (open, mutual) = tokio::join!(Mosquitto::start(&pki, false), Mosquitto::start(&pki, true));
+    let (open, mutual) = tokio::join!(mosquitto(&pki, false), mosquitto(&pki, true));
     let shared = pki.client("shared");
     let devices = temp_dir("device-certs");
     for n in 0..4 {
@@ -202,7 +116,7 @@ async fn devices_connect_over_tls_with_and_without_client_certificates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_without_its_certificate_file_fails_alone_and_says_which_file() {
     let pki = TestPki::new("missing");
-    let broker = Mosquitto::start(&pki, true).await;
+    let broker = mosquitto(&pki, true).await;
     let devices = temp_dir("device-certs");
     pki.client_in(devices.path(), "tls-miss-0");
     let cert_dir = devices.path().display().to_string();

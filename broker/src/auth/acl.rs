@@ -295,6 +295,11 @@ impl Acl {
 
 /// Decisions one client remembers at most; then they are forgotten and made again.
 const CACHE_ENTRIES: usize = 256;
+/// Topic bytes one client's remembered decisions hold at most (longer topics are decided
+/// every time): the cache stays within some tens of KiB whatever the client sends.
+const CACHE_TOPIC_BYTES: usize = 16 * 1024;
+/// Longest topic whose decision is remembered.
+const CACHE_TOPIC_MAX: usize = 256;
 
 /// What a SUBSCRIBE to a filter gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,8 +327,16 @@ pub struct ClientAcl {
     /// The file has patterns and the client id or user name holds `+` or `#`: what the user's
     /// rules and grants do not allow is denied, whatever the patterns say.
     patterns_refused: bool,
-    /// Topic -> decisions made (bit 0/1: read known/allowed, bit 2/3: write known/allowed).
-    cache: Mutex<HashMap<Box<str>, u8>>,
+    /// Decisions made, by topic.
+    cache: Mutex<Decisions>,
+}
+
+/// Topic -> decisions made (bit 0/1: read known/allowed, bit 2/3: write known/allowed), and
+/// the topic bytes held.
+#[derive(Debug, Default)]
+struct Decisions {
+    topics: HashMap<Box<str>, u8>,
+    bytes: usize,
 }
 
 impl ClientAcl {
@@ -371,7 +384,7 @@ impl ClientAcl {
             grants,
             patterns,
             patterns_refused,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Decisions::default()),
         })
     }
 
@@ -410,9 +423,12 @@ impl ClientAcl {
             Access::Read => (1u8, 2u8),
             Access::Write => (4u8, 8u8),
         };
+        if topic.len() > CACHE_TOPIC_MAX {
+            return self.decide(access, topic);
+        }
         {
             let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(bits) = cache.get(topic) {
+            if let Some(bits) = cache.topics.get(topic) {
                 if bits & known != 0 {
                     return bits & allowed != 0;
                 }
@@ -420,10 +436,17 @@ impl ClientAcl {
         }
         let decision = self.decide(access, topic);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= CACHE_ENTRIES && !cache.contains_key(topic) {
-            cache.clear();
+        if !cache.topics.contains_key(topic)
+            && (cache.topics.len() >= CACHE_ENTRIES
+                || cache.bytes + topic.len() > CACHE_TOPIC_BYTES)
+        {
+            *cache = Decisions::default();
         }
-        let bits = cache.entry(topic.into()).or_insert(0);
+        let Decisions { topics, bytes } = &mut *cache;
+        let bits = topics.entry(topic.into()).or_insert_with(|| {
+            *bytes += topic.len();
+            0
+        });
         *bits |= known | if decision { allowed } else { 0 };
         decision
     }
@@ -700,6 +723,15 @@ mod tests {
         for i in 0..(CACHE_ENTRIES * 2) {
             assert!(acl.allows(Access::Read, &format!("a/{i}")));
         }
-        assert!(acl.cache.lock().unwrap().len() <= CACHE_ENTRIES);
+        assert!(acl.cache.lock().unwrap().topics.len() <= CACHE_ENTRIES);
+        // Long topics are decided each time; the bytes held stay bounded.
+        let long = format!("a/{}", "x".repeat(CACHE_TOPIC_MAX));
+        assert!(acl.allows(Access::Read, &long));
+        assert!(!acl.cache.lock().unwrap().topics.contains_key(long.as_str()));
+        for i in 0..200 {
+            let topic = format!("a/{i:0>200}");
+            assert!(acl.allows(Access::Read, &topic));
+            assert!(acl.cache.lock().unwrap().bytes <= CACHE_TOPIC_BYTES);
+        }
     }
 }
