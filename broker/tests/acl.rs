@@ -63,7 +63,7 @@ async fn start(acl: &str) -> Setup {
         assert!(status.success());
     }
     let acl_file = dir.path().join("acl");
-    std::fs::write(&acl_file, acl).unwrap();
+    std::fs::write(&acl_file, acl).expect("writing a test file");
     let auth = AuthConfig {
         allow_anonymous: true,
         password_file: Some(passwords),
@@ -98,7 +98,11 @@ async fn connect_as(
     }
     let mut packet = connect_packet(&opts);
     if let (Packet::Connect(connect), Some(user)) = (&mut packet, user) {
-        let password = USERS.iter().find(|(u, _)| *u == user).unwrap().1;
+        let password = USERS
+            .iter()
+            .find(|(u, _)| *u == user)
+            .expect("a known user")
+            .1;
         connect.set_login(user, password);
     }
     c.send(&packet).await;
@@ -323,7 +327,7 @@ async fn cve_2018_12546_retained_messages_only_where_readable() {
         &setup.acl_file,
         ACL.replace("topic readwrite alice/#\n", ""),
     )
-    .unwrap();
+    .expect("writing the ACL file");
     reload(&setup);
     let mut alice = client(&setup, "alice-2", Some("alice")).await;
     assert_eq!(
@@ -350,7 +354,7 @@ async fn cve_2021_34434_a_reload_removes_subscriptions_no_longer_allowed() {
         &setup.acl_file,
         ACL.replace("topic readwrite alice/#\n", ""),
     )
-    .unwrap();
+    .expect("writing the ACL file");
     let reloaded = reload(&setup);
     assert_eq!((reloaded.sessions, reloaded.revoked), (1, 1));
     assert_eq!(metrics().acl_denied.get(AclDenial::Revoked), 1);
@@ -372,8 +376,13 @@ async fn cve_2021_34434_a_reload_removes_subscriptions_no_longer_allowed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_file_on_reload_keeps_the_rules_in_force() {
     let setup = start(ACL).await;
-    std::fs::write(&setup.acl_file, "topic read a\nbogus line\n").unwrap();
-    let error = setup.broker.mqtt.reload_acl().unwrap_err().to_string();
+    std::fs::write(&setup.acl_file, "topic read a\nbogus line\n").expect("writing a test file");
+    let error = setup
+        .broker
+        .mqtt
+        .reload_acl()
+        .expect_err("a broken file does not load")
+        .to_string();
     assert!(error.contains("line 2"), "{error}");
     let mut alice = client(&setup, "alice-1", Some("alice")).await;
     assert_eq!(subscribe(&mut alice, &["alice/#"]).await, [GRANTED]);

@@ -115,7 +115,7 @@ async fn acl_decisions_equal_mosquittos_on_the_same_files() {
         assert!(status.success());
     }
     let acl_file = dir.path().join("acl");
-    std::fs::write(&acl_file, ACL).unwrap();
+    std::fs::write(&acl_file, ACL).expect("writing a test file");
 
     let mosquitto = Mosquitto::start(&format!(
         "allow_anonymous true\npassword_file {}\nacl_file {}\n",
@@ -166,7 +166,11 @@ async fn connect(addr: SocketAddr, user: Option<&str>, client_id: &str) -> RawCl
     let mut c = RawClient::tcp(addr).await;
     let mut packet = connect_packet(&ConnectOpts::new(client_id));
     if let (Packet::Connect(connect), Some(user)) = (&mut packet, user) {
-        let password = USERS.iter().find(|(u, _)| *u == user).unwrap().1;
+        let password = USERS
+            .iter()
+            .find(|(u, _)| *u == user)
+            .expect("a known user")
+            .1;
         connect.set_login(user, password);
     }
     c.send(&packet).await;
@@ -231,7 +235,10 @@ async fn decisions(addr: SocketAddr) -> BTreeSet<Case> {
         if p.topic == "zz/marker" {
             break;
         }
-        let i: usize = std::str::from_utf8(&p.payload).unwrap().parse().unwrap();
+        let i: usize = std::str::from_utf8(&p.payload)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .expect("a writer index as payload");
         let topic = TOPICS
             .iter()
             .find(|t| **t == p.topic)

@@ -192,10 +192,10 @@ async fn cve_2018_12551_a_malformed_password_line_lets_nobody_in() {
     let dir = temp_dir("auth-malformed");
     let file = dir.path().join("passwords");
     mosquitto_passwd(&file, "good", "pw", true);
-    let valid = std::fs::read_to_string(&file).unwrap();
+    let valid = std::fs::read_to_string(&file).expect("reading a test file");
     let broken = format!("{valid}mallory\nmallory:\n");
     let broken_file = dir.path().join("broken");
-    std::fs::write(&broken_file, &broken).unwrap();
+    std::fs::write(&broken_file, &broken).expect("writing a test file");
     let error = broker::auth::Auth::new(&AuthConfig {
         password_file: Some(broken_file),
         ..AuthConfig::default()
@@ -210,7 +210,7 @@ async fn cve_2018_12551_a_malformed_password_line_lets_nobody_in() {
     );
 
     let broker = with_password_file(&file, ClientIdBinding::None).await;
-    std::fs::write(&file, &broken).unwrap();
+    std::fs::write(&file, &broken).expect("writing a test file");
     assert!(broker.auth.reload().is_err(), "the reload fails");
     for password in ["", "x"] {
         let (_, code) = connack(&broker, "m", Some(("mallory", password))).await;

@@ -577,6 +577,8 @@ fn covers(outer: &str, inner: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn client(file: &str, id: &str, user: Option<&str>) -> ClientAcl {
