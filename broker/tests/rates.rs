@@ -232,7 +232,12 @@ async fn keep_alive_does_not_expire_while_the_broker_holds_reads_back() {
 
 /// The admin API's answer to `request`: status and JSON body (`Null` when empty).
 async fn admin(broker: &TestBroker, request: Request<Body>) -> (StatusCode, Value) {
+    // Behind the admin guard, which finds who may call in the request (no tokens file here:
+    // everyone may).
     let response = broker::http::bans::routes(Arc::clone(&broker.mqtt.flapping))
+        .layer(axum::Extension(Arc::new(
+            broker::http::tokens::ApiAccess::open(),
+        )))
         .oneshot(request)
         .await
         .expect("response");
