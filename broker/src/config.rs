@@ -147,6 +147,10 @@ pub struct MqttConfig {
     /// Longest wait between two accept attempts while the process is out of file descriptors.
     #[serde(with = "humantime_serde")]
     pub accept_backoff_max: Duration,
+    /// Connections the kernel holds for every MQTT listener until the accept loop takes them
+    /// (the listen queue; capped by `net.core.somaxconn`). A reconnect storm that overflows it
+    /// has SYNs dropped, and each such client waits a 1 s retransmission.
+    pub listen_backlog: u32,
     /// Most MQTT connections open at once (past CONNECT and authentication); a CONNECT beyond
     /// gets CONNACK 0x03 (server unavailable). 0: no limit but the open-file limit.
     pub max_connections: usize,
@@ -357,6 +361,7 @@ impl Default for MqttConfig {
             max_buffered_read_bytes: 64 * 1024 * 1024,
             persistent_session_expiry: Duration::from_secs(24 * 3600),
             accept_backoff_max: Duration::from_secs(1),
+            listen_backlog: 1024,
             max_connections: 0,
             max_connections_per_address: 0,
             max_connection_rate: 0,
@@ -744,6 +749,7 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     ("mqtt.max_buffered_read_bytes", Accepts::Whole(64, u64::MAX)),
     ("mqtt.persistent_session_expiry", Accepts::Duration),
     ("mqtt.accept_backoff_max", Accepts::Duration),
+    ("mqtt.listen_backlog", Accepts::Whole(1, 65_535)),
     ("mqtt.max_connections", Accepts::Whole(0, u64::MAX)),
     (
         "mqtt.max_connections_per_address",
@@ -1253,6 +1259,9 @@ impl Config {
         }
         if m.max_client_id_len == 0 || m.max_client_id_len > 65_535 {
             return invalid("mqtt.max_client_id_len", "must be between 1 and 65535");
+        }
+        if !(1..=65_535).contains(&m.listen_backlog) {
+            return invalid("mqtt.listen_backlog", "must be between 1 and 65535");
         }
         if m.max_inflight == 0 || m.max_inflight > 65_535 {
             return invalid("mqtt.max_inflight", "must be between 1 and 65535");

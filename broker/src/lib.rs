@@ -110,6 +110,27 @@ pub enum Error {
     Journal(#[from] presence::journal::JournalError),
 }
 
+/// Binds `addr` (the value of `key`) with a listen queue of `backlog` connections: what a
+/// reconnect storm can have waiting for the accept loop before the kernel drops SYNs (each drop
+/// costs its client a 1 s retransmission). The kernel caps it at `net.core.somaxconn`.
+async fn bind_with_backlog(
+    key: &'static str,
+    addr: std::net::SocketAddr,
+    backlog: u32,
+) -> Result<TcpListener, Error> {
+    let error = |source| Error::Bind { key, addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(error)?;
+    // As TcpListener::bind does: a restarted broker rebinds at once.
+    socket.set_reuseaddr(true).map_err(error)?;
+    socket.bind(addr).map_err(error)?;
+    socket.listen(backlog).map_err(error)
+}
+
 async fn bind(key: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr)
         .await
@@ -135,11 +156,11 @@ impl Listeners {
     pub async fn bind(config: &Config) -> Result<Self, Error> {
         let m = &config.mqtt;
         Ok(Self {
-            mqtt: bind("mqtt.listen", m.listen).await?,
+            mqtt: bind_with_backlog("mqtt.listen", m.listen, m.listen_backlog).await?,
             http: bind("http.listen", config.http.listen).await?,
-            tls: bind_optional("mqtt.tls.listen", m.tls.listen).await?,
-            ws: bind_optional("mqtt.ws.listen", m.ws.listen).await?,
-            wss: bind_optional("mqtt.wss.listen", m.wss.listen).await?,
+            tls: bind_optional("mqtt.tls.listen", m.tls.listen, m.listen_backlog).await?,
+            ws: bind_optional("mqtt.ws.listen", m.ws.listen, m.listen_backlog).await?,
+            wss: bind_optional("mqtt.wss.listen", m.wss.listen, m.listen_backlog).await?,
         })
     }
 
@@ -183,9 +204,10 @@ struct Prepared {
 async fn bind_optional(
     key: &'static str,
     addr: Option<std::net::SocketAddr>,
+    backlog: u32,
 ) -> Result<Option<TcpListener>, Error> {
     match addr {
-        Some(addr) => bind(key, addr).await.map(Some),
+        Some(addr) => bind_with_backlog(key, addr, backlog).await.map(Some),
         None => Ok(None),
     }
 }
