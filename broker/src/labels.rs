@@ -161,6 +161,9 @@ label_enum! {
         NotAuthorized => "not_authorized",
         /// `mqtt.max_connections` connections were open (CONNACK 0x03).
         MaxConnections => "max_connections",
+        /// A credential could not be looked up (the presence store did not answer): CONNACK
+        /// 0x03.
+        AuthUnavailable => "auth_unavailable",
     }
 }
 
@@ -238,6 +241,10 @@ label_enum! {
         Password => "password",
         /// A verified TLS client certificate.
         Certificate => "certificate",
+        /// A JWT in the password field (`auth.jwt`).
+        Jwt => "jwt",
+        /// User name and password, against the presence store's credentials (`auth.database`).
+        Database => "database",
     }
 }
 

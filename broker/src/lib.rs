@@ -360,7 +360,9 @@ async fn reload_on_hangup(
             continue;
         };
         if tls_outcome.is_none() && matches!(auth_outcome, Ok(false)) {
-            tracing::info!("SIGHUP received: no TLS certificate or password file to reload.");
+            tracing::info!(
+                "SIGHUP received: no TLS certificate, password file or JWT key to reload."
+            );
             continue;
         }
         match tls_outcome {
@@ -374,19 +376,12 @@ async fn reload_on_hangup(
                 tracing::error!(%error, "SIGHUP: TLS certificate files not reloaded; the previous ones stay in use.");
             }
         }
+        // Counted by auth::Auth::reload, per file.
         match auth_outcome {
             Ok(false) => {}
-            Ok(true) => {
-                metrics::metrics()
-                    .password_file_reloads
-                    .inc(ReloadOutcome::Ok);
-                tracing::info!("SIGHUP: password file reloaded.");
-            }
+            Ok(true) => tracing::info!("SIGHUP: password file and JWT key reloaded."),
             Err(error) => {
-                metrics::metrics()
-                    .password_file_reloads
-                    .inc(ReloadOutcome::Failed);
-                tracing::error!(%error, "SIGHUP: password file not reloaded; the previous one stays in use.");
+                tracing::error!(%error, "SIGHUP: an authentication file was not reloaded; the previous one stays in use.");
             }
         }
     }

@@ -162,9 +162,9 @@ pub async fn handshake<S: Transport>(
         checked = tokio::time::timeout_at(deadline, broker.auth.authenticate(request)) => checked,
     };
     let method = match checked {
-        Ok(Ok(method)) => {
+        Ok(Ok(authenticated)) => {
             broker.auth.accepted(&request);
-            method
+            authenticated.method
         }
         Ok(Err(refusal)) => {
             let (reason, code) = match refusal {
@@ -175,6 +175,10 @@ pub async fn handshake<S: Transport>(
                 Refusal::NotAuthorized => {
                     (RefusalReason::NotAuthorized, ConnackCode::NotAuthorized)
                 }
+                Refusal::Unavailable => (
+                    RefusalReason::AuthUnavailable,
+                    ConnackCode::ServerUnavailable,
+                ),
             };
             refused(reason);
             if let Some(suppressed) = AUTH_REFUSED.check() {
@@ -270,7 +274,7 @@ pub async fn handshake<S: Transport>(
             peer,
             listener,
             identity,
-            username: (method == AuthMethod::Password)
+            username: matches!(method, AuthMethod::Password | AuthMethod::Database)
                 .then(|| login.map(|l| l.username.clone()))
                 .flatten(),
             auth_method: method,
