@@ -18,6 +18,7 @@
 //!   before routing.
 
 pub mod api;
+pub mod credentials;
 pub mod error;
 pub mod head;
 pub mod layers;
@@ -54,6 +55,8 @@ pub struct AppState<S> {
     pub queries: Arc<QueryLimit>,
     /// The /api/v1/stats totals.
     pub stats: Arc<StatsCache>,
+    /// What the credential endpoints write through; `None`: they answer 503.
+    pub credentials: Option<credentials::CredentialsAdmin<S>>,
 }
 
 impl<S: PresenceStore> AppState<S> {
@@ -74,7 +77,15 @@ impl<S: PresenceStore> AppState<S> {
                 config.store_queue_timeout,
             )),
             stats: Arc::new(StatsCache::new(config.stats_cache_ttl)),
+            credentials: None,
         }
+    }
+
+    /// This state with the credential endpoints writing through `store` (a read-write pool)
+    /// and telling `auth` what they changed.
+    pub fn with_credentials(mut self, store: S, auth: Arc<crate::auth::Auth>) -> Self {
+        self.credentials = Some(credentials::CredentialsAdmin { store, auth });
+        self
     }
 }
 
@@ -103,6 +114,7 @@ pub fn app<S: PresenceStore>(state: AppState<S>) -> Router {
             "/api/v1/nodes",
             counted_as(Some(Nodes), get(api::list_nodes::<S>)),
         )
+        .merge(credentials::routes::<S>())
         .route("/healthz", counted_as(None, get(|| async { "ok\n" })))
         .route("/readyz", counted_as(Some(Readyz), get(api::readyz::<S>)))
         .route("/metrics", counted_as(None, get(api::metrics_text)))

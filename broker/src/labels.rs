@@ -369,6 +369,8 @@ label_enum! {
         Nodes => "nodes",
         /// `GET /readyz`.
         Readyz => "readyz",
+        /// `/api/v1/admin/credentials` and below: managing database credentials.
+        AdminCredentials => "admin_credentials",
         /// A request head refused before routing (too long, too many fields, malformed).
         Rejected => "rejected",
         /// An unknown route or a wrong method: answered by the router, not a route (a bad

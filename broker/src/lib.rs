@@ -276,6 +276,17 @@ async fn serve<S: PresenceStore>(
         Access::ReadOnly,
     )
     .await?;
+    // Database credentials are read through a read-only pool of their own, so that a storm
+    // of CONNECTs past the credential cache never takes the bridge's or the API's connections.
+    if config.auth.configures(config::AuthProvider::Database) {
+        let credentials = S::open(
+            &config.database.url,
+            config.auth.max_concurrent_verifications as u32 + 1,
+            Access::ReadOnly,
+        )
+        .await?;
+        auth.attach_credentials(Arc::new(store::StoreCredentials(credentials)));
+    }
     let mqtt_broker =
         Arc::new(mqtt::Broker::new(config.mqtt.clone(), events).with_auth(Arc::clone(&auth)));
     let state = http::AppState::new(
@@ -283,7 +294,8 @@ async fn serve<S: PresenceStore>(
         mqtt_broker.live_sessions(),
         migrated,
         &config.http,
-    );
+    )
+    .with_credentials(store.clone(), Arc::clone(&auth));
     tracing::info!(
         listen = %http_listener.local_addr().unwrap_or(config.http.listen),
         "HTTP listener ready."

@@ -1,5 +1,5 @@
-//! A minimal HTTP/1.1 GET over a fresh connection, enough for readiness probes, /metrics and
-//! JSON answers (`Connection: close`, the whole response read to the end; no chunked decoding).
+//! A minimal HTTP/1.1 client over a fresh connection, enough for readiness probes, /metrics and
+//! JSON requests and answers (`Connection: close`, the whole response read to the end; no chunked decoding).
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
@@ -15,8 +15,28 @@ pub struct Response {
 
 /// GET `path` from `addr`; `None` if nothing answered there with an HTTP response.
 pub async fn http_response(addr: impl ToSocketAddrs, path: &str) -> Option<Response> {
+    http_request(addr, "GET", path, None).await
+}
+
+/// `method` `path` on `addr`, with `body` as JSON if given; `None` if nothing answered there
+/// with an HTTP response.
+pub async fn http_request(
+    addr: impl ToSocketAddrs,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Option<Response> {
     let mut stream = TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    match body {
+        Some(body) => request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )),
+        None if method == "GET" => request.push_str("\r\n"),
+        None => request.push_str("Content-Length: 0\r\n\r\n"),
+    }
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.ok()?;

@@ -6,8 +6,8 @@
 //! - `temp`: temporary directories ([`TempDir`] from the `tempfile` crate, [`temp_dir`]).
 //! - `wait`: [`WAIT`], the bound of any one wait, and [`eventually`], a wait on a condition.
 //! - `net`: [`free_port`], for a server that must be told its port before it starts.
-//! - `http`: a minimal HTTP/1.1 GET: [`http_response`] (status and body), [`http_get`] (the
-//!   body of a 200).
+//! - `http`: a minimal HTTP/1.1 client: [`http_response`] (status and body of a GET),
+//!   [`http_get`] (the body of a 200), [`http_request`] (any method, a JSON body).
 //! - [`pg`]: a throwaway PostgreSQL ([`pg::TestPostgres`]).
 //! - `pki`: a throwaway certificate authority for TLS tests ([`TestPki`]): CA, server and
 //!   client certificates as PEM files.
@@ -34,7 +34,7 @@ mod wait;
 
 pub use client::{connect_packet, encode, Client, ConnectOpts, RawClient};
 pub use full::{sqlite_url, FullBroker};
-pub use http::{http_get, http_response, Response};
+pub use http::{http_get, http_request, http_response, Response};
 pub use mqtt::TestBroker;
 pub use net::free_port;
 pub use pki::{CertFiles, TestPki};
