@@ -2,10 +2,13 @@
 //!
 //! [`app`] builds the router from its state, so tests call it without a socket; it is generic
 //! over the store backend, like the rest of the broker. JSON bodies, RFC 3339 UTC timestamps;
-//! errors are `{"error": "..."}` with 400 (bad parameter), 404 (unknown device) or 503 (store
-//! unavailable or busy; internals are logged, not returned).
+//! errors are `{"error": "..."}` with 400 (bad parameter), 404 (unknown device or credential),
+//! 409 (a credential exists) or 503 (store unavailable or busy; internals are logged, not
+//! returned).
 //!
 //! - [`api`]: the handlers, and [`ApiError`], the JSON answer of a failed request;
+//! - [`credentials`]: the admin endpoints of database credentials (create, rotate, revoke,
+//!   list), which write through a read-write pool ([`AppState::with_credentials`]);
 //! - [`params`]: the typed parameters of each endpoint, decoded strictly (a query struct per
 //!   endpoint, the device id of the path);
 //! - [`layers`]: the two layers around the router: one counts every request in

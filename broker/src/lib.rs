@@ -5,8 +5,10 @@
 //! or the ground floor):
 //! - [`transport`]: the byte streams under MQTT: PROXY protocol header, TLS (rustls, its
 //!   reload and the client certificate's identity), WebSocket framing. Knows nothing of MQTT.
-//! - [`auth`]: who may connect: a CONNECT's credentials checked against Mosquitto-format
-//!   password files (also written by `broker passwd`), off the runtime, with a cache.
+//! - [`auth`]: who may connect: a CONNECT's credentials offered to a chain of providers
+//!   (Mosquitto-format password files, also written by `broker passwd`; JWTs; credentials in
+//!   the presence store, reached through a trait the store implements), checked off the
+//!   runtime, with a cache; what the credentials grant.
 //! - [`mqtt`]: the listeners (one accept loop each; transport handshakes in tasks of their
 //!   own), one task per connection (keep-alive, takeover), sessions, routing; emits a
 //!   connection event for every connect and disconnect.
@@ -159,7 +161,7 @@ struct Prepared {
     tls: Option<Arc<Tls>>,
     /// The HTTP listener.
     http: TcpListener,
-    /// Who may connect (its password file reloaded on SIGHUP).
+    /// Who may connect (its password file and JWT key reloaded on SIGHUP).
     auth: Arc<auth::Auth>,
 }
 
