@@ -71,14 +71,15 @@ pub struct Jwt {
 impl Jwt {
     /// The verification `config` describes, with its key read (blocking: at start).
     pub fn new(config: &JwtConfig) -> Result<Self, JwtError> {
-        let (key_name, path) = match (config.algorithm, &config.secret_file) {
-            (JwtAlgorithm::Hs256, Some(path)) => ("auth.jwt.secret_file", path.clone()),
-            (JwtAlgorithm::Hs256, None) => ("auth.jwt.secret_file", PathBuf::new()),
-            (_, _) => (
-                "auth.jwt.public_key_file",
-                config.public_key_file.clone().unwrap_or_default(),
-            ),
+        // (An unset file reads as an unreadable one, named by its key: the configuration's
+        // validation refuses it first.)
+        let (key_name, path) = match config.algorithm {
+            JwtAlgorithm::Hs256 => ("auth.jwt.secret_file", &config.secret_file),
+            JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 => {
+                ("auth.jwt.public_key_file", &config.public_key_file)
+            }
         };
+        let path = path.clone().unwrap_or_default();
         let key = load_key(config.algorithm, key_name, &path)?;
         let mut validation = Validation::new(algorithm(config.algorithm));
         validation.set_required_spec_claims(&["exp"]);

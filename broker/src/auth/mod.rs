@@ -539,3 +539,83 @@ impl Auth {
         context.finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_filters_of_grants_are_checked() {
+        for good in [
+            "a", "a/b", "+", "#", "a/+/c", "a/#", "+/+", "/", "$SYS/#", "a//b",
+        ] {
+            assert!(valid_filter(good), "{good:?}");
+        }
+        for bad in ["", "a/#/b", "a#", "a/b+", "#/a", "a\0b", "++"] {
+            assert!(!valid_filter(bad), "{bad:?}");
+        }
+        assert!(Grants::new(vec!["a/#".into()], vec!["b/+".into()]).is_ok());
+        let error = Grants::new(vec!["a/#".into()], vec!["b/#/c".into()]).expect_err("bad");
+        assert!(error.contains("b/#/c"), "{error}");
+    }
+
+    /// A password file of `users` (argon2id hashes of `password`) in a temporary directory.
+    fn password_file(users: &[&str], password: &[u8]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("dir");
+        let hash = password_file::Hash::new_argon2id(password).expect("hash");
+        let text: String = users
+            .iter()
+            .map(|u| format!("{u}:{}\n", hash.to_line_field()))
+            .collect();
+        std::fs::write(dir.path().join("pw"), text).expect("write");
+        dir
+    }
+
+    fn request<'a>(user: &'a str, password: &'a [u8]) -> Request<'a> {
+        Request {
+            peer: IpAddr::from([127, 0, 0, 1]),
+            client_id: user,
+            username: Some(user),
+            password: Some(password),
+            identity: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn not_mine_asks_the_next_provider_and_deny_ends_the_chain() {
+        let dir = password_file(&["alice"], b"pw-alice");
+        let config = AuthConfig {
+            password_file: Some(dir.path().join("pw")),
+            database: true,
+            database_cache_ttl: Duration::ZERO,
+            ..AuthConfig::default()
+        };
+        let auth = Auth::new(&config).expect("auth");
+        // The file has alice: it decides, and the database (not attached: it would answer
+        // "unavailable") is never asked.
+        let ok = auth.authenticate(request("alice", b"pw-alice")).await;
+        assert_eq!(ok.map(|a| a.method), Ok(AuthMethod::Password));
+        let wrong = auth.authenticate(request("alice", b"nope")).await;
+        assert_eq!(wrong, Err(Refusal::BadCredentials));
+        // The file does not have bob: the database is asked.
+        let bob = auth.authenticate(request("bob", b"pw")).await;
+        assert_eq!(bob, Err(Refusal::Unavailable));
+        // Database first: it is asked for alice too.
+        let config = AuthConfig {
+            providers: vec![AuthProvider::Database, AuthProvider::PasswordFile],
+            ..config
+        };
+        let auth = Auth::new(&config).expect("auth");
+        let first = auth.authenticate(request("alice", b"pw-alice")).await;
+        assert_eq!(first, Err(Refusal::Unavailable));
+        // Without a user name the chain is skipped: no credentials, not authorised.
+        let anonymous = auth
+            .authenticate(Request {
+                username: None,
+                password: None,
+                ..request("carol", b"")
+            })
+            .await;
+        assert_eq!(anonymous, Err(Refusal::NotAuthorized));
+    }
+}
