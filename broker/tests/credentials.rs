@@ -108,6 +108,22 @@ async fn credentials_made_through_the_api_decide_who_connects() {
     let (_dev_1d, code) = connect(&broker, "dev-1d", "dev-1", &new_password).await;
     assert_eq!(code, ConnectReturnCode::Success);
 
+    // Rotated to a password of one's own (what repeated provisioning does).
+    let (status, own) = call(
+        &broker,
+        "POST",
+        &format!("{BASE}/dev-1/rotate"),
+        Some(r#"{"password": "my own password"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{own}");
+    assert_eq!(own["password"], "my own password");
+    let (_, code) = connect(&broker, "dev-1g", "dev-1", &new_password).await;
+    assert_eq!(code, ConnectReturnCode::BadUserNamePassword);
+    let new_password = "my own password".to_owned();
+    let (_dev_1h, code) = connect(&broker, "dev-1h", "dev-1", &new_password).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+
     // Revoked: refused at once; revoking or rotating again finds nothing.
     let (status, _) = call(&broker, "DELETE", &format!("{BASE}/dev-1"), None).await;
     assert_eq!(status, 204);

@@ -5,8 +5,10 @@
 //!   "subscribe"?}`: 201 with the password (generated when not given: 32 random bytes,
 //!   base64url). It is shown this once: the store keeps only its argon2id hash. 409 when the
 //!   user name has a credential that is not revoked (a revoked one is replaced).
-//! - `POST /api/v1/admin/credentials/{username}/rotate`: a new generated password (201 body
-//!   shape, 200); the old one stops working. 404 without a credential.
+//! - `POST /api/v1/admin/credentials/{username}/rotate`, optionally with `{"password"}`: a new
+//!   password (generated when not given), 200; the old one stops working. 404 without a
+//!   credential. (With a password of one's own, provisioning can be repeated: create, and on
+//!   409 rotate to the same password.)
 //! - `DELETE /api/v1/admin/credentials/{username}`: revokes it (204). 404 without one.
 //! - `GET /api/v1/admin/credentials?limit=&cursor=`: a page by user name, revoked ones
 //!   included, never a hash.
@@ -71,6 +73,13 @@ pub fn routes<S: PresenceStore>() -> Router<AppState<S>> {
         )
 }
 
+/// The optional body of `POST /api/v1/admin/credentials/{username}/rotate`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rotation {
+    password: Option<String>,
+}
+
 /// The body of `POST /api/v1/admin/credentials`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -124,6 +133,19 @@ fn generate_password() -> Result<String, ApiError> {
     Ok(URL_SAFE_NO_PAD.encode(bytes))
 }
 
+/// `given`, if it has an acceptable length, or a generated password.
+fn password_or_generated(given: Option<String>) -> Result<String, ApiError> {
+    match given {
+        Some(p) if PASSWORD_LEN.contains(&p.len()) => Ok(p),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "password must be {} to {} bytes (or leave it out to have one generated)",
+            PASSWORD_LEN.start(),
+            PASSWORD_LEN.end()
+        ))),
+        None => generate_password(),
+    }
+}
+
 /// The argon2id PHC string of `password`, hashed off the async runtime.
 async fn hash(password: &str) -> Result<String, ApiError> {
     let password = password.as_bytes().to_vec();
@@ -150,17 +172,7 @@ async fn create<S: PresenceStore>(
     check_username(&new.username)?;
     check_filters("publish", &new.publish)?;
     check_filters("subscribe", &new.subscribe)?;
-    let password = match new.password {
-        Some(p) if PASSWORD_LEN.contains(&p.len()) => p,
-        Some(_) => {
-            return Err(ApiError::BadRequest(format!(
-                "password must be {} to {} bytes (or leave it out to have one generated)",
-                PASSWORD_LEN.start(),
-                PASSWORD_LEN.end()
-            )))
-        }
-        None => generate_password()?,
-    };
+    let password = password_or_generated(new.password)?;
     let now = Utc::now();
     let record = CredentialRecord {
         credential: Credential {
@@ -190,10 +202,20 @@ async fn create<S: PresenceStore>(
 async fn rotate<S: PresenceStore>(
     State(state): State<AppState<S>>,
     Path(username): Path<String>,
+    body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let admin = admin(&state)?;
     check_username(&username)?;
-    let password = generate_password()?;
+    let rotation: Rotation = if body.is_empty() {
+        Rotation::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "the body must be empty or JSON {{\"password\"}}: {e}"
+            ))
+        })?
+    };
+    let password = password_or_generated(rotation.password)?;
     let password_hash = hash(&password).await?;
     let now = Utc::now();
     let _slot = state.queries.acquire().await?;
