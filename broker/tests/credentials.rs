@@ -1,6 +1,7 @@
 //! Database credentials: managed through the admin API (create, rotate, revoke, list), used at
 //! CONNECT by the `database` provider, and what a credential grants; a rotation or revocation
-//! on this node takes effect at once, one on another node within `auth.database_cache_ttl`.
+//! on this node takes effect at once, one on another node within `auth.database_cache_ttl`;
+//! credentials that cannot be read are CONNACK 0x03.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use broker::auth::password_file::Hash;
 use broker::auth::{Auth, Authenticated, Grants, Refusal, Request};
 use broker::config::AuthConfig;
-use broker::labels::{AuthMethod, VerifyOutcome};
+use broker::labels::{AuthMethod, RefusalReason, VerifyOutcome};
 use broker::metrics::metrics;
 use broker::store::{Credential, CredentialRecord, PresenceStore, SqliteStore, StoreCredentials};
 use chrono::Utc;
@@ -17,7 +18,7 @@ use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
 use serde_json::Value;
 use testkit::{
     connect_packet, eventually, http_request, sqlite_url, temp_dir, ConnectOpts, FullBroker,
-    RawClient,
+    RawClient, TestBroker,
 };
 
 /// CONNECT as `client_id` with `user` and `password`; the connection and the CONNACK's code.
@@ -291,4 +292,39 @@ async fn a_change_made_elsewhere_takes_effect_within_the_cache_ttl() {
         ask(&auth, "dev-9", "pw-two-2").await,
         Err(Refusal::BadCredentials)
     );
+}
+
+/// Database credentials that cannot be read (here: no store attached, as while the database
+/// is away): CONNACK 0x03, counted as `auth_unavailable`, and not delayed however many come in
+/// a row (the client did nothing wrong).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_credentials_are_server_unavailable_without_delay() {
+    let auth = AuthConfig {
+        database: true,
+        ..AuthConfig::default()
+    };
+    let mut broker = TestBroker::start_with_auth(|_| {}, auth).await;
+    for attempt in 0..3 {
+        let mut c = RawClient::tcp(broker.addr).await;
+        let mut packet = connect_packet(&ConnectOpts::new("dev-1"));
+        if let Packet::Connect(connect) = &mut packet {
+            connect.set_login("dev-1", "password");
+        }
+        c.send(&packet).await;
+        match c.recv().await {
+            Some(Packet::ConnAck(ack)) => {
+                assert_eq!(ack.code, ConnectReturnCode::ServiceUnavailable, "{attempt}")
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        metrics()
+            .connections_refused
+            .get(RefusalReason::AuthUnavailable),
+        3
+    );
+    assert_eq!(metrics().auth_refusals_delayed.get(), 0);
+    broker.no_event_pending();
+    broker.stop().await;
 }

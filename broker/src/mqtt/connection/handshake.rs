@@ -192,8 +192,12 @@ pub async fn handshake<S: Transport>(
                      heartwire_connections_refused_total, this line at most every 10 s."
                 );
             }
-            // Refusals in a row are answered later and later (within the connect timeout).
-            let delay = broker.auth.refused(&request);
+            // Refusals in a row are answered later and later (within the connect timeout);
+            // not a store that cannot answer, which is no client's doing.
+            let delay = match refusal {
+                Refusal::Unavailable => Duration::ZERO,
+                _ => broker.auth.refused(&request),
+            };
             if !delay.is_zero() {
                 metrics().auth_refusals_delayed.inc();
                 let until = (tokio::time::Instant::now() + delay).min(deadline);
