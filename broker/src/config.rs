@@ -422,6 +422,138 @@ pub struct AuthConfig {
     /// or a minute without failures starts over. 0s: no delay.
     #[serde(with = "humantime_serde")]
     pub failure_delay_max: Duration,
+    /// The order the credentials of a CONNECT are tried in: "password_file", "jwt",
+    /// "database", each at most once and each configured. Each answers allow, deny, or not
+    /// mine (then the next is asked). Empty (the default): the configured ones in that order.
+    /// In the environment: comma-separated.
+    #[serde(deserialize_with = "providers")]
+    pub providers: Vec<AuthProvider>,
+    /// JWTs in the password field.
+    pub jwt: JwtConfig,
+    /// Whether the presence store's `credentials` table (managed through the REST API) is a
+    /// provider. Also on when `auth.providers` lists "database".
+    pub database: bool,
+    /// How long a credential read from the database is used before it is read again: a
+    /// revoked or rotated credential keeps working on other broker nodes for up to this long
+    /// (on the node that served the API call it stops at once). 0s: read on every CONNECT.
+    #[serde(with = "humantime_serde")]
+    pub database_cache_ttl: Duration,
+}
+
+/// One authentication provider of `auth.providers`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthProvider {
+    /// `auth.password_file`: user name and password.
+    PasswordFile,
+    /// `auth.jwt`: a JWT in the password field.
+    Jwt,
+    /// `auth.database`: user name and password from the presence store.
+    Database,
+}
+
+impl AuthProvider {
+    /// Every provider, in the default order.
+    pub const ALL: [AuthProvider; 3] = [
+        AuthProvider::PasswordFile,
+        AuthProvider::Jwt,
+        AuthProvider::Database,
+    ];
+
+    /// The name used in `auth.providers`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthProvider::PasswordFile => "password_file",
+            AuthProvider::Jwt => "jwt",
+            AuthProvider::Database => "database",
+        }
+    }
+}
+
+/// A list of providers, from a list or from a comma-separated string (the environment).
+fn providers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<AuthProvider>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match Raw::deserialize(d)? {
+        Raw::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Raw::Many(v) => v,
+    };
+    items
+        .iter()
+        .map(|item| {
+            AuthProvider::ALL
+                .into_iter()
+                .find(|p| p.as_str() == item.trim())
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "{item:?} is not a provider: use password_file, jwt or database"
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// The signature algorithm of `auth.jwt`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum JwtAlgorithm {
+    /// HMAC-SHA256 with the shared secret of `auth.jwt.secret_file`.
+    #[default]
+    #[serde(rename = "HS256")]
+    Hs256,
+    /// RSASSA-PKCS1-v1_5 SHA-256 with the RSA public key of `auth.jwt.public_key_file`.
+    #[serde(rename = "RS256")]
+    Rs256,
+    /// ECDSA P-256 SHA-256 with the EC public key of `auth.jwt.public_key_file`.
+    #[serde(rename = "ES256")]
+    Es256,
+}
+
+/// JWT authentication: the token in the CONNECT's password field.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// "HS256" (a shared secret), "RS256" or "ES256" (a public key). Tokens signed otherwise
+    /// are refused.
+    pub algorithm: JwtAlgorithm,
+    /// HS256: the file holding the shared secret (its bytes, a final line break dropped).
+    /// Setting it (or `public_key_file`) turns JWT authentication on. Re-read on SIGHUP.
+    pub secret_file: Option<PathBuf>,
+    /// RS256, ES256: the PEM file of the public key tokens are verified with. Re-read on
+    /// SIGHUP.
+    pub public_key_file: Option<PathBuf>,
+    /// The claim that must equal the client id (else CONNACK 0x05).
+    pub client_id_claim: String,
+    /// Clock difference allowed when checking `exp` and `nbf` (at most 5m).
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: JwtAlgorithm::Hs256,
+            secret_file: None,
+            public_key_file: None,
+            client_id_claim: "clientid".to_owned(),
+            leeway: Duration::from_secs(30),
+        }
+    }
+}
+
+impl JwtConfig {
+    /// Whether JWT authentication is configured (a key file is set).
+    pub fn enabled(&self) -> bool {
+        self.secret_file.is_some() || self.public_key_file.is_some()
+    }
 }
 
 impl Default for AuthConfig {
@@ -434,6 +566,10 @@ impl Default for AuthConfig {
             max_concurrent_verifications: 2,
             credential_cache_size: 100_000,
             failure_delay_max: Duration::from_secs(10),
+            providers: Vec::new(),
+            jwt: JwtConfig::default(),
+            database: false,
+            database_cache_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -441,7 +577,32 @@ impl Default for AuthConfig {
 impl AuthConfig {
     /// Whether any way of authenticating a client is configured.
     pub fn has_provider(&self) -> bool {
-        self.password_file.is_some()
+        !self.chain().is_empty()
+    }
+
+    /// Whether `provider` is configured (its file or switch is set, or `auth.providers` lists
+    /// the database).
+    pub fn configures(&self, provider: AuthProvider) -> bool {
+        match provider {
+            AuthProvider::PasswordFile => self.password_file.is_some(),
+            AuthProvider::Jwt => self.jwt.enabled(),
+            AuthProvider::Database => {
+                self.database || self.providers.contains(&AuthProvider::Database)
+            }
+        }
+    }
+
+    /// The providers in the order they are tried: `auth.providers`, or the configured ones in
+    /// the default order.
+    pub fn chain(&self) -> Vec<AuthProvider> {
+        if self.providers.is_empty() {
+            AuthProvider::ALL
+                .into_iter()
+                .filter(|p| self.configures(*p))
+                .collect()
+        } else {
+            self.providers.clone()
+        }
     }
 }
 
@@ -713,6 +874,8 @@ pub enum Accepts {
     Bool,
     /// A list of IP addresses or networks (a comma-separated string in the environment).
     Networks,
+    /// A list of these words (a comma-separated string in the environment).
+    Words(&'static [&'static str]),
 }
 
 /// Every key and what it accepts (a test keeps this in step with [`Config`]). Bounds are those
@@ -812,6 +975,29 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     ("auth.max_concurrent_verifications", Accepts::Whole(1, 1024)),
     ("auth.credential_cache_size", Accepts::Whole(0, u64::MAX)),
     ("auth.failure_delay_max", Accepts::Duration),
+    (
+        "auth.providers",
+        Accepts::Words(&["password_file", "jwt", "database"]),
+    ),
+    (
+        "auth.jwt.algorithm",
+        Accepts::OneOf(&["HS256", "RS256", "ES256"]),
+    ),
+    (
+        "auth.jwt.secret_file",
+        Accepts::Text("a file path (the HS256 shared secret)"),
+    ),
+    (
+        "auth.jwt.public_key_file",
+        Accepts::Text("a file path (PEM public key, RS256 or ES256)"),
+    ),
+    (
+        "auth.jwt.client_id_claim",
+        Accepts::Text("a claim name such as clientid"),
+    ),
+    ("auth.jwt.leeway", Accepts::Duration),
+    ("auth.database", Accepts::Bool),
+    ("auth.database_cache_ttl", Accepts::Duration),
     ("events.channel_capacity", Accepts::Whole(1, u64::MAX)),
     (
         "database.url",
@@ -878,6 +1064,12 @@ impl std::fmt::Display for Accepts {
             Accepts::OneOf(words) => write!(f, "one of {}", words.join(", ")),
             Accepts::Text(what) => f.write_str(what),
             Accepts::Bool => f.write_str("true or false"),
+            Accepts::Words(words) => write!(
+                f,
+                "a list of {} such as [\"{}\"] (comma-separated in the environment)",
+                words.join(", "),
+                words.first().copied().unwrap_or_default()
+            ),
             Accepts::Networks => f.write_str(
                 "a list of IP addresses or networks such as [\"10.0.0.0/8\", \"192.0.2.7\"] \
                  (comma-separated in the environment)",
@@ -922,6 +1114,14 @@ impl Accepts {
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .all(|s| parse_network(s).is_ok()),
+            (Accepts::Words(words), V::String(s)) => s
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .all(|s| words.contains(&s)),
+            (Accepts::Words(words), V::Array(items)) => items
+                .iter()
+                .all(|item| matches!(&item.kind, V::String(s) if words.contains(&s.as_str()))),
             (Accepts::Networks, V::Array(items)) => items
                 .iter()
                 .all(|item| matches!(&item.kind, V::String(s) if parse_network(s).is_ok())),
@@ -1527,14 +1727,18 @@ impl Config {
                 message: "must be at most 60s (0s: refusals are answered at once)".to_owned(),
             });
         }
-        if a.bind_client_id == ClientIdBinding::Username && a.password_file.is_none() {
+        if a.bind_client_id == ClientIdBinding::Username
+            && !a.configures(AuthProvider::PasswordFile)
+            && !a.configures(AuthProvider::Database)
+        {
             return Err(ConfigError::Invalid {
                 key: "auth.bind_client_id",
-                message: "\"username\" needs auth.password_file (user names are not verified \
-                          without it)"
+                message: "\"username\" needs auth.password_file or auth.database (user names \
+                          are not verified without one)"
                     .to_owned(),
             });
         }
+        self.validate_providers()?;
         if a.bind_client_id == ClientIdBinding::Identity && self.mqtt.tls.client_ca_file.is_none() {
             return Err(ConfigError::Invalid {
                 key: "auth.bind_client_id",
@@ -1560,12 +1764,104 @@ impl Config {
                     key,
                     message: format!(
                         "{addr} is reachable from other machines and no authentication is \
-                         configured: set auth.password_file, or set auth.allow_anonymous = true \
+                         configured: set auth.password_file, auth.jwt.secret_file, \
+                         auth.jwt.public_key_file or auth.database, or set \
+                         auth.allow_anonymous = true \
                          to let anyone connect (or listen on a loopback address such as \
                          127.0.0.1)"
                     ),
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// `auth.providers` and `auth.jwt`: each listed provider configured and listed once, each
+    /// configured one listed, and the JWT key that the algorithm needs.
+    fn validate_providers(&self) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        for (i, provider) in a.providers.iter().enumerate() {
+            if a.providers[..i].contains(provider) {
+                return invalid(
+                    "auth.providers",
+                    format!(
+                        "lists {} twice: each of password_file, jwt, database at most once",
+                        provider.as_str()
+                    ),
+                );
+            }
+            let needs = match provider {
+                AuthProvider::PasswordFile => "auth.password_file",
+                AuthProvider::Jwt => "auth.jwt.secret_file or auth.jwt.public_key_file",
+                AuthProvider::Database => "",
+            };
+            if !a.configures(*provider) {
+                return invalid(
+                    "auth.providers",
+                    format!("lists {} but {needs} is not set", provider.as_str()),
+                );
+            }
+        }
+        if !a.providers.is_empty() {
+            if let Some(missing) = AuthProvider::ALL
+                .into_iter()
+                .find(|p| a.configures(*p) && !a.providers.contains(p))
+            {
+                return invalid(
+                    "auth.providers",
+                    format!(
+                        "does not list {}, which is configured: add it (valid: password_file, \
+                         jwt, database) or remove its configuration",
+                        missing.as_str()
+                    ),
+                );
+            }
+        }
+        let j = &a.jwt;
+        if j.enabled() {
+            match j.algorithm {
+                JwtAlgorithm::Hs256 if j.secret_file.is_none() => {
+                    return invalid(
+                        "auth.jwt.secret_file",
+                        "must be set with auth.jwt.algorithm = \"HS256\" (or choose RS256 or \
+                         ES256 for auth.jwt.public_key_file)"
+                            .to_owned(),
+                    );
+                }
+                JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 if j.public_key_file.is_none() => {
+                    return invalid(
+                        "auth.jwt.public_key_file",
+                        "must be set with auth.jwt.algorithm = \"RS256\" or \"ES256\" (or \
+                         choose HS256 for auth.jwt.secret_file)"
+                            .to_owned(),
+                    );
+                }
+                _ => {}
+            }
+            if j.secret_file.is_some() && j.public_key_file.is_some() {
+                return invalid(
+                    "auth.jwt.secret_file",
+                    "set either auth.jwt.secret_file (HS256) or auth.jwt.public_key_file \
+                     (RS256, ES256), not both"
+                        .to_owned(),
+                );
+            }
+            if j.client_id_claim.is_empty() {
+                return invalid(
+                    "auth.jwt.client_id_claim",
+                    "must name a claim, such as clientid".to_owned(),
+                );
+            }
+        }
+        if j.leeway > Duration::from_secs(300) {
+            return invalid("auth.jwt.leeway", "must be at most 5m".to_owned());
+        }
+        if a.database_cache_ttl > Duration::from_secs(3600) {
+            return invalid(
+                "auth.database_cache_ttl",
+                "must be at most 1h (0s: the database is read on every CONNECT)".to_owned(),
+            );
         }
         Ok(())
     }
@@ -2020,7 +2316,7 @@ mod tests {
         );
         // Every word of a OneOf deserializes, and the defaults fit (they load).
         for (key, accepts) in ACCEPTS {
-            if let Accepts::OneOf(words) = accepts {
+            if let Accepts::OneOf(words) | Accepts::Words(words) = accepts {
                 for word in *words {
                     match Config::load_from(None, env(&[(&env_var(key), word)])) {
                         // Parsed; refused by a rule spanning keys (bind_client_id = "username"
@@ -2162,6 +2458,107 @@ mod tests {
         let err = Config::load_from(None, env(&[("BROKER_HTTP__METRICS_PUBLIC", "yes")]))
             .expect_err("not a boolean");
         assert!(err.to_string().contains("http.metrics_public"), "{err}");
+    }
+
+    #[test]
+    fn providers_are_listed_once_and_configured() {
+        let jwt = ("BROKER_AUTH__JWT__SECRET_FILE", "/etc/heartwire/jwt.secret");
+        let file = ("BROKER_AUTH__PASSWORD_FILE", "/etc/heartwire/passwords");
+        // The default order of the configured ones.
+        let c = Config::load_from(None, env(&[jwt, file, ("BROKER_AUTH__DATABASE", "true")]))
+            .expect("three providers");
+        assert_eq!(
+            c.auth.chain(),
+            [
+                AuthProvider::PasswordFile,
+                AuthProvider::Jwt,
+                AuthProvider::Database
+            ]
+        );
+        // An order of one's own; listing the database turns it on.
+        let c = Config::load_from(
+            None,
+            env(&[
+                jwt,
+                file,
+                ("BROKER_AUTH__PROVIDERS", "database, jwt,password_file"),
+            ]),
+        )
+        .expect("listed");
+        assert_eq!(
+            c.auth.chain(),
+            [
+                AuthProvider::Database,
+                AuthProvider::Jwt,
+                AuthProvider::PasswordFile
+            ]
+        );
+        assert!(c.auth.has_provider());
+        // Secure by default counts JWT and the database as authentication.
+        Config::load_from(
+            None,
+            env(&[
+                ("BROKER_MQTT__LISTEN", "0.0.0.0:1883"),
+                ("BROKER_AUTH__DATABASE", "true"),
+            ]),
+        )
+        .expect("database credentials authenticate");
+        for (pairs, key, says) in [
+            (
+                &[("BROKER_AUTH__PROVIDERS", "ldap")][..],
+                "auth.providers",
+                "password_file, jwt, database",
+            ),
+            (
+                &[("BROKER_AUTH__PROVIDERS", "jwt")][..],
+                "auth.providers",
+                "auth.jwt.secret_file",
+            ),
+            (
+                &[
+                    file,
+                    ("BROKER_AUTH__PROVIDERS", "password_file,password_file"),
+                ][..],
+                "auth.providers",
+                "twice",
+            ),
+            (
+                &[jwt, file, ("BROKER_AUTH__PROVIDERS", "jwt")][..],
+                "auth.providers",
+                "does not list password_file",
+            ),
+            (
+                &[jwt, ("BROKER_AUTH__JWT__ALGORITHM", "RS256")][..],
+                "auth.jwt.public_key_file",
+                "RS256",
+            ),
+            (
+                &[("BROKER_AUTH__JWT__ALGORITHM", "PS256")][..],
+                "auth.jwt.algorithm",
+                "HS256, RS256, ES256",
+            ),
+            (
+                &[jwt, ("BROKER_AUTH__JWT__LEEWAY", "1h")][..],
+                "auth.jwt.leeway",
+                "5m",
+            ),
+            (
+                &[("BROKER_AUTH__DATABASE_CACHE_TTL", "2h")][..],
+                "auth.database_cache_ttl",
+                "1h",
+            ),
+        ] {
+            let err = Config::load_from(None, env(pairs)).expect_err("refused");
+            let message = err.to_string();
+            assert!(
+                message.contains(key) && message.contains(says),
+                "{pairs:?}: {message}"
+            );
+        }
+        let toml = tempfile_with("[auth]\nproviders = [\"jwt\", \"database\"]\n[auth.jwt]\nalgorithm = \"ES256\"\npublic_key_file = \"/k.pem\"\n");
+        let c = Config::load_from(Some(toml.path()), env(&[])).expect("from a file");
+        assert_eq!(c.auth.chain(), [AuthProvider::Jwt, AuthProvider::Database]);
+        assert_eq!(c.auth.jwt.algorithm, JwtAlgorithm::Es256);
     }
 
     #[test]

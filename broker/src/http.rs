@@ -3,10 +3,12 @@
 //! [`app`] builds the router from its state, so tests call it without a socket; it is generic
 //! over the store backend, like the rest of the broker. JSON bodies, RFC 3339 UTC timestamps;
 //! errors are `{"error": "..."}` with 400 (bad parameter), 401 or 403 (no valid token, or a
-//! role that may not), 404 (unknown device, client not connected) or 503 (store unavailable or
-//! busy; internals are logged, not returned).
+//! role that may not), 404 (unknown device or credential, client not connected), 409 (a
+//! credential exists) or 503 (store unavailable or busy; internals are logged, not returned).
 //!
 //! - [`api`]: the handlers, and [`ApiError`], the JSON answer of a failed request;
+//! - [`credentials`]: the admin endpoints of database credentials (create, rotate, revoke,
+//!   list), which write through a read-write pool ([`AppState::with_credentials`]);
 //! - [`params`]: the typed parameters of each endpoint, decoded strictly (a query struct per
 //!   endpoint, the device id of the path);
 //! - [`layers`]: the two layers around the router: one counts every request in
@@ -26,6 +28,7 @@ pub mod access;
 pub mod admin;
 pub mod api;
 pub mod bans;
+pub mod credentials;
 pub mod error;
 pub mod head;
 pub mod layers;
@@ -72,6 +75,8 @@ pub struct AppState<S> {
     pub reloader: Arc<Reloader>,
     /// The broker's flapping detector, whose bans the admin endpoints list and lift.
     pub bans: Arc<Flapping>,
+    /// What the credential endpoints write through; `None`: they answer 503.
+    pub credentials: Option<credentials::CredentialsAdmin<S>>,
 }
 
 impl<S: PresenceStore> AppState<S> {
@@ -95,6 +100,7 @@ impl<S: PresenceStore> AppState<S> {
             access: Arc::new(ApiAccess::open()),
             reloader: Arc::new(Reloader::new()),
             bans: Arc::new(Flapping::new(&Default::default())),
+            credentials: None,
         }
     }
 
@@ -113,6 +119,13 @@ impl<S: PresenceStore> AppState<S> {
     /// The same, listing and lifting the bans of `flapping` (the broker's).
     pub fn with_bans(mut self, flapping: Arc<Flapping>) -> Self {
         self.bans = flapping;
+        self
+    }
+
+    /// This state with the credential endpoints writing through `store` (a read-write pool)
+    /// and telling `auth` what they changed.
+    pub fn with_credentials(mut self, store: S, auth: Arc<crate::auth::Auth>) -> Self {
+        self.credentials = Some(credentials::CredentialsAdmin { store, auth });
         self
     }
 }
@@ -151,7 +164,7 @@ where
 
 /// The router: each route behind its guard and with the label its requests are counted under
 /// (none for the probes and the scrape), inside the counting and JSON-error layers. Admin
-/// routes come from [`admin::routes`] and [`bans::routes`].
+/// routes come from [`admin::routes`], [`credentials::routes`] and [`bans::routes`].
 pub fn app<S: PresenceStore>(state: AppState<S>) -> Router {
     use Guard::{Metrics, Open, Read};
     use HttpRoute::{Device, Devices, Nodes, Readyz, Sessions, Stats};
@@ -185,6 +198,7 @@ pub fn app<S: PresenceStore>(state: AppState<S>) -> Router {
         )
         .route("/metrics", endpoint(Metrics, None, get(api::metrics_text)))
         .merge(admin::routes::<S>())
+        .merge(credentials::routes::<S>())
         .with_state(state)
         .merge(bans);
     // Around the whole router rather than each route, so that they see its answers complete

@@ -173,6 +173,9 @@ label_enum! {
         MaxConnectionsPerAddress => "max_connections_per_address",
         /// The client id is banned for connecting too often (`mqtt.flapping`; CONNACK 0x05).
         Banned => "banned",
+        /// A credential could not be looked up (the presence store did not answer): CONNACK
+        /// 0x03.
+        AuthUnavailable => "auth_unavailable",
     }
 }
 
@@ -250,6 +253,10 @@ label_enum! {
         Password => "password",
         /// A verified TLS client certificate.
         Certificate => "certificate",
+        /// A JWT in the password field (`auth.jwt`).
+        Jwt => "jwt",
+        /// User name and password, against the presence store's credentials (`auth.database`).
+        Database => "database",
     }
 }
 
@@ -409,6 +416,8 @@ label_enum! {
         Reload => "reload",
         /// `GET /api/v1/admin/bans` and `DELETE /api/v1/admin/bans/{client_id}`.
         Bans => "bans",
+        /// `/api/v1/admin/credentials` and below: managing database credentials.
+        AdminCredentials => "admin_credentials",
         /// A request head refused before routing (too long, too many fields, malformed).
         Rejected => "rejected",
         /// An unknown route or a wrong method: answered by the router, not a route (a bad

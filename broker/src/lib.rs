@@ -5,8 +5,10 @@
 //! or the ground floor):
 //! - [`transport`]: the byte streams under MQTT: PROXY protocol header, TLS (rustls, its
 //!   reload and the client certificate's identity), WebSocket framing. Knows nothing of MQTT.
-//! - [`auth`]: who may connect: a CONNECT's credentials checked against Mosquitto-format
-//!   password files (also written by `broker passwd`), off the runtime, with a cache.
+//! - [`auth`]: who may connect: a CONNECT's credentials offered to a chain of providers
+//!   (Mosquitto-format password files, also written by `broker passwd`; JWTs; credentials in
+//!   the presence store, reached through a trait the store implements), checked off the
+//!   runtime, with a cache; what the credentials grant.
 //! - [`mqtt`]: the listeners (one accept loop each; transport handshakes in tasks of their
 //!   own), one task per connection (keep-alive, takeover), sessions, routing, the limits on
 //!   clients (accept and publish rates, connections per address, flapping bans); emits a
@@ -193,7 +195,7 @@ struct Prepared {
     tls: Option<Arc<Tls>>,
     /// The HTTP listener.
     http: TcpListener,
-    /// Who may connect (its password file reloaded on SIGHUP).
+    /// Who may connect (its password file and JWT key reloaded on SIGHUP).
     auth: Arc<auth::Auth>,
     /// Who may use the API (its tokens file reloaded on SIGHUP).
     access: Arc<http::tokens::ApiAccess>,
@@ -317,6 +319,17 @@ async fn serve<S: PresenceStore>(
         Access::ReadOnly,
     )
     .await?;
+    // Database credentials are read through a read-only pool of their own, so that a storm
+    // of CONNECTs past the credential cache never takes the bridge's or the API's connections.
+    if config.auth.configures(config::AuthProvider::Database) {
+        let credentials = S::open(
+            &config.database.url,
+            config.auth.max_concurrent_verifications as u32 + 1,
+            Access::ReadOnly,
+        )
+        .await?;
+        auth.attach_credentials(Arc::new(store::StoreCredentials(credentials)));
+    }
     let mqtt_broker = Arc::new(
         mqtt::Broker::new(config.mqtt.clone(), events)
             .with_auth(Arc::clone(&auth))
@@ -331,7 +344,8 @@ async fn serve<S: PresenceStore>(
     )
     .with_access(access)
     .with_reloader(Arc::clone(&reloader))
-    .with_bans(Arc::clone(&mqtt_broker.flapping));
+    .with_bans(Arc::clone(&mqtt_broker.flapping))
+    .with_credentials(store.clone(), Arc::clone(&auth));
     tracing::info!(
         listen = %http_listener.local_addr().unwrap_or(config.http.listen),
         "HTTP listener ready."
@@ -402,11 +416,19 @@ fn reloader(
             "auth.password_file",
             "Password file",
             &m.password_file_reloads,
-            config
-                .auth
-                .password_file
-                .is_some()
-                .then_some(move || auth.reload().map(drop)),
+            config.auth.password_file.is_some().then_some({
+                let auth = Arc::clone(&auth);
+                move || auth.reload_password_file().map(drop)
+            }),
+        )
+        .file(
+            "auth.jwt",
+            "JWT key file",
+            &m.jwt_key_reloads,
+            auth.has_jwt().then_some({
+                let auth = Arc::clone(&auth);
+                move || auth.reload_jwt_key().map(drop)
+            }),
         )
         .file(
             "auth.acl_file",

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub auth_verifications: Counters<VerifyOutcome>,
     /// Reloads of the password file, by outcome.
     pub password_file_reloads: Counters<ReloadOutcome>,
+    /// Reloads of the JWT key file, by outcome.
+    pub jwt_key_reloads: Counters<ReloadOutcome>,
     /// Refusals answered after a delay (they followed others from the same address or for the
     /// same client id).
     pub auth_refusals_delayed: IntCounter,
@@ -407,8 +409,9 @@ impl Metrics {
             auth_verifications: Counters::new(
                 &r,
                 "heartwire_auth_verifications_total",
-                "Passwords checked at CONNECT, by outcome (cache_hit: verified recently, no \
-                 hashing; verified; rejected: wrong password or unknown user).",
+                "Passwords and JWTs checked at CONNECT, by outcome (cache_hit: verified \
+                 recently, no hashing; verified; rejected: wrong password, unknown user, or a \
+                 token refused).",
                 "outcome",
             ),
             password_file_reloads: Counters::new(
@@ -416,6 +419,13 @@ impl Metrics {
                 "heartwire_password_file_reloads_total",
                 "Reloads of auth.password_file (SIGHUP or the reload endpoint), by outcome; after a failed one the \
                  previous file stays in use.",
+                "outcome",
+            ),
+            jwt_key_reloads: Counters::new(
+                &r,
+                "heartwire_jwt_key_reloads_total",
+                "Reloads of the JWT key file (auth.jwt.secret_file or auth.jwt.public_key_file; \
+                 SIGHUP), by outcome; after a failed one the previous key stays in use.",
                 "outcome",
             ),
             auth_refusals_delayed: counter(

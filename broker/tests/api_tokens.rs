@@ -66,7 +66,7 @@ impl Protected {
             .iter()
             .map(|b| ("Authorization", b.as_str()))
             .collect();
-        http_request(self.broker.http, method, path, &headers)
+        http_request(self.broker.http, method, path, &headers, None)
             .await
             .unwrap_or_else(|| panic!("{method} {path}: no HTTP answer"))
     }
@@ -120,6 +120,7 @@ async fn tokens_and_roles_decide_who_uses_which_endpoint() {
         "GET",
         "/api/v1/stats",
         &[("Authorization", "Basic b3BzOnNlY3JldA==")],
+        None,
     )
     .await
     .expect("answer");

@@ -498,7 +498,7 @@ async fn status_with(http: std::net::SocketAddr, path: &str, token: Option<&str>
         .iter()
         .map(|b| ("Authorization", b.as_str()))
         .collect();
-    testkit::http_request(http, "GET", path, &headers)
+    testkit::http_request(http, "GET", path, &headers, None)
         .await
         .expect("an HTTP answer")
         .status
@@ -553,6 +553,7 @@ async fn tokens_made_by_broker_token_protect_the_api_and_reload_on_sighup() {
         "POST",
         "/api/v1/admin/reload",
         &[("Authorization", &format!("Bearer {admin}"))],
+        None,
     )
     .await
     .expect("answer");

@@ -459,6 +459,42 @@ impl broker::store::PresenceStore for StallFirstWrite {
     ) -> Result<Vec<broker::store::Boot>, broker::store::StoreError> {
         self.inner.nodes(node_id, limit).await
     }
+    async fn credential(
+        &self,
+        username: &str,
+    ) -> Result<Option<broker::store::CredentialRecord>, broker::store::StoreError> {
+        self.inner.credential(username).await
+    }
+    async fn create_credential(
+        &self,
+        record: &broker::store::CredentialRecord,
+    ) -> Result<bool, broker::store::StoreError> {
+        self.inner.create_credential(record).await
+    }
+    async fn rotate_credential(
+        &self,
+        username: &str,
+        password_hash: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool, broker::store::StoreError> {
+        self.inner
+            .rotate_credential(username, password_hash, now)
+            .await
+    }
+    async fn revoke_credential(
+        &self,
+        username: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool, broker::store::StoreError> {
+        self.inner.revoke_credential(username, now).await
+    }
+    async fn credentials(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<broker::store::Credential>, broker::store::StoreError> {
+        self.inner.credentials(after, limit).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

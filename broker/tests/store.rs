@@ -4,10 +4,15 @@
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
+use broker::auth::database::CredentialSource;
+use broker::auth::password_file::Hash;
+use broker::auth::Grants;
 use broker::config::BridgeConfig;
 use broker::event::{ConnectionEvent, PresenceRecord, SessionId};
 use broker::labels::{AuthMethod, DisconnectReason, Listener};
-use broker::store::{PgStore, PresenceStore, SqliteStore};
+use broker::store::{
+    Credential, CredentialRecord, PgStore, PresenceStore, SqliteStore, StoreCredentials,
+};
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::SqliteConnectOptions;
@@ -812,6 +817,134 @@ async fn an_expired_persistent_session_is_recorded_on_its_last_connection<S: Pre
 
 /// A migrator of `backend`'s migrations before `before` (the schema an earlier version
 /// created), from copies in `dir`.
+/// A credential row for `username` at `at`, with `hash` and the filter lists.
+fn credential_record(
+    username: &str,
+    hash: &str,
+    publish: Option<&[&str]>,
+    subscribe: Option<&[&str]>,
+    at: u64,
+) -> CredentialRecord {
+    let list = |l: Option<&[&str]>| l.map(|l| l.iter().map(|f| (*f).to_owned()).collect());
+    CredentialRecord {
+        credential: Credential {
+            username: username.to_owned(),
+            publish: list(publish),
+            subscribe: list(subscribe),
+            created_at: ts(at),
+            updated_at: ts(at),
+            revoked_at: None,
+        },
+        password_hash: hash.to_owned(),
+    }
+}
+
+async fn credentials_are_created_rotated_revoked_and_listed<S: PresenceStore>(store: S) {
+    let first = Hash::new_argon2id(b"one").expect("hash").to_line_field();
+    let second = Hash::new_argon2id(b"two").expect("hash").to_line_field();
+    let dev_1 = credential_record(
+        "dev-1",
+        &first,
+        Some(&["t/dev-1/#"]),
+        Some(&["c/dev-1"]),
+        10,
+    );
+    assert!(store.create_credential(&dev_1).await.expect("create"));
+    // A user name holds one credential: creating it again changes nothing.
+    let again = credential_record("dev-1", &second, None, None, 11);
+    assert!(!store.create_credential(&again).await.expect("create again"));
+    assert_eq!(
+        store.credential("dev-1").await.expect("read"),
+        Some(dev_1.clone())
+    );
+    assert_eq!(store.credential("dev-9").await.expect("read"), None);
+
+    // What authentication reads: the hash parsed, the lists as grants.
+    let source = StoreCredentials(store.clone());
+    let stored = source
+        .credential("dev-1")
+        .await
+        .expect("lookup")
+        .expect("a row");
+    assert!(stored.hash.verify(b"one") && !stored.revoked);
+    assert_eq!(
+        stored.grants.as_deref(),
+        Some(&Grants {
+            publish: vec!["t/dev-1/#".into()],
+            subscribe: vec!["c/dev-1".into()],
+        })
+    );
+    assert!(source.credential("dev-9").await.expect("lookup").is_none());
+
+    // Rotated: the new hash, updated_at moves, created_at stays.
+    assert!(store
+        .rotate_credential("dev-1", &second, ts(20))
+        .await
+        .expect("rotate"));
+    assert!(!store
+        .rotate_credential("dev-9", &second, ts(20))
+        .await
+        .expect("rotate"));
+    let rotated = store.credential("dev-1").await.expect("read").expect("row");
+    assert_eq!(rotated.password_hash, second);
+    assert_eq!(
+        (rotated.credential.created_at, rotated.credential.updated_at),
+        (ts(10), ts(20))
+    );
+
+    // Revoked: kept (and listed) with revoked_at, never rotated or revoked again.
+    assert!(store
+        .revoke_credential("dev-1", ts(30))
+        .await
+        .expect("revoke"));
+    assert!(!store
+        .revoke_credential("dev-1", ts(31))
+        .await
+        .expect("revoke"));
+    assert!(!store
+        .rotate_credential("dev-1", &first, ts(31))
+        .await
+        .expect("rotate"));
+    let revoked = store.credential("dev-1").await.expect("read").expect("row");
+    assert_eq!(revoked.credential.revoked_at, Some(ts(30)));
+    assert!(
+        source
+            .credential("dev-1")
+            .await
+            .expect("lookup")
+            .expect("row")
+            .revoked
+    );
+    // Created again after revocation: a new credential replaces the revoked one.
+    assert!(store
+        .create_credential(&again)
+        .await
+        .expect("create after revoke"));
+    assert_eq!(
+        store.credential("dev-1").await.expect("read"),
+        Some(again.clone())
+    );
+    let source_again = source
+        .credential("dev-1")
+        .await
+        .expect("lookup")
+        .expect("row");
+    assert_eq!(source_again.grants, None);
+
+    // Listed by user name, in pages, never with a hash.
+    for name in ["dev-3", "dev-2", "dev-4"] {
+        let record = credential_record(name, &first, None, Some(&[]), 40);
+        assert!(store.create_credential(&record).await.expect("create"));
+    }
+    let page = store.credentials(None, 3).await.expect("list");
+    let names: Vec<&str> = page.iter().map(|c| c.username.as_str()).collect();
+    assert_eq!(names, ["dev-1", "dev-2", "dev-3"]);
+    assert_eq!(page[1].subscribe, Some(vec![]));
+    let rest = store.credentials(Some("dev-3"), 3).await.expect("list");
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].username, "dev-4");
+}
+
 async fn migrations_before(backend: &str, before: &str, dir: &std::path::Path) -> Migrator {
     let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../migrations")
@@ -1022,4 +1155,5 @@ store_tests!(
     history_is_pruned_by_age_and_per_device_never_open_sessions,
     coalesced_sessions_count_in_history_and_totals,
     node_boots_are_listed_newest_first,
+    credentials_are_created_rotated_revoked_and_listed,
 );

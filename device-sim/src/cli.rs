@@ -423,6 +423,12 @@ pub struct ProvisionArgs {
     /// The same password for every device, as by `run --password`.
     #[arg(long, env = PASSWORD_ENV, hide_env_values = true, group = "secret")]
     pub password: Option<String>,
+    /// Store the credentials in the broker's database through its admin API at this base URL
+    /// (e.g. http://127.0.0.1:8080; the broker needs `auth.database`) instead of printing the
+    /// `user:password` lines. A device that has a credential already gets its password set
+    /// again, so provisioning can be repeated.
+    #[arg(long, value_name = "URL")]
+    pub api: Option<String>,
 }
 
 impl ProvisionArgs {

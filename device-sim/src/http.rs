@@ -1,6 +1,6 @@
-//! A minimal HTTP/1.1 client for the broker's JSON API: plain `GET` over TCP with
-//! `Connection: close`, content-length, chunked or close-delimited bodies, and a bearer token
-//! for a broker whose API is protected (`http.api_tokens_file`). No TLS.
+//! A minimal HTTP/1.1 client for the broker's JSON API: `GET`, and `POST` of a JSON body, over
+//! TCP with `Connection: close`, content-length, chunked or close-delimited bodies, and a bearer
+//! token for a broker whose API is protected (`http.api_tokens_file`). No TLS.
 
 use std::time::Duration;
 
@@ -98,7 +98,27 @@ impl Api {
             .with_context(|| format!("GET {path}: unexpected body"))
     }
 
+    /// `POST path` with the JSON `body`; returns the status code and the body.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> Result<(u16, Vec<u8>)> {
+        let body = body.to_string();
+        tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.request_untimed("POST", path, Some(&body)),
+        )
+        .await
+        .with_context(|| format!("POST {path}: no answer within {REQUEST_TIMEOUT:?}"))?
+    }
+
     async fn get_untimed(&self, path: &str) -> Result<(u16, Vec<u8>)> {
+        self.request_untimed("GET", path, None).await
+    }
+
+    async fn request_untimed(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, Vec<u8>)> {
         let mut stream = TcpStream::connect(&self.authority)
             .await
             .with_context(|| format!("connecting to {}", self.authority))?;
@@ -107,17 +127,24 @@ impl Api {
             .as_ref()
             .map(|t| format!("Authorization: Bearer {t}\r\n"))
             .unwrap_or_default();
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\n{authorization}Connection: close\r\n\r\n",
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\n{authorization}Connection: close\r\n",
             self.authority
         );
+        match body {
+            Some(body) => request.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )),
+            None => request.push_str("\r\n"),
+        }
         stream.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();
         stream
             .read_to_end(&mut response)
             .await
-            .with_context(|| format!("reading the answer to GET {path}"))?;
-        parse_response(&response).with_context(|| format!("GET {path}"))
+            .with_context(|| format!("reading the answer to {method} {path}"))?;
+        parse_response(&response).with_context(|| format!("{method} {path}"))
     }
 }
 

@@ -19,7 +19,8 @@
 //! Devices log in with `--username NAME` or `--username-from-client-id`, and `--password` or
 //! `--password-seed SEED` (a password per device, derived from the seed and its client id; see
 //! [`credentials`]). `device-sim provision` prints the `user:password` lines of a run's
-//! devices for `broker passwd --bulk FILE` (see [`provision`]).
+//! devices for `broker passwd --bulk FILE`, or stores them through the broker's admin API as
+//! database credentials (`--api`; see [`provision`]).
 //!
 //! `device-sim verify --truth FILE --api http://HOST:PORT` waits `--settle` seconds and compares
 //! the truth with the broker's presence API (see [`verify`]; sessions ended by a broker crash
@@ -87,7 +88,9 @@ async fn main() -> ExitCode {
                 ExitCode::from(DISAGREES)
             }
         }),
-        Some(Command::Provision(args)) => provision::provision(&args).map(|()| ExitCode::SUCCESS),
+        Some(Command::Provision(args)) => provision::provision(&args)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Some(Command::Run(args)) => run::run(&args).await.map(exit_code),
         None => run::run(&cli.run).await.map(exit_code),
     };

@@ -141,6 +141,48 @@ async fn takeover_flap_and_storm_work_with_auth_on() {
     }
 }
 
+/// `device-sim provision --api`: the accounts go into the broker's database through the admin
+/// API (twice: the second time every one exists and has its password set again), and the
+/// devices log in with them, bound to their client ids; verify agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_provisioned_through_the_api_connect() {
+    let dir = temp_dir("auth-api");
+    let mut config = FullBroker::config(&sqlite_url(&dir), &dir, "test-node");
+    config.auth.database = true;
+    config.auth.bind_client_id = ClientIdBinding::Username;
+    let broker = FullBroker::start(config).await;
+    broker.ready().await;
+    for said in ["12 created, 0 updated", "0 created, 12 updated"] {
+        let out = tokio::time::timeout(
+            SIM_WAIT,
+            sim()
+                .args(["provision", "--count", COUNT, "--password-seed", SEED])
+                .args(["--api", &broker.api()])
+                .stderr(Stdio::piped())
+                .output(),
+        )
+        .await
+        .expect("provision ends in time")
+        .expect("provision runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "provision failed: {stderr}");
+        assert!(stderr.contains(said), "{stderr}");
+        assert!(out.stdout.is_empty(), "no lines printed with --api");
+    }
+    let truth = dir.path().join("truth.jsonl");
+    let options = [
+        login(SEED),
+        timing("3"),
+        clean_abrupt_churn("1200", "0.1"),
+        args(["--truth", &truth.display().to_string()]),
+    ]
+    .concat();
+    let run = run(broker.mqtt.port(), dir.path(), "api", &options).await;
+    run.churned();
+    verify(&broker.api(), &truth, "1").await;
+    broker.stop().await;
+}
+
 /// Passwords from another seed: every CONNECT is refused with 0x04 (bad user name or password),
 /// counted as failed connects, and the run ends with exit code 3 (no device ever connected).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

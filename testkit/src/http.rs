@@ -1,6 +1,7 @@
 //! A minimal HTTP/1.1 client over a fresh connection, enough for readiness probes, /metrics and
-//! JSON answers (`Connection: close`, the whole response read to the end; no chunked decoding):
-//! GET ([`http_response`], [`http_get`]) and any method with headers ([`http_request`]).
+//! JSON requests and answers (`Connection: close`, the whole response read to the end; no
+//! chunked decoding): GET ([`http_response`], [`http_get`]) and any method with headers and a
+//! JSON body ([`http_request`]).
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
@@ -29,16 +30,17 @@ impl Response {
 
 /// GET `path` from `addr`; `None` if nothing answered there with an HTTP response.
 pub async fn http_response(addr: impl ToSocketAddrs, path: &str) -> Option<Response> {
-    http_request(addr, "GET", path, &[]).await
+    http_request(addr, "GET", path, &[], None).await
 }
 
-/// `method path` to `addr` with the header fields `headers` and no body; `None` if nothing
-/// answered there with an HTTP response.
+/// `method path` to `addr` with the header fields `headers` and `body` as JSON if given;
+/// `None` if nothing answered there with an HTTP response.
 pub async fn http_request(
     addr: impl ToSocketAddrs,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
+    body: Option<&str>,
 ) -> Option<Response> {
     let mut stream = TcpStream::connect(addr).await.ok()?;
     let mut request =
@@ -46,10 +48,14 @@ pub async fn http_request(
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
-    if method != "GET" && method != "HEAD" {
-        request.push_str("Content-Length: 0\r\n");
+    match body {
+        Some(body) => request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )),
+        None if method == "GET" || method == "HEAD" => request.push_str("\r\n"),
+        None => request.push_str("Content-Length: 0\r\n\r\n"),
     }
-    request.push_str("\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.ok()?;

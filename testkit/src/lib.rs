@@ -7,7 +7,7 @@
 //! - `wait`: [`WAIT`], the bound of any one wait, and [`eventually`], a wait on a condition.
 //! - `net`: [`free_port`], for a server that must be told its port before it starts.
 //! - `http`: a minimal HTTP/1.1 client: [`http_response`] (status, headers and body of a GET),
-//!   [`http_get`] (the body of a 200), [`http_request`] (any method, with headers).
+//!   [`http_get`] (the body of a 200), [`http_request`] (any method, with headers and a JSON body).
 //! - [`pg`]: a throwaway PostgreSQL ([`pg::TestPostgres`]).
 //! - `pki`: a throwaway certificate authority for TLS tests ([`TestPki`]): CA, server and
 //!   client certificates as PEM files.

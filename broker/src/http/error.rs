@@ -25,6 +25,12 @@ pub enum ApiError {
     /// 404: a ban to lift that is not in force.
     #[error("client id {0:?} is not banned")]
     NotBanned(String),
+    /// 404: no credential of this user name (or only a revoked one).
+    #[error("no credential for user name {0:?}")]
+    NoCredential(String),
+    /// 409: the request conflicts with what is stored.
+    #[error("{0}")]
+    Conflict(String),
     /// 400.
     #[error("{0}")]
     BadRequest(String),
@@ -44,9 +50,11 @@ pub enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
-            ApiError::NotFound(_) | ApiError::NotConnected(_) | ApiError::NotBanned(_) => {
-                StatusCode::NOT_FOUND
-            }
+            ApiError::NotFound(_)
+            | ApiError::NotConnected(_)
+            | ApiError::NotBanned(_)
+            | ApiError::NoCredential(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Store(error) => {
                 if let Some(suppressed) = STORE_FAILED.check() {

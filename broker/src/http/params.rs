@@ -55,6 +55,17 @@ pub struct NodesQuery {
     pub limit: u32,
 }
 
+/// `GET /api/v1/admin/credentials`.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsQuery {
+    /// Page size.
+    #[serde(default = "default_limit", deserialize_with = "limit")]
+    pub limit: u32,
+    /// The last user name of the previous page.
+    pub cursor: Option<String>,
+}
+
 fn default_limit() -> u32 {
     DEFAULT_LIMIT
 }

@@ -617,7 +617,9 @@ impl<S: PresenceStore> Bridge<S> {
 mod tests {
     use super::*;
     use crate::event::SessionId;
-    use crate::store::{Access, Boot, Device, Recovery, Session, Stats};
+    use crate::store::{
+        Access, Boot, Credential, CredentialRecord, Device, Recovery, Session, Stats,
+    };
     use chrono::DateTime;
 
     /// A store that never answers.
@@ -675,6 +677,30 @@ mod tests {
             std::future::pending().await
         }
         async fn nodes(&self, _: Option<&str>, _: u32) -> Result<Vec<Boot>, StoreError> {
+            std::future::pending().await
+        }
+        async fn credential(&self, _: &str) -> Result<Option<CredentialRecord>, StoreError> {
+            std::future::pending().await
+        }
+        async fn create_credential(&self, _: &CredentialRecord) -> Result<bool, StoreError> {
+            std::future::pending().await
+        }
+        async fn rotate_credential(
+            &self,
+            _: &str,
+            _: &str,
+            _: DateTime<Utc>,
+        ) -> Result<bool, StoreError> {
+            std::future::pending().await
+        }
+        async fn revoke_credential(&self, _: &str, _: DateTime<Utc>) -> Result<bool, StoreError> {
+            std::future::pending().await
+        }
+        async fn credentials(
+            &self,
+            _: Option<&str>,
+            _: u32,
+        ) -> Result<Vec<Credential>, StoreError> {
             std::future::pending().await
         }
     }

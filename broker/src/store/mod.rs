@@ -19,15 +19,19 @@ mod sql;
 pub mod sqlite;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::auth::database::{CredentialSource, Lookup, LookupError, StoredCredential};
+use crate::auth::password_file::Hash;
+use crate::auth::Grants;
 use crate::event::PresenceRecord;
 use crate::metrics::metrics;
 
-pub use model::{Boot, Device, Recovery, Session, Stats};
+pub use model::{Boot, Credential, CredentialRecord, Device, Recovery, Session, Stats};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -158,6 +162,89 @@ pub trait PresenceStore: Clone + Send + Sync + 'static {
         node_id: Option<&str>,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Boot>, StoreError>> + Send;
+    /// The credential of `username`, revoked or not, with its hash.
+    fn credential(
+        &self,
+        username: &str,
+    ) -> impl Future<Output = Result<Option<CredentialRecord>, StoreError>> + Send;
+    /// Stores `record` as a new credential; `false` (and nothing written) when its user name
+    /// has one that is not revoked. A revoked one is replaced.
+    fn create_credential(
+        &self,
+        record: &CredentialRecord,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Replaces the password hash of `username`'s credential; `false` when it has none that is
+    /// not revoked.
+    fn rotate_credential(
+        &self,
+        username: &str,
+        password_hash: &str,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Revokes `username`'s credential; `false` when it has none that is not revoked.
+    fn revoke_credential(
+        &self,
+        username: &str,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Credentials ordered by user name, after `after` (keyset pagination), revoked ones
+    /// included.
+    fn credentials(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Credential>, StoreError>> + Send;
+}
+
+/// A store as the source of database credentials (`auth.database`): the store points down at
+/// the authentication, which never names the store.
+#[derive(Clone)]
+pub struct StoreCredentials<S>(pub S);
+
+impl<S: PresenceStore> CredentialSource for StoreCredentials<S> {
+    fn credential<'a>(&'a self, username: &'a str) -> Lookup<'a> {
+        Box::pin(async move {
+            let Some(record) = self
+                .0
+                .credential(username)
+                .await
+                .map_err(|e| LookupError(e.to_string()))?
+            else {
+                return Ok(None);
+            };
+            stored(record).map(Some).map_err(LookupError)
+        })
+    }
+}
+
+/// What authentication needs of a credential row: its hash parsed, its filters as grants.
+fn stored(record: CredentialRecord) -> Result<StoredCredential, String> {
+    let c = record.credential;
+    let hash = Hash::parse(&record.password_hash).map_err(|e| {
+        format!(
+            "the stored hash of credential {:?} is unusable: {e}",
+            c.username
+        )
+    })?;
+    let grants = match (c.publish, c.subscribe) {
+        (None, None) => None,
+        (publish, subscribe) => {
+            let boxed = |f: Option<Vec<String>>| {
+                f.unwrap_or_default()
+                    .into_iter()
+                    .map(String::into_boxed_str)
+                    .collect()
+            };
+            let grants = Grants::new(boxed(publish), boxed(subscribe))
+                .map_err(|e| format!("credential {:?}: {e}", c.username))?;
+            Some(Arc::new(grants))
+        }
+    };
+    Ok(StoredCredential {
+        hash,
+        grants,
+        revoked: c.revoked_at.is_some(),
+    })
 }
 
 /// Counts what a committed plan folded (`heartwire_presence_sessions_coalesced_total`).

@@ -126,3 +126,31 @@ pub struct Recovery {
     /// Devices turned offline by it.
     pub devices_offline: u64,
 }
+
+/// A device credential (a row of the `credentials` table) as the API lists it: never its
+/// hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Credential {
+    /// The user name the device connects with (usually its client id).
+    pub username: String,
+    /// Topic filters it may publish to; `None`: none listed.
+    pub publish: Option<Vec<String>>,
+    /// Topic filters it may subscribe to; `None`: none listed.
+    pub subscribe: Option<Vec<String>>,
+    /// When it was created (or created again after a revocation).
+    pub created_at: DateTime<Utc>,
+    /// When it last changed (created, rotated, revoked).
+    pub updated_at: DateTime<Utc>,
+    /// When it was revoked; `None` while it authenticates.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A credential with its password hash: what authentication reads, and what a new one is
+/// written from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialRecord {
+    /// The row's other columns.
+    pub credential: Credential,
+    /// The password's argon2id PHC string.
+    pub password_hash: String,
+}

@@ -9,11 +9,12 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-use super::model::{Boot, Device, Recovery, Session, Stats};
+use super::model::{Boot, Credential, CredentialRecord, Device, Recovery, Session, Stats};
 use super::plan::BatchPlan;
 use super::sql::{
-    auth_method, listener, stats_from_rows, BOOT_COLUMNS, BROKER_RESTART, DEVICE_COLUMNS,
-    PRUNE_DEVICE, PRUNE_ENDED_BEFORE, SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
+    auth_method, filters_from_json, filters_to_json, listener, stats_from_rows, BOOT_COLUMNS,
+    BROKER_RESTART, CREDENTIAL_COLUMNS, DEVICE_COLUMNS, PRUNE_DEVICE, PRUNE_ENDED_BEFORE,
+    SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
 };
 use super::{count_folded, Access, PresenceStore, StoreError};
 use crate::event::PresenceRecord;
@@ -81,6 +82,17 @@ fn boot(row: &PgRow) -> Result<Boot, sqlx::Error> {
         started_at: row.try_get("started_at")?,
         heartbeat_at: row.try_get("heartbeat_at")?,
         recovered: row.try_get("recovered")?,
+    })
+}
+
+fn credential(row: &PgRow) -> Result<Credential, sqlx::Error> {
+    Ok(Credential {
+        username: row.try_get("username")?,
+        publish: filters_from_json(row.try_get("publish")?)?,
+        subscribe: filters_from_json(row.try_get("subscribe")?)?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        revoked_at: row.try_get("revoked_at")?,
     })
 }
 
@@ -458,5 +470,93 @@ impl PresenceStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(boot).collect::<Result<_, _>>()?)
+    }
+
+    async fn credential(&self, username: &str) -> Result<Option<CredentialRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {CREDENTIAL_COLUMNS}, password_hash FROM credentials WHERE username = $1"
+        ))
+        .bind(username)
+        .fetch_optional(&self.pool)
+        .await?;
+        let record = |row: &PgRow| -> Result<CredentialRecord, sqlx::Error> {
+            Ok(CredentialRecord {
+                credential: credential(row)?,
+                password_hash: row.try_get("password_hash")?,
+            })
+        };
+        Ok(row.as_ref().map(record).transpose()?)
+    }
+
+    async fn create_credential(&self, record: &CredentialRecord) -> Result<bool, StoreError> {
+        let c = &record.credential;
+        let done = sqlx::query(
+            "INSERT INTO credentials \
+             (username, password_hash, publish, subscribe, created_at, updated_at, revoked_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, NULL) \
+             ON CONFLICT (username) DO UPDATE SET password_hash = excluded.password_hash, \
+             publish = excluded.publish, subscribe = excluded.subscribe, \
+             created_at = excluded.created_at, updated_at = excluded.updated_at, revoked_at = NULL \
+             WHERE credentials.revoked_at IS NOT NULL",
+        )
+        .bind(&c.username)
+        .bind(&record.password_hash)
+        .bind(filters_to_json(c.publish.as_deref()))
+        .bind(filters_to_json(c.subscribe.as_deref()))
+        .bind(c.created_at)
+        .bind(c.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn rotate_credential(
+        &self,
+        username: &str,
+        password_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE credentials SET password_hash = $2, updated_at = $3 \
+             WHERE username = $1 AND revoked_at IS NULL",
+        )
+        .bind(username)
+        .bind(password_hash)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn revoke_credential(
+        &self,
+        username: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE credentials SET revoked_at = $2, updated_at = $2 \
+             WHERE username = $1 AND revoked_at IS NULL",
+        )
+        .bind(username)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn credentials(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Credential>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CREDENTIAL_COLUMNS} FROM credentials \
+             WHERE ($1::text IS NULL OR username > $1) ORDER BY username LIMIT $2"
+        ))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(credential).collect::<Result<_, _>>()?)
     }
 }

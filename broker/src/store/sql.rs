@@ -77,3 +77,21 @@ pub(super) const PRUNE_DEVICE: &str = "DELETE FROM sessions WHERE session_id IN 
          SELECT session_id FROM sessions WHERE device_id = $1 \
          ORDER BY session_id DESC LIMIT 1 OFFSET $2 - 1) \
        ORDER BY session_id LIMIT $3)";
+
+/// The columns of a [`Credential`] row (the hash is read only where it is needed).
+pub(super) const CREDENTIAL_COLUMNS: &str =
+    "username, publish, subscribe, created_at, updated_at, revoked_at";
+
+/// A filter list as stored (a JSON array), or NULL.
+pub(super) fn filters_to_json(filters: Option<&[String]>) -> Option<String> {
+    filters.map(|f| serde_json::Value::from(f.to_vec()).to_string())
+}
+
+/// A stored filter list; text that is not a JSON array of strings is a decode error.
+pub(super) fn filters_from_json(text: Option<String>) -> Result<Option<Vec<String>>, sqlx::Error> {
+    text.map(|t| {
+        serde_json::from_str(&t)
+            .map_err(|e| sqlx::Error::Decode(format!("credential filters: {e}").into()))
+    })
+    .transpose()
+}

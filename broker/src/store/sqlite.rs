@@ -15,11 +15,12 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
 
-use super::model::{Boot, Device, Recovery, Session, Stats};
+use super::model::{Boot, Credential, CredentialRecord, Device, Recovery, Session, Stats};
 use super::plan::BatchPlan;
 use super::sql::{
-    auth_method, listener, stats_from_rows, BOOT_COLUMNS, BROKER_RESTART, DEVICE_COLUMNS,
-    PRUNE_DEVICE, PRUNE_ENDED_BEFORE, SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
+    auth_method, filters_from_json, filters_to_json, listener, stats_from_rows, BOOT_COLUMNS,
+    BROKER_RESTART, CREDENTIAL_COLUMNS, DEVICE_COLUMNS, PRUNE_DEVICE, PRUNE_ENDED_BEFORE,
+    SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
 };
 use super::{count_folded, Access, PresenceStore, StoreError};
 use crate::event::PresenceRecord;
@@ -45,6 +46,19 @@ fn from_micros(v: i64) -> DateTime<Utc> {
 
 fn uuid(text: &str) -> Result<Uuid, sqlx::Error> {
     Uuid::parse_str(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+fn credential(row: &SqliteRow) -> Result<Credential, sqlx::Error> {
+    Ok(Credential {
+        username: row.try_get("username")?,
+        publish: filters_from_json(row.try_get("publish")?)?,
+        subscribe: filters_from_json(row.try_get("subscribe")?)?,
+        created_at: from_micros(row.try_get("created_at")?),
+        updated_at: from_micros(row.try_get("updated_at")?),
+        revoked_at: row
+            .try_get::<Option<i64>, _>("revoked_at")?
+            .map(from_micros),
+    })
 }
 
 fn device(row: &SqliteRow) -> Result<Device, sqlx::Error> {
@@ -479,5 +493,93 @@ impl PresenceStore for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(boot).collect::<Result<_, _>>()?)
+    }
+
+    async fn credential(&self, username: &str) -> Result<Option<CredentialRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {CREDENTIAL_COLUMNS}, password_hash FROM credentials WHERE username = ?1"
+        ))
+        .bind(username)
+        .fetch_optional(&self.pool)
+        .await?;
+        let record = |row: &SqliteRow| -> Result<CredentialRecord, sqlx::Error> {
+            Ok(CredentialRecord {
+                credential: credential(row)?,
+                password_hash: row.try_get("password_hash")?,
+            })
+        };
+        Ok(row.as_ref().map(record).transpose()?)
+    }
+
+    async fn create_credential(&self, record: &CredentialRecord) -> Result<bool, StoreError> {
+        let c = &record.credential;
+        let done = sqlx::query(
+            "INSERT INTO credentials \
+             (username, password_hash, publish, subscribe, created_at, updated_at, revoked_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL) \
+             ON CONFLICT (username) DO UPDATE SET password_hash = excluded.password_hash, \
+             publish = excluded.publish, subscribe = excluded.subscribe, \
+             created_at = excluded.created_at, updated_at = excluded.updated_at, revoked_at = NULL \
+             WHERE credentials.revoked_at IS NOT NULL",
+        )
+        .bind(&c.username)
+        .bind(&record.password_hash)
+        .bind(filters_to_json(c.publish.as_deref()))
+        .bind(filters_to_json(c.subscribe.as_deref()))
+        .bind(micros(c.created_at))
+        .bind(micros(c.updated_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn rotate_credential(
+        &self,
+        username: &str,
+        password_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE credentials SET password_hash = ?2, updated_at = ?3 \
+             WHERE username = ?1 AND revoked_at IS NULL",
+        )
+        .bind(username)
+        .bind(password_hash)
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn revoke_credential(
+        &self,
+        username: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE credentials SET revoked_at = ?2, updated_at = ?2 \
+             WHERE username = ?1 AND revoked_at IS NULL",
+        )
+        .bind(username)
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn credentials(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Credential>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CREDENTIAL_COLUMNS} FROM credentials \
+             WHERE (?1 IS NULL OR username > ?1) ORDER BY username LIMIT ?2"
+        ))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(credential).collect::<Result<_, _>>()?)
     }
 }

@@ -198,9 +198,9 @@ pub async fn handshake<S: Transport>(
         checked = tokio::time::timeout_at(deadline, broker.auth.authenticate(request)) => checked,
     };
     let method = match checked {
-        Ok(Ok(method)) => {
+        Ok(Ok(authenticated)) => {
             broker.auth.accepted(&request);
-            method
+            authenticated.method
         }
         Ok(Err(refusal)) => {
             let (reason, code) = match refusal {
@@ -211,6 +211,10 @@ pub async fn handshake<S: Transport>(
                 Refusal::NotAuthorized => {
                     (RefusalReason::NotAuthorized, ConnackCode::NotAuthorized)
                 }
+                Refusal::Unavailable => (
+                    RefusalReason::AuthUnavailable,
+                    ConnackCode::ServerUnavailable,
+                ),
             };
             refused(reason);
             if let Some(suppressed) = AUTH_REFUSED.check() {
@@ -224,8 +228,12 @@ pub async fn handshake<S: Transport>(
                      heartwire_connections_refused_total, this line at most every 10 s."
                 );
             }
-            // Refusals in a row are answered later and later (within the connect timeout).
-            let delay = broker.auth.refused(&request);
+            // Refusals in a row are answered later and later (within the connect timeout);
+            // not a store that cannot answer, which is no client's doing.
+            let delay = match refusal {
+                Refusal::Unavailable => Duration::ZERO,
+                _ => broker.auth.refused(&request),
+            };
             if !delay.is_zero() {
                 metrics().auth_refusals_delayed.inc();
                 let until = (tokio::time::Instant::now() + delay).min(deadline);
@@ -376,7 +384,7 @@ pub async fn handshake<S: Transport>(
             peer,
             listener,
             identity,
-            username: (method == AuthMethod::Password)
+            username: matches!(method, AuthMethod::Password | AuthMethod::Database)
                 .then(|| login.map(|l| l.username.clone()))
                 .flatten(),
             auth_method: method,
