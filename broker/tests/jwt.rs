@@ -428,3 +428,76 @@ async fn the_key_is_read_at_start_and_on_reload() {
         "{shown}"
     );
 }
+
+/// The filters a token grants are the client's ACL: it subscribes and publishes there only
+/// (SUBACK 0x80, PUBLISH acknowledged and dropped elsewhere); a token without them is not
+/// restricted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_topics_a_token_grants_are_all_it_may_use() {
+    use broker::labels::AclDenial;
+    use broker::metrics::metrics;
+    use rumqttc::mqttbytes::v4::{PubAck, Subscribe, SubscribeFilter, SubscribeReasonCode};
+    use rumqttc::mqttbytes::QoS;
+
+    let keys = Keys::hs256();
+    let broker = TestBroker::start_with_auth(|_| {}, keys.config()).await;
+    let granted = keys.token(&json!({
+        "clientid": "meter-1",
+        "exp": at(600),
+        "publish": ["meters/meter-1/#"],
+        "subscribe": ["commands/meter-1"],
+    }));
+    let (mut meter, code) = connected(&broker, "meter-1", "meter-1", &granted).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    let open = keys.token(&json!({"clientid": "console", "exp": at(600)}));
+    let (mut console, code) = connected(&broker, "console", "console", &open).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+
+    let mut sub = Subscribe::new_many(
+        ["commands/meter-1", "commands/meter-2", "meters/#"]
+            .map(|f| SubscribeFilter::new(f.into(), QoS::AtLeastOnce)),
+    );
+    sub.pkid = 1;
+    meter.send(&Packet::Subscribe(sub)).await;
+    match meter.recv().await {
+        Some(Packet::SubAck(ack)) => assert_eq!(
+            ack.return_codes,
+            [
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Failure
+            ]
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    // The console (no claims) reads everything.
+    let mut sub = Subscribe::new("#", QoS::AtLeastOnce);
+    sub.pkid = 1;
+    console.send(&Packet::Subscribe(sub)).await;
+    assert!(matches!(console.recv().await, Some(Packet::SubAck(_))));
+    for (pkid, topic) in [(1, "meters/meter-2/up"), (2, "meters/meter-1/up")] {
+        meter
+            .publish(topic, QoS::AtLeastOnce, false, b"21.5", pkid)
+            .await;
+        assert!(matches!(meter.recv().await, Some(Packet::PubAck(a)) if a.pkid == pkid));
+    }
+    match console.recv().await {
+        Some(Packet::Publish(p)) => {
+            assert_eq!(
+                p.topic, "meters/meter-1/up",
+                "meter-2's topic was not granted"
+            );
+            console.send(&Packet::PubAck(PubAck::new(p.pkid))).await;
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    assert_eq!(metrics().acl_denied.get(AclDenial::Publish), 1);
+    console
+        .publish("commands/meter-1", QoS::AtLeastOnce, false, b"reset", 9)
+        .await;
+    match meter.recv().await {
+        Some(Packet::Publish(p)) => assert_eq!(p.topic, "commands/meter-1"),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    broker.stop().await;
+}

@@ -197,10 +197,10 @@ pub async fn handshake<S: Transport>(
         }
         checked = tokio::time::timeout_at(deadline, broker.auth.authenticate(request)) => checked,
     };
-    let method = match checked {
+    let (method, grants) = match checked {
         Ok(Ok(authenticated)) => {
             broker.auth.accepted(&request);
-            authenticated.method
+            (authenticated.method, authenticated.grants)
         }
         Ok(Err(refusal)) => {
             let (reason, code) = match refusal {
@@ -256,8 +256,16 @@ pub async fn handshake<S: Transport>(
     // What it may read and write; a will it may not write refuses the CONNECT (as Mosquitto
     // 2 does) before the session is touched.
     // User rules apply to a verified user name only: an anonymous client's name is a claim.
-    let verified_user = request.username.filter(|_| method == AuthMethod::Password);
-    let acl = broker.acl.client(&client_id, verified_user, &[], &[]);
+    let verified_user = request
+        .username
+        .filter(|_| matches!(method, AuthMethod::Password | AuthMethod::Database));
+    // The topics its credentials grant (JWT claims, its database row) join the file's rules.
+    let (publish, subscribe) = grants
+        .as_deref()
+        .map_or((&[][..], &[][..]), |g| (&g.publish[..], &g.subscribe[..]));
+    let acl = broker
+        .acl
+        .client(&client_id, verified_user, publish, subscribe);
     if let (Some(acl), Some(will)) = (&acl, &connect.last_will) {
         if !acl.allows(Access::Write, &will.topic) {
             refused(RefusalReason::WillNotAuthorized);
