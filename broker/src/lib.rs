@@ -418,7 +418,22 @@ fn reloader(
             &m.password_file_reloads,
             config.auth.password_file.is_some().then_some({
                 let auth = Arc::clone(&auth);
-                move || auth.reload_password_file().map(drop)
+                let broker = broker.clone();
+                move || {
+                    let revoked = auth.reload_password_file()?.unwrap_or_default();
+                    if let Some(broker) = broker.upgrade() {
+                        let users = revoked.iter().map(String::as_str).collect();
+                        let closed = broker.disconnect_logins(labels::AuthMethod::Password, &users);
+                        if closed > 0 {
+                            tracing::info!(
+                                closed,
+                                "Connections of users the password file no longer lets in (or \
+                                 whose password changed) closed (reason not_authorized)."
+                            );
+                        }
+                    }
+                    Ok::<(), auth::AuthError>(())
+                }
             }),
         )
         .file(

@@ -381,3 +381,73 @@ async fn the_reload_endpoint_rereads_the_password_and_tokens_files() {
     );
     api.broker.stop().await;
 }
+
+/// A device whose password the reloaded file no longer accepts (removed, or changed) is
+/// disconnected with reason `not_authorized`; the others, and anonymous clients, stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_disconnects_the_devices_whose_password_was_revoked() {
+    let api = Protected::start(|config, dir| {
+        let passwords = dir.join("passwords");
+        mosquitto_passwd(&passwords, "meter-1", "one", true);
+        mosquitto_passwd(&passwords, "meter-2", "two", false);
+        mosquitto_passwd(&passwords, "meter-3", "three", false);
+        config.auth.password_file = Some(passwords);
+        config.auth.allow_anonymous = true;
+    })
+    .await;
+    let (read, admin) = (Some(api.read.as_str()), Some(api.admin.as_str()));
+    let passwords = api.dir.path().join("passwords");
+    let revoked = metrics().disconnects.get(DisconnectReason::NotAuthorized);
+    let mut meters = Vec::new();
+    for (user, password) in [("meter-1", "one"), ("meter-2", "two"), ("meter-3", "three")] {
+        let mut c = RawClient::tcp(api.broker.mqtt).await;
+        let mut packet = connect_packet(&ConnectOpts::new(user));
+        if let Packet::Connect(connect) = &mut packet {
+            connect.set_login(user, password);
+        }
+        c.send(&packet).await;
+        assert!(
+            matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.code == ConnectReturnCode::Success)
+        );
+        meters.push(c);
+    }
+    let (mut anonymous, _) = RawClient::connect(api.broker.mqtt, ConnectOpts::new("display")).await;
+
+    // meter-1 removed, meter-2 given a new password, meter-3 unchanged.
+    let status = Command::new("mosquitto_passwd")
+        .args(["-D"])
+        .arg(&passwords)
+        .arg("meter-1")
+        .status()
+        .expect("mosquitto_passwd runs");
+    assert!(status.success());
+    mosquitto_passwd(&passwords, "meter-2", "two-b", false);
+    let response = api.call("POST", "/api/v1/admin/reload", admin).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+
+    let mut meters = meters.into_iter();
+    for user in ["meter-1", "meter-2"] {
+        let mut c = meters.next().expect("a meter");
+        assert!(c.until_closed().await.is_empty(), "{user} is closed");
+        eventually("the session ended as not_authorized", || async {
+            let r = api
+                .call("GET", &format!("/api/v1/devices/{user}/sessions"), read)
+                .await;
+            (json(&r)["sessions"][0]["reason"] == "not_authorized").then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        metrics().disconnects.get(DisconnectReason::NotAuthorized),
+        revoked + 2
+    );
+    for c in [&mut meters.next().expect("meter-3"), &mut anonymous] {
+        c.send(&Packet::PingReq).await;
+        assert!(matches!(c.recv().await, Some(Packet::PingResp)));
+    }
+    assert_eq!(
+        login(&api.broker, "meter-2", "two-b").await,
+        ConnectReturnCode::Success
+    );
+    api.broker.stop().await;
+}

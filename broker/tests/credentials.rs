@@ -106,7 +106,7 @@ async fn credentials_made_through_the_api_decide_who_connects() {
     assert_ne!(new_password, password);
     let (_, code) = connect(&broker, "dev-1c", "dev-1", &password).await;
     assert_eq!(code, ConnectReturnCode::BadUserNamePassword);
-    let (_dev_1d, code) = connect(&broker, "dev-1d", "dev-1", &new_password).await;
+    let (mut dev_1d, code) = connect(&broker, "dev-1d", "dev-1", &new_password).await;
     assert_eq!(code, ConnectReturnCode::Success);
 
     // Rotated to a password of one's own (what repeated provisioning does).
@@ -119,15 +119,19 @@ async fn credentials_made_through_the_api_decide_who_connects() {
     .await;
     assert_eq!(status, 200, "{own}");
     assert_eq!(own["password"], "my own password");
+    // A rotation closes the connections that logged in with the old password
+    // (not_authorized).
+    assert!(dev_1d.until_closed().await.is_empty());
     let (_, code) = connect(&broker, "dev-1g", "dev-1", &new_password).await;
     assert_eq!(code, ConnectReturnCode::BadUserNamePassword);
     let new_password = "my own password".to_owned();
-    let (_dev_1h, code) = connect(&broker, "dev-1h", "dev-1", &new_password).await;
+    let (mut dev_1h, code) = connect(&broker, "dev-1h", "dev-1", &new_password).await;
     assert_eq!(code, ConnectReturnCode::Success);
 
     // Revoked: refused at once; revoking or rotating again finds nothing.
     let (status, _) = call(&broker, "DELETE", &format!("{BASE}/dev-1"), None).await;
     assert_eq!(status, 204);
+    assert!(dev_1h.until_closed().await.is_empty(), "revoked: closed");
     let (_, code) = connect(&broker, "dev-1e", "dev-1", &new_password).await;
     assert_eq!(code, ConnectReturnCode::BadUserNamePassword);
     let (status, _) = call(&broker, "DELETE", &format!("{BASE}/dev-1"), None).await;

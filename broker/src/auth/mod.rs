@@ -232,7 +232,7 @@ impl Auth {
     /// metric; on failure the one in force stays (the first error is returned, after both were
     /// tried). Blocking: call it off the async runtime. `Ok(false)` when there is neither.
     pub fn reload(&self) -> Result<bool, AuthError> {
-        let password_file = self.reload_password_file();
+        let password_file = self.reload_password_file().map(|r| r.is_some());
         if let Ok(true) | Err(_) = password_file {
             metrics().password_file_reloads.inc(outcome(&password_file));
         }
@@ -244,15 +244,25 @@ impl Auth {
     }
 
     /// Reads the password file again (not counted: the caller counts); on failure the one in
-    /// force stays. Blocking. `Ok(false)` without a password file.
-    pub fn reload_password_file(&self) -> Result<bool, AuthError> {
+    /// force stays. Blocking. `Ok(None)` without a password file, else the users the new file
+    /// no longer lets in with their old password (removed or changed), whose connections the
+    /// caller closes.
+    pub fn reload_password_file(&self) -> Result<Option<Vec<String>>, AuthError> {
         let Some((path, current)) = &self.password_file else {
-            return Ok(false);
+            return Ok(None);
         };
-        let file = PasswordFile::load(path)?;
-        *current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(file);
+        let file = Arc::new(PasswordFile::load(path)?);
+        let old = std::mem::replace(
+            &mut *current.write().unwrap_or_else(|e| e.into_inner()),
+            Arc::clone(&file),
+        );
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        Ok(true)
+        Ok(Some(
+            old.revoked_in(&file)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        ))
     }
 
     /// Whether JWTs are checked (`auth.jwt`), so that there is a key file to reload.

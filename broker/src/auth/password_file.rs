@@ -341,6 +341,16 @@ impl PasswordFile {
         self.entries.get(user)
     }
 
+    /// The users of this file that `newer` no longer lets in with the same password (removed,
+    /// or given another hash).
+    pub fn revoked_in<'a>(&'a self, newer: &PasswordFile) -> Vec<&'a str> {
+        self.entries
+            .iter()
+            .filter(|(user, hash)| newer.entries.get(*user) != Some(*hash))
+            .map(|(user, _)| user.as_str())
+            .collect()
+    }
+
     /// The number of users.
     pub fn len(&self) -> usize {
         self.entries.len()

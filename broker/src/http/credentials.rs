@@ -16,6 +16,7 @@
 //! A change is told to the node's authentication at once ([`Auth::forget_credential`]); other
 //! nodes see it within `auth.database_cache_ttl`. Passwords never reach a log.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -36,7 +37,7 @@ use super::AppState;
 use super::{endpoint, Guard};
 use crate::auth::password_file::Hash;
 use crate::auth::{valid_filter, Auth};
-use crate::labels::HttpRoute;
+use crate::labels::{AuthMethod, HttpRoute};
 use crate::store::{Credential, CredentialRecord, PresenceStore};
 
 /// Longest user name (bytes).
@@ -227,6 +228,7 @@ async fn rotate<S: PresenceStore>(
         return Err(ApiError::NoCredential(username));
     }
     admin.auth.forget_credential(&username);
+    close_connections(&state, &username);
     Ok(Json(
         json!({ "username": username, "password": password, "updated_at": now }),
     ))
@@ -244,7 +246,24 @@ async fn revoke<S: PresenceStore>(
         return Err(ApiError::NoCredential(username));
     }
     admin.auth.forget_credential(&username);
+    close_connections(&state, &username);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Closes the connections on this node logged in with `username`'s database credential,
+/// which was just revoked or rotated (reason `not_authorized`); other nodes refuse the old
+/// secret within `auth.database_cache_ttl` and keep their connections.
+fn close_connections<S: PresenceStore>(state: &AppState<S>, username: &str) {
+    let closed = state
+        .registry
+        .disconnect_logins(AuthMethod::Database, &HashSet::from([username]));
+    if closed > 0 {
+        tracing::info!(
+            username,
+            closed,
+            "Connections of a revoked or rotated database credential closed (not_authorized)."
+        );
+    }
 }
 
 /// `GET /api/v1/admin/credentials`.

@@ -1,6 +1,7 @@
 //! [`Broker`]: what every connection task shares — settings, the router, the session table,
 //! the event sender, the broker-wide budgets and the signals connections wait on.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -14,7 +15,7 @@ use crate::auth::acl::{Acl, AclError, ClientAcl};
 use crate::auth::Auth;
 use crate::config::MqttConfig;
 use crate::event::{ConnectionEvent, EventSender, SessionId};
-use crate::labels::{AclDenial, DisconnectReason};
+use crate::labels::{AclDenial, AuthMethod, DisconnectReason};
 use crate::metrics::metrics;
 
 /// What an ACL reload did.
@@ -104,6 +105,12 @@ impl Broker {
     /// Whether one was open. Returns at once; the connection closes on its own task.
     pub fn disconnect(&self, client_id: &str, reason: DisconnectReason) -> bool {
         self.sessions.disconnect(client_id, reason)
+    }
+
+    /// Closes every connection logged in by `method` as one of `users` (their credentials
+    /// were revoked), with reason `not_authorized`. How many were asked to close.
+    pub fn disconnect_logins(&self, method: AuthMethod, users: &HashSet<&str>) -> usize {
+        self.sessions.disconnect_logins(method, users)
     }
 
     /// The same, deciding what clients may read and write with `acl`.

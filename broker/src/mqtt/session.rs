@@ -20,7 +20,7 @@ use super::message::{Message, MinQos};
 use super::retained::Cursor;
 use crate::auth::acl::{Access, ClientAcl, Subscription};
 use crate::event::SessionId;
-use crate::labels::{DisconnectReason, DropReason, Label, PacketType};
+use crate::labels::{AuthMethod, DisconnectReason, DropReason, Label, PacketType};
 use crate::metrics::metrics;
 
 /// The bounds of every session's queue: per session in messages and bytes, and one byte budget
@@ -106,6 +106,19 @@ pub struct SessionState {
     /// What its client may read and write (`None`: no ACL restricts it). Set by the
     /// connection that attaches the session, replaced when the ACL file is reloaded.
     pub acl: Option<Arc<ClientAcl>>,
+    /// Who its client logged in as, when a password or database credential was checked: a
+    /// credential revoked while it is connected (a password file reloaded without it, a
+    /// database credential revoked or rotated) closes the connection (`not_authorized`).
+    pub login: Option<Box<Login>>,
+}
+
+/// A verified login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login {
+    /// The user name.
+    pub username: Box<str>,
+    /// What verified it: [`AuthMethod::Password`] or [`AuthMethod::Database`].
+    pub method: AuthMethod,
 }
 
 /// The parts of a session that most sessions do not use at a given moment.

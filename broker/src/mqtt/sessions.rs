@@ -2,7 +2,7 @@
 //! attach (with takeover), detach, expiry (scheduled in the [`ExpiryQueue`], carried out by
 //! [`super::expiry`]) — plus [`LiveSessions`], the read-only view the API gets.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::session::{QueueLimits, Session};
 use crate::event::SessionId;
-use crate::labels::DisconnectReason;
+use crate::labels::{AuthMethod, DisconnectReason};
 use crate::metrics::metrics;
 
 /// Client id -> session.
@@ -228,6 +228,12 @@ impl SessionTable {
         disconnect(&self.map, client_id, reason)
     }
 
+    /// Closes every connection logged in by `method` as one of `users`, with reason
+    /// `not_authorized`; how many were asked to close.
+    pub fn disconnect_logins(&self, method: AuthMethod, users: &HashSet<&str>) -> usize {
+        disconnect_logins(&self.map, method, users)
+    }
+
     /// Every session held now (connected or not), for a pass over all of them.
     pub fn all(&self) -> Vec<Arc<Session>> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
@@ -238,6 +244,36 @@ impl SessionTable {
     pub fn live(&self) -> LiveSessions {
         LiveSessions(Arc::clone(&self.map))
     }
+}
+
+/// Asks the connections in `map` logged in by `method` as one of `users` to close with reason
+/// `not_authorized` (their credentials were revoked). The table lock is held only to list the
+/// sessions.
+fn disconnect_logins(map: &Map, method: AuthMethod, users: &HashSet<&str>) -> usize {
+    if users.is_empty() {
+        return 0;
+    }
+    let sessions: Vec<Arc<Session>> = map
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    let mut closed = 0;
+    for session in sessions {
+        let revoked = {
+            let st = session.state();
+            st.online
+                && st
+                    .login
+                    .as_ref()
+                    .is_some_and(|l| l.method == method && users.contains(&*l.username))
+        };
+        if revoked && disconnect(map, &session.client_id, DisconnectReason::NotAuthorized) {
+            closed += 1;
+        }
+    }
+    closed
 }
 
 /// Asks the connection using `client_id`'s session in `map` to close with `reason`.
@@ -287,6 +323,11 @@ impl LiveSessions {
     /// `reason` (as [`SessionTable::disconnect`]); whether there is one.
     pub fn disconnect(&self, client_id: &str, reason: DisconnectReason) -> bool {
         disconnect(&self.0, client_id, reason)
+    }
+
+    /// Closes the connections logged in by `method` as one of `users` (`not_authorized`).
+    pub fn disconnect_logins(&self, method: AuthMethod, users: &HashSet<&str>) -> usize {
+        disconnect_logins(&self.0, method, users)
     }
 
     /// Connections open on this broker now.

@@ -20,7 +20,7 @@ use crate::labels::{AuthMethod, Listener, RefusalReason};
 use crate::metrics::metrics;
 use crate::mqtt::codec::{self, CodecError, ConnackCode};
 use crate::mqtt::limits::{Flap, Throttle};
-use crate::mqtt::session::Session;
+use crate::mqtt::session::{Login, Session};
 use crate::mqtt::sessions::Attach;
 use crate::mqtt::{topic, Broker};
 use crate::telemetry::LogLimiter;
@@ -373,6 +373,12 @@ pub async fn handshake<S: Transport>(
         session.incarnation,
         attached.dropped_subscriptions.iter().map(|f| &**f),
     );
+    session.state().login = verified_user.map(|username| {
+        Box::new(Login {
+            username: username.into(),
+            method,
+        })
+    });
     // A resumed session's subscriptions obey the rules of the client that resumes it.
     let revoked = broker.apply_acl(&session, acl);
     if revoked > 0 {
