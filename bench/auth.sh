@@ -37,9 +37,14 @@
 #                        that the flood lasts as long as they connect]
 #   SOURCES=127.0.0.2,127.0.0.3   source addresses of the legitimate devices (round-robin)
 #   FLOOD_SOURCES=127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7   source addresses of the flood
+#   ROUND_GAP=0          seconds between the storm's rounds (0: the devices reconnect as soon
+#                        as they are gone, while the broker still processes their
+#                        disconnects; more: the second round meets an idle broker)
 #   RUNS=2               measurements of each kind per broker
 #   SEED=heartwire-bench the password seed
 #   CORES=1              1: broker pinned to core 0, loadgen to core 1 (taskset); 2: neither
+#   NICE=0               niceness of the brokers and loadgen (e.g. -10, as root, on a machine
+#                        shared with other work: the same for every broker)
 #   BROKERS="heartwire mosquitto"   which brokers to measure, in order
 #   KEEP_WORK=1          keep the temporary directory (password file, logs, JSON reports)
 #   HEARTWIRE_BIN=PATH   use this broker binary instead of building target/release/broker
@@ -64,6 +69,8 @@ FLOOD_RATE="${FLOOD_RATE:-}"
 SOURCES="${SOURCES:-127.0.0.2,127.0.0.3}"
 FLOOD_SOURCES="${FLOOD_SOURCES:-127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7}"
 RUNS="${RUNS:-2}"
+ROUND_GAP="${ROUND_GAP:-0}"
+NICE="${NICE:-0}"
 SEED="${SEED:-heartwire-bench}"
 CORES="${CORES:-1}"
 BROKERS="${BROKERS:-heartwire mosquitto}"
@@ -83,7 +90,7 @@ source "$ROOT/bench/lib.sh"
 # shellcheck source=bench/brokers.sh
 source "$ROOT/bench/brokers.sh"
 
-for v in DEVICES STORM_RATE LEGIT LEGIT_RATE FLOOD RUNS; do
+for v in DEVICES STORM_RATE LEGIT LEGIT_RATE FLOOD RUNS ROUND_GAP; do
   [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a whole number"
 done
 (( DEVICES > 0 && STORM_RATE > 0 && LEGIT > 0 && LEGIT_RATE > 0 && RUNS > 0 )) \
@@ -97,12 +104,19 @@ fi
 [[ "$FLOOD_RATE" =~ ^[0-9]+$ ]] || die "FLOOD_RATE must be a positive whole number"
 (( FLOOD_RATE > 0 )) || die "FLOOD_RATE must be a positive whole number"
 [[ "$SEED" =~ ^[A-Za-z0-9._-]+$ ]] || die "SEED must be letters, digits, '.', '_' or '-'"
+[[ "$NICE" =~ ^-?[0-9]+$ ]] || die "NICE must be a whole number from -20 to 19"
+(( NICE >= -20 && NICE <= 19 )) || die "NICE must be a whole number from -20 to 19"
+(( NICE >= 0 || $(id -u) == 0 )) || die "NICE=$NICE: a negative niceness needs root"
 command -v curl >/dev/null || die "curl is needed to read Heartwire's /metrics"
 STORM_TIMEOUT=$(( DEVICES / STORM_RATE + STEP_TIMEOUT + 60 ))
 FLOOD_TIMEOUT=$(( LEGIT / LEGIT_RATE + FLOOD / FLOOD_RATE + STEP_TIMEOUT + 60 ))
 
 bench_setup auth-bench
 loadgen_prerequisites
+if (( NICE != 0 )); then
+  BROKER_PIN=(nice -n "$NICE" ${BROKER_PIN[@]+"${BROKER_PIN[@]}"})
+  LOADGEN_PIN=(nice -n "$NICE" ${LOADGEN_PIN[@]+"${LOADGEN_PIN[@]}"})
+fi
 (( DEVICES + 64 <= $(ulimit -n) )) || die "DEVICES=$DEVICES exceeds the open-file limit $(ulimit -n) of one loadgen process (and of each broker)"
 (( LEGIT + FLOOD + 64 <= $(ulimit -n) )) || die "LEGIT + FLOOD exceeds the open-file limit $(ulimit -n)"
 MOSQUITTO_PASSWD="$(command -v mosquitto_passwd || true)"
@@ -199,6 +213,7 @@ for (( run = 1; run <= RUNS; run++ )); do
     connect_rate "$b-storm-$run-1" "$STORM_TIMEOUT" --connections "$DEVICES" --rate "$STORM_RATE" \
       --source "$SOURCES"
     STORM1["$key"]="$LINE"
+    (( ROUND_GAP == 0 )) || sleep "$ROUND_GAP"
     connect_rate "$b-storm-$run-2" "$STORM_TIMEOUT" --connections "$DEVICES" --rate "$STORM_RATE" \
       --source "$SOURCES"
     STORM2["$key"]="$LINE"
@@ -236,7 +251,7 @@ change() {
 }
 
 echo
-echo "Reconnect storm: $DEVICES devices with their own user name and password (one password file, $HASH_LABEL, made by mosquitto_passwd) connect at $STORM_RATE/s, disconnect, and connect again at $STORM_RATE/s; CORES=$CORES ($(nproc) cores, load average $(machine_load))"
+echo "Reconnect storm: $DEVICES devices with their own user name and password (one password file, $HASH_LABEL, made by mosquitto_passwd) connect at $STORM_RATE/s, disconnect, and connect again at $STORM_RATE/s (after ${ROUND_GAP}s); CORES=$CORES, NICE=$NICE ($(nproc) cores, load average $(machine_load))"
 fmt='%-10s | %3s | %5s | %9s | %24s | %6s | %14s | %9s | %24s | %6s | %14s | %s\n'
 # shellcheck disable=SC2059
 printf "$fmt" broker run round connected "connack p50/p99/max ms" errors "CPU ms/connect" \
