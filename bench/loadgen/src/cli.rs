@@ -68,6 +68,11 @@ pub struct Common {
     /// Private key of --cert (PEM: PKCS#8, PKCS#1 or SEC1).
     #[arg(long, global = true, value_name = "PATH", requires = "cert")]
     pub key: Option<PathBuf>,
+    /// Local addresses to connect from, comma-separated (e.g. 127.0.0.2,127.0.0.3), handed
+    /// out round-robin (the idle and connect-rate scenarios): each has its own ephemeral ports,
+    /// and a broker sees them as different clients [default: the kernel's choice].
+    #[arg(long, global = true, value_name = "ADDRS")]
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,8 +96,14 @@ pub enum Scenario {
     /// whatever the ones before are doing) and reports the CONNACK latency from the start of
     /// the TCP connect to the CONNACK (with --tls, the handshake included), p50/p99/max, and
     /// with --broker-pid the broker's CPU per connect. Connections stay open until the last
-    /// one is answered, then disconnect.
+    /// one is answered, then disconnect. With --password-seed each device logs in with its
+    /// own user name and password; --flood adds connects with wrong passwords at the same
+    /// time.
     ConnectRate(ConnectRate),
+    /// Prints `user:password` lines for the devices PREFIX<n> (the input of `mosquitto_passwd
+    /// -U` or `broker passwd --bulk`): user name = client id, password derived from the seed
+    /// as connect-rate --password-seed (and device-sim) derive it.
+    Provision(Provision),
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +127,54 @@ pub struct ConnectRate {
     /// Connections started per second.
     #[arg(long, default_value_t = 1_000.0)]
     pub rate: f64,
+    /// Client ids are PREFIX<n> for n from --start-number [default: lg<pid>-rate-].
+    #[arg(long, value_name = "PREFIX")]
+    pub client_prefix: Option<String>,
+    /// The number of the first client id.
+    #[arg(long, default_value_t = 0)]
+    pub start_number: u64,
+    /// Each connection logs in with its client id as user name and the password derived from
+    /// SEED and the client id (see `provision`). Without it, CONNECTs carry no credentials.
+    #[arg(long, value_name = "SEED")]
+    pub password_seed: Option<String>,
+    /// Send wrong passwords (a password derived from another seed): every CONNECT should be
+    /// refused, and the report gives the time to each refusal.
+    #[arg(long, requires = "password_seed")]
+    pub wrong_password: bool,
+    /// At the same time, N more connects with wrong passwords, for user names (and client
+    /// ids) PREFIX<n> from --flood-start-number, at --flood-rate; reported apart.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        requires = "password_seed"
+    )]
+    pub flood: usize,
+    /// Flood connects started per second [default: --rate].
+    #[arg(long, value_name = "PER_S")]
+    pub flood_rate: Option<f64>,
+    /// The number of the first flood client id [default: the one after the last connection's].
+    #[arg(long, value_name = "N")]
+    pub flood_start_number: Option<u64>,
+    /// Local addresses the flood connects from, comma-separated, round-robin [default: --source].
+    #[arg(long, value_name = "ADDRS")]
+    pub flood_source: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct Provision {
+    /// User names (client ids) are PREFIX<n>.
+    #[arg(long, value_name = "PREFIX", default_value = "dev-")]
+    pub client_prefix: String,
+    /// The number of the first device.
+    #[arg(long, default_value_t = 0)]
+    pub start_number: u64,
+    /// Devices to print.
+    #[arg(long)]
+    pub count: u64,
+    /// The seed passwords are derived from.
+    #[arg(long, value_name = "SEED")]
+    pub password_seed: String,
 }
 
 #[derive(Debug, Args)]

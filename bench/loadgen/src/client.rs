@@ -3,13 +3,13 @@
 //! spread over. [`open`] and [`hold`] serve the `idle` and `connect-rate` scenarios, over TCP
 //! or TLS ([`Stream`]).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -61,19 +61,103 @@ impl Targets {
     }
 }
 
+/// The local addresses connections are made from (`--source`), handed out round-robin; empty:
+/// the kernel chooses.
+#[derive(Debug, Clone, Default)]
+pub struct Sources(Vec<IpAddr>);
+
+impl Sources {
+    /// Parses a comma-separated list of IP addresses; `None` or an empty list: the kernel's
+    /// choice.
+    pub fn parse(list: Option<&str>) -> Result<Self> {
+        let mut addrs = Vec::new();
+        for entry in list.unwrap_or("").split(',').map(str::trim) {
+            if entry.is_empty() {
+                continue;
+            }
+            let addr: IpAddr = entry
+                .parse()
+                .with_context(|| format!("source address {entry:?} is not an IP address"))?;
+            addrs.push(addr);
+        }
+        Ok(Self(addrs))
+    }
+
+    /// The source of the `i`-th connection.
+    pub fn get(&self, i: usize) -> Option<IpAddr> {
+        (!self.0.is_empty()).then(|| self.0[i % self.0.len()])
+    }
+}
+
+/// The broker answered CONNECT with a non-zero CONNACK return code (e.g. 4: bad user name or
+/// password, 5: not authorised), after `after`.
+#[derive(Debug)]
+pub struct Refused {
+    pub code: u8,
+    pub after: Duration,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CONNECT refused with return code {}", self.code)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// How a connection of the `idle` and `connect-rate` scenarios reaches the broker and logs in.
+#[derive(Debug, Clone, Copy)]
+pub struct Hello<'a> {
+    /// The broker's address.
+    pub addr: SocketAddr,
+    /// The `--host` entry of `addr` (the name TLS verifies by default).
+    pub host: &'a str,
+    /// The local address to connect from (port chosen by the kernel), or the kernel's choice.
+    pub source: Option<IpAddr>,
+    pub client_id: &'a str,
+    /// User name and password of the CONNECT, if any.
+    pub login: Option<(&'a str, &'a str)>,
+    pub keep_alive_s: u16,
+}
+
 /// Opens a connection of the `idle` and `connect-rate` scenarios: TCP connect, the TLS
 /// handshake with `tls` (verifying `host` or `--tls-server-name`), CONNECT, CONNACK; each step
 /// bounded by `step_timeout`. The reader's buffer is small: these clients only ever read
-/// CONNACK and PINGRESP.
+/// CONNACK and PINGRESP. A CONNACK with a non-zero return code fails with [`Refused`].
 pub async fn open(
-    addr: SocketAddr,
-    host: &str,
+    hello: Hello<'_>,
     tls: Option<&Tls>,
-    client_id: &str,
-    keep_alive_s: u16,
     step_timeout: Duration,
 ) -> Result<FrameReader<Stream>> {
-    let tcp = timeout(step_timeout, TcpStream::connect(addr))
+    let Hello {
+        addr,
+        host,
+        source,
+        client_id,
+        login,
+        keep_alive_s,
+    } = hello;
+    let began = Instant::now();
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(source) = source {
+        // The port is picked at connect time, unique per 4-tuple: without this, each source
+        // address has one set of ephemeral ports for every destination, and the TIME_WAIT of
+        // a run's closed connections would use it up for the next run.
+        nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::IpBindAddressNoPort,
+            &true,
+        )
+        .context("setting IP_BIND_ADDRESS_NO_PORT")?;
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .with_context(|| format!("binding the source address {source}"))?;
+    }
+    let tcp = timeout(step_timeout, socket.connect(addr))
         .await
         .with_context(|| format!("TCP connect to {addr} timed out"))?
         .with_context(|| format!("TCP connect to {addr}"))?;
@@ -86,7 +170,7 @@ pub async fn open(
         None => Stream::Plain(tcp),
     };
     stream
-        .write_all(&mqtt::connect(client_id, keep_alive_s))
+        .write_all(&mqtt::connect_with_login(client_id, keep_alive_s, login))
         .await?;
     stream.flush().await?;
     let mut reader = FrameReader::new(stream, 64);
@@ -97,7 +181,11 @@ pub async fn open(
         .with_context(|| format!("connection closed before CONNACK for {client_id}"))?;
     match frame.connack_code() {
         Some(0) => Ok(reader),
-        Some(code) => bail!("CONNECT of {client_id} refused with return code {code}"),
+        Some(code) => Err(anyhow::Error::new(Refused {
+            code,
+            after: began.elapsed(),
+        })
+        .context(format!("CONNECT of {client_id}"))),
         None => bail!(
             "expected CONNACK for {client_id}, got packet type {}",
             frame.kind()
@@ -222,5 +310,20 @@ impl Client {
         timeout(step_timeout, wait)
             .await
             .with_context(|| format!("no SUBACK for {filters:?} within {step_timeout:?}"))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_handed_out_round_robin() {
+        let none = Sources::parse(None).expect("no sources");
+        assert_eq!(none.get(3), None);
+        let two = Sources::parse(Some("127.0.0.2, 127.0.0.3,")).expect("two sources");
+        let [a, b] = ["127.0.0.2", "127.0.0.3"].map(|s| s.parse::<IpAddr>().ok());
+        assert_eq!((two.get(0), two.get(1), two.get(2)), (a, b, a));
+        assert!(Sources::parse(Some("127.0.0.2,localhost")).is_err());
     }
 }

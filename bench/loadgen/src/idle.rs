@@ -15,7 +15,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Common, Idle};
-use crate::client::{self, Targets};
+use crate::client::{self, Hello, Sources, Targets};
 use crate::procfs::{clock_ticks_per_second, Proc};
 use crate::report::IdleReport;
 use crate::tls::Tls;
@@ -28,6 +28,7 @@ pub async fn run(common: &Common, args: &Idle) -> Result<IdleReport> {
     anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
     let tls = Tls::from_common(common)?;
     let targets = Targets::resolve(&common.host, common.port).await?;
+    let sources = Sources::parse(common.source.as_deref())?;
     let meter = Meter::new(common.broker_pid, clock_ticks_per_second());
     let rss_before = meter.broker_rss_kib();
     let stop = CancellationToken::new();
@@ -37,14 +38,22 @@ pub async fn run(common: &Common, args: &Idle) -> Result<IdleReport> {
     let run_id = std::process::id();
     let start = Instant::now();
     for i in 0..args.connections {
-        let (addr, host) = (targets.get(i), targets.host(i).to_owned());
+        let (addr, host, source) = (targets.get(i), targets.host(i).to_owned(), sources.get(i));
         let (tls, slots, done, stop) = (tls.clone(), slots.clone(), done_tx.clone(), stop.clone());
         let (keep_alive_s, step) = (common.keepalive, common.step_timeout);
         tasks.spawn(async move {
             let opened = {
                 let _slot = slots.acquire().await;
                 let id = format!("lg{run_id}-idle-{i}");
-                client::open(addr, &host, tls.as_ref(), &id, keep_alive_s, step).await
+                let hello = Hello {
+                    addr,
+                    host: &host,
+                    source,
+                    client_id: &id,
+                    login: None,
+                    keep_alive_s,
+                };
+                client::open(hello, tls.as_ref(), step).await
             };
             match opened {
                 Ok(conn) => {

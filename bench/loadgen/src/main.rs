@@ -10,14 +10,16 @@
 //! - `procfs` and `window`: the broker's and the generator's CPU and RSS over a window;
 //!   `sockets`: the bytes queued in the kernel between publishers and broker;
 //! - `tls`: the TLS client of `--tls` (rustls, ring) and a stream that is TCP or TLS;
+//! - `credentials`: per-device user names and seeded passwords (device-sim's scheme);
 //! - `fan_in` and `retained` (with `filters`), `idle` and `connect_rate`: the scenarios (only
-//!   the last two speak TLS);
+//!   the last two speak TLS); `provision` prints the `user:password` lines of a fleet;
 //! - `report`: the results, as a key=value summary line and as JSON;
 //! - `cli`: the command line.
 
 mod cli;
 mod client;
 mod connect_rate;
+mod credentials;
 mod dedicated;
 mod fan_in;
 mod filters;
@@ -80,6 +82,7 @@ async fn run(cli: &Cli) -> Result<()> {
                 report::write_json(path, &report)?;
             }
         }
+        Scenario::Provision(args) => provision(args)?,
         Scenario::RetainedSubscribe(args) => {
             let report = retained::run(common, args).await?;
             println!("{}", report.summary());
@@ -88,5 +91,22 @@ async fn run(cli: &Cli) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `loadgen provision`: one `user:password` line per device on standard output.
+fn provision(args: &cli::Provision) -> Result<()> {
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for n in args.start_number..args.start_number.saturating_add(args.count) {
+        let user = format!("{}{n}", args.client_prefix);
+        if user.contains(':') || user.chars().any(char::is_control) {
+            bail!("user name {user:?} cannot go into a password file (':' or a control character)");
+        }
+        let password = credentials::seeded_password(&args.password_seed, &user);
+        writeln!(out, "{user}:{password}")?;
+    }
+    out.flush()?;
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! MQTT 3.1.1 on the wire: the few packets the generator sends, encoded by hand, and a frame
 //! reader that splits the incoming stream by fixed header and remaining length.
 //!
-//! Only what the scenarios need: CONNECT (clean session, no will, no credentials), SUBSCRIBE,
+//! Only what the scenarios need: CONNECT (clean session, no will, optionally a user name and
+//! password), SUBSCRIBE,
 //! PUBLISH at QoS 0, PINGREQ and DISCONNECT out; CONNACK, SUBACK and PUBLISH understood in.
 //! Anything else that arrives is still framed correctly and left to the caller to ignore.
 //! Keeping the codec this small keeps the generator cheap and identical for every broker.
@@ -52,12 +53,28 @@ fn packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
 
 /// CONNECT with protocol level 4, clean session, no will and no user name.
 pub fn connect(client_id: &str, keep_alive_s: u16) -> Vec<u8> {
-    let mut body = Vec::with_capacity(12 + client_id.len());
+    connect_with_login(client_id, keep_alive_s, None)
+}
+
+/// CONNECT with protocol level 4, clean session, no will, and the user name and password of
+/// `login` if given.
+pub fn connect_with_login(
+    client_id: &str,
+    keep_alive_s: u16,
+    login: Option<(&str, &str)>,
+) -> Vec<u8> {
+    let login_len = login.map_or(0, |(user, password)| 4 + user.len() + password.len());
+    let mut body = Vec::with_capacity(12 + client_id.len() + login_len);
     put_str(&mut body, "MQTT");
     body.push(4); // protocol level: 3.1.1
-    body.push(0x02); // connect flags: clean session only
+                  // Connect flags: clean session, plus user name (0x80) and password (0x40) with a login.
+    body.push(if login.is_some() { 0xC2 } else { 0x02 });
     body.extend_from_slice(&keep_alive_s.to_be_bytes());
     put_str(&mut body, client_id);
+    if let Some((user, password)) = login {
+        put_str(&mut body, user);
+        put_str(&mut body, password);
+    }
     packet(0x10, &body)
 }
 
@@ -295,6 +312,19 @@ mod tests {
             connect("ab", 60),
             [0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'a', b'b']
         );
+    }
+
+    #[test]
+    fn connect_with_login_carries_user_name_and_password() {
+        // Flags 0xC2: user name, password, clean session; the two strings follow the client id.
+        assert_eq!(
+            connect_with_login("ab", 60, Some(("u", "pw"))),
+            [
+                0x10, 21, 0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60, 0, 2, b'a', b'b', 0, 1,
+                b'u', 0, 2, b'p', b'w'
+            ]
+        );
+        assert_eq!(connect_with_login("ab", 60, None), connect("ab", 60));
     }
 
     #[test]

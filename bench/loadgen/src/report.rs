@@ -306,13 +306,21 @@ pub struct ConnectRateReport {
     /// Requested connects per second.
     pub rate: f64,
     pub tls: bool,
+    /// Credentials sent: `none`, `password` (each its own) or `wrong_password`.
+    pub login: &'static str,
+    /// Answered with CONNACK 0.
     pub connected: usize,
+    /// Answered with a non-zero CONNACK.
+    pub refused: usize,
+    /// Of those, return code 4 (bad user name or password).
+    pub refused_bad_credentials: usize,
+    /// Not answered: timeouts, connections reset or closed before a CONNACK.
     pub failed: usize,
-    /// The first failure's message, if any failed.
+    /// The first refusal's or failure's message, if any.
     pub first_error: Option<String>,
     /// Seconds from the first connect to the last answer (CONNACK or failure).
     pub elapsed_s: f64,
-    /// Connected per second over `elapsed_s`.
+    /// Answered (connected or refused) per second over `elapsed_s`.
     pub achieved_per_s: f64,
     /// How late the generator started a connect after its scheduled time, at worst, ms (a
     /// busy generator shows here).
@@ -322,24 +330,52 @@ pub struct ConnectRateReport {
     pub listen_overflows: Option<u64>,
     /// From the start of the TCP connect to the CONNACK, successful connects only.
     pub connack: Latency,
-    /// Broker CPU and RSS over `elapsed_s` (with --broker-pid).
+    /// From the start of the TCP connect to a refusing CONNACK.
+    pub refusal: Latency,
+    /// Broker CPU and RSS from the first connect until every one (flood included) was
+    /// answered (with --broker-pid).
     pub broker: Option<BrokerUsage>,
-    /// Broker CPU milliseconds per successful connect.
+    /// Broker CPU milliseconds per answered connect (accepted or refused, flood included).
     pub broker_cpu_ms_per_connect: Option<f64>,
-    /// The generator's own CPU over `elapsed_s`, in percent of one core.
+    /// The generator's own CPU over the run, in percent of one core.
     pub loadgen_cpu_percent: f64,
+    /// The wrong-password connects of `--flood`, if any.
+    pub flood: Option<FloodReport>,
+}
+
+/// The `--flood` wave of connect-rate: CONNECTs with wrong passwords.
+#[derive(Debug, Serialize)]
+pub struct FloodReport {
+    pub connections: usize,
+    /// Requested connects per second.
+    pub rate: f64,
+    /// Answered with CONNACK 0 (a broker that lets a wrong password in).
+    pub accepted: usize,
+    /// Answered with a non-zero CONNACK.
+    pub refused: usize,
+    /// Of those, return code 4.
+    pub refused_bad_credentials: usize,
+    /// Not answered (timeouts, resets, closed).
+    pub failed: usize,
+    pub first_error: Option<String>,
+    /// From the start of the TCP connect to the refusal.
+    pub refusal: Latency,
 }
 
 impl ConnectRateReport {
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "connect-rate connections={} rate={} tls={} connected={} failed={} elapsed_s={:.2} \
-             achieved_per_s={:.0} start_lag_max_ms={:.1} listen_overflows={} \
-             connack_p50_ms={:.2} connack_p99_ms={:.2} connack_max_ms={:.1}",
+            "connect-rate connections={} rate={} tls={} login={} connected={} refused={} \
+             refused_bad_credentials={} failed={} elapsed_s={:.2} achieved_per_s={:.0} \
+             start_lag_max_ms={:.1} listen_overflows={} connack_p50_ms={:.2} \
+             connack_p99_ms={:.2} connack_max_ms={:.1}",
             self.connections,
             self.rate,
             self.tls,
+            self.login,
             self.connected,
+            self.refused,
+            self.refused_bad_credentials,
             self.failed,
             self.elapsed_s,
             self.achieved_per_s,
@@ -350,6 +386,30 @@ impl ConnectRateReport {
             self.connack.p99_ms,
             self.connack.max_ms,
         );
+        if self.refusal.count > 0 {
+            let _ = write!(
+                s,
+                " refusal_p50_ms={:.2} refusal_p99_ms={:.2} refusal_max_ms={:.1}",
+                self.refusal.p50_ms, self.refusal.p99_ms, self.refusal.max_ms
+            );
+        }
+        if let Some(f) = &self.flood {
+            let _ = write!(
+                s,
+                " flood={} flood_rate={} flood_accepted={} flood_refused={} \
+                 flood_refused_bad_credentials={} flood_failed={} flood_refusal_p50_ms={:.2} \
+                 flood_refusal_p99_ms={:.2} flood_refusal_max_ms={:.1}",
+                f.connections,
+                f.rate,
+                f.accepted,
+                f.refused,
+                f.refused_bad_credentials,
+                f.failed,
+                f.refusal.p50_ms,
+                f.refusal.p99_ms,
+                f.refusal.max_ms
+            );
+        }
         if let Some(b) = &self.broker {
             let _ = write!(
                 s,
