@@ -429,6 +429,15 @@ pub struct ProvisionArgs {
     /// again, so provisioning can be repeated.
     #[arg(long, value_name = "URL")]
     pub api: Option<String>,
+    /// Bearer token for a broker whose API is protected (`http.api_tokens_file`): a token of
+    /// role admin, as `broker token NAME admin` prints it.
+    #[arg(
+        long,
+        env = "DEVICE_SIM_API_TOKEN",
+        hide_env_values = true,
+        requires = "api"
+    )]
+    pub api_token: Option<String>,
 }
 
 impl ProvisionArgs {

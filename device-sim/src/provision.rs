@@ -37,7 +37,10 @@ fn accounts(args: &ProvisionArgs) -> Result<Vec<(String, String)>> {
 pub async fn provision(args: &ProvisionArgs) -> Result<()> {
     let accounts = accounts(args)?;
     match &args.api {
-        Some(url) => through_api(&Api::parse(url)?, accounts).await,
+        Some(url) => {
+            let api = Api::parse(url)?.with_token(args.api_token.clone())?;
+            through_api(&api, accounts).await
+        }
         None => print(&accounts),
     }
 }

@@ -13,7 +13,9 @@ use std::process::Stdio;
 use broker::auth::password_file::{parse_bulk, Hash, PasswordFileEditor};
 use broker::config::ClientIdBinding;
 
-use common::{args, clean_abrupt_churn, count_events, run, sim, timing, verify, SIM_WAIT};
+use common::{
+    args, clean_abrupt_churn, count_events, run, sim, timing, verify, verify_with, SIM_WAIT,
+};
 use testkit::{sqlite_url, temp_dir, FullBroker, TempDir};
 
 /// Devices of these tests: enough for a fleet, few enough to hash (argon2id) in a second.
@@ -146,18 +148,53 @@ async fn takeover_flap_and_storm_work_with_auth_on() {
 /// devices log in with them, bound to their client ids; verify agrees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_provisioned_through_the_api_connect() {
+    use broker::http::tokens::{line, new_token, Role};
+
     let dir = temp_dir("auth-api");
     let mut config = FullBroker::config(&sqlite_url(&dir), &dir, "test-node");
     config.auth.database = true;
     config.auth.bind_client_id = ClientIdBinding::Username;
+    // A protected API: provisioning needs an admin token, verify a read one.
+    let (admin, read) = (new_token().expect("token"), new_token().expect("token"));
+    let tokens = dir.path().join("api-tokens");
+    std::fs::write(
+        &tokens,
+        format!(
+            "{}\n{}\n",
+            line("provisioning", Role::Admin, &admin),
+            line("checks", Role::Read, &read)
+        ),
+    )
+    .expect("write the tokens file");
+    config.http.api_tokens_file = Some(tokens);
     let broker = FullBroker::start(config).await;
     broker.ready().await;
+    // Without a token, or with a read one, the admin API refuses and provision says so.
+    for token in [None, Some(&read)] {
+        let mut command = sim();
+        command
+            .args(["provision", "--count", COUNT, "--password-seed", SEED])
+            .args(["--api", &broker.api()]);
+        if let Some(token) = token {
+            command.args(["--api-token", token]);
+        }
+        let out = tokio::time::timeout(SIM_WAIT, command.stderr(Stdio::piped()).output())
+            .await
+            .expect("provision ends in time")
+            .expect("provision runs");
+        assert!(!out.status.success(), "provision without an admin token");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(if token.is_some() { "403" } else { "401" }),
+            "{stderr}"
+        );
+    }
     for said in ["12 created, 0 updated", "0 created, 12 updated"] {
         let out = tokio::time::timeout(
             SIM_WAIT,
             sim()
                 .args(["provision", "--count", COUNT, "--password-seed", SEED])
-                .args(["--api", &broker.api()])
+                .args(["--api", &broker.api(), "--api-token", &admin])
                 .stderr(Stdio::piped())
                 .output(),
         )
@@ -179,7 +216,8 @@ async fn devices_provisioned_through_the_api_connect() {
     .concat();
     let run = run(broker.mqtt.port(), dir.path(), "api", &options).await;
     run.churned();
-    verify(&broker.api(), &truth, "1").await;
+    let (status, text) = verify_with(&broker.api(), &truth, "1", &["--api-token", &read]).await;
+    assert!(status.success(), "verify disagrees:\n{text}");
     broker.stop().await;
 }
 
