@@ -5,14 +5,13 @@
 //! Named after the Mosquitto CVEs they guard against (../shared/research/security.md).
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use broker::config::AuthConfig;
 use broker::labels::{AclDenial, RefusalReason};
 use broker::metrics::metrics;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Subscribe, SubscribeReasonCode};
 use rumqttc::mqttbytes::QoS;
-use testkit::{connect_packet, temp_dir, ConnectOpts, RawClient, TestBroker};
+use testkit::{mosquitto_passwd, temp_dir, ConnectOpts, RawClient, TestBroker};
 
 /// Users of every test, made with Debian's mosquitto_passwd (./test.sh installs it).
 const USERS: [(&str, &str); 3] = [
@@ -49,18 +48,7 @@ async fn start(acl: &str) -> Setup {
     let dir = temp_dir("acl");
     let passwords = dir.path().join("passwords");
     for (i, (user, password)) in USERS.iter().enumerate() {
-        let mut command = Command::new("mosquitto_passwd");
-        if i == 0 {
-            command.arg("-c");
-        }
-        let status = command
-            .arg("-b")
-            .arg(&passwords)
-            .arg(user)
-            .arg(password)
-            .status()
-            .expect("mosquitto_passwd runs (./test.sh installs Debian's mosquitto)");
-        assert!(status.success());
+        mosquitto_passwd(&passwords, user, password, i == 0);
     }
     let acl_file = dir.path().join("acl");
     std::fs::write(&acl_file, acl).expect("writing a test file");
@@ -91,27 +79,22 @@ async fn connect_as(
     user: Option<&str>,
     will: Option<&str>,
 ) -> (RawClient, Option<ConnectReturnCode>) {
-    let mut c = RawClient::tcp(setup.broker.addr).await;
     let mut opts = ConnectOpts::new(client_id);
     if let Some(topic) = will {
         opts.will = Some((topic, b"gone", QoS::AtLeastOnce, false));
     }
-    let mut packet = connect_packet(&opts);
-    if let (Packet::Connect(connect), Some(user)) = (&mut packet, user) {
-        let password = USERS
-            .iter()
-            .find(|(u, _)| *u == user)
-            .expect("a known user")
-            .1;
-        connect.set_login(user, password);
+    if let Some(user) = user {
+        opts = opts.login(user, password_of(user));
     }
-    c.send(&packet).await;
-    let code = match c.recv().await {
-        Some(Packet::ConnAck(ack)) => Some(ack.code),
-        Some(other) => panic!("expected CONNACK, got {other:?}"),
-        None => None,
-    };
-    (c, code)
+    RawClient::connack(setup.broker.addr, opts).await
+}
+
+fn password_of(user: &str) -> &'static str {
+    USERS
+        .iter()
+        .find(|(u, _)| *u == user)
+        .expect("a known user")
+        .1
 }
 
 /// Subscribes to each filter at QoS 1 in one SUBSCRIBE; the SUBACK's codes.

@@ -12,13 +12,12 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use broker::config::AuthConfig;
 use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish, Subscribe, SubscribeFilter};
 use rumqttc::mqttbytes::QoS;
-use testkit::{connect_packet, temp_dir, ConnectOpts, Mosquitto, RawClient, TestBroker};
+use testkit::{mosquitto_passwd, temp_dir, ConnectOpts, Mosquitto, RawClient, TestBroker};
 
 const ACL: &str = "\
 # anonymous clients
@@ -101,18 +100,7 @@ async fn acl_decisions_equal_mosquittos_on_the_same_files() {
     let dir = temp_dir("acl-diff");
     let passwords = dir.path().join("passwords");
     for (i, (user, password)) in USERS.iter().enumerate() {
-        let mut command = Command::new("mosquitto_passwd");
-        if i == 0 {
-            command.arg("-c");
-        }
-        let status = command
-            .arg("-b")
-            .arg(&passwords)
-            .arg(user)
-            .arg(password)
-            .status()
-            .expect("mosquitto_passwd runs (./test.sh installs Debian's mosquitto)");
-        assert!(status.success());
+        mosquitto_passwd(&passwords, user, password, i == 0);
     }
     let acl_file = dir.path().join("acl");
     std::fs::write(&acl_file, ACL).expect("writing a test file");
@@ -163,25 +151,21 @@ fn describe(case: &Case) -> String {
 
 /// Connects to `addr` as `client_id`, logged in as `user`.
 async fn connect(addr: SocketAddr, user: Option<&str>, client_id: &str) -> RawClient {
-    let mut c = RawClient::tcp(addr).await;
-    let mut packet = connect_packet(&ConnectOpts::new(client_id));
-    if let (Packet::Connect(connect), Some(user)) = (&mut packet, user) {
+    let mut opts = ConnectOpts::new(client_id);
+    if let Some(user) = user {
         let password = USERS
             .iter()
             .find(|(u, _)| *u == user)
             .expect("a known user")
             .1;
-        connect.set_login(user, password);
+        opts = opts.login(user, password);
     }
-    c.send(&packet).await;
-    match c.recv().await {
-        Some(Packet::ConnAck(ack)) => assert_eq!(
-            ack.code,
-            rumqttc::mqttbytes::v4::ConnectReturnCode::Success,
-            "{client_id}"
-        ),
-        other => panic!("expected CONNACK for {client_id}, got {other:?}"),
-    }
+    let (c, code) = RawClient::connack(addr, opts).await;
+    assert_eq!(
+        code,
+        Some(rumqttc::mqttbytes::v4::ConnectReturnCode::Success),
+        "{client_id}"
+    );
     c
 }
 

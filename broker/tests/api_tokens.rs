@@ -15,8 +15,8 @@ use broker::metrics::metrics;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
 use serde_json::Value;
 use testkit::{
-    connect_packet, eventually, http_request, sqlite_url, temp_dir, ConnectOpts, FullBroker,
-    RawClient, Response, TempDir,
+    connect_packet, eventually, http_request, mosquitto_passwd, sqlite_url, temp_dir, ConnectOpts,
+    FullBroker, RawClient, Response, TempDir,
 };
 
 /// A broker whose API needs the tokens of a file, and the tokens.
@@ -249,35 +249,13 @@ async fn a_kicked_client_is_disconnected_with_reason_kicked() {
     api.broker.stop().await;
 }
 
-/// Adds (or with `create`, creates the file with) `user` to the password file at `path`, with
-/// Debian's mosquitto_passwd (./test.sh installs it with the `mosquitto` package).
-fn mosquitto_passwd(path: &Path, user: &str, password: &str, create: bool) {
-    let mut command = Command::new("mosquitto_passwd");
-    if create {
-        command.arg("-c");
-    }
-    let status = command
-        .arg("-b")
-        .arg(path)
-        .arg(user)
-        .arg(password)
-        .status()
-        .expect("mosquitto_passwd runs (./test.sh installs Debian's mosquitto)");
-    assert!(status.success(), "mosquitto_passwd {user}");
-}
-
 /// CONNECT as `user` with `password`; the CONNACK's return code.
 async fn login(broker: &FullBroker, user: &str, password: &str) -> ConnectReturnCode {
-    let mut c = RawClient::tcp(broker.mqtt).await;
-    let mut packet = connect_packet(&ConnectOpts::new(user));
-    if let Packet::Connect(connect) = &mut packet {
-        connect.set_login(user, password);
-    }
-    c.send(&packet).await;
-    match c.recv().await {
-        Some(Packet::ConnAck(ack)) => ack.code,
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
+    let opts = ConnectOpts::new(user).login(user, password);
+    RawClient::connack(broker.mqtt, opts)
+        .await
+        .1
+        .expect("a CONNACK")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,31 +4,13 @@
 //! under the id it claims.
 
 use std::path::Path;
-use std::process::Command;
 
 use broker::config::{AuthConfig, ClientIdBinding};
 use broker::event::ConnectionEvent;
 use broker::labels::{AuthMethod, RefusalReason, VerifyOutcome};
 use broker::metrics::metrics;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
-use testkit::{connect_packet, temp_dir, ConnectOpts, RawClient, TestBroker};
-
-/// Adds (or with `create`, creates the file with) `user` to the password file at `path`, with
-/// Debian's mosquitto_passwd (./test.sh installs it with the `mosquitto` package).
-fn mosquitto_passwd(path: &Path, user: &str, password: &str, create: bool) {
-    let mut command = Command::new("mosquitto_passwd");
-    if create {
-        command.arg("-c");
-    }
-    let status = command
-        .arg("-b")
-        .arg(path)
-        .arg(user)
-        .arg(password)
-        .status()
-        .expect("mosquitto_passwd runs (./test.sh installs Debian's mosquitto)");
-    assert!(status.success(), "mosquitto_passwd {user}");
-}
+use testkit::{mosquitto_passwd, temp_dir, ConnectOpts, RawClient, TestBroker};
 
 /// The MQTT layer checking credentials against the password file at `file`.
 async fn with_password_file(file: &Path, bind_client_id: ClientIdBinding) -> TestBroker {
@@ -46,18 +28,9 @@ async fn connack(
     client_id: &str,
     login: Option<(&str, &str)>,
 ) -> (RawClient, Option<ConnectReturnCode>) {
-    let mut c = RawClient::tcp(broker.addr).await;
-    let mut packet = connect_packet(&ConnectOpts::new(client_id));
-    if let (Packet::Connect(connect), Some((user, password))) = (&mut packet, login) {
-        connect.set_login(user, password);
-    }
-    c.send(&packet).await;
-    let code = match c.recv().await {
-        Some(Packet::ConnAck(ack)) => Some(ack.code),
-        Some(other) => panic!("expected CONNACK, got {other:?}"),
-        None => None,
-    };
-    (c, code)
+    let mut opts = ConnectOpts::new(client_id);
+    opts.login = login;
+    RawClient::connack(broker.addr, opts).await
 }
 
 /// The user name and method a Connected event records.

@@ -28,16 +28,9 @@ async fn connect(
     user: &str,
     password: &str,
 ) -> (RawClient, ConnectReturnCode) {
-    let mut c = RawClient::tcp(broker.mqtt).await;
-    let mut packet = connect_packet(&ConnectOpts::new(client_id));
-    if let Packet::Connect(connect) = &mut packet {
-        connect.set_login(user, password);
-    }
-    c.send(&packet).await;
-    match c.recv().await {
-        Some(Packet::ConnAck(ack)) => (c, ack.code),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
+    let opts = ConnectOpts::new(client_id).login(user, password);
+    let (c, code) = RawClient::connack(broker.mqtt, opts).await;
+    (c, code.expect("a CONNACK"))
 }
 
 /// `method` `path` with `body`; the status and the JSON answer (`Null` without one).

@@ -16,7 +16,7 @@ use broker::labels::AuthMethod;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
 use serde_json::{json, Value};
-use testkit::{connect_packet, temp_dir, ConnectOpts, RawClient, TempDir, TestBroker};
+use testkit::{temp_dir, ConnectOpts, RawClient, TempDir, TestBroker};
 
 /// Seconds since the epoch, `offset` from now.
 fn at(offset: i64) -> i64 {
@@ -154,16 +154,9 @@ async fn connected(
     user: &str,
     password: &str,
 ) -> (RawClient, ConnectReturnCode) {
-    let mut c = RawClient::tcp(broker.addr).await;
-    let mut packet = connect_packet(&ConnectOpts::new(client_id));
-    if let Packet::Connect(connect) = &mut packet {
-        connect.set_login(user, password);
-    }
-    c.send(&packet).await;
-    match c.recv().await {
-        Some(Packet::ConnAck(ack)) => (c, ack.code),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
+    let opts = ConnectOpts::new(client_id).login(user, password);
+    let (c, code) = RawClient::connack(broker.addr, opts).await;
+    (c, code.expect("a CONNACK"))
 }
 
 fn method(event: ConnectionEvent) -> (Option<String>, AuthMethod) {

@@ -33,6 +33,8 @@ pub struct ConnectOpts<'a> {
     pub clean_session: bool,
     /// The last will: topic, payload, QoS, retain.
     pub will: Option<(&'a str, &'a [u8], QoS, bool)>,
+    /// User name and password (none by default).
+    pub login: Option<(&'a str, &'a str)>,
 }
 
 impl<'a> ConnectOpts<'a> {
@@ -43,7 +45,14 @@ impl<'a> ConnectOpts<'a> {
             keep_alive: 60,
             clean_session: true,
             will: None,
+            login: None,
         }
+    }
+
+    /// The same, logging in as `user` with `password`.
+    pub fn login(mut self, user: &'a str, password: &'a str) -> Self {
+        self.login = Some((user, password));
+        self
     }
 }
 
@@ -62,6 +71,9 @@ pub fn connect_packet(opts: &ConnectOpts<'_>) -> Packet {
     connect.last_will = opts
         .will
         .map(|(topic, payload, qos, retain)| LastWill::new(topic, payload.to_vec(), qos, retain));
+    if let Some((user, password)) = opts.login {
+        connect.set_login(user, password);
+    }
     Packet::Connect(connect)
 }
 
@@ -75,6 +87,22 @@ impl RawClient {
     /// Connects and expects CONNACK 0; returns the session-present flag.
     pub async fn connect(addr: SocketAddr, opts: ConnectOpts<'_>) -> (Self, bool) {
         Self::tcp(addr).await.handshake(opts).await
+    }
+
+    /// Connects with `opts` and reads the answer: the CONNACK's return code, `None` when the
+    /// broker closed the connection without one.
+    pub async fn connack(
+        addr: SocketAddr,
+        opts: ConnectOpts<'_>,
+    ) -> (Self, Option<rumqttc::mqttbytes::v4::ConnectReturnCode>) {
+        let mut c = Self::tcp(addr).await;
+        c.send(&connect_packet(&opts)).await;
+        let code = match c.recv().await {
+            Some(Packet::ConnAck(ack)) => Some(ack.code),
+            Some(other) => panic!("expected CONNACK, got {other:?}"),
+            None => None,
+        };
+        (c, code)
     }
 }
 

@@ -1,5 +1,6 @@
 //! A real Mosquitto (Debian's, installed by ./test.sh) for side-by-side tests: one listener on
-//! a free port of 127.0.0.1, the configuration lines a test adds, stopped when dropped.
+//! a free port of 127.0.0.1, the configuration lines a test adds, stopped when dropped; and its
+//! `mosquitto_passwd`, which makes the password files of the authentication tests.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -23,6 +24,23 @@ pub fn mosquitto_bin() -> PathBuf {
                  package (./test.sh does)"
             )
         })
+}
+
+/// Adds `user` with `password` to the password file at `path` (with `create`, makes the file
+/// anew) with Debian's `mosquitto_passwd`: `$7$` PBKDF2-SHA512 lines, as Mosquitto writes them.
+pub fn mosquitto_passwd(path: &Path, user: &str, password: &str, create: bool) {
+    let mut command = std::process::Command::new("mosquitto_passwd");
+    if create {
+        command.arg("-c");
+    }
+    let status = command
+        .arg("-b")
+        .arg(path)
+        .arg(user)
+        .arg(password)
+        .status()
+        .expect("mosquitto_passwd runs (./test.sh installs Debian's mosquitto)");
+    assert!(status.success(), "mosquitto_passwd {user}");
 }
 
 /// A running Mosquitto, killed when dropped.
