@@ -521,3 +521,47 @@ async fn takeover_and_shutdown_work_across_transports() {
         "{reasons:?}"
     );
 }
+
+/// The ACL's `user` blocks apply to a verified client certificate's identity (as Mosquitto's
+/// use_identity_as_username): device-7 may subscribe to its own commands and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_identity_gets_its_user_rules() {
+    use rumqttc::mqttbytes::v4::{Subscribe, SubscribeFilter, SubscribeReasonCode};
+
+    let pki = Pki::new();
+    let dir = temp_dir("tls-acl");
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, "user device-7\ntopic read commands/device-7\n")
+        .expect("write the ACL file");
+    let auth = broker::config::AuthConfig {
+        acl_file: Some(acl),
+        ..broker::config::AuthConfig::default()
+    };
+    let broker = TestBroker::start_with_auth(|c| pki.mutual(c, true), auth).await;
+    let device = pki.device_ca.client("device-7", &[], Validity::Now);
+    let stream = tls_connect(
+        broker.tls.expect("TLS listener"),
+        "localhost",
+        pki.client(Some(&device)),
+    )
+    .await
+    .expect("handshake");
+    let mut c = mqtt_over(stream, "device-7").await;
+    let mut sub = Subscribe::new_many(
+        ["commands/device-7", "commands/device-8"]
+            .map(|f| SubscribeFilter::new(f.into(), QoS::AtMostOnce)),
+    );
+    sub.pkid = 1;
+    c.send(&Packet::Subscribe(sub)).await;
+    match c.recv().await {
+        Some(Packet::SubAck(ack)) => assert_eq!(
+            ack.return_codes,
+            [
+                SubscribeReasonCode::Success(QoS::AtMostOnce),
+                SubscribeReasonCode::Failure
+            ]
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    broker.stop().await;
+}

@@ -256,9 +256,13 @@ pub async fn handshake<S: Transport>(
     // What it may read and write; a will it may not write refuses the CONNECT (as Mosquitto
     // 2 does) before the session is touched.
     // User rules apply to a verified user name only: an anonymous client's name is a claim.
-    let verified_user = request
-        .username
-        .filter(|_| matches!(method, AuthMethod::Password | AuthMethod::Database));
+    let verified_user = match method {
+        AuthMethod::Password | AuthMethod::Database => request.username,
+        // A verified client certificate's identity is the user name its rules are under (as
+        // Mosquitto's use_identity_as_username).
+        AuthMethod::Certificate => request.identity,
+        _ => None,
+    };
     // The topics its credentials grant (JWT claims, its database row) join the file's rules.
     let (publish, subscribe) = grants
         .as_deref()
@@ -373,12 +377,14 @@ pub async fn handshake<S: Transport>(
         session.incarnation,
         attached.dropped_subscriptions.iter().map(|f| &**f),
     );
-    session.state().login = verified_user.map(|username| {
-        Box::new(Login {
-            username: username.into(),
-            method,
-        })
-    });
+    session.state().login = verified_user
+        .filter(|_| method != AuthMethod::Certificate)
+        .map(|username| {
+            Box::new(Login {
+                username: username.into(),
+                method,
+            })
+        });
     // A resumed session's subscriptions obey the rules of the client that resumes it.
     let revoked = broker.apply_acl(&session, acl);
     if revoked > 0 {
