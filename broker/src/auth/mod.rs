@@ -428,7 +428,17 @@ impl Auth {
             metrics().auth_verifications.inc(VerifyOutcome::CacheHit);
             return allowed();
         }
-        let hash = credential.hash.clone();
+        if !self.check(credential.hash.clone(), password).await {
+            return Answer::Deny(Refusal::BadCredentials);
+        }
+        metrics().auth_verifications.inc(VerifyOutcome::Verified);
+        database.verified(user, &credential, remembered);
+        allowed()
+    }
+
+    /// Verifies `password` against `hash` on the blocking pool, within the verification
+    /// limit; a mismatch is counted as rejected.
+    async fn check(&self, hash: password_file::Hash, password: &[u8]) -> bool {
         let password = password.to_vec();
         let right = self
             .off_runtime(move || hash.verify(&password))
@@ -436,11 +446,8 @@ impl Auth {
             .unwrap_or(false);
         if !right {
             metrics().auth_verifications.inc(VerifyOutcome::Rejected);
-            return Answer::Deny(Refusal::BadCredentials);
         }
-        metrics().auth_verifications.inc(VerifyOutcome::Verified);
-        database.verified(user, &credential, remembered);
-        allowed()
+        right
     }
 
     /// Runs `work` on the blocking pool, at most `auth.max_concurrent_verifications` at a
@@ -524,13 +531,7 @@ impl Auth {
             metrics().auth_verifications.inc(VerifyOutcome::Rejected);
             return Err(Refusal::BadCredentials);
         };
-        let password = password.to_vec();
-        let right = self
-            .off_runtime(move || hash.verify(&password))
-            .await
-            .unwrap_or(false);
-        if !right {
-            metrics().auth_verifications.inc(VerifyOutcome::Rejected);
+        if !self.check(hash, password).await {
             return Err(Refusal::BadCredentials);
         }
         metrics().auth_verifications.inc(VerifyOutcome::Verified);
