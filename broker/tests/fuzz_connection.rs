@@ -124,7 +124,7 @@ fn random_packet_sequences_never_break_the_broker() {
         bystander.subscribe("#", QoS::AtLeastOnce).await;
         (broker, bystander)
     });
-    let bystander = std::sync::Mutex::new(bystander);
+    let bystander = tokio::sync::Mutex::new(bystander);
     let mut runner = TestRunner::new(Config {
         cases: cases(),
         failure_persistence: None,
@@ -151,7 +151,7 @@ fn random_packet_sequences_never_break_the_broker() {
             prop_assert!(answered.is_ok(), "the broker neither answered nor closed");
             prop_assert!(!broker.handle.is_finished(), "the broker task ended");
             // The bystander is still served (its queue drained meanwhile).
-            let mut b = bystander.lock().expect("bystander");
+            let mut b = bystander.lock().await;
             b.send(&Packet::PingReq).await;
             let served = tokio::time::timeout(testkit::WAIT, async {
                 loop {
