@@ -25,11 +25,13 @@ use broker::config::Config;
 /// Listeners: MQTT over TCP (mqtt.listen), and when set MQTT over TLS (mqtt.tls.listen, with
 /// mqtt.tls.cert_file and mqtt.tls.key_file), over WebSocket (mqtt.ws.listen) and over
 /// WebSocket over TLS (mqtt.wss.listen); HTTP (http.listen). A listener other machines can
-/// reach needs authentication: auth.password_file (or auth.allow_anonymous = true) for MQTT,
-/// http.api_tokens_file (or http.allow_anonymous = true) for HTTP. SIGHUP (and POST
-/// /api/v1/admin/reload) re-reads the TLS certificate files, the password file and the API
-/// tokens file; a file that cannot be used at start exits with code 1. SIGINT and SIGTERM shut
-/// down gracefully.
+/// reach needs authentication: for MQTT auth.password_file, auth.jwt.*, auth.database or
+/// required client certificates (or auth.allow_anonymous = true), for HTTP
+/// http.api_tokens_file (or http.allow_anonymous = true). auth.acl_file limits what each client
+/// may read and write (Mosquitto's ACL format). SIGHUP (and POST /api/v1/admin/reload) re-reads
+/// the TLS certificate files, the password file, the JWT key, the ACL file and the API tokens
+/// file; a file that cannot be used at start exits with code 1. SIGINT and SIGTERM shut down
+/// gracefully.
 ///
 /// `broker passwd` manages a password file (Mosquitto's format) and exits; see
 /// `broker passwd --help`. `broker token NAME ROLE` makes an API token; see
