@@ -347,15 +347,25 @@ impl ClientAcl {
         publish: &[Box<str>],
         subscribe: &[Box<str>],
     ) -> Option<Self> {
-        if file.is_none() && publish.is_empty() && subscribe.is_empty() {
-            return None;
-        }
         let mut grants: Vec<Rule> = Vec::with_capacity(publish.len() + subscribe.len());
         for (filters, allows) in [(publish, WRITE), (subscribe, READ)] {
             grants.extend(filters.iter().map(|f| Rule {
                 filter: f.clone(),
                 allows,
             }));
+        }
+        Self::with_grants(file, client_id, username, grants)
+    }
+
+    /// The client's rules: its user's and the patterns from `file`, and `grants`.
+    fn with_grants(
+        file: Option<Arc<AclFile>>,
+        client_id: &str,
+        username: Option<&str>,
+        grants: Vec<Rule>,
+    ) -> Option<Self> {
+        if file.is_none() && grants.is_empty() {
+            return None;
         }
         let (user, patterns, patterns_refused) = match &file {
             None => (None, Vec::new(), false),
@@ -391,17 +401,11 @@ impl ClientAcl {
     /// The same client's rules under the ACL file `file` (after a reload): its user's rules
     /// and the patterns come from `file`, its grants stay.
     pub fn renewed(&self, file: Option<Arc<AclFile>>, client_id: &str) -> Option<Arc<Self>> {
-        let (publish, subscribe): (Vec<_>, Vec<_>) =
-            self.grants.iter().partition(|r| r.allows == WRITE);
-        let filters = |rules: Vec<&Rule>| -> Vec<Box<str>> {
-            rules.into_iter().map(|r| r.filter.clone()).collect()
-        };
-        Self::new(
+        Self::with_grants(
             file,
             client_id,
             self.username.as_deref(),
-            &filters(publish),
-            &filters(subscribe),
+            self.grants.clone(),
         )
         .map(Arc::new)
     }

@@ -28,7 +28,7 @@ use ring::digest;
 use tokio::sync::Semaphore;
 
 use crate::config::{AuthConfig, AuthProvider, ClientIdBinding};
-use crate::labels::{AuthMethod, ReloadOutcome, VerifyOutcome};
+use crate::labels::{AuthMethod, VerifyOutcome};
 use crate::metrics::metrics;
 use database::{CredentialSource, Database};
 use jwt::{Jwt, JwtError};
@@ -228,18 +228,13 @@ impl Auth {
         }
     }
 
-    /// Reads the password file and the JWT key file again, each counted by outcome in its
-    /// metric; on failure the one in force stays (the first error is returned, after both were
-    /// tried). Blocking: call it off the async runtime. `Ok(false)` when there is neither.
+    /// Reads the password file and the JWT key file again (not counted: SIGHUP and the reload
+    /// endpoint go through [`crate::reload::Reloader`], which counts each file); on failure the
+    /// one in force stays (the first error is returned, after both were tried). Blocking: call
+    /// it off the async runtime. `Ok(false)` when there is neither.
     pub fn reload(&self) -> Result<bool, AuthError> {
         let password_file = self.reload_password_file().map(|r| r.is_some());
-        if let Ok(true) | Err(_) = password_file {
-            metrics().password_file_reloads.inc(outcome(&password_file));
-        }
         let jwt = self.reload_jwt_key();
-        if let Ok(true) | Err(_) = jwt {
-            metrics().jwt_key_reloads.inc(outcome(&jwt));
-        }
         Ok(password_file? | jwt?)
     }
 
@@ -553,14 +548,6 @@ impl Auth {
         context.update(user.as_bytes());
         context.update(password);
         context.finish()
-    }
-}
-
-/// How a reload went, for its metric.
-fn outcome<T, E>(result: &Result<T, E>) -> ReloadOutcome {
-    match result {
-        Ok(_) => ReloadOutcome::Ok,
-        Err(_) => ReloadOutcome::Failed,
     }
 }
 

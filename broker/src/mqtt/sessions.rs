@@ -236,8 +236,7 @@ impl SessionTable {
 
     /// Every session held now (connected or not), for a pass over all of them.
     pub fn all(&self) -> Vec<Arc<Session>> {
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.values().cloned().collect()
+        snapshot(&self.map)
     }
 
     /// A read-only view for the API.
@@ -246,21 +245,20 @@ impl SessionTable {
     }
 }
 
+/// The sessions of `map` now; the table lock is held only to copy them out.
+fn snapshot(map: &Map) -> Vec<Arc<Session>> {
+    let map = map.lock().unwrap_or_else(|e| e.into_inner());
+    map.values().cloned().collect()
+}
+
 /// Asks the connections in `map` logged in by `method` as one of `users` to close with reason
-/// `not_authorized` (their credentials were revoked). The table lock is held only to list the
-/// sessions.
+/// `not_authorized` (their credentials were revoked).
 fn disconnect_logins(map: &Map, method: AuthMethod, users: &HashSet<&str>) -> usize {
     if users.is_empty() {
         return 0;
     }
-    let sessions: Vec<Arc<Session>> = map
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .values()
-        .cloned()
-        .collect();
     let mut closed = 0;
-    for session in sessions {
+    for session in snapshot(map) {
         let revoked = {
             let st = session.state();
             st.online
