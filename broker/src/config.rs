@@ -144,6 +144,10 @@ pub struct MqttConfig {
     /// heartwire_sessions_expired_total and recorded in the presence history).
     #[serde(with = "humantime_serde")]
     pub persistent_session_expiry: Duration,
+    /// The longest session expiry interval an MQTT 5 client gets: a longer one (or "never",
+    /// 0xFFFFFFFF) is cut to this, and the CONNACK tells the client so.
+    #[serde(with = "humantime_serde")]
+    pub max_session_expiry: Duration,
     /// Longest wait between two accept attempts while the process is out of file descriptors.
     #[serde(with = "humantime_serde")]
     pub accept_backoff_max: Duration,
@@ -360,6 +364,7 @@ impl Default for MqttConfig {
             packet_read_timeout: Duration::from_secs(30),
             max_buffered_read_bytes: 64 * 1024 * 1024,
             persistent_session_expiry: Duration::from_secs(24 * 3600),
+            max_session_expiry: Duration::from_secs(7 * 24 * 3600),
             accept_backoff_max: Duration::from_secs(1),
             listen_backlog: 1024,
             max_connections: 0,
@@ -911,6 +916,7 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     ("mqtt.packet_read_timeout", Accepts::Duration),
     ("mqtt.max_buffered_read_bytes", Accepts::Whole(64, u64::MAX)),
     ("mqtt.persistent_session_expiry", Accepts::Duration),
+    ("mqtt.max_session_expiry", Accepts::Duration),
     ("mqtt.accept_backoff_max", Accepts::Duration),
     ("mqtt.listen_backlog", Accepts::Whole(1, 65_535)),
     ("mqtt.max_connections", Accepts::Whole(0, u64::MAX)),
@@ -1500,6 +1506,14 @@ impl Config {
             return invalid(
                 "mqtt.persistent_session_expiry",
                 "must be at least 1s (use a long time such as 365d to keep sessions practically for ever)",
+            );
+        }
+        if m.max_session_expiry < Duration::from_secs(1)
+            || m.max_session_expiry > Duration::from_secs(u64::from(u32::MAX - 1))
+        {
+            return invalid(
+                "mqtt.max_session_expiry",
+                "must be between 1s and 4294967294s (about 136 years)",
             );
         }
         if m.accept_backoff_max.is_zero() {

@@ -136,6 +136,8 @@ label_enum! {
         PingResp => "pingresp",
         /// DISCONNECT.
         Disconnect => "disconnect",
+        /// AUTH (MQTT 5).
+        Auth => "auth",
     }
 }
 
@@ -304,6 +306,10 @@ label_enum! {
         Qos0Offline => "qos0_offline",
         /// The subscriber's session ended while the message was being routed.
         SessionEnded => "session_ended",
+        /// Its MQTT 5 message expiry interval passed before it could be sent.
+        Expired => "expired",
+        /// Larger than the maximum packet size the MQTT 5 subscriber accepts.
+        PacketTooLarge => "packet_too_large",
     }
 }
 
@@ -316,6 +322,8 @@ label_enum! {
         FiltersPerSubscribe => "filters_per_subscribe",
         /// A new filter beyond `mqtt.max_subscriptions_per_session`.
         SubscriptionsPerSession => "subscriptions_per_session",
+        /// A shared subscription (`$share/...`) from an MQTT 5 client: not offered yet.
+        SharedSubscription => "shared_subscription",
         /// The ACL lets the client read no topic of the filter (`auth.acl_file`, grants).
         NotAuthorized => "not_authorized",
     }

@@ -120,7 +120,7 @@ async fn over_size_packet_closes_the_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_protocol_levels_get_connack_1() {
     let mut broker = TestBroker::start().await;
-    for level in [3u8, 5] {
+    for level in [3u8, 6] {
         let mut bytes = testkit::encode(&testkit::connect_packet(&ConnectOpts::new("old")));
         bytes[8] = level;
         let mut c = RawClient::tcp(broker.addr).await;

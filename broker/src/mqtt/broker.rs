@@ -132,11 +132,11 @@ impl Broker {
             .detach(session, session_id, self.router.limits())
         {
             Detached::TakenOver => {}
-            Detached::Kept { leave } => self.expiring.schedule(
-                session,
-                leave,
-                tokio::time::Instant::now() + self.config.persistent_session_expiry,
-            ),
+            Detached::Kept { leave, expiry } => {
+                let expiry = expiry.unwrap_or(self.config.persistent_session_expiry);
+                self.expiring
+                    .schedule(session, leave, tokio::time::Instant::now() + expiry)
+            }
             Detached::Forgotten(dropped) => self
                 .router
                 .unsubscribe(session.incarnation, dropped.iter().map(|f| &**f)),

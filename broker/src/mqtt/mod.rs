@@ -17,6 +17,7 @@ pub mod expiry;
 pub mod limits;
 pub mod listener;
 pub mod message;
+pub mod packet;
 pub mod retained;
 pub mod router;
 pub mod session;

@@ -304,6 +304,7 @@ mod tests {
             payload: Bytes::from_static(payload),
             qos: QoS::AtMostOnce,
             retain: true,
+            properties: None,
         })
     }
 

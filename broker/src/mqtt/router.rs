@@ -308,6 +308,7 @@ mod tests {
             payload: Bytes::from_static(payload),
             qos,
             retain,
+            properties: None,
         }));
     }
 

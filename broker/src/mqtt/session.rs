@@ -15,8 +15,9 @@ use bytes::BytesMut;
 use rumqttc::mqttbytes::QoS;
 
 use super::budget::ByteBudget;
-use super::codec;
+use super::codec::encode::{self, OutPublish};
 use super::message::{Message, MinQos};
+use super::packet::Protocol;
 use super::retained::Cursor;
 use crate::auth::acl::{Access, ClientAcl, Subscription};
 use crate::event::SessionId;
@@ -85,6 +86,7 @@ pub struct SessionState {
     /// How often a connection of this persistent session has left: an expiry scheduled at one
     /// leave is void if the client came back (and maybe left again) since.
     pub leaves: u32,
+
     /// Topic filters and their granted QoS (also held by the router, which matches them).
     subscriptions: HashMap<Box<str>, QoS>,
     /// Messages not yet sent (beyond the in-flight window, or written out soon).
@@ -112,6 +114,27 @@ pub struct SessionState {
     pub login: Option<Box<Login>>,
 }
 
+/// What a client accepts of the PUBLISHes sent to it: set from its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Its protocol level.
+    pub protocol: Protocol,
+    /// MQTT 5 receive maximum: most QoS 1/2 PUBLISHes it takes unacknowledged.
+    pub receive_maximum: u16,
+    /// MQTT 5 maximum packet size, 0 for none: larger messages are dropped for it.
+    pub maximum_packet_size: u32,
+}
+
+impl Default for Peer {
+    fn default() -> Self {
+        Self {
+            protocol: Protocol::V311,
+            receive_maximum: u16::MAX,
+            maximum_packet_size: 0,
+        }
+    }
+}
+
 /// A verified login.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Login {
@@ -129,6 +152,21 @@ struct Extras {
     retained: VecDeque<Cursor>,
     /// Packet ids of QoS 2 messages received and not yet released (PUBREL).
     incoming_qos2: Vec<u16>,
+    /// What the client of the connection using the session (or that last did) accepts, when
+    /// it is not what a 3.1.1 client accepts.
+    peer: Peer,
+    /// The MQTT 5 session expiry interval (`None`: a 3.1.1 session, which outlives its
+    /// connection by `mqtt.persistent_session_expiry` when persistent).
+    expiry: Option<std::time::Duration>,
+}
+
+impl Extras {
+    fn is_empty(&self) -> bool {
+        self.retained.is_empty()
+            && self.incoming_qos2.is_empty()
+            && self.peer == Peer::default()
+            && self.expiry.is_none()
+    }
 }
 
 /// What [`SessionState::apply_acl`] changed: subscriptions to take out of the router, and
@@ -227,9 +265,9 @@ impl SessionState {
         }
     }
 
-    /// Forgets a subscription.
-    pub fn remove_subscription(&mut self, filter: &str) {
-        self.subscriptions.remove(filter);
+    /// Forgets a subscription; false when there was none.
+    pub fn remove_subscription(&mut self, filter: &str) -> bool {
+        self.subscriptions.remove(filter).is_some()
     }
 
     /// Queues the retained deliveries of new subscriptions, after any still running. A filter
@@ -275,11 +313,7 @@ impl SessionState {
 
     /// Gives the extras back once nothing is in them.
     fn trim_extras(&mut self) {
-        if self
-            .extras
-            .as_ref()
-            .is_some_and(|e| e.retained.is_empty() && e.incoming_qos2.is_empty())
-        {
+        if self.extras.as_ref().is_some_and(|e| e.is_empty()) {
             self.extras = None;
         }
     }
@@ -290,9 +324,16 @@ impl SessionState {
         self.pending.len() <= limits.max_messages / 4 && self.queued_bytes <= limits.max_bytes / 4
     }
 
-    /// Room left in the in-flight window.
+    /// Room left in the in-flight window (`max_inflight`, or the client's receive maximum
+    /// when lower).
     pub fn inflight_room(&self, max_inflight: usize) -> usize {
-        max_inflight.saturating_sub(self.inflight.len())
+        self.window(max_inflight)
+            .saturating_sub(self.inflight.len())
+    }
+
+    /// The in-flight window: `max_inflight`, or the client's receive maximum when lower.
+    fn window(&self, max_inflight: usize) -> usize {
+        max_inflight.min(usize::from(self.peer().receive_maximum))
     }
 
     /// Whether a message was queued or sent since the session started.
@@ -311,10 +352,53 @@ impl SessionState {
         true
     }
 
-    /// Forgets a received QoS 2 packet id (PUBREL).
-    pub fn release_qos2(&mut self, pkid: u16) {
-        if let Some(extras) = &mut self.extras {
-            extras.incoming_qos2.retain(|p| *p != pkid);
+    /// QoS 2 messages received and not yet released.
+    pub fn unreleased_qos2(&self) -> usize {
+        self.extras.as_ref().map_or(0, |e| e.incoming_qos2.len())
+    }
+
+    /// Forgets a received QoS 2 packet id (PUBREL); false when it was not recorded.
+    pub fn release_qos2(&mut self, pkid: u16) -> bool {
+        let Some(extras) = &mut self.extras else {
+            return false;
+        };
+        let before = extras.incoming_qos2.len();
+        extras.incoming_qos2.retain(|p| *p != pkid);
+        let found = extras.incoming_qos2.len() < before;
+        self.trim_extras();
+        found
+    }
+
+    /// What the client accepts of the PUBLISHes sent to it.
+    pub fn peer(&self) -> Peer {
+        self.extras.as_ref().map_or_else(Peer::default, |e| e.peer)
+    }
+
+    /// Records what the client of the connection now using the session accepts.
+    pub fn set_peer(&mut self, peer: Peer) {
+        if peer != self.peer() {
+            self.extras.get_or_insert_with(Box::default).peer = peer;
+            self.trim_extras();
+        }
+    }
+
+    /// The MQTT 5 session expiry interval; `None` for a 3.1.1 session.
+    pub fn expiry(&self) -> Option<std::time::Duration> {
+        self.extras.as_ref().and_then(|e| e.expiry)
+    }
+
+    /// Sets the session expiry interval: `Some` for MQTT 5 (at CONNECT; a DISCONNECT may
+    /// change it), `None` for 3.1.1 with `persistent` from clean session. The session becomes
+    /// persistent, or stops being so, with it.
+    pub fn set_expiry(&mut self, persistent: bool, expiry: Option<std::time::Duration>) {
+        match (self.persistent, persistent) {
+            (false, true) => metrics().persistent_sessions.inc(),
+            (true, false) => metrics().persistent_sessions.dec(),
+            _ => {}
+        }
+        self.persistent = persistent;
+        if expiry != self.expiry() {
+            self.extras.get_or_insert_with(Box::default).expiry = expiry;
             self.trim_extras();
         }
     }
@@ -368,6 +452,8 @@ impl SessionState {
     /// Writes every in-flight message again (PUBLISH with DUP, or PUBREL), as a reconnecting
     /// persistent session requires.
     pub fn write_inflight(&self, buf: &mut BytesMut) -> usize {
+        let now = tokio::time::Instant::now();
+        let protocol = self.peer().protocol;
         for f in &self.inflight {
             let before = buf.len();
             let kind = match f.stage {
@@ -375,21 +461,12 @@ impl SessionState {
                 Stage::Released => PacketType::PubRel,
             };
             match f.stage {
-                Stage::Published => codec::write_publish(
-                    buf,
-                    &f.out.message.topic,
-                    &f.out.message.payload,
-                    f.out.qos,
-                    f.pkid,
-                    f.out.retain,
-                    true,
-                ),
-                Stage::Released => codec::write_packet(
-                    buf,
-                    &rumqttc::mqttbytes::v4::Packet::PubRel(rumqttc::mqttbytes::v4::PubRel::new(
-                        f.pkid,
-                    )),
-                ),
+                Stage::Published => {
+                    let mut publish = outgoing(&f.out, f.pkid, now);
+                    publish.dup = true;
+                    encode::write_publish(buf, protocol, &publish);
+                }
+                Stage::Released => encode::write_ack(buf, protocol, PacketType::PubRel, f.pkid, 0),
             }
             metrics().sent.count(kind, 1, buf.len() - before);
         }
@@ -410,7 +487,7 @@ impl SessionState {
             let Some(front) = self.pending.front() else {
                 break Backlog::Empty;
             };
-            if front.qos != QoS::AtMostOnce && self.inflight.len() >= max_inflight {
+            if front.qos != QoS::AtMostOnce && self.inflight.len() >= self.window(max_inflight) {
                 break Backlog::Blocked;
             }
             if buf.len() >= limit {
@@ -420,8 +497,7 @@ impl SessionState {
                 break Backlog::Empty;
             };
             metrics().messages_queued.dec();
-            self.write(buf, out, false, limits);
-            written += 1;
+            written += usize::from(self.write(buf, out, limits));
         };
         if self.pending.is_empty() {
             self.overflowing = false;
@@ -448,27 +524,36 @@ impl SessionState {
                 qos,
                 retain: true,
             };
-            self.write(buf, out, false, limits);
+            self.write(buf, out, limits);
         }
     }
 
     /// Writes one PUBLISH; a QoS 1/2 message moves to the in-flight window, a QoS 0 message
-    /// gives its queue bytes back.
-    fn write(&mut self, buf: &mut BytesMut, out: Outgoing, dup: bool, limits: &QueueLimits) {
-        let pkid = if out.qos == QoS::AtMostOnce {
-            0
+    /// gives its queue bytes back. A message whose MQTT 5 expiry passed, or that is larger than
+    /// the client accepts, is dropped and counted instead (false).
+    fn write(&mut self, buf: &mut BytesMut, out: Outgoing, limits: &QueueLimits) -> bool {
+        let now = tokio::time::Instant::now();
+        let peer = self.peer();
+        let mut publish = outgoing(&out, 0, now);
+        let drop = if publish.message_expiry == Some(0) {
+            Some(DropReason::Expired)
+        } else if peer.maximum_packet_size > 0
+            && publish.size(peer.protocol) > peer.maximum_packet_size as usize
+        {
+            Some(DropReason::PacketTooLarge)
         } else {
-            self.next_pkid()
+            None
         };
-        codec::write_publish(
-            buf,
-            &out.message.topic,
-            &out.message.payload,
-            out.qos,
-            pkid,
-            out.retain,
-            dup,
-        );
+        if let Some(reason) = drop {
+            metrics().messages_dropped.inc(reason);
+            self.release(out.cost(), limits);
+            return false;
+        }
+        if out.qos != QoS::AtMostOnce {
+            publish.pkid = self.next_pkid();
+        }
+        let pkid = publish.pkid;
+        encode::write_publish(buf, peer.protocol, &publish);
         if out.qos == QoS::AtMostOnce {
             self.release(out.cost(), limits);
         } else {
@@ -478,6 +563,7 @@ impl SessionState {
                 stage: Stage::Published,
             });
         }
+        true
     }
 
     fn next_pkid(&mut self) -> u16 {
@@ -492,6 +578,17 @@ impl SessionState {
             }
         }
     }
+}
+
+/// The PUBLISH that sends `out` with packet id `pkid` at `now` (its remaining expiry then).
+fn outgoing(out: &Outgoing, pkid: u16, now: tokio::time::Instant) -> OutPublish<'_> {
+    let message = &out.message;
+    let mut publish = OutPublish::new(&message.topic, &message.payload, out.qos, pkid, out.retain);
+    if let Some(properties) = &message.properties {
+        publish.message_expiry = message.expiry_left(now);
+        publish.forwarded = &properties.forwarded;
+    }
+    publish
 }
 
 /// Flag in [`Session::flow`]: the queue passed half its limits; publishers feeding it wait
@@ -800,6 +897,7 @@ mod tests {
             payload: Bytes::from_static(b"x"),
             qos,
             retain: false,
+            properties: None,
         })
     }
 
@@ -893,6 +991,7 @@ mod tests {
                 payload: Bytes::from(vec![0u8; n]),
                 qos: QoS::AtMostOnce,
                 retain: false,
+                properties: None,
             })
         };
         let l = limits(100, 100, 250);

@@ -2,7 +2,7 @@
 //! attach (with takeover), detach, expiry (scheduled in the [`ExpiryQueue`], carried out by
 //! [`super::expiry`]) — plus [`LiveSessions`], the read-only view the API gets.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -54,10 +54,12 @@ pub enum Detached {
     /// A newer connection uses the session already (it took it over).
     TakenOver,
     /// A persistent session whose client is away now, for the `leave`-th time: it expires
-    /// unless the client comes back in time.
+    /// after `expiry` unless the client comes back in time.
     Kept {
         /// How often its client has left, the stamp of this leave.
         leave: u32,
+        /// Its MQTT 5 session expiry interval (`None`: `mqtt.persistent_session_expiry`).
+        expiry: Option<std::time::Duration>,
     },
     /// A clean session, ended and forgotten: these subscriptions must leave the router.
     Forgotten(Vec<Box<str>>),
@@ -100,12 +102,15 @@ impl SessionTable {
     ///
     /// While another connection uses it, that one is asked to close (takeover) and
     /// [`Attach::Wait`] says to wait and call again. When the session left the table meanwhile,
-    /// [`Attach::Retry`] says to start over with [`SessionTable::get_or_create`]. A clean-session
-    /// connect discards the previous state (its queue's bytes go back to `limits`).
+    /// [`Attach::Retry`] says to start over with [`SessionTable::get_or_create`]. A clean
+    /// start discards the previous state (its queue's bytes go back to `limits`); a
+    /// `persistent` session outlives the connection (by the MQTT 5 session expiry interval
+    /// `expiry`, or for 3.1.1 by `mqtt.persistent_session_expiry`).
     pub fn attach(
         &self,
         session: &Arc<Session>,
-        clean_session: bool,
+        clean_start: bool,
+        (persistent, expiry): (bool, Option<std::time::Duration>),
         limits: &QueueLimits,
     ) -> Attach {
         let map = self.map();
@@ -125,7 +130,7 @@ impl SessionTable {
         session.set_online(true);
         let was_persistent = st.persistent;
         let mut dropped = Vec::new();
-        let session_present = if clean_session {
+        let session_present = if clean_start {
             dropped = st.clear(limits);
             false
         } else {
@@ -135,16 +140,11 @@ impl SessionTable {
         // always has a higher seq and a later (greater) session id.
         let session_id = SessionId::new();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        st.persistent = !clean_session;
+        st.set_expiry(persistent, expiry);
         st.connection = session_id;
         st.online = true;
         drop(st);
         drop(map);
-        match (was_persistent, !clean_session) {
-            (false, true) => metrics().persistent_sessions.inc(),
-            (true, false) => metrics().persistent_sessions.dec(),
-            _ => {}
-        }
         Attach::Attached(Attached {
             session_id,
             seq,
@@ -170,7 +170,10 @@ impl SessionTable {
         }
         if st.persistent {
             st.leaves = st.leaves.wrapping_add(1);
-            return Detached::Kept { leave: st.leaves };
+            return Detached::Kept {
+                leave: st.leaves,
+                expiry: st.expiry(),
+            };
         }
         let dropped = st.clear(limits);
         st.ended = true;
@@ -344,12 +347,34 @@ pub struct Expiring {
     pub leave: u32,
 }
 
-/// Persistent sessions whose client left, in the order their expiry falls due (every session
-/// gets the same expiry, so the order of leaving is the order of expiring).
+impl PartialEq for Expiring {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Expiring {}
+
+impl PartialOrd for Expiring {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Expiring {
+    /// Reversed: the earliest expiry is the greatest, on top of the heap.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.at.cmp(&self.at)
+    }
+}
+
+/// Persistent sessions whose client left, earliest expiry first (each session has its own
+/// expiry interval: `mqtt.persistent_session_expiry` for 3.1.1, the client's session expiry
+/// interval for MQTT 5).
 #[derive(Default)]
 pub struct ExpiryQueue {
-    queue: Mutex<VecDeque<Expiring>>,
-    /// Signalled when an expiry is scheduled into an empty queue.
+    queue: Mutex<BinaryHeap<Expiring>>,
+    /// Signalled when an expiry is scheduled ahead of every other.
     scheduled: Notify,
 }
 
@@ -357,19 +382,19 @@ impl ExpiryQueue {
     /// Schedules the expiry of `session` at `at`, for its client's `leave`-th leave.
     pub fn schedule(&self, session: &Arc<Session>, leave: u32, at: Instant) {
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let was_empty = queue.is_empty();
-        queue.push_back(Expiring {
+        let first = queue.peek().is_none_or(|e| at < e.at);
+        queue.push(Expiring {
             at,
             session: Arc::clone(session),
             leave,
         });
         drop(queue);
-        if was_empty {
+        if first {
             self.scheduled.notify_one();
         }
     }
 
-    /// Signalled when an expiry is scheduled into an empty queue.
+    /// Signalled when an expiry is scheduled ahead of every other.
     pub fn scheduled(&self) -> tokio::sync::futures::Notified<'_> {
         self.scheduled.notified()
     }
@@ -377,14 +402,14 @@ impl ExpiryQueue {
     /// The earliest scheduled expiry.
     pub fn next_due(&self) -> Option<Instant> {
         let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        queue.front().map(|e| e.at)
+        queue.peek().map(|e| e.at)
     }
 
     /// Takes the next expiry due at `now`.
     pub fn pop_due(&self, now: Instant) -> Option<Expiring> {
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if queue.front().is_some_and(|e| e.at <= now) {
-            queue.pop_front()
+        if queue.peek().is_some_and(|e| e.at <= now) {
+            queue.pop()
         } else {
             None
         }

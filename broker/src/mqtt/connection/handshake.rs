@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, LastWill, Packet};
 use tokio_util::sync::CancellationToken;
 
 use super::io::{Io, ReadError, Transport};
@@ -16,11 +15,13 @@ use crate::auth::acl::Access;
 use crate::auth::{self, Refusal};
 use crate::config::{KeepAlivePolicy, MqttConfig};
 use crate::event::{ConnectionEvent, SessionId};
-use crate::labels::{AuthMethod, Listener, RefusalReason};
+use crate::labels::{AuthMethod, Listener, PacketType, RefusalReason};
 use crate::metrics::metrics;
-use crate::mqtt::codec::{self, CodecError, ConnackCode};
+use crate::mqtt::codec::encode::{self, property};
+use crate::mqtt::codec::{CodecError, ConnackCode};
 use crate::mqtt::limits::{Flap, Throttle};
-use crate::mqtt::session::{Login, Session};
+use crate::mqtt::packet::{Connect, Packet, Protocol, Will};
+use crate::mqtt::session::{Login, Peer, Session};
 use crate::mqtt::sessions::Attach;
 use crate::mqtt::{topic, Broker};
 use crate::telemetry::LogLimiter;
@@ -58,8 +59,10 @@ pub struct Established {
 /// The parts of an [`Established`] connection that only some connections have.
 #[derive(Default)]
 pub struct Extras {
-    /// Published if the connection ends without DISCONNECT.
-    pub will: Option<LastWill>,
+    /// Published if the connection ends without DISCONNECT (or with MQTT 5's 0x04).
+    pub will: Option<Will>,
+    /// MQTT 5 topic aliases the client set (index alias - 1), up to [`TOPIC_ALIAS_MAXIMUM`].
+    pub aliases: Vec<Option<Box<str>>>,
     /// The source address counted in [`Broker::addresses`](crate::mqtt::Broker), given back
     /// when the connection closes.
     pub address: Option<IpAddr>,
@@ -109,7 +112,7 @@ pub async fn handshake<S: Transport>(
         Ok(Ok(Packet::Connect(connect))) => connect,
         Ok(Ok(other)) => {
             tracing::info!(%peer,
-                packet = codec::packet_type(&other).as_str(),
+                packet = other.packet_type().as_str(),
                 "First packet is not CONNECT; closing."
             );
             refused(RefusalReason::ProtocolError);
@@ -118,12 +121,22 @@ pub async fn handshake<S: Transport>(
         Ok(Err(ReadError::Codec(CodecError::UnsupportedProtocol { name, level }))) => {
             tracing::info!(%peer, name = name.as_str(), level, "Unsupported protocol version; CONNACK 0x01.");
             refused(RefusalReason::UnsupportedProtocolVersion);
-            io.refuse(ConnackCode::UnacceptableProtocolVersion).await;
+            io.refuse(ConnackCode::UnacceptableProtocolVersion, None)
+                .await;
             return None;
         }
         Ok(Err(ReadError::Codec(error))) => {
             tracing::info!(%peer, %error, "Invalid packet before CONNECT; closing.");
             refused(RefusalReason::ProtocolError);
+            // An MQTT 5 CONNECT that got as far as its level is told what is wrong.
+            if io.protocol == Some(Protocol::V5) {
+                let code = match error.reason_code() {
+                    crate::mqtt::packet::reason::PACKET_TOO_LARGE => ConnackCode::PacketTooLarge,
+                    crate::mqtt::packet::reason::PROTOCOL_ERROR => ConnackCode::ProtocolError,
+                    _ => ConnackCode::MalformedPacket,
+                };
+                io.refuse(code, None).await;
+            }
             return None;
         }
         Ok(Err(error)) => {
@@ -138,12 +151,12 @@ pub async fn handshake<S: Transport>(
         }
     };
 
-    let client_id = match client_id(&connect, config) {
+    let (client_id, assigned) = match client_id(&connect, config) {
         Ok(id) => id,
         Err(why) => {
             tracing::info!(%peer, client_id = connect.client_id.as_str(), why, "Client identifier rejected; CONNACK 0x02.");
             refused(RefusalReason::IdentifierRejected);
-            io.refuse(ConnackCode::IdentifierRejected).await;
+            io.refuse(ConnackCode::IdentifierRejected, Some(why)).await;
             return None;
         }
     };
@@ -157,16 +170,31 @@ pub async fn handshake<S: Transport>(
                 "Keep-alive refused; CONNACK 0x02."
             );
             refused(RefusalReason::KeepaliveRejected);
-            io.refuse(ConnackCode::IdentifierRejected).await;
+            io.refuse(ConnackCode::KeepAliveRejected, Some(why)).await;
             return None;
         }
     };
-    if let Some(will) = &connect.last_will {
+    if let Some(will) = &connect.will {
         if !topic::valid_topic_name(&will.topic, config.max_topic_levels) {
             tracing::info!(%peer, topic = will.topic.as_str(), "Invalid will topic; closing.");
             refused(RefusalReason::ProtocolError);
+            if io.protocol == Some(Protocol::V5) {
+                io.refuse(ConnackCode::TopicNameInvalid, Some("invalid will topic"))
+                    .await;
+            }
             return None;
         }
+    }
+    // Enhanced authentication (an MQTT 5 authentication method) is not offered.
+    if let Some(method) = &connect.authentication_method {
+        tracing::info!(%peer, method = method.as_str(), "Enhanced authentication method not offered; CONNACK 0x8C.");
+        refused(RefusalReason::BadCredentials);
+        io.refuse(
+            ConnackCode::BadAuthenticationMethod,
+            Some("no enhanced authentication method is offered"),
+        )
+        .await;
+        return None;
     }
 
     // A banned client id is refused before its credentials cost anything, and without
@@ -181,12 +209,11 @@ pub async fn handshake<S: Transport>(
 
     // Credentials, before anything of the session is touched: a refused client never
     // disturbs the device connected under the id it claims.
-    let login = connect.login.as_ref();
     let request = auth::Request {
         peer: peer.ip(),
         client_id: &client_id,
-        username: login.map(|l| l.username.as_str()),
-        password: login.map(|l| l.password.as_bytes()),
+        username: connect.username.as_deref(),
+        password: connect.password.as_deref(),
         identity: identity.as_deref(),
     };
     let checked = tokio::select! {
@@ -221,7 +248,7 @@ pub async fn handshake<S: Transport>(
                 tracing::info!(
                     %peer,
                     client_id = client_id.as_str(),
-                    username = login.map_or("", |l| l.username.as_str()),
+                    username = connect.username.as_deref().unwrap_or(""),
                     reason = reason.as_str(),
                     suppressed,
                     "Connection refused by authentication; counted by reason in \
@@ -242,7 +269,7 @@ pub async fn handshake<S: Transport>(
                     _ = tokio::time::sleep_until(until) => {}
                 }
             }
-            io.refuse(code).await;
+            io.refuse(code, None).await;
             return None;
         }
         Err(_) => {
@@ -270,7 +297,7 @@ pub async fn handshake<S: Transport>(
     let acl = broker
         .acl
         .client(&client_id, verified_user, publish, subscribe);
-    if let (Some(acl), Some(will)) = (&acl, &connect.last_will) {
+    if let (Some(acl), Some(will)) = (&acl, &connect.will) {
         if !acl.allows(Access::Write, &will.topic) {
             refused(RefusalReason::WillNotAuthorized);
             if let Some(suppressed) = AUTH_REFUSED.check() {
@@ -284,7 +311,11 @@ pub async fn handshake<S: Transport>(
                      will_not_authorized), this line at most every 10 s."
                 );
             }
-            io.refuse(ConnackCode::NotAuthorized).await;
+            io.refuse(
+                ConnackCode::NotAuthorized,
+                Some("will topic not authorized"),
+            )
+            .await;
             return None;
         }
     }
@@ -316,7 +347,7 @@ pub async fn handshake<S: Transport>(
                  most every 10 s."
             );
         }
-        io.refuse(ConnackCode::ServerUnavailable).await;
+        io.refuse(ConnackCode::ServerBusy, None).await;
         return None;
     }
     // And a place among `mqtt.max_connections_per_address` from the client's address.
@@ -338,10 +369,25 @@ pub async fn handshake<S: Transport>(
                      max_connections_per_address), this line at most every 10 s."
                 );
             }
-            io.refuse(ConnackCode::ServerUnavailable).await;
+            io.refuse(ConnackCode::QuotaExceeded, None).await;
             return None;
         }
     }
+
+    // How long the session outlives the connection: an MQTT 5 client's session expiry interval
+    // (at most `mqtt.max_session_expiry`), or for 3.1.1 `mqtt.persistent_session_expiry` when
+    // clean session is off.
+    let (expiry, expiry_cut) = match connect.protocol {
+        Protocol::V311 => ((!connect.clean_start, None), None),
+        Protocol::V5 => {
+            let secs = connect.session_expiry.min(max_session_expiry(config));
+            let expiry = Duration::from_secs(u64::from(secs));
+            (
+                (secs > 0, Some(expiry)),
+                (secs != connect.session_expiry).then_some(secs),
+            )
+        }
+    };
 
     // Attach, taking the session over from the connection that holds it, if any.
     let attach = async {
@@ -351,10 +397,12 @@ pub async fn handshake<S: Transport>(
             let released = broker.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            match broker
-                .sessions
-                .attach(&current, connect.clean_session, broker.router.limits())
-            {
+            match broker.sessions.attach(
+                &current,
+                connect.clean_start,
+                expiry,
+                broker.router.limits(),
+            ) {
                 Attach::Attached(attached) => return (session, attached),
                 Attach::Wait => released.await,
                 Attach::Retry => session = broker.sessions.get_or_create(&client_id),
@@ -377,14 +425,22 @@ pub async fn handshake<S: Transport>(
         session.incarnation,
         attached.dropped_subscriptions.iter().map(|f| &**f),
     );
-    session.state().login = verified_user
-        .filter(|_| method != AuthMethod::Certificate)
-        .map(|username| {
-            Box::new(Login {
-                username: username.into(),
-                method,
-            })
+    {
+        let mut st = session.state();
+        st.login = verified_user
+            .filter(|_| method != AuthMethod::Certificate)
+            .map(|username| {
+                Box::new(Login {
+                    username: username.into(),
+                    method,
+                })
+            });
+        st.set_peer(Peer {
+            protocol: connect.protocol,
+            receive_maximum: connect.receive_maximum,
+            maximum_packet_size: connect.maximum_packet_size.unwrap_or(0),
         });
+    }
     // A resumed session's subscriptions obey the rules of the client that resumes it.
     let revoked = broker.apply_acl(&session, acl);
     if revoked > 0 {
@@ -405,11 +461,11 @@ pub async fn handshake<S: Transport>(
             listener,
             identity,
             username: matches!(method, AuthMethod::Password | AuthMethod::Database)
-                .then(|| login.map(|l| l.username.clone()))
+                .then(|| connect.username.clone())
                 .flatten(),
             auth_method: method,
             keep_alive,
-            clean_session: connect.clean_session,
+            clean_session: connect.clean_start,
             time: SystemTime::now(),
         })
         .await;
@@ -417,12 +473,39 @@ pub async fn handshake<S: Transport>(
     metrics().connections_accepted.inc();
     metrics().connections_current.inc();
     metrics().listener_connections.inc(listener);
-    tracing::debug!(%session_id, seq, keep_alive, clean_session = connect.clean_session, "Connected.");
+    tracing::debug!(%session_id, seq, keep_alive, clean_start = connect.clean_start, ?expiry, protocol = connect.protocol.as_str(), "Connected.");
 
-    io.send(&Packet::ConnAck(ConnAck::new(
-        ConnectReturnCode::Success,
-        attached.session_present,
-    )));
+    let mut properties = encode::Properties::default();
+    if connect.protocol == Protocol::V5 {
+        // What the broker decided of the client's requests, and the limits it sets.
+        if assigned {
+            properties.string(property::ASSIGNED_CLIENT_IDENTIFIER, &session.client_id);
+        }
+        if let Some(secs) = expiry_cut {
+            properties.u32(property::SESSION_EXPIRY_INTERVAL, secs);
+        }
+        if keep_alive != connect.keep_alive {
+            properties.u16(property::SERVER_KEEP_ALIVE, keep_alive);
+        }
+        properties
+            .u16(property::RECEIVE_MAXIMUM, receive_maximum(config))
+            .u32(
+                property::MAXIMUM_PACKET_SIZE,
+                u32::try_from(config.max_packet_size).unwrap_or(u32::MAX),
+            )
+            .u16(property::TOPIC_ALIAS_MAXIMUM, TOPIC_ALIAS_MAXIMUM)
+            .byte(property::SUBSCRIPTION_IDENTIFIER_AVAILABLE, 0)
+            .byte(property::SHARED_SUBSCRIPTION_AVAILABLE, 0);
+    }
+    io.send(PacketType::ConnAck, |buf, level| {
+        encode::write_connack(
+            buf,
+            level,
+            ConnackCode::Accepted,
+            attached.session_present,
+            &properties,
+        )
+    });
     if attached.session_present {
         let resent = session.state().write_inflight(&mut io.wbuf);
         if resent > 0 {
@@ -443,7 +526,8 @@ pub async fn handshake<S: Transport>(
         },
         extras: {
             let extras = Extras {
-                will: connect.last_will,
+                will: connect.will,
+                aliases: Vec::new(),
                 address,
                 throttle: Throttle::new(config, tokio::time::Instant::now()),
             };
@@ -483,21 +567,38 @@ async fn refuse_banned<S: Transport>(
              heartwire_connections_refused_total (reason banned), this line at most every 10 s."
         );
     }
-    io.refuse(ConnackCode::NotAuthorized).await;
+    io.refuse(ConnackCode::Banned, None).await;
 }
 
 fn refused(reason: RefusalReason) {
     metrics().connections_refused.inc(reason);
 }
 
-/// The client id to use, or why the CONNECT's one is refused.
-fn client_id(connect: &Connect, config: &MqttConfig) -> Result<String, &'static str> {
+/// Most topic aliases an MQTT 5 client may set (CONNACK's topic alias maximum).
+pub const TOPIC_ALIAS_MAXIMUM: u16 = 16;
+
+/// The receive maximum the broker gives MQTT 5 clients: QoS 1 and 2 PUBLISHes a client may
+/// have unacknowledged (`mqtt.max_inflight`, as for the other direction).
+pub fn receive_maximum(config: &MqttConfig) -> u16 {
+    u16::try_from(config.max_inflight).unwrap_or(u16::MAX)
+}
+
+/// `mqtt.max_session_expiry` in seconds (validated to fit below 0xFFFFFFFF, "never").
+pub fn max_session_expiry(config: &MqttConfig) -> u32 {
+    u32::try_from(config.max_session_expiry.as_secs()).unwrap_or(u32::MAX - 1)
+}
+
+/// The client id to use and whether the broker assigned it, or why the CONNECT's one is
+/// refused.
+fn client_id(connect: &Connect, config: &MqttConfig) -> Result<(String, bool), &'static str> {
     let id = &connect.client_id;
     if id.is_empty() {
-        if !connect.clean_session {
+        // MQTT 3.1.1 allows an empty client id only with clean session; MQTT 5 always, and
+        // says which id the broker assigned.
+        if !connect.clean_start && connect.protocol == Protocol::V311 {
             return Err("an empty client id requires clean session");
         }
-        return Ok(format!("hw-{}", uuid::Uuid::now_v7().simple()));
+        return Ok((format!("hw-{}", uuid::Uuid::now_v7().simple()), true));
     }
     if id.len() > config.max_client_id_len {
         return Err("client id longer than mqtt.max_client_id_len");
@@ -505,7 +606,7 @@ fn client_id(connect: &Connect, config: &MqttConfig) -> Result<String, &'static 
     if id.chars().any(char::is_control) {
         return Err("client id contains control characters");
     }
-    Ok(id.clone())
+    Ok((id.clone(), false))
 }
 
 /// The keep-alive in force after applying `min_keepalive`/`max_keepalive`. A client's 0 means
@@ -552,12 +653,17 @@ mod tests {
     #[test]
     fn client_ids() {
         let c = MqttConfig::default();
-        let mut connect = Connect::new("bad/id");
-        assert_eq!(client_id(&connect, &c).as_deref(), Ok("bad/id"));
+        let mut connect = Connect::new(Protocol::V311, "bad/id");
+        assert_eq!(client_id(&connect, &c), Ok(("bad/id".into(), false)));
         connect.client_id = String::new();
-        assert!(client_id(&connect, &c).is_ok_and(|id| id.starts_with("hw-")));
-        connect.clean_session = false;
+        assert!(
+            client_id(&connect, &c).is_ok_and(|(id, assigned)| id.starts_with("hw-") && assigned)
+        );
+        connect.clean_start = false;
         assert!(client_id(&connect, &c).is_err());
+        connect.protocol = Protocol::V5;
+        assert!(client_id(&connect, &c).is_ok_and(|(_, assigned)| assigned));
+        connect.protocol = Protocol::V311;
         connect.client_id = "a\u{1}b".into();
         assert!(client_id(&connect, &c).is_err());
         connect.client_id = "x".repeat(c.max_client_id_len + 1);

@@ -11,13 +11,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
+use crate::labels::PacketType;
 use crate::metrics::metrics;
 use crate::mqtt::budget::ByteBudget;
-use crate::mqtt::codec::{self, CodecError, ConnackCode};
+use crate::mqtt::codec::{self, encode, CodecError, ConnackCode};
+use crate::mqtt::packet::{Packet, Protocol};
 
 /// Bytes asked of the stream per read call while no large packet is arriving.
 pub const READ_CHUNK: usize = 4096;
@@ -57,6 +58,10 @@ pub struct Io<S> {
     max_packet_size: u32,
     /// Bytes of `mqtt.max_buffered_read_bytes` held for the large packet now arriving.
     reserved: u32,
+    /// The protocol level, once the CONNECT said it.
+    pub protocol: Option<Protocol>,
+    /// A DISCONNECT is queued: the connection ends once it is written.
+    pub said_goodbye: bool,
 }
 
 impl<S: Transport> Io<S> {
@@ -68,7 +73,14 @@ impl<S: Transport> Io<S> {
             wbuf: BytesMut::new(),
             max_packet_size: u32::try_from(max_packet_size).unwrap_or(u32::MAX),
             reserved: 0,
+            protocol: None,
+            said_goodbye: false,
         }
+    }
+
+    /// The connection's protocol level (3.1.1 until the CONNECT said otherwise).
+    pub fn level(&self) -> Protocol {
+        self.protocol.unwrap_or_default()
     }
 
     /// Total size of the packet at the start of the read buffer, once its fixed header is in.
@@ -140,10 +152,14 @@ impl<S: Transport> Io<S> {
     /// The next complete packet in the read buffer, if any.
     pub fn next_packet(&mut self) -> Result<Option<Packet>, CodecError> {
         let before = self.rbuf.len();
-        let packet = codec::read_packet(&mut self.rbuf, self.max_packet_size as usize)?;
+        let packet = codec::read_packet(
+            &mut self.rbuf,
+            self.max_packet_size as usize,
+            &mut self.protocol,
+        )?;
         if let Some(p) = &packet {
             let size = before - self.rbuf.len();
-            metrics().received.count(codec::packet_type(p), 1, size);
+            metrics().received.count(p.packet_type(), 1, size);
         }
         if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
             // Give the buffer back while the connection is idle.
@@ -218,8 +234,12 @@ impl<S: Transport> Io<S> {
     /// reset. Gives up after [`SHUTDOWN_WAIT`] in all (a peer that neither reads nor closes).
     pub async fn shutdown(&mut self) {
         self.rbuf = BytesMut::new();
-        self.wbuf = BytesMut::new();
+        if !self.said_goodbye {
+            self.wbuf = BytesMut::new();
+        }
         let goodbye = async {
+            // A server DISCONNECT still buffered goes out first.
+            self.write_all().await?;
             poll_fn(|cx| Pin::new(&mut self.stream).poll_shutdown(cx)).await?;
             let mut sink = [0u8; 512];
             loop {
@@ -233,25 +253,48 @@ impl<S: Transport> Io<S> {
         let _ = tokio::time::timeout(SHUTDOWN_WAIT, goodbye).await;
     }
 
-    /// Queues a control packet.
-    pub fn send(&mut self, packet: &Packet) {
+    /// Queues a packet of type `kind` that `write` encodes at the connection's level.
+    pub fn send(&mut self, kind: PacketType, write: impl FnOnce(&mut BytesMut, Protocol)) {
         let before = self.wbuf.len();
-        codec::write_packet(&mut self.wbuf, packet);
+        let level = self.level();
+        write(&mut self.wbuf, level);
         let size = self.wbuf.len() - before;
-        metrics().sent.count(codec::packet_type(packet), 1, size);
+        metrics().sent.count(kind, 1, size);
+    }
+
+    /// Queues a PUBACK, PUBREC, PUBREL or PUBCOMP with an MQTT 5 reason code.
+    pub fn ack(&mut self, kind: PacketType, pkid: u16, code: u8) {
+        self.send(kind, |buf, level| {
+            encode::write_ack(buf, level, kind, pkid, code)
+        });
+    }
+
+    /// Queues a server DISCONNECT with `code` (MQTT 5 only: a 3.1.1 connection is just
+    /// closed).
+    pub fn disconnect(&mut self, code: u8, reason_string: Option<&str>) {
+        if self.level() == Protocol::V5 && !self.said_goodbye {
+            self.said_goodbye = true;
+            self.send(PacketType::Disconnect, |buf, _| {
+                encode::write_disconnect(buf, code, reason_string)
+            });
+        }
     }
 
     /// Writes a refusal CONNACK and gives the peer a moment to read it before closing.
-    pub async fn refuse(&mut self, code: ConnackCode) {
-        let code = match code {
-            ConnackCode::Accepted => ConnectReturnCode::Success,
-            ConnackCode::UnacceptableProtocolVersion => ConnectReturnCode::RefusedProtocolVersion,
-            ConnackCode::IdentifierRejected => ConnectReturnCode::BadClientId,
-            ConnackCode::ServerUnavailable => ConnectReturnCode::ServiceUnavailable,
-            ConnackCode::BadUsernamePassword => ConnectReturnCode::BadUserNamePassword,
-            ConnackCode::NotAuthorized => ConnectReturnCode::NotAuthorized,
-        };
-        self.send(&Packet::ConnAck(ConnAck::new(code, false)));
+    pub async fn refuse(&mut self, code: ConnackCode, reason_string: Option<&str>) {
+        let mut properties = encode::Properties::default();
+        if let Some(text) = reason_string {
+            properties.string(encode::property::REASON_STRING, text);
+        }
+        self.send(PacketType::ConnAck, |buf, level| {
+            encode::write_connack(buf, level, code, false, &properties)
+        });
+        self.flush_before_close().await;
+    }
+
+    /// Gives the peer a moment to read what is buffered (a refusal, a DISCONNECT) before the
+    /// connection closes.
+    pub async fn flush_before_close(&mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.write_all()).await;
     }
 }

@@ -20,8 +20,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use bytes::Bytes;
-use rumqttc::mqttbytes::v4::LastWill;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +27,7 @@ use crate::event::ConnectionEvent;
 use crate::labels::{DisconnectReason, Listener};
 use crate::metrics::metrics;
 use crate::mqtt::message::Message;
+use crate::mqtt::packet::{reason, Will};
 use crate::mqtt::Broker;
 use handshake::{handshake, Established};
 use io::Io;
@@ -84,7 +83,18 @@ pub fn run<S: Transport>(
     async move {
         let mut established = Box::pin(handshake(&mut io, hello, &broker, &shutdown)).await;
         let reason = match &mut established {
-            Some(conn) => Some(serve(&mut io, &broker, conn, &shutdown).await),
+            Some(conn) => {
+                let reason = serve(&mut io, &broker, conn, &shutdown).await;
+                // An MQTT 5 client is told why the broker ends its connection: one attempt
+                // now, the rest after `close` (a takeover does not wait for a slow reader).
+                if let Some(code) = goodbye(reason) {
+                    io.disconnect(code, None);
+                }
+                if io.said_goodbye {
+                    let _ = serve::write_now(&mut io);
+                }
+                Some(reason)
+            }
             None => None,
         };
         io.release_budget(&broker.read_budget, &broker.read_budget_freed);
@@ -123,12 +133,10 @@ async fn close(broker: &Broker, conn: Established, reason: DisconnectReason) {
     }
 
     // The will goes out on every close that the client did not ask for, takeover included
-    // (the old connection's will, as MQTT 3.1.1 section 3.1.4 requires). A broker shutdown closes
+    // (the old connection's will, as MQTT 3.1.1 section 3.1.4 requires), and on an MQTT 5
+    // DISCONNECT 0x04 (a DISCONNECT without it took the will away). A broker shutdown closes
     // every subscriber at the same time, so wills are not sent then.
-    if !matches!(
-        reason,
-        DisconnectReason::ClientDisconnect | DisconnectReason::BrokerShutdown
-    ) {
+    if reason != DisconnectReason::BrokerShutdown {
         if let Some(will) = extras.will {
             publish_will(broker, will);
         }
@@ -151,15 +159,33 @@ async fn close(broker: &Broker, conn: Established, reason: DisconnectReason) {
     broker.connection_closed.notify_waiters();
 }
 
-fn publish_will(broker: &Broker, will: LastWill) {
+fn publish_will(broker: &Broker, will: Will) {
     metrics().wills_published.inc();
     tracing::debug!(topic = will.topic.as_str(), "Publishing will.");
-    broker.router.publish(Arc::new(Message {
-        topic: will.topic.into_boxed_str(),
-        payload: Bytes::copy_from_slice(&will.message),
-        qos: will.qos,
-        retain: will.retain,
-    }));
+    broker.router.publish(Arc::new(Message::new(
+        will.topic.into_boxed_str(),
+        will.payload,
+        will.qos,
+        will.retain,
+        will.properties.as_deref(),
+        Instant::now(),
+    )));
+}
+
+/// The reason code of the DISCONNECT that tells an MQTT 5 client why the broker ended its
+/// connection; `None` when the client ended it or the connection is gone.
+fn goodbye(reason: DisconnectReason) -> Option<u8> {
+    match reason {
+        DisconnectReason::Takeover => Some(reason::SESSION_TAKEN_OVER),
+        DisconnectReason::KeepaliveTimeout => Some(reason::KEEP_ALIVE_TIMEOUT),
+        DisconnectReason::BrokerShutdown | DisconnectReason::BrokerRestart => {
+            Some(reason::SERVER_SHUTTING_DOWN)
+        }
+        DisconnectReason::Kicked => Some(reason::ADMINISTRATIVE_ACTION),
+        DisconnectReason::NotAuthorized => Some(reason::NOT_AUTHORIZED),
+        DisconnectReason::ProtocolError => Some(reason::PROTOCOL_ERROR),
+        DisconnectReason::ClientDisconnect | DisconnectReason::ConnectionLost => None,
+    }
 }
 
 #[cfg(test)]

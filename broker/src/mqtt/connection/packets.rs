@@ -7,17 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::mqttbytes::v4::{
-    Packet, PubAck, PubComp, PubRec, PubRel, SubAck, SubscribeFilter, SubscribeReasonCode, UnsubAck,
-};
 use rumqttc::mqttbytes::QoS;
 
+use super::handshake::{max_session_expiry, receive_maximum, Established, TOPIC_ALIAS_MAXIMUM};
 use super::io::{Io, Transport};
 use crate::auth::acl::{Access, Subscription};
-use crate::labels::{AclDenial, DisconnectReason, SubscriptionRefusal};
+use crate::labels::{AclDenial, DisconnectReason, PacketType, SubscriptionRefusal};
 use crate::metrics::metrics;
-use crate::mqtt::codec;
+use crate::mqtt::codec::encode;
 use crate::mqtt::message::Message;
+use crate::mqtt::packet::{reason, Filter, Packet, Protocol, Publish};
 use crate::mqtt::retained::Cursor;
 use crate::mqtt::session::Session;
 use crate::mqtt::{topic, Broker};
@@ -25,6 +24,8 @@ use crate::telemetry::LogLimiter;
 
 /// Most filters of a SUBSCRIBE or UNSUBSCRIBE handled in one turn.
 const FILTER_BUDGET: usize = 256;
+/// Most bytes of topic names an MQTT 5 client's topic aliases may stand for together.
+const TOPIC_ALIAS_BYTES: usize = 64 * 1024;
 
 /// What handling a packet left to do.
 pub enum Handled {
@@ -62,9 +63,9 @@ pub enum Job {
         /// Its packet id, for the SUBACK.
         pkid: u16,
         /// The filters not handled yet.
-        filters: std::vec::IntoIter<SubscribeFilter>,
-        /// The SUBACK's return codes so far, one per handled filter.
-        codes: Vec<SubscribeReasonCode>,
+        filters: std::vec::IntoIter<Filter>,
+        /// The SUBACK's reason codes so far, one per handled filter.
+        codes: Vec<u8>,
         /// Retained deliveries of the granted filters, started once the SUBACK is written.
         cursors: Vec<Cursor>,
     },
@@ -76,6 +77,8 @@ pub enum Job {
         filters: Vec<String>,
         /// Filters handled so far.
         done: usize,
+        /// The UNSUBACK's reason codes so far (MQTT 5).
+        codes: Vec<u8>,
     },
 }
 
@@ -96,6 +99,7 @@ impl Job {
                 cursors,
             } => {
                 let mut granted = Vec::new();
+                let mut retained = Vec::new();
                 {
                     let mut st = session.state();
                     let acl = st.acl.clone();
@@ -104,6 +108,11 @@ impl Job {
                         let refusal =
                             if !topic::valid_topic_filter(&filter.path, config.max_topic_levels) {
                                 Some(SubscriptionRefusal::InvalidFilter)
+                            } else if filter.path.starts_with("$share/")
+                                && io.level() == Protocol::V5
+                            {
+                                // Not offered (CONNACK says so): SUBACK 0x9E.
+                                Some(SubscriptionRefusal::SharedSubscription)
                             } else if granted.len() + cursors.len()
                                 >= config.max_filters_per_subscribe
                             {
@@ -121,22 +130,34 @@ impl Job {
                                     .then_some(SubscriptionRefusal::NotAuthorized)
                             };
                         match refusal {
-                            Some(reason) => {
-                                metrics().subscriptions_refused.inc(reason);
+                            Some(refused) => {
+                                metrics().subscriptions_refused.inc(refused);
+                                let code = suback_code(refused);
                                 if let Some(suppressed) = FILTER_REFUSED_LOG.check() {
                                     tracing::info!(
                                         client_id = &*session.client_id,
                                         filter = filter.path.as_str(),
-                                        reason = reason.as_str(),
+                                        reason = refused.as_str(),
+                                        code,
                                         suppressed,
-                                        "Topic filter refused (SUBACK 0x80)."
+                                        "Topic filter refused (SUBACK 0x80 in 3.1.1, code in 5)."
                                     );
                                 }
-                                codes.push(SubscribeReasonCode::Failure);
+                                codes.push(code);
                             }
                             None => {
+                                // Retained messages: always (retain handling 0), for a new
+                                // subscription only (1), or never (2).
+                                let send_retained = match filter.retain_handling {
+                                    0 => true,
+                                    1 => !st.is_subscribed(&filter.path),
+                                    _ => false,
+                                };
                                 st.add_subscription(&filter.path, filter.qos);
-                                codes.push(SubscribeReasonCode::Success(filter.qos));
+                                codes.push(filter.qos as u8);
+                                if send_retained {
+                                    retained.push(granted.len());
+                                }
                                 granted.push((filter, decision == Subscription::Checked));
                             }
                         }
@@ -149,15 +170,17 @@ impl Job {
                         .iter()
                         .map(|(f, checked)| (f.path.as_str(), f.qos, *checked)),
                 );
-                cursors.extend(
-                    granted
-                        .into_iter()
-                        .map(|(f, _)| Cursor::new(f.path.into_boxed_str(), f.qos)),
-                );
+                cursors.extend(retained.into_iter().map(|i| {
+                    let (f, _) = &granted[i];
+                    Cursor::new(f.path.as_str().into(), f.qos)
+                }));
                 if filters.len() > 0 {
                     return false;
                 }
-                io.send(&Packet::SubAck(SubAck::new(*pkid, std::mem::take(codes))));
+                let (pkid, codes) = (*pkid, std::mem::take(codes));
+                io.send(PacketType::SubAck, |buf, level| {
+                    encode::write_suback(buf, level, pkid, &codes)
+                });
                 // Retained messages follow the SUBACK, streamed as the socket takes them.
                 session.state().add_retained(std::mem::take(cursors));
                 true
@@ -166,13 +189,18 @@ impl Job {
                 pkid,
                 filters,
                 done,
+                codes,
             } => {
                 let end = (*done + FILTER_BUDGET).min(filters.len());
                 let slice = &filters[*done..end];
                 {
                     let mut st = session.state();
                     for filter in slice {
-                        st.remove_subscription(filter);
+                        codes.push(if st.remove_subscription(filter) {
+                            reason::SUCCESS
+                        } else {
+                            reason::NO_SUBSCRIPTION_EXISTED
+                        });
                     }
                     st.remove_retained(slice);
                 }
@@ -183,43 +211,98 @@ impl Job {
                 if *done < filters.len() {
                     return false;
                 }
-                io.send(&Packet::UnsubAck(UnsubAck::new(*pkid)));
+                let (pkid, codes) = (*pkid, std::mem::take(codes));
+                io.send(PacketType::UnsubAck, |buf, level| {
+                    encode::write_unsuback(buf, level, pkid, &codes)
+                });
                 true
             }
         }
     }
 }
 
+/// The MQTT 5 SUBACK reason code of a refused filter (a 3.1.1 SUBACK says 0x80 for all).
+fn suback_code(refused: SubscriptionRefusal) -> u8 {
+    match refused {
+        SubscriptionRefusal::InvalidFilter => reason::TOPIC_FILTER_INVALID,
+        SubscriptionRefusal::FiltersPerSubscribe | SubscriptionRefusal::SubscriptionsPerSession => {
+            reason::QUOTA_EXCEEDED
+        }
+        SubscriptionRefusal::NotAuthorized => reason::NOT_AUTHORIZED,
+        SubscriptionRefusal::SharedSubscription => reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
+    }
+}
+
+/// Ends the connection for a protocol violation: an MQTT 5 client is told `code` (and why) in
+/// a DISCONNECT first.
+fn violation<S: Transport>(
+    io: &mut Io<S>,
+    session: &Session,
+    code: u8,
+    what: &'static str,
+) -> DisconnectReason {
+    tracing::info!(
+        client_id = &*session.client_id,
+        code,
+        "Protocol violation ({what}); closing."
+    );
+    io.disconnect(code, Some(what));
+    DisconnectReason::ProtocolError
+}
+
 /// Handles one packet of an established connection.
 pub fn handle<S: Transport>(
     io: &mut Io<S>,
     broker: &Broker,
-    session: &Arc<Session>,
+    conn: &mut Established,
     packet: Packet,
 ) -> Result<Handled, DisconnectReason> {
+    let session = &conn.session;
     let limits = broker.router.limits();
+    let v5 = io.level() == Protocol::V5;
     match packet {
-        Packet::Publish(publish) => {
+        Packet::Publish(mut publish) => {
+            if v5 {
+                resolve_alias(io, conn, &mut publish)?;
+            }
+            let session = &conn.session;
             if !topic::valid_topic_name(&publish.topic, broker.config.max_topic_levels) {
                 tracing::info!(
                     client_id = &*session.client_id,
                     topic = publish.topic.as_str(),
-                    "PUBLISH to an invalid topic name; closing."
+                    "PUBLISH to an invalid topic name."
                 );
-                return Err(DisconnectReason::ProtocolError);
+                return Err(violation(
+                    io,
+                    session,
+                    reason::TOPIC_NAME_INVALID,
+                    "PUBLISH to an invalid topic name",
+                ));
             }
             // QoS 2: routed on first receipt; a redelivery before PUBREL is only acknowledged.
             let (first, acl) = {
                 let mut st = session.state();
+                if v5
+                    && publish.qos == QoS::ExactlyOnce
+                    && st.unreleased_qos2() >= usize::from(receive_maximum(&broker.config))
+                {
+                    drop(st);
+                    return Err(violation(
+                        io,
+                        session,
+                        reason::RECEIVE_MAXIMUM_EXCEEDED,
+                        "more unreleased QoS 2 PUBLISHes than the receive maximum",
+                    ));
+                }
                 let first = publish.qos != QoS::ExactlyOnce || st.receive_qos2(publish.pkid);
                 (first, st.acl.clone())
             };
             if !first {
-                acknowledge(io, publish.qos, publish.pkid);
+                acknowledge(io, publish.qos, publish.pkid, reason::SUCCESS);
                 return Ok(Handled::Done);
             }
-            // A topic the client may not write: acknowledged (as MQTT 3.1.1 has no way to
-            // refuse a PUBLISH) and dropped.
+            // A topic the client may not write: dropped, and acknowledged (an MQTT 5 client
+            // is told 0x87, a 3.1.1 client has no way to be told).
             if acl.is_some_and(|acl| !acl.allows(Access::Write, &publish.topic)) {
                 metrics().acl_denied.inc(AclDenial::Publish);
                 if let Some(suppressed) = PUBLISH_DENIED_LOG.check() {
@@ -232,17 +315,19 @@ pub fn handle<S: Transport>(
                          every 10 s)."
                     );
                 }
-                acknowledge(io, publish.qos, publish.pkid);
+                acknowledge(io, publish.qos, publish.pkid, reason::NOT_AUTHORIZED);
                 return Ok(Handled::Done);
             }
-            let message = Arc::new(Message {
-                topic: publish.topic.into_boxed_str(),
-                payload: Bytes::copy_from_slice(&publish.payload),
-                qos: publish.qos,
-                retain: publish.retain,
-            });
+            let message = Arc::new(Message::new(
+                publish.topic.into_boxed_str(),
+                Bytes::copy_from_slice(&publish.payload),
+                publish.qos,
+                publish.retain,
+                publish.properties.as_deref(),
+                tokio::time::Instant::now(),
+            ));
             match broker.router.try_publish(message) {
-                Ok(()) => acknowledge(io, publish.qos, publish.pkid),
+                Ok(()) => acknowledge(io, publish.qos, publish.pkid, reason::SUCCESS),
                 Err(message) => {
                     return Ok(Handled::Held(Held {
                         message,
@@ -258,14 +343,29 @@ pub fn handle<S: Transport>(
             }
         }
         Packet::PubRec(rec) => {
-            if !session.state().pubrec(rec.pkid) {
+            let known = session.state().pubrec(rec.pkid);
+            if !known {
                 tracing::debug!(pkid = rec.pkid, "PUBREC for an unknown packet id.");
             }
-            io.send(&Packet::PubRel(PubRel::new(rec.pkid)));
+            // A PUBREC with an error code ends the exchange (MQTT 5 section 4.3.3).
+            if rec.reason >= 0x80 {
+                session.state().pubcomp(rec.pkid, limits);
+            } else {
+                let code = if known {
+                    reason::SUCCESS
+                } else {
+                    reason::PACKET_IDENTIFIER_NOT_FOUND
+                };
+                io.ack(PacketType::PubRel, rec.pkid, code);
+            }
         }
         Packet::PubRel(rel) => {
-            session.state().release_qos2(rel.pkid);
-            io.send(&Packet::PubComp(PubComp::new(rel.pkid)));
+            let code = if session.state().release_qos2(rel.pkid) {
+                reason::SUCCESS
+            } else {
+                reason::PACKET_IDENTIFIER_NOT_FOUND
+            };
+            io.ack(PacketType::PubComp, rel.pkid, code);
         }
         Packet::PubComp(comp) => {
             if !session.state().pubcomp(comp.pkid, limits) {
@@ -273,6 +373,14 @@ pub fn handle<S: Transport>(
             }
         }
         Packet::Subscribe(subscribe) => {
+            if subscribe.id.is_some() {
+                return Err(violation(
+                    io,
+                    session,
+                    reason::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
+                    "subscription identifiers are not offered",
+                ));
+            }
             let count = subscribe.filters.len();
             let mut new = Job::Subscribe {
                 pkid: subscribe.pkid,
@@ -285,51 +393,145 @@ pub fn handle<S: Transport>(
             }
         }
         Packet::Unsubscribe(unsubscribe) => {
-            if unsubscribe.topics.is_empty() {
-                tracing::info!(
-                    client_id = &*session.client_id,
-                    "UNSUBSCRIBE without topic filters; closing."
-                );
-                return Err(DisconnectReason::ProtocolError);
+            if unsubscribe.filters.is_empty() {
+                return Err(violation(
+                    io,
+                    session,
+                    reason::PROTOCOL_ERROR,
+                    "UNSUBSCRIBE without topic filters",
+                ));
             }
             let mut new = Job::Unsubscribe {
                 pkid: unsubscribe.pkid,
-                filters: unsubscribe.topics,
+                filters: unsubscribe.filters,
                 done: 0,
+                codes: Vec::new(),
             };
             if !new.run(io, broker, session) {
                 return Ok(Handled::Started(Box::new(new)));
             }
         }
-        Packet::PingReq => io.send(&Packet::PingResp),
-        Packet::Disconnect => return Err(DisconnectReason::ClientDisconnect),
-        Packet::Connect(_) => {
-            tracing::info!(
-                client_id = &*session.client_id,
-                "Second CONNECT on one connection; closing."
-            );
-            return Err(DisconnectReason::ProtocolError);
+        Packet::PingReq => io.send(PacketType::PingResp, |buf, _| encode::write_pingresp(buf)),
+        Packet::Disconnect(disconnect) => {
+            if let Some(secs) = disconnect.session_expiry {
+                let mut st = session.state();
+                // A session that was to end with the connection cannot be kept at its end
+                // (MQTT 5 section 3.14.2.2.2).
+                if !st.persistent && secs > 0 {
+                    drop(st);
+                    return Err(violation(
+                        io,
+                        session,
+                        reason::PROTOCOL_ERROR,
+                        "session expiry set on DISCONNECT after 0 on CONNECT",
+                    ));
+                }
+                let secs = secs.min(max_session_expiry(&broker.config));
+                st.set_expiry(secs > 0, Some(Duration::from_secs(u64::from(secs))));
+            }
+            // The will is published only on "disconnect with will message".
+            if disconnect.reason != reason::DISCONNECT_WITH_WILL {
+                if let Some(extras) = &mut conn.extras {
+                    extras.will = None;
+                }
+            }
+            if disconnect.reason != reason::SUCCESS || disconnect.reason_string.is_some() {
+                tracing::debug!(
+                    code = disconnect.reason,
+                    reason_string = disconnect.reason_string.as_deref().unwrap_or(""),
+                    "Client DISCONNECT with a reason."
+                );
+            }
+            return Err(DisconnectReason::ClientDisconnect);
         }
-        other @ (Packet::ConnAck(_)
-        | Packet::SubAck(_)
-        | Packet::UnsubAck(_)
-        | Packet::PingResp) => {
+        Packet::Auth(_) => {
+            return Err(violation(
+                io,
+                session,
+                reason::PROTOCOL_ERROR,
+                "AUTH without an authentication method on CONNECT",
+            ));
+        }
+        Packet::Connect(_) => {
+            return Err(violation(
+                io,
+                session,
+                reason::PROTOCOL_ERROR,
+                "second CONNECT on one connection",
+            ));
+        }
+        Packet::ServerOnly(kind) => {
             tracing::info!(
                 client_id = &*session.client_id,
-                packet = codec::packet_type(&other).as_str(),
-                "Server-only packet from a client; closing."
+                packet = kind.as_str(),
+                "Server-only packet from a client."
             );
-            return Err(DisconnectReason::ProtocolError);
+            return Err(violation(
+                io,
+                session,
+                reason::PROTOCOL_ERROR,
+                "a packet only a server sends",
+            ));
         }
     }
     Ok(Handled::Done)
 }
 
-/// Answers a routed PUBLISH: PUBACK for QoS 1, PUBREC for QoS 2.
-pub fn acknowledge<S: Transport>(io: &mut Io<S>, qos: QoS, pkid: u16) {
+/// MQTT 5 topic aliases: a PUBLISH with a topic and an alias sets the alias, one with an alias
+/// and no topic uses it.
+fn resolve_alias<S: Transport>(
+    io: &mut Io<S>,
+    conn: &mut Established,
+    publish: &mut Publish,
+) -> Result<(), DisconnectReason> {
+    let Some(alias) = publish.topic_alias else {
+        return Ok(());
+    };
+    if alias == 0 || alias > TOPIC_ALIAS_MAXIMUM {
+        return Err(violation(
+            io,
+            &conn.session,
+            reason::TOPIC_ALIAS_INVALID,
+            "topic alias 0 or above the topic alias maximum",
+        ));
+    }
+    let slot = usize::from(alias - 1);
+    let aliases = &mut conn.extras.get_or_insert_with(Box::default).aliases;
+    if publish.topic.is_empty() {
+        match aliases.get(slot).and_then(Option::as_deref) {
+            Some(topic) => publish.topic = topic.to_owned(),
+            None => {
+                return Err(violation(
+                    io,
+                    &conn.session,
+                    reason::PROTOCOL_ERROR,
+                    "PUBLISH with an unknown topic alias and no topic",
+                ))
+            }
+        }
+        return Ok(());
+    }
+    if aliases.len() <= slot {
+        aliases.resize(slot + 1, None);
+    }
+    aliases[slot] = Some(publish.topic.as_str().into());
+    let bytes: usize = aliases.iter().flatten().map(|t| t.len()).sum();
+    if bytes > TOPIC_ALIAS_BYTES {
+        return Err(violation(
+            io,
+            &conn.session,
+            reason::QUOTA_EXCEEDED,
+            "topic aliases stand for too many bytes of topic names",
+        ));
+    }
+    Ok(())
+}
+
+/// Answers a routed PUBLISH: PUBACK for QoS 1, PUBREC for QoS 2, with an MQTT 5 reason code.
+pub fn acknowledge<S: Transport>(io: &mut Io<S>, qos: QoS, pkid: u16, code: u8) {
     match qos {
         QoS::AtMostOnce => {}
-        QoS::AtLeastOnce => io.send(&Packet::PubAck(PubAck::new(pkid))),
-        QoS::ExactlyOnce => io.send(&Packet::PubRec(PubRec::new(pkid))),
+        QoS::AtLeastOnce => io.ack(PacketType::PubAck, pkid, code),
+        QoS::ExactlyOnce => io.ack(PacketType::PubRec, pkid, code),
     }
 }

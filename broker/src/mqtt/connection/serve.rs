@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::futures::Notified;
 use tokio::time::Instant;
@@ -33,6 +32,7 @@ use super::packets::{self, acknowledge, Handled, Held, Job};
 use crate::auth::acl::Access;
 use crate::labels::{AclDenial, DisconnectReason, PacketType};
 use crate::metrics::metrics;
+use crate::mqtt::packet::{reason, Packet};
 use crate::mqtt::session::{Backlog, Session, CLIENT_GRACE};
 use crate::mqtt::Broker;
 use crate::telemetry::LogLimiter;
@@ -133,7 +133,7 @@ pub async fn serve<S: Transport>(
 }
 
 /// One attempt to write what is buffered, without waiting for the stream.
-fn write_now<S: Transport>(io: &mut Io<S>) -> std::io::Result<()> {
+pub fn write_now<S: Transport>(io: &mut Io<S>) -> std::io::Result<()> {
     let mut now = Context::from_waker(std::task::Waker::noop());
     match io.poll_write_out(&mut now, &mut 0) {
         Poll::Ready(Err(error)) => Err(error),
@@ -236,8 +236,6 @@ fn read_side<'a, S: Transport>(
     conn: &mut Established,
     state: &mut ServeState<'a>,
 ) -> Result<bool, DisconnectReason> {
-    let session = &conn.session;
-    let mut throttle = conn.extras.as_mut().and_then(|e| e.throttle.as_mut());
     let mut packets = 0;
     let mut bytes = 0;
     let result = loop {
@@ -250,10 +248,7 @@ fn read_side<'a, S: Transport>(
             } else if state.parked.is_some() {
                 // A message waits for a congested subscriber: read nothing more until then.
                 stop = Some(Ok(false));
-            } else if throttle
-                .as_ref()
-                .is_some_and(|t| t.paused_until().is_some())
-            {
+            } else if conn.paused_until().is_some() {
                 // Over its publish rate: read nothing more until the pause is over.
                 stop = Some(Ok(false));
             } else if packets >= PACKET_BUDGET {
@@ -262,23 +257,25 @@ fn read_side<'a, S: Transport>(
                 match io.next_packet() {
                     Ok(Some(packet)) => {
                         packets += 1;
-                        let published = match (&packet, &throttle) {
-                            (Packet::Publish(p), Some(_)) => Some(p.topic.len() + p.payload.len()),
+                        let published = match &packet {
+                            Packet::Publish(p) => Some(p.topic.len() + p.payload.len()),
                             _ => None,
                         };
-                        match packets::handle(io, broker, session, packet) {
+                        match packets::handle(io, broker, conn, packet) {
                             Ok(Handled::Done) => {}
                             Ok(Handled::Started(job)) => state.job = Some(job),
                             Ok(Handled::Held(held)) => park(io, broker, state, held),
                             Err(reason) => stop = Some(Err(reason)),
                         }
-                        if let (Some(size), Some(throttle)) = (published, throttle.as_mut()) {
+                        let throttle = conn.extras.as_mut().and_then(|e| e.throttle.as_mut());
+                        if let (Some(size), Some(throttle)) = (published, throttle) {
                             throttle.publish(size, Instant::now());
                         }
                     }
                     Ok(None) => break,
                     Err(error) => {
-                        tracing::info!(client_id = &*session.client_id, %error, "Protocol error; closing.");
+                        tracing::info!(client_id = &*conn.session.client_id, %error, "Protocol error; closing.");
+                        io.disconnect(error.reason_code(), None);
                         stop = Some(Err(DisconnectReason::ProtocolError));
                     }
                 }
@@ -324,7 +321,7 @@ fn read_side<'a, S: Transport>(
     if packets > 0 {
         // Only complete packets are activity (MQTT 3.1.1 section 3.1.2.10).
         d.last_received = now;
-        session.touch();
+        conn.session.touch();
     }
     d.partial_since = match (io.rbuf.is_empty(), d.partial_since) {
         (true, _) => None,
@@ -347,7 +344,7 @@ fn park<'a, S: Transport>(
     drained.as_mut().enable();
     // Registered before trying once more, so that a drain just before is not missed.
     match broker.router.try_publish(Arc::clone(&held.message)) {
-        Ok(()) => acknowledge(io, held.qos, held.pkid),
+        Ok(()) => acknowledge(io, held.qos, held.pkid, reason::SUCCESS),
         Err(_) => {
             let now = Instant::now();
             state.parked = Some(Box::new(Parked {
@@ -388,7 +385,7 @@ fn retry_parked<'a, S: Transport>(
         broker.router.try_publish(message).is_ok()
     };
     if routed {
-        acknowledge(io, parked.held.qos, parked.held.pkid);
+        acknowledge(io, parked.held.qos, parked.held.pkid, reason::SUCCESS);
         state.parked = None;
         return false;
     }
