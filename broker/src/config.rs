@@ -78,6 +78,21 @@ pub enum KeepAlivePolicy {
     Reject,
 }
 
+/// How a message to a shared subscription (`$share/{group}/{filter}`) picks the member of the
+/// group that gets it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SharedStrategy {
+    /// Each member in turn.
+    #[default]
+    RoundRobin,
+    /// A member at random.
+    Random,
+    /// The member that the hash of the publisher's client id points to: one publisher's
+    /// messages go to one member while the group does not change.
+    HashClientId,
+}
+
 /// MQTT listener settings and protocol limits.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -148,6 +163,8 @@ pub struct MqttConfig {
     /// 0xFFFFFFFF) is cut to this, and the CONNACK tells the client so.
     #[serde(with = "humantime_serde")]
     pub max_session_expiry: Duration,
+    /// How a shared subscription's group picks the member that gets a message.
+    pub shared_subscription_strategy: SharedStrategy,
     /// Longest wait between two accept attempts while the process is out of file descriptors.
     #[serde(with = "humantime_serde")]
     pub accept_backoff_max: Duration,
@@ -365,6 +382,7 @@ impl Default for MqttConfig {
             max_buffered_read_bytes: 64 * 1024 * 1024,
             persistent_session_expiry: Duration::from_secs(24 * 3600),
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
+            shared_subscription_strategy: SharedStrategy::RoundRobin,
             accept_backoff_max: Duration::from_secs(1),
             listen_backlog: 1024,
             max_connections: 0,
@@ -917,6 +935,10 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     ("mqtt.max_buffered_read_bytes", Accepts::Whole(64, u64::MAX)),
     ("mqtt.persistent_session_expiry", Accepts::Duration),
     ("mqtt.max_session_expiry", Accepts::Duration),
+    (
+        "mqtt.shared_subscription_strategy",
+        Accepts::OneOf(&["round_robin", "random", "hash_client_id"]),
+    ),
     ("mqtt.accept_backoff_max", Accepts::Duration),
     ("mqtt.listen_backlog", Accepts::Whole(1, 65_535)),
     ("mqtt.max_connections", Accepts::Whole(0, u64::MAX)),

@@ -322,8 +322,6 @@ label_enum! {
         FiltersPerSubscribe => "filters_per_subscribe",
         /// A new filter beyond `mqtt.max_subscriptions_per_session`.
         SubscriptionsPerSession => "subscriptions_per_session",
-        /// A shared subscription (`$share/...`) from an MQTT 5 client: not offered yet.
-        SharedSubscription => "shared_subscription",
         /// The ACL lets the client read no topic of the filter (`auth.acl_file`, grants).
         NotAuthorized => "not_authorized",
     }

@@ -108,6 +108,8 @@ pub struct Metrics {
     /// `heartwire_acl_file_reloads_total{outcome}`.
     pub acl_file_reloads: Counters<ReloadOutcome>,
     /// Last-will messages published.
+    /// MQTT 5 wills waiting for their will delay.
+    pub wills_delayed: IntGauge,
     pub wills_published: IntCounter,
     /// Accept attempts that failed because the process ran out of file descriptors.
     pub accept_fd_exhausted: IntCounter,
@@ -572,10 +574,17 @@ impl Metrics {
                  file stays in use.",
                 "outcome",
             ),
+            wills_delayed: gauge(
+                &r,
+                "heartwire_wills_delayed",
+                "MQTT 5 wills held back by their will delay (published when it passes, unless \
+                 the client connects again first).",
+            ),
             wills_published: counter(
                 &r,
                 "heartwire_wills_published_total",
-                "Last-will messages published after an abnormal close.",
+                "Last-will messages published after an abnormal close (or an MQTT 5 DISCONNECT \
+                 0x04).",
             ),
             accept_fd_exhausted: counter(
                 &r,

@@ -19,6 +19,60 @@ pub struct Message {
     pub retain: bool,
     /// What an MQTT 5 publisher attached to it; `None` for most messages.
     pub properties: Option<Box<Properties>>,
+    /// The publishing session ([`crate::mqtt::session::Session::incarnation`]), 0 for the
+    /// broker's own (wills, tests): a no-local subscription of that session does not get it.
+    pub origin: u64,
+    /// A hash of the publisher's client id (shared subscriptions' `hash_client_id` strategy).
+    pub origin_hash: u64,
+}
+
+/// The options of a subscription, as the router and the session keep them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubOptions {
+    /// The granted QoS.
+    pub qos: QoS,
+    /// MQTT 5 no local: messages of the subscribing session are not sent back to it.
+    pub no_local: bool,
+    /// MQTT 5 retain as published: the retain flag is forwarded as published (else cleared on
+    /// live delivery).
+    pub retain_as_published: bool,
+    /// MQTT 5 subscription identifier, 0 for none.
+    pub id: u32,
+}
+
+impl SubOptions {
+    /// A 3.1.1 subscription: `qos`, nothing else.
+    pub fn qos(qos: QoS) -> Self {
+        Self {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            id: 0,
+        }
+    }
+}
+
+/// How a routed message goes to one session: the highest QoS among its matching
+/// subscriptions, its retain flag, and their subscription identifiers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// min(published QoS, granted QoS).
+    pub qos: QoS,
+    /// The retain flag it is sent with.
+    pub retain: bool,
+    /// The identifiers of the matching subscriptions that have one.
+    pub ids: Option<Box<[u32]>>,
+}
+
+impl Delivery {
+    /// At `qos`, not retained, without identifiers.
+    pub fn qos(qos: QoS) -> Self {
+        Self {
+            qos,
+            retain: false,
+            ids: None,
+        }
+    }
 }
 
 /// The MQTT 5 properties a message carries to its subscribers.
@@ -57,7 +111,20 @@ impl Message {
             qos,
             retain,
             properties,
+            origin: 0,
+            origin_hash: 0,
         }
+    }
+
+    /// The same, published by the session of incarnation `origin` of client `client_id`.
+    pub fn from_session(mut self, origin: u64, client_id: &str) -> Self {
+        use std::hash::{Hash, Hasher};
+        // SipHash with fixed keys: the same client id hashes the same for the broker's life.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        client_id.hash(&mut hasher);
+        self.origin = origin;
+        self.origin_hash = hasher.finish();
+        self
     }
 
     /// Bytes it is accounted for in queues and the retained store: topic, payload and

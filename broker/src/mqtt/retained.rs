@@ -55,6 +55,8 @@ pub struct Cursor {
     pub filter: Box<str>,
     /// The QoS granted to the subscription.
     pub qos: QoS,
+    /// The subscription's MQTT 5 identifier, 0 for none.
+    pub id: u32,
     /// Levels of the last node visited; `None` before the first step.
     after: Option<Box<[Box<str>]>>,
 }
@@ -65,8 +67,15 @@ impl Cursor {
         Self {
             filter,
             qos,
+            id: 0,
             after: None,
         }
+    }
+
+    /// The same, for a subscription with identifier `id`.
+    pub fn with_id(mut self, id: u32) -> Self {
+        self.id = id;
+        self
     }
 }
 
@@ -305,6 +314,8 @@ mod tests {
             qos: QoS::AtMostOnce,
             retain: true,
             properties: None,
+            origin: 0,
+            origin_hash: 0,
         })
     }
 

@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use rumqttc::mqttbytes::QoS;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use super::budget::ByteBudget;
-use super::message::{Message, MinQos};
+use super::message::{Delivery, Message, MinQos, SubOptions};
 use super::retained::{Cursor, RetainedStore};
 use super::session::{QueueLimits, Session};
-use crate::config::MqttConfig;
+use crate::config::{MqttConfig, SharedStrategy};
 use crate::labels::AclDenial;
 use crate::metrics::metrics;
 use crate::telemetry::LogLimiter;
@@ -23,39 +25,125 @@ struct Node {
     children: HashMap<Box<str>, Node>,
     /// Sessions whose filter ends at this node, by incarnation.
     subscribers: HashMap<u64, Subscriber>,
+    /// Shared subscriptions (`$share/{group}/...`) whose filter ends at this node, by group.
+    shared: HashMap<Box<str>, Group>,
 }
 
 /// A session subscribed to a filter.
 struct Subscriber {
     session: Arc<Session>,
-    /// The granted QoS.
-    qos: QoS,
+    options: SubOptions,
     /// The ACL lets the session read only some topics of the filter: each message is checked.
     checked: bool,
 }
 
-/// A session a message goes to: its highest granted QoS among the matching filters, and
-/// whether the ACL must be asked (only when every matching filter is checked).
+/// The members of one shared subscription group on one filter: each message goes to one.
+#[derive(Default)]
+struct Group {
+    members: Vec<(u64, Subscriber)>,
+    /// Round robin: the member that got the last message.
+    next: AtomicUsize,
+}
+
+impl Group {
+    /// The member that gets a message published by `origin_hash`'s client: among the members
+    /// whose client is connected (all, when none is).
+    fn pick(&self, strategy: SharedStrategy, origin_hash: u64) -> Option<&(u64, Subscriber)> {
+        let online = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.session.is_online())
+            .count();
+        let (count, only_online) = if online > 0 {
+            (online, true)
+        } else {
+            (self.members.len(), false)
+        };
+        if count == 0 {
+            return None;
+        }
+        let n = match strategy {
+            SharedStrategy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % count,
+            SharedStrategy::Random => (random_u64() % count as u64) as usize,
+            SharedStrategy::HashClientId => (origin_hash % count as u64) as usize,
+        };
+        self.members
+            .iter()
+            .filter(|(_, m)| !only_online || m.session.is_online())
+            .nth(n)
+    }
+}
+
+/// A cheap random number for picking a shared subscription's member.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(u64::from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos()),
+    ));
+    hasher.finish()
+}
+
+/// A session a message goes to: its highest granted QoS among the matching filters, whether
+/// the ACL must be asked (only when every matching filter is checked), the retain flag and the
+/// matching subscriptions' identifiers.
 struct Target<'a> {
     session: &'a Arc<Session>,
     qos: QoS,
     checked: bool,
+    retain: bool,
+    ids: Vec<u32>,
+}
+
+/// What a message being matched brings: its levels, its retain flag and who published it.
+struct Matching<'m> {
+    levels: &'m [&'m str],
+    retain: bool,
+    origin: u64,
+    origin_hash: u64,
+    strategy: SharedStrategy,
 }
 
 impl Node {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.subscribers.is_empty()
+        self.children.is_empty() && self.subscribers.is_empty() && self.shared.is_empty()
     }
 
-    /// Removes `key` under the path; prunes nodes left empty. Returns whether it was there.
-    fn remove(&mut self, mut levels: std::str::Split<'_, char>, key: u64) -> bool {
+    /// The node of `filter`'s levels, created as needed.
+    fn node_mut(&mut self, filter: &str) -> &mut Node {
+        let mut node = self;
+        for level in filter.split('/') {
+            node = node.children.entry(level.into()).or_default();
+        }
+        node
+    }
+
+    /// Removes `key` under the path (from `group` when given); prunes nodes left empty.
+    /// Returns whether it was there.
+    fn remove(&mut self, mut levels: std::str::Split<'_, char>, group: Option<&str>, key: u64) -> bool {
         match levels.next() {
-            None => self.subscribers.remove(&key).is_some(),
+            None => match group {
+                None => self.subscribers.remove(&key).is_some(),
+                Some(group) => {
+                    let Some(g) = self.shared.get_mut(group) else {
+                        return false;
+                    };
+                    let before = g.members.len();
+                    g.members.retain(|(k, _)| *k != key);
+                    let removed = g.members.len() < before;
+                    if g.members.is_empty() {
+                        self.shared.remove(group);
+                    }
+                    removed
+                }
+            },
             Some(level) => {
                 let Some(child) = self.children.get_mut(level) else {
                     return false;
                 };
-                let removed = child.remove(levels, key);
+                let removed = child.remove(levels, group, key);
                 if child.is_empty() {
                     self.children.remove(level);
                 }
@@ -65,46 +153,84 @@ impl Node {
     }
 
     /// Collects the subscribers of every filter below this node that matches `levels`.
-    fn collect<'a>(&'a self, levels: &[&str], first: bool, out: &mut HashMap<u64, Target<'a>>) {
+    fn collect<'a>(
+        &'a self,
+        m: &Matching<'_>,
+        depth: usize,
+        out: &mut HashMap<u64, Target<'a>>,
+    ) {
+        let levels = &m.levels[depth..];
         // Topics starting with '$' are not matched by a wildcard in the first level.
-        let dollar = first && levels.first().is_some_and(|l| l.starts_with('$'));
+        let dollar = depth == 0 && levels.first().is_some_and(|l| l.starts_with('$'));
         if !dollar {
             if let Some(hash) = self.children.get("#") {
-                add(out, &hash.subscribers);
+                hash.add_to(m, out);
             }
         }
-        let Some((level, rest)) = levels.split_first() else {
-            add(out, &self.subscribers);
+        let Some(level) = levels.first() else {
+            self.add_to(m, out);
             return;
         };
         if !dollar {
             if let Some(plus) = self.children.get("+") {
-                plus.collect(rest, false, out);
+                plus.collect(m, depth + 1, out);
             }
         }
         if let Some(exact) = self.children.get(*level) {
-            exact.collect(rest, false, out);
+            exact.collect(m, depth + 1, out);
+        }
+    }
+
+    /// Adds this node's subscribers, and one member of each of its shared groups.
+    fn add_to<'a>(&'a self, m: &Matching<'_>, out: &mut HashMap<u64, Target<'a>>) {
+        for (key, sub) in &self.subscribers {
+            add(out, *key, sub, m);
+        }
+        for group in self.shared.values() {
+            if let Some((key, sub)) = group.pick(m.strategy, m.origin_hash) {
+                add(out, *key, sub, m);
+            }
         }
     }
 }
 
 /// Keeps the highest QoS when a session has several matching filters: it gets one copy,
-/// checked against the ACL only if no matching filter is wholly readable.
-fn add<'a>(out: &mut HashMap<u64, Target<'a>>, subscribers: &'a HashMap<u64, Subscriber>) {
-    for (key, sub) in subscribers {
-        out.entry(*key)
-            .and_modify(|e| {
-                if sub.qos > e.qos {
-                    e.qos = sub.qos;
-                }
-                e.checked &= sub.checked;
-            })
-            .or_insert(Target {
-                session: &sub.session,
-                qos: sub.qos,
-                checked: sub.checked,
-            });
+/// checked against the ACL only if no matching filter is wholly readable, retained if one of
+/// them retains as published, with the identifiers of all of them. A no-local subscription
+/// does not match its own session's messages.
+fn add<'a>(out: &mut HashMap<u64, Target<'a>>, key: u64, sub: &'a Subscriber, m: &Matching<'_>) {
+    let o = &sub.options;
+    if o.no_local && m.origin == key {
+        return;
     }
+    let retain = m.retain && o.retain_as_published;
+    let target = out.entry(key).or_insert(Target {
+        session: &sub.session,
+        qos: o.qos,
+        checked: sub.checked,
+        retain,
+        ids: Vec::new(),
+    });
+    if o.qos > target.qos {
+        target.qos = o.qos;
+    }
+    target.checked &= sub.checked;
+    target.retain |= retain;
+    if o.id != 0 {
+        target.ids.push(o.id);
+    }
+}
+
+/// A shared subscription's group and filter: `$share/{group}/{filter}` (MQTT 5 section
+/// 4.8.2); `None` for any other filter.
+pub fn shared(filter: &str) -> Option<(&str, &str)> {
+    filter.strip_prefix("$share/")?.split_once('/')
+}
+
+/// The filter a subscription matches topics with: a shared subscription's filter without its
+/// `$share/{group}/`.
+pub fn unshared(filter: &str) -> &str {
+    shared(filter).map_or(filter, |(_, f)| f)
 }
 
 /// Subscriptions and retained messages of the whole broker.
@@ -112,6 +238,7 @@ pub struct Router {
     subscriptions: RwLock<Node>,
     retained: RwLock<RetainedStore>,
     limits: QueueLimits,
+    strategy: SharedStrategy,
 }
 
 /// Refused retained messages: one line per interval for the whole broker.
@@ -134,6 +261,7 @@ impl Router {
                     metrics().queued_bytes.clone(),
                 ),
             },
+            strategy: config.shared_subscription_strategy,
         }
     }
 
@@ -148,34 +276,58 @@ impl Router {
         session: &Arc<Session>,
         filters: impl IntoIterator<Item = (&'f str, QoS)>,
     ) {
-        self.subscribe_checked(session, filters.into_iter().map(|(f, q)| (f, q, false)));
+        self.subscribe_checked(
+            session,
+            filters
+                .into_iter()
+                .map(|(f, q)| (f, SubOptions::qos(q), false)),
+        );
     }
 
-    /// The same, each filter with whether its messages must be checked against the session's
-    /// ACL on delivery ([`crate::auth::acl::Subscription::Checked`]).
+    /// The same with options, each filter with whether its messages must be checked against
+    /// the session's ACL on delivery ([`crate::auth::acl::Subscription::Checked`]). A
+    /// `$share/{group}/{filter}` filter joins the group.
     pub fn subscribe_checked<'f>(
         &self,
         session: &Arc<Session>,
-        filters: impl IntoIterator<Item = (&'f str, QoS, bool)>,
+        filters: impl IntoIterator<Item = (&'f str, SubOptions, bool)>,
     ) {
         let mut root = self
             .subscriptions
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        for (filter, qos, checked) in filters {
-            let mut node = &mut *root;
-            for level in filter.split('/') {
-                node = node.children.entry(level.into()).or_default();
-            }
+        for (filter, options, checked) in filters {
             let subscriber = Subscriber {
                 session: Arc::clone(session),
-                qos,
+                options,
                 checked,
             };
-            let new = node
-                .subscribers
-                .insert(session.incarnation, subscriber)
-                .is_none();
+            let key = session.incarnation;
+            let new = match shared(filter) {
+                None => root
+                    .node_mut(filter)
+                    .subscribers
+                    .insert(key, subscriber)
+                    .is_none(),
+                Some((group, filter)) => {
+                    let members = &mut root
+                        .node_mut(filter)
+                        .shared
+                        .entry(group.into())
+                        .or_default()
+                        .members;
+                    match members.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, existing)) => {
+                            *existing = subscriber;
+                            false
+                        }
+                        None => {
+                            members.push((key, subscriber));
+                            true
+                        }
+                    }
+                }
+            };
             if new {
                 metrics().subscriptions.inc();
             }
@@ -189,7 +341,11 @@ impl Router {
             .write()
             .unwrap_or_else(|e| e.into_inner());
         for filter in filters {
-            if root.remove(filter.split('/'), incarnation) {
+            let (group, filter) = match shared(filter) {
+                Some((group, filter)) => (Some(group), filter),
+                None => (None, filter),
+            };
+            if root.remove(filter.split('/'), group, incarnation) {
                 metrics().subscriptions.dec();
             }
         }
@@ -211,29 +367,42 @@ impl Router {
     }
 
     fn route(&self, message: Arc<Message>, force: bool) -> Result<(), Arc<Message>> {
-        let targets: Vec<(Arc<Session>, QoS, bool)> = {
+        let targets: Vec<(Arc<Session>, Delivery, bool)> = {
             let root = self.subscriptions.read().unwrap_or_else(|e| e.into_inner());
             let levels: Vec<&str> = message.topic.split('/').collect();
+            let matching = Matching {
+                levels: &levels,
+                retain: message.retain,
+                origin: message.origin,
+                origin_hash: message.origin_hash,
+                strategy: self.strategy,
+            };
             let mut out = HashMap::new();
-            root.collect(&levels, true, &mut out);
+            root.collect(&matching, 0, &mut out);
             if !force && out.values().any(|t| t.session.holds_back_publishers()) {
                 return Err(message);
             }
             out.into_values()
-                .map(|t| (Arc::clone(t.session), t.qos, t.checked))
+                .map(|t| {
+                    let delivery = Delivery {
+                        qos: t.qos.min_qos(message.qos),
+                        retain: t.retain,
+                        ids: (!t.ids.is_empty()).then(|| t.ids.into_boxed_slice()),
+                    };
+                    (Arc::clone(t.session), delivery, t.checked)
+                })
                 .collect()
         };
         metrics().messages_published.inc();
         if message.retain {
             self.retain(&message);
         }
-        for (session, granted, checked) in targets {
+        for (session, delivery, checked) in targets {
             if checked && !session.may_read(&message.topic) {
                 metrics().acl_denied.inc(AclDenial::Delivery);
                 continue;
             }
-            let qos = granted.min_qos(message.qos);
-            if let Err(reason) = session.enqueue(Arc::clone(&message), qos, &self.limits) {
+            if let Err(reason) = session.enqueue(Arc::clone(&message), delivery, &self.limits) {
                 metrics().messages_dropped.inc(reason);
                 tracing::debug!(
                     client_id = &*session.client_id,
@@ -309,6 +478,8 @@ mod tests {
             qos,
             retain,
             properties: None,
+            origin: 0,
+            origin_hash: 0,
         }));
     }
 

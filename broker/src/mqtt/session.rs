@@ -16,7 +16,7 @@ use rumqttc::mqttbytes::QoS;
 
 use super::budget::ByteBudget;
 use super::codec::encode::{self, OutPublish};
-use super::message::{Message, MinQos};
+use super::message::{Delivery, Message, MinQos, SubOptions};
 use super::packet::Protocol;
 use super::retained::Cursor;
 use crate::auth::acl::{Access, ClientAcl, Subscription};
@@ -42,15 +42,19 @@ struct Outgoing {
     message: Arc<Message>,
     /// min(publish QoS, subscription QoS).
     qos: QoS,
-    /// Set only when it is a retained message sent in answer to a SUBSCRIBE. Those come from
-    /// the retained store, not the queue, and are not accounted in the queue's bytes.
+    /// The retain flag it is sent with.
     retain: bool,
+    /// A retained message sent in answer to a SUBSCRIBE: it comes from the retained store,
+    /// not the queue, and is not accounted in the queue's bytes.
+    stored: bool,
+    /// The identifiers of the subscriptions it matched (MQTT 5).
+    ids: Option<Box<[u32]>>,
 }
 
 impl Outgoing {
     /// Bytes it holds of the session's queue budget.
     fn cost(&self) -> usize {
-        if self.retain {
+        if self.stored {
             0
         } else {
             self.message.size()
@@ -87,8 +91,8 @@ pub struct SessionState {
     /// leave is void if the client came back (and maybe left again) since.
     pub leaves: u32,
 
-    /// Topic filters and their granted QoS (also held by the router, which matches them).
-    subscriptions: HashMap<Box<str>, QoS>,
+    /// Topic filters and their options (also held by the router, which matches them).
+    subscriptions: HashMap<Box<str>, SubOptions>,
     /// Messages not yet sent (beyond the in-flight window, or written out soon).
     pending: VecDeque<Outgoing>,
     /// QoS 1/2 messages sent and not yet acknowledged, oldest first.
@@ -123,6 +127,8 @@ pub struct Peer {
     pub receive_maximum: u16,
     /// MQTT 5 maximum packet size, 0 for none: larger messages are dropped for it.
     pub maximum_packet_size: u32,
+    /// MQTT 5 topic alias maximum: most topic aliases the broker may set for it.
+    pub topic_alias_maximum: u16,
 }
 
 impl Default for Peer {
@@ -131,6 +137,7 @@ impl Default for Peer {
             protocol: Protocol::V311,
             receive_maximum: u16::MAX,
             maximum_packet_size: 0,
+            topic_alias_maximum: 0,
         }
     }
 }
@@ -158,6 +165,12 @@ struct Extras {
     /// The MQTT 5 session expiry interval (`None`: a 3.1.1 session, which outlives its
     /// connection by `mqtt.persistent_session_expiry` when persistent).
     expiry: Option<std::time::Duration>,
+    /// The topic aliases the broker set for the connection's client (index alias - 1).
+    aliases: Vec<Box<str>>,
+    /// Bytes of topic names in `aliases`.
+    alias_bytes: usize,
+    /// The alias last reassigned once all were taken.
+    next_alias: usize,
 }
 
 impl Extras {
@@ -166,6 +179,7 @@ impl Extras {
             && self.incoming_qos2.is_empty()
             && self.peer == Peer::default()
             && self.expiry.is_none()
+            && self.aliases.is_empty()
     }
 }
 
@@ -175,8 +189,8 @@ impl Extras {
 pub struct AclChanges {
     /// Filters no longer readable at all.
     pub revoked: Vec<Box<str>>,
-    /// Filters kept: filter, granted QoS, checked.
-    pub kept: Vec<(Box<str>, QoS, bool)>,
+    /// Filters kept: filter, options, checked.
+    pub kept: Vec<(Box<str>, SubOptions, bool)>,
 }
 
 /// What [`SessionState::write_pending`] left behind.
@@ -213,7 +227,7 @@ impl SessionState {
         let mut changes = AclChanges::default();
         if let Some(rules) = &acl {
             self.subscriptions
-                .retain(|filter, qos| match rules.subscription(filter) {
+                .retain(|filter, options| match rules.subscription(super::router::unshared(filter)) {
                     Subscription::Denied => {
                         changes.revoked.push(filter.clone());
                         false
@@ -221,7 +235,7 @@ impl SessionState {
                     decision => {
                         changes.kept.push((
                             filter.clone(),
-                            *qos,
+                            *options,
                             decision == Subscription::Checked,
                         ));
                         true
@@ -231,7 +245,7 @@ impl SessionState {
             changes.kept = self
                 .subscriptions
                 .iter()
-                .map(|(filter, qos)| (filter.clone(), *qos, false))
+                .map(|(filter, options)| (filter.clone(), *options, false))
                 .collect();
         }
         if !changes.revoked.is_empty() {
@@ -255,12 +269,12 @@ impl SessionState {
         self.subscriptions.contains_key(filter)
     }
 
-    /// Records a subscription (replacing the QoS of an existing one).
-    pub fn add_subscription(&mut self, filter: &str, qos: QoS) {
+    /// Records a subscription (replacing the options of an existing one).
+    pub fn add_subscription(&mut self, filter: &str, options: SubOptions) {
         match self.subscriptions.get_mut(filter) {
-            Some(existing) => *existing = qos,
+            Some(existing) => *existing = options,
             None => {
-                self.subscriptions.insert(filter.into(), qos);
+                self.subscriptions.insert(filter.into(), options);
             }
         }
     }
@@ -374,12 +388,45 @@ impl SessionState {
         self.extras.as_ref().map_or_else(Peer::default, |e| e.peer)
     }
 
-    /// Records what the client of the connection now using the session accepts.
+    /// Records what the client of the connection now using the session accepts (a new
+    /// connection: the topic aliases of the previous one are gone).
     pub fn set_peer(&mut self, peer: Peer) {
+        if let Some(extras) = &mut self.extras {
+            extras.aliases = Vec::new();
+            extras.alias_bytes = 0;
+        }
         if peer != self.peer() {
             self.extras.get_or_insert_with(Box::default).peer = peer;
-            self.trim_extras();
         }
+        self.trim_extras();
+    }
+
+    /// The topic alias the connection's client already knows for `topic`.
+    fn known_alias(&self, topic: &str) -> Option<u16> {
+        let extras = self.extras.as_ref()?;
+        let i = extras.aliases.iter().position(|t| &**t == topic)?;
+        Some((i + 1) as u16)
+    }
+
+    /// A new topic alias for `topic` (sent with it, so the client learns it), at most
+    /// `maximum` of them; `None` when the client takes none or [`ALIAS_BYTES`] would be passed.
+    fn new_alias(&mut self, topic: &str, maximum: u16) -> Option<u16> {
+        let extras = self.extras.as_mut()?;
+        let slots = usize::from(maximum).min(ALIAS_SLOTS);
+        if slots == 0 || extras.alias_bytes + topic.len() > ALIAS_BYTES {
+            return None;
+        }
+        if extras.aliases.len() < slots {
+            extras.aliases.push(topic.into());
+            extras.alias_bytes += topic.len();
+            return Some(extras.aliases.len() as u16);
+        }
+        // All taken: one is given to the new topic, in turn.
+        extras.next_alias = (extras.next_alias + 1) % slots;
+        let slot = extras.next_alias;
+        extras.alias_bytes = extras.alias_bytes + topic.len() - extras.aliases[slot].len();
+        extras.aliases[slot] = topic.into();
+        Some((slot + 1) as u16)
     }
 
     /// The MQTT 5 session expiry interval; `None` for a 3.1.1 session.
@@ -514,15 +561,17 @@ impl SessionState {
         &mut self,
         buf: &mut BytesMut,
         messages: Vec<Arc<Message>>,
-        granted: QoS,
+        cursor: &Cursor,
         limits: &QueueLimits,
     ) {
         for message in messages {
-            let qos = granted.min_qos(message.qos);
+            let qos = cursor.qos.min_qos(message.qos);
             let out = Outgoing {
                 message,
                 qos,
                 retain: true,
+                stored: true,
+                ids: (cursor.id != 0).then(|| Box::from([cursor.id])),
             };
             self.write(buf, out, limits);
         }
@@ -548,6 +597,16 @@ impl SessionState {
             metrics().messages_dropped.inc(reason);
             self.release(out.cost(), limits);
             return false;
+        }
+        if peer.protocol == Protocol::V5 && peer.topic_alias_maximum > 0 {
+            if let Some(alias) = self.known_alias(publish.topic) {
+                publish.topic_alias = Some(alias);
+                publish.topic = "";
+            } else if peer.maximum_packet_size == 0
+                || publish.size(peer.protocol) + 3 <= peer.maximum_packet_size as usize
+            {
+                publish.topic_alias = self.new_alias(publish.topic, peer.topic_alias_maximum);
+            }
         }
         if out.qos != QoS::AtMostOnce {
             publish.pkid = self.next_pkid();
@@ -580,6 +639,11 @@ impl SessionState {
     }
 }
 
+/// Most topic aliases the broker sets for one client (fewer when the client takes fewer).
+const ALIAS_SLOTS: usize = 64;
+/// Most bytes of topic names the broker's topic aliases for one client stand for.
+const ALIAS_BYTES: usize = 16 * 1024;
+
 /// The PUBLISH that sends `out` with packet id `pkid` at `now` (its remaining expiry then).
 fn outgoing(out: &Outgoing, pkid: u16, now: tokio::time::Instant) -> OutPublish<'_> {
     let message = &out.message;
@@ -587,6 +651,9 @@ fn outgoing(out: &Outgoing, pkid: u16, now: tokio::time::Instant) -> OutPublish<
     if let Some(properties) = &message.properties {
         publish.message_expiry = message.expiry_left(now);
         publish.forwarded = &properties.forwarded;
+    }
+    if let Some(ids) = &out.ids {
+        publish.subscription_ids = ids;
     }
     publish
 }
@@ -790,6 +857,11 @@ impl Session {
         self.flow.fetch_and(!CONGESTED, Ordering::AcqRel) & OFFLINE == 0
     }
 
+    /// Whether a connection uses the session now.
+    pub fn is_online(&self) -> bool {
+        self.flow.load(Ordering::Acquire) & OFFLINE == 0
+    }
+
     /// Whether the client may read `topic` (its ACL, if any, says so).
     pub fn may_read(&self, topic: &str) -> bool {
         let acl = self.state().acl.clone();
@@ -800,9 +872,10 @@ impl Session {
     pub fn enqueue(
         &self,
         message: Arc<Message>,
-        qos: QoS,
+        delivery: Delivery,
         limits: &QueueLimits,
     ) -> Result<(), DropReason> {
+        let qos = delivery.qos;
         {
             let mut st = self.state();
             if st.ended {
@@ -843,7 +916,9 @@ impl Session {
             st.pending.push_back(Outgoing {
                 message,
                 qos,
-                retain: false,
+                retain: delivery.retain,
+                stored: false,
+                ids: delivery.ids,
             });
             if st.pending.len() >= limits.max_messages / 2
                 || st.queued_bytes >= limits.max_bytes / 2
@@ -898,6 +973,8 @@ mod tests {
             qos,
             retain: false,
             properties: None,
+            origin: 0,
+            origin_hash: 0,
         })
     }
 
@@ -920,7 +997,7 @@ mod tests {
         let l = limits(100, 1000, 1000);
         let s = online();
         for _ in 0..5 {
-            s.enqueue(msg(QoS::AtLeastOnce), QoS::AtLeastOnce, &l)
+            s.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l)
                 .expect("room");
         }
         let mut st = s.state();
@@ -950,7 +1027,7 @@ mod tests {
     fn qos2_stages() {
         let l = limits(100, 1000, 1000);
         let s = online();
-        s.enqueue(msg(QoS::ExactlyOnce), QoS::ExactlyOnce, &l)
+        s.enqueue(msg(QoS::ExactlyOnce), Delivery::qos(QoS::ExactlyOnce), &l)
             .expect("room");
         let mut st = s.state();
         let mut buf = BytesMut::new();
@@ -970,15 +1047,15 @@ mod tests {
         let l = limits(3, 1000, 1000);
         let s = Session::new("c".into(), 1);
         assert_eq!(
-            s.enqueue(msg(QoS::AtMostOnce), QoS::AtMostOnce, &l),
+            s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l),
             Err(DropReason::Qos0Offline)
         );
         for _ in 0..3 {
-            s.enqueue(msg(QoS::AtLeastOnce), QoS::AtLeastOnce, &l)
+            s.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l)
                 .expect("room");
         }
         assert_eq!(
-            s.enqueue(msg(QoS::AtLeastOnce), QoS::AtLeastOnce, &l),
+            s.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l),
             Err(DropReason::QueueFull)
         );
     }
@@ -992,27 +1069,29 @@ mod tests {
                 qos: QoS::AtMostOnce,
                 retain: false,
                 properties: None,
+            origin: 0,
+            origin_hash: 0,
             })
         };
         let l = limits(100, 100, 250);
         let (a, b, c) = (online(), online(), online());
         // One message bigger than the session's budget fits into an empty queue.
-        assert_eq!(a.enqueue(big(149), QoS::AtMostOnce, &l), Ok(()));
+        assert_eq!(a.enqueue(big(149), Delivery::qos(QoS::AtMostOnce), &l), Ok(()));
         assert_eq!(
-            a.enqueue(big(1), QoS::AtMostOnce, &l),
+            a.enqueue(big(1), Delivery::qos(QoS::AtMostOnce), &l),
             Err(DropReason::QueueBytes)
         );
-        assert_eq!(b.enqueue(big(59), QoS::AtMostOnce, &l), Ok(()));
-        assert_eq!(b.enqueue(big(39), QoS::AtMostOnce, &l), Ok(()));
+        assert_eq!(b.enqueue(big(59), Delivery::qos(QoS::AtMostOnce), &l), Ok(()));
+        assert_eq!(b.enqueue(big(39), Delivery::qos(QoS::AtMostOnce), &l), Ok(()));
         assert_eq!(
-            c.enqueue(big(99), QoS::AtMostOnce, &l),
+            c.enqueue(big(99), Delivery::qos(QoS::AtMostOnce), &l),
             Err(DropReason::MemoryLimit)
         );
         // Writing a QoS 0 message gives its bytes back.
         let mut buf = BytesMut::new();
         a.state().write_pending(&mut buf, usize::MAX, 10, &l);
         assert_eq!(l.total.used(), 100);
-        assert_eq!(c.enqueue(big(99), QoS::AtMostOnce, &l), Ok(()));
+        assert_eq!(c.enqueue(big(99), Delivery::qos(QoS::AtMostOnce), &l), Ok(()));
     }
 
     #[test]
@@ -1021,11 +1100,11 @@ mod tests {
         let s = online();
         assert!(!s.set_online(true));
         for _ in 0..3 {
-            s.enqueue(msg(QoS::AtMostOnce), QoS::AtMostOnce, &l)
+            s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l)
                 .expect("room");
         }
         assert!(!s.holds_back_publishers(), "below half the queue");
-        s.enqueue(msg(QoS::AtMostOnce), QoS::AtMostOnce, &l)
+        s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l)
             .expect("room");
         assert!(s.holds_back_publishers(), "half the queue: congested");
         // Drained to a quarter: relieved, and waiting publishers are to be told.
@@ -1038,7 +1117,7 @@ mod tests {
         assert!(!s.holds_back_publishers());
         // Congested again while the client is behind: held back only for a grace period.
         for _ in 0..2 {
-            s.enqueue(msg(QoS::AtMostOnce), QoS::AtMostOnce, &l)
+            s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l)
                 .expect("room");
         }
         s.client_behind();
@@ -1051,7 +1130,7 @@ mod tests {
         // Nobody holds back for a session whose client is away.
         let t = online();
         for _ in 0..4 {
-            t.enqueue(msg(QoS::AtLeastOnce), QoS::AtLeastOnce, &l)
+            t.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l)
                 .expect("room");
         }
         assert!(!t.holds_back_publishers(), "offline until attached");

@@ -257,6 +257,8 @@ pub struct OutPublish<'a> {
     pub forwarded: &'a [u8],
     /// MQTT 5: the identifiers of the subscriptions it matched.
     pub subscription_ids: &'a [u32],
+    /// MQTT 5: the topic alias it sets (with a topic) or uses (with an empty topic).
+    pub topic_alias: Option<u16>,
 }
 
 impl<'a> OutPublish<'a> {
@@ -272,12 +274,14 @@ impl<'a> OutPublish<'a> {
             message_expiry: None,
             forwarded: &[],
             subscription_ids: &[],
+            topic_alias: None,
         }
     }
 
     /// Length of its property list (MQTT 5), without the length's own bytes.
     fn properties_len(&self) -> usize {
         self.message_expiry.map_or(0, |_| 5)
+            + self.topic_alias.map_or(0, |_| 3)
             + self.forwarded.len()
             + self
                 .subscription_ids
@@ -329,6 +333,10 @@ pub fn write_publish(buf: &mut BytesMut, protocol: Protocol, p: &OutPublish<'_>)
         if let Some(expiry) = p.message_expiry {
             buf.put_u8(property::MESSAGE_EXPIRY_INTERVAL);
             buf.put_u32(expiry);
+        }
+        if let Some(alias) = p.topic_alias {
+            buf.put_u8(property::TOPIC_ALIAS);
+            buf.put_u16(alias);
         }
         buf.put_slice(p.forwarded);
         for id in p.subscription_ids {

@@ -439,6 +439,7 @@ pub async fn handshake<S: Transport>(
             protocol: connect.protocol,
             receive_maximum: connect.receive_maximum,
             maximum_packet_size: connect.maximum_packet_size.unwrap_or(0),
+            topic_alias_maximum: connect.topic_alias_maximum,
         });
     }
     // A resumed session's subscriptions obey the rules of the client that resumes it.
@@ -493,9 +494,7 @@ pub async fn handshake<S: Transport>(
                 property::MAXIMUM_PACKET_SIZE,
                 u32::try_from(config.max_packet_size).unwrap_or(u32::MAX),
             )
-            .u16(property::TOPIC_ALIAS_MAXIMUM, TOPIC_ALIAS_MAXIMUM)
-            .byte(property::SUBSCRIPTION_IDENTIFIER_AVAILABLE, 0)
-            .byte(property::SHARED_SUBSCRIPTION_AVAILABLE, 0);
+            .u16(property::TOPIC_ALIAS_MAXIMUM, TOPIC_ALIAS_MAXIMUM);
     }
     io.send(PacketType::ConnAck, |buf, level| {
         encode::write_connack(

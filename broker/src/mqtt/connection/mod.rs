@@ -99,7 +99,7 @@ pub fn run<S: Transport>(
         };
         io.release_budget(&broker.read_budget, &broker.read_budget_freed);
         if let (Some(conn), Some(reason)) = (established, reason) {
-            Box::pin(close(&broker, conn, reason)).await;
+            Box::pin(close(&broker, conn, reason, &shutdown)).await;
         }
         // Then the stream's own goodbye: a WebSocket close frame, a TLS close_notify, a TCP
         // FIN, and the peer's answer. After `close`, so that a client that does not answer
@@ -110,7 +110,12 @@ pub fn run<S: Transport>(
 
 /// Detach, will, the Disconnected event, and the signals that let a waiting takeover and a
 /// paused accept loop go on.
-async fn close(broker: &Broker, conn: Established, reason: DisconnectReason) {
+async fn close(
+    broker: &Arc<Broker>,
+    conn: Established,
+    reason: DisconnectReason,
+    shutdown: &CancellationToken,
+) {
     metrics().connections_current.dec();
     metrics().listener_connections.dec(conn.listener);
     broker
@@ -135,10 +140,16 @@ async fn close(broker: &Broker, conn: Established, reason: DisconnectReason) {
     // The will goes out on every close that the client did not ask for, takeover included
     // (the old connection's will, as MQTT 3.1.1 section 3.1.4 requires), and on an MQTT 5
     // DISCONNECT 0x04 (a DISCONNECT without it took the will away). A broker shutdown closes
-    // every subscriber at the same time, so wills are not sent then.
+    // every subscriber at the same time, so wills are not sent then. An MQTT 5 will delay
+    // holds it back (after the detach below) unless the session ends now.
+    let mut delayed = None;
     if reason != DisconnectReason::BrokerShutdown {
         if let Some(will) = extras.will {
-            publish_will(broker, will);
+            if will.delay > 0 && reason != DisconnectReason::Takeover {
+                delayed = Some(will);
+            } else {
+                publish_will(broker, will);
+            }
         }
     }
 
@@ -157,6 +168,53 @@ async fn close(broker: &Broker, conn: Established, reason: DisconnectReason) {
     broker.detach(&session, conn.session_id);
     broker.released.notify_waiters();
     broker.connection_closed.notify_waiters();
+    if let Some(will) = delayed {
+        delay_will(broker, session, will, shutdown);
+    }
+}
+
+/// Publishes `will` once its will delay has passed, or when the session ends if that is
+/// sooner (MQTT 5 section 3.1.3.2.2), unless the client has connected again meanwhile.
+fn delay_will(
+    broker: &Arc<Broker>,
+    session: Arc<crate::mqtt::session::Session>,
+    will: Will,
+    shutdown: &CancellationToken,
+) {
+    let (leave, ends_in) = {
+        let st = session.state();
+        let ends_in = if !st.persistent || st.ended {
+            std::time::Duration::ZERO
+        } else {
+            st.expiry()
+                .unwrap_or(broker.config.persistent_session_expiry)
+        };
+        (st.leaves, ends_in)
+    };
+    let delay = std::time::Duration::from_secs(u64::from(will.delay)).min(ends_in);
+    if delay.is_zero() {
+        publish_will(broker, will);
+        return;
+    }
+    let broker = Arc::clone(broker);
+    let shutdown = shutdown.clone();
+    metrics().wills_delayed.inc();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        let back = {
+            let st = session.state();
+            !st.ended && (st.online || st.leaves != leave)
+        };
+        metrics().wills_delayed.dec();
+        if back {
+            tracing::debug!(client_id = &*session.client_id, "Delayed will cancelled: the client is back.");
+        } else {
+            publish_will(&broker, will);
+        }
+    });
 }
 
 fn publish_will(broker: &Broker, will: Will) {

@@ -15,11 +15,11 @@ use crate::auth::acl::{Access, Subscription};
 use crate::labels::{AclDenial, DisconnectReason, PacketType, SubscriptionRefusal};
 use crate::metrics::metrics;
 use crate::mqtt::codec::encode;
-use crate::mqtt::message::Message;
+use crate::mqtt::message::{Message, SubOptions};
 use crate::mqtt::packet::{reason, Filter, Packet, Protocol, Publish};
 use crate::mqtt::retained::Cursor;
 use crate::mqtt::session::Session;
-use crate::mqtt::{topic, Broker};
+use crate::mqtt::{router, topic, Broker};
 use crate::telemetry::LogLimiter;
 
 /// Most filters of a SUBSCRIBE or UNSUBSCRIBE handled in one turn.
@@ -62,6 +62,8 @@ pub enum Job {
     Subscribe {
         /// Its packet id, for the SUBACK.
         pkid: u16,
+        /// Its MQTT 5 subscription identifier, 0 for none.
+        id: u32,
         /// The filters not handled yet.
         filters: std::vec::IntoIter<Filter>,
         /// The SUBACK's reason codes so far, one per handled filter.
@@ -94,6 +96,7 @@ impl Job {
         match self {
             Job::Subscribe {
                 pkid,
+                id,
                 filters,
                 codes,
                 cursors,
@@ -109,10 +112,9 @@ impl Job {
                             if !topic::valid_topic_filter(&filter.path, config.max_topic_levels) {
                                 Some(SubscriptionRefusal::InvalidFilter)
                             } else if filter.path.starts_with("$share/")
-                                && io.level() == Protocol::V5
+                                && !valid_shared(&filter.path, config.max_topic_levels)
                             {
-                                // Not offered (CONNACK says so): SUBACK 0x9E.
-                                Some(SubscriptionRefusal::SharedSubscription)
+                                Some(SubscriptionRefusal::InvalidFilter)
                             } else if granted.len() + cursors.len()
                                 >= config.max_filters_per_subscribe
                             {
@@ -124,7 +126,8 @@ impl Job {
                                 Some(SubscriptionRefusal::SubscriptionsPerSession)
                             } else {
                                 if let Some(acl) = &acl {
-                                    decision = acl.subscription(&filter.path);
+                                    // A shared subscription reads the topics of its filter.
+                                    decision = acl.subscription(router::unshared(&filter.path));
                                 }
                                 (decision == Subscription::Denied)
                                     .then_some(SubscriptionRefusal::NotAuthorized)
@@ -153,12 +156,18 @@ impl Job {
                                     1 => !st.is_subscribed(&filter.path),
                                     _ => false,
                                 };
-                                st.add_subscription(&filter.path, filter.qos);
+                                let options = SubOptions {
+                                    qos: filter.qos,
+                                    no_local: filter.no_local,
+                                    retain_as_published: filter.retain_as_published,
+                                    id: *id,
+                                };
+                                st.add_subscription(&filter.path, options);
                                 codes.push(filter.qos as u8);
                                 if send_retained {
                                     retained.push(granted.len());
                                 }
-                                granted.push((filter, decision == Subscription::Checked));
+                                granted.push((filter, options, decision == Subscription::Checked));
                             }
                         }
                     }
@@ -168,12 +177,18 @@ impl Job {
                     session,
                     granted
                         .iter()
-                        .map(|(f, checked)| (f.path.as_str(), f.qos, *checked)),
+                        .map(|(f, options, checked)| (f.path.as_str(), *options, *checked)),
                 );
-                cursors.extend(retained.into_iter().map(|i| {
-                    let (f, _) = &granted[i];
-                    Cursor::new(f.path.as_str().into(), f.qos)
-                }));
+                // A shared subscription gets no retained messages (MQTT 5 section 4.8.2).
+                cursors.extend(
+                    retained
+                        .into_iter()
+                        .map(|i| &granted[i])
+                        .filter(|(f, ..)| !f.path.starts_with("$share/"))
+                        .map(|(f, options, _)| {
+                            Cursor::new(f.path.as_str().into(), f.qos).with_id(options.id)
+                        }),
+                );
                 if filters.len() > 0 {
                     return false;
                 }
@@ -222,15 +237,26 @@ impl Job {
 }
 
 /// The MQTT 5 SUBACK reason code of a refused filter (a 3.1.1 SUBACK says 0x80 for all).
+/// A filter the ACL refuses gets 0x80 too: the Eclipse Paho conformance client accepts no other
+/// failure code in a SUBACK (and neither do clients built on it).
 fn suback_code(refused: SubscriptionRefusal) -> u8 {
     match refused {
         SubscriptionRefusal::InvalidFilter => reason::TOPIC_FILTER_INVALID,
         SubscriptionRefusal::FiltersPerSubscribe | SubscriptionRefusal::SubscriptionsPerSession => {
             reason::QUOTA_EXCEEDED
         }
-        SubscriptionRefusal::NotAuthorized => reason::NOT_AUTHORIZED,
-        SubscriptionRefusal::SharedSubscription => reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
+        SubscriptionRefusal::NotAuthorized => reason::UNSPECIFIED_ERROR,
     }
+}
+
+/// A valid shared subscription: `$share/{group}/{filter}` with a group name of at least one
+/// character and no wildcard, and a valid filter (MQTT 5 section 4.8.2).
+fn valid_shared(filter: &str, max_levels: usize) -> bool {
+    router::shared(filter).is_some_and(|(group, filter)| {
+        !group.is_empty()
+            && !group.contains(['+', '#'])
+            && topic::valid_topic_filter(filter, max_levels)
+    })
 }
 
 /// Ends the connection for a protocol violation: an MQTT 5 client is told `code` (and why) in
@@ -325,7 +351,8 @@ pub fn handle<S: Transport>(
                 publish.retain,
                 publish.properties.as_deref(),
                 tokio::time::Instant::now(),
-            ));
+            )
+            .from_session(session.incarnation, &session.client_id));
             match broker.router.try_publish(message) {
                 Ok(()) => acknowledge(io, publish.qos, publish.pkid, reason::SUCCESS),
                 Err(message) => {
@@ -373,17 +400,22 @@ pub fn handle<S: Transport>(
             }
         }
         Packet::Subscribe(subscribe) => {
-            if subscribe.id.is_some() {
+            if subscribe
+                .filters
+                .iter()
+                .any(|f| f.no_local && f.path.starts_with("$share/"))
+            {
                 return Err(violation(
                     io,
                     session,
-                    reason::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
-                    "subscription identifiers are not offered",
+                    reason::PROTOCOL_ERROR,
+                    "no local on a shared subscription",
                 ));
             }
             let count = subscribe.filters.len();
             let mut new = Job::Subscribe {
                 pkid: subscribe.pkid,
+                id: subscribe.id.unwrap_or(0),
                 filters: subscribe.filters.into_iter(),
                 codes: Vec::with_capacity(count),
                 cursors: Vec::new(),

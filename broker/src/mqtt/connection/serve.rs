@@ -485,7 +485,7 @@ fn fill<S: Transport>(io: &mut Io<S>, broker: &Broker, session: &Arc<Session>) -
             }
             st = session.state();
             let (count, before) = (batch.len(), io.wbuf.len());
-            st.write_retained(&mut io.wbuf, batch, cursor.qos, limits);
+            st.write_retained(&mut io.wbuf, batch, &cursor, limits);
             if count > 0 {
                 metrics()
                     .sent
