@@ -1,13 +1,17 @@
-//! MQTT 5 end to end: the server's DISCONNECT reason codes as a real client sees them (rumqttc's
-//! v5 client), CONNACK properties, reason codes on acknowledgements, protocol
+//! MQTT 5 end to end: the server's DISCONNECT reason codes as real clients see them (rumqttc's
+//! v5 client, MQTT.js), CONNACK properties, reason codes on acknowledgements, protocol
 //! violations answered with a DISCONNECT, message properties forwarded (and left out for a
 //! 3.1.1 subscriber), message and session expiry, the will on DISCONNECT 0x04, inbound topic
 //! aliases, and the client's maximum packet size and receive maximum honoured on delivery.
+//! Debian's mosquitto_pub/mosquitto_sub and MQTT.js (broker/tests/js/mqttjs5-client.mjs) pass
+//! properties through at protocol level 5.
 //!
 //! Most tests speak raw MQTT 5 through rumqttc's v5 packet codec ([`V5`]), which lets them send
 //! any packet and see every packet the broker answers, reason codes and properties included.
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
 use broker::config::AuthConfig;
@@ -25,6 +29,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use testkit::{temp_dir, ConnectOpts, RawClient, TestBroker, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::process::Command;
 use tokio::sync::mpsc;
 
 /// A client that speaks raw MQTT 5 bytes through rumqttc's v5 packet codec.
@@ -970,4 +975,142 @@ async fn client_receive_maximum_bounds_the_messages_in_flight() {
     for i in 4..=5u16 {
         assert_eq!(&sub.publish_received().await.payload[..], &i.to_be_bytes());
     }
+}
+
+/// Runs `program` with `args` to its end (bounded); its exit success and output. `None`
+/// when the program is not installed.
+async fn run(program: &str, args: &[&str]) -> Option<(bool, String, String)> {
+    let out = tokio::time::timeout(
+        WAIT,
+        Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{program} did not finish within {WAIT:?}"));
+    match out {
+        Ok(out) => Some((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => panic!("cannot run {program}: {e}"),
+    }
+}
+
+/// Debian's mosquitto_pub and mosquitto_sub at MQTT 5: user properties, content type and
+/// response topic set with `-D publish ...` reach mosquitto_sub's `-F '%P ...'`. The
+/// subscriber keeps a session (`-c -x 60`) so the message waits for it: no race between the
+/// two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_clients_v5_pass_properties_through() {
+    let broker = TestBroker::start().await;
+    let port = broker.addr.port().to_string();
+    let base = ["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-q", "1"];
+    let session = ["-i", "msub", "-c", "-x", "60", "-t", "mprops/#"];
+    let args: Vec<&str> = base
+        .iter()
+        .chain(&session)
+        .chain(&["-E"])
+        .copied()
+        .collect();
+    let Some((ok, out, err)) = run("mosquitto_sub", &args).await else {
+        panic!(
+            "mosquitto_sub is not installed: install Debian's mosquitto-clients (./test.sh does)"
+        );
+    };
+    assert!(ok, "mosquitto_sub -E: {out}{err}");
+    let publish = [
+        "-i",
+        "mpub",
+        "-t",
+        "mprops/1",
+        "-m",
+        "hi",
+        "-D",
+        "publish",
+        "user-property",
+        "k",
+        "v",
+        "-D",
+        "publish",
+        "user-property",
+        "k2",
+        "v2",
+        "-D",
+        "publish",
+        "content-type",
+        "text/x",
+        "-D",
+        "publish",
+        "response-topic",
+        "mreply",
+    ];
+    let args: Vec<&str> = base.iter().chain(&publish).copied().collect();
+    let (ok, out, err) = run("mosquitto_pub", &args)
+        .await
+        .expect("mosquitto_pub is installed (Debian's mosquitto-clients, ./test.sh)");
+    assert!(ok, "mosquitto_pub: {out}{err}");
+    let receive = ["-C", "1", "-W", "9", "-F", "%t|%p|%P|%C|%R"];
+    let args: Vec<&str> = base
+        .iter()
+        .chain(&session)
+        .chain(&receive)
+        .copied()
+        .collect();
+    let (ok, out, err) = run("mosquitto_sub", &args)
+        .await
+        .expect("mosquitto_sub is installed (Debian's mosquitto-clients, ./test.sh)");
+    assert!(ok, "mosquitto_sub: {out}{err}");
+    assert_eq!(out.trim(), "mprops/1|hi|k:v k2:v2|text/x|mreply");
+}
+
+/// The MQTT 5 script of broker/tests/js; fails with what to do when node or MQTT.js is not
+/// installed.
+async fn mqttjs5() -> &'static str {
+    if run("node", &["--version"]).await.is_none() {
+        panic!("node is not installed (./test.sh installs it)");
+    }
+    let modules = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/js/node_modules/mqtt");
+    assert!(
+        Path::new(modules).is_dir(),
+        "MQTT.js is not installed: run ./test.sh (or npm ci --prefix broker/tests/js)"
+    );
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/js/mqttjs5-client.mjs")
+}
+
+/// MQTT.js at protocol level 5: connects, subscribes, publishes with user properties and
+/// receives them back unchanged and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqttjs_v5_user_properties_round_trip() {
+    let broker = TestBroker::start().await;
+    let url = format!("mqtt://127.0.0.1:{}", broker.addr.port());
+    let script = mqttjs5().await;
+    let (ok, out, err) = run("node", &[script, "echo", &url, "js5-echo"])
+        .await
+        .expect("node installed");
+    assert!(ok, "MQTT.js: {out}{err}");
+    assert!(
+        out.contains(r#""userProperties":{"b":["2","3"],"a":"1"}"#),
+        "user properties back: {out}"
+    );
+}
+
+/// An MQTT.js client at protocol level 5 that is taken over sees reason code 0x8E (142) on
+/// its 'disconnect' event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqttjs_v5_sees_takeover_0x8e() {
+    let mut broker = TestBroker::start().await;
+    let url = format!("mqtt://127.0.0.1:{}", broker.addr.port());
+    let script = mqttjs5().await;
+    let js =
+        tokio::spawn(async move { run("node", &[script, "takeover", &url, "js5-twin"]).await });
+    broker.connected("js5-twin").await;
+    let _second = V5::connect(broker.addr, "js5-twin").await;
+    let (ok, out, err) = js.await.expect("node task").expect("node installed");
+    assert!(ok, "MQTT.js: {out}{err}");
+    assert!(out.contains(r#""reasonCode":142"#), "{out}");
 }
