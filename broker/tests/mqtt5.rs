@@ -843,10 +843,12 @@ async fn disconnect_with_will_message_publishes_the_will() {
 }
 
 /// Inbound topic aliases: a PUBLISH with a topic and an alias sets it, one with the alias
-/// alone is routed to that topic; two aliases are kept apart.
+/// alone is routed to that topic; two aliases are kept apart, an alias can be set anew, and
+/// the subscriber (topic alias maximum 0) gets full topics and no alias. The mappings end with
+/// the connection (MQTT 5 section 3.3.2.3.4): the alias alone on a new one is a protocol error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbound_topic_aliases_route_to_their_topics() {
-    let broker = TestBroker::start().await;
+    let mut broker = TestBroker::start().await;
     let mut sub = V5::connect(broker.addr, "alias-sub").await;
     sub.subscribe(&[("alias/#", QoS::AtLeastOnce)]).await;
     let mut publisher = V5::connect(broker.addr, "alias-pub").await;
@@ -862,6 +864,9 @@ async fn inbound_topic_aliases_route_to_their_topics() {
         ("alias/two", 2, "3"),
         ("", 2, "4"),
         ("", 1, "5"),
+        ("alias/three", 1, "6"),
+        ("", 1, "7"),
+        ("", 2, "8"),
     ];
     for (i, (topic, n, payload)) in sends.into_iter().enumerate() {
         let pkid = u16::try_from(i + 1).expect("small");
@@ -873,9 +878,10 @@ async fn inbound_topic_aliases_route_to_their_topics() {
         );
     }
     let mut got = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..sends.len() {
         let p = sub.publish_received().await;
         sub.send(&Packet::PubAck(PubAck::new(p.pkid, None))).await;
+        assert_eq!(p.properties.and_then(|p| p.topic_alias), None);
         got.push((
             String::from_utf8(p.topic.to_vec()).expect("UTF-8"),
             String::from_utf8(p.payload.to_vec()).expect("UTF-8"),
@@ -887,10 +893,40 @@ async fn inbound_topic_aliases_route_to_their_topics() {
         ("alias/two", "3"),
         ("alias/two", "4"),
         ("alias/one", "5"),
+        ("alias/three", "6"),
+        ("alias/three", "7"),
+        ("alias/two", "8"),
     ]
     .map(|(t, p)| (t.to_owned(), p.to_owned()))
     .to_vec();
     assert_eq!(got, want);
+
+    publisher
+        .disconnect(DisconnectReasonCode::NormalDisconnection, None)
+        .await;
+    let mut again = V5::connect(broker.addr, "alias-pub").await;
+    event_of(&mut broker, "alias-pub", |e| {
+        matches!(e, ConnectionEvent::Connected { .. })
+    })
+    .await;
+    event_of(&mut broker, "alias-pub", |e| {
+        matches!(e, ConnectionEvent::Disconnected { .. })
+    })
+    .await;
+    event_of(&mut broker, "alias-pub", |e| {
+        matches!(e, ConnectionEvent::Connected { .. })
+    })
+    .await;
+    again.publish("", QoS::AtMostOnce, b"9", 0, alias(1)).await;
+    again
+        .disconnected_with(
+            DisconnectReasonCode::ProtocolError,
+            "alias of an old connection",
+        )
+        .await;
+    broker
+        .disconnected("alias-pub", DisconnectReason::ProtocolError)
+        .await;
 }
 
 /// A message larger than the maximum packet size an MQTT 5 subscriber declared is not sent to
