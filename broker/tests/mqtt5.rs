@@ -420,6 +420,13 @@ async fn connack_properties() {
     assert_eq!(p.session_expiry_interval, None);
     assert_eq!(p.receive_max, Some(7));
     broker.connected("modest").await;
+
+    // Keep-alive 0 ("none") is above any maximum: the CONNACK sets one.
+    let mut asked = connect("timeless", true, ConnectProperties::new());
+    asked.keep_alive = 0;
+    let (_c, ack) = V5::connect_with(broker.addr, asked, None).await;
+    assert_eq!(ack.properties.and_then(|p| p.server_keep_alive), Some(20));
+    broker.connected("timeless").await;
 }
 
 /// The ACL of [`acks_carry_reason_codes`]: anonymous clients may read `public/#` only.
@@ -1160,6 +1167,40 @@ async fn refused_connect_gets_an_mqtt5_connack_reason_code() {
         assert_eq!(c.recv().await, None, "{id:?}: closed after the CONNACK");
     }
     broker.no_event_pending();
+}
+
+/// A resumed session's queued QoS 1 messages obey the receive maximum of the connection that
+/// resumes it: one at a time with receive maximum 1, the next after each PUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_obeys_the_new_receive_maximum() {
+    let broker = TestBroker::start().await;
+    let (mut sub, _) =
+        V5::connect_with(broker.addr, connect("resumer", true, expiry(60)), None).await;
+    sub.subscribe(&[("resume/#", QoS::AtLeastOnce)]).await;
+    sub.disconnect(DisconnectReasonCode::NormalDisconnection, None)
+        .await;
+    let mut publisher = V5::connect(broker.addr, "resume-pub").await;
+    for i in 1..=3u16 {
+        publisher
+            .publish("resume/t", QoS::AtLeastOnce, &i.to_be_bytes(), i, None)
+            .await;
+    }
+    let props = ConnectProperties {
+        receive_maximum: Some(1),
+        ..expiry(60)
+    };
+    let (mut sub, ack) =
+        V5::connect_with(broker.addr, connect("resumer", false, props), None).await;
+    assert!(ack.session_present);
+    for i in 1..=3u16 {
+        let p = sub.publish_received().await;
+        assert_eq!(&p.payload[..], &i.to_be_bytes());
+        assert!(
+            sub.recv_within(Duration::from_millis(200)).await.is_err(),
+            "a second message in flight with receive maximum 1"
+        );
+        sub.send(&Packet::PubAck(PubAck::new(p.pkid, None))).await;
+    }
 }
 
 /// Runs `program` with `args` to its end (bounded); its exit success and output. `None`
