@@ -122,7 +122,12 @@ impl Node {
 
     /// Removes `key` under the path (from `group` when given); prunes nodes left empty.
     /// Returns whether it was there.
-    fn remove(&mut self, mut levels: std::str::Split<'_, char>, group: Option<&str>, key: u64) -> bool {
+    fn remove(
+        &mut self,
+        mut levels: std::str::Split<'_, char>,
+        group: Option<&str>,
+        key: u64,
+    ) -> bool {
         match levels.next() {
             None => match group {
                 None => self.subscribers.remove(&key).is_some(),
@@ -153,12 +158,7 @@ impl Node {
     }
 
     /// Collects the subscribers of every filter below this node that matches `levels`.
-    fn collect<'a>(
-        &'a self,
-        m: &Matching<'_>,
-        depth: usize,
-        out: &mut HashMap<u64, Target<'a>>,
-    ) {
+    fn collect<'a>(&'a self, m: &Matching<'_>, depth: usize, out: &mut HashMap<u64, Target<'a>>) {
         let levels = &m.levels[depth..];
         // Topics starting with '$' are not matched by a wildcard in the first level.
         let dollar = depth == 0 && levels.first().is_some_and(|l| l.starts_with('$'));

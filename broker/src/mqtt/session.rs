@@ -226,8 +226,8 @@ impl SessionState {
     pub fn apply_acl(&mut self, acl: Option<Arc<ClientAcl>>) -> AclChanges {
         let mut changes = AclChanges::default();
         if let Some(rules) = &acl {
-            self.subscriptions
-                .retain(|filter, options| match rules.subscription(super::router::unshared(filter)) {
+            self.subscriptions.retain(|filter, options| {
+                match rules.subscription(super::router::unshared(filter)) {
                     Subscription::Denied => {
                         changes.revoked.push(filter.clone());
                         false
@@ -240,7 +240,8 @@ impl SessionState {
                         ));
                         true
                     }
-                });
+                }
+            });
         } else if self.acl.is_some() {
             changes.kept = self
                 .subscriptions
@@ -1069,20 +1070,29 @@ mod tests {
                 qos: QoS::AtMostOnce,
                 retain: false,
                 properties: None,
-            origin: 0,
-            origin_hash: 0,
+                origin: 0,
+                origin_hash: 0,
             })
         };
         let l = limits(100, 100, 250);
         let (a, b, c) = (online(), online(), online());
         // One message bigger than the session's budget fits into an empty queue.
-        assert_eq!(a.enqueue(big(149), Delivery::qos(QoS::AtMostOnce), &l), Ok(()));
+        assert_eq!(
+            a.enqueue(big(149), Delivery::qos(QoS::AtMostOnce), &l),
+            Ok(())
+        );
         assert_eq!(
             a.enqueue(big(1), Delivery::qos(QoS::AtMostOnce), &l),
             Err(DropReason::QueueBytes)
         );
-        assert_eq!(b.enqueue(big(59), Delivery::qos(QoS::AtMostOnce), &l), Ok(()));
-        assert_eq!(b.enqueue(big(39), Delivery::qos(QoS::AtMostOnce), &l), Ok(()));
+        assert_eq!(
+            b.enqueue(big(59), Delivery::qos(QoS::AtMostOnce), &l),
+            Ok(())
+        );
+        assert_eq!(
+            b.enqueue(big(39), Delivery::qos(QoS::AtMostOnce), &l),
+            Ok(())
+        );
         assert_eq!(
             c.enqueue(big(99), Delivery::qos(QoS::AtMostOnce), &l),
             Err(DropReason::MemoryLimit)
@@ -1091,7 +1101,10 @@ mod tests {
         let mut buf = BytesMut::new();
         a.state().write_pending(&mut buf, usize::MAX, 10, &l);
         assert_eq!(l.total.used(), 100);
-        assert_eq!(c.enqueue(big(99), Delivery::qos(QoS::AtMostOnce), &l), Ok(()));
+        assert_eq!(
+            c.enqueue(big(99), Delivery::qos(QoS::AtMostOnce), &l),
+            Ok(())
+        );
     }
 
     #[test]

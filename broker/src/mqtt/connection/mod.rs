@@ -210,7 +210,10 @@ fn delay_will(
         };
         metrics().wills_delayed.dec();
         if back {
-            tracing::debug!(client_id = &*session.client_id, "Delayed will cancelled: the client is back.");
+            tracing::debug!(
+                client_id = &*session.client_id,
+                "Delayed will cancelled: the client is back."
+            );
         } else {
             publish_will(&broker, will);
         }

@@ -108,30 +108,23 @@ impl Job {
                     let acl = st.acl.clone();
                     for filter in filters.by_ref().take(FILTER_BUDGET) {
                         let mut decision = Subscription::Allowed;
-                        let refusal =
-                            if !topic::valid_topic_filter(&filter.path, config.max_topic_levels) {
-                                Some(SubscriptionRefusal::InvalidFilter)
-                            } else if filter.path.starts_with("$share/")
-                                && !valid_shared(&filter.path, config.max_topic_levels)
-                            {
-                                Some(SubscriptionRefusal::InvalidFilter)
-                            } else if granted.len() + cursors.len()
-                                >= config.max_filters_per_subscribe
-                            {
-                                Some(SubscriptionRefusal::FiltersPerSubscribe)
-                            } else if st.subscription_count()
-                                >= config.max_subscriptions_per_session
-                                && !st.is_subscribed(&filter.path)
-                            {
-                                Some(SubscriptionRefusal::SubscriptionsPerSession)
-                            } else {
-                                if let Some(acl) = &acl {
-                                    // A shared subscription reads the topics of its filter.
-                                    decision = acl.subscription(router::unshared(&filter.path));
-                                }
-                                (decision == Subscription::Denied)
-                                    .then_some(SubscriptionRefusal::NotAuthorized)
-                            };
+                        let refusal = if !valid_filter(&filter.path, config.max_topic_levels) {
+                            Some(SubscriptionRefusal::InvalidFilter)
+                        } else if granted.len() + cursors.len() >= config.max_filters_per_subscribe
+                        {
+                            Some(SubscriptionRefusal::FiltersPerSubscribe)
+                        } else if st.subscription_count() >= config.max_subscriptions_per_session
+                            && !st.is_subscribed(&filter.path)
+                        {
+                            Some(SubscriptionRefusal::SubscriptionsPerSession)
+                        } else {
+                            if let Some(acl) = &acl {
+                                // A shared subscription reads the topics of its filter.
+                                decision = acl.subscription(router::unshared(&filter.path));
+                            }
+                            (decision == Subscription::Denied)
+                                .then_some(SubscriptionRefusal::NotAuthorized)
+                        };
                         match refusal {
                             Some(refused) => {
                                 metrics().subscriptions_refused.inc(refused);
@@ -249,9 +242,12 @@ fn suback_code(refused: SubscriptionRefusal) -> u8 {
     }
 }
 
-/// A valid shared subscription: `$share/{group}/{filter}` with a group name of at least one
-/// character and no wildcard, and a valid filter (MQTT 5 section 4.8.2).
-fn valid_shared(filter: &str, max_levels: usize) -> bool {
+/// A valid topic filter; a shared subscription `$share/{group}/{filter}` needs a group name
+/// of at least one character and no wildcard, and a valid filter (MQTT 5 section 4.8.2).
+fn valid_filter(filter: &str, max_levels: usize) -> bool {
+    if !filter.starts_with("$share/") {
+        return topic::valid_topic_filter(filter, max_levels);
+    }
     router::shared(filter).is_some_and(|(group, filter)| {
         !group.is_empty()
             && !group.contains(['+', '#'])
@@ -344,15 +340,17 @@ pub fn handle<S: Transport>(
                 acknowledge(io, publish.qos, publish.pkid, reason::NOT_AUTHORIZED);
                 return Ok(Handled::Done);
             }
-            let message = Arc::new(Message::new(
-                publish.topic.into_boxed_str(),
-                Bytes::copy_from_slice(&publish.payload),
-                publish.qos,
-                publish.retain,
-                publish.properties.as_deref(),
-                tokio::time::Instant::now(),
-            )
-            .from_session(session.incarnation, &session.client_id));
+            let message = Arc::new(
+                Message::new(
+                    publish.topic.into_boxed_str(),
+                    Bytes::copy_from_slice(&publish.payload),
+                    publish.qos,
+                    publish.retain,
+                    publish.properties.as_deref(),
+                    tokio::time::Instant::now(),
+                )
+                .from_session(session.incarnation, &session.client_id),
+            );
             match broker.router.try_publish(message) {
                 Ok(()) => acknowledge(io, publish.qos, publish.pkid, reason::SUCCESS),
                 Err(message) => {
