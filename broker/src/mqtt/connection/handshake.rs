@@ -421,10 +421,7 @@ pub async fn handshake<S: Transport>(
         }
         attached = attach => attached,
     };
-    broker.router.unsubscribe(
-        session.incarnation,
-        attached.dropped_subscriptions.iter().map(|f| &**f),
-    );
+    broker.forget(&session, attached.dropped);
     {
         let mut st = session.state();
         st.login = verified_user
