@@ -1,8 +1,9 @@
 //! A fuzz harness for the connection state machine, on the stable toolchain (proptest): random
 //! sequences of client packets — valid ones in any order (acknowledgements of nothing, PUBREL
 //! before PUBLISH, a second CONNECT, SUBSCRIBE and UNSUBSCRIBE of anything, server-only
-//! packets) mixed with mutated bytes — sent after a CONNECT, each on a connection of its own,
-//! to one broker. Properties: the broker answers or closes every connection (none hangs), its
+//! packets; for MQTT 5 with properties, topic aliases, subscription options and AUTH) mixed
+//! with mutated bytes — sent after a CONNECT of either protocol level, each on a connection of
+//! its own, to one broker. Properties: the broker answers or closes every connection (none hangs), its
 //! task never ends (no panic), and a bystander connected throughout keeps being served.
 //!
 //! `FUZZ_CASES` sets the sequences (default 300); the long run:
@@ -104,6 +105,88 @@ fn packet_bytes() -> impl Strategy<Value = Vec<u8>> {
         p.pkid = 1;
         encode(&Packet::Publish(p)).to_vec()
     })
+}
+
+/// MQTT 5 packets a client might send, valid or mutated.
+fn step5() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        8 => testkit::fuzz5::packet_bytes(),
+        1 => (testkit::fuzz5::packet_bytes(), any::<usize>(), 1..=u8::MAX).prop_map(|(mut b, i, x)| {
+            let at = i % b.len();
+            b[at] ^= x;
+            b
+        }),
+        1 => proptest::collection::vec(any::<u8>(), 1..16),
+    ]
+}
+
+/// Reads whole packets from `stream` until a PINGRESP (true) or the close (false), whatever
+/// their protocol level.
+async fn until_pingresp(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let mut byte1 = [0u8; 1];
+        if stream.read_exact(&mut byte1).await.is_err() {
+            return false;
+        }
+        let mut length = 0usize;
+        for i in 0..4 {
+            let mut b = [0u8; 1];
+            if stream.read_exact(&mut b).await.is_err() {
+                return false;
+            }
+            length |= usize::from(b[0] & 0x7f) << (7 * i);
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0u8; length];
+        if stream.read_exact(&mut body).await.is_err() {
+            return false;
+        }
+        if byte1[0] == 0xD0 {
+            return true;
+        }
+    }
+}
+
+#[test]
+fn random_v5_packet_sequences_never_break_the_broker() {
+    use tokio::io::AsyncWriteExt;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let broker = runtime.block_on(TestBroker::start_with(|c| {
+        c.connect_timeout = Duration::from_secs(2);
+        c.packet_read_timeout = Duration::from_secs(1);
+    }));
+    let mut runner = TestRunner::new(Config {
+        cases: cases(),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let addr = broker.addr;
+    let result = runner.run(&proptest::collection::vec(step5(), 1..12), |steps| {
+        runtime.block_on(async {
+            let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let input = [testkit::fuzz5::connect(), steps.concat(), vec![0xC0, 0x00]].concat();
+            // The broker may close before reading it all.
+            let _ = c.write_all(&input).await;
+            // Answered (PINGRESP after whatever else), or closed: never silent.
+            let answered = tokio::time::timeout(testkit::WAIT, until_pingresp(&mut c)).await;
+            prop_assert!(answered.is_ok(), "the broker neither answered nor closed");
+            prop_assert!(!broker.handle.is_finished(), "the broker task ended");
+            // A new client is served.
+            let (mut probe, _) = RawClient::connect(addr, ConnectOpts::new("probe")).await;
+            probe.send(&Packet::PingReq).await;
+            prop_assert_eq!(probe.recv().await, Some(Packet::PingResp));
+            Ok(())
+        })
+    });
+    result.expect("the broker keeps its properties under random MQTT 5 packet sequences");
+    runtime.block_on(broker.stop());
 }
 
 #[test]

@@ -24,6 +24,7 @@
 
 mod client;
 mod full;
+pub mod fuzz5;
 mod http;
 mod mosquitto;
 mod mqtt;

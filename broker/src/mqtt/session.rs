@@ -118,6 +118,10 @@ pub struct SessionState {
     /// credential revoked while it is connected (a password file reloaded without it, a
     /// database credential revoked or rotated) closes the connection (`not_authorized`).
     pub login: Option<Box<Login>>,
+    /// What the client of the connection using the session (or that last did) accepts: kept
+    /// here (12 bytes, in what would be padding) rather than in the extras, so that an MQTT 5
+    /// session allocates nothing more than a 3.1.1 one.
+    peer: Peer,
 }
 
 /// What a client accepts of the PUBLISHes sent to it: set from its CONNECT.
@@ -161,9 +165,6 @@ struct Extras {
     retained: VecDeque<Cursor>,
     /// Packet ids of QoS 2 messages received and not yet released (PUBREL).
     incoming_qos2: Vec<u16>,
-    /// What the client of the connection using the session (or that last did) accepts, when
-    /// it is not what a 3.1.1 client accepts.
-    peer: Peer,
     /// The MQTT 5 session expiry interval (`None`: a 3.1.1 session, which outlives its
     /// connection by `mqtt.persistent_session_expiry` when persistent).
     expiry: Option<std::time::Duration>,
@@ -179,7 +180,6 @@ impl Extras {
     fn is_empty(&self) -> bool {
         self.retained.is_empty()
             && self.incoming_qos2.is_empty()
-            && self.peer == Peer::default()
             && self.expiry.is_none()
             && self.aliases.is_empty()
     }
@@ -410,7 +410,7 @@ impl SessionState {
 
     /// What the client accepts of the PUBLISHes sent to it.
     pub fn peer(&self) -> Peer {
-        self.extras.as_ref().map_or_else(Peer::default, |e| e.peer)
+        self.peer
     }
 
     /// Records what the client of the connection now using the session accepts (a new
@@ -420,9 +420,7 @@ impl SessionState {
             extras.aliases = Vec::new();
             extras.alias_bytes = 0;
         }
-        if peer != self.peer() {
-            self.extras.get_or_insert_with(Box::default).peer = peer;
-        }
+        self.peer = peer;
         self.trim_extras();
     }
 
@@ -436,9 +434,12 @@ impl SessionState {
     /// A new topic alias for `topic` (sent with it, so the client learns it), at most
     /// `maximum` of them; `None` when the client takes none or [`ALIAS_BYTES`] would be passed.
     fn new_alias(&mut self, topic: &str, maximum: u16) -> Option<u16> {
-        let extras = self.extras.as_mut()?;
         let slots = usize::from(maximum).min(ALIAS_SLOTS);
-        if slots == 0 || extras.alias_bytes + topic.len() > ALIAS_BYTES {
+        if slots == 0 {
+            return None;
+        }
+        let extras = self.extras.get_or_insert_with(Box::default);
+        if extras.alias_bytes + topic.len() > ALIAS_BYTES {
             return None;
         }
         if extras.aliases.len() < slots {
@@ -469,6 +470,8 @@ impl SessionState {
             _ => {}
         }
         self.persistent = persistent;
+        // Only a persistent session needs its interval (an extras allocation).
+        let expiry = expiry.filter(|_| persistent);
         if expiry != self.expiry() {
             self.extras.get_or_insert_with(Box::default).expiry = expiry;
             self.trim_extras();
