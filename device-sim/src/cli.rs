@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
+use crate::client::Protocol;
 use crate::credentials::{Credentials, Password, User};
 use crate::device::{EndState, Telemetry, KEEPALIVE_MULTIPLIER};
 use crate::scenario::{MixKind, Scenario};
@@ -103,7 +104,13 @@ pub struct RunArgs {
     /// away until the broker must have closed its connection, keep-alive × this (plus 1 s).
     #[arg(long, default_value_t = KEEPALIVE_MULTIPLIER, value_parser = keepalive_multiplier)]
     pub keepalive_multiplier: f64,
-    /// MQTT clean-session flag (`--clean false` for persistent sessions).
+    /// MQTT protocol level of every device: 3.1.1 (alias 4) or 5. With 5 each DISCONNECT the
+    /// broker sends (its reason code) is recorded in --truth and counted in the summary, and
+    /// verify checks it against the reason the broker recorded for that session.
+    #[arg(long, value_enum, default_value_t = Protocol::V311)]
+    pub protocol: Protocol,
+    /// MQTT clean-session flag (`--clean false` for persistent sessions; with --protocol 5,
+    /// clean start false and a session that never expires).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub clean: bool,
     /// Length of the run in seconds.
@@ -812,6 +819,37 @@ mod tests {
             "{e}"
         );
         assert!(provision(&["--password", "p", "--password-seed", "s"]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn protocol_is_3_1_1_unless_5_is_asked_for() -> Result<()> {
+        let protocol = |extra: &[&str]| {
+            let mut argv = vec!["device-sim", "run"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Some(Command::Run(r)) => Some(r.protocol),
+                _ => None,
+            })
+        };
+        assert_eq!(protocol(&[])?, Some(Protocol::V311));
+        assert_eq!(protocol(&["--protocol", "3.1.1"])?, Some(Protocol::V311));
+        assert_eq!(protocol(&["--protocol", "4"])?, Some(Protocol::V311));
+        assert_eq!(protocol(&["--protocol", "5"])?, Some(Protocol::V5));
+        assert_eq!(value_name(&Protocol::V311), "3.1.1");
+        assert_eq!(value_name(&Protocol::V5), "5");
+        // Every transport works with either protocol.
+        for transport in [
+            &["--ws"][..],
+            &["--wss", "--cafile", "c"],
+            &["--tls", "--cafile", "c"],
+        ] {
+            let mut args = vec!["--protocol", "5"];
+            args.extend_from_slice(transport);
+            transport_of(&args).map_err(anyhow::Error::msg)?;
+        }
+        let e = protocol(&["--protocol", "3"]).err().context("3 refused")?;
+        assert!(e.to_string().contains("3.1.1"), "{e}");
         Ok(())
     }
 

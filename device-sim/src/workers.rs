@@ -76,6 +76,7 @@ fn child_args(cli: &RunArgs, k: u32) -> Vec<String> {
         format!("--duration={}", cli.duration),
         format!("--connect-timeout={}", cli.connect_timeout),
         format!("--scenario={}", value_name(&cli.scenario)),
+        format!("--protocol={}", value_name(&cli.protocol)),
         format!("--churn-percent={}", cli.churn_percent),
         format!(
             "--churn-mix={}",
@@ -354,6 +355,14 @@ pub async fn run(
         duration_s: cli.duration,
         elapsed_s: start.elapsed().as_secs_f64(),
         scenario: value_name(&cli.scenario),
+        protocol: value_name(&cli.protocol),
+        server_disconnects: {
+            let mut all = std::collections::BTreeMap::new();
+            for (code, n) in results.iter().flat_map(|r| &r.server_disconnects) {
+                *all.entry(code.clone()).or_default() += n;
+            }
+            all
+        },
         workers: n,
         connack_hist_us: Vec::new(),
     })
