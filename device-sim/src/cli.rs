@@ -63,7 +63,10 @@ pub enum Command {
     /// simulator caused. A session recorded as broker_restart is accepted when it was open at a
     /// broker crash: its boot (from GET /api/v1/nodes) was recovered by a later boot, it was
     /// closed at that boot's last heartbeat, and the truth had it open then (for a silent death:
-    /// its keep-alive deadline was not yet due); their number is printed.
+    /// its keep-alive deadline was not yet due); their number is printed. After a run with
+    /// --protocol 5, every DISCONNECT reason code a device received must match the reason the
+    /// broker recorded for that session (0x8E takeover, 0x8D keepalive_timeout, 0x8B
+    /// broker_shutdown, 0x98 kicked, 0x87 not_authorized, 0x81/0x82 protocol_error).
     #[command(after_help = EXIT_CODES)]
     Verify(VerifyArgs),
     /// Print `user:password` lines for the devices of a run, to create their accounts.
