@@ -29,6 +29,9 @@ pub const PASSWORD_ENV: &str = "DEVICE_SIM_PASSWORD";
 /// Environment variable that carries `--password-seed` (to the workers too), for the same
 /// reason.
 pub const PASSWORD_SEED_ENV: &str = "DEVICE_SIM_PASSWORD_SEED";
+/// The shortest keep-alive of `--protocol 5`, in seconds: rumqttc's MQTT 5 client refuses
+/// (panics on) anything shorter, 0 included.
+const MIN_V5_KEEPALIVE: u16 = 5;
 /// Range of `verify --keepalive-multiplier`, the range the broker accepts for its
 /// `mqtt.keepalive_multiplier`.
 const MULTIPLIER_RANGE: std::ops::RangeInclusive<f64> = 1.0..=10.0;
@@ -109,7 +112,8 @@ pub struct RunArgs {
     pub keepalive_multiplier: f64,
     /// MQTT protocol level of every device: 3.1.1 (alias 4) or 5. With 5 each DISCONNECT the
     /// broker sends (its reason code) is recorded in --truth and counted in the summary, and
-    /// verify checks it against the reason the broker recorded for that session.
+    /// verify checks it against the reason the broker recorded for that session; 5 needs
+    /// --keepalive 5 or more (rumqttc's MQTT 5 client allows no shorter keep-alive).
     #[arg(long, value_enum, default_value_t = Protocol::V311)]
     pub protocol: Protocol,
     /// MQTT clean-session flag (`--clean false` for persistent sessions; with --protocol 5,
@@ -268,6 +272,14 @@ pub struct RunArgs {
 impl RunArgs {
     /// Checks options that clap cannot.
     pub fn check(&self) -> Result<()> {
+        if self.protocol == Protocol::V5 && self.keepalive < MIN_V5_KEEPALIVE {
+            bail!(
+                "--protocol 5 needs --keepalive of at least {MIN_V5_KEEPALIVE} seconds (got {}): \
+                 rumqttc's MQTT 5 client refuses shorter keep-alives, 0 included; use \
+                 --protocol 3.1.1 for those",
+                self.keepalive
+            );
+        }
         if self.churn_mix.is_empty() {
             bail!("--churn-mix needs at least one kind");
         }
@@ -853,6 +865,18 @@ mod tests {
         }
         let e = protocol(&["--protocol", "3"]).err().context("3 refused")?;
         assert!(e.to_string().contains("3.1.1"), "{e}");
+        // rumqttc's MQTT 5 client takes no keep-alive under 5 s: refused, naming both options.
+        for short in ["0", "4"] {
+            let Err(e) = transport_of(&["--protocol", "5", "--keepalive", short]) else {
+                bail!("--protocol 5 --keepalive {short} was accepted");
+            };
+            assert!(
+                e.contains("--protocol 5") && e.contains("--keepalive"),
+                "{e}"
+            );
+        }
+        transport_of(&["--protocol", "4", "--keepalive", "0"]).map_err(anyhow::Error::msg)?;
+        transport_of(&["--protocol", "5", "--keepalive", "5"]).map_err(anyhow::Error::msg)?;
         Ok(())
     }
 
