@@ -380,7 +380,7 @@ mod tests {
     }
 
     #[test]
-    fn workers_get_the_transport_options() -> anyhow::Result<()> {
+    fn workers_get_the_transport_options_and_the_protocol() -> anyhow::Result<()> {
         use clap::Parser;
 
         let argv = [
@@ -396,6 +396,8 @@ mod tests {
             "certs",
             "--tls-server-name",
             "localhost",
+            "--protocol",
+            "5",
         ];
         let parent = crate::cli::Cli::try_parse_from(argv)?.run;
         let args = child_args(&parent, 1);
@@ -405,6 +407,7 @@ mod tests {
             anyhow::bail!("workers run the run subcommand");
         };
         assert_eq!(child.transport()?, parent.transport()?);
+        assert_eq!(child.protocol, crate::client::Protocol::V5);
         let tls = crate::cli::Cli::try_parse_from(["device-sim", "--tls", "--cafile", "c"])?.run;
         assert!(transport_args(&tls).contains(&"--tls".to_owned()));
         Ok(())
