@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
+use crate::client::Protocol;
 use crate::credentials::{Credentials, Password, User};
 use crate::device::{EndState, Telemetry, KEEPALIVE_MULTIPLIER};
 use crate::scenario::{MixKind, Scenario};
@@ -28,6 +29,9 @@ pub const PASSWORD_ENV: &str = "DEVICE_SIM_PASSWORD";
 /// Environment variable that carries `--password-seed` (to the workers too), for the same
 /// reason.
 pub const PASSWORD_SEED_ENV: &str = "DEVICE_SIM_PASSWORD_SEED";
+/// The shortest keep-alive of `--protocol 5`, in seconds: rumqttc's MQTT 5 client refuses
+/// (panics on) anything shorter, 0 included.
+const MIN_V5_KEEPALIVE: u16 = 5;
 /// Range of `verify --keepalive-multiplier`, the range the broker accepts for its
 /// `mqtt.keepalive_multiplier`.
 const MULTIPLIER_RANGE: std::ops::RangeInclusive<f64> = 1.0..=10.0;
@@ -62,7 +66,10 @@ pub enum Command {
     /// simulator caused. A session recorded as broker_restart is accepted when it was open at a
     /// broker crash: its boot (from GET /api/v1/nodes) was recovered by a later boot, it was
     /// closed at that boot's last heartbeat, and the truth had it open then (for a silent death:
-    /// its keep-alive deadline was not yet due); their number is printed.
+    /// its keep-alive deadline was not yet due); their number is printed. After a run with
+    /// --protocol 5, every DISCONNECT reason code a device received must match the reason the
+    /// broker recorded for that session (0x8E takeover, 0x8D keepalive_timeout, 0x8B
+    /// broker_shutdown, 0x98 kicked, 0x87 not_authorized, 0x81/0x82 protocol_error).
     #[command(after_help = EXIT_CODES)]
     Verify(VerifyArgs),
     /// Print `user:password` lines for the devices of a run, to create their accounts.
@@ -103,7 +110,14 @@ pub struct RunArgs {
     /// away until the broker must have closed its connection, keep-alive × this (plus 1 s).
     #[arg(long, default_value_t = KEEPALIVE_MULTIPLIER, value_parser = keepalive_multiplier)]
     pub keepalive_multiplier: f64,
-    /// MQTT clean-session flag (`--clean false` for persistent sessions).
+    /// MQTT protocol level of every device: 3.1.1 (alias 4) or 5. With 5 each DISCONNECT the
+    /// broker sends (its reason code) is recorded in --truth and counted in the summary, and
+    /// verify checks it against the reason the broker recorded for that session; 5 needs
+    /// --keepalive 5 or more (rumqttc's MQTT 5 client allows no shorter keep-alive).
+    #[arg(long, value_enum, default_value_t = Protocol::V311)]
+    pub protocol: Protocol,
+    /// MQTT clean-session flag (`--clean false` for persistent sessions; with --protocol 5,
+    /// clean start false and a session that never expires).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub clean: bool,
     /// Length of the run in seconds.
@@ -258,6 +272,14 @@ pub struct RunArgs {
 impl RunArgs {
     /// Checks options that clap cannot.
     pub fn check(&self) -> Result<()> {
+        if self.protocol == Protocol::V5 && self.keepalive < MIN_V5_KEEPALIVE {
+            bail!(
+                "--protocol 5 needs --keepalive of at least {MIN_V5_KEEPALIVE} seconds (got {}): \
+                 rumqttc's MQTT 5 client refuses shorter keep-alives, 0 included; use \
+                 --protocol 3.1.1 for those",
+                self.keepalive
+            );
+        }
         if self.churn_mix.is_empty() {
             bail!("--churn-mix needs at least one kind");
         }
@@ -812,6 +834,49 @@ mod tests {
             "{e}"
         );
         assert!(provision(&["--password", "p", "--password-seed", "s"]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn protocol_is_3_1_1_unless_5_is_asked_for() -> Result<()> {
+        let protocol = |extra: &[&str]| {
+            let mut argv = vec!["device-sim", "run"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Some(Command::Run(r)) => Some(r.protocol),
+                _ => None,
+            })
+        };
+        assert_eq!(protocol(&[])?, Some(Protocol::V311));
+        assert_eq!(protocol(&["--protocol", "3.1.1"])?, Some(Protocol::V311));
+        assert_eq!(protocol(&["--protocol", "4"])?, Some(Protocol::V311));
+        assert_eq!(protocol(&["--protocol", "5"])?, Some(Protocol::V5));
+        assert_eq!(value_name(&Protocol::V311), "3.1.1");
+        assert_eq!(value_name(&Protocol::V5), "5");
+        // Every transport works with either protocol.
+        for transport in [
+            &["--ws"][..],
+            &["--wss", "--cafile", "c"],
+            &["--tls", "--cafile", "c"],
+        ] {
+            let mut args = vec!["--protocol", "5"];
+            args.extend_from_slice(transport);
+            transport_of(&args).map_err(anyhow::Error::msg)?;
+        }
+        let e = protocol(&["--protocol", "3"]).err().context("3 refused")?;
+        assert!(e.to_string().contains("3.1.1"), "{e}");
+        // rumqttc's MQTT 5 client takes no keep-alive under 5 s: refused, naming both options.
+        for short in ["0", "4"] {
+            let Err(e) = transport_of(&["--protocol", "5", "--keepalive", short]) else {
+                bail!("--protocol 5 --keepalive {short} was accepted");
+            };
+            assert!(
+                e.contains("--protocol 5") && e.contains("--keepalive"),
+                "{e}"
+            );
+        }
+        transport_of(&["--protocol", "4", "--keepalive", "0"]).map_err(anyhow::Error::msg)?;
+        transport_of(&["--protocol", "5", "--keepalive", "5"]).map_err(anyhow::Error::msg)?;
         Ok(())
     }
 

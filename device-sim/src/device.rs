@@ -1,24 +1,24 @@
-//! One simulated device: an MQTT 3.1.1 client that connects, stays connected
-//! (its event loop keeps running so keep-alive PINGREQs go out), retries with
-//! jittered exponential backoff after errors, and obeys scenario [`Command`]s:
-//! leave (cleanly, abruptly or by dying silently) and come back, drop in a
-//! storm, or be taken over by a second connection with its client id. Every
-//! change is written to the ground truth ([`crate::truth`]). With `--publish-interval` a
-//! connected device also publishes telemetry ([`Telemetry`]). When the run ends
-//! it disconnects cleanly, or with `--end-state keep` stays connected until the
-//! process is signalled.
+//! One simulated device: an MQTT 3.1.1 or 5 client ([`crate::client`]) that connects, stays
+//! connected (its event loop keeps running so keep-alive PINGREQs go out), retries with
+//! jittered exponential backoff after errors, and obeys scenario [`Command`]s: leave (cleanly,
+//! abruptly or by dying silently) and come back, drop in a storm, or be taken over by a second
+//! connection with its client id. Every change is written to the ground truth
+//! ([`crate::truth`]), and with MQTT 5 every DISCONNECT the broker sends before closing a
+//! connection (its reason code; a silently dead connection is read for it once the broker must
+//! have closed it). With `--publish-interval` a connected device also publishes telemetry
+//! ([`Telemetry`]). When the run ends it disconnects cleanly, or with `--end-state keep` stays
+//! connected until the process is signalled.
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, NetworkOptions, Outgoing, Packet, QoS,
-};
+use rumqttc::{Outgoing, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::client::{self, Client, Error, Event, Protocol};
 use crate::credentials::Credentials;
 use crate::report::Stats;
 use crate::transport::{Link, Transport};
@@ -41,6 +41,9 @@ const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const SILENT_MARGIN: Duration = Duration::from_secs(1);
 /// Extra time a takeover waits for the first connection to be closed, beyond the connect timeout.
 const TAKEOVER_MARGIN: Duration = Duration::from_secs(5);
+/// How long an MQTT 5 device reads a silently dead connection, once the broker must have
+/// closed it, for the DISCONNECT (0x8D) the broker sent before closing.
+const DEAD_READ: Duration = Duration::from_millis(200);
 
 /// The broker's keep-alive multiplier (MQTT 3.1.1: 1.5, Heartwire's default
 /// `mqtt.keepalive_multiplier`): the default of `run` and `verify --keepalive-multiplier`.
@@ -75,6 +78,8 @@ pub struct Profile {
     pub telemetry: Option<Telemetry>,
     /// How devices reach the broker (TCP, TLS, WebSocket); built once per process.
     pub transport: Arc<Transport>,
+    /// MQTT 3.1.1 or 5 (`--protocol`).
+    pub protocol: Protocol,
 }
 
 /// Telemetry a connected device publishes (`--publish-interval`, `--qos`, `--payload-size`,
@@ -209,36 +214,61 @@ pub struct Control {
 
 /// One MQTT connection of a device.
 struct Conn {
-    client: AsyncClient,
-    eventloop: EventLoop,
+    mqtt: Client,
     /// When the device last sent CONNECT, PINGREQ or PUBLISH.
     last_sent: SystemTime,
+    /// When this connection received its CONNACK: identifies its session in the broker's
+    /// history (recorded with a DISCONNECT from the broker).
+    connected_at: SystemTime,
 }
 
 impl Conn {
     /// A connection of `device` over `link`, whose telemetry topic (if any) is `topic_len`
     /// bytes long.
     fn new(device: &Device, profile: &Profile, link: &Link, topic_len: usize) -> Self {
-        let mut opts = link.options(&device.client_id, &device.host, device.port);
-        let outgoing = profile.telemetry.as_ref().map_or(MAX_PACKET_SIZE, |t| {
+        let max_outgoing = profile.telemetry.as_ref().map_or(MAX_PACKET_SIZE, |t| {
             t.packet_size(topic_len).max(MAX_PACKET_SIZE)
         });
-        opts.set_keep_alive(profile.keepalive)
-            .set_clean_session(profile.clean_session)
-            .set_max_packet_size(MAX_PACKET_SIZE, outgoing)
-            .set_inflight(1);
-        if let Some((user, password)) = profile.credentials.for_device(&device.client_id) {
-            opts.set_credentials(user, password);
-        }
-        let (client, mut eventloop) = AsyncClient::new(opts, 1);
-        let mut net = NetworkOptions::new();
-        net.set_connection_timeout(profile.connect_timeout_s);
-        eventloop.set_network_options(net);
+        let mqtt = Client::new(&client::Options {
+            protocol: profile.protocol,
+            client_id: &device.client_id,
+            host: &device.host,
+            port: device.port,
+            link,
+            keepalive: profile.keepalive,
+            clean: profile.clean_session,
+            max_incoming: MAX_PACKET_SIZE,
+            max_outgoing,
+            credentials: profile.credentials.for_device(&device.client_id),
+            connect_timeout_s: profile.connect_timeout_s,
+        });
+        let now = SystemTime::now();
         Self {
-            client,
-            eventloop,
-            last_sent: SystemTime::now(),
+            mqtt,
+            last_sent: now,
+            connected_at: now,
         }
+    }
+
+    /// Reads a silently dead connection, which the broker must have closed by now, for the
+    /// DISCONNECT it sent first (MQTT 5; its reason code), for at most `within`. Never used on
+    /// a 3.1.1 connection: the broker sends it nothing before closing.
+    ///
+    /// The event loop may write a PINGREQ first (its timer ran out long ago); the broker has
+    /// closed the connection, so that changes nothing there.
+    async fn last_words(mut self, within: Duration) -> Option<u8> {
+        if self.mqtt.protocol() != Protocol::V5 {
+            return None;
+        }
+        tokio::time::timeout(within, async {
+            loop {
+                if let Err(error) = self.mqtt.poll().await {
+                    return error.server_disconnect();
+                }
+            }
+        })
+        .await
+        .unwrap_or(None)
     }
 
     /// Queues a DISCONNECT, drives the event loop until it is written, then keeps reading until
@@ -258,9 +288,9 @@ impl Conn {
             loop {
                 if !queued {
                     // Fails only while the channel is full: the event loop owns the receiver.
-                    queued = self.client.try_disconnect().is_ok();
+                    queued = self.mqtt.try_disconnect();
                 }
-                match self.eventloop.poll().await {
+                match self.mqtt.poll().await {
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => sent = true,
                     Ok(event) => count_telemetry(stats, &event),
                     // After the DISCONNECT, an error is the broker's close (never poll again:
@@ -274,32 +304,36 @@ impl Conn {
     }
 
     /// Polls until CONNACK; returns the connected connection.
-    async fn connect(mut self) -> Result<Self, ConnectionError> {
+    async fn connect(mut self) -> Result<Self, Error> {
         loop {
-            let event = self.eventloop.poll().await?;
+            let event = self.mqtt.poll().await?;
             self.saw(&event);
-            if let Event::Incoming(Packet::ConnAck(_)) = event {
+            if event == Event::ConnAck {
                 return Ok(self);
             }
         }
     }
 
-    /// Notes outgoing traffic (what resets the broker's keep-alive deadline).
+    /// Notes outgoing traffic (what resets the broker's keep-alive deadline) and the CONNACK.
     fn saw(&mut self, event: &Event) {
         let sent = match event {
             Event::Outgoing(o) => !matches!(o, Outgoing::AwaitAck(_)),
-            Event::Incoming(p) => matches!(p, Packet::ConnAck(_)),
+            Event::ConnAck => true,
+            Event::Acked | Event::Incoming => false,
         };
         if sent {
             self.last_sent = SystemTime::now();
+        }
+        if *event == Event::ConnAck {
+            self.connected_at = self.last_sent;
         }
     }
 }
 
 /// Polls `conn`, or never resolves without one.
-async fn poll(conn: Option<&mut Conn>) -> Result<Event, ConnectionError> {
+async fn poll(conn: Option<&mut Conn>) -> Result<Event, Error> {
     match conn {
-        Some(c) => c.eventloop.poll().await,
+        Some(c) => c.mqtt.poll().await,
         None => std::future::pending().await,
     }
 }
@@ -311,7 +345,7 @@ enum Step {
     Command(Command),
     Wake,
     Publish,
-    Net(Result<Event, ConnectionError>),
+    Net(Result<Event, Error>),
 }
 
 /// A device's whole state.
@@ -351,7 +385,7 @@ impl Sim {
     }
 
     /// An error of this device's connection for the summary: what happened and to which broker.
-    fn describe(&self, error: &ConnectionError) -> String {
+    fn describe(&self, error: &Error) -> String {
         format!("{error} (to {}:{})", self.device.host, self.device.port)
     }
 
@@ -364,11 +398,36 @@ impl Sim {
         self.phase.store(p, Ordering::Relaxed);
     }
 
-    fn on_net(&mut self, event: Result<Event, ConnectionError>) {
+    /// Records the DISCONNECT the broker sent before ending a connection that received its
+    /// CONNACK at `connected_at`, if `code` says it sent one (MQTT 5).
+    fn goodbye(&self, code: Option<u8>, connected_at: SystemTime) {
+        let Some(code) = code else { return };
+        let mut r = Record::now(&self.device.client_id, truth::SERVER_DISCONNECT, true);
+        r.reason_code = Some(code);
+        r.connected_at = Some(truth::utc(connected_at));
+        self.truth.record(&r);
+        self.stats.server_disconnect(code);
+    }
+
+    /// Records what a connection ended by `error` was told by the broker (see [`Self::goodbye`]).
+    fn lost(&self, error: &Error) {
+        if let Some(conn) = &self.conn {
+            self.goodbye(error.server_disconnect(), conn.connected_at);
+        }
+    }
+
+    /// Reads a silently dead connection for the broker's DISCONNECT, then closes it.
+    async fn bury(&mut self, dead: Conn) {
+        let connected_at = dead.connected_at;
+        let code = dead.last_words(DEAD_READ).await;
+        self.goodbye(code, connected_at);
+    }
+
+    fn on_net(&mut self, event: Result<Event, Error>) {
         match event {
             Ok(event) => {
                 self.saw(&event);
-                if let Event::Incoming(Packet::ConnAck(_)) = event {
+                if event == Event::ConnAck {
                     self.stats
                         .connected(self.attempt_start.elapsed(), self.ever_connected);
                     self.connected = true;
@@ -385,6 +444,7 @@ impl Sim {
             Err(error) => {
                 if self.connected {
                     self.record(truth::CONNECTION_LOST, true, None);
+                    self.lost(&error);
                 }
                 self.stats.error(self.connected, || self.describe(&error));
                 self.connected = false;
@@ -416,20 +476,20 @@ impl Sim {
             return;
         };
         let payload = t.payload(&self.device.client_id, self.seq);
-        match conn
-            .client
-            .try_publish(self.topic.as_str(), t.qos, false, payload)
-        {
-            Ok(()) => self.seq += 1,
-            Err(_) => self.stats.publish_skipped(),
+        if conn.mqtt.try_publish(self.topic.as_str(), t.qos, payload) {
+            self.seq += 1;
+        } else {
+            self.stats.publish_skipped();
         }
     }
 
-    fn on_wake(&mut self) {
+    async fn on_wake(&mut self) {
         if self.backoff_until.take().is_some() {
             self.attempt_start = Instant::now();
         } else if self.away_until.take().is_some() {
-            self.dead = None;
+            if let Some((dead, _)) = self.dead.take() {
+                self.bury(dead).await;
+            }
             self.conn = Some(self.dial());
             self.stats.returned();
             self.failures = 0;
@@ -521,10 +581,14 @@ impl Sim {
     async fn takeover(&mut self, old: Conn) {
         self.record(truth::TAKEOVER, false, Some("takeover"));
         let stats = Arc::clone(&self.stats);
+        let old_connected_at = old.connected_at;
         let old_fut = async move {
             let mut old = old;
-            while let Ok(event) = old.eventloop.poll().await {
-                count_telemetry(&stats, &event);
+            loop {
+                match old.mqtt.poll().await {
+                    Ok(event) => count_telemetry(&stats, &event),
+                    Err(error) => return error.server_disconnect(),
+                }
             }
         };
         let new_fut = self.dial().connect();
@@ -545,9 +609,10 @@ impl Sim {
                         Err(_) => break,
                     }
                 }
-                () = &mut old_fut, if !old_closed => {
+                code = &mut old_fut, if !old_closed => {
                     old_closed = true;
                     self.record(truth::TAKEN_OVER, true, None);
+                    self.goodbye(code, old_connected_at);
                 }
                 ev = poll(new.as_mut()), if new.is_some() => match ev {
                     Ok(event) => {
@@ -555,8 +620,10 @@ impl Sim {
                             c.saw(&event);
                         }
                     }
-                    Err(_) => {
-                        new = None;
+                    Err(error) => {
+                        if let Some(c) = new.take() {
+                            self.goodbye(error.server_disconnect(), c.connected_at);
+                        }
                         break;
                     }
                 },
@@ -579,7 +646,7 @@ impl Sim {
             None => {
                 // The takeover failed: drop whatever is left and redial like after any loss.
                 self.conn = Some(self.dial());
-                self.on_net(Err(ConnectionError::RequestsDone));
+                self.on_net(Err(Error::Abandoned));
             }
         }
     }
@@ -610,7 +677,7 @@ impl Sim {
                 Step::End => return,
                 Step::Closed => commands_open = false,
                 Step::Command(c) => self.on_command(c).await,
-                Step::Wake => self.on_wake(),
+                Step::Wake => self.on_wake().await,
                 Step::Publish => self.publish(),
                 Step::Net(ev) => self.on_net(ev),
             }
@@ -635,6 +702,7 @@ impl Sim {
                     Err(error) => {
                         // Not redialled: the truth already says what the broker should show.
                         self.record(truth::CONNECTION_LOST, true, None);
+                        self.lost(&error);
                         self.stats.error(true, || self.describe(&error));
                         self.connected = false;
                         self.drop_attempt();
@@ -663,8 +731,14 @@ impl Sim {
         }
         if let Some((conn, deadline)) = self.dead.take() {
             // Closing now would end the session as connection_lost; wait for the broker.
-            tokio::time::sleep_until(deadline.into()).await;
-            drop(conn);
+            if self.profile.protocol == Protocol::V5 {
+                // Reading it could send a PINGREQ: not before the broker must have closed it.
+                tokio::time::sleep_until((deadline + SILENT_MARGIN).into()).await;
+                self.bury(conn).await;
+            } else {
+                tokio::time::sleep_until(deadline.into()).await;
+                drop(conn);
+            }
         }
         self.truth.final_state(&self.device.client_id, false);
         if self.away_until.take().is_some() {
@@ -680,7 +754,7 @@ impl Sim {
 fn count_telemetry(stats: &Stats, event: &Event) {
     match event {
         Event::Outgoing(Outgoing::Publish(_)) => stats.published(),
-        Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_)) => stats.acknowledged(),
+        Event::Acked => stats.acknowledged(),
         _ => {}
     }
 }
@@ -862,6 +936,7 @@ mod tests {
             credentials: Credentials::none(),
             telemetry: None,
             transport: Arc::new(Transport::tcp()),
+            protocol: Protocol::V311,
         });
         let (commands, commands_rx) = mpsc::channel(1);
         let (ended, _ended_rx) = mpsc::unbounded_channel();
@@ -940,6 +1015,7 @@ mod tests {
             credentials: Credentials::none(),
             telemetry: None,
             transport: Arc::new(Transport::tcp()),
+            protocol: Protocol::V311,
         };
         assert_eq!(p.detection_window(), Duration::from_secs(3));
         assert!(p.silent_pause() > p.detection_window());

@@ -155,6 +155,7 @@ pub async fn run(
         telemetry: cli.telemetry(),
         // Once per process: the TLS configuration (CA, shared client certificate) is shared.
         transport: Arc::new(Transport::new(&cli.transport()?)?),
+        protocol: cli.protocol,
     });
     // Children of `shutdown`, so that a run left early (an error) stops its tasks too.
     let end = shutdown.child_token();
@@ -350,6 +351,8 @@ pub async fn run(
         duration_s: cli.duration,
         elapsed_s: start.elapsed().as_secs_f64(),
         scenario: value_name(&cli.scenario),
+        protocol: value_name(&cli.protocol),
+        server_disconnects: stats.server_disconnects(),
         workers: 1,
         connack_hist_us: if cli.worker_id.is_some() {
             stats.recorded()

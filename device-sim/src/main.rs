@@ -35,7 +35,7 @@
 //! - [`run`]: `device-sim run`: this process's [`fleet`] or the [`workers`] parent, then the
 //!   summary; owns the run's task tracker. [`worker_protocol`]: the lines a worker prints.
 //! - [`fleet`]: one process's devices; [`scenario`]: what happens to them; [`device`]: one
-//!   simulated device (rumqttc); [`transport`]: how devices reach the broker (TCP, TLS,
+//!   simulated device; [`client`]: its MQTT client, 3.1.1 or 5 (rumqttc); [`transport`]: how devices reach the broker (TCP, TLS,
 //!   WebSocket, WebSocket over TLS); [`credentials`]: what they log in with; [`truth`]: the
 //!   ground truth they write. [`provision`]: `device-sim provision`, their accounts.
 //! - [`report`]: counters, CONNACK histogram and summary; [`progress`]: the per-second output;
@@ -44,6 +44,7 @@
 //!   [`presence`]: a device's state as either reports it.
 
 mod cli;
+mod client;
 mod credentials;
 mod db;
 mod device;

@@ -38,6 +38,8 @@ pub struct Stats {
     first_connect_failed: OnceLock<String>,
     /// The message of the first `connection_lost` error, for the summary.
     first_connection_lost: OnceLock<String>,
+    /// MQTT 5 DISCONNECTs received from the broker, by reason code (rare: a lock is fine).
+    server_disconnects: Mutex<BTreeMap<u8, u64>>,
 }
 
 /// Point-in-time copy of the live counters.
@@ -106,6 +108,7 @@ impl Stats {
             connack_us: Mutex::new(hist),
             first_connect_failed: OnceLock::new(),
             first_connection_lost: OnceLock::new(),
+            server_disconnects: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -165,6 +168,24 @@ impl Stats {
     /// A second connection replaced a connected device's first one.
     pub fn took_over(&self) {
         self.takeovers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The broker sent an MQTT 5 DISCONNECT with reason `code` before closing a connection.
+    pub fn server_disconnect(&self, code: u8) {
+        let mut counts = match self.server_disconnects.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *counts.entry(code).or_default() += 1;
+    }
+
+    /// MQTT 5 DISCONNECTs received so far, by reason code (`0x8E`, ...), for the summary.
+    pub fn server_disconnects(&self) -> BTreeMap<String, u64> {
+        let counts = match self.server_disconnects.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        counts.iter().map(|(c, n)| (hex(*c), *n)).collect()
     }
 
     /// A telemetry PUBLISH was written.
@@ -330,6 +351,11 @@ pub fn merge_recorded<'a>(parts: impl IntoIterator<Item = &'a [(u64, u64)]>) -> 
     Ok(latency_of(&h))
 }
 
+/// A reason code as the MQTT 5 specification writes it: `0x8E`.
+pub fn hex(code: u8) -> String {
+    format!("0x{code:02X}")
+}
+
 /// Name of the error kind "an attempt (TCP connect, CONNACK or timeout) failed".
 pub const CONNECT_FAILED: &str = "connect_failed";
 /// Name of the error kind "an established session dropped unexpectedly".
@@ -426,6 +452,12 @@ pub struct Summary {
     pub elapsed_s: f64,
     /// --scenario.
     pub scenario: String,
+    /// --protocol (`3.1.1` or `5`).
+    #[serde(default = "v311")]
+    pub protocol: String,
+    /// MQTT 5: DISCONNECTs received from the broker, by reason code (`"0x8E": 12`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub server_disconnects: BTreeMap<String, u64>,
     /// Worker processes (1 without --workers).
     pub workers: u32,
     /// Worker only: the CONNACK histogram as (µs, count) pairs.
@@ -433,11 +465,16 @@ pub struct Summary {
     pub connack_hist_us: Vec<(u64, u64)>,
 }
 
+fn v311() -> String {
+    "3.1.1".to_owned()
+}
+
 impl Summary {
-    /// The human summary line.
+    /// The human summary line (with MQTT 5, the broker's DISCONNECTs by reason code at its end:
+    /// `server_disconnects=0x8D:2,0x8E:5`).
     pub fn line(&self) -> String {
         let l = &self.connack;
-        format!(
+        let mut line = format!(
             "summary connected={} target={} connack_p50_ms={:.3} connack_p90_ms={:.3} \
              connack_p99_ms={:.3} connack_max_ms={:.3} connack_samples={} errors={} reconnects={} \
              takeovers={} published={} acknowledged={} publish_skipped={}",
@@ -454,7 +491,24 @@ impl Summary {
             self.telemetry.published,
             self.telemetry.acknowledged,
             self.telemetry.skipped
-        )
+        );
+        if self.protocol != "3.1.1" {
+            let codes: Vec<String> = self
+                .server_disconnects
+                .iter()
+                .map(|(code, n)| format!("{code}:{n}"))
+                .collect();
+            line.push_str(&format!(
+                " protocol={} server_disconnects={}",
+                self.protocol,
+                if codes.is_empty() {
+                    "none".to_owned()
+                } else {
+                    codes.join(",")
+                }
+            ));
+        }
+        line
     }
 }
 

@@ -23,7 +23,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rumqttc::{MqttOptions, TlsConfiguration};
+use rumqttc::TlsConfiguration;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
@@ -220,19 +220,19 @@ impl Transport {
 }
 
 impl Link {
-    /// rumqttc options for `client_id` connecting to `host:port` over this link.
-    pub fn options(&self, client_id: &str, host: &str, port: u16) -> MqttOptions {
-        let mut options = match &self.transport {
-            rumqttc::Transport::Ws => {
-                MqttOptions::new(client_id, url("ws", host, port, &self.ws_path), port)
-            }
-            rumqttc::Transport::Wss(_) => {
-                MqttOptions::new(client_id, url("wss", host, port, &self.ws_path), port)
-            }
-            _ => MqttOptions::new(client_id, host, port),
-        };
-        options.set_transport(self.transport.clone());
-        options
+    /// The broker address rumqttc's options (3.1.1 or 5) take for `host:port` over this link:
+    /// the host, or for a WebSocket the URL.
+    pub fn address(&self, host: &str, port: u16) -> String {
+        match &self.transport {
+            rumqttc::Transport::Ws => url("ws", host, port, &self.ws_path),
+            rumqttc::Transport::Wss(_) => url("wss", host, port, &self.ws_path),
+            _ => host.to_owned(),
+        }
+    }
+
+    /// rumqttc's transport (both protocol levels take the same one).
+    pub fn transport(&self) -> rumqttc::Transport {
+        self.transport.clone()
     }
 }
 
@@ -491,12 +491,7 @@ mod tests {
         ] {
             let transport = Transport::new(&settings(kind, &pki)).expect("transport");
             let link = transport.link("dev-1").await.expect("link");
-            let options = link.options("dev-1", "127.0.0.1", 8083);
-            assert_eq!(
-                options.broker_address(),
-                (addr.to_owned(), 8083),
-                "{kind:?}"
-            );
+            assert_eq!(link.address("127.0.0.1", 8083), addr, "{kind:?}");
             assert_eq!(link.tls_config().is_some(), kind.is_tls(), "{kind:?}");
         }
         assert_eq!(url("ws", "::1", 80, "/m"), "ws://[::1]:80/m");

@@ -5,9 +5,10 @@
 //! change: `disconnect_clean`, `close_abrupt`, `silent_death`, `takeover`), `observed: true`
 //! what it *saw* on the wire (`connected` on CONNACK, `takeover_connected`, `taken_over` when
 //! the replaced connection was closed by the broker, `connection_lost` for a drop it did not
-//! cause). After the last change of a device, a `final` record gives the state the broker must
-//! show for it (`state: "online"` or `"offline"`); a later `final` (after a `--end-state keep`
-//! hold) supersedes an earlier one.
+//! cause; with MQTT 5 also `server_disconnect`, the broker's DISCONNECT and its reason code,
+//! for the connection that received its CONNACK at `connected_at`). After the last change of a
+//! device, a `final` record gives the state the broker must show for it (`state: "online"` or
+//! `"offline"`); a later `final` (after a `--end-state keep` hold) supersedes an earlier one.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -35,6 +36,9 @@ pub const TAKEOVER_CONNECTED: &str = "takeover_connected";
 pub const TAKEN_OVER: &str = "taken_over";
 /// A connection the device did not mean to end was closed or failed.
 pub const CONNECTION_LOST: &str = "connection_lost";
+/// The broker sent an MQTT 5 DISCONNECT (`reason_code`) before closing the connection that
+/// received its CONNACK at `connected_at`.
+pub const SERVER_DISCONNECT: &str = "server_disconnect";
 /// The state the device is meant to have from now on.
 pub const FINAL: &str = "final";
 
@@ -61,6 +65,13 @@ pub struct Record {
     /// For `silent_death`: the keep-alive of the connection, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive: Option<u16>,
+    /// For `server_disconnect`: the reason code of the broker's DISCONNECT (0x8E = 142 session
+    /// taken over, 0x8D keep-alive timeout, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_code: Option<u8>,
+    /// For `server_disconnect`: when the connection received its CONNACK (which session).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_at: Option<DateTime<Utc>>,
 }
 
 impl Record {
@@ -75,6 +86,8 @@ impl Record {
             cause: None,
             last_sent: None,
             keepalive: None,
+            reason_code: None,
+            connected_at: None,
         }
     }
 

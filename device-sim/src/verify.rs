@@ -22,6 +22,14 @@
 //!    keep-alive deadline) is not before that time, give or take [`CRASH_SLACK`]. Their number
 //!    is printed; every other check stays as strict.
 //!
+//! 5. MQTT 5 (`run --protocol 5`): every DISCONNECT a device received from the broker
+//!    (`server_disconnect` records) must agree with the reason the broker recorded for the
+//!    session it ended ([`reasons_for_code`]): 0x8E `takeover`, 0x8D `keepalive_timeout`, 0x8B
+//!    `broker_shutdown` (or `broker_restart`), 0x98 `kicked`, 0x87 `not_authorized`, 0x81 and
+//!    0x82 `protocol_error`; other codes are counted, not checked. The session is the newest
+//!    that started by the time the connection received its CONNACK (the broker stores the
+//!    start before it sends the CONNACK; [`CLOSE_TOLERANCE`] covers the rounding).
+//!
 //! Timestamps of both sides are compared directly: run the simulator and the broker on hosts
 //! with synchronised clocks (or the same host).
 
@@ -110,6 +118,8 @@ struct Expected {
     derived_online: bool,
     /// Intended session ends.
     ends: Vec<Record>,
+    /// MQTT 5 DISCONNECTs received from the broker (`server_disconnect`).
+    goodbyes: Vec<Record>,
 }
 
 /// Reason the broker must record for an intended end.
@@ -123,6 +133,88 @@ fn expected_reason(event: &str) -> Option<&'static str> {
     }
 }
 
+/// The reasons the broker records for a session it ended with an MQTT 5 DISCONNECT of reason
+/// `code` (its `goodbye()`); `None` for a code verify does not check.
+fn reasons_for_code(code: u8) -> Option<&'static [&'static str]> {
+    match code {
+        0x8E => Some(&["takeover"]),
+        0x8D => Some(&["keepalive_timeout"]),
+        // The broker says "shutting down" when it restarts, too.
+        0x8B => Some(&["broker_shutdown", BROKER_RESTART]),
+        0x98 => Some(&["kicked"]),
+        0x87 => Some(&["not_authorized"]),
+        0x81 | 0x82 => Some(&["protocol_error"]),
+        _ => None,
+    }
+}
+
+/// What checking the MQTT 5 DISCONNECTs of the truth against the session histories found.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Goodbyes {
+    /// DISCONNECTs received.
+    received: usize,
+    /// Compared with the session's reason (and agreeing, unless in `wrong`).
+    checked: usize,
+    /// With a code verify does not check.
+    unchecked: usize,
+    /// Their session is older than the history fetched.
+    beyond: usize,
+    /// One line per disagreement.
+    wrong: Vec<String>,
+}
+
+/// Checks every device's MQTT 5 DISCONNECTs against its session `history` (newest first).
+fn check_goodbyes(
+    expected: &BTreeMap<String, Expected>,
+    history: &HashMap<String, Vec<ApiSession>>,
+) -> Goodbyes {
+    let mut found = Goodbyes::default();
+    for (id, e) in expected {
+        let sessions = history.get(id).map(Vec::as_slice).unwrap_or_default();
+        for g in &e.goodbyes {
+            found.received += 1;
+            let Some(code) = g.reason_code else { continue };
+            let Some(want) = reasons_for_code(code) else {
+                found.unchecked += 1;
+                continue;
+            };
+            // Newest first: the first that started by the CONNACK is the connection's.
+            let acked = g.connected_at.unwrap_or(g.t);
+            let Some(s) = sessions
+                .iter()
+                .find(|s| s.connected_at <= acked + CLOSE_TOLERANCE)
+            else {
+                if sessions.len() >= PAGE as usize {
+                    found.beyond += 1;
+                } else {
+                    found.wrong.push(format!(
+                        "WRONG {id}: DISCONNECT {} received at {} for the connection of {}: the \
+                         broker has no session that started by then",
+                        crate::report::hex(code),
+                        truth::rfc3339(g.t),
+                        truth::rfc3339(acked)
+                    ));
+                }
+                continue;
+            };
+            found.checked += 1;
+            let reason = s.reason.as_deref();
+            if !reason.is_some_and(|r| want.contains(&r)) {
+                found.wrong.push(format!(
+                    "WRONG {id}: DISCONNECT {} received at {} ended session {} with reason {} \
+                     (want {})",
+                    crate::report::hex(code),
+                    truth::rfc3339(g.t),
+                    s.session_id,
+                    reason.unwrap_or("none: still open"),
+                    want.join(" or ")
+                ));
+            }
+        }
+    }
+    found
+}
+
 fn expectations(records: Vec<Record>) -> BTreeMap<String, Expected> {
     let mut by_device: BTreeMap<String, Expected> = BTreeMap::new();
     for r in records {
@@ -130,11 +222,13 @@ fn expectations(records: Vec<Record>) -> BTreeMap<String, Expected> {
         match r.event.as_str() {
             truth::FINAL => e.final_online = Some(r.state.as_deref() == Some("online")),
             truth::CONNECTED | truth::TAKEOVER_CONNECTED => e.derived_online = true,
-            truth::TAKEOVER => {}
+            truth::TAKEOVER | truth::SERVER_DISCONNECT => {}
             _ => e.derived_online = false,
         }
         if expected_reason(&r.event).is_some() {
             e.ends.push(r);
+        } else if r.event == truth::SERVER_DISCONNECT {
+            e.goodbyes.push(r);
         }
     }
     by_device
@@ -355,7 +449,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<bool> {
 
     let ids: Vec<String> = expected
         .iter()
-        .filter(|(_, e)| !e.ends.is_empty())
+        .filter(|(_, e)| !e.ends.is_empty() || !e.goodbyes.is_empty())
         .map(|(id, _)| id.clone())
         .collect();
     let history = histories(&api, ids).await?;
@@ -464,6 +558,22 @@ pub async fn verify(args: &VerifyArgs) -> Result<bool> {
         }
     }
     failures += wrong;
+    let goodbyes = check_goodbyes(&expected, &history);
+    if goodbyes.received > 0 {
+        for line in &goodbyes.wrong {
+            println!("{line}");
+        }
+        println!(
+            "MQTT 5 DISCONNECTs: {} received from the broker, {} checked against the session's \
+             reason, {} wrong, {} with a reason code not checked, {} beyond the fetched history",
+            goodbyes.received,
+            goodbyes.checked,
+            goodbyes.wrong.len(),
+            goodbyes.unchecked,
+            goodbyes.beyond
+        );
+        failures += goodbyes.wrong.len();
+    }
     println!("{}", if failures == 0 { "OK" } else { "FAIL" });
     Ok(failures == 0)
 }
@@ -575,6 +685,95 @@ mod tests {
         // Multiplier 3 (a broker configured so): the deadline (100 s) was not yet due at the
         // crash, so broker_restart is right.
         assert!(ended_by_crash(&s, expected_end(&death, 3.0), &crashed()));
+    }
+
+    #[test]
+    fn disconnect_codes_map_to_the_brokers_reasons() {
+        assert_eq!(reasons_for_code(0x8E), Some(&["takeover"][..]));
+        assert_eq!(reasons_for_code(0x8D), Some(&["keepalive_timeout"][..]));
+        assert_eq!(
+            reasons_for_code(0x8B),
+            Some(&["broker_shutdown", "broker_restart"][..])
+        );
+        assert_eq!(reasons_for_code(0x98), Some(&["kicked"][..]));
+        assert_eq!(reasons_for_code(0x87), Some(&["not_authorized"][..]));
+        assert_eq!(reasons_for_code(0x82), Some(&["protocol_error"][..]));
+        assert_eq!(reasons_for_code(0x81), Some(&["protocol_error"][..]));
+        assert_eq!(reasons_for_code(0x00), None);
+        assert_eq!(reasons_for_code(0x93), None);
+    }
+
+    /// A session of the history, started at `connected` s and ended at `connected + 5` s
+    /// with `reason`.
+    fn session(id: &str, connected: i64, reason: &str) -> ApiSession {
+        ApiSession {
+            session_id: id.into(),
+            boot_id: None,
+            connected_at: at(connected),
+            disconnected_at: Some(at(connected + 5)),
+            reason: Some(reason.into()),
+        }
+    }
+
+    /// A `server_disconnect` record: `code` received at `t` s by the connection acknowledged
+    /// at `acked` s.
+    fn goodbye(device: &str, code: u8, acked: i64, t: i64) -> Record {
+        let mut r = Record::now(device, truth::SERVER_DISCONNECT, true);
+        r.t = at(t);
+        r.reason_code = Some(code);
+        r.connected_at = Some(at(acked));
+        r
+    }
+
+    #[test]
+    fn disconnect_codes_are_checked_against_the_session_they_ended() {
+        // d1 was taken over (its first session, 10 s) and later kicked (the second, 20 s): it
+        // received 0x8E and 0x98. The second connection's CONNACK came 1 ms after the broker
+        // stored the session's start, as it does.
+        let mut g2 = goodbye("d1", 0x98, 20, 25);
+        g2.connected_at = g2
+            .connected_at
+            .map(|t| t + chrono::TimeDelta::milliseconds(1));
+        let records = vec![
+            goodbye("d1", 0x8E, 10, 21),
+            g2,
+            goodbye("d2", 0x8D, 10, 14),
+            goodbye("d3", 0x93, 10, 12),
+        ];
+        let expected = expectations(records);
+        assert!(expected["d1"].ends.is_empty() && expected["d1"].goodbyes.len() == 2);
+        let history = HashMap::from([
+            (
+                "d1".to_owned(),
+                vec![session("s2", 20, "kicked"), session("s1", 10, "takeover")],
+            ),
+            // The broker says this session ended as connection_lost: a mismatch.
+            ("d2".to_owned(), vec![session("s3", 10, "connection_lost")]),
+            ("d3".to_owned(), vec![session("s4", 10, "protocol_error")]),
+        ]);
+        let found = check_goodbyes(&expected, &history);
+        assert_eq!(
+            (found.received, found.checked, found.unchecked, found.beyond),
+            (4, 3, 1, 0)
+        );
+        assert_eq!(found.wrong.len(), 1, "{:?}", found.wrong);
+        let line = &found.wrong[0];
+        for part in [
+            "WRONG d2",
+            "0x8D",
+            "s3",
+            "connection_lost",
+            "keepalive_timeout",
+        ] {
+            assert!(line.contains(part), "{line:?} lacks {part:?}");
+        }
+
+        // No session started by the connection's CONNACK: wrong too.
+        let expected = expectations(vec![goodbye("d4", 0x8E, 100, 101)]);
+        let history = HashMap::from([("d4".to_owned(), vec![session("s5", 200, "takeover")])]);
+        let found = check_goodbyes(&expected, &history);
+        assert_eq!(found.wrong.len(), 1, "{:?}", found.wrong);
+        assert!(found.wrong[0].contains("no session"), "{:?}", found.wrong);
     }
 
     #[test]

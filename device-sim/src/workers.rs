@@ -76,6 +76,7 @@ fn child_args(cli: &RunArgs, k: u32) -> Vec<String> {
         format!("--duration={}", cli.duration),
         format!("--connect-timeout={}", cli.connect_timeout),
         format!("--scenario={}", value_name(&cli.scenario)),
+        format!("--protocol={}", value_name(&cli.protocol)),
         format!("--churn-percent={}", cli.churn_percent),
         format!(
             "--churn-mix={}",
@@ -354,6 +355,14 @@ pub async fn run(
         duration_s: cli.duration,
         elapsed_s: start.elapsed().as_secs_f64(),
         scenario: value_name(&cli.scenario),
+        protocol: value_name(&cli.protocol),
+        server_disconnects: {
+            let mut all = std::collections::BTreeMap::new();
+            for (code, n) in results.iter().flat_map(|r| &r.server_disconnects) {
+                *all.entry(code.clone()).or_default() += n;
+            }
+            all
+        },
         workers: n,
         connack_hist_us: Vec::new(),
     })
@@ -371,7 +380,7 @@ mod tests {
     }
 
     #[test]
-    fn workers_get_the_transport_options() -> anyhow::Result<()> {
+    fn workers_get_the_transport_options_and_the_protocol() -> anyhow::Result<()> {
         use clap::Parser;
 
         let argv = [
@@ -387,6 +396,8 @@ mod tests {
             "certs",
             "--tls-server-name",
             "localhost",
+            "--protocol",
+            "5",
         ];
         let parent = crate::cli::Cli::try_parse_from(argv)?.run;
         let args = child_args(&parent, 1);
@@ -396,6 +407,7 @@ mod tests {
             anyhow::bail!("workers run the run subcommand");
         };
         assert_eq!(child.transport()?, parent.transport()?);
+        assert_eq!(child.protocol, crate::client::Protocol::V5);
         let tls = crate::cli::Cli::try_parse_from(["device-sim", "--tls", "--cafile", "c"])?.run;
         assert!(transport_args(&tls).contains(&"--tls".to_owned()));
         Ok(())
