@@ -101,6 +101,7 @@ impl Node {
             node_id: self.node_id.clone(),
             boot_id: self.boot_id,
             event: ConnectionEvent::Connected {
+                protocol: Default::default(),
                 client_id: device.into(),
                 session_id: session,
                 seq: at,
@@ -139,6 +140,9 @@ impl Node {
             node_id: self.node_id.clone(),
             boot_id: self.boot_id,
             event: ConnectionEvent::Disconnected {
+                reason_code: None,
+                reason_string: None,
+                session_expires_at: None,
                 client_id: device.into(),
                 session_id: session,
                 seq: 0,

@@ -711,6 +711,7 @@ mod tests {
                 node_id: "n".into(),
                 boot_id: Uuid::nil(),
                 event: ConnectionEvent::Connected {
+                    protocol: Default::default(),
                     client_id: format!("d{seq}"),
                     session_id: SessionId::new(),
                     seq,
