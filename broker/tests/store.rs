@@ -946,6 +946,37 @@ async fn mqtt5_codes_protocol_and_held_sessions_are_recorded<S: PresenceStore>(s
     assert_eq!(d.session_expires_at, None);
 }
 
+async fn held_sessions_of_earlier_boots_are_dropped_at_start<S: PresenceStore>(store: S) {
+    let (n1, n2) = (Node::new("n1"), Node::new("n2"));
+    let (a, b, c) = (SessionId::new(), SessionId::new(), SessionId::new());
+    store
+        .apply(&[
+            n1.connected5("a", a, 10),
+            n1.disconnected5("a", a, 0, 11, Some(1000)),
+            n2.connected5("b", b, 12),
+            n2.disconnected5("b", b, 0, 13, Some(1000)),
+            n1.connected5("c", c, 14),
+        ])
+        .await
+        .expect("apply");
+    let recovery = store
+        .begin_boot("n1", Uuid::now_v7(), ts(20))
+        .await
+        .expect("boot");
+    assert_eq!(
+        (recovery.devices_offline, recovery.held_sessions_dropped),
+        (1, 1)
+    );
+    let held = |d: Option<broker::store::Device>| d.expect("device").session_expires_at;
+    assert_eq!(held(store.device("a").await.expect("query")), None);
+    // Another node's held session is its own.
+    assert_eq!(
+        held(store.device("b").await.expect("query")),
+        Some(ts(1000))
+    );
+    assert_eq!(held(store.device("c").await.expect("query")), None);
+}
+
 /// A migrator of `backend`'s migrations before `before` (the schema an earlier version
 /// created), from copies in `dir`.
 /// A credential row for `username` at `at`, with `hash` and the filter lists.
@@ -1312,6 +1343,7 @@ store_tests!(
     username_and_auth_method_are_recorded_on_sessions_and_devices,
     an_expired_persistent_session_is_recorded_on_its_last_connection,
     mqtt5_codes_protocol_and_held_sessions_are_recorded,
+    held_sessions_of_earlier_boots_are_dropped_at_start,
     late_events_of_an_old_session_never_win,
     retried_and_replayed_batches_change_nothing,
     whole_session_in_one_batch_and_reconnect_keeps_last_disconnect,

@@ -13,3 +13,6 @@ ALTER TABLE sessions ADD COLUMN session_expires_at INTEGER;
 -- when the session expires or the device connects again.
 ALTER TABLE devices ADD COLUMN protocol TEXT NOT NULL DEFAULT '3.1.1';
 ALTER TABLE devices ADD COLUMN session_expires_at INTEGER;
+-- A node's start drops the held sessions of its earlier boots (sessions live in memory): found
+-- through this small partial index.
+CREATE INDEX devices_held_sessions ON devices (node_id) WHERE session_expires_at IS NOT NULL;

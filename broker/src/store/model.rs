@@ -143,6 +143,9 @@ pub struct Recovery {
     pub sessions_closed: u64,
     /// Devices turned offline by it.
     pub devices_offline: u64,
+    /// Offline devices of the node whose held persistent session was lost with its earlier
+    /// boots (sessions live in the broker's memory): no longer shown as held.
+    pub held_sessions_dropped: u64,
 }
 
 /// A device credential (a row of the `credentials` table) as the API lists it: never its

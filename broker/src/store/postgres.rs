@@ -196,6 +196,15 @@ impl PresenceStore for PgStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        // The persistent sessions the earlier boots held for offline devices went with them.
+        let dropped = sqlx::query(
+            "UPDATE devices SET session_expires_at = NULL, updated_at = now() \
+             WHERE node_id = $1 AND session_expires_at IS NOT NULL AND NOT online",
+        )
+        .bind(node_id)
+        .execute(&mut *tx)
+        .await?;
+        recovery.held_sessions_dropped = dropped.rows_affected();
         tx.commit().await?;
         Ok(recovery)
     }

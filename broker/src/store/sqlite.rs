@@ -272,6 +272,16 @@ impl PresenceStore for SqliteStore {
             recovery.sessions_closed += sessions.rows_affected();
             recovery.devices_offline += devices.rows_affected();
         }
+        // The persistent sessions the earlier boots held for offline devices went with them.
+        let dropped = sqlx::query(
+            "UPDATE devices SET session_expires_at = NULL, updated_at = ?2 \
+             WHERE node_id = ?1 AND session_expires_at IS NOT NULL AND NOT online",
+        )
+        .bind(node_id)
+        .bind(now_us)
+        .execute(&mut *tx)
+        .await?;
+        recovery.held_sessions_dropped = dropped.rows_affected();
         tx.commit().await?;
         Ok(recovery)
     }
