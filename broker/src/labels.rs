@@ -259,6 +259,8 @@ label_enum! {
         Jwt => "jwt",
         /// User name and password, against the presence store's credentials (`auth.database`).
         Database => "database",
+        /// MQTT 5 enhanced authentication, SCRAM-SHA-256, against the password file.
+        Scram => "scram",
     }
 }
 

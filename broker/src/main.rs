@@ -62,7 +62,8 @@ enum Command {
     /// or replaces each (a malformed line stops everything, naming its line, and nothing is
     /// written). `-c` starts from an empty file. New and changed users are stored as argon2id,
     /// which Mosquitto cannot read (keep a file Mosquitto-compatible by managing it with
-    /// mosquitto_passwd); other lines are kept as they are. The file is replaced atomically,
+    /// mosquitto_passwd), or with `--scram` as SCRAM-SHA-256 verifiers, which also let the user
+    /// log in with MQTT 5 enhanced authentication; other lines are kept as they are. The file is replaced atomically,
     /// with mode 0600. Errors name the file and line, and exit with code 1.
     Passwd(passwd::PasswdArgs),
     /// Make a new API token and the line of http.api_tokens_file that lets it in.

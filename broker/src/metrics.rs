@@ -108,6 +108,8 @@ pub struct Metrics {
     /// `heartwire_acl_file_reloads_total{outcome}`.
     pub acl_file_reloads: Counters<ReloadOutcome>,
     /// Last-will messages published.
+    /// Messages of a shared subscription given to another member of its group.
+    pub shared_redeliveries: IntCounter,
     /// MQTT 5 wills waiting for their will delay.
     pub wills_delayed: IntGauge,
     pub wills_published: IntCounter,
@@ -573,6 +575,12 @@ impl Metrics {
                 "Reloads of auth.acl_file (SIGHUP), by outcome; after a failed one the previous \
                  file stays in use.",
                 "outcome",
+            ),
+            shared_redeliveries: counter(
+                &r,
+                "heartwire_shared_redeliveries_total",
+                "Messages of a shared subscription given to another member of its group because \
+                 the session they were queued or in flight for ended.",
             ),
             wills_delayed: gauge(
                 &r,

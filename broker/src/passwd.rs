@@ -28,6 +28,10 @@ pub struct PasswdArgs {
     /// Read `user:password` lines from standard input (blank lines and `#` comments skipped).
     #[arg(long)]
     bulk: bool,
+    /// Store a SCRAM-SHA-256 verifier instead of an argon2id hash: the user can then also log
+    /// in with MQTT 5 enhanced authentication (method SCRAM-SHA-256).
+    #[arg(long)]
+    scram: bool,
     /// The password file.
     file: PathBuf,
     /// The user name.
@@ -52,7 +56,7 @@ pub fn run(args: PasswdArgs) -> anyhow::Result<()> {
         let users = parse_bulk(&input, Path::new("<stdin>"))?;
         let mut editor = open(file, args.create)?;
         for (user, password) in &users {
-            editor.set(user, &Hash::new_argon2id(password.as_bytes())?)?;
+            editor.set(user, &hash(password, args.scram)?)?;
         }
         editor.save(file)?;
         eprintln!("{}: {} users added or changed", file.display(), users.len());
@@ -79,12 +83,21 @@ pub fn run(args: PasswdArgs) -> anyhow::Result<()> {
         bail!("empty password");
     }
     let mut editor = open(file, args.create)?;
-    editor.set(user, &Hash::new_argon2id(password.as_bytes())?)?;
+    editor.set(user, &hash(&password, args.scram)?)?;
     editor.save(file)?;
     Ok(())
 }
 
 /// The file to edit: a new, empty one with `-c`, else the existing file (which must parse).
+/// The entry for `password`: a SCRAM-SHA-256 verifier, or an argon2id hash.
+fn hash(password: &str, scram: bool) -> anyhow::Result<Hash> {
+    Ok(if scram {
+        Hash::new_scram(password.as_bytes())?
+    } else {
+        Hash::new_argon2id(password.as_bytes())?
+    })
+}
+
 fn open(file: &Path, create: bool) -> anyhow::Result<PasswordFileEditor> {
     if create {
         return Ok(PasswordFileEditor::new());

@@ -186,6 +186,15 @@ impl V5 {
         }
     }
 
+    /// Publishes a retained QoS 1 message and waits for its PUBACK.
+    async fn publish_retained(&mut self, topic: &str, payload: &[u8]) {
+        let mut p = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec(), None);
+        p.pkid = 100;
+        p.retain = true;
+        self.send(&Packet::Publish(p)).await;
+        assert!(matches!(self.recv().await, Some(Packet::PubAck(_))));
+    }
+
     /// The next PUBLISH (skipping nothing: any other packet fails).
     async fn publish_received(&mut self) -> Publish {
         match self.recv().await {
@@ -1342,6 +1351,214 @@ async fn mqttjs_v5_sees_takeover_0x8e() {
     let (ok, out, err) = js.await.expect("node task").expect("node installed");
     assert!(ok, "MQTT.js: {out}{err}");
     assert!(out.contains(r#""reasonCode":142"#), "{out}");
+}
+
+/// A will delayed by `delay` seconds on `topic`.
+fn delayed_will(topic: &str, delay: u32) -> LastWill {
+    LastWill::new(
+        topic,
+        b"late".to_vec(),
+        QoS::AtMostOnce,
+        false,
+        Some(LastWillProperties {
+            delay_interval: Some(delay),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        }),
+    )
+}
+
+/// Will delay (MQTT 5 section 3.1.3.2.2): a client that reconnects within its will delay
+/// cancels the will; one that does not has it published once the delay has passed, not
+/// before; a session that ends with the connection publishes the will at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_delay_rides_out_a_reconnect() {
+    let broker = TestBroker::start().await;
+    let mut watcher = V5::connect(broker.addr, "will-watcher").await;
+    watcher.subscribe(&[("late/#", QoS::AtMostOnce)]).await;
+
+    // Back within the delay: no will.
+    let opts = connect("blip", true, expiry(60));
+    let (c, _) = V5::connect_with(broker.addr, opts, Some(delayed_will("late/blip", 1))).await;
+    drop(c);
+    let opts = connect("blip", false, expiry(60));
+    let (_back, ack) = V5::connect_with(broker.addr, opts, None).await;
+    assert!(ack.session_present);
+    // Gone for good: the will, after its delay.
+    let opts = connect("gone", true, expiry(60));
+    let (c, _) = V5::connect_with(broker.addr, opts, Some(delayed_will("late/gone", 1))).await;
+    let left = tokio::time::Instant::now();
+    drop(c);
+    let got = watcher.publish_received().await;
+    assert_eq!(
+        &got.topic[..],
+        b"late/gone",
+        "only the will of the client that stayed away"
+    );
+    assert!(
+        left.elapsed() >= Duration::from_millis(900),
+        "published after its delay, not at once: {:?}",
+        left.elapsed()
+    );
+    // A session that ends with the connection (expiry 0) ends the delay too.
+    let opts = connect("brief", true, expiry(0));
+    let (c, _) = V5::connect_with(broker.addr, opts, Some(delayed_will("late/brief", 60))).await;
+    drop(c);
+    assert_eq!(&watcher.publish_received().await.topic[..], b"late/brief");
+}
+
+/// Shared subscriptions: a 3.1.1 member and an MQTT 5 member of `$share/g/jobs/#` get the
+/// group's messages in turn (round robin), a plain subscriber gets every one, and when a member
+/// leaves (its session ends) with QoS 1 messages it never acknowledged, they go to the other
+/// member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscriptions_take_turns_and_redeliver_what_a_leaving_member_held() {
+    let mut broker = TestBroker::start().await;
+    let (mut old, _) = RawClient::connect(broker.addr, ConnectOpts::new("member-311")).await;
+    broker.connected("member-311").await;
+    old.subscribe("$share/g/jobs/#", rumqttc::mqttbytes::QoS::AtLeastOnce)
+        .await;
+    let mut new = V5::connect(broker.addr, "member-5").await;
+    new.subscribe(&[("$share/g/jobs/#", QoS::AtLeastOnce)])
+        .await;
+    let mut all = V5::connect(broker.addr, "everything").await;
+    all.subscribe(&[("jobs/#", QoS::AtMostOnce)]).await;
+
+    let mut producer = V5::connect(broker.addr, "producer").await;
+    for i in 0..4u16 {
+        producer
+            .publish(&format!("jobs/{i}"), QoS::AtLeastOnce, b"job", i + 1, None)
+            .await;
+    }
+    for _ in 0..4 {
+        all.publish_received().await;
+    }
+    // Two each; the 3.1.1 member does not acknowledge its two.
+    let mut to_new = Vec::new();
+    for _ in 0..2 {
+        let p = new.publish_received().await;
+        new.send(&Packet::PubAck(PubAck::new(p.pkid, None))).await;
+        to_new.push(p.topic);
+    }
+    let mut to_old = Vec::new();
+    for _ in 0..2 {
+        match old.recv().await {
+            Some(rumqttc::mqttbytes::v4::Packet::Publish(p)) => to_old.push(p.topic),
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        to_new.len() + to_old.len(),
+        4,
+        "each message to one member: {to_new:?} {to_old:?}"
+    );
+    let before = metrics().shared_redeliveries.get();
+    // The 3.1.1 member (clean session) leaves: its two go to the MQTT 5 member.
+    drop(old);
+    event_of(&mut broker, "member-311", |e| {
+        matches!(e, ConnectionEvent::Disconnected { .. })
+    })
+    .await;
+    let mut again = Vec::new();
+    for _ in 0..2 {
+        again.push(String::from_utf8(new.publish_received().await.topic.to_vec()).expect("utf-8"));
+    }
+    again.sort();
+    to_old.sort();
+    assert_eq!(again, to_old, "redelivered to the remaining member");
+    assert!(metrics().shared_redeliveries.get() >= before + 2);
+}
+
+/// Subscription options and identifiers: no local keeps a client's own messages from it,
+/// retain as published keeps the retain flag on live delivery (it is cleared otherwise),
+/// retain handling 2 sends no retained message, and every matching subscription's identifier
+/// comes with the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_options_and_identifiers() {
+    let broker = TestBroker::start().await;
+    let mut c = V5::connect(broker.addr, "options").await;
+    let mut other = V5::connect(broker.addr, "options-publisher").await;
+    other.publish_retained("opt/retained", b"old").await;
+    let mut sub = Subscribe::new_many(
+        [
+            Filter {
+                nolocal: true,
+                ..Filter::new("opt/mine", QoS::AtLeastOnce)
+            },
+            Filter {
+                preserve_retain: true,
+                ..Filter::new("opt/+", QoS::AtLeastOnce)
+            },
+        ],
+        Some(rumqttc::v5::mqttbytes::v5::SubscribeProperties {
+            id: Some(7),
+            user_properties: Vec::new(),
+        }),
+    );
+    sub.pkid = 1;
+    c.send(&Packet::Subscribe(sub)).await;
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+    let mut sub = Subscribe::new_many(
+        [Filter {
+            retain_forward_rule: rumqttc::v5::mqttbytes::v5::RetainForwardRule::Never,
+            ..Filter::new("opt/#", QoS::AtMostOnce)
+        }],
+        Some(rumqttc::v5::mqttbytes::v5::SubscribeProperties {
+            id: Some(9),
+            user_properties: Vec::new(),
+        }),
+    );
+    sub.pkid = 2;
+    c.send(&Packet::Subscribe(sub)).await;
+    // opt/+ (retain handling 0) sends the retained message, opt/# (2) does not.
+    let mut retained = Vec::new();
+    let mut acked = false;
+    while !acked || retained.is_empty() {
+        match c.recv().await {
+            Some(Packet::SubAck(ack)) if ack.pkid == 2 => acked = true,
+            Some(Packet::Publish(p)) => {
+                c.send(&Packet::PubAck(PubAck::new(p.pkid, None))).await;
+                retained.push(p);
+            }
+            other => panic!("expected SUBACK or PUBLISH, got {other:?}"),
+        }
+    }
+    assert!(
+        c.recv_within(Duration::from_millis(200)).await.is_err(),
+        "one retained message"
+    );
+    assert!(retained[0].retain);
+    assert_eq!(
+        retained[0]
+            .properties
+            .as_ref()
+            .map(|p| p.subscription_identifiers.clone()),
+        Some(vec![7])
+    );
+    // Its own message on opt/mine: through opt/+ and opt/# only (no local on opt/mine), as
+    // published (retain flag kept by opt/+), with both identifiers.
+    let mut p = Publish::new("opt/mine", QoS::AtMostOnce, b"own".to_vec(), None);
+    p.retain = true;
+    c.send(&Packet::Publish(p)).await;
+    let got = c.publish_received().await;
+    assert_eq!(&got.payload[..], b"own");
+    assert!(got.retain, "retain as published");
+    let mut ids = got
+        .properties
+        .map(|p| p.subscription_identifiers)
+        .unwrap_or_default();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![7, 9]);
+    // Another client's retained publish on a topic only opt/# matches: retain cleared.
+    other.publish_retained("opt/x/y", b"live").await;
+    let got = c.publish_received().await;
+    assert_eq!(&got.payload[..], b"live");
+    assert!(!got.retain, "retain cleared without retain as published");
+    assert!(c.recv_within(Duration::from_millis(200)).await.is_err());
 }
 
 /// GET `path` from a full broker's API once `pred` holds for its JSON; fails after [`WAIT`].

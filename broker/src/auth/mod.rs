@@ -17,6 +17,7 @@ pub mod acl;
 pub mod database;
 pub mod jwt;
 pub mod password_file;
+pub mod scram;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -307,10 +308,25 @@ impl Auth {
             None if self.allow_anonymous => Authenticated::new(AuthMethod::Anonymous),
             None => return Err(Refusal::NotAuthorized),
         };
+        self.bind(request, authenticated)
+    }
+
+    /// `request`, whose user name was proven by SCRAM-SHA-256 ([`Auth::scram_verifier`]),
+    /// authenticated, as far as the client id binding allows.
+    pub fn authenticated_by_scram(&self, request: Request<'_>) -> Result<Authenticated, Refusal> {
+        self.bind(request, Authenticated::new(AuthMethod::Scram))
+    }
+
+    /// `authenticated`, unless `auth.bind_client_id` refuses its client id.
+    fn bind(
+        &self,
+        request: Request<'_>,
+        authenticated: Authenticated,
+    ) -> Result<Authenticated, Refusal> {
         let bound = match self.bind_client_id {
             ClientIdBinding::None => true,
             ClientIdBinding::Username => match authenticated.method {
-                AuthMethod::Password | AuthMethod::Database => {
+                AuthMethod::Password | AuthMethod::Database | AuthMethod::Scram => {
                     request.username == Some(request.client_id)
                 }
                 // The token's client id claim equals the client id already.
@@ -323,6 +339,30 @@ impl Auth {
             return Err(Refusal::NotAuthorized);
         }
         Ok(authenticated)
+    }
+
+    /// Whether MQTT 5 enhanced authentication with SCRAM-SHA-256 is offered: the password
+    /// file provider is configured (its `SCRAM-SHA-256$` entries are the verifiers).
+    pub fn offers_scram(&self) -> bool {
+        self.password_file.is_some() && self.chain.contains(&AuthProvider::PasswordFile)
+    }
+
+    /// The SCRAM-SHA-256 verifier of `user` in the password file; `None` for a user it does
+    /// not have, or has with another kind of hash.
+    pub fn scram_verifier(&self, user: &str) -> Option<scram::Verifier> {
+        let (_, file) = self.password_file.as_ref()?;
+        let file = file.read().unwrap_or_else(|e| e.into_inner());
+        match file.lookup(user)? {
+            password_file::Hash::Scram(verifier) => Some(verifier.clone()),
+            _ => None,
+        }
+    }
+
+    /// The salt shown to a SCRAM client naming a user without a verifier: made up, but the
+    /// same at every attempt, so that the answer does not tell which users exist.
+    pub fn scram_unknown_salt(&self, user: &str) -> Vec<u8> {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.cache_key);
+        ring::hmac::sign(&key, user.as_bytes()).as_ref()[..16].to_vec()
     }
 
     /// Offers `user` and the password to each provider in turn; bad credentials when none

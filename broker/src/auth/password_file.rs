@@ -28,6 +28,7 @@
 //! Loading and writing are blocking file I/O, and [`Hash::verify`] costs milliseconds of CPU
 //! for `$7$` and argon2id: callers on the async runtime run them on a blocking pool.
 
+use super::scram;
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;
@@ -80,6 +81,9 @@ pub enum PasswordFileError {
     /// Hashing a new password failed.
     #[error("cannot hash the password: {0}")]
     Hashing(argon2::password_hash::Error),
+    /// The operating system's random generator failed (a salt).
+    #[error("cannot draw a random salt")]
+    Random,
 }
 
 /// A stored password hash: one of the formats this module reads (see the module doc).
@@ -103,6 +107,9 @@ pub enum Hash {
     },
     /// Argon2id, as a PHC string (it carries its own parameters and salt), checked at parse.
     Argon2id(String),
+    /// A SCRAM-SHA-256 verifier (PostgreSQL's format): the user may log in with MQTT 5
+    /// enhanced authentication (`SCRAM-SHA-256`) as well as with a password.
+    Scram(scram::Verifier),
 }
 
 /// Shows the kind only: a hash must not reach a log through `{:?}`.
@@ -114,6 +121,7 @@ impl fmt::Debug for Hash {
                 write!(f, "Hash::Pbkdf2Sha512(iterations: {iterations}, ..)")
             }
             Hash::Argon2id(_) => f.write_str("Hash::Argon2id(..)"),
+            Hash::Scram(v) => write!(f, "Hash::Scram({v:?})"),
         }
     }
 }
@@ -157,10 +165,12 @@ impl Hash {
             argon2::Params::try_from(&phc)
                 .map_err(|_| "the argon2id hash has invalid parameters")?;
             Ok(Hash::Argon2id(field.to_owned()))
+        } else if field.starts_with("SCRAM-SHA-256$") {
+            scram::Verifier::parse(field).map(Hash::Scram)
         } else if field.is_empty() {
             Err("no hash after the ':'".into())
         } else {
-            Err("unknown hash type (expected $6$, $7$ or $argon2id$)".into())
+            Err("unknown hash type (expected $6$, $7$, $argon2id$ or SCRAM-SHA-256$)".into())
         }
     }
 
@@ -190,7 +200,21 @@ impl Hash {
                 Ok(parsed) => Argon2::default().verify_password(password, &parsed).is_ok(),
                 Err(_) => false,
             },
+            Hash::Scram(verifier) => verifier.verify(password),
         }
+    }
+
+    /// A SCRAM-SHA-256 verifier of `password` with a random 16-byte salt and
+    /// [`scram::ITERATIONS`] iterations (`broker passwd --scram`).
+    pub fn new_scram(password: &[u8]) -> Result<Hash, PasswordFileError> {
+        let mut salt = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+            .map_err(|_| PasswordFileError::Random)?;
+        Ok(Hash::Scram(scram::Verifier::new(
+            password,
+            &salt,
+            scram::ITERATIONS,
+        )))
     }
 
     /// Hashes `password` with argon2id and a random 16-byte salt from the OS, with the argon2
@@ -220,6 +244,7 @@ impl Hash {
                 BASE64.encode(hash)
             ),
             Hash::Argon2id(phc) => phc.clone(),
+            Hash::Scram(verifier) => verifier.to_line_field(),
         }
     }
 }

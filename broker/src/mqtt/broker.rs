@@ -9,7 +9,7 @@ use tokio::sync::Notify;
 use super::budget::ByteBudget;
 use super::limits::{AddressCounts, Flapping};
 use super::router::Router;
-use super::session::Session;
+use super::session::{Cleared, Session};
 use super::sessions::{Detached, ExpiryQueue, LiveSessions, SessionTable};
 use crate::auth::acl::{Acl, AclError, ClientAcl};
 use crate::auth::Auth;
@@ -137,9 +137,20 @@ impl Broker {
                 self.expiring
                     .schedule(session, leave, tokio::time::Instant::now() + expiry)
             }
-            Detached::Forgotten(dropped) => self
-                .router
-                .unsubscribe(session.incarnation, dropped.iter().map(|f| &**f)),
+            Detached::Forgotten(cleared) => self.forget(session, cleared),
+        }
+    }
+
+    /// Takes back what a session that ended (or was discarded by a clean start) left: its
+    /// subscriptions leave the router, then the messages it had from shared subscriptions and
+    /// did not acknowledge go to other members of their groups.
+    pub fn forget(&self, session: &Session, cleared: Cleared) {
+        self.router.unsubscribe(
+            session.incarnation,
+            cleared.subscriptions.iter().map(|f| &**f),
+        );
+        for (group, message, qos) in cleared.orphans {
+            self.router.redeliver(&group, message, qos);
         }
     }
 

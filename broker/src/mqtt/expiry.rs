@@ -30,9 +30,7 @@ pub async fn run(broker: Arc<Broker>, shutdown: CancellationToken) {
             else {
                 continue;
             };
-            broker
-                .router
-                .unsubscribe(due.session.incarnation, dropped.iter().map(|f| &**f));
+            broker.forget(&due.session, dropped);
             metrics().persistent_sessions.dec();
             metrics().sessions_expired.inc();
             tracing::debug!(

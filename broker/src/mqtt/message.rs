@@ -1,5 +1,7 @@
 //! A message as the broker routes it: published once, shared by every subscriber it goes to.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use tokio::time::Instant;
@@ -62,6 +64,10 @@ pub struct Delivery {
     pub retain: bool,
     /// The identifiers of the matching subscriptions that have one.
     pub ids: Option<Box<[u32]>>,
+    /// The shared subscription (`$share/{group}/{filter}`) it came through, when it came
+    /// through one only: should the session end before the client has it, it goes to another
+    /// member of the group.
+    pub shared: Option<Arc<str>>,
 }
 
 impl Delivery {
@@ -71,6 +77,7 @@ impl Delivery {
             qos,
             retain: false,
             ids: None,
+            shared: None,
         }
     }
 }

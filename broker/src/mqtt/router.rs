@@ -14,7 +14,7 @@ use super::message::{Delivery, Message, MinQos, SubOptions};
 use super::retained::{Cursor, RetainedStore};
 use super::session::{QueueLimits, Session};
 use crate::config::{MqttConfig, SharedStrategy};
-use crate::labels::AclDenial;
+use crate::labels::{AclDenial, DropReason};
 use crate::metrics::metrics;
 use crate::telemetry::LogLimiter;
 
@@ -38,8 +38,9 @@ struct Subscriber {
 }
 
 /// The members of one shared subscription group on one filter: each message goes to one.
-#[derive(Default)]
 struct Group {
+    /// `$share/{group}/{filter}`, carried by the messages it delivers.
+    key: Arc<str>,
     members: Vec<(u64, Subscriber)>,
     /// Round robin: the member that got the last message.
     next: AtomicUsize,
@@ -95,6 +96,8 @@ struct Target<'a> {
     checked: bool,
     retain: bool,
     ids: Vec<u32>,
+    /// The shared subscription it came through, when only through that one.
+    shared: Option<&'a Arc<str>>,
 }
 
 /// What a message being matched brings: its levels, its retain flag and who published it.
@@ -184,11 +187,11 @@ impl Node {
     /// Adds this node's subscribers, and one member of each of its shared groups.
     fn add_to<'a>(&'a self, m: &Matching<'_>, out: &mut HashMap<u64, Target<'a>>) {
         for (key, sub) in &self.subscribers {
-            add(out, *key, sub, m);
+            add(out, *key, sub, m, None);
         }
         for group in self.shared.values() {
             if let Some((key, sub)) = group.pick(m.strategy, m.origin_hash) {
-                add(out, *key, sub, m);
+                add(out, *key, sub, m, Some(&group.key));
             }
         }
     }
@@ -198,19 +201,34 @@ impl Node {
 /// checked against the ACL only if no matching filter is wholly readable, retained if one of
 /// them retains as published, with the identifiers of all of them. A no-local subscription
 /// does not match its own session's messages.
-fn add<'a>(out: &mut HashMap<u64, Target<'a>>, key: u64, sub: &'a Subscriber, m: &Matching<'_>) {
+fn add<'a>(
+    out: &mut HashMap<u64, Target<'a>>,
+    key: u64,
+    sub: &'a Subscriber,
+    m: &Matching<'_>,
+    shared: Option<&'a Arc<str>>,
+) {
     let o = &sub.options;
     if o.no_local && m.origin == key {
         return;
     }
     let retain = m.retain && o.retain_as_published;
-    let target = out.entry(key).or_insert(Target {
-        session: &sub.session,
-        qos: o.qos,
-        checked: sub.checked,
-        retain,
-        ids: Vec::new(),
-    });
+    let target = match out.entry(key) {
+        std::collections::hash_map::Entry::Occupied(e) => {
+            let target = e.into_mut();
+            // Also matched otherwise: not the group's alone to redeliver.
+            target.shared = None;
+            target
+        }
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(Target {
+            session: &sub.session,
+            qos: o.qos,
+            checked: sub.checked,
+            retain,
+            ids: Vec::new(),
+            shared,
+        }),
+    };
     if o.qos > target.qos {
         target.qos = o.qos;
     }
@@ -309,12 +327,16 @@ impl Router {
                     .subscribers
                     .insert(key, subscriber)
                     .is_none(),
-                Some((group, filter)) => {
+                Some((group_name, inner)) => {
                     let members = &mut root
-                        .node_mut(filter)
+                        .node_mut(inner)
                         .shared
-                        .entry(group.into())
-                        .or_default()
+                        .entry(group_name.into())
+                        .or_insert_with(|| Group {
+                            key: filter.into(),
+                            members: Vec::new(),
+                            next: AtomicUsize::new(0),
+                        })
                         .members;
                     match members.iter_mut().find(|(k, _)| *k == key) {
                         Some((_, existing)) => {
@@ -388,6 +410,7 @@ impl Router {
                         qos: t.qos.min_qos(message.qos),
                         retain: t.retain,
                         ids: (!t.ids.is_empty()).then(|| t.ids.into_boxed_slice()),
+                        shared: t.shared.cloned(),
                     };
                     (Arc::clone(t.session), delivery, t.checked)
                 })
@@ -413,6 +436,38 @@ impl Router {
             }
         }
         Ok(())
+    }
+
+    /// Gives a message that came through the shared subscription `key` (`$share/{group}/
+    /// {filter}`) to another member of the group: its last one ended without acknowledging
+    /// it. Dropped and counted when the group has no member left.
+    pub fn redeliver(&self, key: &str, message: Arc<Message>, qos: QoS) {
+        let target = {
+            let root = self.subscriptions.read().unwrap_or_else(|e| e.into_inner());
+            shared(key).and_then(|(group, filter)| {
+                let mut node = &*root;
+                for level in filter.split('/') {
+                    node = node.children.get(level)?;
+                }
+                let group = node.shared.get(group)?;
+                let (_, sub) = group.pick(self.strategy, message.origin_hash)?;
+                let delivery = Delivery {
+                    qos: sub.options.qos.min_qos(qos),
+                    retain: false,
+                    ids: (sub.options.id != 0).then(|| Box::from([sub.options.id])),
+                    shared: Some(Arc::clone(&group.key)),
+                };
+                Some((Arc::clone(&sub.session), delivery))
+            })
+        };
+        let result = match target {
+            Some((session, delivery)) => session.enqueue(message, delivery, &self.limits),
+            None => Err(DropReason::SessionEnded),
+        };
+        match result {
+            Ok(()) => metrics().shared_redeliveries.inc(),
+            Err(reason) => metrics().messages_dropped.inc(reason),
+        }
     }
 
     fn retain(&self, message: &Arc<Message>) {

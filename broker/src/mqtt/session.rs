@@ -49,6 +49,8 @@ struct Outgoing {
     stored: bool,
     /// The identifiers of the subscriptions it matched (MQTT 5).
     ids: Option<Box<[u32]>>,
+    /// The shared subscription it came through ([`Delivery::shared`]).
+    shared: Option<Arc<str>>,
 }
 
 impl Outgoing {
@@ -193,6 +195,16 @@ pub struct AclChanges {
     pub kept: Vec<(Box<str>, SubOptions, bool)>,
 }
 
+/// What [`SessionState::clear`] leaves for the router.
+#[derive(Debug, Default)]
+pub struct Cleared {
+    /// The subscriptions to remove.
+    pub subscriptions: Vec<Box<str>>,
+    /// Messages that came through a shared subscription (its filter) and that the client has
+    /// not acknowledged, with their QoS: they go to another member of the group.
+    pub orphans: Vec<(Arc<str>, Arc<Message>, QoS)>,
+}
+
 /// What [`SessionState::write_pending`] left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backlog {
@@ -206,18 +218,30 @@ pub enum Backlog {
 
 impl SessionState {
     /// Forgets everything but the owner (a clean-session connect, or a session that ends) and
-    /// gives its queue's bytes back. Returns the subscriptions the router must drop.
-    pub fn clear(&mut self, limits: &QueueLimits) -> Vec<Box<str>> {
+    /// gives its queue's bytes back. Returns the subscriptions the router must drop, and the
+    /// messages that came through shared subscriptions and were not acknowledged (for other
+    /// members of their groups).
+    pub fn clear(&mut self, limits: &QueueLimits) -> Cleared {
         metrics().messages_queued.sub(self.pending.len() as i64);
         limits.total.release(self.queued_bytes);
         self.queued_bytes = 0;
-        self.pending = VecDeque::new();
-        self.inflight = VecDeque::new();
+        let inflight = std::mem::take(&mut self.inflight)
+            .into_iter()
+            .filter(|f| f.stage == Stage::Published)
+            .map(|f| f.out);
+        let orphans = std::mem::take(&mut self.pending)
+            .into_iter()
+            .chain(inflight)
+            .filter_map(|out| Some((out.shared?, out.message, out.qos)))
+            .collect();
         self.extras = None;
         self.last_pkid = 0;
-        std::mem::take(&mut self.subscriptions)
-            .into_keys()
-            .collect()
+        Cleared {
+            subscriptions: std::mem::take(&mut self.subscriptions)
+                .into_keys()
+                .collect(),
+            orphans,
+        }
     }
 
     /// Applies the client's rules `acl` to the subscriptions held: those of which nothing
@@ -573,6 +597,7 @@ impl SessionState {
                 retain: true,
                 stored: true,
                 ids: (cursor.id != 0).then(|| Box::from([cursor.id])),
+                shared: None,
             };
             self.write(buf, out, limits);
         }
@@ -920,6 +945,7 @@ impl Session {
                 retain: delivery.retain,
                 stored: false,
                 ids: delivery.ids,
+                shared: delivery.shared,
             });
             if st.pending.len() >= limits.max_messages / 2
                 || st.queued_bytes >= limits.max_bytes / 2

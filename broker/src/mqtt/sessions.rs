@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::session::{QueueLimits, Session};
+use super::session::{Cleared, QueueLimits, Session};
 use crate::event::SessionId;
 use crate::labels::{AuthMethod, DisconnectReason};
 use crate::metrics::metrics;
@@ -45,8 +45,9 @@ pub struct Attached {
     pub seq: u64,
     /// CONNACK's session-present flag.
     pub session_present: bool,
-    /// Subscriptions of a discarded previous session, to remove from the router.
-    pub dropped_subscriptions: Vec<Box<str>>,
+    /// What a discarded previous session left: subscriptions to remove from the router, and
+    /// shared subscriptions' messages for other members.
+    pub dropped: Cleared,
 }
 
 /// The outcome of [`SessionTable::detach`].
@@ -61,8 +62,9 @@ pub enum Detached {
         /// Its MQTT 5 session expiry interval (`None`: `mqtt.persistent_session_expiry`).
         expiry: Option<std::time::Duration>,
     },
-    /// A clean session, ended and forgotten: these subscriptions must leave the router.
-    Forgotten(Vec<Box<str>>),
+    /// A clean session, ended and forgotten: its subscriptions must leave the router, and its
+    /// shared subscriptions' messages go to other members.
+    Forgotten(Cleared),
 }
 
 impl Default for SessionTable {
@@ -129,7 +131,7 @@ impl SessionTable {
         session.reset_signals();
         session.set_online(true);
         let was_persistent = st.persistent;
-        let mut dropped = Vec::new();
+        let mut dropped = Cleared::default();
         let session_present = if clean_start {
             dropped = st.clear(limits);
             false
@@ -149,7 +151,7 @@ impl SessionTable {
             session_id,
             seq,
             session_present,
-            dropped_subscriptions: dropped,
+            dropped,
         })
     }
 
@@ -184,13 +186,13 @@ impl SessionTable {
 
     /// Forgets `session` if it is still the persistent session its client left for the
     /// `leave`-th time (the client has not come back since). Returns the id of the last
-    /// connection that used it, and the filters to remove from the router.
+    /// connection that used it, and what the router must take back.
     pub fn expire(
         &self,
         session: &Arc<Session>,
         leave: u32,
         limits: &QueueLimits,
-    ) -> Option<(SessionId, Vec<Box<str>>)> {
+    ) -> Option<(SessionId, Cleared)> {
         let mut map = self.map();
         let mut st = session.state();
         if st.online || !st.persistent || st.ended || st.leaves != leave {

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::io::{Io, ReadError, Transport};
 use super::Hello;
 use crate::auth::acl::Access;
+use crate::auth::scram;
 use crate::auth::{self, Refusal};
 use crate::config::{KeepAlivePolicy, MqttConfig};
 use crate::event::{ConnectionEvent, SessionId};
@@ -20,7 +21,7 @@ use crate::metrics::metrics;
 use crate::mqtt::codec::encode::{self, property};
 use crate::mqtt::codec::{CodecError, ConnackCode};
 use crate::mqtt::limits::{Flap, Throttle};
-use crate::mqtt::packet::{Connect, Packet, Protocol, Will};
+use crate::mqtt::packet::{reason, Connect, Packet, Protocol, Will};
 use crate::mqtt::session::{Login, Peer, Session};
 use crate::mqtt::sessions::Attach;
 use crate::mqtt::{topic, Broker};
@@ -188,16 +189,18 @@ pub async fn handshake<S: Transport>(
             return None;
         }
     }
-    // Enhanced authentication (an MQTT 5 authentication method) is not offered.
+    // Enhanced authentication: SCRAM-SHA-256 when the password file is a provider.
     if let Some(method) = &connect.authentication_method {
-        tracing::info!(%peer, method = method.as_str(), "Enhanced authentication method not offered; CONNACK 0x8C.");
-        refused(RefusalReason::BadCredentials);
-        io.refuse(
-            ConnackCode::BadAuthenticationMethod,
-            Some("no enhanced authentication method is offered"),
-        )
-        .await;
-        return None;
+        if method != scram::METHOD || !broker.auth.offers_scram() {
+            tracing::info!(%peer, method = method.as_str(), "Enhanced authentication method not offered; CONNACK 0x8C.");
+            refused(RefusalReason::BadCredentials);
+            io.refuse(
+                ConnackCode::BadAuthenticationMethod,
+                Some("the enhanced authentication method offered is SCRAM-SHA-256"),
+            )
+            .await;
+            return None;
+        }
     }
 
     // A banned client id is refused before its credentials cost anything, and without
@@ -211,21 +214,55 @@ pub async fn handshake<S: Transport>(
     }
 
     // Credentials, before anything of the session is touched: a refused client never
-    // disturbs the device connected under the id it claims.
+    // disturbs the device connected under the id it claims. A SCRAM exchange proves the user
+    // name it gives; otherwise the providers check the CONNECT's user name and password.
+    let scram = if connect.authentication_method.is_some() {
+        let exchange = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                refused(RefusalReason::BrokerShutdown);
+                return None;
+            }
+            done = tokio::time::timeout_at(deadline, Box::pin(scram_exchange(io, &connect, broker))) => done,
+        };
+        match exchange {
+            Ok(Ok(outcome)) => Some(outcome),
+            Ok(Err(reason)) => {
+                tracing::info!(%peer, reason = reason.as_str(), "SCRAM exchange broken off; closing.");
+                refused(reason);
+                return None;
+            }
+            Err(_) => {
+                tracing::info!(%peer, timeout = ?config.connect_timeout, "SCRAM exchange not done within the connect timeout; closing.");
+                refused(RefusalReason::ConnectTimeout);
+                return None;
+            }
+        }
+    } else {
+        None
+    };
     let request = auth::Request {
         peer: peer.ip(),
         client_id: &client_id,
-        username: connect.username.as_deref(),
-        password: connect.password.as_deref(),
+        username: match &scram {
+            Some((user, _)) => Some(user.as_str()),
+            None => connect.username.as_deref(),
+        },
+        password: connect.password.as_deref().filter(|_| scram.is_none()),
         identity: identity.as_deref(),
     };
-    let checked = tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => {
-            refused(RefusalReason::BrokerShutdown);
-            return None;
-        }
-        checked = tokio::time::timeout_at(deadline, broker.auth.authenticate(request)) => checked,
+    let checked = match &scram {
+        Some((_, outcome)) => Ok(outcome
+            .clone()
+            .and_then(|_| broker.auth.authenticated_by_scram(request))),
+        None => tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                refused(RefusalReason::BrokerShutdown);
+                return None;
+            }
+            checked = tokio::time::timeout_at(deadline, broker.auth.authenticate(request)) => checked,
+        },
     };
     let (method, grants) = match checked {
         Ok(Ok(authenticated)) => {
@@ -287,7 +324,7 @@ pub async fn handshake<S: Transport>(
     // 2 does) before the session is touched.
     // User rules apply to a verified user name only: an anonymous client's name is a claim.
     let verified_user = match method {
-        AuthMethod::Password | AuthMethod::Database => request.username,
+        AuthMethod::Password | AuthMethod::Database | AuthMethod::Scram => request.username,
         // A verified client certificate's identity is the user name its rules are under (as
         // Mosquitto's use_identity_as_username).
         AuthMethod::Certificate => request.identity,
@@ -424,10 +461,7 @@ pub async fn handshake<S: Transport>(
         }
         attached = attach => attached,
     };
-    broker.router.unsubscribe(
-        session.incarnation,
-        attached.dropped_subscriptions.iter().map(|f| &**f),
-    );
+    broker.forget(&session, attached.dropped);
     {
         let mut st = session.state();
         st.login = verified_user
@@ -435,7 +469,11 @@ pub async fn handshake<S: Transport>(
             .map(|username| {
                 Box::new(Login {
                     username: username.into(),
-                    method,
+                    // A SCRAM verifier is a password file entry: revoked with the file.
+                    method: match method {
+                        AuthMethod::Scram => AuthMethod::Password,
+                        other => other,
+                    },
                 })
             });
         st.set_peer(Peer {
@@ -464,9 +502,11 @@ pub async fn handshake<S: Transport>(
             peer,
             listener,
             identity,
-            username: matches!(method, AuthMethod::Password | AuthMethod::Database)
-                .then(|| connect.username.clone())
-                .flatten(),
+            username: match method {
+                AuthMethod::Password | AuthMethod::Database => connect.username.clone(),
+                AuthMethod::Scram => scram.as_ref().map(|(user, _)| user.clone()),
+                _ => None,
+            },
             auth_method: method,
             keep_alive,
             clean_session: connect.clean_start,
@@ -481,6 +521,11 @@ pub async fn handshake<S: Transport>(
     tracing::debug!(%session_id, seq, keep_alive, clean_start = connect.clean_start, ?expiry, protocol = connect.protocol.as_str(), "Connected.");
 
     let mut properties = encode::Properties::default();
+    if let Some((_, Ok(server_final))) = &scram {
+        properties
+            .string(property::AUTHENTICATION_METHOD, scram::METHOD)
+            .bytes(property::AUTHENTICATION_DATA, server_final.as_bytes());
+    }
     if connect.protocol == Protocol::V5 {
         // What the broker decided of the client's requests, and the limits it sets.
         if assigned {
@@ -540,6 +585,74 @@ pub async fn handshake<S: Transport>(
             needed.then(|| Box::new(extras))
         },
     })
+}
+
+/// SCRAM-SHA-256 over CONNECT and AUTH: reads the client-first message from the CONNECT,
+/// answers AUTH 0x18 with the server-first message, reads the client's AUTH 0x18 with the
+/// client-final message and checks its proof. The user name it gave, and the server-final
+/// message (for the CONNACK) when the proof is right; `Err` with the reason when the client
+/// broke the exchange off or broke the protocol (closed without a CONNACK of success).
+async fn scram_exchange<S: Transport>(
+    io: &mut Io<S>,
+    connect: &Connect,
+    broker: &Broker,
+) -> Result<(String, Result<String, Refusal>), RefusalReason> {
+    let first = connect.authentication_data.as_deref().unwrap_or_default();
+    let Some(nonce) = scram::server_nonce() else {
+        return Ok((String::new(), Err(Refusal::Unavailable)));
+    };
+    let (exchange, server_first) = match scram::Exchange::start(
+        first,
+        &nonce,
+        |user| broker.auth.scram_verifier(user),
+        |user| broker.auth.scram_unknown_salt(user),
+    ) {
+        Ok(started) => started,
+        Err(error) => {
+            tracing::info!(%error, "SCRAM client-first message refused.");
+            return Ok((String::new(), Err(Refusal::NotAuthorized)));
+        }
+    };
+    let mut properties = encode::Properties::default();
+    properties
+        .string(property::AUTHENTICATION_METHOD, scram::METHOD)
+        .bytes(property::AUTHENTICATION_DATA, server_first.as_bytes());
+    io.send(PacketType::Auth, |buf, _| {
+        encode::write_auth(buf, reason::CONTINUE_AUTHENTICATION, &properties)
+    });
+    if io.write_all().await.is_err() {
+        return Err(RefusalReason::ConnectionLost);
+    }
+    let auth = match io
+        .read_packet(&broker.read_budget, &broker.read_budget_freed)
+        .await
+    {
+        Ok(Packet::Auth(auth))
+            if auth.reason == reason::CONTINUE_AUTHENTICATION
+                && auth.method.as_deref() == Some(scram::METHOD) =>
+        {
+            auth
+        }
+        Ok(_) | Err(ReadError::Codec(_)) => {
+            io.refuse(
+                ConnackCode::ProtocolError,
+                Some("expected AUTH 0x18 with SCRAM-SHA-256"),
+            )
+            .await;
+            return Err(RefusalReason::ProtocolError);
+        }
+        Err(_) => return Err(RefusalReason::ConnectionLost),
+    };
+    let user = exchange.user.clone();
+    let outcome = match exchange.finish(auth.data.as_deref().unwrap_or_default()) {
+        Ok(server_final) => Ok(server_final),
+        Err(scram::ScramError::BadProof) => Err(Refusal::BadCredentials),
+        Err(error) => {
+            tracing::info!(%error, "SCRAM client-final message refused.");
+            Err(Refusal::NotAuthorized)
+        }
+    };
+    Ok((user, outcome))
 }
 
 /// Refuses the CONNECT of a client id banned by flapping detection (CONNACK 0x05); `now`

@@ -483,7 +483,7 @@ pub fn handle<S: Transport>(
                 io,
                 session,
                 reason::PROTOCOL_ERROR,
-                "AUTH without an authentication method on CONNECT",
+                "AUTH after the CONNACK: re-authentication is not offered",
             ));
         }
         Packet::Connect(_) => {
