@@ -34,6 +34,7 @@ fn events(n: u64, prefix: &str) -> Vec<ConnectionEvent> {
         let session_id = SessionId::new();
         let client_id = format!("{prefix}-{}", i % 50_000);
         out.push(ConnectionEvent::Connected {
+            protocol: Default::default(),
             client_id: client_id.clone(),
             session_id,
             seq: i,
@@ -47,6 +48,9 @@ fn events(n: u64, prefix: &str) -> Vec<ConnectionEvent> {
             time: SystemTime::now(),
         });
         out.push(ConnectionEvent::Disconnected {
+            reason_code: None,
+            reason_string: None,
+            session_expires_at: None,
             client_id,
             session_id,
             seq: i,

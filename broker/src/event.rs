@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::labels::{AuthMethod, DisconnectReason, Listener, TransitionKind};
+use crate::labels::{AuthMethod, DisconnectReason, Listener, Protocol, TransitionKind};
+
+/// Most characters of a client's DISCONNECT reason string kept in a [`ConnectionEvent::Disconnected`].
+pub const MAX_REASON_STRING_CHARS: usize = 256;
 
 /// Unique, time-sortable identifier of one accepted connection (UUIDv7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -68,14 +71,19 @@ pub enum ConnectionEvent {
         auth_method: AuthMethod,
         /// The keep-alive in force, in seconds (after clamping); 0 means none.
         keep_alive: u16,
-        /// The CONNECT's clean-session flag.
+        /// The CONNECT's clean-session flag (MQTT 5: clean start).
         clean_session: bool,
+        /// The protocol level the client speaks (3.1.1 in journals written before it was
+        /// recorded).
+        #[serde(default)]
+        protocol: Protocol,
         /// When the connection was accepted.
         time: SystemTime,
     },
-    /// A persistent session (clean_session = false) was discarded after
-    /// `mqtt.persistent_session_expiry` without a connection: its subscriptions and queued
-    /// messages are gone. Comes after the Disconnected of its last connection.
+    /// A persistent session (3.1.1: clean_session = false, held for
+    /// `mqtt.persistent_session_expiry`; MQTT 5: a session expiry interval, capped by
+    /// `mqtt.max_session_expiry`) was discarded without a connection: its subscriptions and
+    /// queued messages are gone. Comes after the Disconnected of its last connection.
     SessionExpired {
         /// The device's MQTT client id.
         client_id: String,
@@ -94,6 +102,24 @@ pub enum ConnectionEvent {
         seq: u64,
         /// Why it ended.
         reason: DisconnectReason,
+        /// The MQTT 5 reason code of the DISCONNECT that ended it: the client's when the
+        /// client disconnected (0x00 normal, 0x04 with will, ...), else the one the broker sent
+        /// the client (0x8E takeover, 0x8D keep-alive timeout, ...); `None` for MQTT 3.1.1, for
+        /// a connection that ended without a DISCONNECT either way, and in older journals.
+        #[serde(default)]
+        reason_code: Option<u8>,
+        /// The reason string of the client's MQTT 5 DISCONNECT, if it sent one: control
+        /// characters escaped, at most [`MAX_REASON_STRING_CHARS`] characters (see
+        /// [`reason_string()`]).
+        #[serde(default)]
+        reason_string: Option<String>,
+        /// Until when the broker holds the client's persistent session after this connection
+        /// (its subscriptions and queued messages), unless the client connects again; `None`
+        /// when the session ended with the connection, for a takeover (the session goes on
+        /// with the new connection), for a broker shutdown (sessions live in memory), and in
+        /// older journals.
+        #[serde(default)]
+        session_expires_at: Option<SystemTime>,
         /// When it ended.
         time: SystemTime,
     },
@@ -137,6 +163,20 @@ impl ConnectionEvent {
     }
 }
 
+/// A client's reason string as a [`ConnectionEvent::Disconnected`] keeps it: control
+/// characters escaped (`\n`, `\u{1b}`), cut to [`MAX_REASON_STRING_CHARS`] characters.
+pub fn reason_string(text: &str) -> String {
+    let mut kept = String::new();
+    for c in text.chars() {
+        if c.is_control() {
+            kept.extend(c.escape_default());
+        } else {
+            kept.push(c);
+        }
+    }
+    kept.chars().take(MAX_REASON_STRING_CHARS).collect()
+}
+
 /// The sending half, held by the MQTT layer.
 pub type EventSender = mpsc::Sender<ConnectionEvent>;
 /// The receiving half, held by the presence pipeline.
@@ -157,4 +197,31 @@ pub struct PresenceRecord {
     pub boot_id: Uuid,
     /// What happened.
     pub event: ConnectionEvent,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_strings_are_escaped_and_bounded() {
+        assert_eq!(reason_string("bye"), "bye");
+        assert_eq!(reason_string("a\nb\u{1b}[2J"), "a\\nb\\u{1b}[2J");
+        assert_eq!(reason_string(&"é".repeat(1000)).chars().count(), 256);
+    }
+
+    #[test]
+    fn events_of_older_journals_still_read() {
+        let old = r#"{"event":"disconnected","client_id":"a","session_id":"0190a0a0-0000-7000-8000-000000000000","seq":1,"reason":"client_disconnect","time":{"secs_since_epoch":1,"nanos_since_epoch":0}}"#;
+        let event: ConnectionEvent = serde_json::from_str(old).expect("old Disconnected");
+        assert!(matches!(
+            event,
+            ConnectionEvent::Disconnected {
+                reason_code: None,
+                reason_string: None,
+                session_expires_at: None,
+                ..
+            }
+        ));
+    }
 }

@@ -272,6 +272,29 @@ impl AuthMethod {
 }
 
 label_enum! {
+    /// The MQTT protocol level of a connection, chosen by its CONNECT (also a database value:
+    /// `sessions.protocol`, `devices.protocol`).
+    #[derive(Serialize, Deserialize, Default)]
+    Protocol {
+        /// MQTT 3.1.1 (protocol level 4); also what rows and journals written before the level
+        /// was recorded read.
+        #[default]
+        #[serde(rename = "3.1.1")]
+        V311 => "3.1.1",
+        /// MQTT 5.0 (protocol level 5).
+        #[serde(rename = "5")]
+        V5 => "5",
+    }
+}
+
+impl Protocol {
+    /// The protocol level of a stored name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|p| p.as_str() == name)
+    }
+}
+
+label_enum! {
     /// How a password was checked (`outcome` of `heartwire_auth_verifications_total`).
     VerifyOutcome {
         /// The same user and password were verified recently (no hashing).

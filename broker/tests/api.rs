@@ -84,6 +84,7 @@ fn connected_on(
     identity: Option<&str>,
 ) -> PresenceRecord {
     record(ConnectionEvent::Connected {
+        protocol: Default::default(),
         client_id: id.into(),
         session_id: session,
         seq: 1,
@@ -120,6 +121,9 @@ fn connected_as(
 
 fn disconnected(id: &str, session: SessionId) -> PresenceRecord {
     record(ConnectionEvent::Disconnected {
+        reason_code: None,
+        reason_string: None,
+        session_expires_at: None,
         client_id: id.into(),
         session_id: session,
         seq: 1,

@@ -3,6 +3,8 @@
 //! violations answered with a DISCONNECT, message properties forwarded (and left out for a
 //! 3.1.1 subscriber), message and session expiry, the will on DISCONNECT 0x04, inbound topic
 //! aliases, and the client's maximum packet size and receive maximum honoured on delivery.
+//! Through a full broker's REST API: the DISCONNECT reason codes and reason string on the
+//! session rows, and a held persistent session on the device row until it expires.
 //! Debian's mosquitto_pub/mosquitto_sub and MQTT.js (broker/tests/js/mqttjs5-client.mjs) pass
 //! properties through at protocol level 5.
 //!
@@ -1557,4 +1559,141 @@ async fn subscription_options_and_identifiers() {
     assert_eq!(&got.payload[..], b"live");
     assert!(!got.retain, "retain cleared without retain as published");
     assert!(c.recv_within(Duration::from_millis(200)).await.is_err());
+}
+
+/// GET `path` from a full broker's API once `pred` holds for its JSON; fails after [`WAIT`].
+async fn api_when(
+    broker: &testkit::FullBroker,
+    path: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    testkit::eventually(what, || async {
+        let body = testkit::http_get(broker.http, path).await?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        pred(&v).then_some(v)
+    })
+    .await
+}
+
+/// A time of the API's JSON.
+fn api_time(v: &serde_json::Value) -> chrono::DateTime<chrono::Utc> {
+    v.as_str()
+        .expect("a time")
+        .parse()
+        .expect("an RFC 3339 time")
+}
+
+/// An MQTT 5 client's DISCONNECT 0x04 (with will) and its reason string reach the session's
+/// history row, as the API shows it, with the protocol level; a session that ends with its
+/// connection is not held for the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_shows_the_disconnect_reason_code_and_string_of_the_session() {
+    let broker = testkit::FullBroker::start_sqlite().await;
+    let c = V5::connect(broker.mqtt, "leaving").await;
+    c.disconnect(
+        DisconnectReasonCode::DisconnectWithWillMessage,
+        Some(DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: Some("battery low\n".into()),
+            user_properties: Vec::new(),
+            server_reference: None,
+        }),
+    )
+    .await;
+    let body = api_when(
+        &broker,
+        "/api/v1/devices/leaving/sessions",
+        "the session closed",
+        |v| v["sessions"][0]["reason"] == "client_disconnect",
+    )
+    .await;
+    let row = &body["sessions"][0];
+    assert_eq!(row["reason_code"], 0x04, "{row}");
+    assert_eq!(row["reason_string"], "battery low\\n", "escaped: {row}");
+    assert_eq!(row["protocol"], "5", "{row}");
+    assert_eq!(row["session_expires_at"], serde_json::Value::Null, "{row}");
+    let device = api_when(&broker, "/api/v1/devices/leaving", "offline", |v| {
+        v["online"] == false
+    })
+    .await;
+    assert_eq!(device["protocol"], "5", "{device}");
+    assert_eq!(
+        device["session_expires_at"],
+        serde_json::Value::Null,
+        "{device}"
+    );
+    broker.stop().await;
+}
+
+/// A persistent MQTT 5 session (expiry 2 s) is shown on the device row as held until its
+/// expiry after the client leaves, and no more once it has expired (recorded on the session
+/// row as well).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_shows_a_held_session_until_it_expires() {
+    let broker = testkit::FullBroker::start_sqlite().await;
+    let (c, _) = V5::connect_with(broker.mqtt, connect("keeper", true, expiry(2)), None).await;
+    c.disconnect(DisconnectReasonCode::NormalDisconnection, None)
+        .await;
+    let device = api_when(&broker, "/api/v1/devices/keeper", "a held session", |v| {
+        v["online"] == false && !v["session_expires_at"].is_null()
+    })
+    .await;
+    let held = api_time(&device["session_expires_at"]) - api_time(&device["disconnected_at"]);
+    assert!(
+        (1900..=2100).contains(&held.num_milliseconds()),
+        "held for the session expiry interval: {device}"
+    );
+    assert_eq!(device["last_session"]["reason_code"], 0x00, "{device}");
+    assert_eq!(
+        device["last_session"]["session_expires_at"],
+        device["session_expires_at"]
+    );
+    let device = api_when(
+        &broker,
+        "/api/v1/devices/keeper",
+        "the session expired",
+        |v| v["session_expires_at"].is_null(),
+    )
+    .await;
+    assert!(
+        !device["last_session"]["expired_at"].is_null(),
+        "the expiry is recorded on the session row: {device}"
+    );
+    broker.stop().await;
+}
+
+/// A takeover's DISCONNECT 0x8E is recorded on the old session's row; no session is shown as
+/// held (it goes on with the new connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_shows_the_takeover_code_on_the_old_session() {
+    let broker = testkit::FullBroker::start_sqlite().await;
+    let (mut first, _) =
+        V5::connect_with(broker.mqtt, connect("twin5", true, expiry(60)), None).await;
+    let _second = V5::connect_with(broker.mqtt, connect("twin5", false, expiry(60)), None).await;
+    first
+        .disconnected_with(DisconnectReasonCode::SessionTakenOver, "takeover")
+        .await;
+    let body = api_when(
+        &broker,
+        "/api/v1/devices/twin5/sessions",
+        "two sessions, the old one taken over",
+        |v| v["sessions"][1]["reason"] == "takeover",
+    )
+    .await;
+    let old = &body["sessions"][1];
+    assert_eq!(old["reason_code"], 0x8E, "{old}");
+    assert_eq!(old["reason_string"], serde_json::Value::Null, "{old}");
+    assert_eq!(old["session_expires_at"], serde_json::Value::Null, "{old}");
+    let device = api_when(&broker, "/api/v1/devices/twin5", "online again", |v| {
+        v["online"] == true
+    })
+    .await;
+    assert_eq!(device["session_id"], body["sessions"][0]["session_id"]);
+    assert_eq!(
+        device["session_expires_at"],
+        serde_json::Value::Null,
+        "{device}"
+    );
+    broker.stop().await;
 }

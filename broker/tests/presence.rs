@@ -143,6 +143,7 @@ async fn crashed_broker_sessions_are_closed_at_restart<S: PresenceStore>(
 /// A Connected event of `id` for session `s`, now.
 fn connected(id: &str, s: broker::event::SessionId) -> broker::event::ConnectionEvent {
     broker::event::ConnectionEvent::Connected {
+        protocol: Default::default(),
         client_id: id.into(),
         session_id: s,
         seq: 0,
@@ -186,6 +187,9 @@ async fn delayed_disconnect_of_an_old_session_never_wins<S: PresenceStore>(
     device_where(&store, "dev", "online on s2", |d| d.session_id == s2.0).await;
     // The old session's Disconnected arrives late, in a batch of its own.
     tx.send(ConnectionEvent::Disconnected {
+        reason_code: None,
+        reason_string: None,
+        session_expires_at: None,
         client_id: "dev".into(),
         session_id: s1,
         seq: 0,
@@ -536,6 +540,9 @@ async fn events_spilled_during_a_stalled_write_keep_their_order() {
     // and go to the journal while it does.
     tx.send(connected("d", s)).await.expect("send");
     tx.send(ConnectionEvent::Disconnected {
+        reason_code: None,
+        reason_string: None,
+        session_expires_at: None,
         client_id: "d".into(),
         session_id: s,
         seq: 0,

@@ -9,7 +9,7 @@ use broker::auth::password_file::Hash;
 use broker::auth::Grants;
 use broker::config::BridgeConfig;
 use broker::event::{ConnectionEvent, PresenceRecord, SessionId};
-use broker::labels::{AuthMethod, DisconnectReason, Listener};
+use broker::labels::{AuthMethod, DisconnectReason, Listener, Protocol};
 use broker::store::{
     Credential, CredentialRecord, PgStore, PresenceStore, SqliteStore, StoreCredentials,
 };
@@ -101,6 +101,7 @@ impl Node {
             node_id: self.node_id.clone(),
             boot_id: self.boot_id,
             event: ConnectionEvent::Connected {
+                protocol: Default::default(),
                 client_id: device.into(),
                 session_id: session,
                 seq: at,
@@ -114,6 +115,40 @@ impl Node {
                 time: t(at),
             },
         }
+    }
+
+    /// An MQTT 5 connection.
+    fn connected5(&self, device: &str, session: SessionId, at: u64) -> PresenceRecord {
+        let mut record = self.connected(device, session, at);
+        if let ConnectionEvent::Connected { protocol, .. } = &mut record.event {
+            *protocol = Protocol::V5;
+        }
+        record
+    }
+
+    /// The end of an MQTT 5 connection with a DISCONNECT `code` and a reason string, its
+    /// session held until `held` (seconds, as `at`).
+    fn disconnected5(
+        &self,
+        device: &str,
+        session: SessionId,
+        code: u8,
+        at: u64,
+        held: Option<u64>,
+    ) -> PresenceRecord {
+        let mut record = self.disconnected(device, session, DisconnectReason::ClientDisconnect, at);
+        if let ConnectionEvent::Disconnected {
+            reason_code,
+            reason_string,
+            session_expires_at,
+            ..
+        } = &mut record.event
+        {
+            *reason_code = Some(code);
+            *reason_string = Some(format!("bye {code}"));
+            *session_expires_at = held.map(t);
+        }
+        record
     }
 
     fn expired(&self, device: &str, session: SessionId, at: u64) -> PresenceRecord {
@@ -139,6 +174,9 @@ impl Node {
             node_id: self.node_id.clone(),
             boot_id: self.boot_id,
             event: ConnectionEvent::Disconnected {
+                reason_code: None,
+                reason_string: None,
+                session_expires_at: None,
                 client_id: device.into(),
                 session_id: session,
                 seq: 0,
@@ -815,6 +853,130 @@ async fn an_expired_persistent_session_is_recorded_on_its_last_connection<S: Pre
     assert_eq!(d.last_reason.as_deref(), Some("connection_lost"));
 }
 
+async fn mqtt5_codes_protocol_and_held_sessions_are_recorded<S: PresenceStore>(store: S) {
+    let node = Node::new("n1");
+    let (s1, s2, s3) = (SessionId::new(), SessionId::new(), SessionId::new());
+    // A connection, and its end in a later batch (the device is fenced in the database).
+    store
+        .apply(&[node.connected5("dev", s1, 10)])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert_eq!((d.protocol, d.session_expires_at), (Protocol::V5, None));
+    store
+        .apply(&[node.disconnected5("dev", s1, 0x04, 11, Some(1000))])
+        .await
+        .expect("apply");
+    let row = &store.sessions("dev", 10).await.expect("sessions")[0];
+    assert_eq!(
+        (
+            row.protocol,
+            row.reason_code,
+            row.reason_string.as_deref(),
+            row.session_expires_at
+        ),
+        (Protocol::V5, Some(4), Some("bye 4"), Some(ts(1000)))
+    );
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert_eq!((d.online, d.session_expires_at), (false, Some(ts(1000))));
+    // A late expiry of another (older) session clears nothing; the session's own does, and
+    // leaves its row's record of what was planned.
+    store
+        .apply(&[node.expired("dev", SessionId(Uuid::nil()), 50)])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert_eq!(d.session_expires_at, Some(ts(1000)));
+    store
+        .apply(&[node.expired("dev", s1, 1000)])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert_eq!(d.session_expires_at, None);
+    let row = &store.sessions("dev", 10).await.expect("sessions")[0];
+    assert_eq!(
+        (row.session_expires_at, row.expired_at),
+        (Some(ts(1000)), Some(ts(1000)))
+    );
+    // Within one batch: a session ends held, and the device comes back (over 3.1.1): nothing
+    // is held while it is online, and the new session is its protocol's.
+    store
+        .apply(&[
+            node.connected5("dev", s2, 20),
+            node.disconnected5("dev", s2, 0x00, 21, Some(2000)),
+        ])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert_eq!(d.session_expires_at, Some(ts(2000)));
+    store
+        .apply(&[node.connected("dev", s3, 22)])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert_eq!(
+        (d.online, d.protocol, d.session_expires_at),
+        (true, Protocol::V311, None)
+    );
+    // s3 ends with its session held; a late expiry of s2's never clears it.
+    store
+        .apply(&[
+            node.disconnected5("dev", s3, 0x00, 23, Some(3000)),
+            node.expired("dev", s2, 24),
+        ])
+        .await
+        .expect("apply");
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert_eq!((d.online, d.session_expires_at), (false, Some(ts(3000))));
+    // A 3.1.1 row has no reason code.
+    let s4 = SessionId::new();
+    store
+        .apply(&[
+            node.connected("dev", s4, 30),
+            node.disconnected("dev", s4, DisconnectReason::ConnectionLost, 31),
+        ])
+        .await
+        .expect("apply");
+    let row = &store.sessions("dev", 10).await.expect("sessions")[0];
+    assert_eq!(
+        (row.protocol, row.reason_code, row.reason_string.as_deref()),
+        (Protocol::V311, None, None)
+    );
+    let d = store.device("dev").await.expect("query").expect("device");
+    assert_eq!(d.session_expires_at, None);
+}
+
+async fn held_sessions_of_earlier_boots_are_dropped_at_start<S: PresenceStore>(store: S) {
+    let (n1, n2) = (Node::new("n1"), Node::new("n2"));
+    let (a, b, c) = (SessionId::new(), SessionId::new(), SessionId::new());
+    store
+        .apply(&[
+            n1.connected5("a", a, 10),
+            n1.disconnected5("a", a, 0, 11, Some(1000)),
+            n2.connected5("b", b, 12),
+            n2.disconnected5("b", b, 0, 13, Some(1000)),
+            n1.connected5("c", c, 14),
+        ])
+        .await
+        .expect("apply");
+    let recovery = store
+        .begin_boot("n1", Uuid::now_v7(), ts(20))
+        .await
+        .expect("boot");
+    assert_eq!(
+        (recovery.devices_offline, recovery.held_sessions_dropped),
+        (1, 1)
+    );
+    let held = |d: Option<broker::store::Device>| d.expect("device").session_expires_at;
+    assert_eq!(held(store.device("a").await.expect("query")), None);
+    // Another node's held session is its own.
+    assert_eq!(
+        held(store.device("b").await.expect("query")),
+        Some(ts(1000))
+    );
+    assert_eq!(held(store.device("c").await.expect("query")), None);
+}
+
 /// A migrator of `backend`'s migrations before `before` (the schema an earlier version
 /// created), from copies in `dir`.
 /// A credential row for `username` at `at`, with `hash` and the filter lists.
@@ -1014,6 +1176,27 @@ async fn rows_of_version_4_read_as_anonymous<S: PresenceStore>(store: S, old: Se
     );
 }
 
+/// What a database of the version before 0007 holds once migrated forward: its device and
+/// session were MQTT 3.1.1, without reason codes or held sessions.
+async fn rows_of_version_6_read_as_mqtt_3_1_1<S: PresenceStore>(store: S, old: SessionId) {
+    store.migrate().await.expect("migrate forward");
+    let d = store.device("old").await.expect("query").expect("device");
+    assert_eq!(
+        (d.session_id, d.protocol, d.session_expires_at),
+        (old.0, Protocol::V311, None)
+    );
+    let s = &store.sessions("old", 10).await.expect("sessions")[0];
+    assert_eq!(
+        (
+            s.protocol,
+            s.reason_code,
+            s.reason_string.as_deref(),
+            s.session_expires_at
+        ),
+        (Protocol::V311, None, None, None)
+    );
+}
+
 /// A device and its open session as the versions before 0004 and 0005 wrote them (`$N` binds
 /// by number on both backends; version 4's listener and identity take their defaults).
 const OLD_SESSION: &str = "INSERT INTO sessions (session_id, device_id, node_id, boot_id, \
@@ -1116,6 +1299,21 @@ async fn postgres_database_of_version_4_migrates_forward() {
     rows_of_version_4_read_as_anonymous(store, old).await;
 }
 
+#[tokio::test]
+async fn sqlite_database_of_version_6_migrates_forward() {
+    let old = SessionId::new();
+    let (url, _dir) = sqlite_database_before("0007", old).await;
+    let store = SqliteStore::connect(&url, 1).await.expect("open sqlite");
+    rows_of_version_6_read_as_mqtt_3_1_1(store, old).await;
+}
+
+#[tokio::test]
+async fn postgres_database_of_version_6_migrates_forward() {
+    let old = SessionId::new();
+    let (store, _pg) = postgres_database_before("0007", old).await;
+    rows_of_version_6_read_as_mqtt_3_1_1(store, old).await;
+}
+
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
         mod sqlite_store {
@@ -1144,6 +1342,8 @@ store_tests!(
     listener_and_identity_are_recorded_on_sessions_and_devices,
     username_and_auth_method_are_recorded_on_sessions_and_devices,
     an_expired_persistent_session_is_recorded_on_its_last_connection,
+    mqtt5_codes_protocol_and_held_sessions_are_recorded,
+    held_sessions_of_earlier_boots_are_dropped_at_start,
     late_events_of_an_old_session_never_win,
     retried_and_replayed_batches_change_nothing,
     whole_session_in_one_batch_and_reconnect_keeps_last_disconnect,

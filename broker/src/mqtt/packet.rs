@@ -8,25 +8,7 @@ use rumqttc::mqttbytes::QoS;
 
 use crate::labels::PacketType;
 
-/// The protocol level of a connection, chosen by its CONNECT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Protocol {
-    /// MQTT 3.1.1 (protocol level 4).
-    #[default]
-    V311,
-    /// MQTT 5.0 (protocol level 5).
-    V5,
-}
-
-impl Protocol {
-    /// Its name in logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::V311 => "3.1.1",
-            Protocol::V5 => "5",
-        }
-    }
-}
+pub use crate::labels::Protocol;
 
 /// A packet a client sent.
 #[derive(Debug, Clone, PartialEq)]

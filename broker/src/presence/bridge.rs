@@ -119,6 +119,12 @@ async fn recover<S: PresenceStore>(
             "Closed sessions left open by earlier boots of this node (broker_restart)."
         );
     }
+    if recovery.held_sessions_dropped > 0 {
+        tracing::info!(
+            devices = recovery.held_sessions_dropped,
+            "Persistent sessions held by earlier boots of this node are gone."
+        );
+    }
     Ok(())
 }
 
@@ -711,6 +717,7 @@ mod tests {
                 node_id: "n".into(),
                 boot_id: Uuid::nil(),
                 event: ConnectionEvent::Connected {
+                    protocol: Default::default(),
                     client_id: format!("d{seq}"),
                     session_id: SessionId::new(),
                     seq,

@@ -356,6 +356,9 @@ mod tests {
             node_id: "n".into(),
             boot_id: uuid::Uuid::nil(),
             event: ConnectionEvent::Disconnected {
+                reason_code: None,
+                reason_string: None,
+                session_expires_at: None,
                 client_id: format!("d{i}"),
                 session_id: SessionId::new(),
                 seq: i,

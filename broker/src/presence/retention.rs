@@ -210,6 +210,7 @@ mod tests {
             node_id: "n".into(),
             boot_id: uuid::Uuid::nil(),
             event: ConnectionEvent::Connected {
+                protocol: Default::default(),
                 client_id: id.into(),
                 session_id: SessionId::new(),
                 seq: 1,

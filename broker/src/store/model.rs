@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::labels::{AuthMethod, Listener};
+use crate::labels::{AuthMethod, Listener, Protocol};
 
 /// The current state of one device.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -41,6 +41,12 @@ pub struct Device {
     pub auth_method: AuthMethod,
     /// The current session's keep-alive, seconds.
     pub keep_alive: i32,
+    /// The protocol level of the current session: `3.1.1` or `5`.
+    pub protocol: Protocol,
+    /// While the device is offline: until when the broker holds its persistent session
+    /// (subscriptions and queued messages) for it. `None` when no session is held: the device
+    /// is online, its last session ended with its connection, or has expired.
+    pub session_expires_at: Option<DateTime<Utc>>,
     /// When this row last changed.
     pub updated_at: DateTime<Utc>,
 }
@@ -64,6 +70,12 @@ pub struct Session {
     pub disconnected_at: Option<DateTime<Utc>>,
     /// Why it ended.
     pub reason: Option<String>,
+    /// The MQTT 5 reason code of the DISCONNECT that ended it: the client's when the client
+    /// disconnected, else the one the broker sent; `None` for MQTT 3.1.1 and without one.
+    pub reason_code: Option<i32>,
+    /// The reason string of the client's MQTT 5 DISCONNECT (control characters escaped, at
+    /// most 256 characters).
+    pub reason_string: Option<String>,
     /// The peer address.
     pub peer: String,
     /// The listener (transport) it came in on.
@@ -76,13 +88,19 @@ pub struct Session {
     pub auth_method: AuthMethod,
     /// Keep-alive in seconds.
     pub keep_alive: i32,
-    /// The CONNECT's clean-session flag.
+    /// The CONNECT's clean-session flag (MQTT 5: clean start).
     pub clean_session: bool,
+    /// The protocol level: `3.1.1` or `5`.
+    pub protocol: Protocol,
+    /// Until when the persistent session was to be held after this connection ended (its
+    /// expiry as of the disconnect); `None` when it ended with the connection or went on with
+    /// a newer one (takeover).
+    pub session_expires_at: Option<DateTime<Utc>>,
     /// Further sessions of the device folded into this row: they began and ended within the
     /// same batch as this one, after it, with the same reason, and have no row of their own.
     pub coalesced: i32,
-    /// When the persistent session (clean_session = false) that this connection used last was
-    /// discarded after `mqtt.persistent_session_expiry` without a connection.
+    /// When the persistent session that this connection used last was discarded (expired)
+    /// without a connection.
     pub expired_at: Option<DateTime<Utc>>,
 }
 
@@ -125,6 +143,9 @@ pub struct Recovery {
     pub sessions_closed: u64,
     /// Devices turned offline by it.
     pub devices_offline: u64,
+    /// Offline devices of the node whose held persistent session was lost with its earlier
+    /// boots (sessions live in the broker's memory): no longer shown as held.
+    pub held_sessions_dropped: u64,
 }
 
 /// A device credential (a row of the `credentials` table) as the API lists it: never its

@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::event::{ConnectionEvent, PresenceRecord};
-use crate::labels::{AuthMethod, Listener};
+use crate::labels::{AuthMethod, Listener, Protocol};
 
 /// A Connected event, as a history row to insert.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +40,8 @@ pub struct NewSession {
     pub auth_method: AuthMethod,
     pub keep_alive: i32,
     pub clean_session: bool,
+    /// The protocol level the client speaks.
+    pub protocol: Protocol,
     /// Sessions folded into this one (see [`BatchPlan`]); the row keeps its own session's
     /// peer, listener, identity, user name and authentication method.
     pub coalesced: i32,
@@ -52,6 +54,12 @@ pub struct Close {
     pub session_id: Uuid,
     pub at: DateTime<Utc>,
     pub reason: &'static str,
+    /// The MQTT 5 DISCONNECT's reason code (the client's, else the broker's).
+    pub reason_code: Option<i32>,
+    /// The client's MQTT 5 DISCONNECT reason string (escaped and bounded).
+    pub reason_string: Option<String>,
+    /// Until when the persistent session is held after this connection.
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// The newest session of a device within a batch, with its state at the end of the batch.
@@ -63,6 +71,9 @@ pub struct DeviceUpsert {
     /// The latest close of an older session of the device within the batch (a takeover or a
     /// quick reconnect): the device's last disconnect while this session is online.
     pub previous_close: Option<(DateTime<Utc>, &'static str)>,
+    /// Until when the device's persistent session is held: set when the batch closed this
+    /// session and the session outlives it; `None` while it is online.
+    pub held_until: Option<DateTime<Utc>>,
 }
 
 impl DeviceUpsert {
@@ -72,9 +83,11 @@ impl DeviceUpsert {
     }
 }
 
-/// A SessionExpired event: marks the history row of the session's last connection.
+/// A SessionExpired event: marks the history row of the session's last connection, and clears
+/// the device's held session if that connection is still its current one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Expiry {
+    pub device_id: String,
     pub session_id: Uuid,
     pub at: DateTime<Utc>,
 }
@@ -128,7 +141,7 @@ pub struct BatchPlan {
     pub upserts: Vec<DeviceUpsert>,
     /// Boots whose events are in the batch.
     pub boots: Vec<BootSeen>,
-    /// Persistent sessions discarded, after the rows above are written.
+    /// Persistent sessions discarded, after the rows above are written (sorted by device id).
     pub expiries: Vec<Expiry>,
     /// Sessions folded into kept rows instead of getting their own.
     pub coalesced: u64,
@@ -170,6 +183,7 @@ impl BatchPlan {
                     time,
                     username,
                     auth_method,
+                    protocol,
                 } => {
                     let session = NewSession {
                         session_id: session_id.0,
@@ -185,6 +199,7 @@ impl BatchPlan {
                         auth_method: *auth_method,
                         keep_alive: i32::from(*keep_alive),
                         clean_session: *clean_session,
+                        protocol: *protocol,
                         coalesced: 0,
                     };
                     match newest.get(client_id.as_str()) {
@@ -195,6 +210,7 @@ impl BatchPlan {
                                 session: session.clone(),
                                 closed: None,
                                 previous_close,
+                                held_until: None,
                             }
                         }
                         None => {
@@ -203,6 +219,7 @@ impl BatchPlan {
                                 session: session.clone(),
                                 closed: None,
                                 previous_close: None,
+                                held_until: None,
                             });
                         }
                     }
@@ -212,6 +229,9 @@ impl BatchPlan {
                     client_id,
                     session_id,
                     reason,
+                    reason_code,
+                    reason_string,
+                    session_expires_at,
                     time,
                     ..
                 } => {
@@ -220,10 +240,14 @@ impl BatchPlan {
                         session_id: session_id.0,
                         at: timestamp(*time),
                         reason: reason.as_str(),
+                        reason_code: reason_code.map(i32::from),
+                        reason_string: reason_string.clone(),
+                        expires_at: session_expires_at.map(timestamp),
                     };
                     match newest.get(client_id.as_str()) {
                         Some(&i) if plan.upserts[i].session.session_id == session_id.0 => {
                             plan.upserts[i].closed = Some((close.at, close.reason));
+                            plan.upserts[i].held_until = close.expires_at;
                         }
                         Some(&i) => {
                             let u = &mut plan.upserts[i];
@@ -237,8 +261,13 @@ impl BatchPlan {
                     }
                     plan.closes.push(close);
                 }
-                ConnectionEvent::SessionExpired { session_id, .. } => {
+                ConnectionEvent::SessionExpired {
+                    client_id,
+                    session_id,
+                    ..
+                } => {
                     plan.expiries.push(Expiry {
+                        device_id: client_id.clone(),
                         session_id: session_id.0,
                         at,
                     });
@@ -248,6 +277,7 @@ impl BatchPlan {
         plan.upserts
             .sort_by(|a, b| a.session.device_id.cmp(&b.session.device_id));
         plan.offline.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        plan.expiries.sort_by(|a, b| a.device_id.cmp(&b.device_id));
         plan.boots = boots.into_values().collect();
         plan.boots.sort_by_key(|b| b.boot_id);
         if coalesce_after > 0 {
@@ -338,6 +368,7 @@ mod tests {
                 auth_method: AuthMethod::Anonymous,
                 keep_alive: 30,
                 clean_session: true,
+                protocol: Protocol::V311,
                 time: SystemTime::UNIX_EPOCH + Duration::from_secs(seq),
             },
         }
@@ -374,6 +405,9 @@ mod tests {
                 session_id: session,
                 seq: 0,
                 reason,
+                reason_code: None,
+                reason_string: None,
+                session_expires_at: None,
                 time: SystemTime::UNIX_EPOCH,
             },
         }
@@ -591,6 +625,72 @@ mod tests {
         assert_eq!(plan.upserts[0].closed, None);
         assert_eq!(plan.upserts[0].last_close().map(|c| c.1), Some("takeover"));
         assert_eq!(plan.boots.len(), 1);
+    }
+
+    /// A Disconnected of an MQTT 5 client with `code`, whose session is held for an hour.
+    fn disconnected_held(id: &str, session: SessionId, code: u8) -> PresenceRecord {
+        let mut record = disconnected_as(id, session, DisconnectReason::ClientDisconnect);
+        if let ConnectionEvent::Disconnected {
+            reason_code,
+            reason_string,
+            session_expires_at,
+            ..
+        } = &mut record.event
+        {
+            *reason_code = Some(code);
+            *reason_string = Some("bye".into());
+            *session_expires_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(3600));
+        }
+        record
+    }
+
+    #[test]
+    fn plan_carries_reason_codes_and_held_sessions_to_rows_and_devices() {
+        let held = Some(timestamp(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(3600),
+        ));
+        let (old, s1, s2) = (SessionId::new(), SessionId::new(), SessionId::new());
+        let plan = BatchPlan::new(
+            &[
+                disconnected_held("a", old, 0x04),
+                connected("b", s1, 1),
+                disconnected_held("b", s1, 0x00),
+                connected("c", s2, 2),
+                disconnected_held("c", s2, 0x00),
+                connected("c", SessionId::new(), 3),
+            ],
+            KEEP,
+        );
+        // The history rows get the code, the string and the held-until of their connection.
+        let a = &plan.closes[0];
+        assert_eq!(
+            (a.reason_code, a.reason_string.as_deref(), a.expires_at),
+            (Some(4), Some("bye"), held)
+        );
+        // A device whose session did not start in the batch is fenced in the database.
+        assert_eq!(plan.offline[0].expires_at, held);
+        // A device that went offline in the batch holds its session; one that came back, none.
+        let by_device = |id: &str| {
+            plan.upserts
+                .iter()
+                .find(|u| u.session.device_id == id)
+                .expect("upsert")
+                .held_until
+        };
+        assert_eq!((by_device("b"), by_device("c")), (held, None));
+        let plan = BatchPlan::new(
+            &[PresenceRecord {
+                node_id: "n".into(),
+                boot_id: Uuid::nil(),
+                event: ConnectionEvent::SessionExpired {
+                    client_id: "a".into(),
+                    session_id: old,
+                    time: SystemTime::UNIX_EPOCH,
+                },
+            }],
+            KEEP,
+        );
+        assert_eq!(plan.expiries[0].device_id, "a");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! PostgreSQL backend: a batch is four set-based statements over UNNEST arrays in one
+//! PostgreSQL backend: a batch is a few set-based statements over UNNEST arrays in one
 //! transaction.
 
 use std::str::FromStr;
@@ -12,9 +12,9 @@ use uuid::Uuid;
 use super::model::{Boot, Credential, CredentialRecord, Device, Recovery, Session, Stats};
 use super::plan::BatchPlan;
 use super::sql::{
-    auth_method, filters_from_json, filters_to_json, listener, stats_from_rows, BOOT_COLUMNS,
-    BROKER_RESTART, CREDENTIAL_COLUMNS, DEVICE_COLUMNS, PRUNE_DEVICE, PRUNE_ENDED_BEFORE,
-    SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
+    auth_method, filters_from_json, filters_to_json, listener, protocol, stats_from_rows,
+    BOOT_COLUMNS, BROKER_RESTART, CREDENTIAL_COLUMNS, DEVICE_COLUMNS, PRUNE_DEVICE,
+    PRUNE_ENDED_BEFORE, SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
 };
 use super::{count_folded, Access, PresenceStore, StoreError};
 use crate::event::PresenceRecord;
@@ -49,6 +49,8 @@ fn device(row: &PgRow) -> Result<Device, sqlx::Error> {
         username: row.try_get("username")?,
         auth_method: auth_method(row.try_get("auth_method")?)?,
         keep_alive: row.try_get("keep_alive")?,
+        protocol: protocol(row.try_get("protocol")?)?,
+        session_expires_at: row.try_get("session_expires_at")?,
         updated_at: row.try_get("updated_at")?,
     })
 }
@@ -63,6 +65,8 @@ fn session(row: &PgRow) -> Result<Session, sqlx::Error> {
         connected_at: row.try_get("connected_at")?,
         disconnected_at: row.try_get("disconnected_at")?,
         reason: row.try_get("reason")?,
+        reason_code: row.try_get("reason_code")?,
+        reason_string: row.try_get("reason_string")?,
         peer: row.try_get("peer")?,
         listener: listener(row.try_get("listener")?)?,
         identity: row.try_get("identity")?,
@@ -70,6 +74,8 @@ fn session(row: &PgRow) -> Result<Session, sqlx::Error> {
         auth_method: auth_method(row.try_get("auth_method")?)?,
         keep_alive: row.try_get("keep_alive")?,
         clean_session: row.try_get("clean_session")?,
+        protocol: protocol(row.try_get("protocol")?)?,
+        session_expires_at: row.try_get("session_expires_at")?,
         coalesced: row.try_get("coalesced")?,
         expired_at: row.try_get("expired_at")?,
     })
@@ -190,6 +196,15 @@ impl PresenceStore for PgStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        // The persistent sessions the earlier boots held for offline devices went with them.
+        let dropped = sqlx::query(
+            "UPDATE devices SET session_expires_at = NULL, updated_at = now() \
+             WHERE node_id = $1 AND session_expires_at IS NOT NULL AND NOT online",
+        )
+        .bind(node_id)
+        .execute(&mut *tx)
+        .await?;
+        recovery.held_sessions_dropped = dropped.rows_affected();
         tx.commit().await?;
         Ok(recovery)
     }
@@ -228,11 +243,11 @@ impl PresenceStore for PgStore {
             sqlx::query(
                 "INSERT INTO sessions (session_id, device_id, node_id, boot_id, seq, connected_at, \
                                        peer, keep_alive, clean_session, coalesced, listener, \
-                                       identity, username, auth_method) \
+                                       identity, username, auth_method, protocol) \
                  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::int8[], \
                                       $6::timestamptz[], $7::text[], $8::int4[], $9::bool[], \
                                       $10::int4[], $11::text[], $12::text[], $13::text[], \
-                                      $14::text[]) \
+                                      $14::text[], $15::text[]) \
                  ON CONFLICT (session_id) DO NOTHING",
             )
             .bind(s.iter().map(|r| r.session_id).collect::<Vec<_>>())
@@ -249,6 +264,7 @@ impl PresenceStore for PgStore {
             .bind(s.iter().map(|r| r.identity.as_deref()).collect::<Vec<_>>())
             .bind(s.iter().map(|r| r.username.as_deref()).collect::<Vec<_>>())
             .bind(s.iter().map(|r| r.auth_method.as_str()).collect::<Vec<_>>())
+            .bind(s.iter().map(|r| r.protocol.as_str()).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
@@ -256,13 +272,24 @@ impl PresenceStore for PgStore {
         if !plan.closes.is_empty() {
             let c = &plan.closes;
             sqlx::query(
-                "UPDATE sessions s SET disconnected_at = u.at, reason = u.reason \
-                 FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[]) AS u(session_id, at, reason) \
+                "UPDATE sessions s SET disconnected_at = u.at, reason = u.reason, \
+                        reason_code = u.reason_code, reason_string = u.reason_string, \
+                        session_expires_at = u.expires_at \
+                 FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::int4[], $5::text[], \
+                             $6::timestamptz[]) \
+                      AS u(session_id, at, reason, reason_code, reason_string, expires_at) \
                  WHERE s.session_id = u.session_id AND s.disconnected_at IS NULL",
             )
             .bind(c.iter().map(|r| r.session_id).collect::<Vec<_>>())
             .bind(c.iter().map(|r| r.at).collect::<Vec<_>>())
             .bind(c.iter().map(|r| r.reason).collect::<Vec<_>>())
+            .bind(c.iter().map(|r| r.reason_code).collect::<Vec<_>>())
+            .bind(
+                c.iter()
+                    .map(|r| r.reason_string.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(c.iter().map(|r| r.expires_at).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
@@ -271,15 +298,18 @@ impl PresenceStore for PgStore {
             let c = &plan.offline;
             sqlx::query(
                 "UPDATE devices d SET online = FALSE, disconnected_at = u.at, \
-                        last_reason = u.reason, updated_at = now() \
-                 FROM UNNEST($1::text[], $2::uuid[], $3::timestamptz[], $4::text[]) \
-                      AS u(device_id, session_id, at, reason) \
+                        last_reason = u.reason, session_expires_at = u.expires_at, \
+                        updated_at = now() \
+                 FROM UNNEST($1::text[], $2::uuid[], $3::timestamptz[], $4::text[], \
+                             $5::timestamptz[]) \
+                      AS u(device_id, session_id, at, reason, expires_at) \
                  WHERE d.device_id = u.device_id AND d.session_id = u.session_id AND d.online",
             )
             .bind(c.iter().map(|r| r.device_id.as_str()).collect::<Vec<_>>())
             .bind(c.iter().map(|r| r.session_id).collect::<Vec<_>>())
             .bind(c.iter().map(|r| r.at).collect::<Vec<_>>())
             .bind(c.iter().map(|r| r.reason).collect::<Vec<_>>())
+            .bind(c.iter().map(|r| r.expires_at).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
@@ -287,20 +317,23 @@ impl PresenceStore for PgStore {
         if !plan.upserts.is_empty() {
             let u = &plan.upserts;
             // Newer session wins; the same session may only go from online to offline. While
-            // online again, the previous disconnect time and reason are kept.
+            // online again, the previous disconnect time and reason are kept; a held session is
+            // the newest session's (none while it is online).
             sqlx::query(
                 "INSERT INTO devices (device_id, online, session_id, node_id, connected_at, \
                                       disconnected_at, last_reason, peer, keep_alive, listener, \
-                                      identity, username, auth_method, updated_at) \
+                                      identity, username, auth_method, protocol, \
+                                      session_expires_at, updated_at) \
                  SELECT device_id, online, session_id, node_id, connected_at, disconnected_at, \
                         last_reason, peer, keep_alive, listener, identity, username, auth_method, \
-                        now() \
+                        protocol, session_expires_at, now() \
                  FROM UNNEST($1::text[], $2::bool[], $3::uuid[], $4::text[], $5::timestamptz[], \
                              $6::timestamptz[], $7::text[], $8::text[], $9::int4[], $10::text[], \
-                             $11::text[], $12::text[], $13::text[]) \
+                             $11::text[], $12::text[], $13::text[], $14::text[], \
+                             $15::timestamptz[]) \
                       AS u(device_id, online, session_id, node_id, connected_at, disconnected_at, \
                            last_reason, peer, keep_alive, listener, identity, username, \
-                           auth_method) \
+                           auth_method, protocol, session_expires_at) \
                  ON CONFLICT (device_id) DO UPDATE SET \
                    online = EXCLUDED.online, session_id = EXCLUDED.session_id, \
                    node_id = EXCLUDED.node_id, connected_at = EXCLUDED.connected_at, \
@@ -309,6 +342,8 @@ impl PresenceStore for PgStore {
                    peer = EXCLUDED.peer, keep_alive = EXCLUDED.keep_alive, \
                    listener = EXCLUDED.listener, identity = EXCLUDED.identity, \
                    username = EXCLUDED.username, auth_method = EXCLUDED.auth_method, \
+                   protocol = EXCLUDED.protocol, \
+                   session_expires_at = EXCLUDED.session_expires_at, \
                    updated_at = EXCLUDED.updated_at \
                  WHERE devices.session_id < EXCLUDED.session_id \
                     OR (devices.session_id = EXCLUDED.session_id AND devices.online \
@@ -363,6 +398,12 @@ impl PresenceStore for PgStore {
                     .map(|r| r.session.auth_method.as_str())
                     .collect::<Vec<_>>(),
             )
+            .bind(
+                u.iter()
+                    .map(|r| r.session.protocol.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(u.iter().map(|r| r.held_until).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
@@ -376,6 +417,18 @@ impl PresenceStore for PgStore {
             )
             .bind(e.iter().map(|r| r.session_id).collect::<Vec<_>>())
             .bind(e.iter().map(|r| r.at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+            // The device holds no session any more, unless it has connected since (then its
+            // current session is a newer one, and this expiry is not about it).
+            sqlx::query(
+                "UPDATE devices d SET session_expires_at = NULL, updated_at = now() \
+                 FROM UNNEST($1::text[], $2::uuid[]) AS u(device_id, session_id) \
+                 WHERE d.device_id = u.device_id AND d.session_id = u.session_id \
+                   AND NOT d.online AND d.session_expires_at IS NOT NULL",
+            )
+            .bind(e.iter().map(|r| r.device_id.as_str()).collect::<Vec<_>>())
+            .bind(e.iter().map(|r| r.session_id).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }

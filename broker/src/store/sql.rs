@@ -4,16 +4,17 @@
 //! microseconds). Everything else is backend-specific and lives in its backend's file.
 
 use super::model::Stats;
-use crate::labels::{AuthMethod, DisconnectReason, Listener};
+use crate::labels::{AuthMethod, DisconnectReason, Listener, Protocol};
 
 /// Columns of [`Device`](super::Device), in both backends' `devices` table.
 pub(super) const DEVICE_COLUMNS: &str = "device_id, online, session_id, node_id, connected_at, \
      disconnected_at, last_reason, peer, listener, identity, username, auth_method, keep_alive, \
-     updated_at";
+     protocol, session_expires_at, updated_at";
 /// Columns of [`Session`](super::Session), in both backends' `sessions` table.
 pub(super) const SESSION_COLUMNS: &str = "session_id, device_id, node_id, boot_id, seq, \
      connected_at, disconnected_at, reason, peer, listener, identity, username, auth_method, \
-     keep_alive, clean_session, coalesced, expired_at";
+     keep_alive, clean_session, coalesced, expired_at, reason_code, reason_string, protocol, \
+     session_expires_at";
 /// Columns of [`Boot`](super::Boot), in both backends' `nodes` table.
 pub(super) const BOOT_COLUMNS: &str = "boot_id, node_id, started_at, heartbeat_at, recovered";
 /// Totals for [`Stats`]; the same SQL on both backends.
@@ -55,6 +56,13 @@ pub(super) fn listener(name: &str) -> Result<Listener, sqlx::Error> {
 pub(super) fn auth_method(name: &str) -> Result<AuthMethod, sqlx::Error> {
     AuthMethod::from_name(name)
         .ok_or_else(|| sqlx::Error::Decode(format!("unknown auth_method {name:?}").into()))
+}
+
+/// The protocol level of a stored name (`protocol` of both tables), on either backend; a name
+/// this version does not know (written by a newer one) is a decode error.
+pub(super) fn protocol(name: &str) -> Result<Protocol, sqlx::Error> {
+    Protocol::from_name(name)
+        .ok_or_else(|| sqlx::Error::Decode(format!("unknown protocol {name:?}").into()))
 }
 
 /// The stored name of broker_restart.

@@ -18,14 +18,14 @@ use uuid::Uuid;
 use super::model::{Boot, Credential, CredentialRecord, Device, Recovery, Session, Stats};
 use super::plan::BatchPlan;
 use super::sql::{
-    auth_method, filters_from_json, filters_to_json, listener, stats_from_rows, BOOT_COLUMNS,
-    BROKER_RESTART, CREDENTIAL_COLUMNS, DEVICE_COLUMNS, PRUNE_DEVICE, PRUNE_ENDED_BEFORE,
-    SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
+    auth_method, filters_from_json, filters_to_json, listener, protocol, stats_from_rows,
+    BOOT_COLUMNS, BROKER_RESTART, CREDENTIAL_COLUMNS, DEVICE_COLUMNS, PRUNE_DEVICE,
+    PRUNE_ENDED_BEFORE, SESSION_COLUMNS, STATS_REASONS, STATS_TOTALS,
 };
 use super::{count_folded, Access, PresenceStore, StoreError};
 use crate::event::PresenceRecord;
 
-/// Rows per multi-row statement: 14 parameters each stays under SQLite's 32,766 limit.
+/// Rows per multi-row statement: 16 parameters each stays under SQLite's 32,766 limit.
 const ROWS_PER_STATEMENT: usize = 2_000;
 
 /// A SQLite connection pool.
@@ -78,6 +78,10 @@ fn device(row: &SqliteRow) -> Result<Device, sqlx::Error> {
         username: row.try_get("username")?,
         auth_method: auth_method(row.try_get("auth_method")?)?,
         keep_alive: row.try_get("keep_alive")?,
+        protocol: protocol(row.try_get("protocol")?)?,
+        session_expires_at: row
+            .try_get::<Option<i64>, _>("session_expires_at")?
+            .map(from_micros),
         updated_at: from_micros(row.try_get("updated_at")?),
     })
 }
@@ -94,6 +98,8 @@ fn session(row: &SqliteRow) -> Result<Session, sqlx::Error> {
             .try_get::<Option<i64>, _>("disconnected_at")?
             .map(from_micros),
         reason: row.try_get("reason")?,
+        reason_code: row.try_get("reason_code")?,
+        reason_string: row.try_get("reason_string")?,
         peer: row.try_get("peer")?,
         listener: listener(row.try_get("listener")?)?,
         identity: row.try_get("identity")?,
@@ -101,6 +107,10 @@ fn session(row: &SqliteRow) -> Result<Session, sqlx::Error> {
         auth_method: auth_method(row.try_get("auth_method")?)?,
         keep_alive: row.try_get("keep_alive")?,
         clean_session: row.try_get("clean_session")?,
+        protocol: protocol(row.try_get("protocol")?)?,
+        session_expires_at: row
+            .try_get::<Option<i64>, _>("session_expires_at")?
+            .map(from_micros),
         coalesced: row.try_get("coalesced")?,
         expired_at: row
             .try_get::<Option<i64>, _>("expired_at")?
@@ -262,6 +272,16 @@ impl PresenceStore for SqliteStore {
             recovery.sessions_closed += sessions.rows_affected();
             recovery.devices_offline += devices.rows_affected();
         }
+        // The persistent sessions the earlier boots held for offline devices went with them.
+        let dropped = sqlx::query(
+            "UPDATE devices SET session_expires_at = NULL, updated_at = ?2 \
+             WHERE node_id = ?1 AND session_expires_at IS NOT NULL AND NOT online",
+        )
+        .bind(node_id)
+        .bind(now_us)
+        .execute(&mut *tx)
+        .await?;
+        recovery.held_sessions_dropped = dropped.rows_affected();
         tx.commit().await?;
         Ok(recovery)
     }
@@ -299,7 +319,7 @@ impl PresenceStore for SqliteStore {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO sessions (session_id, device_id, node_id, boot_id, seq, connected_at, \
                                        peer, keep_alive, clean_session, coalesced, listener, \
-                                       identity, username, auth_method) ",
+                                       identity, username, auth_method, protocol) ",
             );
             q.push_values(chunk, |mut b, s| {
                 b.push_bind(s.session_id.to_string())
@@ -315,7 +335,8 @@ impl PresenceStore for SqliteStore {
                     .push_bind(s.listener.as_str())
                     .push_bind(s.identity.as_deref())
                     .push_bind(s.username.as_deref())
-                    .push_bind(s.auth_method.as_str());
+                    .push_bind(s.auth_method.as_str())
+                    .push_bind(s.protocol.as_str());
             });
             q.push(" ON CONFLICT (session_id) DO NOTHING");
             // Not cached: the text changes with the row count, and a cached multi-row
@@ -329,12 +350,17 @@ impl PresenceStore for SqliteStore {
         // for most of a second (bench/auth.sh).
         for chunk in plan.closes.chunks(ROWS_PER_STATEMENT) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "UPDATE sessions SET disconnected_at = v.column2, reason = v.column3 FROM (",
+                "UPDATE sessions SET disconnected_at = v.column2, reason = v.column3, \
+                        reason_code = v.column4, reason_string = v.column5, \
+                        session_expires_at = v.column6 FROM (",
             );
             q.push_values(chunk, |mut b, c| {
                 b.push_bind(c.session_id.to_string())
                     .push_bind(micros(c.at))
-                    .push_bind(c.reason);
+                    .push_bind(c.reason)
+                    .push_bind(c.reason_code)
+                    .push_bind(c.reason_string.as_deref())
+                    .push_bind(c.expires_at.map(micros));
             });
             q.push(
                 ") AS v WHERE sessions.session_id = v.column1 AND sessions.disconnected_at IS NULL",
@@ -345,14 +371,16 @@ impl PresenceStore for SqliteStore {
         for chunk in plan.offline.chunks(ROWS_PER_STATEMENT) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "UPDATE devices SET online = 0, disconnected_at = v.column3, \
-                        last_reason = v.column4, updated_at = v.column5 FROM (",
+                        last_reason = v.column4, updated_at = v.column5, \
+                        session_expires_at = v.column6 FROM (",
             );
             q.push_values(chunk, |mut b, c| {
                 b.push_bind(&c.device_id)
                     .push_bind(c.session_id.to_string())
                     .push_bind(micros(c.at))
                     .push_bind(c.reason)
-                    .push_bind(now);
+                    .push_bind(now)
+                    .push_bind(c.expires_at.map(micros));
             });
             q.push(
                 ") AS v WHERE devices.device_id = v.column1 AND devices.session_id = v.column2 \
@@ -365,7 +393,8 @@ impl PresenceStore for SqliteStore {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO devices (device_id, online, session_id, node_id, connected_at, \
                                       disconnected_at, last_reason, peer, keep_alive, listener, \
-                                      identity, username, auth_method, updated_at) ",
+                                      identity, username, auth_method, protocol, \
+                                      session_expires_at, updated_at) ",
             );
             q.push_values(chunk, |mut b, u| {
                 b.push_bind(&u.session.device_id)
@@ -381,10 +410,13 @@ impl PresenceStore for SqliteStore {
                     .push_bind(u.session.identity.as_deref())
                     .push_bind(u.session.username.as_deref())
                     .push_bind(u.session.auth_method.as_str())
+                    .push_bind(u.session.protocol.as_str())
+                    .push_bind(u.held_until.map(micros))
                     .push_bind(now);
             });
             // Same rules as PostgreSQL: newer session wins; the same session may only go
-            // offline; the previous disconnect is kept while online again.
+            // offline; the previous disconnect is kept while online again; a held session is the
+            // newest session's (none while it is online).
             q.push(
                 " ON CONFLICT (device_id) DO UPDATE SET \
                    online = excluded.online, session_id = excluded.session_id, \
@@ -394,6 +426,8 @@ impl PresenceStore for SqliteStore {
                    peer = excluded.peer, keep_alive = excluded.keep_alive, \
                    listener = excluded.listener, identity = excluded.identity, \
                    username = excluded.username, auth_method = excluded.auth_method, \
+                   protocol = excluded.protocol, \
+                   session_expires_at = excluded.session_expires_at, \
                    updated_at = excluded.updated_at \
                  WHERE devices.session_id < excluded.session_id \
                     OR (devices.session_id = excluded.session_id AND devices.online \
@@ -404,14 +438,30 @@ impl PresenceStore for SqliteStore {
             q.build().persistent(false).execute(&mut *tx).await?;
         }
 
-        for e in &plan.expiries {
-            sqlx::query(
-                "UPDATE sessions SET expired_at = ?2 WHERE session_id = ?1 AND expired_at IS NULL",
-            )
-            .bind(e.session_id.to_string())
-            .bind(micros(e.at))
-            .execute(&mut *tx)
-            .await?;
+        for chunk in plan.expiries.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new("UPDATE sessions SET expired_at = v.column2 FROM (");
+            q.push_values(chunk, |mut b, e| {
+                b.push_bind(e.session_id.to_string())
+                    .push_bind(micros(e.at));
+            });
+            q.push(") AS v WHERE sessions.session_id = v.column1 AND sessions.expired_at IS NULL");
+            q.build().persistent(false).execute(&mut *tx).await?;
+            // The device holds no session any more, unless it has connected since (then its
+            // current session is a newer one, and this expiry is not about it).
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "UPDATE devices SET session_expires_at = NULL, updated_at = v.column3 FROM (",
+            );
+            q.push_values(chunk, |mut b, e| {
+                b.push_bind(&e.device_id)
+                    .push_bind(e.session_id.to_string())
+                    .push_bind(now);
+            });
+            q.push(
+                ") AS v WHERE devices.device_id = v.column1 AND devices.session_id = v.column2 \
+                 AND NOT devices.online AND devices.session_expires_at IS NOT NULL",
+            );
+            q.build().persistent(false).execute(&mut *tx).await?;
         }
 
         tx.commit().await?;

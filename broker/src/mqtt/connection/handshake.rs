@@ -69,6 +69,9 @@ pub struct Extras {
     pub address: Option<IpAddr>,
     /// The publish rates (`mqtt.max_publish_rate`, `mqtt.max_publish_bytes_rate`).
     pub throttle: Option<Throttle>,
+    /// The reason code and reason string of the client's MQTT 5 DISCONNECT, for its
+    /// Disconnected event.
+    pub goodbye: Option<(u8, Option<String>)>,
 }
 
 impl Established {
@@ -507,6 +510,7 @@ pub async fn handshake<S: Transport>(
             auth_method: method,
             keep_alive,
             clean_session: connect.clean_start,
+            protocol: connect.protocol,
             time: SystemTime::now(),
         })
         .await;
@@ -574,6 +578,7 @@ pub async fn handshake<S: Transport>(
                 aliases: Vec::new(),
                 address,
                 throttle: Throttle::new(config, tokio::time::Instant::now()),
+                goodbye: None,
             };
             let needed =
                 extras.will.is_some() || extras.address.is_some() || extras.throttle.is_some();

@@ -62,6 +62,8 @@ pub struct Io<S> {
     pub protocol: Option<Protocol>,
     /// A DISCONNECT is queued: the connection ends once it is written.
     pub said_goodbye: bool,
+    /// The reason code of that DISCONNECT, recorded on the connection's history row.
+    pub goodbye_code: Option<u8>,
 }
 
 impl<S: Transport> Io<S> {
@@ -75,6 +77,7 @@ impl<S: Transport> Io<S> {
             reserved: 0,
             protocol: None,
             said_goodbye: false,
+            goodbye_code: None,
         }
     }
 
@@ -274,6 +277,7 @@ impl<S: Transport> Io<S> {
     pub fn disconnect(&mut self, code: u8, reason_string: Option<&str>) {
         if self.level() == Protocol::V5 && !self.said_goodbye {
             self.said_goodbye = true;
+            self.goodbye_code = Some(code);
             self.send(PacketType::Disconnect, |buf, _| {
                 encode::write_disconnect(buf, code, reason_string)
             });

@@ -23,7 +23,7 @@ use std::time::SystemTime;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::ConnectionEvent;
+use crate::event::{self, ConnectionEvent};
 use crate::labels::{DisconnectReason, Listener};
 use crate::metrics::metrics;
 use crate::mqtt::message::Message;
@@ -99,7 +99,7 @@ pub fn run<S: Transport>(
         };
         io.release_budget(&broker.read_budget, &broker.read_budget_freed);
         if let (Some(conn), Some(reason)) = (established, reason) {
-            Box::pin(close(&broker, conn, reason, &shutdown)).await;
+            Box::pin(close(&broker, conn, reason, io.goodbye_code, &shutdown)).await;
         }
         // Then the stream's own goodbye: a WebSocket close frame, a TLS close_notify, a TCP
         // FIN, and the peer's answer. After `close`, so that a client that does not answer
@@ -109,11 +109,13 @@ pub fn run<S: Transport>(
 }
 
 /// Detach, will, the Disconnected event, and the signals that let a waiting takeover and a
-/// paused accept loop go on.
+/// paused accept loop go on. `sent` is the reason code of the DISCONNECT the broker sent, if
+/// it sent one.
 async fn close(
     broker: &Arc<Broker>,
     conn: Established,
     reason: DisconnectReason,
+    sent: Option<u8>,
     shutdown: &CancellationToken,
 ) {
     metrics().connections_current.dec();
@@ -156,13 +158,21 @@ async fn close(
     // The event goes out while this connection still owns the session: a newer connection of
     // the same client id waits for `released`, so its Connected always follows this event.
     tracing::debug!(session_id = %conn.session_id, reason = reason.as_str(), "Disconnected.");
+    let time = SystemTime::now();
+    let (reason_code, reason_string) = match extras.goodbye {
+        Some((code, text)) => (Some(code), text.as_deref().map(event::reason_string)),
+        None => (sent, None),
+    };
     broker
         .send_event(ConnectionEvent::Disconnected {
             client_id: session.client_id.to_string(),
             session_id: conn.session_id,
             seq: conn.seq,
             reason,
-            time: SystemTime::now(),
+            reason_code,
+            reason_string,
+            session_expires_at: held_until(broker, &session, reason, time),
+            time,
         })
         .await;
     broker.detach(&session, conn.session_id);
@@ -171,6 +181,30 @@ async fn close(
     if let Some(will) = delayed {
         delay_will(broker, session, will, shutdown);
     }
+}
+
+/// Until when `session` is held after its connection ends now with `reason`: `None` when it
+/// ends with the connection, goes on with a newer one (takeover), or ends with the broker.
+fn held_until(
+    broker: &Broker,
+    session: &crate::mqtt::session::Session,
+    reason: DisconnectReason,
+    now: SystemTime,
+) -> Option<SystemTime> {
+    if matches!(
+        reason,
+        DisconnectReason::Takeover | DisconnectReason::BrokerShutdown
+    ) {
+        return None;
+    }
+    let st = session.state();
+    if !st.persistent || st.ended {
+        return None;
+    }
+    now.checked_add(
+        st.expiry()
+            .unwrap_or(broker.config.persistent_session_expiry),
+    )
 }
 
 /// Publishes `will` once its will delay has passed, or when the session ends if that is

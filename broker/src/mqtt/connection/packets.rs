@@ -472,6 +472,10 @@ pub fn handle<S: Transport>(
                     "Client DISCONNECT with a reason."
                 );
             }
+            if v5 {
+                conn.extras.get_or_insert_with(Box::default).goodbye =
+                    Some((disconnect.reason, disconnect.reason_string));
+            }
             return Err(DisconnectReason::ClientDisconnect);
         }
         Packet::Auth(_) => {
