@@ -22,7 +22,7 @@
 #   PUBLISHERS=200     publisher connections of the fan-in
 #   RATE=20000         messages per second over all publishers
 #   PAYLOAD_SIZE=64    payload bytes per message
-#   QOS="0 1"          the QoS levels of the fan-in
+#   QOS="0 1"          the QoS levels of the fan-in (QOS="": idle connections only)
 #   WARMUP=5           seconds of publishing before the window
 #   DURATION=15        seconds of the measurement window
 #   RUNS=1             repetitions of the whole sequence
@@ -32,7 +32,9 @@
 #   PROTOCOLS="4 5"    protocol levels, in order
 #   KEEP_WORK=1        keep the temporary directory (configs, logs, JSON reports)
 #   HEARTWIRE_BIN=PATH use this broker binary instead of building target/release/broker
-# Any BROKER_* variables in the environment reach the Heartwire broker unchanged.
+# Any BROKER_* variables in the environment reach the Heartwire broker unchanged;
+# MOSQUITTO_EXTRA_CONF adds lines to Mosquitto's configuration (e.g. "max_queued_messages 0":
+# by default it queues at most 1,000 messages per subscriber and drops QoS 1 messages beyond).
 #
 # Needs root only to install mosquitto (apt-get) when it is missing, and for a negative NICE.
 # All traffic stays on loopback; every wait is bounded and all started processes are stopped.
@@ -43,7 +45,7 @@ SETTLE="${SETTLE:-5}"
 PUBLISHERS="${PUBLISHERS:-200}"
 RATE="${RATE:-20000}"
 PAYLOAD_SIZE="${PAYLOAD_SIZE:-64}"
-QOS="${QOS:-0 1}"
+QOS="${QOS-0 1}"
 WARMUP="${WARMUP:-5}"
 DURATION="${DURATION:-15}"
 RUNS="${RUNS:-1}"
