@@ -160,7 +160,9 @@ totals() {
 label() { if [[ "$1" == heartwire ]]; then echo Heartwire; else echo "Mosquitto ${MOSQUITTO_VERSION}"; fi; }
 
 echo
-echo "MQTT 5 next to MQTT 3.1.1: $COUNT idle connections; fan-in $PUBLISHERS publishers -> 1 subscriber, ${PAYLOAD_SIZE}-byte messages at $RATE msg/s, warm-up ${WARMUP}s, window ${DURATION}s; CORES=$CORES NICE=$NICE ($(nproc) cores, load average $(machine_load))"
+fan_in="no fan-in"
+[[ -n "$QOS" ]] && fan_in="fan-in $PUBLISHERS publishers -> 1 subscriber, ${PAYLOAD_SIZE}-byte messages at $RATE msg/s, warm-up ${WARMUP}s, window ${DURATION}s"
+echo "MQTT 5 next to MQTT 3.1.1: $COUNT idle connections; $fan_in; CORES=$CORES NICE=$NICE ($(nproc) cores, load average $(machine_load))"
 fmt='%-4s| %-18s| %-8s| %13s'
 for q in $QOS; do fmt+=" | %11s | %7s | %28s"; done
 fmt+='\n'
