@@ -43,7 +43,9 @@ loadgen_prerequisites() {
     heartwire_binary
   fi
   log "building bench/loadgen (release)"
-  cargo build --release --quiet --manifest-path "$ROOT/bench/loadgen/Cargo.toml"
+  # Its own target directory whatever CARGO_TARGET_DIR says: LOADGEN is looked for there.
+  CARGO_TARGET_DIR="$ROOT/bench/loadgen/target" \
+    cargo build --release --quiet --manifest-path "$ROOT/bench/loadgen/Cargo.toml"
   LOADGEN="$ROOT/bench/loadgen/target/release/loadgen"
 }
 

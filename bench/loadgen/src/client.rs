@@ -13,7 +13,7 @@ use tokio::net::TcpSocket;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::mqtt::{self, FrameReader};
+use crate::mqtt::{self, FrameReader, Protocol};
 use crate::tls::{Stream, Tls};
 
 /// How long a connection that is told to stop gets to write its DISCONNECT.
@@ -118,6 +118,7 @@ pub struct Hello<'a> {
     /// User name and password of the CONNECT, if any.
     pub login: Option<(&'a str, &'a str)>,
     pub keep_alive_s: u16,
+    pub protocol: Protocol,
 }
 
 /// Opens a connection of the `idle` and `connect-rate` scenarios: TCP connect, the TLS
@@ -136,6 +137,7 @@ pub async fn open(
         client_id,
         login,
         keep_alive_s,
+        protocol,
     } = hello;
     let began = Instant::now();
     let socket = if addr.is_ipv4() {
@@ -170,10 +172,15 @@ pub async fn open(
         None => Stream::Plain(tcp),
     };
     stream
-        .write_all(&mqtt::connect_with_login(client_id, keep_alive_s, login))
+        .write_all(&mqtt::connect_with_login(
+            protocol,
+            client_id,
+            keep_alive_s,
+            login,
+        ))
         .await?;
     stream.flush().await?;
-    let mut reader = FrameReader::new(stream, 64);
+    let mut reader = FrameReader::new(stream, 64).with_protocol(protocol);
     let frame = timeout(step_timeout, reader.next())
         .await
         .with_context(|| format!("no CONNACK for {client_id} within {step_timeout:?}"))?
@@ -239,12 +246,14 @@ pub async fn hold(
 pub struct Client {
     pub reader: FrameReader<OwnedReadHalf>,
     pub writer: OwnedWriteHalf,
+    pub protocol: Protocol,
 }
 
 /// Connects and completes the MQTT handshake, each step bounded by `step_timeout`.
 /// `read_capacity` sizes the receive buffer (small for clients that only ever get a CONNACK);
 /// `send_buffer`, if given, caps the kernel's send buffer (SO_SNDBUF) of the socket.
 pub async fn connect(
+    protocol: Protocol,
     addr: SocketAddr,
     client_id: &str,
     keep_alive_s: u16,
@@ -268,15 +277,19 @@ pub async fn connect(
     stream.set_nodelay(true)?;
     let (read, mut writer) = stream.into_split();
     writer
-        .write_all(&mqtt::connect(client_id, keep_alive_s))
+        .write_all(&mqtt::connect(protocol, client_id, keep_alive_s))
         .await?;
-    let mut reader = FrameReader::new(read, read_capacity);
+    let mut reader = FrameReader::new(read, read_capacity).with_protocol(protocol);
     let frame = timeout(step_timeout, reader.next())
         .await
         .with_context(|| format!("no CONNACK for {client_id} within {step_timeout:?}"))??
         .with_context(|| format!("connection closed before CONNACK for {client_id}"))?;
     match frame.connack_code() {
-        Some(0) => Ok(Client { reader, writer }),
+        Some(0) => Ok(Client {
+            reader,
+            writer,
+            protocol,
+        }),
         Some(code) => bail!("CONNECT of {client_id} refused with return code {code}"),
         None => bail!(
             "expected CONNACK for {client_id}, got packet type {}",
@@ -286,11 +299,21 @@ pub async fn connect(
 }
 
 impl Client {
-    /// Subscribes to a few filters at QoS 0 and waits (bounded) for the SUBACK, which must
-    /// grant every one. Packets other than the SUBACK are skipped.
-    pub async fn subscribe(&mut self, filters: &[&str], step_timeout: Duration) -> Result<()> {
+    /// Subscribes to a few filters at `qos` and waits (bounded) for the SUBACK, which must
+    /// grant every one (at any QoS). Packets other than the SUBACK are skipped.
+    pub async fn subscribe(
+        &mut self,
+        filters: &[&str],
+        qos: u8,
+        step_timeout: Duration,
+    ) -> Result<()> {
         self.writer
-            .write_all(&mqtt::subscribe(1, filters.iter().copied()))
+            .write_all(&mqtt::subscribe(
+                self.protocol,
+                1,
+                filters.iter().copied(),
+                qos,
+            ))
             .await?;
         let wait = async {
             loop {

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{Common, ConnectRate};
 use crate::client::{self, Hello, Refused, Sources, Targets};
 use crate::credentials::Login;
+use crate::mqtt::Protocol;
 use crate::procfs::clock_ticks_per_second;
 use crate::report::{ConnectRateReport, FloodReport, Latency};
 use crate::sockets;
@@ -151,7 +152,7 @@ pub async fn run(common: &Common, args: &ConnectRate) -> Result<ConnectRateRepor
             start,
             targets.clone(),
             tls.clone(),
-            (common.keepalive, common.step_timeout),
+            (common.keepalive, common.step_timeout, common.protocol()),
             done_tx.clone(),
             stop.clone(),
         ));
@@ -249,7 +250,7 @@ async fn launch(
     start: Instant,
     targets: Targets,
     tls: Option<Tls>,
-    (keep_alive_s, step): (u16, Duration),
+    (keep_alive_s, step, protocol): (u16, Duration, Protocol),
     done: mpsc::UnboundedSender<(usize, Outcome)>,
     stop: CancellationToken,
 ) -> (JoinSet<()>, Duration) {
@@ -276,6 +277,7 @@ async fn launch(
                 client_id: &client_id,
                 login: login.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
                 keep_alive_s,
+                protocol,
             };
             match client::open(hello, tls.as_ref(), step).await {
                 Ok(conn) => {

@@ -1,8 +1,11 @@
 //! Fan-in: many publishers, one subscriber.
 //!
 //! Publisher i publishes QoS 0 messages to `in/<i>`, as fast as its socket takes (a buffer of
-//! identical packets written again and again) or at its share of `--rate`. One subscriber on
-//! `in/#` counts every PUBLISH it reads. The subscriber runs on its own thread with its own
+//! identical packets written again and again) or at its share of `--rate`; or QoS 1 messages
+//! at its share of `--rate`, at most [`QOS1_WINDOW`] of them unacknowledged. One subscriber on
+//! `in/#` (at the same QoS, acknowledging each message) counts every PUBLISH it reads. After
+//! the window the publishers stop and the subscriber reads what is still on its way, so that
+//! the run's totals of written and delivered messages can be compared. The subscriber runs on its own thread with its own
 //! runtime, so that a thousand busy publisher tasks cannot starve it: what it counts is what
 //! the broker delivered, not what the generator found time to read.
 
@@ -22,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{Common, FanIn};
 use crate::client::{self, Client, Targets};
 use crate::dedicated::{self, Dedicated};
-use crate::mqtt::{self, FrameReader};
+use crate::mqtt::{self, FrameReader, Protocol};
 use crate::procfs::clock_ticks_per_second;
 use crate::report::FanInReport;
 use crate::sockets::Queues;
@@ -34,12 +37,21 @@ const BATCH_BYTES: usize = 16 * 1024;
 const RATE_TICK: Duration = Duration::from_millis(10);
 /// How long stopped clients get to wind down before the report is printed anyway.
 const WIND_DOWN: Duration = Duration::from_secs(10);
+/// QoS 1 messages a publisher leaves unacknowledged at most (below any broker's receive
+/// maximum); a publisher whose window is full skips its turn.
+const QOS1_WINDOW: u64 = 16;
+/// After the publishers stop: how long the subscriber may take to receive what is on its way,
+/// and how long without a message ends that wait early.
+const DRAIN: Duration = Duration::from_secs(5);
+const DRAIN_QUIET: Duration = Duration::from_secs(1);
 
 /// Counters shared by every connection of the run.
 #[derive(Default)]
 struct Counters {
     /// Messages written by all publishers: whole packets the kernel accepted.
     written: AtomicU64,
+    /// PUBACKs the publishers received (QoS 1).
+    acked: AtomicU64,
     /// PUBLISH packets the subscriber received (topic under in/, payload of the sent size).
     delivered: AtomicU64,
     /// PUBLISH packets with another topic or payload size (a framing bug would show here).
@@ -53,16 +65,24 @@ pub async fn run(common: &Common, args: &FanIn) -> Result<FanInReport> {
     if let Some(rate) = args.rate {
         anyhow::ensure!(rate > 0.0, "--rate must be positive");
     }
+    anyhow::ensure!(
+        args.qos == 0 || args.rate.is_some(),
+        "--qos 1 needs --rate (publishers wait for their PUBACKs)"
+    );
+    let protocol = common.protocol();
     let targets = Targets::resolve(&common.host, common.port).await?;
     let meter = Meter::new(common.broker_pid, clock_ticks_per_second());
     let counters = Arc::new(Counters::default());
     let stop = CancellationToken::new();
+    // Cancelled at the end of the window: the publishers stop writing, the subscriber reads on.
+    let publishing = stop.child_token();
     let run_id = std::process::id();
 
     let subscriber = start_subscriber(
         targets.get(0),
         common,
         args.payload_size,
+        args.qos,
         run_id,
         &counters,
         &stop,
@@ -80,12 +100,15 @@ pub async fn run(common: &Common, args: &FanIn) -> Result<FanInReport> {
     let payload = vec![b'x'; args.payload_size];
     let mut packet_bytes = 0usize;
     for i in 0..args.publishers {
-        let packet = mqtt::publish(&format!("in/{i}"), &payload, false);
+        let packet_id = (args.qos > 0).then_some(1);
+        let packet = mqtt::publish(protocol, &format!("in/{i}"), &payload, packet_id, false);
         packet_bytes += packet.len();
         let publisher = Publisher {
             index: i,
             addr: targets.get(i + 1),
             client_id: format!("lg{run_id}-pub-{i}"),
+            protocol,
+            packet_id_at: packet_id.and_then(|_| mqtt::publish_packet_id_at(&packet)),
             packet,
             rate: args.rate.map(|r| r / args.publishers as f64),
             offset: RATE_TICK.mul_f64(i as f64 / args.publishers as f64),
@@ -97,7 +120,7 @@ pub async fn run(common: &Common, args: &FanIn) -> Result<FanInReport> {
             connect_slots.clone(),
             ready_tx.clone(),
             go_rx.clone(),
-            stop.clone(),
+            (stop.clone(), publishing.clone()),
             counters.clone(),
         );
         publishers.spawn(async move { publisher.run(slots, ready, go, stop, counters).await });
@@ -158,6 +181,27 @@ pub async fn run(common: &Common, args: &FanIn) -> Result<FanInReport> {
     let rss_end = meter.broker_rss_kib();
     let rss_peak = peak.finish().await;
 
+    // The drain: no more publishing; wait for what is on its way to the subscriber.
+    publishing.cancel();
+    let drain_start = Instant::now();
+    let (mut seen, mut seen_at) = (counters.delivered.load(Ordering::Relaxed), drain_start);
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let delivered = counters.delivered.load(Ordering::Relaxed);
+        if delivered >= counters.written.load(Ordering::Relaxed)
+            || drain_start.elapsed() >= DRAIN
+            || (delivered == seen && seen_at.elapsed() >= DRAIN_QUIET)
+        {
+            break;
+        }
+        if delivered != seen {
+            (seen, seen_at) = (delivered, Instant::now());
+        }
+    }
+    let drain_s = drain_start.elapsed().as_secs_f64();
+    let written_total = counters.written.load(Ordering::Relaxed);
+    let delivered_total = counters.delivered.load(Ordering::Relaxed);
+
     stop.cancel();
     if timeout(WIND_DOWN, async {
         while publishers.join_next().await.is_some() {}
@@ -176,6 +220,8 @@ pub async fn run(common: &Common, args: &FanIn) -> Result<FanInReport> {
     Ok(FanInReport {
         publishers: args.publishers,
         payload_size: args.payload_size,
+        protocol: protocol.level(),
+        qos: args.qos,
         rate: args.rate,
         warmup_s: args.warmup.as_secs_f64(),
         window_s,
@@ -200,6 +246,11 @@ pub async fn run(common: &Common, args: &FanIn) -> Result<FanInReport> {
         publishers_closed_by_broker: counters.publishers_closed.load(Ordering::Relaxed),
         subscriber_closed_by_broker: counters.subscriber_closed.load(Ordering::Relaxed),
         unexpected_messages: counters.unexpected.load(Ordering::Relaxed),
+        written_total,
+        acked_total: counters.acked.load(Ordering::Relaxed),
+        delivered_total,
+        undelivered_total: written_total as i64 - delivered_total as i64,
+        drain_s,
     })
 }
 
@@ -215,8 +266,12 @@ struct Publisher {
     index: usize,
     addr: SocketAddr,
     client_id: String,
-    /// The encoded PUBLISH, identical for every message of this publisher.
+    protocol: Protocol,
+    /// The encoded PUBLISH, identical for every message of this publisher but for the packet
+    /// id of a QoS 1 message.
     packet: Vec<u8>,
+    /// Where the packet id lies in `packet` (QoS 1), `None` at QoS 0.
+    packet_id_at: Option<usize>,
     /// Messages per second of this publisher, `None` for unthrottled.
     rate: Option<f64>,
     /// Start offset within a rate tick, so that publishers do not all write at once.
@@ -233,12 +288,13 @@ impl Publisher {
         connect_slots: Arc<Semaphore>,
         ready: mpsc::Sender<Result<()>>,
         mut go: watch::Receiver<Option<Instant>>,
-        stop: CancellationToken,
+        (stop, publishing): (CancellationToken, CancellationToken),
         counters: Arc<Counters>,
     ) {
         let connected = {
             let _slot = connect_slots.acquire().await;
             client::connect(
+                self.protocol,
                 self.addr,
                 &self.client_id,
                 self.keep_alive_s,
@@ -252,6 +308,7 @@ impl Publisher {
         let Client {
             mut reader,
             mut writer,
+            ..
         } = match connected {
             Ok(client) => {
                 let _ = ready.send(Ok(())).await;
@@ -268,10 +325,24 @@ impl Publisher {
             started = go.wait_for(Option::is_some) => started.ok().and_then(|s| *s),
         };
         let Some(started) = started else { return };
+        // PUBACKs this publisher received: its QoS 1 window.
+        let acked = AtomicU64::new(0);
+        let write = async {
+            let result = tokio::select! {
+                _ = publishing.cancelled() => Ok(()),
+                result = self.write_loop(&mut writer, started, &counters, &acked) => result,
+            };
+            // Stopped writing: the connection stays open (its messages on their way) until
+            // the end of the run.
+            if result.is_ok() {
+                std::future::pending::<()>().await;
+            }
+            result
+        };
         let closed = tokio::select! {
             _ = stop.cancelled() => false,
-            _ = drain(&mut reader) => true,
-            result = self.write_loop(&mut writer, started, &counters) => result.is_err(),
+            _ = drain(&mut reader, &acked, &counters) => true,
+            result = write => result.is_err(),
         };
         if closed && !stop.is_cancelled() {
             counters.publishers_closed.fetch_add(1, Ordering::Relaxed);
@@ -285,9 +356,10 @@ impl Publisher {
         writer: &mut OwnedWriteHalf,
         started: Instant,
         counters: &Counters,
+        acked: &AtomicU64,
     ) -> std::io::Result<()> {
         let per_batch = (BATCH_BYTES / self.packet.len()).max(1);
-        let batch = self.packet.repeat(per_batch);
+        let mut batch = self.packet.repeat(per_batch);
         let Some(rate) = self.rate else {
             // The stream is the same packet over and over, and the batch holds whole packets,
             // so after a partial write the rest of the batch, then the batch again, continues
@@ -317,6 +389,8 @@ impl Publisher {
         let max_owed = (rate as u64).max(1);
         let ping_every = Duration::from_secs(u64::from(self.keep_alive_s) / 2);
         let (mut sent, mut last_write) = (0u64, Instant::now());
+        // QoS 1: messages written (their packet ids are 1 + this, modulo 65,535).
+        let mut published = 0u64;
         loop {
             tick.tick().await;
             let due = (started.elapsed().as_secs_f64() * rate) as u64;
@@ -326,7 +400,23 @@ impl Publisher {
                 owed = max_owed;
             }
             while owed > 0 {
-                let n = owed.min(per_batch as u64);
+                let mut n = owed.min(per_batch as u64);
+                if let Some(at) = self.packet_id_at {
+                    let in_flight = published - acked.load(Ordering::Relaxed);
+                    n = n.min(QOS1_WINDOW.saturating_sub(in_flight));
+                    if n == 0 {
+                        break; // the window is full: owed until a later tick
+                    }
+                    for (k, packet) in batch
+                        .chunks_mut(self.packet.len())
+                        .take(n as usize)
+                        .enumerate()
+                    {
+                        let id = ((published + k as u64) % 65_535 + 1) as u16;
+                        packet[at..at + 2].copy_from_slice(&id.to_be_bytes());
+                    }
+                    published += n;
+                }
                 writer
                     .write_all(&batch[..n as usize * self.packet.len()])
                     .await?;
@@ -343,9 +433,14 @@ impl Publisher {
     }
 }
 
-/// Reads and discards everything (PINGRESPs) until the broker closes the connection.
-async fn drain(reader: &mut FrameReader<OwnedReadHalf>) {
-    while let Ok(Some(_)) = reader.next().await {}
+/// Reads until the broker closes the connection: counts PUBACKs, discards the rest (PINGRESPs).
+async fn drain(reader: &mut FrameReader<OwnedReadHalf>, acked: &AtomicU64, counters: &Counters) {
+    while let Ok(Some(frame)) = reader.next().await {
+        if frame.puback().is_some() {
+            acked.fetch_add(1, Ordering::Relaxed);
+            counters.acked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Connects the subscriber on its own thread and returns once its SUBACK arrived; the thread
@@ -354,19 +449,28 @@ async fn start_subscriber(
     addr: SocketAddr,
     common: &Common,
     payload_size: usize,
+    qos: u8,
     run_id: u32,
     counters: &Arc<Counters>,
     stop: &CancellationToken,
 ) -> Result<Dedicated<()>> {
     let (ready_tx, ready_rx) = oneshot::channel();
     let (counters, stop) = (counters.clone(), stop.clone());
-    let (keep_alive_s, step) = (common.keepalive, common.step_timeout);
+    let (keep_alive_s, step, protocol) = (common.keepalive, common.step_timeout, common.protocol());
     let thread = dedicated::spawn("subscriber", move || async move {
         let setup = async {
             let client_id = format!("lg{run_id}-sub");
-            let mut client =
-                client::connect(addr, &client_id, keep_alive_s, step, 256 * 1024, None).await?;
-            client.subscribe(&["in/#"], step).await?;
+            let mut client = client::connect(
+                protocol,
+                addr,
+                &client_id,
+                keep_alive_s,
+                step,
+                256 * 1024,
+                None,
+            )
+            .await?;
+            client.subscribe(&["in/#"], qos, step).await?;
             anyhow::Ok(client)
         };
         match setup.await {
@@ -386,8 +490,8 @@ async fn start_subscriber(
     Ok(thread)
 }
 
-/// Counts PUBLISH packets until stopped or closed; pings to keep the connection alive (the
-/// subscriber sends nothing else).
+/// Counts PUBLISH packets until stopped or closed, acknowledging those of QoS 1 (a batch of
+/// PUBACKs once no further packet is buffered); pings to keep the connection alive.
 async fn subscribe_loop(
     client: Client,
     keep_alive_s: u16,
@@ -398,41 +502,58 @@ async fn subscribe_loop(
     let Client {
         mut reader,
         mut writer,
+        ..
     } = client;
-    let pinger = async {
-        if keep_alive_s == 0 {
-            return std::future::pending().await;
-        }
-        let every = Duration::from_secs(u64::from(keep_alive_s)) / 2;
-        let mut tick = tokio::time::interval_at((Instant::now() + every).into(), every);
-        loop {
-            tick.tick().await;
-            if writer.write_all(&mqtt::PINGREQ).await.is_err() {
-                return;
+    let every = Duration::from_secs(u64::from(keep_alive_s.max(2))) / 2;
+    let mut tick = tokio::time::interval_at((Instant::now() + every).into(), every);
+    let mut acks = Vec::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick(), if keep_alive_s > 0 => {
+                if writer.write_all(&mqtt::PINGREQ).await.is_err() {
+                    return;
+                }
+            }
+            frame = reader.next() => {
+                let mut frame = frame;
+                loop {
+                    let Ok(Some(f)) = frame else {
+                        if !stop.is_cancelled() {
+                            counters.subscriber_closed.store(true, Ordering::Relaxed);
+                        }
+                        return;
+                    };
+                    count(&f, payload_size, counters, &mut acks);
+                    if !reader.has_frame() {
+                        break;
+                    }
+                    frame = reader.next().await;
+                }
+                if !acks.is_empty() {
+                    if writer.write_all(&acks).await.is_err() {
+                        return;
+                    }
+                    acks.clear();
+                }
             }
         }
-    };
-    // Only well-formed messages of this run count as delivered: a topic under in/ and the
-    // payload size that was sent.
-    let count = async {
-        while let Ok(Some(frame)) = reader.next().await {
-            if let Some(p) = frame.publish() {
-                let counter = if p.topic.starts_with(b"in/") && p.payload.len() == payload_size {
-                    &counters.delivered
-                } else {
-                    &counters.unexpected
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    };
-    tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = pinger => {}
-        _ = count => {
-            if !stop.is_cancelled() {
-                counters.subscriber_closed.store(true, Ordering::Relaxed);
-            }
+    }
+}
+
+/// Counts one received packet; a QoS 1 PUBLISH adds its PUBACK to `acks`. Only well-formed
+/// messages of this run count as delivered: a topic under in/ and the payload size that was
+/// sent.
+fn count(frame: &mqtt::Frame<'_>, payload_size: usize, counters: &Counters, acks: &mut Vec<u8>) {
+    if let Some(p) = frame.publish() {
+        let counter = if p.topic.starts_with(b"in/") && p.payload.len() == payload_size {
+            &counters.delivered
+        } else {
+            &counters.unexpected
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(id) = p.packet_id {
+            acks.extend_from_slice(&mqtt::puback(id));
         }
     }
 }

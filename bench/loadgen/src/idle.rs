@@ -40,7 +40,8 @@ pub async fn run(common: &Common, args: &Idle) -> Result<IdleReport> {
     for i in 0..args.connections {
         let (addr, host, source) = (targets.get(i), targets.host(i).to_owned(), sources.get(i));
         let (tls, slots, done, stop) = (tls.clone(), slots.clone(), done_tx.clone(), stop.clone());
-        let (keep_alive_s, step) = (common.keepalive, common.step_timeout);
+        let (keep_alive_s, step, protocol) =
+            (common.keepalive, common.step_timeout, common.protocol());
         tasks.spawn(async move {
             let opened = {
                 let _slot = slots.acquire().await;
@@ -52,6 +53,7 @@ pub async fn run(common: &Common, args: &Idle) -> Result<IdleReport> {
                     client_id: &id,
                     login: None,
                     keep_alive_s,
+                    protocol,
                 };
                 client::open(hello, tls.as_ref(), step).await
             };
@@ -114,6 +116,7 @@ pub async fn run(common: &Common, args: &Idle) -> Result<IdleReport> {
     Ok(IdleReport {
         connections: args.connections,
         tls: tls.is_some(),
+        protocol: common.protocol().level(),
         connected,
         failed,
         first_error,

@@ -1,4 +1,4 @@
-//! loadgen: a neutral MQTT 3.1.1 load generator for the side-by-side broker benchmarks in
+//! loadgen: a neutral MQTT 3.1.1 and 5 load generator for the side-by-side broker benchmarks in
 //! `bench/` (Heartwire next to Mosquitto, same generator for both).
 //!
 //! Modules, from the wire up:
@@ -59,6 +59,11 @@ async fn run(cli: &Cli) -> Result<()> {
         )
     {
         bail!("--tls works with the idle and connect-rate scenarios only");
+    }
+    if common.protocol() != mqtt::Protocol::V311
+        && matches!(cli.scenario, Scenario::RetainedSubscribe(_))
+    {
+        bail!("--protocol 5 works with the idle, connect-rate and fan-in scenarios only");
     }
     match &cli.scenario {
         Scenario::Idle(args) => {

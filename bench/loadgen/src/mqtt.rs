@@ -1,11 +1,13 @@
-//! MQTT 3.1.1 on the wire: the few packets the generator sends, encoded by hand, and a frame
-//! reader that splits the incoming stream by fixed header and remaining length.
+//! MQTT 3.1.1 and 5 on the wire: the few packets the generator sends, encoded by hand, and a
+//! frame reader that splits the incoming stream by fixed header and remaining length.
 //!
 //! Only what the scenarios need: CONNECT (clean session, no will, optionally a user name and
-//! password), SUBSCRIBE,
-//! PUBLISH at QoS 0, PINGREQ and DISCONNECT out; CONNACK, SUBACK and PUBLISH understood in.
-//! Anything else that arrives is still framed correctly and left to the caller to ignore.
-//! Keeping the codec this small keeps the generator cheap and identical for every broker.
+//! password), SUBSCRIBE, PUBLISH at QoS 0 or 1, PUBACK, PINGREQ and DISCONNECT out; CONNACK,
+//! SUBACK, PUBLISH and PUBACK understood in. Anything else that arrives is still framed
+//! correctly and left to the caller to ignore. MQTT 5 differs here only by protocol level 5
+//! and a property length after the variable header: the generator sends no properties (an
+//! empty list, one byte 0) and skips the ones the broker sends. Keeping the codec this small
+//! keeps the generator cheap and identical for every broker.
 
 use std::io;
 
@@ -14,7 +16,69 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// Packet types (the high nibble of the fixed header's first byte).
 pub const CONNACK: u8 = 2;
 pub const PUBLISH: u8 = 3;
+pub const PUBACK: u8 = 4;
 pub const SUBACK: u8 = 9;
+
+/// The protocol version a connection speaks (`--protocol 4|5`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// MQTT 3.1.1, protocol level 4.
+    #[default]
+    V311,
+    /// MQTT 5, protocol level 5: a property length in CONNECT, CONNACK, PUBLISH, SUBSCRIBE,
+    /// SUBACK (and PUBACK when it carries a reason code).
+    V5,
+}
+
+impl Protocol {
+    /// The protocol level of CONNECT.
+    pub fn level(self) -> u8 {
+        match self {
+            Self::V311 => 4,
+            Self::V5 => 5,
+        }
+    }
+
+    /// From the protocol level (4 or 5).
+    pub fn from_level(level: u8) -> Option<Self> {
+        match level {
+            4 => Some(Self::V311),
+            5 => Some(Self::V5),
+            _ => None,
+        }
+    }
+
+    /// Appends an empty property list (MQTT 5) or nothing (3.1.1).
+    fn put_no_properties(self, out: &mut Vec<u8>) {
+        if self == Self::V5 {
+            out.push(0);
+        }
+    }
+
+    /// Skips the property list at the start of `body` (MQTT 5), or nothing (3.1.1).
+    fn skip_properties(self, body: &[u8]) -> Option<&[u8]> {
+        match self {
+            Self::V311 => Some(body),
+            Self::V5 => {
+                let (header_len, total) = varint(body)?;
+                body.get(header_len + total..)
+            }
+        }
+    }
+}
+
+/// Decodes a variable byte integer at the start of `buf`: (its length in bytes, its value).
+fn varint(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut value = 0usize;
+    for i in 0..4 {
+        let byte = *buf.get(i)?;
+        value |= usize::from(byte & 0x7F) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((i + 1, value));
+        }
+    }
+    None
+}
 
 /// The largest incoming packet accepted (MQTT's own limit is 256 MiB); a larger remaining
 /// length means the stream is garbage, not a packet worth buffering.
@@ -51,25 +115,27 @@ fn packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// CONNECT with protocol level 4, clean session, no will and no user name.
-pub fn connect(client_id: &str, keep_alive_s: u16) -> Vec<u8> {
-    connect_with_login(client_id, keep_alive_s, None)
+/// CONNECT with clean session (MQTT 5: clean start, session expiry 0), no will and no user
+/// name.
+pub fn connect(protocol: Protocol, client_id: &str, keep_alive_s: u16) -> Vec<u8> {
+    connect_with_login(protocol, client_id, keep_alive_s, None)
 }
 
-/// CONNECT with protocol level 4, clean session, no will, and the user name and password of
-/// `login` if given.
+/// CONNECT with clean session, no will, and the user name and password of `login` if given.
 pub fn connect_with_login(
+    protocol: Protocol,
     client_id: &str,
     keep_alive_s: u16,
     login: Option<(&str, &str)>,
 ) -> Vec<u8> {
     let login_len = login.map_or(0, |(user, password)| 4 + user.len() + password.len());
-    let mut body = Vec::with_capacity(12 + client_id.len() + login_len);
+    let mut body = Vec::with_capacity(13 + client_id.len() + login_len);
     put_str(&mut body, "MQTT");
-    body.push(4); // protocol level: 3.1.1
-                  // Connect flags: clean session, plus user name (0x80) and password (0x40) with a login.
+    body.push(protocol.level());
+    // Connect flags: clean session, plus user name (0x80) and password (0x40) with a login.
     body.push(if login.is_some() { 0xC2 } else { 0x02 });
     body.extend_from_slice(&keep_alive_s.to_be_bytes());
+    protocol.put_no_properties(&mut body);
     put_str(&mut body, client_id);
     if let Some((user, password)) = login {
         put_str(&mut body, user);
@@ -78,22 +144,57 @@ pub fn connect_with_login(
     packet(0x10, &body)
 }
 
-/// SUBSCRIBE of every filter at QoS 0, in one packet.
-pub fn subscribe<'a>(packet_id: u16, filters: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
+/// SUBSCRIBE of every filter at `qos`, in one packet (MQTT 5: the options byte holds only the
+/// QoS: local messages, retain as published 0, retained messages sent).
+pub fn subscribe<'a>(
+    protocol: Protocol,
+    packet_id: u16,
+    filters: impl IntoIterator<Item = &'a str>,
+    qos: u8,
+) -> Vec<u8> {
     let mut body = packet_id.to_be_bytes().to_vec();
+    protocol.put_no_properties(&mut body);
     for filter in filters {
         put_str(&mut body, filter);
-        body.push(0); // requested QoS
+        body.push(qos); // requested QoS
     }
     packet(0x82, &body)
 }
 
-/// PUBLISH at QoS 0 (so without a packet id), optionally retained.
-pub fn publish(topic: &str, payload: &[u8], retain: bool) -> Vec<u8> {
-    let mut body = Vec::with_capacity(2 + topic.len() + payload.len());
+/// PUBLISH at QoS 0 (`packet_id` `None`) or QoS 1 with `packet_id`, optionally retained.
+pub fn publish(
+    protocol: Protocol,
+    topic: &str,
+    payload: &[u8],
+    packet_id: Option<u16>,
+    retain: bool,
+) -> Vec<u8> {
+    let mut body = Vec::with_capacity(5 + topic.len() + payload.len());
     put_str(&mut body, topic);
+    if let Some(id) = packet_id {
+        body.extend_from_slice(&id.to_be_bytes());
+    }
+    protocol.put_no_properties(&mut body);
     body.extend_from_slice(payload);
-    packet(if retain { 0x31 } else { 0x30 }, &body)
+    let qos_bits = if packet_id.is_some() { 0x02 } else { 0 };
+    packet(0x30 | qos_bits | u8::from(retain), &body)
+}
+
+/// Where the packet id of an encoded QoS 1 `publish` lies in it, to renumber a copy.
+pub fn publish_packet_id_at(packet: &[u8]) -> Option<usize> {
+    let (header_len, _) = frame_bounds(packet).ok()??;
+    let topic_len = usize::from(u16::from_be_bytes([
+        *packet.get(header_len)?,
+        *packet.get(header_len + 1)?,
+    ]));
+    Some(header_len + 2 + topic_len)
+}
+
+/// PUBACK of `packet_id` (MQTT 5: reason code 0 and no properties may be left out, so the
+/// packet is the same for both versions).
+pub fn puback(packet_id: u16) -> [u8; 4] {
+    let [hi, lo] = packet_id.to_be_bytes();
+    [0x40, 2, hi, lo]
 }
 
 pub const PINGREQ: [u8; 2] = [0xC0, 0];
@@ -138,6 +239,8 @@ pub struct Frame<'a> {
     /// First byte of the fixed header: type in the high nibble, flags in the low one.
     pub first_byte: u8,
     pub body: &'a [u8],
+    /// The connection's protocol: whether the body carries MQTT 5 properties.
+    pub protocol: Protocol,
 }
 
 /// An incoming PUBLISH.
@@ -145,6 +248,8 @@ pub struct Frame<'a> {
 pub struct Publish<'a> {
     pub topic: &'a [u8],
     pub retain: bool,
+    /// The packet id of a QoS 1 or 2 message, to acknowledge.
+    pub packet_id: Option<u16>,
     pub payload: &'a [u8],
 }
 
@@ -165,15 +270,29 @@ impl<'a> Frame<'a> {
         ]));
         let topic = self.body.get(2..2 + topic_len)?;
         let qos = (self.first_byte >> 1) & 0x03;
-        let payload_at = 2 + topic_len + if qos > 0 { 2 } else { 0 };
+        let mut rest = self.body.get(2 + topic_len..)?;
+        let mut packet_id = None;
+        if qos > 0 {
+            packet_id = Some(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
+            rest = &rest[2..];
+        }
         Some(Publish {
             topic,
             retain: self.first_byte & 0x01 != 0,
-            payload: self.body.get(payload_at..)?,
+            packet_id,
+            payload: self.protocol.skip_properties(rest)?,
         })
     }
 
-    /// CONNACK's return code (0 = accepted).
+    /// PUBACK's packet id (MQTT 5: whatever reason code follows).
+    pub fn puback(&self) -> Option<u16> {
+        if self.kind() != PUBACK || self.body.len() < 2 {
+            return None;
+        }
+        Some(u16::from_be_bytes([self.body[0], self.body[1]]))
+    }
+
+    /// CONNACK's return code (MQTT 5: reason code; 0 = accepted either way).
     pub fn connack_code(&self) -> Option<u8> {
         if self.kind() != CONNACK {
             return None;
@@ -181,14 +300,14 @@ impl<'a> Frame<'a> {
         self.body.get(1).copied()
     }
 
-    /// SUBACK's packet id and return codes (0-2 = granted QoS, 0x80 = failure).
+    /// SUBACK's packet id and return codes (0-2 = granted QoS, 0x80 and up = failure).
     pub fn suback(&self) -> Option<(u16, &'a [u8])> {
         if self.kind() != SUBACK || self.body.len() < 2 {
             return None;
         }
         Some((
             u16::from_be_bytes([self.body[0], self.body[1]]),
-            &self.body[2..],
+            self.protocol.skip_properties(&self.body[2..])?,
         ))
     }
 }
@@ -196,6 +315,7 @@ impl<'a> Frame<'a> {
 /// Reads whole packets from a byte stream into one reusable buffer.
 pub struct FrameReader<R> {
     inner: R,
+    protocol: Protocol,
     buf: Vec<u8>,
     /// Bytes `start..end` of `buf` are received but not yet handed out.
     start: usize,
@@ -204,13 +324,28 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// `capacity` is the initial buffer size; it grows only for a packet that does not fit.
+    /// The frames are MQTT 3.1.1 ones unless [`Self::with_protocol`] says otherwise.
     pub fn new(inner: R, capacity: usize) -> Self {
         Self {
             inner,
+            protocol: Protocol::V311,
             buf: vec![0; capacity.max(64)],
             start: 0,
             end: 0,
         }
+    }
+
+    /// Frames of `protocol` from now on.
+    pub fn with_protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// Whether a whole packet is already buffered, so that [`Self::next`] returns it without
+    /// reading (a reader that answers packets flushes its answers when this turns false).
+    pub fn has_frame(&self) -> bool {
+        matches!(frame_bounds(&self.buf[self.start..self.end]),
+            Ok(Some((_, total))) if total <= self.end - self.start)
     }
 
     /// The stream, to write to it between reads.
@@ -231,6 +366,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     return Ok(Some(Frame {
                         first_byte: self.buf[at],
                         body: &self.buf[at + header_len..at + total],
+                        protocol: self.protocol,
                     }));
                 }
                 Some((_, total)) => total,
@@ -309,7 +445,7 @@ mod tests {
     fn connect_matches_the_specification_example() {
         // MQTT 3.1.1 section 3.1: "MQTT", level 4, flags, keep-alive, then the client id.
         assert_eq!(
-            connect("ab", 60),
+            connect(Protocol::V311, "ab", 60),
             [0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'a', b'b']
         );
     }
@@ -318,28 +454,32 @@ mod tests {
     fn connect_with_login_carries_user_name_and_password() {
         // Flags 0xC2: user name, password, clean session; the two strings follow the client id.
         assert_eq!(
-            connect_with_login("ab", 60, Some(("u", "pw"))),
+            connect_with_login(Protocol::V311, "ab", 60, Some(("u", "pw"))),
             [
                 0x10, 21, 0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60, 0, 2, b'a', b'b', 0, 1,
                 b'u', 0, 2, b'p', b'w'
             ]
         );
-        assert_eq!(connect_with_login("ab", 60, None), connect("ab", 60));
+        assert_eq!(
+            connect_with_login(Protocol::V311, "ab", 60, None),
+            connect(Protocol::V311, "ab", 60)
+        );
     }
 
     #[test]
     fn publishes_are_framed_and_parsed_back_across_small_reads() {
         let mut stream = Vec::new();
         let big = vec![7u8; 300];
-        stream.extend(publish("in/1", b"hello", false));
-        stream.extend(publish("r/0/1", &big, true));
-        stream.extend(subscribe(9, ["a/+", "b/#"]));
+        stream.extend(publish(Protocol::V311, "in/1", b"hello", None, false));
+        stream.extend(publish(Protocol::V311, "r/0/1", &big, None, true));
+        stream.extend(subscribe(Protocol::V311, 9, ["a/+", "b/#"], 0));
         // A 16-byte buffer forces growth and compaction.
         let frames = read_all(stream, 16);
         assert_eq!(frames.len(), 3);
         let first = Frame {
             first_byte: frames[0].0,
             body: &frames[0].1,
+            protocol: Protocol::V311,
         };
         let p = first.publish().expect("publish");
         assert_eq!(
@@ -349,6 +489,7 @@ mod tests {
         let second = Frame {
             first_byte: frames[1].0,
             body: &frames[1].1,
+            protocol: Protocol::V311,
         };
         let p = second.publish().expect("publish");
         assert_eq!(
@@ -367,19 +508,77 @@ mod tests {
         let suback = Frame {
             first_byte: 0x90,
             body: &[0, 1, 0, 0x80, 1],
+            protocol: Protocol::V311,
         };
         assert_eq!(suback.suback(), Some((1, &[0, 0x80, 1][..])));
         let connack = Frame {
             first_byte: 0x20,
             body: &[0, 0],
+            protocol: Protocol::V311,
         };
         assert_eq!(connack.connack_code(), Some(0));
         assert_eq!(suback.connack_code(), None);
     }
 
     #[test]
+    fn mqtt5_packets_carry_property_lengths() {
+        // Level 5, then after the keep-alive an empty property list.
+        assert_eq!(
+            connect(Protocol::V5, "ab", 60),
+            [0x10, 15, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0, 0, 2, b'a', b'b']
+        );
+        // Packet id, empty properties, then the filter and its options (QoS 1).
+        assert_eq!(
+            subscribe(Protocol::V5, 1, ["a"], 1),
+            [0x82, 7, 0, 1, 0, 0, 1, b'a', 1]
+        );
+        // QoS 1: topic, packet id, empty properties, payload; renumbered in place.
+        let mut p = publish(Protocol::V5, "t", b"xy", Some(7), false);
+        assert_eq!(p, [0x32, 8, 0, 1, b't', 0, 7, 0, b'x', b'y']);
+        let at = publish_packet_id_at(&p).expect("packet id");
+        p[at..at + 2].copy_from_slice(&9u16.to_be_bytes());
+        assert_eq!(&p[5..7], &[0, 9]);
+        assert_eq!(puback(0x0102), [0x40, 2, 1, 2]);
+    }
+
+    #[test]
+    fn mqtt5_incoming_properties_are_skipped() {
+        // A PUBLISH with a message expiry interval property (0x02, four bytes).
+        let publish = Frame {
+            first_byte: 0x32,
+            body: &[0, 1, b't', 0, 5, 5, 0x02, 0, 0, 0, 9, b'h', b'i'],
+            protocol: Protocol::V5,
+        };
+        let p = publish.publish().expect("publish");
+        assert_eq!(
+            (p.topic, p.packet_id, p.payload),
+            (&b"t"[..], Some(5), &b"hi"[..])
+        );
+        // SUBACK with a reason string property (0x1F, "ok"), then two reason codes.
+        let suback = Frame {
+            first_byte: 0x90,
+            body: &[0, 1, 5, 0x1F, 0, 2, b'o', b'k', 1, 0x87],
+            protocol: Protocol::V5,
+        };
+        assert_eq!(suback.suback(), Some((1, &[1, 0x87][..])));
+        // CONNACK with a receive maximum; PUBACK with a reason code and no properties.
+        let connack = Frame {
+            first_byte: 0x20,
+            body: &[0, 0, 3, 0x21, 0, 10],
+            protocol: Protocol::V5,
+        };
+        assert_eq!(connack.connack_code(), Some(0));
+        let puback = Frame {
+            first_byte: 0x40,
+            body: &[0, 3, 0x10],
+            protocol: Protocol::V5,
+        };
+        assert_eq!(puback.puback(), Some(3));
+    }
+
+    #[test]
     fn a_truncated_stream_ends_without_a_frame() {
-        let mut stream = publish("in/1", b"hello", false);
+        let mut stream = publish(Protocol::V311, "in/1", b"hello", None, false);
         stream.truncate(stream.len() - 1);
         assert!(read_all(stream, 64).is_empty());
     }

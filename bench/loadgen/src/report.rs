@@ -28,6 +28,9 @@ pub struct BrokerUsage {
 pub struct FanInReport {
     pub publishers: usize,
     pub payload_size: usize,
+    /// MQTT protocol level of every connection (4 or 5) and QoS of the messages.
+    pub protocol: u8,
+    pub qos: u8,
     /// The requested total rate, or `None` for "as fast as the sockets take".
     pub rate: Option<f64>,
     pub warmup_s: f64,
@@ -66,14 +69,26 @@ pub struct FanInReport {
     /// PUBLISH packets the subscriber received with a topic outside in/ or another payload
     /// size, over the whole run (0 unless a broker or the generator mangles messages).
     pub unexpected_messages: u64,
+    /// Over the whole run (warm-up, window, drain): messages written, PUBACKs the publishers
+    /// received (QoS 1), and messages the subscriber received. After the window the
+    /// publishers stop and the subscriber reads on until it has them all, nothing more
+    /// arrives for a second, or 5 s pass.
+    pub written_total: u64,
+    pub acked_total: u64,
+    pub delivered_total: u64,
+    /// written_total - delivered_total: messages lost (or still queued after the drain).
+    pub undelivered_total: i64,
+    pub drain_s: f64,
 }
 
 impl FanInReport {
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "fan-in publishers={} payload={} written_per_s={:.0} read_by_broker_per_s={} \
+            "fan-in protocol={} qos={} publishers={} payload={} written_per_s={:.0} read_by_broker_per_s={} \
              delivered_per_s={:.0} delivered_min_per_s={} delivered_max_per_s={} dropped_pct={:.1} \
              queued_mib_end={}",
+            self.protocol,
+            self.qos,
             self.publishers,
             self.payload_size,
             self.written_per_s,
@@ -101,11 +116,17 @@ impl FanInReport {
         }
         let _ = write!(
             s,
-            " loadgen_cpu_pct={:.1} publishers_closed={} subscriber_closed={} unexpected={}",
+            " loadgen_cpu_pct={:.1} publishers_closed={} subscriber_closed={} unexpected={} \
+             written_total={} acked_total={} delivered_total={} undelivered_total={} drain_s={:.1}",
             self.loadgen_cpu_percent,
             self.publishers_closed_by_broker,
             self.subscriber_closed_by_broker,
-            self.unexpected_messages
+            self.unexpected_messages,
+            self.written_total,
+            self.acked_total,
+            self.delivered_total,
+            self.undelivered_total,
+            self.drain_s,
         );
         s
     }
@@ -258,6 +279,8 @@ impl RetainedReport {
 pub struct IdleReport {
     pub connections: usize,
     pub tls: bool,
+    /// MQTT protocol level of the connections (4 or 5).
+    pub protocol: u8,
     pub connected: usize,
     pub failed: usize,
     /// The first failure's message, if any failed.
@@ -280,11 +303,12 @@ impl IdleReport {
     pub fn summary(&self) -> String {
         let opt = |v: Option<u64>| v.map_or_else(|| "none".to_owned(), |v| v.to_string());
         format!(
-            "idle connections={} tls={} connected={} failed={} connect_s={:.2} settle_s={:.1} \
-             rss_before_kib={} rss_after_kib={} kib_per_connection={} loadgen_rss_kib={} \
-             closed_by_broker={}",
+            "idle connections={} tls={} protocol={} connected={} failed={} connect_s={:.2} \
+             settle_s={:.1} rss_before_kib={} rss_after_kib={} kib_per_connection={} \
+             loadgen_rss_kib={} closed_by_broker={}",
             self.connections,
             self.tls,
+            self.protocol,
             self.connected,
             self.failed,
             self.connect_s,

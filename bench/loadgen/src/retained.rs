@@ -25,7 +25,7 @@ use crate::cli::{Common, RetainedSubscribe};
 use crate::client::{self, Client, Targets};
 use crate::dedicated;
 use crate::filters::{self, FilterPlan};
-use crate::mqtt;
+use crate::mqtt::{self, Protocol};
 use crate::procfs::clock_ticks_per_second;
 use crate::report::{Latency, RetainedReport, SubscribeEnd};
 use crate::window::{self, Meter};
@@ -43,7 +43,12 @@ pub async fn run(common: &Common, args: &RetainedSubscribe) -> Result<RetainedRe
     let meter = Meter::new(common.broker_pid, clock_ticks_per_second());
     let run_id = std::process::id();
     let plan = filters::plan(args.retained, args.filters, args.wildcard_share);
-    let subscribe_packet = mqtt::subscribe(1, plan.filters.iter().map(String::as_str));
+    let subscribe_packet = mqtt::subscribe(
+        Protocol::V311,
+        1,
+        plan.filters.iter().map(String::as_str),
+        0,
+    );
 
     let rss_before_load = meter.broker_rss_kib();
     let load_s = load(common, args, &targets, run_id).await?;
@@ -55,6 +60,7 @@ pub async fn run(common: &Common, args: &RetainedSubscribe) -> Result<RetainedRe
     );
 
     let subscriber = client::connect(
+        Protocol::V311,
         targets.get(0),
         &format!("lg{run_id}-big-subscriber"),
         common.keepalive,
@@ -151,6 +157,7 @@ async fn load(
 ) -> Result<f64> {
     let sentinel_prefix = format!("loadgen/{run_id}/sentinel");
     let mut checker = client::connect(
+        Protocol::V311,
         targets.get(0),
         &format!("lg{run_id}-checker"),
         common.keepalive,
@@ -162,7 +169,7 @@ async fn load(
     .context("the sentinel checker")?;
     // Four levels: no filter of the big SUBSCRIBE (three levels) can match a sentinel.
     checker
-        .subscribe(&[&format!("{sentinel_prefix}/+")], common.step_timeout)
+        .subscribe(&[&format!("{sentinel_prefix}/+")], 0, common.step_timeout)
         .await?;
 
     let started = Instant::now();
@@ -179,17 +186,37 @@ async fn load(
             (payload.clone(), common.step_timeout, common.keepalive);
         let (retained, loaders_n) = (args.retained, args.loaders);
         loaders.spawn(async move {
-            let mut client =
-                client::connect(addr, &client_id, keep_alive_s, step, 64, None).await?;
+            let mut client = client::connect(
+                Protocol::V311,
+                addr,
+                &client_id,
+                keep_alive_s,
+                step,
+                64,
+                None,
+            )
+            .await?;
             let mut batch = Vec::with_capacity(LOAD_BATCH_BYTES + 256);
             for i in (c..retained).step_by(loaders_n) {
-                batch.extend(mqtt::publish(&filters::retained_topic(i), &payload, true));
+                batch.extend(mqtt::publish(
+                    Protocol::V311,
+                    &filters::retained_topic(i),
+                    &payload,
+                    None,
+                    true,
+                ));
                 if batch.len() >= LOAD_BATCH_BYTES {
                     client.writer.write_all(&batch).await?;
                     batch.clear();
                 }
             }
-            batch.extend(mqtt::publish(&sentinel, b"done", true));
+            batch.extend(mqtt::publish(
+                Protocol::V311,
+                &sentinel,
+                b"done",
+                None,
+                true,
+            ));
             client.writer.write_all(&batch).await?;
             anyhow::Ok(client)
         });
@@ -262,6 +289,7 @@ async fn subscribe_phase(
     let Client {
         mut reader,
         mut writer,
+        ..
     } = client;
     let deadline = started + args.timeout;
     let mut out = Outcome {
@@ -365,6 +393,7 @@ async fn start_bystander(
         let topic = format!("bystander/{run_id}");
         let setup = async {
             let mut c = client::connect(
+                Protocol::V311,
                 addr,
                 &format!("lg{run_id}-bystander"),
                 keep_alive_s,
@@ -373,7 +402,7 @@ async fn start_bystander(
                 None,
             )
             .await?;
-            c.subscribe(&[&topic], step).await?;
+            c.subscribe(&[&topic], 0, step).await?;
             anyhow::Ok(c)
         };
         let mut log = BystanderLog {
@@ -411,12 +440,13 @@ async fn round_trips(
     let Client {
         mut reader,
         mut writer,
+        ..
     } = client;
     for seq in 0u64.. {
         let payload = seq.to_be_bytes();
         let sent = Instant::now();
         if writer
-            .write_all(&mqtt::publish(topic, &payload, false))
+            .write_all(&mqtt::publish(Protocol::V311, topic, &payload, None, false))
             .await
             .is_err()
         {
