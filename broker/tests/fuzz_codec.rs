@@ -329,18 +329,7 @@ fn an_oversized_declaration_is_refused_before_its_body() {
             // Flags 0b0010 where MQTT 3.1.1 requires them (PUBREL, SUBSCRIBE, UNSUBSCRIBE).
             let flags = if matches!(kind, 6 | 8 | 10) { 2 } else { 0 };
             let mut header = vec![(kind << 4) | flags];
-            let mut rest = length;
-            loop {
-                let mut byte = (rest % 128) as u8;
-                rest /= 128;
-                if rest > 0 {
-                    byte |= 0x80;
-                }
-                header.push(byte);
-                if rest == 0 {
-                    break;
-                }
-            }
+            v5::varint(&mut header, length);
             let mut buf = BytesMut::from(&header[..]);
             prop_assert!(read_packet(&mut buf, MAX, &mut None).is_err());
             Ok(())

@@ -13,35 +13,10 @@ use broker::config::AuthConfig;
 use broker::event::ConnectionEvent;
 use broker::labels::AuthMethod;
 use ring::{digest, hmac, pbkdf2};
+use testkit::fuzz5::{packet, string, varint};
 use testkit::{temp_dir, ConnectOpts, RawClient, TestBroker, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn varint(out: &mut Vec<u8>, mut n: usize) {
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn string(out: &mut Vec<u8>, s: &[u8]) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s);
-}
-
-fn packet(byte1: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![byte1];
-    varint(&mut out, body.len());
-    out.extend_from_slice(body);
-    out
-}
 
 /// Authentication method and data properties.
 fn auth_properties(method: &str, data: &[u8]) -> Vec<u8> {

@@ -4,7 +4,8 @@
 
 use proptest::prelude::*;
 
-fn varint(out: &mut Vec<u8>, mut n: usize) {
+/// Appends a variable byte integer.
+pub fn varint(out: &mut Vec<u8>, mut n: usize) {
     loop {
         let mut byte = (n % 128) as u8;
         n /= 128;
@@ -18,13 +19,14 @@ fn varint(out: &mut Vec<u8>, mut n: usize) {
     }
 }
 
-fn string(out: &mut Vec<u8>, s: &[u8]) {
+/// Appends a two-byte length and `s`.
+pub fn string(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&(s.len() as u16).to_be_bytes());
     out.extend_from_slice(s);
 }
 
 /// A packet: fixed header byte, then the body with its remaining length.
-fn packet(byte1: u8, body: &[u8]) -> Vec<u8> {
+pub fn packet(byte1: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![byte1];
     varint(&mut out, body.len());
     out.extend_from_slice(body);
