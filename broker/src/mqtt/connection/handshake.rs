@@ -135,8 +135,8 @@ pub async fn handshake<S: Transport>(
             // An MQTT 5 CONNECT that got as far as its level is told what is wrong.
             if io.protocol == Some(Protocol::V5) {
                 let code = match error.reason_code() {
-                    crate::mqtt::packet::reason::PACKET_TOO_LARGE => ConnackCode::PacketTooLarge,
-                    crate::mqtt::packet::reason::PROTOCOL_ERROR => ConnackCode::ProtocolError,
+                    reason::PACKET_TOO_LARGE => ConnackCode::PacketTooLarge,
+                    reason::PROTOCOL_ERROR => ConnackCode::ProtocolError,
                     _ => ConnackCode::MalformedPacket,
                 };
                 io.refuse(code, None).await;
