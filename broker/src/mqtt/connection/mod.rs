@@ -147,7 +147,9 @@ async fn close(
     let mut delayed = None;
     if reason != DisconnectReason::BrokerShutdown {
         if let Some(will) = extras.will {
-            if will.delay > 0 && reason != DisconnectReason::Takeover {
+            // A takeover is a new connection to the session: a delayed will waits like any
+            // other, and the new connection cancels it (MQTT 5 section 3.1.2.5).
+            if will.delay > 0 {
                 delayed = Some(will);
             } else {
                 publish_will(broker, will);
