@@ -61,6 +61,8 @@ pub struct Config {
     pub node: NodeConfig,
     /// The HTTP listener (REST API, /metrics, health).
     pub http: HttpConfig,
+    /// Durable broker state: retained messages and persistent sessions.
+    pub persistence: PersistenceConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
     /// Logging.
@@ -831,6 +833,59 @@ impl Default for HttpConfig {
     }
 }
 
+/// How durable the broker's state is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PersistenceMode {
+    /// An acknowledgement (PUBACK, PUBREC, PUBCOMP, SUBACK, UNSUBACK) waits until what it
+    /// promises is on disk (fsync): a crash loses nothing acknowledged.
+    #[default]
+    Sync,
+    /// Written as it comes, made durable every `persistence.sync_interval`: a crash of the
+    /// machine (not of the broker alone) loses up to that interval; acknowledgements never wait.
+    Interval,
+    /// Kept in memory only: a restart forgets retained messages and persistent sessions.
+    Off,
+}
+
+/// Durable broker state: retained messages and persistent sessions (subscriptions, queued
+/// and in-flight messages) kept on disk across restarts and crashes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PersistenceConfig {
+    /// "sync", "interval" or "off".
+    pub mode: PersistenceMode,
+    /// The directory of the state (created at first start; one broker at a time).
+    pub dir: PathBuf,
+    /// Sync mode: fsyncs are at least this far apart, so that under load each one commits
+    /// the records of many connections (0 = as soon as the previous one is done).
+    #[serde(with = "humantime_serde")]
+    pub commit_window: Duration,
+    /// Interval mode: how often what was written is made durable.
+    #[serde(with = "humantime_serde")]
+    pub sync_interval: Duration,
+    /// Bytes on disk (snapshot and logs) past which new state is refused until compaction
+    /// frees space: QoS 1/2 messages for persistent sessions and retained messages (0 = no
+    /// limit).
+    pub max_disk: u64,
+    /// A log is closed and a new one started once it holds this many bytes; compaction folds
+    /// closed logs into the snapshot once they outweigh it.
+    pub segment_bytes: u64,
+}
+
+impl Default for PersistenceConfig {
+    fn default() -> Self {
+        Self {
+            mode: PersistenceMode::Sync,
+            dir: PathBuf::from("data/state"),
+            commit_window: Duration::from_millis(2),
+            sync_interval: Duration::from_secs(1),
+            max_disk: 10 * 1024 * 1024 * 1024,
+            segment_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
 /// Graceful shutdown.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -1068,6 +1123,18 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
     ),
     ("http.metrics_public", Accepts::Bool),
     ("http.allow_anonymous", Accepts::Bool),
+    (
+        "persistence.mode",
+        Accepts::OneOf(&["sync", "interval", "off"]),
+    ),
+    ("persistence.dir", Accepts::Text("a directory path")),
+    ("persistence.commit_window", Accepts::Duration),
+    ("persistence.sync_interval", Accepts::Duration),
+    ("persistence.max_disk", Accepts::Whole(0, u64::MAX)),
+    (
+        "persistence.segment_bytes",
+        Accepts::Whole(1024 * 1024, 1024 * 1024 * 1024),
+    ),
     ("shutdown.grace_period", Accepts::Duration),
     ("log.format", Accepts::OneOf(&["pretty", "json"])),
     (
@@ -1544,6 +1611,7 @@ impl Config {
         self.validate_limits()?;
         self.validate_transports()?;
         self.validate_auth()?;
+        self.validate_persistence()?;
         if self.events.channel_capacity == 0 {
             return invalid("events.channel_capacity", "must be at least 1");
         }
@@ -1611,6 +1679,41 @@ impl Config {
     }
 
     /// The rate limits and flapping detection.
+    fn validate_persistence(&self) -> Result<(), ConfigError> {
+        let p = &self.persistence;
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_owned(),
+            })
+        };
+        if p.dir.as_os_str().is_empty() {
+            return invalid("persistence.dir", "must be a directory path");
+        }
+        if p.commit_window > Duration::from_secs(1) {
+            return invalid(
+                "persistence.commit_window",
+                "must be at most 1s (every acknowledgement may wait this long; a few ms is usual)",
+            );
+        }
+        if p.sync_interval.is_zero() || p.sync_interval > Duration::from_secs(3600) {
+            return invalid("persistence.sync_interval", "must be between 1ms and 1h");
+        }
+        if !(1024 * 1024..=1024 * 1024 * 1024).contains(&p.segment_bytes) {
+            return invalid(
+                "persistence.segment_bytes",
+                "must be between 1048576 (1 MiB) and 1073741824 (1 GiB)",
+            );
+        }
+        if p.max_disk != 0 && p.max_disk < 2 * p.segment_bytes {
+            return invalid(
+                "persistence.max_disk",
+                "must be 0 (no limit) or at least twice persistence.segment_bytes",
+            );
+        }
+        Ok(())
+    }
+
     fn validate_limits(&self) -> Result<(), ConfigError> {
         let m = &self.mqtt;
         let invalid = |key, message: &str| {

@@ -9,6 +9,9 @@
 //!   (Mosquitto-format password files, also written by `broker passwd`; JWTs; credentials in
 //!   the presence store, reached through a trait the store implements), checked off the
 //!   runtime, with a cache; what the credentials grant.
+//! - [`state`]: durable broker state (retained messages, persistent sessions and their
+//!   queues) behind a trait, and its embedded engine: an append-only log with group commit
+//!   and background snapshots.
 //! - [`mqtt`]: the listeners (one accept loop each; transport handshakes in tasks of their
 //!   own), one task per connection (keep-alive, takeover), sessions, routing, the limits on
 //!   clients (accept and publish rates, connections per address, flapping bans); emits a
@@ -58,6 +61,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod presence;
 pub mod reload;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod transport;
@@ -110,6 +114,9 @@ pub enum Error {
     /// The presence journal could not be opened.
     #[error("presence journal (bridge.journal_path): {0}")]
     Journal(#[from] presence::journal::JournalError),
+    /// The broker state could not be opened or read.
+    #[error("broker state (persistence.dir): {0}")]
+    State(#[from] state::StateError),
 }
 
 /// Binds `addr` (the value of `key`) with a listen queue of `backlog` connections: what a
@@ -330,11 +337,11 @@ async fn serve<S: PresenceStore>(
         .await?;
         auth.attach_credentials(Arc::new(store::StoreCredentials(credentials)));
     }
-    let mqtt_broker = Arc::new(
-        mqtt::Broker::new(config.mqtt.clone(), events)
-            .with_auth(Arc::clone(&auth))
-            .with_acl(Arc::clone(&acl)),
-    );
+    let mut mqtt_broker = mqtt::Broker::new(config.mqtt.clone(), events)
+        .with_auth(Arc::clone(&auth))
+        .with_acl(Arc::clone(&acl));
+    let state_store = open_state(&config, &mut mqtt_broker).await?;
+    let mqtt_broker = Arc::new(mqtt_broker);
     let reloader = Arc::new(reloader(&config, tls, &auth, &mqtt_broker, &access));
     let state = http::AppState::new(
         api_store,
@@ -372,6 +379,13 @@ async fn serve<S: PresenceStore>(
     tracker.spawn(reload_on_hangup(reloader, shutdown.child_token()));
     let grace = config.shutdown.grace_period;
     mqtt::serve(endpoints, mqtt_broker, shutdown, grace).await;
+    // The connections are closed and their sessions left: what they left is made durable.
+    if let Some(store) = state_store {
+        let closed = tokio::task::spawn_blocking(move || store.close()).await;
+        if let Err(error) = closed {
+            tracing::error!(%error, "Closing the broker state failed.");
+        }
+    }
 
     // The connections have closed (or the grace period is over): the bridge drains what it
     // has, bounded by bridge.drain_timeout, and journals the rest. It bounds itself.
@@ -388,6 +402,52 @@ async fn serve<S: PresenceStore>(
     }
     tracing::info!("Broker stopped.");
     Ok(())
+}
+
+/// Opens the broker state (`persistence`), off the async runtime, and rebuilds the retained
+/// messages and persistent sessions it holds in `broker`. `None` when persistence is off.
+async fn open_state(
+    config: &Config,
+    broker: &mut mqtt::Broker,
+) -> Result<Option<Arc<dyn state::StateStore>>, Error> {
+    let persistence = config.persistence.clone();
+    let opened = tokio::task::spawn_blocking(move || state::open(&persistence))
+        .await
+        .map_err(|e| state::StateError::Io {
+            path: config.persistence.dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+    let Some((store, loaded)) = opened else {
+        tracing::info!("Persistence is off: retained messages and persistent sessions live in memory only.");
+        return Ok(None);
+    };
+    let started = std::time::Instant::now();
+    broker.set_state(Arc::clone(&store));
+    let restored = broker.restore(loaded.image);
+    let elapsed = loaded.elapsed + started.elapsed();
+    let m = metrics::metrics();
+    m.state_load_seconds.set(elapsed.as_secs_f64());
+    m.state_sessions_loaded.set(restored.sessions as i64);
+    m.state_messages_loaded.set(restored.messages as i64);
+    if loaded.truncated_bytes > 0 {
+        tracing::warn!(
+            bytes = loaded.truncated_bytes,
+            "The broker state's newest log ended in a torn write (a crash during a write that \
+             was never acknowledged); it was cut off."
+        );
+    }
+    tracing::info!(
+        dir = %config.persistence.dir.display(),
+        mode = ?config.persistence.mode,
+        sessions = restored.sessions,
+        queued_messages = restored.messages,
+        retained_messages = restored.retained,
+        expired_sessions = restored.expired,
+        read_bytes = loaded.read_bytes,
+        load_ms = elapsed.as_millis() as u64,
+        "Broker state loaded."
+    );
+    Ok(Some(store))
 }
 
 /// The files that SIGHUP and `POST /api/v1/admin/reload` re-read, in this order: the TLS

@@ -113,6 +113,29 @@ pub struct Metrics {
     /// MQTT 5 wills waiting for their will delay.
     pub wills_delayed: IntGauge,
     pub wills_published: IntCounter,
+    /// Bytes of broker state on disk (snapshot and logs).
+    pub state_disk_bytes: IntGauge,
+    /// fsyncs of the broker state's log.
+    pub state_fsyncs: IntCounter,
+    /// Duration of one fsync of the broker state's log.
+    pub state_fsync_seconds: Histogram,
+    /// Records per commit of the broker state's log (group commit).
+    pub state_commit_records: Histogram,
+    /// Failed writes, fsyncs and compactions of the broker state (each retried).
+    pub state_write_errors: IntCounter,
+    /// Compactions of the broker state (snapshots written).
+    pub state_compactions: IntCounter,
+    /// Duration of one compaction.
+    pub state_compaction_seconds: Histogram,
+    /// Seconds the last start took to read the broker state and rebuild sessions.
+    pub state_load_seconds: Gauge,
+    /// Persistent sessions restored at the last start.
+    pub state_sessions_loaded: IntGauge,
+    /// Queued messages restored at the last start.
+    pub state_messages_loaded: IntGauge,
+    /// QoS 1/2 PUBLISHes held back (3.1.1) or refused (MQTT 5: 0x97) because the broker state
+    /// is over `persistence.max_disk`.
+    pub state_disk_full: IntCounter,
     /// Accept attempts that failed because the process ran out of file descriptors.
     pub accept_fd_exhausted: IntCounter,
     /// Presence transitions received by the bridge, by kind (connected, disconnected).
@@ -593,6 +616,70 @@ impl Metrics {
                 "heartwire_wills_published_total",
                 "Last-will messages published after an abnormal close (or an MQTT 5 DISCONNECT \
                  0x04).",
+            ),
+            state_disk_bytes: gauge(
+                &r,
+                "heartwire_state_disk_bytes",
+                "Bytes of broker state on disk: snapshot and logs (persistence.dir).",
+            ),
+            state_fsyncs: counter(
+                &r,
+                "heartwire_state_fsyncs_total",
+                "fsyncs of the broker state's log; each commits the records of many connections.",
+            ),
+            state_fsync_seconds: histogram(
+                &r,
+                "heartwire_state_fsync_seconds",
+                "Duration of one fsync of the broker state's log.",
+                prometheus::exponential_buckets(0.000_05, 2.0, 16).expect("buckets"),
+            ),
+            state_commit_records: histogram(
+                &r,
+                "heartwire_state_commit_records",
+                "Records per commit (one write and one fsync) of the broker state's log.",
+                vec![
+                    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0, 20000.0,
+                ],
+            ),
+            state_write_errors: counter(
+                &r,
+                "heartwire_state_write_errors_total",
+                "Failed writes, fsyncs and compactions of the broker state; writes are retried \
+                 and the acknowledgements waiting for them wait.",
+            ),
+            state_compactions: counter(
+                &r,
+                "heartwire_state_compactions_total",
+                "Compactions of the broker state (closed logs folded into a new snapshot).",
+            ),
+            state_compaction_seconds: histogram(
+                &r,
+                "heartwire_state_compaction_seconds",
+                "Duration of one compaction of the broker state (in the background).",
+                prometheus::exponential_buckets(0.001, 2.0, 16).expect("buckets"),
+            ),
+            state_load_seconds: float_gauge(
+                &r,
+                "heartwire_state_load_seconds",
+                "Seconds the last start took to read the broker state and rebuild its sessions, \
+                 subscriptions and retained messages.",
+            ),
+            state_sessions_loaded: gauge(
+                &r,
+                "heartwire_state_sessions_loaded",
+                "Persistent sessions restored from the broker state at the last start.",
+            ),
+            state_messages_loaded: gauge(
+                &r,
+                "heartwire_state_messages_loaded",
+                "Queued messages restored from the broker state at the last start.",
+            ),
+            state_disk_full: counter(
+                &r,
+                "heartwire_state_disk_full_total",
+                "QoS 1/2 PUBLISHes held back (MQTT 3.1.1: no PUBACK until space is freed) or \
+                 refused (MQTT 5: PUBACK 0x97) because the broker state is over \
+                 persistence.max_disk.",
             ),
             accept_fd_exhausted: counter(
                 &r,

@@ -86,6 +86,7 @@ impl BrokerProcess {
                 format!("sqlite://{}", dir.join("broker.db").display()),
             )
             .env("BROKER_BRIDGE__JOURNAL_PATH", dir.join("presence.journal"))
+            .env("BROKER_PERSISTENCE__DIR", dir.join("state"))
             .env("BROKER_BRIDGE__BATCH_INTERVAL", "20ms")
             .env("BROKER_NODE__ID", NODE)
             .env("BROKER_NODE__HEARTBEAT_INTERVAL", "200ms")

@@ -59,6 +59,7 @@ impl FullBroker {
         let mut config = Config::default();
         config.database.url = database_url.to_owned();
         config.bridge.journal_path = data.as_ref().join("presence.journal");
+        config.persistence.dir = data.as_ref().join("state");
         config.bridge.batch_interval = Duration::from_millis(20);
         config.bridge.retry_backoff_max = Duration::from_millis(500);
         config.node.id = node_id.to_owned();

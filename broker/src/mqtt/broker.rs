@@ -1,15 +1,17 @@
 //! [`Broker`]: what every connection task shares — settings, the router, the session table,
 //! the event sender, the broker-wide budgets and the signals connections wait on.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 
 use super::budget::ByteBudget;
 use super::limits::{AddressCounts, Flapping};
+use super::message::{unix_ms, Delivery, Message, SubOptions};
 use super::router::Router;
-use super::session::{Cleared, Session};
+use super::session::{self, Cleared, RestoredMessage, Session};
 use super::sessions::{Detached, ExpiryQueue, LiveSessions, SessionTable};
 use crate::auth::acl::{Acl, AclError, ClientAcl};
 use crate::auth::Auth;
@@ -17,6 +19,7 @@ use crate::config::MqttConfig;
 use crate::event::{ConnectionEvent, EventSender, SessionId};
 use crate::labels::{AclDenial, AuthMethod, DisconnectReason};
 use crate::metrics::metrics;
+use crate::state::{Image, Record, StateStore};
 
 /// What an ACL reload did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +30,21 @@ pub struct AclReload {
     pub sessions: usize,
     /// Subscriptions removed.
     pub revoked: usize,
+}
+
+/// What [`Broker::restore`] put back.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Persistent sessions.
+    pub sessions: usize,
+    /// Messages queued for them (in flight included).
+    pub messages: usize,
+    /// Retained messages.
+    pub retained: usize,
+    /// Sessions whose expiry passed while the broker was down (ended now).
+    pub expired: usize,
+    /// Each restored session's client id and when it expires unless its client connects.
+    pub held: Vec<(String, SystemTime)>,
 }
 
 /// The MQTT side's shared state.
@@ -92,6 +110,94 @@ impl Broker {
             addresses: AddressCounts::default(),
             flapping,
         }
+    }
+
+    /// Keeps retained messages and persistent sessions durable in `store` from now on.
+    pub fn set_state(&mut self, store: Arc<dyn StateStore>) {
+        self.router.set_store(store);
+    }
+
+    /// Rebuilds what the durable state held: retained messages, and persistent sessions
+    /// (their subscriptions in the router, their queues, their expiry scheduled from when
+    /// their client left, or from now when the broker stopped while it was connected). A
+    /// session whose expiry passed while the broker was down ends now. Call before serving.
+    pub fn restore(&self, image: Image) -> Restored {
+        let mut restored = Restored {
+            retained: image.retained.len(),
+            ..Restored::default()
+        };
+        for (_, stored) in image.retained {
+            self.router
+                .restore_retained(&Arc::new(Message::from_stored(stored)));
+        }
+        let messages: HashMap<u64, Arc<Message>> = image
+            .messages
+            .into_iter()
+            .map(|(id, (m, _))| (id, Arc::new(Message::from_stored(m))))
+            .collect();
+        let now = SystemTime::now();
+        let now_ms = unix_ms(now);
+        let limits = self.router.limits();
+        for (key, stored) in image.sessions {
+            self.sessions.reserve_keys(key);
+            let interval = stored.expiry.map_or(self.config.persistent_session_expiry, |s| {
+                Duration::from_secs(u64::from(s))
+            });
+            let left_ms = if stored.left_at_ms == 0 {
+                now_ms
+            } else {
+                stored.left_at_ms
+            };
+            let ends_ms = left_ms.saturating_add(interval.as_millis() as u64);
+            if ends_ms <= now_ms {
+                if let Some(store) = self.router.store() {
+                    store.append(Record::SessionEnd { key });
+                }
+                restored.expired += 1;
+                continue;
+            }
+            let session = self.sessions.restore(&stored.client_id, key);
+            let queue: Vec<RestoredMessage> = stored
+                .queue
+                .into_iter()
+                .filter_map(|q| {
+                    Some(RestoredMessage {
+                        message: Arc::clone(messages.get(&q.id)?),
+                        delivery: Delivery::from_stored(q.delivery),
+                        id: q.id,
+                        pkid: q.pkid,
+                        released: q.released,
+                    })
+                })
+                .collect();
+            restored.messages += queue.len();
+            let subscriptions: Vec<(Box<str>, SubOptions)> = stored
+                .subscriptions
+                .into_iter()
+                .map(|(f, o)| (f, SubOptions::from_stored(o)))
+                .collect();
+            self.router.subscribe_checked(
+                &session,
+                subscriptions.iter().map(|(f, o)| (&**f, *o, false)),
+            );
+            session.state().restore(
+                session::Restored {
+                    subscriptions,
+                    queue,
+                    incoming_qos2: stored.incoming_qos2,
+                    expiry: stored.expiry.map(|s| Duration::from_secs(u64::from(s))),
+                },
+                limits,
+            );
+            let left = Duration::from_millis(ends_ms - now_ms);
+            self.expiring
+                .schedule(&session, 1, tokio::time::Instant::now() + left);
+            restored.sessions += 1;
+            restored
+                .held
+                .push((stored.client_id.into(), now + left));
+        }
+        restored
     }
 
     /// The same, checking credentials with `auth`.

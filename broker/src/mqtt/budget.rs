@@ -38,6 +38,13 @@ impl ByteBudget {
         reserved
     }
 
+    /// Reserves `bytes` even past the limit: for state restored at start, which was accepted
+    /// under the limit of its time.
+    pub fn force_reserve(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+        self.gauge.add(bytes as i64);
+    }
+
     /// Gives back `bytes` reserved earlier.
     pub fn release(&self, bytes: usize) {
         if bytes == 0 {

@@ -7,6 +7,7 @@ use rumqttc::mqttbytes::QoS;
 use tokio::time::Instant;
 
 use super::packet;
+use crate::state::{StoredDelivery, StoredMessage, StoredOptions, StoredProperties};
 
 /// A message as routed: shared by every subscriber it goes to.
 #[derive(Debug)]
@@ -54,6 +55,28 @@ impl SubOptions {
     }
 }
 
+impl SubOptions {
+    /// The options as the durable state keeps them.
+    pub fn to_stored(self) -> StoredOptions {
+        StoredOptions {
+            qos: self.qos as u8,
+            no_local: self.no_local,
+            retain_as_published: self.retain_as_published,
+            id: self.id,
+        }
+    }
+
+    /// Options read back from the durable state.
+    pub fn from_stored(o: StoredOptions) -> Self {
+        Self {
+            qos: qos(o.qos),
+            no_local: o.no_local,
+            retain_as_published: o.retain_as_published,
+            id: o.id,
+        }
+    }
+}
+
 /// How a routed message goes to one session: the highest QoS among its matching
 /// subscriptions, its retain flag, and their subscription identifiers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +101,28 @@ impl Delivery {
             retain: false,
             ids: None,
             shared: None,
+        }
+    }
+}
+
+impl Delivery {
+    /// The delivery as the durable state keeps it.
+    pub fn to_stored(&self) -> StoredDelivery {
+        StoredDelivery {
+            qos: self.qos as u8,
+            retain: self.retain,
+            ids: self.ids.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// A delivery read back from the durable state.
+    pub fn from_stored(d: StoredDelivery) -> Self {
+        Self {
+            qos: qos(d.qos),
+            retain: d.retain,
+            ids: d.ids,
+            shared: d.shared,
         }
     }
 }
@@ -148,6 +193,63 @@ impl Message {
         let at = self.properties.as_ref()?.expires_at?;
         let left = at.saturating_duration_since(now);
         Some(u32::try_from(left.as_millis().div_ceil(1000)).unwrap_or(u32::MAX))
+    }
+}
+
+impl Message {
+    /// The message as the durable state keeps it (its expiry as a wall-clock time).
+    pub fn to_stored(&self) -> StoredMessage {
+        StoredMessage {
+            topic: self.topic.clone(),
+            payload: self.payload.clone(),
+            qos: self.qos as u8,
+            retain: self.retain,
+            properties: self.properties.as_ref().map(|p| StoredProperties {
+                expires_at_ms: p.expires_at.map_or(0, |at| {
+                    let left = at.saturating_duration_since(Instant::now());
+                    unix_ms(std::time::SystemTime::now() + left).max(1)
+                }),
+                forwarded: p.forwarded.clone(),
+            }),
+        }
+    }
+
+    /// A message read back from the durable state.
+    pub fn from_stored(stored: StoredMessage) -> Self {
+        let properties = stored.properties.map(|p| {
+            let now_ms = unix_ms(std::time::SystemTime::now());
+            Box::new(Properties {
+                expires_at: (p.expires_at_ms != 0).then(|| {
+                    Instant::now()
+                        + std::time::Duration::from_millis(p.expires_at_ms.saturating_sub(now_ms))
+                }),
+                forwarded: p.forwarded,
+            })
+        });
+        Self {
+            topic: stored.topic,
+            payload: stored.payload,
+            qos: qos(stored.qos),
+            retain: stored.retain,
+            properties,
+            origin: 0,
+            origin_hash: 0,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The QoS of a stored level (0, 1 or 2; anything else is read as 2).
+pub fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
     }
 }
 

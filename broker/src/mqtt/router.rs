@@ -16,6 +16,7 @@ use super::session::{QueueLimits, Session};
 use crate::config::{MqttConfig, SharedStrategy};
 use crate::labels::{AclDenial, DropReason};
 use crate::metrics::metrics;
+use crate::state::{Record, StateStore, Ticket};
 use crate::telemetry::LogLimiter;
 
 /// One level of the subscription trie.
@@ -251,6 +252,35 @@ pub fn unshared(filter: &str) -> &str {
     shared(filter).map_or(filter, |(_, f)| f)
 }
 
+/// How hard [`Router::route`] tries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Not while a subscriber holds publishers back, nor over the disk budget.
+    Try,
+    /// Regardless of subscribers, not over the disk budget.
+    Force,
+    /// Regardless of both.
+    Always,
+}
+
+/// A message [`Router::try_publish`] did not route; it comes back to the caller.
+#[derive(Debug)]
+pub enum NotRouted {
+    /// A matching subscriber's queue is congested: try again when one drains.
+    HeldBack(Arc<Message>),
+    /// It would add to the durable state, which is over `persistence.max_disk`.
+    DiskFull(Arc<Message>),
+}
+
+impl NotRouted {
+    /// The message.
+    pub fn into_message(self) -> Arc<Message> {
+        match self {
+            NotRouted::HeldBack(m) | NotRouted::DiskFull(m) => m,
+        }
+    }
+}
+
 /// Subscriptions and retained messages of the whole broker.
 pub struct Router {
     subscriptions: RwLock<Node>,
@@ -278,6 +308,7 @@ impl Router {
                     config.max_queued_bytes_total,
                     metrics().queued_bytes.clone(),
                 ),
+                store: None,
             },
             strategy: config.shared_subscription_strategy,
         }
@@ -286,6 +317,16 @@ impl Router {
     /// The bounds of every session's queue.
     pub fn limits(&self) -> &QueueLimits {
         &self.limits
+    }
+
+    /// Makes persistent sessions and retained messages durable in `store`.
+    pub fn set_store(&mut self, store: Arc<dyn StateStore>) {
+        self.limits.store = Some(store);
+    }
+
+    /// The durable state, when persistence is on.
+    pub fn store(&self) -> Option<&Arc<dyn StateStore>> {
+        self.limits.store.as_ref()
     }
 
     /// Adds or updates subscriptions of `session`, under one lock. The filters must be valid.
@@ -373,10 +414,17 @@ impl Router {
         }
     }
 
-    /// Routes a message whatever the state of the subscribers' queues (wills, and publishers
-    /// that have waited long enough): see [`Router::try_publish`].
-    pub fn publish(&self, message: Arc<Message>) {
-        let _ = self.route(message, true);
+    /// Routes a message whatever the state of the subscribers' queues and of the durable
+    /// state's disk budget (wills, and a message received whole from a connection that ends):
+    /// see [`Router::try_publish`].
+    pub fn publish(&self, message: Arc<Message>) -> Option<Ticket> {
+        self.route(message, Route::Always).ok().flatten()
+    }
+
+    /// Routes a message whatever the state of the subscribers' queues (a publisher that has
+    /// waited long enough), unless the durable state is over its disk budget.
+    pub fn force_publish(&self, message: Arc<Message>) -> Result<Option<Ticket>, NotRouted> {
+        self.route(message, Route::Force)
     }
 
     /// Routes a message: updates the retained store when the retain flag is set, then queues it
@@ -384,11 +432,16 @@ impl Router {
     /// holds publishers back (its queue is congested while its writer could drain it), nothing
     /// is routed and the message comes back: the caller stops reading from its client and tries
     /// again when a session drains (TCP back-pressure instead of drops).
-    pub fn try_publish(&self, message: Arc<Message>) -> Result<(), Arc<Message>> {
-        self.route(message, false)
+    ///
+    /// A message that would add to the durable state (a retained message, or a QoS 1/2
+    /// message for a persistent session) while it is over `persistence.max_disk` is refused
+    /// likewise ([`NotRouted::DiskFull`]). Otherwise returns the ticket the publisher's
+    /// acknowledgement waits for, when it must wait for what routing stored.
+    pub fn try_publish(&self, message: Arc<Message>) -> Result<Option<Ticket>, NotRouted> {
+        self.route(message, Route::Try)
     }
 
-    fn route(&self, message: Arc<Message>, force: bool) -> Result<(), Arc<Message>> {
+    fn route(&self, message: Arc<Message>, how: Route) -> Result<Option<Ticket>, NotRouted> {
         let targets: Vec<(Arc<Session>, Delivery, bool)> = {
             let root = self.subscriptions.read().unwrap_or_else(|e| e.into_inner());
             let levels: Vec<&str> = message.topic.split('/').collect();
@@ -401,8 +454,18 @@ impl Router {
             };
             let mut out = HashMap::new();
             root.collect(&matching, 0, &mut out);
-            if !force && out.values().any(|t| t.session.holds_back_publishers()) {
-                return Err(message);
+            if how == Route::Try && out.values().any(|t| t.session.holds_back_publishers()) {
+                return Err(NotRouted::HeldBack(message));
+            }
+            if how != Route::Always && self.over_budget() {
+                let stores = (message.retain && !message.payload.is_empty())
+                    || (message.qos != QoS::AtMostOnce
+                        && out.values().any(|t| {
+                            t.qos != QoS::AtMostOnce && t.session.state().persistent
+                        }));
+                if stores {
+                    return Err(NotRouted::DiskFull(message));
+                }
             }
             out.into_values()
                 .map(|t| {
@@ -417,25 +480,51 @@ impl Router {
                 .collect()
         };
         metrics().messages_published.inc();
+        let mut ticket = None;
         if message.retain {
-            self.retain(&message);
+            ticket = self.retain(&message);
         }
+        // The message's body in the durable state, written with its first stored delivery.
+        let mut stored = 0;
         for (session, delivery, checked) in targets {
             if checked && !session.may_read(&message.topic) {
                 metrics().acl_denied.inc(AclDenial::Delivery);
                 continue;
             }
-            if let Err(reason) = session.enqueue(Arc::clone(&message), delivery, &self.limits) {
-                metrics().messages_dropped.inc(reason);
-                tracing::debug!(
-                    client_id = &*session.client_id,
-                    topic = &*message.topic,
-                    reason = reason.as_str(),
-                    "Message dropped for subscriber."
-                );
+            match session.enqueue(Arc::clone(&message), delivery, &self.limits, &mut stored) {
+                Ok(t) => ticket = ticket.max(t),
+                Err(reason) => {
+                    metrics().messages_dropped.inc(reason);
+                    tracing::debug!(
+                        client_id = &*session.client_id,
+                        topic = &*message.topic,
+                        reason = reason.as_str(),
+                        "Message dropped for subscriber."
+                    );
+                }
             }
         }
-        Ok(())
+        Ok(ticket)
+    }
+
+    /// Puts back a retained message read from the durable state (not recorded again).
+    pub fn restore_retained(&self, message: &Arc<Message>) {
+        let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
+        let (change, result) = retained.set(message);
+        drop(retained);
+        metrics().retained_messages.add(change.count as i64);
+        metrics().retained_bytes.add(change.bytes as i64);
+        if let Err(refusal) = result {
+            metrics().retained_refused.inc(refusal);
+        }
+    }
+
+    /// Whether the durable state refuses new state (over `persistence.max_disk`).
+    pub fn over_budget(&self) -> bool {
+        self.limits
+            .store
+            .as_ref()
+            .is_some_and(|store| store.over_budget())
     }
 
     /// Gives a message that came through the shared subscription `key` (`$share/{group}/
@@ -461,20 +550,34 @@ impl Router {
             })
         };
         let result = match target {
-            Some((session, delivery)) => session.enqueue(message, delivery, &self.limits),
+            Some((session, delivery)) => {
+                session.enqueue(message, delivery, &self.limits, &mut 0)
+            }
             None => Err(DropReason::SessionEnded),
         };
         match result {
-            Ok(()) => metrics().shared_redeliveries.inc(),
+            Ok(_) => metrics().shared_redeliveries.inc(),
             Err(reason) => metrics().messages_dropped.inc(reason),
         }
     }
 
-    fn retain(&self, message: &Arc<Message>) {
-        let (change, result, held) = {
+    /// Sets (or clears) the retained message of `message`'s topic, durably when persistence
+    /// is on: returns the ticket the publisher's acknowledgement waits for.
+    fn retain(&self, message: &Arc<Message>) -> Option<Ticket> {
+        let (change, result, held, ticket) = {
             let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
             let (change, result) = retained.set(message);
-            (change, result, (retained.len(), retained.bytes()))
+            // Appended under the lock, so that the stored order is the order of the sets.
+            let ticket = self.limits.store.as_ref().and_then(|store| {
+                let stored = (result.is_ok() && !message.payload.is_empty())
+                    .then(|| message.to_stored());
+                let ticket = store.append(Record::Retain {
+                    topic: message.topic.clone(),
+                    message: stored,
+                });
+                store.acks_wait().then_some(ticket)
+            });
+            (change, result, (retained.len(), retained.bytes()), ticket)
         };
         metrics().retained_messages.add(change.count as i64);
         metrics().retained_bytes.add(change.bytes as i64);
@@ -493,6 +596,7 @@ impl Router {
                 );
             }
         }
+        ticket
     }
 
     /// One step of a retained delivery: appends to `out` the next retained messages matching

@@ -23,6 +23,7 @@ use crate::auth::acl::{Access, ClientAcl, Subscription};
 use crate::event::SessionId;
 use crate::labels::{AuthMethod, DisconnectReason, DropReason, Label, PacketType};
 use crate::metrics::metrics;
+use crate::state::{Record, StateStore, Ticket};
 
 /// The bounds of every session's queue: per session in messages and bytes, and one byte budget
 /// for all sessions together.
@@ -34,6 +35,15 @@ pub struct QueueLimits {
     pub max_bytes: usize,
     /// `mqtt.max_queued_bytes_total`, shared by all sessions.
     pub total: ByteBudget,
+    /// Where persistent sessions' changes are made durable (`None`: `persistence.mode =
+    /// "off"`, everything in memory).
+    pub store: Option<Arc<dyn StateStore>>,
+}
+
+impl std::fmt::Debug for dyn StateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateStore")
+    }
 }
 
 /// One message waiting for a client.
@@ -51,6 +61,8 @@ struct Outgoing {
     ids: Option<Box<[u32]>>,
     /// The shared subscription it came through ([`Delivery::shared`]).
     shared: Option<Arc<str>>,
+    /// Its id in the durable state, 0 when it is not stored.
+    id: u64,
 }
 
 impl Outgoing {
@@ -92,6 +104,8 @@ pub struct SessionState {
     /// How often a connection of this persistent session has left: an expiry scheduled at one
     /// leave is void if the client came back (and maybe left again) since.
     pub leaves: u32,
+    /// The session's key in the durable state ([`Session::incarnation`]).
+    key: u64,
 
     /// Topic filters and their options (also held by the router, which matches them).
     subscriptions: HashMap<Box<str>, SubOptions>,
@@ -203,6 +217,36 @@ pub struct Cleared {
     /// Messages that came through a shared subscription (its filter) and that the client has
     /// not acknowledged, with their QoS: they go to another member of the group.
     pub orphans: Vec<(Arc<str>, Arc<Message>, QoS)>,
+    /// When the session was persistent: the ticket of its end in the durable state.
+    pub ticket: Option<Ticket>,
+}
+
+/// A persistent session as the durable state gave it back ([`SessionState::restore`]).
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Its subscriptions.
+    pub subscriptions: Vec<(Box<str>, SubOptions)>,
+    /// Its messages, oldest first.
+    pub queue: Vec<RestoredMessage>,
+    /// QoS 2 packet ids received and not released.
+    pub incoming_qos2: Vec<u16>,
+    /// Its MQTT 5 session expiry interval (`None`: 3.1.1).
+    pub expiry: Option<std::time::Duration>,
+}
+
+/// A message of a restored session's queue.
+#[derive(Debug)]
+pub struct RestoredMessage {
+    /// The message.
+    pub message: Arc<Message>,
+    /// How it goes to the session.
+    pub delivery: Delivery,
+    /// Its id in the durable state.
+    pub id: u64,
+    /// The packet id it was sent with; 0 when not sent.
+    pub pkid: u16,
+    /// QoS 2: PUBREC received, only PUBREL goes again.
+    pub released: bool,
 }
 
 /// What [`SessionState::write_pending`] left behind.
@@ -222,6 +266,7 @@ impl SessionState {
     /// messages that came through shared subscriptions and were not acknowledged (for other
     /// members of their groups).
     pub fn clear(&mut self, limits: &QueueLimits) -> Cleared {
+        let ticket = self.journal(limits, |key| Record::SessionEnd { key });
         metrics().messages_queued.sub(self.pending.len() as i64);
         limits.total.release(self.queued_bytes);
         self.queued_bytes = 0;
@@ -241,6 +286,53 @@ impl SessionState {
                 .into_keys()
                 .collect(),
             orphans,
+            ticket,
+        }
+    }
+
+    /// Fills a new session with what the durable state held for it: it is persistent, its
+    /// client away. Nothing is recorded again (it is stored already).
+    pub fn restore(&mut self, restored: Restored, limits: &QueueLimits) {
+        if !self.persistent {
+            metrics().persistent_sessions.inc();
+        }
+        self.persistent = true;
+        self.online = false;
+        self.leaves = 1;
+        self.subscriptions.extend(restored.subscriptions);
+        for q in restored.queue {
+            let cost = q.message.size();
+            limits.total.force_reserve(cost);
+            self.queued_bytes += cost;
+            let out = Outgoing {
+                message: q.message,
+                qos: q.delivery.qos,
+                retain: q.delivery.retain,
+                stored: false,
+                ids: q.delivery.ids,
+                shared: q.delivery.shared,
+                id: q.id,
+            };
+            if q.pkid == 0 || out.qos == QoS::AtMostOnce {
+                self.pending.push_back(out);
+                metrics().messages_queued.inc();
+            } else {
+                self.last_pkid = self.last_pkid.max(q.pkid);
+                self.inflight.push_back(Inflight {
+                    pkid: q.pkid,
+                    out,
+                    stage: if q.released {
+                        Stage::Released
+                    } else {
+                        Stage::Published
+                    },
+                });
+            }
+        }
+        if restored.expiry.is_some() || !restored.incoming_qos2.is_empty() {
+            let extras = self.extras.get_or_insert_with(Box::default);
+            extras.expiry = restored.expiry;
+            extras.incoming_qos2 = restored.incoming_qos2;
         }
     }
 
@@ -294,19 +386,69 @@ impl SessionState {
         self.subscriptions.contains_key(filter)
     }
 
-    /// Records a subscription (replacing the options of an existing one).
-    pub fn add_subscription(&mut self, filter: &str, options: SubOptions) {
+    /// Records a subscription (replacing the options of an existing one). Returns the ticket
+    /// of its record in the durable state, when the SUBACK must wait for it.
+    pub fn add_subscription(
+        &mut self,
+        filter: &str,
+        options: SubOptions,
+        limits: &QueueLimits,
+    ) -> Option<Ticket> {
         match self.subscriptions.get_mut(filter) {
             Some(existing) => *existing = options,
             None => {
                 self.subscriptions.insert(filter.into(), options);
             }
         }
+        self.journal(limits, |key| Record::Subscribe {
+            key,
+            filter: filter.into(),
+            options: options.to_stored(),
+        })
     }
 
-    /// Forgets a subscription; false when there was none.
-    pub fn remove_subscription(&mut self, filter: &str) -> bool {
-        self.subscriptions.remove(filter).is_some()
+    /// Forgets a subscription; false when there was none. The ticket is that of its record
+    /// in the durable state, when the UNSUBACK must wait for it.
+    pub fn remove_subscription(
+        &mut self,
+        filter: &str,
+        limits: &QueueLimits,
+    ) -> (bool, Option<Ticket>) {
+        if self.subscriptions.remove(filter).is_none() {
+            return (false, None);
+        }
+        let ticket = self.journal(limits, |key| Record::Unsubscribe {
+            key,
+            filter: filter.into(),
+        });
+        (true, ticket)
+    }
+
+    /// Appends the record `record(key)` to the durable state if the session is persistent
+    /// and persistence is on. Returns its ticket when acknowledgements wait for durability.
+    fn journal(&self, limits: &QueueLimits, record: impl FnOnce(u64) -> Record) -> Option<Ticket> {
+        let store = limits.store.as_deref().filter(|_| self.persistent)?;
+        let ticket = store.append(record(self.key));
+        store.acks_wait().then_some(ticket)
+    }
+
+    /// Records in the durable state that the session is persistent (with its expiry), for
+    /// `client_id`; a session that is not persistent has nothing stored. Returns the ticket.
+    pub fn journal_session(&self, client_id: &str, limits: &QueueLimits) -> Option<Ticket> {
+        let expiry = self
+            .expiry()
+            .map(|e| u32::try_from(e.as_secs()).unwrap_or(u32::MAX));
+        self.journal(limits, |key| Record::Session {
+            key,
+            client_id: client_id.into(),
+            expiry,
+        })
+    }
+
+    /// Records in the durable state that the client left now (its expiry counts from here).
+    pub fn journal_left(&self, limits: &QueueLimits) {
+        let at_ms = super::message::unix_ms(std::time::SystemTime::now());
+        self.journal(limits, |key| Record::Left { key, at_ms });
     }
 
     /// Queues the retained deliveries of new subscriptions, after any still running. A filter
@@ -382,13 +524,13 @@ impl SessionState {
 
     /// Records a received QoS 2 packet id; false when it was already recorded (a redelivery that
     /// must not be routed again).
-    pub fn receive_qos2(&mut self, pkid: u16) -> bool {
+    pub fn receive_qos2(&mut self, pkid: u16, limits: &QueueLimits) -> (bool, Option<Ticket>) {
         let received = &mut self.extras.get_or_insert_with(Box::default).incoming_qos2;
         if received.contains(&pkid) {
-            return false;
+            return (false, None);
         }
         received.push(pkid);
-        true
+        (true, self.journal(limits, |key| Record::Received { key, pkid }))
     }
 
     /// QoS 2 messages received and not yet released.
@@ -396,16 +538,20 @@ impl SessionState {
         self.extras.as_ref().map_or(0, |e| e.incoming_qos2.len())
     }
 
-    /// Forgets a received QoS 2 packet id (PUBREL); false when it was not recorded.
-    pub fn release_qos2(&mut self, pkid: u16) -> bool {
+    /// Forgets a received QoS 2 packet id (PUBREL); false when it was not recorded. The
+    /// ticket is that of its record in the durable state, when the PUBCOMP must wait for it.
+    pub fn release_qos2(&mut self, pkid: u16, limits: &QueueLimits) -> (bool, Option<Ticket>) {
         let Some(extras) = &mut self.extras else {
-            return false;
+            return (false, None);
         };
         let before = extras.incoming_qos2.len();
         extras.incoming_qos2.retain(|p| *p != pkid);
         let found = extras.incoming_qos2.len() < before;
         self.trim_extras();
-        found
+        if !found {
+            return (false, None);
+        }
+        (true, self.journal(limits, |key| Record::Completed { key, pkid }))
     }
 
     /// What the client accepts of the PUBLISHes sent to it.
@@ -463,10 +609,19 @@ impl SessionState {
     /// Sets the session expiry interval: `Some` for MQTT 5 (at CONNECT; a DISCONNECT may
     /// change it), `None` for 3.1.1 with `persistent` from clean session. The session becomes
     /// persistent, or stops being so, with it.
-    pub fn set_expiry(&mut self, persistent: bool, expiry: Option<std::time::Duration>) {
+    pub fn set_expiry(
+        &mut self,
+        persistent: bool,
+        expiry: Option<std::time::Duration>,
+        limits: &QueueLimits,
+    ) {
         match (self.persistent, persistent) {
             (false, true) => metrics().persistent_sessions.inc(),
-            (true, false) => metrics().persistent_sessions.dec(),
+            (true, false) => {
+                metrics().persistent_sessions.dec();
+                // Its stored state ends now; it lives on in memory until the connection ends.
+                self.journal(limits, |key| Record::SessionEnd { key });
+            }
             _ => {}
         }
         self.persistent = persistent;
@@ -484,18 +639,19 @@ impl SessionState {
     }
 
     /// PUBREC: the QoS 2 message is received; the caller sends PUBREL.
-    pub fn pubrec(&mut self, pkid: u16) -> bool {
-        match self
+    pub fn pubrec(&mut self, pkid: u16, limits: &QueueLimits) -> bool {
+        let Some(f) = self
             .inflight
             .iter_mut()
             .find(|f| f.pkid == pkid && f.out.qos == QoS::ExactlyOnce)
-        {
-            Some(f) => {
-                f.stage = Stage::Released;
-                true
-            }
-            None => false,
+        else {
+            return false;
+        };
+        f.stage = Stage::Released;
+        if f.out.id != 0 {
+            self.journal(limits, |key| Record::Released { key, pkid });
         }
+        true
     }
 
     /// PUBCOMP: the QoS 2 exchange is complete.
@@ -512,10 +668,19 @@ impl SessionState {
             Some(i) => {
                 if let Some(done) = self.inflight.remove(i) {
                     self.release(done.out.cost(), limits);
+                    self.journal_done(&done.out, limits);
                 }
                 true
             }
             None => false,
+        }
+    }
+
+    /// Records that a stored message left the session's queue (acknowledged or dropped).
+    fn journal_done(&self, out: &Outgoing, limits: &QueueLimits) {
+        if out.id != 0 {
+            let id = out.id;
+            self.journal(limits, |key| Record::Done { key, id });
         }
     }
 
@@ -601,6 +766,7 @@ impl SessionState {
                 stored: true,
                 ids: (cursor.id != 0).then(|| Box::from([cursor.id])),
                 shared: None,
+                id: 0,
             };
             self.write(buf, out, limits);
         }
@@ -625,6 +791,7 @@ impl SessionState {
         if let Some(reason) = drop {
             metrics().messages_dropped.inc(reason);
             self.release(out.cost(), limits);
+            self.journal_done(&out, limits);
             return false;
         }
         if peer.protocol == Protocol::V5 && peer.topic_alias_maximum > 0 {
@@ -645,6 +812,10 @@ impl SessionState {
         if out.qos == QoS::AtMostOnce {
             self.release(out.cost(), limits);
         } else {
+            if out.id != 0 {
+                let id = out.id;
+                self.journal(limits, |key| Record::Sent { key, id, pkid });
+            }
             self.inflight.push_back(Inflight {
                 pkid,
                 out,
@@ -776,7 +947,10 @@ impl Session {
         Self {
             client_id,
             incarnation,
-            state: Mutex::new(SessionState::default()),
+            state: Mutex::new(SessionState {
+                key: incarnation,
+                ..SessionState::default()
+            }),
             signals: AtomicU8::new(0),
             flow: AtomicU8::new(OFFLINE),
             client_behind_since: AtomicU32::new(0),
@@ -897,15 +1071,19 @@ impl Session {
         acl.is_none_or(|acl| acl.allows(Access::Read, topic))
     }
 
-    /// Queues a message for the client and wakes its connection.
+    /// Queues a message for the client and wakes its connection. A QoS 1/2 message for a
+    /// persistent session is made durable: its body once per routing (`stored` holds its id
+    /// once written, 0 before), then its place in this session's queue. Returns the ticket of
+    /// that when the publisher's acknowledgement must wait for it.
     pub fn enqueue(
         &self,
         message: Arc<Message>,
         delivery: Delivery,
         limits: &QueueLimits,
-    ) -> Result<(), DropReason> {
+        stored: &mut u64,
+    ) -> Result<Option<Ticket>, DropReason> {
         let qos = delivery.qos;
-        {
+        let ticket = {
             let mut st = self.state();
             if st.ended {
                 return Err(DropReason::SessionEnded);
@@ -942,6 +1120,25 @@ impl Session {
                 return Err(reason);
             }
             st.queued_bytes += cost;
+            let mut id = 0;
+            let mut ticket = None;
+            if let Some(store) = limits.store.as_deref().filter(|_| st.persistent) {
+                if qos != QoS::AtMostOnce {
+                    if *stored == 0 {
+                        *stored = store.next_message_id();
+                        store.append(Record::Message {
+                            id: *stored,
+                            message: message.to_stored(),
+                        });
+                    }
+                    id = *stored;
+                    ticket = st.journal(limits, |key| Record::Enqueue {
+                        key,
+                        id,
+                        delivery: delivery.to_stored(),
+                    });
+                }
+            }
             st.pending.push_back(Outgoing {
                 message,
                 qos,
@@ -949,16 +1146,18 @@ impl Session {
                 stored: false,
                 ids: delivery.ids,
                 shared: delivery.shared,
+                id,
             });
             if st.pending.len() >= limits.max_messages / 2
                 || st.queued_bytes >= limits.max_bytes / 2
             {
                 self.flow.fetch_or(CONGESTED, Ordering::AcqRel);
             }
-        }
+            ticket
+        };
         metrics().messages_queued.inc();
         self.signal(QUEUED);
-        Ok(())
+        Ok(ticket)
     }
 }
 
@@ -1013,6 +1212,7 @@ mod tests {
             max_messages,
             max_bytes,
             total: ByteBudget::new(total, prometheus::IntGauge::new("q", "q").expect("gauge")),
+            store: None,
         }
     }
 
@@ -1027,7 +1227,7 @@ mod tests {
         let l = limits(100, 1000, 1000);
         let s = online();
         for _ in 0..5 {
-            s.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l)
+            s.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l, &mut 0)
                 .expect("room");
         }
         let mut st = s.state();
@@ -1057,7 +1257,7 @@ mod tests {
     fn qos2_stages() {
         let l = limits(100, 1000, 1000);
         let s = online();
-        s.enqueue(msg(QoS::ExactlyOnce), Delivery::qos(QoS::ExactlyOnce), &l)
+        s.enqueue(msg(QoS::ExactlyOnce), Delivery::qos(QoS::ExactlyOnce), &l, &mut 0)
             .expect("room");
         let mut st = s.state();
         let mut buf = BytesMut::new();
@@ -1066,7 +1266,7 @@ mod tests {
             !st.pubcomp(1, &l),
             "PUBCOMP before PUBREC does not complete"
         );
-        assert!(st.pubrec(1));
+        assert!(st.pubrec(1, &l));
         assert!(st.pubcomp(1, &l));
         assert!(!st.has_messages());
         assert_eq!(l.total.used(), 0);
@@ -1077,15 +1277,15 @@ mod tests {
         let l = limits(3, 1000, 1000);
         let s = Session::new("c".into(), 1);
         assert_eq!(
-            s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l),
+            s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l, &mut 0),
             Err(DropReason::Qos0Offline)
         );
         for _ in 0..3 {
-            s.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l)
+            s.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l, &mut 0)
                 .expect("room");
         }
         assert_eq!(
-            s.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l),
+            s.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l, &mut 0),
             Err(DropReason::QueueFull)
         );
     }
@@ -1107,23 +1307,23 @@ mod tests {
         let (a, b, c) = (online(), online(), online());
         // One message bigger than the session's budget fits into an empty queue.
         assert_eq!(
-            a.enqueue(big(149), Delivery::qos(QoS::AtMostOnce), &l),
-            Ok(())
+            a.enqueue(big(149), Delivery::qos(QoS::AtMostOnce), &l, &mut 0),
+            Ok(None)
         );
         assert_eq!(
-            a.enqueue(big(1), Delivery::qos(QoS::AtMostOnce), &l),
+            a.enqueue(big(1), Delivery::qos(QoS::AtMostOnce), &l, &mut 0),
             Err(DropReason::QueueBytes)
         );
         assert_eq!(
-            b.enqueue(big(59), Delivery::qos(QoS::AtMostOnce), &l),
-            Ok(())
+            b.enqueue(big(59), Delivery::qos(QoS::AtMostOnce), &l, &mut 0),
+            Ok(None)
         );
         assert_eq!(
-            b.enqueue(big(39), Delivery::qos(QoS::AtMostOnce), &l),
-            Ok(())
+            b.enqueue(big(39), Delivery::qos(QoS::AtMostOnce), &l, &mut 0),
+            Ok(None)
         );
         assert_eq!(
-            c.enqueue(big(99), Delivery::qos(QoS::AtMostOnce), &l),
+            c.enqueue(big(99), Delivery::qos(QoS::AtMostOnce), &l, &mut 0),
             Err(DropReason::MemoryLimit)
         );
         // Writing a QoS 0 message gives its bytes back.
@@ -1131,8 +1331,8 @@ mod tests {
         a.state().write_pending(&mut buf, usize::MAX, 10, &l);
         assert_eq!(l.total.used(), 100);
         assert_eq!(
-            c.enqueue(big(99), Delivery::qos(QoS::AtMostOnce), &l),
-            Ok(())
+            c.enqueue(big(99), Delivery::qos(QoS::AtMostOnce), &l, &mut 0),
+            Ok(None)
         );
     }
 
@@ -1142,11 +1342,11 @@ mod tests {
         let s = online();
         assert!(!s.set_online(true));
         for _ in 0..3 {
-            s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l)
+            s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l, &mut 0)
                 .expect("room");
         }
         assert!(!s.holds_back_publishers(), "below half the queue");
-        s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l)
+        s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l, &mut 0)
             .expect("room");
         assert!(s.holds_back_publishers(), "half the queue: congested");
         // Drained to a quarter: relieved, and waiting publishers are to be told.
@@ -1159,7 +1359,7 @@ mod tests {
         assert!(!s.holds_back_publishers());
         // Congested again while the client is behind: held back only for a grace period.
         for _ in 0..2 {
-            s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l)
+            s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l, &mut 0)
                 .expect("room");
         }
         s.client_behind();
@@ -1172,7 +1372,7 @@ mod tests {
         // Nobody holds back for a session whose client is away.
         let t = online();
         for _ in 0..4 {
-            t.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l)
+            t.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l, &mut 0)
                 .expect("room");
         }
         assert!(!t.holds_back_publishers(), "offline until attached");

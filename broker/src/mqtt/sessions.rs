@@ -13,6 +13,7 @@ use super::session::{Cleared, QueueLimits, Session};
 use crate::event::SessionId;
 use crate::labels::{AuthMethod, DisconnectReason};
 use crate::metrics::metrics;
+use crate::state::Ticket;
 
 /// Client id -> session.
 type Map = Mutex<HashMap<Arc<str>, Arc<Session>>>;
@@ -48,6 +49,9 @@ pub struct Attached {
     /// What a discarded previous session left: subscriptions to remove from the router, and
     /// shared subscriptions' messages for other members.
     pub dropped: Cleared,
+    /// The ticket of what the attach changed in the durable state (a persistent session
+    /// begun, a stored one discarded): the CONNACK waits for it.
+    pub ticket: Option<Ticket>,
 }
 
 /// The outcome of [`SessionTable::detach`].
@@ -100,6 +104,22 @@ impl SessionTable {
         session
     }
 
+    /// Puts back a persistent session of `client_id` read from the durable state, under its
+    /// stored `key` (later sessions get greater ones).
+    pub fn restore(&self, client_id: &str, key: u64) -> Arc<Session> {
+        self.incarnations.fetch_max(key, Ordering::Relaxed);
+        let client_id: Arc<str> = client_id.into();
+        let session = Arc::new(Session::new(Arc::clone(&client_id), key));
+        self.map().insert(client_id, Arc::clone(&session));
+        session
+    }
+
+    /// Makes sure no session created from now on gets a key up to `key` (one the durable state
+    /// used already).
+    pub fn reserve_keys(&self, key: u64) {
+        self.incarnations.fetch_max(key, Ordering::Relaxed);
+    }
+
     /// Makes a new connection the user of `session`.
     ///
     /// While another connection uses it, that one is asked to close (takeover) and
@@ -142,7 +162,10 @@ impl SessionTable {
         // always has a higher seq and a later (greater) session id.
         let session_id = SessionId::new();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        st.set_expiry(persistent, expiry);
+        st.set_expiry(persistent, expiry, limits);
+        let ticket = dropped
+            .ticket
+            .max(st.journal_session(&session.client_id, limits));
         st.connection = session_id;
         st.online = true;
         drop(st);
@@ -152,6 +175,7 @@ impl SessionTable {
             seq,
             session_present,
             dropped,
+            ticket,
         })
     }
 
@@ -172,6 +196,7 @@ impl SessionTable {
         }
         if st.persistent {
             st.leaves = st.leaves.wrapping_add(1);
+            st.journal_left(limits);
             return Detached::Kept {
                 leave: st.leaves,
                 expiry: st.expiry(),

@@ -2,6 +2,7 @@
 //! bounds, will topic), attaching to the session (taking it over from the connection that holds
 //! it), the Connected event and the CONNACK.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use super::io::{Io, ReadError, Transport};
+use super::packets::Deferred;
 use super::Hello;
 use crate::auth::acl::Access;
 use crate::auth::scram;
@@ -72,6 +74,9 @@ pub struct Extras {
     /// The reason code and reason string of the client's MQTT 5 DISCONNECT, for its
     /// Disconnected event.
     pub goodbye: Option<(u8, Option<String>)>,
+    /// Acknowledgements waiting for the durable state, in the order they were decided
+    /// ([`super::packets::reply`]).
+    pub acks: VecDeque<Deferred>,
 }
 
 impl Established {
@@ -545,6 +550,10 @@ pub async fn handshake<S: Transport>(
             )
             .u16(property::TOPIC_ALIAS_MAXIMUM, TOPIC_ALIAS_MAXIMUM);
     }
+    // What the CONNACK says of the session (present, or begun or discarded) is durable first.
+    if let (Some(ticket), Some(store)) = (attached.ticket, broker.router.store()) {
+        std::future::poll_fn(|cx| store.poll_durable(ticket, cx.waker())).await;
+    }
     io.send(PacketType::ConnAck, |buf, level| {
         encode::write_connack(
             buf,
@@ -579,6 +588,7 @@ pub async fn handshake<S: Transport>(
                 address,
                 throttle: Throttle::new(config, tokio::time::Instant::now()),
                 goodbye: None,
+                acks: VecDeque::new(),
             };
             let needed =
                 extras.will.is_some() || extras.address.is_some() || extras.throttle.is_some();

@@ -316,7 +316,10 @@ mod size {
             "connection future: {size} bytes, session: {} bytes",
             std::mem::size_of::<crate::mqtt::session::Session>()
         );
-        assert!(std::mem::size_of::<crate::mqtt::session::Session>() <= 256);
+        // 264 bytes: an `Arc<Session>` asks malloc for 280, which glibc serves from the same
+        // 288-byte chunk as it would 272 (a 256-byte session): the durable state's session
+        // key costs no memory.
+        assert!(std::mem::size_of::<crate::mqtt::session::Session>() <= 264);
         // A TLS connection's future holds the rustls connection instead of the bare socket.
         let tls =
             std::mem::size_of::<crate::transport::tls_stream::TlsStream<tokio::net::TcpStream>>();

@@ -3,6 +3,7 @@
 //! (applied a slice of filters per turn), PINGREQ, DISCONNECT and the packets a client must not
 //! send.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,8 +19,10 @@ use crate::mqtt::codec::encode;
 use crate::mqtt::message::{Message, SubOptions};
 use crate::mqtt::packet::{reason, Filter, Packet, Protocol, Publish};
 use crate::mqtt::retained::Cursor;
+use crate::mqtt::router::NotRouted;
 use crate::mqtt::session::Session;
 use crate::mqtt::{router, topic, Broker};
+use crate::state::Ticket;
 use crate::telemetry::LogLimiter;
 
 /// Most filters of a SUBSCRIBE or UNSUBSCRIBE handled in one turn.
@@ -47,6 +50,93 @@ pub struct Held {
     pub qos: QoS,
     /// The PUBLISH's packet id, likewise.
     pub pkid: u16,
+    /// The durable state's ticket its acknowledgement waits for already (a QoS 2 receipt).
+    pub ticket: Option<Ticket>,
+    /// Held back because the durable state is over its disk budget (not for a subscriber).
+    pub disk_full: bool,
+}
+
+/// An acknowledgement that waits until what it promises is durable.
+pub struct Deferred {
+    /// The durable state's ticket it waits for.
+    ticket: Ticket,
+    ack: Ack,
+}
+
+/// An acknowledgement of the client's packet.
+pub enum Ack {
+    /// PUBACK, PUBREC or PUBCOMP: packet type, packet id, reason code.
+    Publish(PacketType, u16, u8),
+    /// SUBACK: packet id and reason codes.
+    Subscribe(u16, Vec<u8>),
+    /// UNSUBACK: packet id and reason codes.
+    Unsubscribe(u16, Vec<u8>),
+}
+
+impl Ack {
+    fn write<S: Transport>(self, io: &mut Io<S>) {
+        match self {
+            Ack::Publish(kind, pkid, code) => io.ack(kind, pkid, code),
+            Ack::Subscribe(pkid, codes) => io.send(PacketType::SubAck, |buf, level| {
+                encode::write_suback(buf, level, pkid, &codes)
+            }),
+            Ack::Unsubscribe(pkid, codes) => io.send(PacketType::UnsubAck, |buf, level| {
+                encode::write_unsuback(buf, level, pkid, &codes)
+            }),
+        }
+    }
+}
+
+/// Sends `ack` now, or once `ticket` is durable (in `persistence.mode = "sync"`, an
+/// acknowledgement never promises what a crash could lose). Acknowledgements keep their order:
+/// while some wait, the next ones wait behind them.
+pub fn reply<S: Transport>(
+    io: &mut Io<S>,
+    conn: &mut Established,
+    ticket: Option<Ticket>,
+    ack: Ack,
+) {
+    let waiting = conn.extras.as_ref().and_then(|e| e.acks.back());
+    let ticket = match (ticket, waiting) {
+        (None, None) => return ack.write(io),
+        (t, w) => t.max(w.map(|w| w.ticket)).unwrap_or_default(),
+    };
+    conn.extras
+        .get_or_insert_with(Box::default)
+        .acks
+        .push_back(Deferred { ticket, ack });
+}
+
+/// Writes the acknowledgements whose tickets are durable now; registers for a wake-up when
+/// some still wait. Returns how many still wait.
+pub fn release_acks<S: Transport>(
+    cx: &mut std::task::Context<'_>,
+    io: &mut Io<S>,
+    broker: &Broker,
+    conn: &mut Established,
+) -> usize {
+    let Some(extras) = conn.extras.as_mut() else {
+        return 0;
+    };
+    let Some(store) = broker.router.store() else {
+        // No durable state (never the case while acknowledgements wait): send them.
+        for deferred in extras.acks.drain(..) {
+            deferred.ack.write(io);
+        }
+        return 0;
+    };
+    while let Some(front) = extras.acks.front() {
+        if store.poll_durable(front.ticket, cx.waker()).is_pending() {
+            break;
+        }
+        if let Some(deferred) = extras.acks.pop_front() {
+            deferred.ack.write(io);
+        }
+    }
+    if extras.acks.is_empty() && extras.acks.capacity() > 16 {
+        extras.acks = VecDeque::new();
+    }
+    extras.acks.len()
 }
 
 /// PUBLISHes the ACL refused: one line per interval for the whole broker.
@@ -70,6 +160,8 @@ pub enum Job {
         codes: Vec<u8>,
         /// Retained deliveries of the granted filters, started once the SUBACK is written.
         cursors: Vec<Cursor>,
+        /// The durable state's ticket the SUBACK waits for.
+        ticket: Option<Ticket>,
     },
     /// An UNSUBSCRIBE.
     Unsubscribe {
@@ -81,6 +173,8 @@ pub enum Job {
         done: usize,
         /// The UNSUBACK's reason codes so far (MQTT 5).
         codes: Vec<u8>,
+        /// The durable state's ticket the UNSUBACK waits for.
+        ticket: Option<Ticket>,
     },
 }
 
@@ -90,9 +184,11 @@ impl Job {
         &mut self,
         io: &mut Io<S>,
         broker: &Broker,
-        session: &Arc<Session>,
+        conn: &mut Established,
     ) -> bool {
         let config = &broker.config;
+        let limits = broker.router.limits();
+        let session = &Arc::clone(&conn.session);
         match self {
             Job::Subscribe {
                 pkid,
@@ -100,6 +196,7 @@ impl Job {
                 filters,
                 codes,
                 cursors,
+                ticket,
             } => {
                 let mut granted = Vec::new();
                 let mut retained = Vec::new();
@@ -155,7 +252,8 @@ impl Job {
                                     retain_as_published: filter.retain_as_published,
                                     id: *id,
                                 };
-                                st.add_subscription(&filter.path, options);
+                                *ticket = (*ticket)
+                                    .max(st.add_subscription(&filter.path, options, limits));
                                 codes.push(filter.qos as u8);
                                 if send_retained {
                                     retained.push(granted.len());
@@ -186,9 +284,7 @@ impl Job {
                     return false;
                 }
                 let (pkid, codes) = (*pkid, std::mem::take(codes));
-                io.send(PacketType::SubAck, |buf, level| {
-                    encode::write_suback(buf, level, pkid, &codes)
-                });
+                reply(io, conn, *ticket, Ack::Subscribe(pkid, codes));
                 // Retained messages follow the SUBACK, streamed as the socket takes them.
                 session.state().add_retained(std::mem::take(cursors));
                 true
@@ -198,13 +294,16 @@ impl Job {
                 filters,
                 done,
                 codes,
+                ticket,
             } => {
                 let end = (*done + FILTER_BUDGET).min(filters.len());
                 let slice = &filters[*done..end];
                 {
                     let mut st = session.state();
                     for filter in slice {
-                        codes.push(if st.remove_subscription(filter) {
+                        let (removed, t) = st.remove_subscription(filter, limits);
+                        *ticket = (*ticket).max(t);
+                        codes.push(if removed {
                             reason::SUCCESS
                         } else {
                             reason::NO_SUBSCRIPTION_EXISTED
@@ -220,9 +319,7 @@ impl Job {
                     return false;
                 }
                 let (pkid, codes) = (*pkid, std::mem::take(codes));
-                io.send(PacketType::UnsubAck, |buf, level| {
-                    encode::write_unsuback(buf, level, pkid, &codes)
-                });
+                reply(io, conn, *ticket, Ack::Unsubscribe(pkid, codes));
                 true
             }
         }
@@ -302,7 +399,7 @@ pub fn handle<S: Transport>(
                 ));
             }
             // QoS 2: routed on first receipt; a redelivery before PUBREL is only acknowledged.
-            let (first, acl) = {
+            let (first, received, acl) = {
                 let mut st = session.state();
                 if v5
                     && publish.qos == QoS::ExactlyOnce
@@ -316,11 +413,15 @@ pub fn handle<S: Transport>(
                         "more unreleased QoS 2 PUBLISHes than the receive maximum",
                     ));
                 }
-                let first = publish.qos != QoS::ExactlyOnce || st.receive_qos2(publish.pkid);
-                (first, st.acl.clone())
+                let (first, received) = if publish.qos == QoS::ExactlyOnce {
+                    st.receive_qos2(publish.pkid, limits)
+                } else {
+                    (true, None)
+                };
+                (first, received, st.acl.clone())
             };
             if !first {
-                acknowledge(io, publish.qos, publish.pkid, reason::SUCCESS);
+                acknowledge(io, conn, None, publish.qos, publish.pkid, reason::SUCCESS);
                 return Ok(Handled::Done);
             }
             // A topic the client may not write: dropped, and acknowledged (an MQTT 5 client
@@ -337,7 +438,7 @@ pub fn handle<S: Transport>(
                          every 10 s)."
                     );
                 }
-                acknowledge(io, publish.qos, publish.pkid, reason::NOT_AUTHORIZED);
+                acknowledge(io, conn, received, publish.qos, publish.pkid, reason::NOT_AUTHORIZED);
                 return Ok(Handled::Done);
             }
             let message = Arc::new(
@@ -352,12 +453,26 @@ pub fn handle<S: Transport>(
                 .from_session(session.incarnation, &session.client_id),
             );
             match broker.router.try_publish(message) {
-                Ok(()) => acknowledge(io, publish.qos, publish.pkid, reason::SUCCESS),
-                Err(message) => {
+                Ok(ticket) => acknowledge(
+                    io,
+                    conn,
+                    ticket.max(received),
+                    publish.qos,
+                    publish.pkid,
+                    reason::SUCCESS,
+                ),
+                Err(NotRouted::DiskFull(_)) if v5 => {
+                    // An MQTT 5 client is told, and may try again later.
+                    disk_full();
+                    acknowledge(io, conn, received, publish.qos, publish.pkid, reason::QUOTA_EXCEEDED);
+                }
+                Err(not_routed) => {
                     return Ok(Handled::Held(Held {
-                        message,
+                        disk_full: matches!(not_routed, NotRouted::DiskFull(_)),
+                        message: not_routed.into_message(),
                         qos: publish.qos,
                         pkid: publish.pkid,
+                        ticket: received,
                     }))
                 }
             }
@@ -368,7 +483,7 @@ pub fn handle<S: Transport>(
             }
         }
         Packet::PubRec(rec) => {
-            let known = session.state().pubrec(rec.pkid);
+            let known = session.state().pubrec(rec.pkid, limits);
             if !known {
                 tracing::debug!(pkid = rec.pkid, "PUBREC for an unknown packet id.");
             }
@@ -385,12 +500,13 @@ pub fn handle<S: Transport>(
             }
         }
         Packet::PubRel(rel) => {
-            let code = if session.state().release_qos2(rel.pkid) {
+            let (released, ticket) = session.state().release_qos2(rel.pkid, limits);
+            let code = if released {
                 reason::SUCCESS
             } else {
                 reason::PACKET_IDENTIFIER_NOT_FOUND
             };
-            io.ack(PacketType::PubComp, rel.pkid, code);
+            reply(io, conn, ticket, Ack::Publish(PacketType::PubComp, rel.pkid, code));
         }
         Packet::PubComp(comp) => {
             if !session.state().pubcomp(comp.pkid, limits) {
@@ -417,8 +533,9 @@ pub fn handle<S: Transport>(
                 filters: subscribe.filters.into_iter(),
                 codes: Vec::with_capacity(count),
                 cursors: Vec::new(),
+                ticket: None,
             };
-            if !new.run(io, broker, session) {
+            if !new.run(io, broker, conn) {
                 return Ok(Handled::Started(Box::new(new)));
             }
         }
@@ -436,8 +553,9 @@ pub fn handle<S: Transport>(
                 filters: unsubscribe.filters,
                 done: 0,
                 codes: Vec::new(),
+                ticket: None,
             };
-            if !new.run(io, broker, session) {
+            if !new.run(io, broker, conn) {
                 return Ok(Handled::Started(Box::new(new)));
             }
         }
@@ -457,7 +575,8 @@ pub fn handle<S: Transport>(
                     ));
                 }
                 let secs = secs.min(max_session_expiry(&broker.config));
-                st.set_expiry(secs > 0, Some(Duration::from_secs(u64::from(secs))));
+                st.set_expiry(secs > 0, Some(Duration::from_secs(u64::from(secs))), limits);
+                st.journal_session(&session.client_id, limits);
             }
             // The will is published only on "disconnect with will message".
             if disconnect.reason != reason::DISCONNECT_WITH_WILL {
@@ -561,11 +680,36 @@ fn resolve_alias<S: Transport>(
     Ok(())
 }
 
-/// Answers a routed PUBLISH: PUBACK for QoS 1, PUBREC for QoS 2, with an MQTT 5 reason code.
-pub fn acknowledge<S: Transport>(io: &mut Io<S>, qos: QoS, pkid: u16, code: u8) {
-    match qos {
-        QoS::AtMostOnce => {}
-        QoS::AtLeastOnce => io.ack(PacketType::PubAck, pkid, code),
-        QoS::ExactlyOnce => io.ack(PacketType::PubRec, pkid, code),
+/// Answers a routed PUBLISH: PUBACK for QoS 1, PUBREC for QoS 2, with an MQTT 5 reason code,
+/// once `ticket` (what routing stored) is durable.
+pub fn acknowledge<S: Transport>(
+    io: &mut Io<S>,
+    conn: &mut Established,
+    ticket: Option<Ticket>,
+    qos: QoS,
+    pkid: u16,
+    code: u8,
+) {
+    let kind = match qos {
+        QoS::AtMostOnce => return,
+        QoS::AtLeastOnce => PacketType::PubAck,
+        QoS::ExactlyOnce => PacketType::PubRec,
+    };
+    reply(io, conn, ticket, Ack::Publish(kind, pkid, code));
+}
+
+/// Counts (and logs, rate-limited) a PUBLISH the durable state's disk budget held back or
+/// refused.
+pub fn disk_full() {
+    metrics().state_disk_full.inc();
+    if let Some(suppressed) = DISK_FULL_LOG.check() {
+        tracing::warn!(
+            suppressed,
+            "PUBLISH held back (MQTT 3.1.1) or refused with 0x97 (MQTT 5): the broker state is \
+             over persistence.max_disk (counted in heartwire_state_disk_full_total)."
+        );
     }
 }
+
+/// PUBLISHes held back or refused for the disk budget: one line per interval.
+static DISK_FULL_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));

@@ -33,6 +33,7 @@ use crate::auth::acl::Access;
 use crate::labels::{AclDenial, DisconnectReason, PacketType};
 use crate::metrics::metrics;
 use crate::mqtt::packet::{reason, Packet};
+use crate::mqtt::router::NotRouted;
 use crate::mqtt::session::{Backlog, Session, CLIENT_GRACE};
 use crate::mqtt::Broker;
 use crate::telemetry::LogLimiter;
@@ -48,6 +49,9 @@ const WRITE_BUDGET: usize = 1024 * 1024;
 /// Most rounds of filling and flushing in one turn (a round may write nothing, e.g. a retained
 /// delivery walking past topics that do not match).
 const WRITE_ROUNDS: usize = 32;
+/// Most acknowledgements of one connection waiting for the durable state; beyond, the client
+/// is not read until some go out.
+const MAX_WAITING_ACKS: usize = 256;
 /// Most retained messages taken in one step of a retained delivery.
 const RETAINED_BATCH: usize = 64;
 /// Longest a publisher waits for a congested subscriber queue to drain before trying again
@@ -167,15 +171,17 @@ fn poll_serve<'a, S: Transport>(
         }
 
         let mut yield_now = false;
+        // Acknowledgements whose promises are durable now go out first, in order.
+        let acks_waiting = packets::release_acks(cx, io, broker, conn);
         if let Some(job) = &mut state.job {
-            if job.run(io, broker, &conn.session) {
+            if job.run(io, broker, conn) {
                 state.job = None;
             } else {
                 yield_now = true;
             }
         }
         if state.parked.is_some() {
-            yield_now |= retry_parked(cx, io, broker, state);
+            yield_now |= retry_parked(cx, io, broker, conn, state);
         }
         if let Some(throttle) = conn.extras.as_mut().and_then(|e| e.throttle.as_mut()) {
             if throttle.paused_until().is_some() {
@@ -190,7 +196,9 @@ fn poll_serve<'a, S: Transport>(
                 }
             }
         }
-        if state.job.is_none() && state.parked.is_none() {
+        // A client whose acknowledgements wait for the disk is not read further until some go
+        // out: what it has in flight stays bounded.
+        if state.job.is_none() && state.parked.is_none() && acks_waiting < MAX_WAITING_ACKS {
             match read_side(cx, io, broker, conn, state) {
                 Ok(more) => yield_now |= more,
                 Err(reason) => return Poll::Ready(reason),
@@ -264,7 +272,7 @@ fn read_side<'a, S: Transport>(
                         match packets::handle(io, broker, conn, packet) {
                             Ok(Handled::Done) => {}
                             Ok(Handled::Started(job)) => state.job = Some(job),
-                            Ok(Handled::Held(held)) => park(io, broker, state, held),
+                            Ok(Handled::Held(held)) => park(io, broker, conn, state, held),
                             Err(reason) => stop = Some(Err(reason)),
                         }
                         let throttle = conn.extras.as_mut().and_then(|e| e.throttle.as_mut());
@@ -331,21 +339,35 @@ fn read_side<'a, S: Transport>(
     result
 }
 
-/// Holds a PUBLISH that a congested subscriber holds back: nothing more is read from this
-/// client until it is routed (the kernel's buffers then slow the client down).
+/// Holds a PUBLISH that a congested subscriber holds back (or that the durable state's disk
+/// budget refuses, for an MQTT 3.1.1 client, which cannot be told): nothing more is read from
+/// this client until it is routed (the kernel's buffers then slow the client down).
 fn park<'a, S: Transport>(
     io: &mut Io<S>,
     broker: &'a Broker,
+    conn: &mut Established,
     state: &mut ServeState<'a>,
-    held: Held,
+    mut held: Held,
 ) {
-    metrics().publish_backpressure.inc();
+    if held.disk_full {
+        packets::disk_full();
+    } else {
+        metrics().publish_backpressure.inc();
+    }
     let mut drained = Box::pin(broker.drained.notified());
     drained.as_mut().enable();
     // Registered before trying once more, so that a drain just before is not missed.
     match broker.router.try_publish(Arc::clone(&held.message)) {
-        Ok(()) => acknowledge(io, held.qos, held.pkid, reason::SUCCESS),
-        Err(_) => {
+        Ok(ticket) => acknowledge(
+            io,
+            conn,
+            ticket.max(held.ticket),
+            held.qos,
+            held.pkid,
+            reason::SUCCESS,
+        ),
+        Err(not_routed) => {
+            held.disk_full = matches!(not_routed, NotRouted::DiskFull(_));
             let now = Instant::now();
             state.parked = Some(Box::new(Parked {
                 held,
@@ -363,6 +385,7 @@ fn retry_parked<'a, S: Transport>(
     cx: &mut Context<'_>,
     io: &mut Io<S>,
     broker: &'a Broker,
+    conn: &mut Established,
     state: &mut ServeState<'a>,
 ) -> bool {
     let Some(parked) = &mut state.parked else {
@@ -378,16 +401,23 @@ fn retry_parked<'a, S: Transport>(
     parked.drained.set(broker.drained.notified());
     parked.drained.as_mut().enable();
     let message = Arc::clone(&parked.held.message);
-    let routed = if waited_enough {
-        broker.router.publish(message);
-        true
+    // Only congestion gives way after a while; the disk budget never does.
+    let routed = if waited_enough && !parked.held.disk_full {
+        broker.router.force_publish(message)
     } else {
-        broker.router.try_publish(message).is_ok()
+        broker.router.try_publish(message)
     };
-    if routed {
-        acknowledge(io, parked.held.qos, parked.held.pkid, reason::SUCCESS);
-        state.parked = None;
-        return false;
+    match routed {
+        Ok(ticket) => {
+            let held = &parked.held;
+            let ticket = ticket.max(held.ticket);
+            acknowledge(io, conn, ticket, held.qos, held.pkid, reason::SUCCESS);
+            state.parked = None;
+            return false;
+        }
+        Err(not_routed) => {
+            parked.held.disk_full = matches!(not_routed, NotRouted::DiskFull(_));
+        }
     }
     if timer_fired {
         parked.retry_at = now + PARK_MAX;

@@ -1,0 +1,742 @@
+//! The embedded engine: an append-only log with group commit, and snapshots written in the
+//! background.
+//!
+//! Files in `persistence.dir`: `snapshot` (the state of every log before the generation its
+//! header names), `log-NNNNNNNNNNNNNNNNNNNN` (one per generation, records appended in commit
+//! order) and `LOCK` (held while a broker uses the directory).
+//!
+//! - **Group commit.** Connections append records to a queue in memory (a push under a mutex:
+//!   no I/O, no encoding) and get a ticket. One writer thread takes everything queued, encodes
+//!   it, writes it with one `write` and makes it durable with one `fdatasync`, then wakes the
+//!   connections whose tickets it covered. `persistence.commit_window` spaces fsyncs at least
+//!   that far apart, so that under load each one carries more records.
+//! - **Crash.** A record is acknowledged to nobody before its fsync; a crash leaves at most a
+//!   torn frame at the end of the newest log, which the next start cuts off (its checksum or
+//!   length does not hold).
+//! - **Compaction.** When the closed logs outweigh the snapshot (or the disk budget is
+//!   passed), the writer starts a new log and a compactor thread folds the snapshot and the
+//!   closed logs into a new snapshot (written aside, fsynced, renamed over the old one), then
+//!   deletes those logs. Connections and the writer never wait for it.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use super::image::Image;
+use super::record::{DecodeError, Record};
+use super::{Loaded, StateError, StateStore, Ticket};
+use crate::config::{PersistenceConfig, PersistenceMode};
+use crate::metrics::metrics;
+use crate::telemetry::LogLimiter;
+
+const SNAPSHOT: &str = "snapshot";
+const SNAPSHOT_TMP: &str = "snapshot.tmp";
+const LOCK: &str = "LOCK";
+
+fn log_name(generation: u64) -> String {
+    format!("log-{generation:020}")
+}
+
+fn log_generation(name: &str) -> Option<u64> {
+    name.strip_prefix("log-")?.parse().ok()
+}
+
+/// What connections append and the writer takes.
+#[derive(Default)]
+struct Queue {
+    records: Vec<Record>,
+    /// Tickets handed out: the ticket of the last record appended.
+    appended: Ticket,
+    /// Asked for a new log generation once everything appended so far is durable; answered
+    /// with the first generation not yet closed.
+    rotations: Vec<mpsc::Sender<u64>>,
+    /// Stop once everything is durable.
+    closing: bool,
+}
+
+struct Shared {
+    dir: PathBuf,
+    config: PersistenceConfig,
+    queue: Mutex<Queue>,
+    /// Wakes the writer.
+    wake: Condvar,
+    /// The last ticket made durable.
+    durable: AtomicU64,
+    /// Connections waiting for a ticket to be durable: all are woken at every commit.
+    waiters: Mutex<Vec<Waker>>,
+    /// Bytes of the directory's snapshot and logs.
+    disk: AtomicU64,
+    over_budget: AtomicBool,
+    message_ids: AtomicU64,
+    /// Held by whoever folds the files (compaction, export), so that they never delete what
+    /// the other reads.
+    folding: Mutex<()>,
+    /// Compaction requests: fold every log before this generation.
+    compact: mpsc::Sender<u64>,
+}
+
+/// The embedded broker-state store (see the module documentation).
+pub struct LogStore {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Held (locked) for the store's life.
+    _lock: File,
+}
+
+/// Writes that failed: one line per interval.
+static WRITE_FAILED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LogStore {
+    /// Opens (or creates) the state in `config.dir`, reads it back, and starts the writer and
+    /// compactor threads. Blocking: call it before serving, or off the async runtime.
+    pub fn open(config: &PersistenceConfig) -> Result<(Arc<LogStore>, Loaded), StateError> {
+        let started = Instant::now();
+        let dir = config.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|e| StateError::io(&dir, e))?;
+        let lock_path = dir.join(LOCK);
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StateError::io(&lock_path, e))?;
+        if lock_file.try_lock().is_err() {
+            return Err(StateError::Locked(dir));
+        }
+        let read = read_dir_state(&dir, true)?;
+        let generation = read.next_generation;
+        let log_path = dir.join(log_name(generation));
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| StateError::io(&log_path, e))?;
+        sync_dir(&dir);
+        let (compact_tx, compact_rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            config: config.clone(),
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            durable: AtomicU64::new(0),
+            waiters: Mutex::new(Vec::new()),
+            disk: AtomicU64::new(0),
+            over_budget: AtomicBool::new(false),
+            message_ids: AtomicU64::new(read.image.message_ids),
+            folding: Mutex::new(()),
+            compact: compact_tx,
+        });
+        shared.recount_disk();
+        let writer = {
+            let shared = Arc::clone(&shared);
+            let closed_bytes = read.log_bytes;
+            std::thread::Builder::new()
+                .name("state-writer".into())
+                .spawn(move || Writer::new(shared, log, generation, closed_bytes).run())
+                .map_err(|e| StateError::io(&dir, e))?
+        };
+        let compactor = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("state-compactor".into())
+                .spawn(move || compactor(shared, compact_rx))
+                .map_err(|e| StateError::io(&dir, e))?
+        };
+        let store = Arc::new(LogStore {
+            shared,
+            threads: Mutex::new(vec![writer, compactor]),
+            _lock: lock_file,
+        });
+        let loaded = Loaded {
+            image: read.image,
+            truncated_bytes: read.truncated_bytes,
+            read_bytes: read.read_bytes,
+            elapsed: started.elapsed(),
+        };
+        Ok((store, loaded))
+    }
+}
+
+impl Shared {
+    fn recount_disk(&self) {
+        let bytes = std::fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| {
+                        let name = e.file_name();
+                        let name = name.to_string_lossy();
+                        name == SNAPSHOT || log_generation(&name).is_some()
+                    })
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        self.set_disk(bytes);
+    }
+
+    fn set_disk(&self, bytes: u64) {
+        self.disk.store(bytes, Ordering::Relaxed);
+        metrics().state_disk_bytes.set(bytes as i64);
+        let over = self.config.max_disk > 0 && bytes > self.config.max_disk;
+        if self.over_budget.swap(over, Ordering::Relaxed) != over {
+            if over {
+                tracing::warn!(
+                    disk_bytes = bytes,
+                    max_disk = self.config.max_disk,
+                    "Broker state passed persistence.max_disk: QoS 1/2 messages for persistent \
+                     sessions and retained messages are refused until compaction frees space."
+                );
+            } else {
+                tracing::info!(disk_bytes = bytes, "Broker state is below persistence.max_disk again.");
+            }
+        }
+    }
+
+    fn add_disk(&self, bytes: u64) {
+        let total = self.disk.load(Ordering::Relaxed) + bytes;
+        self.set_disk(total);
+    }
+
+    fn wake_waiters(&self) {
+        let waiters = std::mem::take(&mut *lock(&self.waiters));
+        for waker in waiters {
+            waker.wake();
+        }
+    }
+}
+
+impl StateStore for LogStore {
+    fn append(&self, record: Record) -> Ticket {
+        let mut queue = lock(&self.shared.queue);
+        queue.records.push(record);
+        queue.appended += 1;
+        let ticket = queue.appended;
+        if queue.records.len() == 1 {
+            self.shared.wake.notify_one();
+        }
+        ticket
+    }
+
+    fn poll_durable(&self, ticket: Ticket, waker: &Waker) -> Poll<()> {
+        let shared = &self.shared;
+        if shared.durable.load(Ordering::Acquire) >= ticket {
+            return Poll::Ready(());
+        }
+        let mut waiters = lock(&shared.waiters);
+        // Checked again under the lock the writer takes to wake: no commit is missed.
+        if shared.durable.load(Ordering::Acquire) >= ticket {
+            return Poll::Ready(());
+        }
+        if !waiters.iter().rev().take(4).any(|w| w.will_wake(waker)) {
+            waiters.push(waker.clone());
+        }
+        Poll::Pending
+    }
+
+    fn acks_wait(&self) -> bool {
+        self.shared.config.mode == PersistenceMode::Sync
+    }
+
+    fn over_budget(&self) -> bool {
+        self.shared.over_budget.load(Ordering::Relaxed)
+    }
+
+    fn next_message_id(&self) -> u64 {
+        self.shared.message_ids.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn export(&self, out: &mut dyn Write) -> Result<u64, StateError> {
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut queue = lock(&self.shared.queue);
+            if queue.closing {
+                return Err(StateError::Closed);
+            }
+            queue.rotations.push(tx);
+            self.shared.wake.notify_one();
+        }
+        let upto = rx.recv().map_err(|_| StateError::Closed)?;
+        let _folding = lock(&self.shared.folding);
+        let image = fold(&self.shared.dir, upto)?;
+        let mut buf = BytesMut::new();
+        let mut written = 0u64;
+        for record in image.records(0) {
+            record.write_frame(&mut buf);
+            if buf.len() >= 1 << 20 {
+                out.write_all(&buf).map_err(StateError::Export)?;
+                written += buf.len() as u64;
+                buf.clear();
+            }
+        }
+        out.write_all(&buf).map_err(StateError::Export)?;
+        out.flush().map_err(StateError::Export)?;
+        Ok(written + buf.len() as u64)
+    }
+
+    fn close(&self) {
+        {
+            let mut queue = lock(&self.shared.queue);
+            queue.closing = true;
+            self.shared.wake.notify_one();
+        }
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for LogStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    shared: Arc<Shared>,
+    file: File,
+    generation: u64,
+    /// Bytes of this generation's log made durable (where a failed write is cut back to).
+    written: u64,
+    /// Bytes of closed logs not folded into the snapshot yet.
+    closed_bytes: u64,
+    /// Bytes of the snapshot when last looked at.
+    snapshot_bytes: u64,
+    last_sync: Option<Instant>,
+    /// The ticket of the last record written (durable once synced).
+    committed: Ticket,
+    buf: BytesMut,
+}
+
+impl Writer {
+    fn new(shared: Arc<Shared>, file: File, generation: u64, closed_bytes: u64) -> Self {
+        let written = file.metadata().map_or(0, |m| m.len());
+        let snapshot_bytes = std::fs::metadata(shared.dir.join(SNAPSHOT)).map_or(0, |m| m.len());
+        Self {
+            shared,
+            file,
+            generation,
+            written,
+            closed_bytes,
+            snapshot_bytes,
+            last_sync: None,
+            committed: 0,
+            buf: BytesMut::new(),
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            let (records, upto, rotations, closing) = self.next_batch();
+            if !records.is_empty() {
+                self.commit(&records, upto);
+            }
+            drop(records);
+            if !rotations.is_empty() {
+                let closed = self.rotate();
+                for tx in rotations {
+                    let _ = tx.send(closed);
+                }
+            } else if self.written >= self.shared.config.segment_bytes
+                || (self.shared.over_budget.load(Ordering::Relaxed) && self.written > 0)
+            {
+                self.rotate();
+            }
+            if closing {
+                // Interval mode leaves the last records unsynced: sync them now.
+                self.sync_if_needed(self.committed);
+                return;
+            }
+        }
+    }
+
+    /// Waits for records (or a rotation, or the close), spacing commits by the commit window.
+    fn next_batch(&mut self) -> (Vec<Record>, Ticket, Vec<mpsc::Sender<u64>>, bool) {
+        let shared = Arc::clone(&self.shared);
+        let config = &shared.config;
+        let mut queue = lock(&shared.queue);
+        loop {
+            if queue.closing || !queue.rotations.is_empty() {
+                break;
+            }
+            if !queue.records.is_empty() {
+                // One fsync per window at most: records arriving meanwhile share the next.
+                let due = match (config.mode, self.last_sync) {
+                    (PersistenceMode::Sync, Some(last)) => last + config.commit_window,
+                    _ => Instant::now(),
+                };
+                let now = Instant::now();
+                if now >= due {
+                    break;
+                }
+                queue = shared
+                    .wake
+                    .wait_timeout(queue, due - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                continue;
+            }
+            let timeout = match config.mode {
+                PersistenceMode::Interval => config.sync_interval,
+                _ => Duration::from_secs(1),
+            };
+            let (q, timed_out) = shared
+                .wake
+                .wait_timeout(queue, timeout)
+                .unwrap_or_else(|e| e.into_inner());
+            queue = q;
+            if timed_out.timed_out() && config.mode == PersistenceMode::Interval {
+                drop(queue);
+                self.sync_if_needed(self.committed);
+                queue = lock(&shared.queue);
+            }
+        }
+        let records = std::mem::take(&mut queue.records);
+        let rotations = std::mem::take(&mut queue.rotations);
+        (records, queue.appended, rotations, queue.closing)
+    }
+
+    /// Writes `records` and, in sync mode, makes them durable; retries until it succeeds.
+    fn commit(&mut self, records: &[Record], upto: Ticket) {
+        self.buf.clear();
+        for record in records {
+            record.write_frame(&mut self.buf);
+        }
+        let m = metrics();
+        m.state_commit_records.observe(records.len() as f64);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.write_out() {
+                Ok(()) => break,
+                Err(error) => {
+                    m.state_write_errors.inc();
+                    if let Some(suppressed) = WRITE_FAILED_LOG.check() {
+                        tracing::error!(
+                            %error,
+                            dir = %self.shared.dir.display(),
+                            records = records.len(),
+                            suppressed,
+                            "Writing broker state failed; retrying. Acknowledgements wait \
+                             (counted in heartwire_state_write_errors_total)."
+                        );
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        self.shared.add_disk(self.buf.len() as u64);
+        self.written += self.buf.len() as u64;
+        self.committed = upto;
+        if self.shared.config.mode == PersistenceMode::Sync {
+            self.mark_durable(upto);
+        }
+    }
+
+    fn write_out(&mut self) -> std::io::Result<()> {
+        let result = self.file.write_all(&self.buf).and_then(|()| {
+            if self.shared.config.mode == PersistenceMode::Sync {
+                self.sync()
+            } else {
+                Ok(())
+            }
+        });
+        if result.is_err() {
+            // What reached the file of this attempt is not trusted: cut back and write again.
+            let _ = self.file.set_len(self.written);
+        }
+        result
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        let started = Instant::now();
+        self.last_sync = Some(started);
+        let result = self.file.sync_data();
+        let m = metrics();
+        m.state_fsyncs.inc();
+        m.state_fsync_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    fn mark_durable(&self, upto: Ticket) {
+        self.shared.durable.store(upto, Ordering::Release);
+        self.shared.wake_waiters();
+    }
+
+    /// Interval mode (and the close): fsyncs what was written since the last fsync.
+    fn sync_if_needed(&mut self, upto: Ticket) {
+        if self.shared.durable.load(Ordering::Acquire) >= upto {
+            return;
+        }
+        if let Err(error) = self.sync() {
+            metrics().state_write_errors.inc();
+            tracing::error!(%error, "Syncing broker state failed.");
+            return;
+        }
+        self.mark_durable(upto);
+    }
+
+    /// Closes this generation's log (synced) and opens the next; asks for a compaction when
+    /// the closed logs outweigh the snapshot. Returns the first generation not closed.
+    fn rotate(&mut self) -> u64 {
+        self.sync_if_needed(self.committed);
+        let next = self.generation + 1;
+        let path = self.shared.dir.join(log_name(next));
+        match OpenOptions::new().create(true).append(true).open(&path) {
+            Ok(file) => {
+                sync_dir(&self.shared.dir);
+                self.file = file;
+                self.generation = next;
+                self.closed_bytes += self.written;
+                self.written = 0;
+            }
+            Err(error) => {
+                metrics().state_write_errors.inc();
+                tracing::error!(%error, path = %path.display(), "Could not start a new state log; keeping the current one.");
+                return self.generation;
+            }
+        }
+        self.snapshot_bytes =
+            std::fs::metadata(self.shared.dir.join(SNAPSHOT)).map_or(0, |m| m.len());
+        if self.closed_bytes >= self.snapshot_bytes.max(self.shared.config.segment_bytes)
+            || self.shared.over_budget.load(Ordering::Relaxed)
+        {
+            if self.shared.compact.send(self.generation).is_ok() {
+                self.closed_bytes = 0;
+            }
+        }
+        self.generation
+    }
+}
+
+/// The compactor thread: folds the snapshot and the closed logs into a new snapshot.
+fn compactor(shared: Arc<Shared>, requests: mpsc::Receiver<u64>) {
+    while let Ok(mut upto) = requests.recv() {
+        // Requests that piled up while folding: the newest covers them.
+        while let Ok(later) = requests.try_recv() {
+            upto = upto.max(later);
+        }
+        let started = Instant::now();
+        let _folding = lock(&shared.folding);
+        match compact(&shared.dir, upto) {
+            Ok(bytes) => {
+                let m = metrics();
+                m.state_compactions.inc();
+                m.state_compaction_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::debug!(
+                    snapshot_bytes = bytes,
+                    upto,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "Broker state compacted."
+                );
+            }
+            Err(error) => {
+                metrics().state_write_errors.inc();
+                tracing::error!(%error, "Compacting broker state failed; the logs are kept.");
+            }
+        }
+        shared.recount_disk();
+    }
+}
+
+/// Writes the state of every log before `upto` as the new snapshot and deletes those logs.
+fn compact(dir: &Path, upto: u64) -> Result<u64, StateError> {
+    let image = fold(dir, upto)?;
+    let tmp = dir.join(SNAPSHOT_TMP);
+    let mut file = File::create(&tmp).map_err(|e| StateError::io(&tmp, e))?;
+    let mut buf = BytesMut::new();
+    let mut bytes = 0u64;
+    for record in image.records(upto) {
+        record.write_frame(&mut buf);
+        if buf.len() >= 1 << 20 {
+            file.write_all(&buf).map_err(|e| StateError::io(&tmp, e))?;
+            bytes += buf.len() as u64;
+            buf.clear();
+        }
+    }
+    file.write_all(&buf).map_err(|e| StateError::io(&tmp, e))?;
+    bytes += buf.len() as u64;
+    file.sync_all().map_err(|e| StateError::io(&tmp, e))?;
+    drop(file);
+    let snapshot = dir.join(SNAPSHOT);
+    std::fs::rename(&tmp, &snapshot).map_err(|e| StateError::io(&snapshot, e))?;
+    sync_dir(dir);
+    for (generation, path) in logs(dir)? {
+        if generation < upto {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    Ok(bytes)
+}
+
+/// The image of the snapshot and every log before `upto` (all closed).
+fn fold(dir: &Path, upto: u64) -> Result<Image, StateError> {
+    let read = read_files(dir, Some(upto), false)?;
+    Ok(read.image)
+}
+
+/// What reading the directory found.
+struct Read {
+    image: Image,
+    /// The generation a new log starts at.
+    next_generation: u64,
+    /// Bytes of logs read.
+    log_bytes: u64,
+    /// Bytes of all files read.
+    read_bytes: u64,
+    /// Bytes cut off the end of the newest log (a torn write).
+    truncated_bytes: u64,
+}
+
+fn read_dir_state(dir: &Path, repair: bool) -> Result<Read, StateError> {
+    read_files(dir, None, repair)
+}
+
+/// Reads the snapshot, then the logs from its generation on (before `upto` if given). With
+/// `repair`, a torn end of the newest log is cut off and logs the snapshot already holds are
+/// deleted.
+fn read_files(dir: &Path, upto: Option<u64>, repair: bool) -> Result<Read, StateError> {
+    let mut image = Image::default();
+    let mut from = 0;
+    let mut read_bytes = 0;
+    let snapshot = dir.join(SNAPSHOT);
+    match std::fs::read(&snapshot) {
+        Ok(bytes) => {
+            read_bytes += bytes.len() as u64;
+            let mut at = 0;
+            while at < bytes.len() {
+                let (record, len) = Record::read_frame(&bytes[at..])
+                    .map_err(|e| StateError::corrupt(&snapshot, at, e))?;
+                if let Record::Header { generation, .. } = &record {
+                    from = *generation;
+                }
+                image.apply(record);
+                at += len;
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(StateError::io(&snapshot, e)),
+    }
+    let mut logs: VecDeque<(u64, PathBuf)> = logs(dir)?.into();
+    let mut next_generation = from;
+    let mut log_bytes = 0;
+    let mut truncated_bytes = 0;
+    while let Some((generation, path)) = logs.pop_front() {
+        if generation < from {
+            if repair {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        }
+        if upto.is_some_and(|upto| generation >= upto) {
+            break;
+        }
+        let newest = logs.is_empty();
+        let bytes = std::fs::read(&path).map_err(|e| StateError::io(&path, e))?;
+        read_bytes += bytes.len() as u64;
+        let mut at = 0;
+        while at < bytes.len() {
+            match Record::read_frame(&bytes[at..]) {
+                Ok((record, len)) => {
+                    image.apply(record);
+                    at += len;
+                }
+                Err(DecodeError::Truncated | DecodeError::Checksum) if newest && upto.is_none() => {
+                    // A write the crash tore: never acknowledged, cut off.
+                    truncated_bytes = (bytes.len() - at) as u64;
+                    if repair {
+                        let file = OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .map_err(|e| StateError::io(&path, e))?;
+                        file.set_len(at as u64)
+                            .and_then(|()| file.sync_all())
+                            .map_err(|e| StateError::io(&path, e))?;
+                    }
+                    break;
+                }
+                Err(e) => return Err(StateError::corrupt(&path, at, e)),
+            }
+        }
+        log_bytes += at as u64;
+        next_generation = generation + 1;
+    }
+    Ok(Read {
+        image,
+        next_generation,
+        log_bytes,
+        read_bytes,
+        truncated_bytes,
+    })
+}
+
+/// The logs in `dir`, oldest first.
+fn logs(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StateError> {
+    let mut logs: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(|e| StateError::io(dir, e))?
+        .flatten()
+        .filter_map(|e| Some((log_generation(&e.file_name().to_string_lossy())?, e.path())))
+        .collect();
+    logs.sort();
+    Ok(logs)
+}
+
+/// Makes a directory's entries (a new or renamed file) durable.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Writes an export (a stream of records, as [`StateStore::export`] writes) as the state of
+/// `dir`, which must hold no state: `broker state import`.
+pub fn import(dir: &Path, export: &[u8]) -> Result<Image, StateError> {
+    std::fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
+    if std::fs::read_dir(dir)
+        .map_err(|e| StateError::io(dir, e))?
+        .flatten()
+        .any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name == SNAPSHOT || log_generation(&name).is_some()
+        })
+    {
+        return Err(StateError::NotEmpty(dir.to_owned()));
+    }
+    let mut image = Image::default();
+    let mut at = 0;
+    while at < export.len() {
+        let (record, len) = Record::read_frame(&export[at..])
+            .map_err(|e| StateError::corrupt(Path::new("export"), at, e))?;
+        image.apply(record);
+        at += len;
+    }
+    let tmp = dir.join(SNAPSHOT_TMP);
+    let mut buf = BytesMut::new();
+    for record in image.records(0) {
+        record.write_frame(&mut buf);
+    }
+    std::fs::write(&tmp, &buf)
+        .and_then(|()| File::open(&tmp)?.sync_all())
+        .map_err(|e| StateError::io(&tmp, e))?;
+    let snapshot = dir.join(SNAPSHOT);
+    std::fs::rename(&tmp, &snapshot).map_err(|e| StateError::io(&snapshot, e))?;
+    sync_dir(dir);
+    Ok(image)
+}
