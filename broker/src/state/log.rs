@@ -78,8 +78,6 @@ struct Shared {
     /// Held by whoever folds the files (compaction, export), so that they never delete what
     /// the other reads.
     folding: Mutex<()>,
-    /// Compaction requests: fold every log before this generation.
-    compact: mpsc::Sender<u64>,
 }
 
 /// The embedded broker-state store (see the module documentation).
@@ -135,7 +133,6 @@ impl LogStore {
             over_budget: AtomicBool::new(false),
             message_ids: AtomicU64::new(read.image.message_ids),
             folding: Mutex::new(()),
-            compact: compact_tx,
         });
         shared.recount_disk();
         let writer = {
@@ -143,7 +140,7 @@ impl LogStore {
             let closed_bytes = read.log_bytes;
             std::thread::Builder::new()
                 .name("state-writer".into())
-                .spawn(move || Writer::new(shared, log, generation, closed_bytes).run())
+                .spawn(move || Writer::new(shared, log, generation, closed_bytes, compact_tx).run())
                 .map_err(|e| StateError::io(&dir, e))?
         };
         let compactor = {
@@ -317,13 +314,22 @@ struct Writer {
     /// Bytes of the snapshot when last looked at.
     snapshot_bytes: u64,
     last_sync: Option<Instant>,
+    /// Compaction requests: fold every log before this generation. Dropped with the writer,
+    /// which stops the compactor.
+    compact: mpsc::Sender<u64>,
     /// The ticket of the last record written (durable once synced).
     committed: Ticket,
     buf: BytesMut,
 }
 
 impl Writer {
-    fn new(shared: Arc<Shared>, file: File, generation: u64, closed_bytes: u64) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        file: File,
+        generation: u64,
+        closed_bytes: u64,
+        compact: mpsc::Sender<u64>,
+    ) -> Self {
         let written = file.metadata().map_or(0, |m| m.len());
         let snapshot_bytes = std::fs::metadata(shared.dir.join(SNAPSHOT)).map_or(0, |m| m.len());
         Self {
@@ -334,6 +340,7 @@ impl Writer {
             closed_bytes,
             snapshot_bytes,
             last_sync: None,
+            compact,
             committed: 0,
             buf: BytesMut::new(),
         }
@@ -516,7 +523,7 @@ impl Writer {
         if self.closed_bytes >= self.snapshot_bytes.max(self.shared.config.segment_bytes)
             || self.shared.over_budget.load(Ordering::Relaxed)
         {
-            if self.shared.compact.send(self.generation).is_ok() {
+            if self.compact.send(self.generation).is_ok() {
                 self.closed_bytes = 0;
             }
         }

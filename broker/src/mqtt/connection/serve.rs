@@ -208,6 +208,8 @@ fn poll_serve<'a, S: Transport>(
                 yield_now |= parked.drained.as_mut().poll(cx).is_ready();
             }
         }
+        // Again: those this turn deferred are registered for (or go out with this write).
+        packets::release_acks(cx, io, broker, conn);
         match write_side(cx, io, broker, &conn.session, &mut state.deadlines) {
             Ok(more) => yield_now |= more,
             Err(reason) => return Poll::Ready(reason),

@@ -1,0 +1,305 @@
+//! Durable broker state with real processes: the broker binary is killed with SIGKILL at a
+//! random moment while a publisher sends QoS 1 messages (retained, and queued for an offline
+//! persistent session), then started again on the same directory. Every message the publisher
+//! got a PUBACK for must reach the persistent session (at least once, in order), and the
+//! retained value must be the last acknowledged one or a later one. The same after a clean
+//! shutdown (SIGTERM).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use rumqttc::mqttbytes::v4::Packet;
+use rumqttc::mqttbytes::QoS;
+use testkit::{ConnectOpts, RawClient};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+const BROKER: &str = env!("CARGO_BIN_EXE_broker");
+const WAIT: Duration = Duration::from_secs(20);
+/// Kill-and-restart rounds.
+const ROUNDS: usize = 20;
+/// PUBLISHes in flight at once (sent before their PUBACKs are read).
+const WINDOW: usize = 32;
+const SUBSCRIBER: &str = "crash-sub";
+const TOPIC: &str = "crash/data";
+
+/// A broker process on `data`, and its MQTT address.
+struct Broker {
+    child: Child,
+    mqtt: std::net::SocketAddr,
+    _lines: mpsc::UnboundedReceiver<String>,
+}
+
+async fn start(data: &testkit::TempDir) -> Broker {
+    let mut child = Command::new(BROKER)
+        .env("BROKER_MQTT__LISTEN", "127.0.0.1:0")
+        .env("BROKER_HTTP__LISTEN", "127.0.0.1:0")
+        .env("BROKER_DATABASE__URL", testkit::sqlite_url(data))
+        .env("BROKER_PERSISTENCE__DIR", data.path().join("state"))
+        .env(
+            "BROKER_BRIDGE__JOURNAL_PATH",
+            data.path().join("presence.journal"),
+        )
+        .env("BROKER_LOG__FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn broker");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, mut lines) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let ready = tokio::time::timeout(WAIT, async {
+        loop {
+            let line = lines.recv().await.expect("broker still logging");
+            if line.contains("MQTT listener ready") {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("broker ready");
+    let value: serde_json::Value = serde_json::from_str(&ready).expect("JSON log line");
+    let mqtt = value["listen"]
+        .as_str()
+        .expect("listen field")
+        .parse()
+        .expect("address");
+    Broker {
+        child,
+        mqtt,
+        _lines: lines,
+    }
+}
+
+/// A small random number generator, seeded from the clock (the seed is printed).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % below
+    }
+}
+
+/// Publishes QoS 1 retained messages numbered from `*next` in windows of [`WINDOW`], reading
+/// the PUBACKs of each window, until the broker goes away or `limit` messages were sent.
+/// Returns the numbers acknowledged.
+async fn publish_until_gone(addr: std::net::SocketAddr, next: &mut u64, limit: u64) -> Vec<u64> {
+    let mut acked = Vec::new();
+    let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+        return acked;
+    };
+    let (mut c, _) = RawClient::over(stream)
+        .handshake(ConnectOpts::new("crash-pub"))
+        .await;
+    let end = *next + limit;
+    while *next < end {
+        let first = *next;
+        let mut sent = Vec::new();
+        for _ in 0..WINDOW {
+            let seq = *next;
+            let pkid = (seq % 65_000 + 1) as u16;
+            let mut p = rumqttc::mqttbytes::v4::Publish::new(
+                TOPIC,
+                QoS::AtLeastOnce,
+                seq.to_string().into_bytes(),
+            );
+            p.retain = true;
+            p.pkid = pkid;
+            let bytes = testkit::encode(&Packet::Publish(p));
+            if tokio::io::AsyncWriteExt::write_all(&mut c.stream, &bytes)
+                .await
+                .is_err()
+            {
+                return acked;
+            }
+            sent.push((pkid, seq));
+            *next += 1;
+        }
+        let mut waiting = sent.len();
+        while waiting > 0 {
+            match tokio::time::timeout(WAIT, c.recv_untimed()).await {
+                Ok(Some(Packet::PubAck(ack))) => {
+                    let seq = sent
+                        .iter()
+                        .find(|(pkid, _)| *pkid == ack.pkid)
+                        .map(|(_, seq)| *seq)
+                        .expect("PUBACK for a packet id in flight");
+                    acked.push(seq);
+                    waiting -= 1;
+                }
+                Ok(Some(other)) => panic!("unexpected {other:?}"),
+                Ok(None) => return acked,
+                Err(_) => panic!("no PUBACK within {WAIT:?} (messages {first}..)"),
+            }
+        }
+    }
+    acked
+}
+
+/// Connects the persistent subscriber and reads its queued messages (acknowledging each)
+/// until every number in `acked` came and nothing more arrives for a moment. Returns the
+/// numbers in the order they came.
+async fn drain(addr: std::net::SocketAddr, acked: &[u64]) -> Vec<u64> {
+    let mut opts = ConnectOpts::new(SUBSCRIBER);
+    opts.clean_session = false;
+    let (mut c, present) = RawClient::connect(addr, opts).await;
+    assert!(present, "the persistent session survived");
+    let mut got = Vec::new();
+    let mut missing: std::collections::HashSet<u64> = acked.iter().copied().collect();
+    loop {
+        let quiet = if missing.is_empty() {
+            Duration::from_millis(300)
+        } else {
+            WAIT
+        };
+        match tokio::time::timeout(quiet, c.recv_untimed()).await {
+            Ok(Some(Packet::Publish(p))) => {
+                let seq: u64 = std::str::from_utf8(&p.payload)
+                    .expect("utf-8")
+                    .parse()
+                    .expect("a number");
+                missing.remove(&seq);
+                got.push(seq);
+                let ack = rumqttc::mqttbytes::v4::PubAck::new(p.pkid);
+                c.send(&Packet::PubAck(ack)).await;
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) if missing.is_empty() => break,
+            Err(_) => panic!(
+                "acknowledged messages never delivered: {} of them, first {:?}",
+                missing.len(),
+                missing.iter().min()
+            ),
+        }
+    }
+    c.disconnect().await;
+    got
+}
+
+/// The retained value of [`TOPIC`], read by a new clean subscriber.
+async fn retained(addr: std::net::SocketAddr) -> Option<u64> {
+    let (mut c, _) = RawClient::connect(addr, ConnectOpts::new("crash-reader")).await;
+    c.subscribe(TOPIC, QoS::AtLeastOnce).await;
+    let value = match tokio::time::timeout(Duration::from_secs(2), c.recv_untimed()).await {
+        Ok(Some(Packet::Publish(p))) => {
+            assert!(p.retain);
+            Some(
+                std::str::from_utf8(&p.payload)
+                    .expect("utf-8")
+                    .parse()
+                    .expect("a number"),
+            )
+        }
+        _ => None,
+    };
+    c.disconnect().await;
+    value
+}
+
+/// Checks one round: every acknowledged message came, first deliveries in publish order, and
+/// the retained value is the last acknowledged one or later.
+fn check(round: &str, acked: &[u64], got: &[u64], retained: Option<u64>) {
+    let mut seen = std::collections::HashSet::new();
+    let firsts: Vec<u64> = got.iter().copied().filter(|s| seen.insert(*s)).collect();
+    assert!(
+        firsts.windows(2).all(|w| w[0] < w[1]),
+        "{round}: delivered out of order: {firsts:?}"
+    );
+    if let Some(last) = acked.iter().max() {
+        let value = retained.unwrap_or_else(|| panic!("{round}: retained message lost"));
+        assert!(
+            value >= *last,
+            "{round}: retained value {value} is older than the last acknowledged {last}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn acknowledged_messages_and_retained_values_survive_kill_9_and_clean_shutdown() {
+    let data = testkit::temp_dir("persistence-crash");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    eprintln!("seed {seed}");
+    let mut rng = Rng(seed);
+
+    let mut broker = start(&data).await;
+    // The persistent subscriber: subscribed, then away while messages are published.
+    let mut opts = ConnectOpts::new(SUBSCRIBER);
+    opts.clean_session = false;
+    let (mut sub, _) = RawClient::connect(broker.mqtt, opts).await;
+    sub.subscribe("crash/#", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+
+    let mut next = 1u64;
+    let mut total_acked = 0;
+    for round in 0..ROUNDS {
+        let kill_after = Duration::from_millis(10 + rng.next(250));
+        let pid = broker.child.id().expect("running") as i32;
+        let killer = tokio::spawn(async move {
+            tokio::time::sleep(kill_after).await;
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+        });
+        // Below the session's queue limit (mqtt.max_queued_messages, 1000), where a message
+        // would be dropped for the subscriber (and counted) rather than queued.
+        let acked = publish_until_gone(broker.mqtt, &mut next, 20 * WINDOW as u64).await;
+        killer.await.expect("killer");
+        let status = tokio::time::timeout(WAIT, broker.child.wait())
+            .await
+            .expect("killed broker exits")
+            .expect("wait");
+        assert!(!status.success(), "round {round}: killed, not exited");
+        total_acked += acked.len();
+
+        broker = start(&data).await;
+        let got = drain(broker.mqtt, &acked).await;
+        eprintln!(
+            "round {round}: killed after {kill_after:?}, {} acknowledged, {} delivered",
+            acked.len(),
+            got.len()
+        );
+        let value = retained(broker.mqtt).await;
+        check(&format!("round {round}"), &acked, &got, value);
+    }
+    assert!(
+        total_acked > ROUNDS * WINDOW,
+        "the rounds acknowledged too little to prove anything ({total_acked})"
+    );
+
+    // A clean shutdown keeps everything too.
+    let acked = publish_until_gone(broker.mqtt, &mut next, 10 * WINDOW as u64).await;
+    assert_eq!(acked.len(), 10 * WINDOW);
+    let pid = broker.child.id().expect("running");
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    let status = tokio::time::timeout(WAIT, broker.child.wait())
+        .await
+        .expect("broker stops")
+        .expect("wait");
+    assert!(status.success(), "clean shutdown: {status:?}");
+    let broker = start(&data).await;
+    let got = drain(broker.mqtt, &acked).await;
+    assert_eq!(got.len(), acked.len(), "nothing unacknowledged was in flight");
+    check("clean shutdown", &acked, &got, retained(broker.mqtt).await);
+}
