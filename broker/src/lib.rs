@@ -418,7 +418,9 @@ async fn open_state(
             source: std::io::Error::other(e.to_string()),
         })??;
     let Some((store, loaded)) = opened else {
-        tracing::info!("Persistence is off: retained messages and persistent sessions live in memory only.");
+        tracing::info!(
+            "Persistence is off: retained messages and persistent sessions live in memory only."
+        );
         return Ok(None);
     };
     let started = std::time::Instant::now();

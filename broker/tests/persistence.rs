@@ -300,6 +300,10 @@ async fn acknowledged_messages_and_retained_values_survive_kill_9_and_clean_shut
     assert!(status.success(), "clean shutdown: {status:?}");
     let broker = start(&data).await;
     let got = drain(broker.mqtt, &acked).await;
-    assert_eq!(got.len(), acked.len(), "nothing unacknowledged was in flight");
+    assert_eq!(
+        got.len(),
+        acked.len(),
+        "nothing unacknowledged was in flight"
+    );
     check("clean shutdown", &acked, &got, retained(broker.mqtt).await);
 }

@@ -140,9 +140,11 @@ impl Broker {
         let limits = self.router.limits();
         for (key, stored) in image.sessions {
             self.sessions.reserve_keys(key);
-            let interval = stored.expiry.map_or(self.config.persistent_session_expiry, |s| {
-                Duration::from_secs(u64::from(s))
-            });
+            let interval = stored
+                .expiry
+                .map_or(self.config.persistent_session_expiry, |s| {
+                    Duration::from_secs(u64::from(s))
+                });
             let left_ms = if stored.left_at_ms == 0 {
                 now_ms
             } else {
@@ -193,9 +195,7 @@ impl Broker {
             self.expiring
                 .schedule(&session, 1, tokio::time::Instant::now() + left);
             restored.sessions += 1;
-            restored
-                .held
-                .push((stored.client_id.into(), now + left));
+            restored.held.push((stored.client_id.into(), now + left));
         }
         restored
     }

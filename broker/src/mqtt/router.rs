@@ -460,9 +460,9 @@ impl Router {
             if how != Route::Always && self.over_budget() {
                 let stores = (message.retain && !message.payload.is_empty())
                     || (message.qos != QoS::AtMostOnce
-                        && out.values().any(|t| {
-                            t.qos != QoS::AtMostOnce && t.session.state().persistent
-                        }));
+                        && out
+                            .values()
+                            .any(|t| t.qos != QoS::AtMostOnce && t.session.state().persistent));
                 if stores {
                     return Err(NotRouted::DiskFull(message));
                 }
@@ -550,9 +550,7 @@ impl Router {
             })
         };
         let result = match target {
-            Some((session, delivery)) => {
-                session.enqueue(message, delivery, &self.limits, &mut 0)
-            }
+            Some((session, delivery)) => session.enqueue(message, delivery, &self.limits, &mut 0),
             None => Err(DropReason::SessionEnded),
         };
         match result {
@@ -569,8 +567,8 @@ impl Router {
             let (change, result) = retained.set(message);
             // Appended under the lock, so that the stored order is the order of the sets.
             let ticket = self.limits.store.as_ref().and_then(|store| {
-                let stored = (result.is_ok() && !message.payload.is_empty())
-                    .then(|| message.to_stored());
+                let stored =
+                    (result.is_ok() && !message.payload.is_empty()).then(|| message.to_stored());
                 let ticket = store.append(Record::Retain {
                     topic: message.topic.clone(),
                     message: stored,

@@ -530,7 +530,10 @@ impl SessionState {
             return (false, None);
         }
         received.push(pkid);
-        (true, self.journal(limits, |key| Record::Received { key, pkid }))
+        (
+            true,
+            self.journal(limits, |key| Record::Received { key, pkid }),
+        )
     }
 
     /// QoS 2 messages received and not yet released.
@@ -551,7 +554,10 @@ impl SessionState {
         if !found {
             return (false, None);
         }
-        (true, self.journal(limits, |key| Record::Completed { key, pkid }))
+        (
+            true,
+            self.journal(limits, |key| Record::Completed { key, pkid }),
+        )
     }
 
     /// What the client accepts of the PUBLISHes sent to it.
@@ -1227,8 +1233,13 @@ mod tests {
         let l = limits(100, 1000, 1000);
         let s = online();
         for _ in 0..5 {
-            s.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l, &mut 0)
-                .expect("room");
+            s.enqueue(
+                msg(QoS::AtLeastOnce),
+                Delivery::qos(QoS::AtLeastOnce),
+                &l,
+                &mut 0,
+            )
+            .expect("room");
         }
         let mut st = s.state();
         let mut buf = BytesMut::new();
@@ -1257,8 +1268,13 @@ mod tests {
     fn qos2_stages() {
         let l = limits(100, 1000, 1000);
         let s = online();
-        s.enqueue(msg(QoS::ExactlyOnce), Delivery::qos(QoS::ExactlyOnce), &l, &mut 0)
-            .expect("room");
+        s.enqueue(
+            msg(QoS::ExactlyOnce),
+            Delivery::qos(QoS::ExactlyOnce),
+            &l,
+            &mut 0,
+        )
+        .expect("room");
         let mut st = s.state();
         let mut buf = BytesMut::new();
         st.write_pending(&mut buf, 1 << 20, 10, &l);
@@ -1277,15 +1293,30 @@ mod tests {
         let l = limits(3, 1000, 1000);
         let s = Session::new("c".into(), 1);
         assert_eq!(
-            s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l, &mut 0),
+            s.enqueue(
+                msg(QoS::AtMostOnce),
+                Delivery::qos(QoS::AtMostOnce),
+                &l,
+                &mut 0
+            ),
             Err(DropReason::Qos0Offline)
         );
         for _ in 0..3 {
-            s.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l, &mut 0)
-                .expect("room");
+            s.enqueue(
+                msg(QoS::AtLeastOnce),
+                Delivery::qos(QoS::AtLeastOnce),
+                &l,
+                &mut 0,
+            )
+            .expect("room");
         }
         assert_eq!(
-            s.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l, &mut 0),
+            s.enqueue(
+                msg(QoS::AtLeastOnce),
+                Delivery::qos(QoS::AtLeastOnce),
+                &l,
+                &mut 0
+            ),
             Err(DropReason::QueueFull)
         );
     }
@@ -1342,12 +1373,22 @@ mod tests {
         let s = online();
         assert!(!s.set_online(true));
         for _ in 0..3 {
-            s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l, &mut 0)
-                .expect("room");
+            s.enqueue(
+                msg(QoS::AtMostOnce),
+                Delivery::qos(QoS::AtMostOnce),
+                &l,
+                &mut 0,
+            )
+            .expect("room");
         }
         assert!(!s.holds_back_publishers(), "below half the queue");
-        s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l, &mut 0)
-            .expect("room");
+        s.enqueue(
+            msg(QoS::AtMostOnce),
+            Delivery::qos(QoS::AtMostOnce),
+            &l,
+            &mut 0,
+        )
+        .expect("room");
         assert!(s.holds_back_publishers(), "half the queue: congested");
         // Drained to a quarter: relieved, and waiting publishers are to be told.
         let mut st = s.state();
@@ -1359,8 +1400,13 @@ mod tests {
         assert!(!s.holds_back_publishers());
         // Congested again while the client is behind: held back only for a grace period.
         for _ in 0..2 {
-            s.enqueue(msg(QoS::AtMostOnce), Delivery::qos(QoS::AtMostOnce), &l, &mut 0)
-                .expect("room");
+            s.enqueue(
+                msg(QoS::AtMostOnce),
+                Delivery::qos(QoS::AtMostOnce),
+                &l,
+                &mut 0,
+            )
+            .expect("room");
         }
         s.client_behind();
         assert!(s.holds_back_publishers());
@@ -1372,8 +1418,13 @@ mod tests {
         // Nobody holds back for a session whose client is away.
         let t = online();
         for _ in 0..4 {
-            t.enqueue(msg(QoS::AtLeastOnce), Delivery::qos(QoS::AtLeastOnce), &l, &mut 0)
-                .expect("room");
+            t.enqueue(
+                msg(QoS::AtLeastOnce),
+                Delivery::qos(QoS::AtLeastOnce),
+                &l,
+                &mut 0,
+            )
+            .expect("room");
         }
         assert!(!t.holds_back_publishers(), "offline until attached");
         t.set_online(true);

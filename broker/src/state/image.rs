@@ -210,14 +210,14 @@ impl Image {
             topic: topic.clone(),
             message: Some(m.clone()),
         });
-        let messages = self
-            .messages
-            .iter()
-            .filter(|(_, (_, refs))| *refs > 0)
-            .map(|(id, (m, _))| Record::Message {
-                id: *id,
-                message: m.clone(),
-            });
+        let messages =
+            self.messages
+                .iter()
+                .filter(|(_, (_, refs))| *refs > 0)
+                .map(|(id, (m, _))| Record::Message {
+                    id: *id,
+                    message: m.clone(),
+                });
         let sessions = self.sessions.iter().flat_map(|(key, s)| {
             let key = *key;
             let head = [
@@ -259,10 +259,7 @@ impl Image {
                 .chain(queue)
                 .chain(incoming)
         });
-        header
-            .chain(retained)
-            .chain(messages)
-            .chain(sessions)
+        header.chain(retained).chain(messages).chain(sessions)
     }
 }
 
@@ -349,7 +346,11 @@ mod tests {
             image.apply(r);
         }
         assert_eq!(image.dangling, 0);
-        assert_eq!(image.messages.len(), 1, "message 10 is gone with its last queue");
+        assert_eq!(
+            image.messages.len(),
+            1,
+            "message 10 is gone with its last queue"
+        );
         let s = &image.sessions[&1];
         assert_eq!(s.queue.len(), 1);
         assert_eq!((s.queue[0].id, s.queue[0].pkid), (11, 2));

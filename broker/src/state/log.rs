@@ -197,7 +197,10 @@ impl Shared {
                      sessions and retained messages are refused until compaction frees space."
                 );
             } else {
-                tracing::info!(disk_bytes = bytes, "Broker state is below persistence.max_disk again.");
+                tracing::info!(
+                    disk_bytes = bytes,
+                    "Broker state is below persistence.max_disk again."
+                );
             }
         }
     }
@@ -520,12 +523,10 @@ impl Writer {
         }
         self.snapshot_bytes =
             std::fs::metadata(self.shared.dir.join(SNAPSHOT)).map_or(0, |m| m.len());
-        if self.closed_bytes >= self.snapshot_bytes.max(self.shared.config.segment_bytes)
-            || self.shared.over_budget.load(Ordering::Relaxed)
-        {
-            if self.compact.send(self.generation).is_ok() {
-                self.closed_bytes = 0;
-            }
+        let due = self.closed_bytes >= self.snapshot_bytes.max(self.shared.config.segment_bytes)
+            || self.shared.over_budget.load(Ordering::Relaxed);
+        if due && self.compact.send(self.generation).is_ok() {
+            self.closed_bytes = 0;
         }
         self.generation
     }

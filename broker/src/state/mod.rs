@@ -88,8 +88,10 @@ pub enum StateError {
     #[error("{0} is in use by another broker process (its LOCK file is locked)")]
     Locked(PathBuf),
     /// A file holds a record that is not a torn write at the end of the newest log.
-    #[error("{path}: corrupt record at byte {offset} ({error}); restore a backup \
-             (`broker state import`) or move the directory away to start empty")]
+    #[error(
+        "{path}: corrupt record at byte {offset} ({error}); restore a backup \
+             (`broker state import`) or move the directory away to start empty"
+    )]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -126,8 +128,11 @@ impl StateError {
     }
 }
 
+/// An opened store and what it held.
+pub type Opened = (Arc<dyn StateStore>, Loaded);
+
 /// Opens the state `config` asks for: `None` when `persistence.mode = "off"`. Blocking.
-pub fn open(config: &PersistenceConfig) -> Result<Option<(Arc<dyn StateStore>, Loaded)>, StateError> {
+pub fn open(config: &PersistenceConfig) -> Result<Option<Opened>, StateError> {
     if config.mode == PersistenceMode::Off {
         return Ok(None);
     }

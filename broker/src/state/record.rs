@@ -408,7 +408,9 @@ impl Record {
                 let id = u64_(b)?;
                 let flags = u8_(b)?;
                 let count = usize::from(u16_(b)?);
-                let ids = (0..count).map(|_| u32_(b)).collect::<Result<Box<[u32]>, _>>()?;
+                let ids = (0..count)
+                    .map(|_| u32_(b))
+                    .collect::<Result<Box<[u32]>, _>>()?;
                 let shared = str_(b)?;
                 Record::Enqueue {
                     key,

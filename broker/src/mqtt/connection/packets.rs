@@ -252,8 +252,11 @@ impl Job {
                                     retain_as_published: filter.retain_as_published,
                                     id: *id,
                                 };
-                                *ticket = (*ticket)
-                                    .max(st.add_subscription(&filter.path, options, limits));
+                                *ticket = (*ticket).max(st.add_subscription(
+                                    &filter.path,
+                                    options,
+                                    limits,
+                                ));
                                 codes.push(filter.qos as u8);
                                 if send_retained {
                                     retained.push(granted.len());
@@ -438,7 +441,14 @@ pub fn handle<S: Transport>(
                          every 10 s)."
                     );
                 }
-                acknowledge(io, conn, received, publish.qos, publish.pkid, reason::NOT_AUTHORIZED);
+                acknowledge(
+                    io,
+                    conn,
+                    received,
+                    publish.qos,
+                    publish.pkid,
+                    reason::NOT_AUTHORIZED,
+                );
                 return Ok(Handled::Done);
             }
             let message = Arc::new(
@@ -464,7 +474,14 @@ pub fn handle<S: Transport>(
                 Err(NotRouted::DiskFull(_)) if v5 => {
                     // An MQTT 5 client is told, and may try again later.
                     disk_full();
-                    acknowledge(io, conn, received, publish.qos, publish.pkid, reason::QUOTA_EXCEEDED);
+                    acknowledge(
+                        io,
+                        conn,
+                        received,
+                        publish.qos,
+                        publish.pkid,
+                        reason::QUOTA_EXCEEDED,
+                    );
                 }
                 Err(not_routed) => {
                     return Ok(Handled::Held(Held {
@@ -506,7 +523,12 @@ pub fn handle<S: Transport>(
             } else {
                 reason::PACKET_IDENTIFIER_NOT_FOUND
             };
-            reply(io, conn, ticket, Ack::Publish(PacketType::PubComp, rel.pkid, code));
+            reply(
+                io,
+                conn,
+                ticket,
+                Ack::Publish(PacketType::PubComp, rel.pkid, code),
+            );
         }
         Packet::PubComp(comp) => {
             if !session.state().pubcomp(comp.pkid, limits) {
