@@ -116,7 +116,7 @@ pub enum ConnectionEvent {
         /// Until when the broker holds the client's persistent session after this connection
         /// (its subscriptions and queued messages), unless the client connects again; `None`
         /// when the session ended with the connection, for a takeover (the session goes on
-        /// with the new connection), for a broker shutdown (sessions live in memory), and in
+        /// with the new connection), for a broker shutdown without persistence, and in
         /// older journals.
         #[serde(default)]
         session_expires_at: Option<SystemTime>,

@@ -299,6 +299,14 @@ async fn serve<S: PresenceStore>(
     if let Some(counts) = &new_sessions {
         bridge.count_new_sessions(Arc::clone(counts));
     }
+    // The broker state is read back before anything is served; the persistent sessions it
+    // restores are held again in the presence store at the bridge's recovery.
+    let mut mqtt_broker = mqtt::Broker::new(config.mqtt.clone(), events)
+        .with_auth(Arc::clone(&auth))
+        .with_acl(Arc::clone(&acl));
+    let (state_store, held) = open_state(&config, &mut mqtt_broker).await?;
+    bridge.hold_sessions(held);
+    let mqtt_broker = Arc::new(mqtt_broker);
     let tracker = TaskTracker::new();
     let bridge_stop = CancellationToken::new();
     let bridge_done = tracker.spawn(bridge.run(bridge_stop.clone()));
@@ -337,11 +345,6 @@ async fn serve<S: PresenceStore>(
         .await?;
         auth.attach_credentials(Arc::new(store::StoreCredentials(credentials)));
     }
-    let mut mqtt_broker = mqtt::Broker::new(config.mqtt.clone(), events)
-        .with_auth(Arc::clone(&auth))
-        .with_acl(Arc::clone(&acl));
-    let state_store = open_state(&config, &mut mqtt_broker).await?;
-    let mqtt_broker = Arc::new(mqtt_broker);
     let reloader = Arc::new(reloader(&config, tls, &auth, &mqtt_broker, &access));
     let state = http::AppState::new(
         api_store,
@@ -404,12 +407,16 @@ async fn serve<S: PresenceStore>(
     Ok(())
 }
 
+/// What [`open_state`] gives: the store (`None` when persistence is off), and the persistent
+/// sessions it restored (client id, when each expires unless its client connects).
+type OpenedState = (
+    Option<Arc<dyn state::StateStore>>,
+    Vec<(String, chrono::DateTime<chrono::Utc>)>,
+);
+
 /// Opens the broker state (`persistence`), off the async runtime, and rebuilds the retained
-/// messages and persistent sessions it holds in `broker`. `None` when persistence is off.
-async fn open_state(
-    config: &Config,
-    broker: &mut mqtt::Broker,
-) -> Result<Option<Arc<dyn state::StateStore>>, Error> {
+/// messages and persistent sessions it holds in `broker`.
+async fn open_state(config: &Config, broker: &mut mqtt::Broker) -> Result<OpenedState, Error> {
     let persistence = config.persistence.clone();
     let opened = tokio::task::spawn_blocking(move || state::open(&persistence))
         .await
@@ -421,7 +428,7 @@ async fn open_state(
         tracing::info!(
             "Persistence is off: retained messages and persistent sessions live in memory only."
         );
-        return Ok(None);
+        return Ok((None, Vec::new()));
     };
     let started = std::time::Instant::now();
     broker.set_state(Arc::clone(&store));
@@ -449,7 +456,12 @@ async fn open_state(
         load_ms = elapsed.as_millis() as u64,
         "Broker state loaded."
     );
-    Ok(Some(store))
+    let held = restored
+        .held
+        .into_iter()
+        .map(|(client_id, at)| (client_id, chrono::DateTime::<chrono::Utc>::from(at)))
+        .collect();
+    Ok((Some(store), held))
 }
 
 /// The files that SIGHUP and `POST /api/v1/admin/reload` re-read, in this order: the TLS

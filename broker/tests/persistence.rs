@@ -24,10 +24,11 @@ const WINDOW: usize = 32;
 const SUBSCRIBER: &str = "crash-sub";
 const TOPIC: &str = "crash/data";
 
-/// A broker process on `data`, and its MQTT address.
+/// A broker process on `data`, and its MQTT and HTTP addresses.
 struct Broker {
     child: Child,
     mqtt: std::net::SocketAddr,
+    http: std::net::SocketAddr,
     _lines: mpsc::UnboundedReceiver<String>,
 }
 
@@ -59,27 +60,34 @@ async fn start(data: &testkit::TempDir) -> Broker {
             }
         }
     });
-    let ready = tokio::time::timeout(WAIT, async {
+    let http = listen(&mut lines, "HTTP listener ready").await;
+    let mqtt = listen(&mut lines, "MQTT listener ready").await;
+    Broker {
+        child,
+        mqtt,
+        http,
+        _lines: lines,
+    }
+}
+
+/// The address of the first log line containing `needle` ("... listener ready").
+async fn listen(lines: &mut mpsc::UnboundedReceiver<String>, needle: &str) -> std::net::SocketAddr {
+    let line = tokio::time::timeout(WAIT, async {
         loop {
             let line = lines.recv().await.expect("broker still logging");
-            if line.contains("MQTT listener ready") {
+            if line.contains(needle) {
                 return line;
             }
         }
     })
     .await
-    .expect("broker ready");
-    let value: serde_json::Value = serde_json::from_str(&ready).expect("JSON log line");
-    let mqtt = value["listen"]
+    .unwrap_or_else(|_| panic!("no log line {needle:?}"));
+    let value: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+    value["listen"]
         .as_str()
         .expect("listen field")
         .parse()
-        .expect("address");
-    Broker {
-        child,
-        mqtt,
-        _lines: lines,
-    }
+        .expect("address")
 }
 
 /// A small random number generator, seeded from the clock (the seed is printed).
@@ -211,6 +219,19 @@ async fn retained(addr: std::net::SocketAddr) -> Option<u64> {
     value
 }
 
+/// The presence API shows the restored persistent session of `client_id`, connected when the
+/// broker was killed, as held by the device, now offline (the restart's recovery closed its
+/// connection and cleared what the killed boot held, then held the restored session again).
+async fn held_in_presence(broker: &Broker, client_id: &str) {
+    let path = format!("/api/v1/devices/{client_id}");
+    testkit::eventually("the restored session held in presence", || async {
+        let body = testkit::http_get(broker.http, &path).await?;
+        let device: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (device["online"] == false && !device["session_expires_at"].is_null()).then_some(())
+    })
+    .await;
+}
+
 /// Checks one round: every acknowledged message came, first deliveries in publish order, and
 /// the retained value is the last acknowledged one or later.
 fn check(round: &str, acked: &[u64], got: &[u64], retained: Option<u64>) {
@@ -245,6 +266,20 @@ async fn acknowledged_messages_and_retained_values_survive_kill_9_and_clean_shut
     let (mut sub, _) = RawClient::connect(broker.mqtt, opts).await;
     sub.subscribe("crash/#", QoS::AtLeastOnce).await;
     sub.disconnect().await;
+    // A persistent client connected when the broker is first killed.
+    let mut opts = ConnectOpts::new("crash-online");
+    opts.clean_session = false;
+    let (mut c, _) = RawClient::connect(broker.mqtt, opts).await;
+    c.subscribe("elsewhere", QoS::AtLeastOnce).await;
+    let mut online = Some(c);
+    // Its connection is in the presence store before the kill (an event the bridge has not
+    // written yet would die with the process: that is the presence pipeline's window).
+    testkit::eventually("crash-online connected in presence", || async {
+        let body = testkit::http_get(broker.http, "/api/v1/devices/crash-online").await?;
+        let device: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (device["online"] == true).then_some(())
+    })
+    .await;
 
     let mut next = 1u64;
     let mut total_acked = 0;
@@ -278,6 +313,11 @@ async fn acknowledged_messages_and_retained_values_survive_kill_9_and_clean_shut
         );
         let value = retained(broker.mqtt).await;
         check(&format!("round {round}"), &acked, &got, value);
+        if round == 0 {
+            // Connected when the broker was killed: offline now, its session held.
+            drop(online.take());
+            held_in_presence(&broker, "crash-online").await;
+        }
     }
     assert!(
         total_acked > ROUNDS * WINDOW,

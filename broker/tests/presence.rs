@@ -400,6 +400,12 @@ impl broker::store::PresenceStore for StallFirstWrite {
     ) -> Result<broker::store::Recovery, broker::store::StoreError> {
         self.inner.begin_boot(node_id, boot_id, now).await
     }
+    async fn hold_sessions(
+        &self,
+        held: &[(String, chrono::DateTime<chrono::Utc>)],
+    ) -> Result<u64, broker::store::StoreError> {
+        self.inner.hold_sessions(held).await
+    }
     async fn heartbeat(
         &self,
         boot_id: uuid::Uuid,

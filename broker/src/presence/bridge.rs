@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -104,13 +104,23 @@ async fn ended(call: &mut Option<StoreCall>) -> Ended {
     }
 }
 
-/// Crash recovery of the node's earlier boots, logged when it closed anything.
+/// Crash recovery of the node's earlier boots, logged when it closed anything; then the
+/// persistent sessions the broker state restored are recorded as held again.
 async fn recover<S: PresenceStore>(
     store: &S,
     node_id: &str,
     boot_id: Uuid,
+    held: &[(String, DateTime<Utc>)],
 ) -> Result<(), StoreError> {
     let recovery = store.begin_boot(node_id, boot_id, Utc::now()).await?;
+    if !held.is_empty() {
+        let devices = store.hold_sessions(held).await?;
+        tracing::info!(
+            sessions = held.len(),
+            devices,
+            "Persistent sessions restored from the broker state are held again."
+        );
+    }
     if recovery.sessions_closed > 0 || recovery.boots > 0 {
         tracing::info!(
             boots = recovery.boots,
@@ -150,6 +160,9 @@ pub struct Bridge<S> {
     in_flight: Option<StoreCall>,
     /// Where committed sessions are counted per device for retention's cap, when it is on.
     new_sessions: Option<Arc<NewSessions>>,
+    /// Persistent sessions the broker state restored (client id, expiry), recorded at
+    /// recovery.
+    held: Arc<[(String, DateTime<Utc>)]>,
 }
 
 impl<S: PresenceStore> Bridge<S> {
@@ -185,6 +198,7 @@ impl<S: PresenceStore> Bridge<S> {
             migrated: Arc::new(AtomicBool::new(false)),
             in_flight: None,
             new_sessions: None,
+            held: Arc::new([]),
         })
     }
 
@@ -192,6 +206,12 @@ impl<S: PresenceStore> Bridge<S> {
     /// cap per device).
     pub fn count_new_sessions(&mut self, counts: Arc<NewSessions>) {
         self.new_sessions = Some(counts);
+    }
+
+    /// Records the persistent sessions the broker state restored as held, at recovery (they
+    /// outlived the earlier boot whose held sessions recovery clears).
+    pub fn hold_sessions(&mut self, held: Vec<(String, DateTime<Utc>)>) {
+        self.held = held.into();
     }
 
     /// Becomes true once the store's migrations are applied.
@@ -328,6 +348,7 @@ impl<S: PresenceStore> Bridge<S> {
         let store = self.store.clone();
         let node_id = Arc::clone(&self.node_id);
         let boot_id = self.boot_id;
+        let held = Arc::clone(&self.held);
         let timeout = self.config.store_timeout;
         let abandon = CancellationToken::new();
         let abandoned = abandon.clone();
@@ -338,7 +359,7 @@ impl<S: PresenceStore> Bridge<S> {
             let call = async {
                 match job {
                     Job::Migrate => store.migrate().await,
-                    Job::Recover => recover(&store, &node_id, boot_id).await,
+                    Job::Recover => recover(&store, &node_id, boot_id, &held).await,
                     Job::Journal { .. } | Job::Memory => store.apply(&batch).await,
                 }
             };
@@ -651,6 +672,9 @@ mod tests {
             _: Uuid,
             _: DateTime<Utc>,
         ) -> Result<Recovery, StoreError> {
+            std::future::pending().await
+        }
+        async fn hold_sessions(&self, _: &[(String, DateTime<Utc>)]) -> Result<u64, StoreError> {
             std::future::pending().await
         }
         async fn heartbeat(&self, _: Uuid, _: DateTime<Utc>) -> Result<(), StoreError> {

@@ -108,6 +108,14 @@ pub trait PresenceStore: Clone + Send + Sync + 'static {
         boot_id: Uuid,
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<Recovery, StoreError>> + Send;
+    /// Records that this node holds the persistent sessions of `held` (client id, when each
+    /// expires unless its client connects) for devices that are offline: the broker state
+    /// restored them at start, after [`PresenceStore::begin_boot`] cleared what earlier boots
+    /// held. Returns how many devices it updated.
+    fn hold_sessions(
+        &self,
+        held: &[(String, DateTime<Utc>)],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// Marks the boot alive at `now`.
     fn heartbeat(
         &self,

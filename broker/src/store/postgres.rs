@@ -209,6 +209,19 @@ impl PresenceStore for PgStore {
         Ok(recovery)
     }
 
+    async fn hold_sessions(&self, held: &[(String, DateTime<Utc>)]) -> Result<u64, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE devices d SET session_expires_at = u.expires_at, updated_at = now() \
+             FROM UNNEST($1::text[], $2::timestamptz[]) AS u(device_id, expires_at) \
+             WHERE d.device_id = u.device_id AND NOT d.online",
+        )
+        .bind(held.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+        .bind(held.iter().map(|(_, at)| *at).collect::<Vec<_>>())
+        .execute(&self.pool)
+        .await?;
+        Ok(updated.rows_affected())
+    }
+
     async fn heartbeat(&self, boot_id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError> {
         sqlx::query("UPDATE nodes SET heartbeat_at = $2 WHERE boot_id = $1")
             .bind(boot_id)

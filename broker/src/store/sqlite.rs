@@ -286,6 +286,29 @@ impl PresenceStore for SqliteStore {
         Ok(recovery)
     }
 
+    async fn hold_sessions(&self, held: &[(String, DateTime<Utc>)]) -> Result<u64, StoreError> {
+        let now = micros(Utc::now());
+        let mut tx = self.pool.begin().await?;
+        let mut updated = 0;
+        for chunk in held.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "UPDATE devices SET session_expires_at = v.column2, updated_at = v.column3 FROM (",
+            );
+            q.push_values(chunk, |mut b, (client_id, at)| {
+                b.push_bind(client_id).push_bind(micros(*at)).push_bind(now);
+            });
+            q.push(") AS v WHERE devices.device_id = v.column1 AND NOT devices.online");
+            updated += q
+                .build()
+                .persistent(false)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(updated)
+    }
+
     async fn heartbeat(&self, boot_id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError> {
         sqlx::query("UPDATE nodes SET heartbeat_at = ?2 WHERE boot_id = ?1")
             .bind(boot_id.to_string())

@@ -186,17 +186,18 @@ async fn close(
 }
 
 /// Until when `session` is held after its connection ends now with `reason`: `None` when it
-/// ends with the connection, goes on with a newer one (takeover), or ends with the broker.
+/// ends with the connection, goes on with a newer one (takeover), or ends with the broker
+/// (a shutdown without persistence).
 fn held_until(
     broker: &Broker,
     session: &crate::mqtt::session::Session,
     reason: DisconnectReason,
     now: SystemTime,
 ) -> Option<SystemTime> {
-    if matches!(
-        reason,
-        DisconnectReason::Takeover | DisconnectReason::BrokerShutdown
-    ) {
+    // A shutdown ends the sessions with the broker, unless the broker state keeps them.
+    if reason == DisconnectReason::Takeover
+        || (reason == DisconnectReason::BrokerShutdown && broker.router.store().is_none())
+    {
         return None;
     }
     let st = session.state();
