@@ -13,7 +13,8 @@
 //!   client certificates as PEM files.
 //! - `client`: MQTT test clients: raw bytes ([`RawClient`], [`ConnectOpts`], [`encode`],
 //!   [`connect_packet`]) and rumqttc ([`Client`]).
-//! - `mosquitto`: a real Mosquitto beside ours ([`Mosquitto`]), and [`mosquitto_passwd`].
+//! - `mosquitto`: a real Mosquitto beside ours ([`Mosquitto`], with or without persistence), and
+//!   [`mosquitto_passwd`]; [`find_mosquitto`] for a test that skips without it.
 //! - `mqtt`: the MQTT layer alone, in-process on the test's runtime ([`TestBroker`]), with its
 //!   connection events.
 //! - `full`: the whole broker (MQTT, bridge, store, HTTP) on a runtime of its own
@@ -38,7 +39,7 @@ mod wait;
 pub use client::{connect_packet, encode, Client, ConnectOpts, RawClient};
 pub use full::{sqlite_url, FullBroker};
 pub use http::{http_get, http_request, http_response, Response};
-pub use mosquitto::{mosquitto_bin, mosquitto_passwd, Mosquitto};
+pub use mosquitto::{find_mosquitto, mosquitto_bin, mosquitto_passwd, Mosquitto};
 pub use mqtt::TestBroker;
 pub use net::free_port;
 pub use pki::{CertFiles, TestPki};
