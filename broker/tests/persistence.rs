@@ -5,18 +5,13 @@
 //! retained value must be the last acknowledged one or a later one. The same after a clean
 //! shutdown (SIGTERM).
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::mqttbytes::QoS;
-use testkit::{ConnectOpts, RawClient};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use testkit::{BrokerProcess, ConnectOpts, RawClient, WAIT};
 
 const BROKER: &str = env!("CARGO_BIN_EXE_broker");
-const WAIT: Duration = Duration::from_secs(20);
 /// Kill-and-restart rounds.
 const ROUNDS: usize = 20;
 /// PUBLISHes in flight at once (sent before their PUBACKs are read).
@@ -24,70 +19,8 @@ const WINDOW: usize = 32;
 const SUBSCRIBER: &str = "crash-sub";
 const TOPIC: &str = "crash/data";
 
-/// A broker process on `data`, and its MQTT and HTTP addresses.
-struct Broker {
-    child: Child,
-    mqtt: std::net::SocketAddr,
-    http: std::net::SocketAddr,
-    _lines: mpsc::UnboundedReceiver<String>,
-}
-
-async fn start(data: &testkit::TempDir) -> Broker {
-    let mut child = Command::new(BROKER)
-        .env("BROKER_MQTT__LISTEN", "127.0.0.1:0")
-        .env("BROKER_HTTP__LISTEN", "127.0.0.1:0")
-        .env("BROKER_DATABASE__URL", testkit::sqlite_url(data))
-        .env("BROKER_PERSISTENCE__DIR", data.path().join("state"))
-        .env(
-            "BROKER_BRIDGE__JOURNAL_PATH",
-            data.path().join("presence.journal"),
-        )
-        .env("BROKER_LOG__FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn broker");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, mut lines) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut reader = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = reader.next_line().await {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let http = listen(&mut lines, "HTTP listener ready").await;
-    let mqtt = listen(&mut lines, "MQTT listener ready").await;
-    Broker {
-        child,
-        mqtt,
-        http,
-        _lines: lines,
-    }
-}
-
-/// The address of the first log line containing `needle` ("... listener ready").
-async fn listen(lines: &mut mpsc::UnboundedReceiver<String>, needle: &str) -> std::net::SocketAddr {
-    let line = tokio::time::timeout(WAIT, async {
-        loop {
-            let line = lines.recv().await.expect("broker still logging");
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no log line {needle:?}"));
-    let value: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
-    value["listen"]
-        .as_str()
-        .expect("listen field")
-        .parse()
-        .expect("address")
+async fn start(data: &testkit::TempDir) -> BrokerProcess {
+    BrokerProcess::start(BROKER, data.path(), &[]).await
 }
 
 /// A small random number generator, seeded from the clock (the seed is printed).
@@ -222,7 +155,7 @@ async fn retained(addr: std::net::SocketAddr) -> Option<u64> {
 /// The presence API shows the restored persistent session of `client_id`, connected when the
 /// broker was killed, as held by the device, now offline (the restart's recovery closed its
 /// connection and cleared what the killed boot held, then held the restored session again).
-async fn held_in_presence(broker: &Broker, client_id: &str) {
+async fn held_in_presence(broker: &BrokerProcess, client_id: &str) {
     let path = format!("/api/v1/devices/{client_id}");
     testkit::eventually("the restored session held in presence", || async {
         let body = testkit::http_get(broker.http, &path).await?;
@@ -285,7 +218,7 @@ async fn acknowledged_messages_and_retained_values_survive_kill_9_and_clean_shut
     let mut total_acked = 0;
     for round in 0..ROUNDS {
         let kill_after = Duration::from_millis(10 + rng.next(250));
-        let pid = broker.child.id().expect("running") as i32;
+        let pid = broker.pid();
         let killer = tokio::spawn(async move {
             tokio::time::sleep(kill_after).await;
             let _ = std::process::Command::new("kill")
@@ -297,10 +230,7 @@ async fn acknowledged_messages_and_retained_values_survive_kill_9_and_clean_shut
         // would be dropped for the subscriber (and counted) rather than queued.
         let acked = publish_until_gone(broker.mqtt, &mut next, 20 * WINDOW as u64).await;
         killer.await.expect("killer");
-        let status = tokio::time::timeout(WAIT, broker.child.wait())
-            .await
-            .expect("killed broker exits")
-            .expect("wait");
+        let status = broker.exited().await;
         assert!(!status.success(), "round {round}: killed, not exited");
         total_acked += acked.len();
 
@@ -327,17 +257,7 @@ async fn acknowledged_messages_and_retained_values_survive_kill_9_and_clean_shut
     // A clean shutdown keeps everything too.
     let acked = publish_until_gone(broker.mqtt, &mut next, 10 * WINDOW as u64).await;
     assert_eq!(acked.len(), 10 * WINDOW);
-    let pid = broker.child.id().expect("running");
-    std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .expect("kill");
-    let status = tokio::time::timeout(WAIT, broker.child.wait())
-        .await
-        .expect("broker stops")
-        .expect("wait");
-    assert!(status.success(), "clean shutdown: {status:?}");
+    broker.terminate().await;
     let broker = start(&data).await;
     let got = drain(broker.mqtt, &acked).await;
     assert_eq!(

@@ -15,19 +15,16 @@
 //!   all of them and the session too). The test asserts that it loses at least one, so that it
 //!   fails if the comparison stops showing a difference, and prints both counts.
 //!
-//! Skipped, with a message, when Mosquitto is not installed.
+//! Mosquitto must be installed (`./test.sh` and CI install Debian's package), as for the
+//! other tests that run it.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish};
 use rumqttc::mqttbytes::QoS;
-use testkit::{find_mosquitto, temp_dir, ConnectOpts, Mosquitto, RawClient, WAIT};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use testkit::{temp_dir, BrokerProcess, ConnectOpts, Mosquitto, RawClient};
 
 const BROKER: &str = env!("CARGO_BIN_EXE_broker");
 /// QoS 1 retained messages published in each run (below both brokers' default limit of
@@ -60,12 +57,7 @@ enum Stop {
 
 /// One broker process with its state in a directory it is given.
 enum Server {
-    Heartwire {
-        child: Child,
-        mqtt: SocketAddr,
-        /// Its log lines (read so that its stderr pipe never fills).
-        _lines: mpsc::UnboundedReceiver<String>,
-    },
+    Heartwire(BrokerProcess),
     Mosquitto(Mosquitto),
 }
 
@@ -73,7 +65,13 @@ impl Server {
     /// Starts `kind` on the state in `state` and waits until it accepts MQTT connections.
     async fn start(kind: Kind, state: &Path) -> Self {
         match kind {
-            Kind::Heartwire => start_heartwire(state).await,
+            Kind::Heartwire => {
+                let data = state.parent().expect("state has a parent directory");
+                let dir = state.to_str().expect("a UTF-8 path");
+                Server::Heartwire(
+                    BrokerProcess::start(BROKER, data, &[("BROKER_PERSISTENCE__DIR", dir)]).await,
+                )
+            }
             Kind::Mosquitto => {
                 Server::Mosquitto(Mosquitto::start_persistent("allow_anonymous true", state).await)
             }
@@ -82,7 +80,7 @@ impl Server {
 
     fn addr(&self) -> SocketAddr {
         match self {
-            Server::Heartwire { mqtt, .. } => *mqtt,
+            Server::Heartwire(b) => b.mqtt,
             Server::Mosquitto(m) => m.addr(),
         }
     }
@@ -92,74 +90,9 @@ impl Server {
         match (self, how) {
             (Server::Mosquitto(m), Stop::Clean) => m.terminate().await,
             (Server::Mosquitto(m), Stop::Crash) => m.kill().await,
-            (Server::Heartwire { mut child, .. }, Stop::Clean) => {
-                let pid = child.id().expect("broker is running");
-                let status = std::process::Command::new("kill")
-                    .arg("-TERM")
-                    .arg(pid.to_string())
-                    .status()
-                    .expect("running kill");
-                assert!(status.success(), "kill -TERM {pid}");
-                let status = tokio::time::timeout(WAIT, child.wait())
-                    .await
-                    .expect("broker stops within the deadline")
-                    .expect("waiting for the broker");
-                assert!(status.success(), "clean shutdown: {status}");
-            }
-            (Server::Heartwire { mut child, .. }, Stop::Crash) => {
-                child.kill().await.expect("killing the broker");
-            }
+            (Server::Heartwire(b), Stop::Clean) => b.terminate().await,
+            (Server::Heartwire(b), Stop::Crash) => b.kill().await,
         }
-    }
-}
-
-/// The broker binary on `state` (its other files beside it), once its MQTT listener is ready.
-async fn start_heartwire(state: &Path) -> Server {
-    let data = state.parent().expect("state has a parent directory");
-    let mut child = Command::new(BROKER)
-        .env("BROKER_MQTT__LISTEN", "127.0.0.1:0")
-        .env("BROKER_HTTP__LISTEN", "127.0.0.1:0")
-        .env("BROKER_DATABASE__URL", testkit::sqlite_url(data))
-        .env("BROKER_PERSISTENCE__DIR", state)
-        .env("BROKER_BRIDGE__JOURNAL_PATH", data.join("presence.journal"))
-        .env("BROKER_LOG__FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn broker");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, mut lines) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut reader = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = reader.next_line().await {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let ready = tokio::time::timeout(WAIT, async {
-        loop {
-            let line = lines.recv().await.expect("broker still logging");
-            if line.contains("MQTT listener ready") {
-                return line;
-            }
-        }
-    })
-    .await
-    .expect("broker ready within the deadline");
-    let value: serde_json::Value = serde_json::from_str(&ready).expect("JSON log line");
-    let mqtt = value["listen"]
-        .as_str()
-        .expect("listen field")
-        .parse()
-        .expect("address");
-    Server::Heartwire {
-        child,
-        mqtt,
-        _lines: lines,
     }
 }
 
@@ -300,18 +233,6 @@ fn number(p: &Publish) -> u64 {
         .unwrap_or_else(|| panic!("payload is not a message number: {:?}", p.payload))
 }
 
-/// Whether the comparison can run; says why not.
-fn mosquitto_installed() -> bool {
-    let found = find_mosquitto().is_some();
-    if !found {
-        eprintln!(
-            "skipped: no mosquitto binary (on the PATH or /usr/sbin); install Debian's \
-             mosquitto package (./test.sh does)"
-        );
-    }
-    found
-}
-
 /// Checks that `kind` kept everything: the session, every acknowledged message, the last
 /// retained value.
 fn assert_kept_everything(kind: Kind, how: Stop, o: &Outcome) {
@@ -345,9 +266,6 @@ fn report(how: Stop, ours: &Outcome, theirs: &Outcome) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_clean_shutdown_both_deliver_every_acknowledged_message() {
-    if !mosquitto_installed() {
-        return;
-    }
     let ours = run(Kind::Heartwire, Stop::Clean).await;
     let theirs = run(Kind::Mosquitto, Stop::Clean).await;
     report(Stop::Clean, &ours, &theirs);
@@ -357,9 +275,6 @@ async fn after_a_clean_shutdown_both_deliver_every_acknowledged_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_kill_9_heartwire_delivers_every_acknowledged_message_and_mosquitto_loses_some() {
-    if !mosquitto_installed() {
-        return;
-    }
     let ours = run(Kind::Heartwire, Stop::Crash).await;
     let theirs = run(Kind::Mosquitto, Stop::Crash).await;
     report(Stop::Crash, &ours, &theirs);

@@ -21,7 +21,7 @@ pub fn mosquitto_bin() -> PathBuf {
 }
 
 /// [`mosquitto_bin`], or `None` when Mosquitto is not installed.
-pub fn find_mosquitto() -> Option<PathBuf> {
+fn find_mosquitto() -> Option<PathBuf> {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
