@@ -748,3 +748,164 @@ pub fn import(dir: &Path, export: &[u8]) -> Result<Image, StateError> {
     sync_dir(dir);
     Ok(image)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{StoredDelivery, StoredMessage};
+    use bytes::Bytes;
+
+    fn config(dir: &Path, segment_bytes: u64) -> PersistenceConfig {
+        PersistenceConfig {
+            dir: dir.to_owned(),
+            segment_bytes,
+            commit_window: Duration::ZERO,
+            ..PersistenceConfig::default()
+        }
+    }
+
+    /// A session with `n` messages queued, the first half acknowledged, and a retained one.
+    fn records(key: u64, n: u64) -> Vec<Record> {
+        let mut out = vec![Record::Session {
+            key,
+            client_id: format!("c{key}").into(),
+            expiry: None,
+        }];
+        for i in 0..n {
+            let id = key * 1_000_000 + i + 1;
+            out.push(Record::Message {
+                id,
+                message: StoredMessage {
+                    topic: format!("t/{key}").into(),
+                    payload: Bytes::from(vec![b'x'; 100]),
+                    qos: 1,
+                    retain: false,
+                    properties: None,
+                },
+            });
+            out.push(Record::Enqueue {
+                key,
+                id,
+                delivery: StoredDelivery {
+                    qos: 1,
+                    retain: false,
+                    ids: None,
+                    shared: None,
+                },
+            });
+            if i < n / 2 {
+                out.push(Record::Done { key, id });
+            }
+        }
+        out.push(Record::Retain {
+            topic: format!("r/{key}").into(),
+            message: None,
+        });
+        out
+    }
+
+    fn append_durably(store: &LogStore, records: Vec<Record>) {
+        let mut last = 0;
+        for r in records {
+            last = store.append(r);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while store.poll_durable(last, std::task::Waker::noop()).is_pending() {
+            assert!(Instant::now() < deadline, "never durable");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn expected(records: &[Record]) -> Image {
+        let mut image = Image::default();
+        for r in records {
+            image.apply(r.clone());
+        }
+        image
+    }
+
+    #[test]
+    fn state_is_read_back_and_a_second_broker_is_locked_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let all = records(1, 10);
+        let (store, loaded) = LogStore::open(&config(dir.path(), 1 << 20)).expect("open");
+        assert_eq!(loaded.image, Image::default());
+        assert!(matches!(
+            LogStore::open(&config(dir.path(), 1 << 20)),
+            Err(StateError::Locked(_))
+        ));
+        append_durably(&store, all.clone());
+        drop(store);
+        let (_store, loaded) = LogStore::open(&config(dir.path(), 1 << 20)).expect("reopen");
+        assert_eq!(loaded.image.sessions, expected(&all).sessions);
+        assert_eq!(loaded.image.messages.len(), 5);
+    }
+
+    #[test]
+    fn a_torn_write_at_the_end_is_cut_off() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let all = records(1, 4);
+        let (store, _) = LogStore::open(&config(dir.path(), 1 << 20)).expect("open");
+        append_durably(&store, all.clone());
+        drop(store);
+        // Half a frame, as a crash in the middle of a write leaves it.
+        let (_, newest) = logs(dir.path()).expect("logs").pop().expect("a log");
+        let mut frame = BytesMut::new();
+        Record::SessionEnd { key: 1 }.write_frame(&mut frame);
+        let mut file = OpenOptions::new().append(true).open(&newest).expect("log");
+        file.write_all(&frame[..frame.len() - 3]).expect("write");
+        drop(file);
+        let (store, loaded) = LogStore::open(&config(dir.path(), 1 << 20)).expect("reopen");
+        assert_eq!(loaded.truncated_bytes, frame.len() as u64 - 3);
+        assert_eq!(loaded.image.sessions, expected(&all).sessions);
+        drop(store);
+        let (_store, loaded) = LogStore::open(&config(dir.path(), 1 << 20)).expect("again");
+        assert_eq!(loaded.truncated_bytes, 0, "cut off for good");
+    }
+
+    #[test]
+    fn compaction_folds_closed_logs_into_a_snapshot_that_reads_back_the_same() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Small logs: many rotations and compactions.
+        let cfg = config(dir.path(), 16 * 1024);
+        let (store, _) = LogStore::open(&cfg).expect("open");
+        let mut all = Vec::new();
+        for key in 1..=40 {
+            let r = records(key, 20);
+            all.extend(r.clone());
+            append_durably(&store, r);
+        }
+        // Sessions that end leave nothing behind.
+        for key in 1..=10 {
+            all.push(Record::SessionEnd { key });
+            append_durably(&store, vec![Record::SessionEnd { key }]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !dir.path().join(SNAPSHOT).exists() {
+            assert!(Instant::now() < deadline, "no snapshot written");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(store);
+        let (store, loaded) = LogStore::open(&cfg).expect("reopen");
+        let want = expected(&all);
+        assert_eq!(loaded.image.sessions, want.sessions);
+        assert_eq!(loaded.image.messages, want.messages);
+        assert!(
+            logs(dir.path()).expect("logs").len() < 40,
+            "closed logs were deleted"
+        );
+
+        // An export reads back as the same state, in an empty directory.
+        let mut export = Vec::new();
+        store.export(&mut export).expect("export");
+        let copy = tempfile::tempdir().expect("tempdir");
+        let imported = import(copy.path(), &export).expect("import");
+        assert_eq!(imported.sessions, want.sessions);
+        assert!(matches!(
+            import(copy.path(), &export),
+            Err(StateError::NotEmpty(_))
+        ));
+        let (_copy, loaded) = LogStore::open(&config(copy.path(), 1 << 20)).expect("open copy");
+        assert_eq!(loaded.image.sessions, want.sessions);
+    }
+}
