@@ -77,6 +77,8 @@ pub struct AppState<S> {
     pub bans: Arc<Flapping>,
     /// What the credential endpoints write through; `None`: they answer 503.
     pub credentials: Option<credentials::CredentialsAdmin<S>>,
+    /// The broker state and where its backups go (`None`: persistence is off).
+    pub state: Option<(Arc<dyn crate::state::StateStore>, std::path::PathBuf)>,
 }
 
 impl<S: PresenceStore> AppState<S> {
@@ -101,7 +103,18 @@ impl<S: PresenceStore> AppState<S> {
             reloader: Arc::new(Reloader::new()),
             bans: Arc::new(Flapping::new(&Default::default())),
             credentials: None,
+            state: None,
         }
+    }
+
+    /// The same, backing up the broker state `store` into `dir` on request.
+    pub fn with_state(
+        mut self,
+        store: Arc<dyn crate::state::StateStore>,
+        dir: std::path::PathBuf,
+    ) -> Self {
+        self.state = Some((store, dir));
+        self
     }
 
     /// The same, letting requests in by the tokens of `access` (without: every request).

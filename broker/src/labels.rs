@@ -447,6 +447,8 @@ label_enum! {
         Reload => "reload",
         /// `GET /api/v1/admin/bans` and `DELETE /api/v1/admin/bans/{client_id}`.
         Bans => "bans",
+        /// `POST /api/v1/admin/state/backup`.
+        StateBackup => "state_backup",
         /// `/api/v1/admin/credentials` and below: managing database credentials.
         AdminCredentials => "admin_credentials",
         /// A request head refused before routing (too long, too many fields, malformed).

@@ -346,7 +346,7 @@ async fn serve<S: PresenceStore>(
         auth.attach_credentials(Arc::new(store::StoreCredentials(credentials)));
     }
     let reloader = Arc::new(reloader(&config, tls, &auth, &mqtt_broker, &access));
-    let state = http::AppState::new(
+    let mut state = http::AppState::new(
         api_store,
         mqtt_broker.live_sessions(),
         migrated,
@@ -356,6 +356,9 @@ async fn serve<S: PresenceStore>(
     .with_reloader(Arc::clone(&reloader))
     .with_bans(Arc::clone(&mqtt_broker.flapping))
     .with_credentials(store.clone(), Arc::clone(&auth));
+    if let Some(store) = &state_store {
+        state = state.with_state(Arc::clone(store), config.persistence.dir.join("backups"));
+    }
     tracing::info!(
         listen = %http_listener.local_addr().unwrap_or(config.http.listen),
         "HTTP listener ready."

@@ -1,7 +1,9 @@
 //! The `broker` binary: CLI -> config -> telemetry -> run until SIGINT/SIGTERM; or, with the
-//! `passwd` subcommand, manage a password file and exit; or, with `token`, make an API token.
+//! `passwd` subcommand, manage a password file and exit; with `token`, make an API token; with
+//! `restore`, restore a backup of the broker state.
 
 mod passwd;
+mod restore;
 mod token;
 
 use std::path::PathBuf;
@@ -35,7 +37,8 @@ use broker::config::Config;
 ///
 /// `broker passwd` manages a password file (Mosquitto's format) and exits; see
 /// `broker passwd --help`. `broker token NAME ROLE` makes an API token; see
-/// `broker token --help`.
+/// `broker token --help`. `broker restore BACKUP` restores a backup of the broker state (made
+/// with POST /api/v1/admin/state/backup); see `broker restore --help`.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -74,6 +77,14 @@ enum Command {
     /// token is shown only now. ROLE is `read` (every endpoint but the admin ones) or `admin`.
     /// A bad name or role exits with code 1.
     Token(token::TokenArgs),
+    /// Restore a backup of the broker state into an empty state directory.
+    ///
+    /// BACKUP is a file written by POST /api/v1/admin/state/backup (retained messages and
+    /// persistent sessions with their queues, consistent as of that request). With the broker
+    /// stopped, move the state directory (persistence.dir) away, run `broker restore BACKUP
+    /// --dir DIR`, and start the broker: it loads the restored state. A directory that already
+    /// holds state, or a backup that does not read whole, exits with code 1 and writes nothing.
+    Restore(restore::RestoreArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +104,15 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("broker token: {error:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Restore(args)) => {
+            return match restore::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("broker restore: {error:#}");
                     ExitCode::FAILURE
                 }
             };

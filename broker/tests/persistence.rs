@@ -267,3 +267,76 @@ async fn acknowledged_messages_and_retained_values_survive_kill_9_and_clean_shut
     );
     check("clean shutdown", &acked, &got, retained(broker.mqtt).await);
 }
+
+/// A backup taken while the broker runs holds what was acknowledged before it and nothing
+/// after; `broker restore` makes it the state of an empty directory, and a broker started on
+/// that directory serves it.
+#[tokio::test]
+async fn a_backup_taken_while_running_restores_with_broker_restore() {
+    let data = testkit::temp_dir("persistence-backup");
+    let broker = start(&data).await;
+    let mut opts = ConnectOpts::new(SUBSCRIBER);
+    opts.clean_session = false;
+    let (mut sub, _) = RawClient::connect(broker.mqtt, opts).await;
+    sub.subscribe("crash/#", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    let mut next = 1;
+    let before = publish_until_gone(broker.mqtt, &mut next, 2 * WINDOW as u64).await;
+    assert_eq!(before.len(), 2 * WINDOW);
+
+    let answer =
+        testkit::http_request(broker.http, "POST", "/api/v1/admin/state/backup", &[], None)
+            .await
+            .expect("an answer");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let body: serde_json::Value = serde_json::from_str(&answer.body).expect("JSON");
+    let backup = body["path"].as_str().expect("path").to_owned();
+    assert!(body["bytes"].as_u64().expect("bytes") > 0, "{body}");
+
+    // After the backup: not in it.
+    let after = publish_until_gone(broker.mqtt, &mut next, WINDOW as u64).await;
+    assert_eq!(after.len(), WINDOW);
+    broker.terminate().await;
+
+    // The backup lives under the state directory: keep it aside, start a state anew from it.
+    let saved = data.path().join("backup.hwstate");
+    std::fs::rename(&backup, &saved).expect("keep the backup");
+    std::fs::rename(data.path().join("state"), data.path().join("state-old")).expect("move");
+    let out = tokio::process::Command::new(BROKER)
+        .arg("restore")
+        .arg(&saved)
+        .arg("--dir")
+        .arg(data.path().join("state"))
+        .output()
+        .await
+        .expect("run broker restore");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("1 persistent sessions, 64 queued messages, 1 retained messages"),
+        "{stdout}"
+    );
+    // A second restore into the same directory is refused.
+    let again = tokio::process::Command::new(BROKER)
+        .arg("restore")
+        .arg(&saved)
+        .arg("--dir")
+        .arg(data.path().join("state"))
+        .output()
+        .await
+        .expect("run broker restore");
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds broker state"));
+
+    let broker = start(&data).await;
+    let got = drain(broker.mqtt, &before).await;
+    assert_eq!(
+        got, before,
+        "exactly what was acknowledged before the backup"
+    );
+    assert_eq!(retained(broker.mqtt).await, before.last().copied());
+}

@@ -26,6 +26,74 @@ pub fn routes<S: PresenceStore>() -> Router<AppState<S>> {
             "/api/v1/admin/reload",
             endpoint(Guard::Admin, Some(HttpRoute::Reload), post(reload::<S>)),
         )
+        .route(
+            "/api/v1/admin/state/backup",
+            endpoint(
+                Guard::Admin,
+                Some(HttpRoute::StateBackup),
+                post(backup::<S>),
+            ),
+        )
+}
+
+/// `POST /api/v1/admin/state/backup`: writes a consistent copy of the broker state (retained
+/// messages, persistent sessions and their queues, as of the request) to a new file in the
+/// backup directory (`persistence.dir`/backups), written aside, fsynced and renamed. 200 with
+/// its path and size; 409 when persistence is off. Restore it with `broker restore`.
+pub async fn backup<S: PresenceStore>(
+    State(state): State<AppState<S>>,
+    caller: Option<Extension<Caller>>,
+) -> Result<Json<Value>, ApiError> {
+    let Some((store, dir)) = state.state.clone() else {
+        return Err(ApiError::Conflict(
+            "persistence is off (persistence.mode = \"off\"): there is no broker state to back up"
+                .to_owned(),
+        ));
+    };
+    let started = std::time::Instant::now();
+    let written = tokio::task::spawn_blocking(move || write_backup(&*store, &dir))
+        .await
+        .map_err(|e| ApiError::Failed(format!("backup task failed: {e}")))?;
+    match written {
+        Ok((path, bytes)) => {
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(path = %path.display(), bytes, elapsed_ms, by = by(&caller), "Broker state backed up.");
+            Ok(Json(json!({
+                "path": path.display().to_string(),
+                "bytes": bytes,
+                "elapsed_ms": elapsed_ms,
+            })))
+        }
+        Err(error) => {
+            tracing::error!(%error, "Backing up the broker state failed.");
+            Err(ApiError::Failed(format!("backup failed: {error}")))
+        }
+    }
+}
+
+/// Writes `store`'s export to a new file in `dir`: `state-<UTC time>.hwstate`, written aside,
+/// fsynced, renamed.
+fn write_backup(
+    store: &dyn crate::state::StateStore,
+    dir: &std::path::Path,
+) -> std::io::Result<(std::path::PathBuf, u64)> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let name = chrono::Utc::now().format("state-%Y%m%dT%H%M%S%.3fZ.hwstate");
+    let path = dir.join(name.to_string());
+    let tmp = path.with_extension("tmp");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    let bytes = store
+        .export(&mut file)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    file.flush()?;
+    file.get_ref().sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, &path)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok((path, bytes))
 }
 
 /// The name of the token behind an admin request, for logs (`None`: no tokens file).

@@ -34,6 +34,9 @@ pub enum ApiError {
     /// 400.
     #[error("{0}")]
     BadRequest(String),
+    /// 500: the broker could not do what was asked (the cause is in the message and logged).
+    #[error("{0}")]
+    Failed(String),
     /// 503; the cause is logged.
     #[error("presence store unavailable")]
     Store(#[from] StoreError),
@@ -56,6 +59,7 @@ impl IntoResponse for ApiError {
             | ApiError::NoCredential(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Store(error) => {
                 if let Some(suppressed) = STORE_FAILED.check() {
                     tracing::warn!(%error, suppressed, "API request failed on the store.");

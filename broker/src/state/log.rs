@@ -810,7 +810,10 @@ mod tests {
             last = store.append(r);
         }
         let deadline = Instant::now() + Duration::from_secs(20);
-        while store.poll_durable(last, std::task::Waker::noop()).is_pending() {
+        while store
+            .poll_durable(last, std::task::Waker::noop())
+            .is_pending()
+        {
             assert!(Instant::now() < deadline, "never durable");
             std::thread::sleep(Duration::from_millis(1));
         }
