@@ -504,6 +504,7 @@ impl Router {
                 }
             }
         }
+        self.routed(stored);
         Ok(ticket)
     }
 
@@ -516,6 +517,14 @@ impl Router {
         metrics().retained_bytes.add(change.bytes as i64);
         if let Err(refusal) = result {
             metrics().retained_refused.inc(refusal);
+        }
+    }
+
+    /// Records that the message stored as `id` (0: not stored) is routed: no queue gets it
+    /// any more, and its body goes once the last queue is done with it.
+    fn routed(&self, id: u64) {
+        if let (Some(store), true) = (&self.limits.store, id != 0) {
+            store.append(Record::Routed { id });
         }
     }
 
@@ -549,10 +558,14 @@ impl Router {
                 Some((Arc::clone(&sub.session), delivery))
             })
         };
+        let mut stored = 0;
         let result = match target {
-            Some((session, delivery)) => session.enqueue(message, delivery, &self.limits, &mut 0),
+            Some((session, delivery)) => {
+                session.enqueue(message, delivery, &self.limits, &mut stored)
+            }
             None => Err(DropReason::SessionEnded),
         };
+        self.routed(stored);
         match result {
             Ok(_) => metrics().shared_redeliveries.inc(),
             Err(reason) => metrics().messages_dropped.inc(reason),

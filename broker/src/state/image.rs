@@ -1,7 +1,7 @@
 //! [`Image`]: the durable state that records add up to — what a restart loads, what a snapshot
 //! writes back as fewer records.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::record::{Record, StoredDelivery, StoredMessage, StoredOptions};
 
@@ -43,8 +43,11 @@ pub struct Image {
     pub retained: HashMap<Box<str>, StoredMessage>,
     /// Persistent sessions by key.
     pub sessions: HashMap<u64, StoredSession>,
-    /// Message bodies by id, with how many queues hold each.
+    /// Message bodies by id, with how many queues hold each (plus one while it is being
+    /// routed).
     pub messages: HashMap<u64, (StoredMessage, u32)>,
+    /// Messages being routed: their [`Record::Routed`] has not come yet.
+    pub routing: HashSet<u64>,
     /// The highest message id handed out.
     pub message_ids: u64,
     /// Records that referred to what was not there (a session or message already gone):
@@ -69,7 +72,14 @@ impl Image {
             },
             Record::Message { id, message } => {
                 self.message_ids = self.message_ids.max(id);
-                self.messages.insert(id, (message, 0));
+                // Held by its routing until Routed, whatever its queues do meanwhile.
+                self.messages.insert(id, (message, 1));
+                self.routing.insert(id);
+            }
+            Record::Routed { id } => {
+                if self.routing.remove(&id) {
+                    self.unref(id);
+                }
             }
             Record::Session {
                 key,
@@ -193,6 +203,14 @@ impl Image {
         }
     }
 
+    /// Ends the routing of every message still being routed: at a start, what a stopped
+    /// broker was routing is over (its remaining deliveries were never made).
+    pub fn end_routing(&mut self) {
+        for id in std::mem::take(&mut self.routing) {
+            self.unref(id);
+        }
+    }
+
     /// Messages queued in all sessions together.
     pub fn queued(&self) -> usize {
         self.sessions.values().map(|s| s.queue.len()).sum()
@@ -210,14 +228,16 @@ impl Image {
             topic: topic.clone(),
             message: Some(m.clone()),
         });
-        let messages =
-            self.messages
-                .iter()
-                .filter(|(_, (_, refs))| *refs > 0)
-                .map(|(id, (m, _))| Record::Message {
-                    id: *id,
-                    message: m.clone(),
-                });
+        let messages = self.messages.iter().map(|(id, (m, _))| Record::Message {
+            id: *id,
+            message: m.clone(),
+        });
+        // After the queues: the routing of these was over.
+        let routed = self
+            .messages
+            .keys()
+            .filter(|id| !self.routing.contains(id))
+            .map(|id| Record::Routed { id: *id });
         let sessions = self.sessions.iter().flat_map(|(key, s)| {
             let key = *key;
             let head = [
@@ -259,7 +279,11 @@ impl Image {
                 .chain(queue)
                 .chain(incoming)
         });
-        header.chain(retained).chain(messages).chain(sessions)
+        header
+            .chain(retained)
+            .chain(messages)
+            .chain(sessions)
+            .chain(routed)
     }
 }
 
@@ -335,6 +359,7 @@ mod tests {
                 pkid: 2,
             },
             Record::Done { key: 1, id: 10 },
+            Record::Routed { id: 10 },
             Record::Received { key: 1, pkid: 7 },
             Record::Left { key: 1, at_ms: 5 },
             Record::Retain {
@@ -363,8 +388,12 @@ mod tests {
         }
         assert_eq!(rebuilt, image);
 
+        // Message 11 is still being routed: kept without a queue until its routing ends.
         image.apply(Record::SessionEnd { key: 1 });
-        assert!(image.sessions.is_empty() && image.messages.is_empty());
+        assert!(image.sessions.is_empty());
+        assert_eq!(image.messages.len(), 1);
+        image.end_routing();
+        assert!(image.messages.is_empty());
         image.apply(Record::Done { key: 1, id: 11 });
         assert_eq!(image.dangling, 1);
     }

@@ -83,8 +83,8 @@ pub enum Record {
         /// The message, or `None`.
         message: Option<StoredMessage>,
     },
-    /// A message body, queued for sessions by [`Record::Enqueue`]s that follow; gone once no
-    /// queue holds it.
+    /// A message body, queued for sessions by [`Record::Enqueue`]s that follow until its
+    /// [`Record::Routed`]; gone once routing is over and no queue holds it.
     Message {
         /// Its id.
         id: u64,
@@ -179,6 +179,12 @@ pub enum Record {
         /// The packet id.
         pkid: u16,
     },
+    /// Message `id` is routed: no more [`Record::Enqueue`] of it follows (until then its body
+    /// is kept even if every queue that had it is done with it).
+    Routed {
+        /// The message id.
+        id: u64,
+    },
 }
 
 /// A frame or body that does not decode.
@@ -219,6 +225,7 @@ const RELEASED: u8 = 10;
 const DONE: u8 = 11;
 const RECEIVED: u8 = 12;
 const COMPLETED: u8 = 13;
+const ROUTED: u8 = 14;
 
 impl Record {
     /// Appends the record's frame to `out`.
@@ -349,6 +356,10 @@ impl Record {
             }
             Record::Received { key, pkid } => key_pkid(out, RECEIVED, *key, *pkid),
             Record::Completed { key, pkid } => key_pkid(out, COMPLETED, *key, *pkid),
+            Record::Routed { id } => {
+                out.put_u8(ROUTED);
+                out.put_u64_le(*id);
+            }
         }
     }
 
@@ -444,6 +455,7 @@ impl Record {
                 key: u64_(b)?,
                 pkid: u16_(b)?,
             },
+            ROUTED => Record::Routed { id: u64_(b)? },
             _ => return Err(DecodeError::Malformed("tag")),
         };
         if !b.is_empty() {
@@ -626,6 +638,7 @@ mod tests {
             Record::Done { key: 3, id: 5 },
             Record::Received { key: 3, pkid: 1 },
             Record::Completed { key: 3, pkid: 1 },
+            Record::Routed { id: 5 },
         ]
     }
 
