@@ -303,9 +303,9 @@ echo "Durable state, $(nproc) cores, CORES=$CORES, load average $(machine_load);
 if [[ " $PARTS " == *" publish "* ]]; then
   echo
   echo "1. QoS 1 to persistent sessions: $PUBLISHERS publishers, $WINDOW messages in flight each, ${PAYLOAD_SIZE}-byte payload -> $SUBSCRIBERS persistent subscribers ($( (( OFFLINE )) && echo offline || echo online), QoS 1); warm-up ${WARMUP}s, window ${DURATION}s"
-  fmt='%-18s| %-12s| %12s | %12s | %16s | %17s | %18s | %15s | %14s | %21s\n'
+  fmt='%-18s| %-12s| %12s | %12s | %14s | %23s | %20s | %15s | %10s | %21s\n'
   # shellcheck disable=SC2059
-  printf "$fmt" broker persistence "acked msg/s" "broker CPU %" "CPU s/1000 msg" "fsyncs/msg (metric)" "fsync calls/msg" "records/fsync" "disk B/msg" "acked / delivered"
+  printf "$fmt" broker persistence "acked msg/s" "broker CPU %" "CPU s/1000 msg" "fsyncs/msg (metric: n)" "fsync calls/msg (n)" "records/commit" "disk B/msg" "acked / delivered"
   rows=()
   for b in $BROKERS; do
     if [[ "$b" == heartwire ]]; then for m in $MODES; do rows+=("heartwire|$m"); done
@@ -318,25 +318,28 @@ if [[ " $PARTS " == *" publish "* ]]; then
       continue
     fi
     acked="$(field acked "$line")"
-    metric_per="$(per "$(field fsyncs_metric "$line")" "$acked" 4)"
+    metric_per="$(per "$(field fsyncs_metric "$line")" "$acked" 4) ($(field fsyncs_metric "$line"))"
     [[ "${r%%|*}" == mosquitto ]] && metric_per="n/a"
+    calls_per="$(per "$(field fsyncs_syscalls "$line")" "$acked" 4) ($(field fsyncs_syscalls "$line"))"
+    [[ "$(field fsyncs_syscalls "$line")" == n/a ]] && calls_per="n/a"
     # shellcheck disable=SC2059
     printf "$fmt" "$(label "${r%%|*}")" "${r#*|}" "$(field acked_per_s "$line")" "$(field broker_cpu_pct "$line")" \
-      "$(field broker_cpu_s_per_1000 "$line")" "$metric_per" "$(per "$(field fsyncs_syscalls "$line")" "$acked" 4)" \
+      "$(field broker_cpu_s_per_1000 "$line")" "$metric_per" "$calls_per" \
       "$(field records_per_commit "$line")" "$(per "$(field write_bytes "$line")" "$acked" 0)" \
       "$acked / $(field delivered_total "$line")"
   done
   echo "acked msg/s and CPU: over the window; fsyncs, fsync calls (fsync + fdatasync system calls of the"
   echo "broker process) and disk bytes (/proc/PID/io write_bytes): over the whole run, per acknowledged"
-  echo "message. Mosquitto acknowledges a QoS 1 PUBLISH without writing it to disk: it saves its state at"
+  echo "message (the count in parentheses); records/commit: heartwire_state_commit_records, records per"
+  echo "write of the writer thread (sync: per fsync). Mosquitto acknowledges a QoS 1 PUBLISH without writing it to disk: it saves its state at"
   echo "autosave_interval (1800 s) and at shutdown, so an acknowledged message is not durable there."
 fi
 if [[ " $PARTS " == *" restart "* ]]; then
   echo
   echo "2. Restart with state: $SESSIONS persistent sessions x $QUEUED queued QoS 1 messages (${PAYLOAD_SIZE}-byte payload); Heartwire persistence.mode sync"
-  fmt='%-18s| %11s | %13s | %14s | %8s | %12s | %10s | %13s | %14s | %12s | %16s\n'
+  fmt='%-18s| %11s | %13s | %14s | %8s | %9s | %13s | %10s | %12s | %14s | %12s | %16s\n'
   # shellcheck disable=SC2059
-  printf "$fmt" broker "sessions s" "queue msg/s" "RSS filled MB" "stop s" "state MB" "accept s" "first msg s" "all $QUEUED msgs s" "RSS after MB" "Heartwire load s"
+  printf "$fmt" broker "sessions s" "queue msg/s" "RSS filled MB" "stop s" "state MB" "TCP connect s" "CONNACK s" "first msg s" "all $QUEUED msgs s" "RSS after MB" "Heartwire load s"
   for b in $BROKERS; do
     line="${RESTART[$b]:-}"
     if [[ "$line" != persistent-fill* ]]; then
@@ -350,11 +353,14 @@ if [[ " $PARTS " == *" restart "* ]]; then
     printf "$fmt" "$(label "$b")" "$(field sessions_s "$fill_part")" "$(field acked_per_s "$fill_part")" \
       "$(kib_to_mib "$(field rss_kib "$fill_part")")" "$(field stop_s "$line")" \
       "$(per "$(field disk_bytes "$line")" 1048576 1)" "$(field accepted_s "$resume_part")" \
+      "$(field connack_s "$resume_part")" \
       "$(field first_message_s "$resume_part")" "$(field all_received_s "$resume_part")" \
       "$(kib_to_mib "$(field rss_kib "$resume_part")")" "$(field load_s "$line")"
   done
   echo "sessions s: creating the sessions (connect, subscribe, disconnect; 100 at a time); queue msg/s:"
-  echo "PUBACKs per second while queueing; stop s: SIGTERM to exit; accept s, first msg s, all msgs s:"
-  echo "from the restart's exec to the first accepted TCP connect, and to the first and last queued"
-  echo "message of session ps-0 (resumed with clean session 0); RSS after: then."
+  echo "PUBACKs per second while queueing; stop s: SIGTERM to exit; TCP connect s, CONNACK s, first msg s,"
+  echo "all msgs s: from the restart's exec to the first TCP connect that succeeds, and to the CONNACK"
+  echo "and the first and last queued message of session ps-0 (resumed with clean session 0); RSS after:"
+  echo "then. Heartwire binds its listeners before it loads the state (the kernel completes TCP"
+  echo "handshakes meanwhile) and answers CONNECTs once loaded; Mosquitto loads, then listens."
 fi
