@@ -331,8 +331,9 @@ if [[ " $PARTS " == *" publish "* ]]; then
   echo "acked msg/s and CPU: over the window; fsyncs, fsync calls (fsync + fdatasync system calls of the"
   echo "broker process) and disk bytes (/proc/PID/io write_bytes): over the whole run, per acknowledged"
   echo "message (the count in parentheses); records/commit: heartwire_state_commit_records, records per"
-  echo "write of the writer thread (sync: per fsync). Mosquitto acknowledges a QoS 1 PUBLISH without writing it to disk: it saves its state at"
-  echo "autosave_interval (1800 s) and at shutdown, so an acknowledged message is not durable there."
+  echo "write of the writer thread (sync: per fsync). Mosquitto acknowledges a QoS 1 PUBLISH without"
+  echo "writing it to disk: it saves its state at autosave_interval (1800 s) and at shutdown, so an"
+  echo "acknowledged message is not durable there."
 fi
 if [[ " $PARTS " == *" restart "* ]]; then
   echo
