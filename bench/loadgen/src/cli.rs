@@ -114,6 +114,19 @@ pub enum Scenario {
     /// own user name and password; --flood adds connects with wrong passwords at the same
     /// time.
     ConnectRate(ConnectRate),
+    /// QoS 1 to persistent sessions: M subscribers with persistent sessions (clean session 0),
+    /// subscriber j on p/<j>/# at QoS 1, online or (--offline) gone after their SUBACK; N
+    /// publishers, publisher i on p/<i % M>/<i>, each keeping --window QoS 1 messages
+    /// unacknowledged. Reports PUBACKs per second over the window and, with --broker-pid, the
+    /// broker's CPU seconds per 1,000 acknowledged messages. MQTT 3.1.1 only.
+    PersistentPublish(PersistentPublish),
+    /// Fills the broker with S persistent sessions PREFIX<n>, each subscribed to f/<n> at QoS 1
+    /// and gone, then queues Q QoS 1 messages for each (every one acknowledged). MQTT 3.1.1 only.
+    PersistentFill(PersistentFill),
+    /// After a restart on filled state: the time until the broker accepts a connection, and
+    /// until the resumed session PREFIX<n> gets its first and its last queued message, counted
+    /// from --since-ns; with --broker-pid, the broker's RSS then. MQTT 3.1.1 only.
+    PersistentResume(PersistentResume),
     /// Prints `user:password` lines for the devices PREFIX<n> (the input of `mosquitto_passwd
     /// -U` or `broker passwd --bulk`): user name = client id, password derived from the seed
     /// as connect-rate --password-seed (and device-sim) derive it.
@@ -256,6 +269,76 @@ pub struct RetainedSubscribe {
     /// Seconds of bystander round trips before the SUBSCRIBE, reported as its baseline.
     #[arg(long, default_value = "1", value_parser = seconds)]
     pub baseline: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct PersistentPublish {
+    /// Publisher connections (clean sessions: only the subscribers' sessions persist).
+    #[arg(long, default_value_t = 50)]
+    pub publishers: usize,
+    /// Persistent subscribers; each gets the messages of its share of the publishers. Fewer
+    /// than publishers: a subscriber's in-flight limit at the broker may hold up more than one
+    /// publisher's window (and Mosquitto drops QoS 1 messages beyond 1,000 queued).
+    #[arg(long, default_value_t = 50)]
+    pub subscribers: usize,
+    /// The subscribers leave after their SUBACK: the messages queue in their sessions (until
+    /// the broker's queue limit, beyond which it drops them).
+    #[arg(long)]
+    pub offline: bool,
+    /// QoS 1 messages each publisher keeps unacknowledged.
+    #[arg(long, default_value_t = 16)]
+    pub window: usize,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 64)]
+    pub payload_size: usize,
+    /// Seconds of publishing before the measurement window opens.
+    #[arg(long, default_value = "5", value_parser = seconds)]
+    pub warmup: Duration,
+    /// Seconds of the measurement window.
+    #[arg(long, default_value = "20", value_parser = seconds)]
+    pub duration: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct PersistentFill {
+    /// Persistent sessions to create (one connection each, --connect-concurrency at a time).
+    #[arg(long, default_value_t = 10_000)]
+    pub sessions: usize,
+    /// QoS 1 messages queued in each session.
+    #[arg(long, default_value_t = 10)]
+    pub queued: usize,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 64)]
+    pub payload_size: usize,
+    /// Publisher connections that queue the messages.
+    #[arg(long, default_value_t = 20)]
+    pub publishers: usize,
+    /// QoS 1 messages each publisher keeps unacknowledged.
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
+    /// Session client ids are PREFIX<n>, n from 0.
+    #[arg(long, value_name = "PREFIX", default_value = "ps-")]
+    pub client_prefix: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PersistentResume {
+    /// The session resumed is PREFIX<n> (as filled by persistent-fill).
+    #[arg(long, value_name = "PREFIX", default_value = "ps-")]
+    pub client_prefix: String,
+    /// Its number n.
+    #[arg(long, default_value_t = 0)]
+    pub session: usize,
+    /// Queued messages expected: the wait ends once they arrived, or 2 s after the last.
+    #[arg(long, default_value_t = 10)]
+    pub expect: u64,
+    /// The caller's clock (nanoseconds since the Unix epoch) when it started the broker: the
+    /// origin of the reported times.
+    #[arg(long, value_name = "NS")]
+    pub since_ns: u64,
+    /// Bound on the broker's start and the first queued message, seconds.
+    #[arg(long, default_value = "300", value_parser = seconds)]
+    pub timeout: Duration,
 }
 
 fn seconds(s: &str) -> Result<Duration, String> {

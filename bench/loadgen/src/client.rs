@@ -261,6 +261,43 @@ pub async fn connect(
     read_capacity: usize,
     send_buffer: Option<u32>,
 ) -> Result<Client> {
+    let packet = mqtt::connect(protocol, client_id, keep_alive_s);
+    let sizes = (read_capacity, send_buffer);
+    let (client, _) = handshake(protocol, addr, &packet, client_id, step_timeout, sizes).await?;
+    Ok(client)
+}
+
+/// Like [`connect`], with an MQTT 3.1.1 persistent session (clean session 0); also returns
+/// CONNACK's session present flag.
+pub async fn connect_persistent(
+    addr: SocketAddr,
+    client_id: &str,
+    keep_alive_s: u16,
+    step_timeout: Duration,
+    read_capacity: usize,
+) -> Result<(Client, bool)> {
+    let packet = mqtt::connect_persistent(client_id, keep_alive_s);
+    let sizes = (read_capacity, None);
+    handshake(
+        Protocol::V311,
+        addr,
+        &packet,
+        client_id,
+        step_timeout,
+        sizes,
+    )
+    .await
+}
+
+/// TCP connect, `connect_packet`, CONNACK; `sizes` are the read capacity and SO_SNDBUF.
+async fn handshake(
+    protocol: Protocol,
+    addr: SocketAddr,
+    connect_packet: &[u8],
+    client_id: &str,
+    step_timeout: Duration,
+    (read_capacity, send_buffer): (usize, Option<u32>),
+) -> Result<(Client, bool)> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -276,20 +313,22 @@ pub async fn connect(
     // Round-trip timings must not wait for Nagle's algorithm.
     stream.set_nodelay(true)?;
     let (read, mut writer) = stream.into_split();
-    writer
-        .write_all(&mqtt::connect(protocol, client_id, keep_alive_s))
-        .await?;
+    writer.write_all(connect_packet).await?;
     let mut reader = FrameReader::new(read, read_capacity).with_protocol(protocol);
     let frame = timeout(step_timeout, reader.next())
         .await
         .with_context(|| format!("no CONNACK for {client_id} within {step_timeout:?}"))??
         .with_context(|| format!("connection closed before CONNACK for {client_id}"))?;
+    let session_present = frame.connack_session_present().unwrap_or(false);
     match frame.connack_code() {
-        Some(0) => Ok(Client {
-            reader,
-            writer,
-            protocol,
-        }),
+        Some(0) => Ok((
+            Client {
+                reader,
+                writer,
+                protocol,
+            },
+            session_present,
+        )),
         Some(code) => bail!("CONNECT of {client_id} refused with return code {code}"),
         None => bail!(
             "expected CONNACK for {client_id}, got packet type {}",

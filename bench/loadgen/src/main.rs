@@ -11,8 +11,9 @@
 //!   `sockets`: the bytes queued in the kernel between publishers and broker;
 //! - `tls`: the TLS client of `--tls` (rustls, ring) and a stream that is TCP or TLS;
 //! - `credentials`: per-device user names and seeded passwords (device-sim's scheme);
-//! - `fan_in` and `retained` (with `filters`), `idle` and `connect_rate`: the scenarios (only
-//!   the last two speak TLS); `provision` prints the `user:password` lines of a fleet;
+//! - `fan_in` and `retained` (with `filters`), `idle`, `connect_rate` and `persistent`: the
+//!   scenarios (only `idle` and `connect_rate` speak TLS); `provision` prints the
+//!   `user:password` lines of a fleet;
 //! - `report`: the results, as a key=value summary line and as JSON;
 //! - `cli`: the command line.
 
@@ -25,6 +26,7 @@ mod fan_in;
 mod filters;
 mod idle;
 mod mqtt;
+mod persistent;
 mod procfs;
 mod report;
 mod retained;
@@ -55,10 +57,24 @@ async fn run(cli: &Cli) -> Result<()> {
     if common.tls
         && matches!(
             cli.scenario,
-            Scenario::FanIn(_) | Scenario::RetainedSubscribe(_)
+            Scenario::FanIn(_)
+                | Scenario::RetainedSubscribe(_)
+                | Scenario::PersistentPublish(_)
+                | Scenario::PersistentFill(_)
+                | Scenario::PersistentResume(_)
         )
     {
         bail!("--tls works with the idle and connect-rate scenarios only");
+    }
+    if common.protocol() != mqtt::Protocol::V311
+        && matches!(
+            cli.scenario,
+            Scenario::PersistentPublish(_)
+                | Scenario::PersistentFill(_)
+                | Scenario::PersistentResume(_)
+        )
+    {
+        bail!("the persistent scenarios speak MQTT 3.1.1 only (clean session 0)");
     }
     if common.protocol() != mqtt::Protocol::V311
         && matches!(cli.scenario, Scenario::RetainedSubscribe(_))
@@ -82,6 +98,27 @@ async fn run(cli: &Cli) -> Result<()> {
         }
         Scenario::FanIn(args) => {
             let report = fan_in::run(common, args).await?;
+            println!("{}", report.summary());
+            if let Some(path) = &common.json {
+                report::write_json(path, &report)?;
+            }
+        }
+        Scenario::PersistentPublish(args) => {
+            let report = persistent::publish(common, args).await?;
+            println!("{}", report.summary());
+            if let Some(path) = &common.json {
+                report::write_json(path, &report)?;
+            }
+        }
+        Scenario::PersistentFill(args) => {
+            let report = persistent::fill(common, args).await?;
+            println!("{}", report.summary());
+            if let Some(path) = &common.json {
+                report::write_json(path, &report)?;
+            }
+        }
+        Scenario::PersistentResume(args) => {
+            let report = persistent::resume(common, args).await?;
             println!("{}", report.summary());
             if let Some(path) = &common.json {
                 report::write_json(path, &report)?;

@@ -2,7 +2,7 @@
 //! frame reader that splits the incoming stream by fixed header and remaining length.
 //!
 //! Only what the scenarios need: CONNECT (clean session, no will, optionally a user name and
-//! password), SUBSCRIBE, PUBLISH at QoS 0 or 1, PUBACK, PINGREQ and DISCONNECT out; CONNACK,
+//! password; or a persistent session, 3.1.1 only), SUBSCRIBE, PUBLISH at QoS 0 or 1, PUBACK, PINGREQ and DISCONNECT out; CONNACK,
 //! SUBACK, PUBLISH and PUBACK understood in. Anything else that arrives is still framed
 //! correctly and left to the caller to ignore. MQTT 5 differs here only by protocol level 5
 //! and a property length after the variable header: the generator sends no properties (an
@@ -142,6 +142,16 @@ pub fn connect_with_login(
         put_str(&mut body, password);
     }
     packet(0x10, &body)
+}
+
+/// MQTT 3.1.1 CONNECT without clean session (the broker keeps the session, its subscriptions
+/// and its queued QoS 1 messages, after the connection), no will and no user name.
+pub fn connect_persistent(client_id: &str, keep_alive_s: u16) -> Vec<u8> {
+    let mut packet = connect(Protocol::V311, client_id, keep_alive_s);
+    // The connect flags follow the fixed header (2 bytes: the packet is short), the protocol
+    // name (6) and level (1).
+    packet[9] &= !0x02;
+    packet
 }
 
 /// SUBSCRIBE of every filter at `qos`, in one packet (MQTT 5: the options byte holds only the
@@ -300,6 +310,14 @@ impl<'a> Frame<'a> {
         self.body.get(1).copied()
     }
 
+    /// CONNACK's session present flag: the broker had kept a session for this client id.
+    pub fn connack_session_present(&self) -> Option<bool> {
+        if self.kind() != CONNACK {
+            return None;
+        }
+        self.body.first().map(|flags| flags & 0x01 != 0)
+    }
+
     /// SUBACK's packet id and return codes (0-2 = granted QoS, 0x80 and up = failure).
     pub fn suback(&self) -> Option<(u16, &'a [u8])> {
         if self.kind() != SUBACK || self.body.len() < 2 {
@@ -414,6 +432,16 @@ mod tests {
             }
             frames
         })
+    }
+
+    #[test]
+    fn persistent_connect_clears_only_clean_session() {
+        let clean = connect(Protocol::V311, "ps-1", 60);
+        let kept = connect_persistent("ps-1", 60);
+        assert_eq!(clean.len(), kept.len());
+        assert_eq!((clean[9], kept[9]), (0x02, 0x00));
+        assert_eq!(clean[..9], kept[..9]);
+        assert_eq!(clean[10..], kept[10..]);
     }
 
     #[test]

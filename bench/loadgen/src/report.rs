@@ -274,6 +274,136 @@ impl RetainedReport {
     }
 }
 
+/// The persistent-publish scenario's result.
+#[derive(Debug, Serialize)]
+pub struct PersistentPublishReport {
+    pub publishers: usize,
+    pub subscribers: usize,
+    /// Whether the subscribers left after their SUBACK (their sessions queue).
+    pub offline: bool,
+    /// QoS 1 messages each publisher kept unacknowledged.
+    pub window: usize,
+    pub payload_size: usize,
+    pub warmup_s: f64,
+    pub window_s: f64,
+    /// PUBACKs the publishers received during the window, per second.
+    pub acked_per_s: f64,
+    /// Broker CPU seconds (user + system) per 1,000 PUBACKs of the window.
+    pub broker_cpu_s_per_1000: Option<f64>,
+    pub broker: Option<BrokerUsage>,
+    pub loadgen_cpu_percent: f64,
+    /// Over the whole run (warm-up and window): PUBACKs received, and messages the online
+    /// subscribers received.
+    pub acked_total: u64,
+    pub delivered_total: u64,
+    /// Connections the broker closed before the end.
+    pub closed_by_broker: u64,
+}
+
+impl PersistentPublishReport {
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "persistent-publish publishers={} subscribers={} offline={} window={} payload={} \
+             acked_per_s={:.0}",
+            self.publishers,
+            self.subscribers,
+            self.offline,
+            self.window,
+            self.payload_size,
+            self.acked_per_s,
+        );
+        if let Some(b) = &self.broker {
+            let per_1000 = self
+                .broker_cpu_s_per_1000
+                .map_or_else(|| "none".to_owned(), |s| format!("{s:.4}"));
+            let _ = write!(
+                s,
+                " broker_cpu_pct={:.1} broker_cpu_s_per_1000={per_1000} rss_start_kib={} \
+                 rss_peak_kib={} rss_end_kib={}",
+                b.cpu_percent, b.rss_start_kib, b.rss_peak_kib, b.rss_end_kib
+            );
+        }
+        let _ = write!(
+            s,
+            " loadgen_cpu_pct={:.1} acked_total={} delivered_total={} closed={}",
+            self.loadgen_cpu_percent, self.acked_total, self.delivered_total, self.closed_by_broker,
+        );
+        s
+    }
+}
+
+/// The persistent-fill scenario's result.
+#[derive(Debug, Serialize)]
+pub struct FillReport {
+    pub sessions: usize,
+    pub queued_per_session: usize,
+    pub payload_size: usize,
+    /// Seconds to create the sessions (connect, subscribe, disconnect each).
+    pub sessions_s: f64,
+    /// PUBACKs received for the queued messages, and the seconds that took.
+    pub messages_acked: u64,
+    pub queue_s: f64,
+    pub acked_per_s: f64,
+    /// The broker's RSS once everything is queued (with --broker-pid).
+    pub broker_rss_kib: Option<u64>,
+}
+
+impl FillReport {
+    pub fn summary(&self) -> String {
+        format!(
+            "persistent-fill sessions={} queued_per_session={} payload={} sessions_s={:.1} \
+             messages_acked={} queue_s={:.1} acked_per_s={:.0} rss_kib={}",
+            self.sessions,
+            self.queued_per_session,
+            self.payload_size,
+            self.sessions_s,
+            self.messages_acked,
+            self.queue_s,
+            self.acked_per_s,
+            self.broker_rss_kib
+                .map_or_else(|| "none".to_owned(), |k| k.to_string()),
+        )
+    }
+}
+
+/// The persistent-resume scenario's result; times in seconds from `--since-ns`.
+#[derive(Debug, Serialize)]
+pub struct ResumeReport {
+    /// The client id of the resumed session.
+    pub session: String,
+    /// The first TCP connect the broker accepted.
+    pub accepted_s: f64,
+    /// The resumed session's CONNACK, and its session present flag.
+    pub connack_s: f64,
+    pub session_present: bool,
+    /// The first queued message (`None`: none arrived).
+    pub first_message_s: Option<f64>,
+    pub received: u64,
+    /// The last expected message, if all arrived.
+    pub all_received_s: Option<f64>,
+    /// The broker's RSS after the messages (with --broker-pid).
+    pub broker_rss_kib: Option<u64>,
+}
+
+impl ResumeReport {
+    pub fn summary(&self) -> String {
+        let opt = |v: Option<f64>| v.map_or_else(|| "none".to_owned(), |v| format!("{v:.3}"));
+        format!(
+            "persistent-resume session={} accepted_s={:.3} connack_s={:.3} session_present={} \
+             first_message_s={} received={} all_received_s={} rss_kib={}",
+            self.session,
+            self.accepted_s,
+            self.connack_s,
+            self.session_present,
+            opt(self.first_message_s),
+            self.received,
+            opt(self.all_received_s),
+            self.broker_rss_kib
+                .map_or_else(|| "none".to_owned(), |k| k.to_string()),
+        )
+    }
+}
+
 /// The idle scenario's result.
 #[derive(Debug, Serialize)]
 pub struct IdleReport {
