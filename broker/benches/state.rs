@@ -117,6 +117,7 @@ fn restart(dir: &std::path::Path) {
                     key,
                     client_id: format!("device-{key:06}").into(),
                     expiry: None,
+                    access: None,
                 },
                 Record::Subscribe {
                     key,

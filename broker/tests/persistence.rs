@@ -340,3 +340,77 @@ async fn a_backup_taken_while_running_restores_with_broker_restore() {
     );
     assert_eq!(retained(broker.mqtt).await, before.last().copied());
 }
+
+/// A persistent session restored at start obeys its client's access rules before the client
+/// is back: a subscription the ACL lets it read only part of gets only that part queued.
+#[tokio::test]
+async fn a_restored_session_obeys_its_clients_access_rules_while_it_is_away() {
+    let data = testkit::temp_dir("persistence-acl");
+    let passwords = data.path().join("passwords");
+    for (user, create) in [("alice", true), ("bob", false)] {
+        let mut passwd = tokio::process::Command::new(BROKER);
+        passwd.arg("passwd");
+        if create {
+            passwd.arg("-c");
+        }
+        let status = passwd
+            .arg("-b")
+            .arg(&passwords)
+            .arg(user)
+            .arg("secret")
+            .status()
+            .await
+            .expect("broker passwd");
+        assert!(status.success());
+    }
+    let acl = data.path().join("acl");
+    std::fs::write(
+        &acl,
+        "user alice\ntopic read a/#\n\nuser bob\ntopic write #\n",
+    )
+    .expect("acl");
+    let (passwords, acl) = (
+        passwords.to_str().expect("utf-8").to_owned(),
+        acl.to_str().expect("utf-8").to_owned(),
+    );
+    let env = [
+        ("BROKER_AUTH__PASSWORD_FILE", passwords.as_str()),
+        ("BROKER_AUTH__ACL_FILE", acl.as_str()),
+    ];
+    let broker = BrokerProcess::start(BROKER, data.path(), &env).await;
+    // Alice may read a/# only: her subscription to # is checked message by message.
+    let mut opts = ConnectOpts::new("alice-device").login("alice", "secret");
+    opts.clean_session = false;
+    let (mut alice, _) = RawClient::connect(broker.mqtt, opts).await;
+    alice.subscribe("#", QoS::AtLeastOnce).await;
+    alice.disconnect().await;
+    broker.kill().await;
+
+    // Restored before Alice is back; Bob publishes to a topic she may read and one she may not.
+    let broker = BrokerProcess::start(BROKER, data.path(), &env).await;
+    let (mut bob, _) =
+        RawClient::connect(broker.mqtt, ConnectOpts::new("bob").login("bob", "secret")).await;
+    for (pkid, topic) in [(1, "b/secret"), (2, "a/ok")] {
+        bob.publish(topic, QoS::AtLeastOnce, false, b"x", pkid)
+            .await;
+        assert!(matches!(bob.recv().await, Some(Packet::PubAck(_))));
+    }
+    let mut opts = ConnectOpts::new("alice-device").login("alice", "secret");
+    opts.clean_session = false;
+    let (mut alice, present) = RawClient::connect(broker.mqtt, opts).await;
+    assert!(present);
+    let mut topics = Vec::new();
+    while let Ok(Some(Packet::Publish(p))) =
+        tokio::time::timeout(Duration::from_millis(500), alice.recv_untimed()).await
+    {
+        topics.push(p.topic.clone());
+        alice
+            .send(&Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(p.pkid)))
+            .await;
+    }
+    assert_eq!(
+        topics,
+        ["a/ok"],
+        "only what the ACL lets her read was queued"
+    );
+}

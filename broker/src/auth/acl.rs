@@ -340,6 +340,20 @@ struct Decisions {
 }
 
 impl ClientAcl {
+    /// What these rules were made for: the user name, and the topic filters the credentials
+    /// grant to publish and to subscribe (what [`Acl::client`] was given), so that they can be
+    /// made again (for a persistent session restored at start).
+    pub fn login(&self) -> (Option<&str>, Vec<Box<str>>, Vec<Box<str>>) {
+        let granted = |allows| {
+            self.grants
+                .iter()
+                .filter(|r| r.allows == allows)
+                .map(|r| r.filter.clone())
+                .collect()
+        };
+        (self.username.as_deref(), granted(WRITE), granted(READ))
+    }
+
     fn new(
         file: Option<Arc<AclFile>>,
         client_id: &str,

@@ -191,6 +191,17 @@ impl Broker {
                 },
                 limits,
             );
+            // Its access rules, made again from who its client logged in as: the messages
+            // queued before the client is back obey them.
+            if let Some(access) = &stored.access {
+                let acl = self.acl.client(
+                    &stored.client_id,
+                    access.username.as_deref(),
+                    &access.publish,
+                    &access.subscribe,
+                );
+                self.apply_acl(&session, acl);
+            }
             let left = Duration::from_millis(ends_ms - now_ms);
             self.expiring
                 .schedule(&session, 1, tokio::time::Instant::now() + left);

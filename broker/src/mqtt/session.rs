@@ -23,7 +23,7 @@ use crate::auth::acl::{Access, ClientAcl, Subscription};
 use crate::event::SessionId;
 use crate::labels::{AuthMethod, DisconnectReason, DropReason, Label, PacketType};
 use crate::metrics::metrics;
-use crate::state::{Record, StateStore, Ticket};
+use crate::state::{Record, StateStore, StoredAccess, Ticket};
 
 /// The bounds of every session's queue: per session in messages and bytes, and one byte budget
 /// for all sessions together.
@@ -432,8 +432,9 @@ impl SessionState {
         store.acks_wait().then_some(ticket)
     }
 
-    /// Records in the durable state that the session is persistent (with its expiry), for
-    /// `client_id`; a session that is not persistent has nothing stored. Returns the ticket.
+    /// Records in the durable state that the session is persistent (with its expiry and who
+    /// its client logged in as, for its access rules), for `client_id`; a session that is not
+    /// persistent has nothing stored. Returns the ticket.
     pub fn journal_session(&self, client_id: &str, limits: &QueueLimits) -> Option<Ticket> {
         let expiry = self
             .expiry()
@@ -442,6 +443,14 @@ impl SessionState {
             key,
             client_id: client_id.into(),
             expiry,
+            access: self.acl.as_ref().map(|acl| {
+                let (username, publish, subscribe) = acl.login();
+                StoredAccess {
+                    username: username.map(Into::into),
+                    publish,
+                    subscribe,
+                }
+            }),
         })
     }
 

@@ -49,8 +49,8 @@ pub struct Attached {
     /// What a discarded previous session left: subscriptions to remove from the router, and
     /// shared subscriptions' messages for other members.
     pub dropped: Cleared,
-    /// The ticket of what the attach changed in the durable state (a persistent session
-    /// begun, a stored one discarded): the CONNACK waits for it.
+    /// The ticket of what the attach changed in the durable state (a stored session
+    /// discarded): the CONNACK waits for it.
     pub ticket: Option<Ticket>,
 }
 
@@ -163,9 +163,9 @@ impl SessionTable {
         let session_id = SessionId::new();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         st.set_expiry(persistent, expiry, limits);
-        let ticket = dropped
-            .ticket
-            .max(st.journal_session(&session.client_id, limits));
+        // The session's own record follows once the connection's access rules are known
+        // (the handshake records it).
+        let ticket = dropped.ticket;
         st.connection = session_id;
         st.online = true;
         drop(st);

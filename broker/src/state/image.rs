@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use super::record::{Record, StoredDelivery, StoredMessage, StoredOptions};
+use super::record::{Record, StoredAccess, StoredDelivery, StoredMessage, StoredOptions};
 
 /// A persistent session as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,6 +12,8 @@ pub struct StoredSession {
     pub client_id: Box<str>,
     /// Its MQTT 5 session expiry interval in seconds (`None`: a 3.1.1 session).
     pub expiry: Option<u32>,
+    /// Who its client logged in as, when access rules apply to it.
+    pub access: Option<StoredAccess>,
     /// When its client left, in milliseconds since the Unix epoch; 0 while it was connected
     /// (when the broker stopped without saying so, it counts from the restart).
     pub left_at_ms: u64,
@@ -85,10 +87,12 @@ impl Image {
                 key,
                 client_id,
                 expiry,
+                access,
             } => {
                 let session = self.sessions.entry(key).or_insert_with(|| StoredSession {
                     client_id: client_id.clone(),
                     expiry,
+                    access: None,
                     left_at_ms: 0,
                     subscriptions: Vec::new(),
                     queue: VecDeque::new(),
@@ -96,6 +100,7 @@ impl Image {
                 });
                 session.client_id = client_id;
                 session.expiry = expiry;
+                session.access = access;
                 session.left_at_ms = 0;
             }
             Record::Left { key, at_ms } => {
@@ -245,6 +250,7 @@ impl Image {
                     key,
                     client_id: s.client_id.clone(),
                     expiry: s.expiry,
+                    access: s.access.clone(),
                 },
                 Record::Left {
                     key,
@@ -319,6 +325,7 @@ mod tests {
                 key: 1,
                 client_id: "a".into(),
                 expiry: None,
+                access: None,
             },
             Record::Subscribe {
                 key: 1,

@@ -787,6 +787,7 @@ mod tests {
             key,
             client_id: format!("c{key}").into(),
             expiry: None,
+            access: None,
         }];
         for i in 0..n {
             let id = key * 1_000_000 + i + 1;
@@ -878,17 +879,26 @@ mod tests {
         while started.elapsed() < Duration::from_secs(10) {
             let t = store.append(Record::Received { key: 1, pkid: 1 });
             let first = *ticket.get_or_insert(t);
-            if store.poll_durable(first, std::task::Waker::noop()).is_ready() {
+            if store
+                .poll_durable(first, std::task::Waker::noop())
+                .is_ready()
+            {
                 break;
             }
             std::thread::sleep(Duration::from_millis(1));
         }
         let first = ticket.expect("appended");
         assert!(
-            store.poll_durable(first, std::task::Waker::noop()).is_ready(),
+            store
+                .poll_durable(first, std::task::Waker::noop())
+                .is_ready(),
             "never synced under load"
         );
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

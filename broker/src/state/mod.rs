@@ -24,7 +24,9 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 pub use image::{Image, Queued, StoredSession};
-pub use record::{Record, StoredDelivery, StoredMessage, StoredOptions, StoredProperties};
+pub use record::{
+    Record, StoredAccess, StoredDelivery, StoredMessage, StoredOptions, StoredProperties,
+};
 
 use crate::config::{PersistenceConfig, PersistenceMode};
 

@@ -52,6 +52,18 @@ pub struct StoredOptions {
     pub id: u32,
 }
 
+/// Who a persistent session's client logged in as, so that its access rules can be made
+/// again when the session is restored (before its client comes back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAccess {
+    /// The user name its rules are under.
+    pub username: Option<Box<str>>,
+    /// Topic filters its credentials grant to publish.
+    pub publish: Vec<Box<str>>,
+    /// Topic filters its credentials grant to subscribe.
+    pub subscribe: Vec<Box<str>>,
+}
+
 /// How a queued message goes to its session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredDelivery {
@@ -101,6 +113,8 @@ pub enum Record {
         client_id: Box<str>,
         /// Its MQTT 5 session expiry interval in seconds.
         expiry: Option<u32>,
+        /// Who its client logged in as, when access rules apply to it.
+        access: Option<StoredAccess>,
     },
     /// Session `key`'s client left at `at_ms` (milliseconds since the Unix epoch): its expiry
     /// counts from then.
@@ -289,6 +303,7 @@ impl Record {
                 key,
                 client_id,
                 expiry,
+                access,
             } => {
                 out.put_u8(SESSION);
                 out.put_u64_le(*key);
@@ -298,6 +313,19 @@ impl Record {
                     Some(secs) => {
                         out.put_u8(1);
                         out.put_u32_le(*secs);
+                    }
+                }
+                match access {
+                    None => out.put_u8(0),
+                    Some(a) => {
+                        out.put_u8(1 | u8::from(a.username.is_some()) << 1);
+                        put_str(out, a.username.as_deref().unwrap_or(""));
+                        for list in [&a.publish, &a.subscribe] {
+                            out.put_u32_le(list.len() as u32);
+                            for filter in list {
+                                put_str(out, filter);
+                            }
+                        }
                     }
                 }
             }
@@ -388,6 +416,28 @@ impl Record {
                 expiry: match u8_(b)? {
                     0 => None,
                     _ => Some(u32_(b)?),
+                },
+                access: match u8_(b)? {
+                    0 => None,
+                    flags => {
+                        let username = str_(b)?;
+                        let mut lists = [Vec::new(), Vec::new()];
+                        for list in &mut lists {
+                            let n = u32_(b)? as usize;
+                            if n > b.len() {
+                                return Err(DecodeError::Malformed("grant count"));
+                            }
+                            for _ in 0..n {
+                                list.push(str_(b)?);
+                            }
+                        }
+                        let [publish, subscribe] = lists;
+                        Some(StoredAccess {
+                            username: (flags & 2 != 0).then_some(username),
+                            publish,
+                            subscribe,
+                        })
+                    }
                 },
             },
             LEFT => Record::Left {
@@ -597,11 +647,27 @@ mod tests {
                 key: 3,
                 client_id: "dev-1".into(),
                 expiry: Some(3600),
+                access: Some(StoredAccess {
+                    username: Some("alice".into()),
+                    publish: vec!["a/#".into()],
+                    subscribe: vec!["b/+".into(), "c".into()],
+                }),
             },
             Record::Session {
                 key: 4,
                 client_id: "dev-2".into(),
                 expiry: None,
+                access: None,
+            },
+            Record::Session {
+                key: 5,
+                client_id: "dev-3".into(),
+                expiry: None,
+                access: Some(StoredAccess {
+                    username: None,
+                    publish: Vec::new(),
+                    subscribe: Vec::new(),
+                }),
             },
             Record::Left { key: 3, at_ms: 42 },
             Record::SessionEnd { key: 4 },

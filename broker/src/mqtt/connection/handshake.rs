@@ -550,8 +550,13 @@ pub async fn handshake<S: Transport>(
             )
             .u16(property::TOPIC_ALIAS_MAXIMUM, TOPIC_ALIAS_MAXIMUM);
     }
-    // What the CONNACK says of the session (present, or begun or discarded) is durable first.
-    if let (Some(ticket), Some(store)) = (attached.ticket, broker.router.store()) {
+    // What the CONNACK says of the session (present, or begun or discarded) is durable first:
+    // a persistent session is recorded with who its client logged in as (its access rules are
+    // made again from that should it be restored before the client is back).
+    let recorded = session
+        .state()
+        .journal_session(&session.client_id, broker.router.limits());
+    if let (Some(ticket), Some(store)) = (attached.ticket.max(recorded), broker.router.store()) {
         std::future::poll_fn(|cx| store.poll_durable(ticket, cx.waker())).await;
     }
     io.send(PacketType::ConnAck, |buf, level| {
