@@ -348,8 +348,8 @@ async fn phases(ctx: &Arc<Ctx>, truth_file: Option<&Path>, started: Instant) -> 
 
     c.phase.store(3, Ordering::Relaxed);
     let t = Instant::now();
-    let expected = truth.iter().filter(|t| t.state_acked > 0).count();
-    for (i, value) in retained(ctx, expected).await?.into_iter().enumerate() {
+    let wanted: Vec<bool> = truth.iter().map(|t| t.state_acked > 0).collect();
+    for (i, value) in retained(ctx, &wanted).await?.into_iter().enumerate() {
         seen[i].retained = value;
     }
     phases.retained_s = t.elapsed().as_secs_f64();
@@ -629,8 +629,10 @@ async fn drain(ctx: &Ctx, i: usize, truth: &DeviceTruth) -> Result<DeviceSeen> {
 }
 
 /// Phase 4: every device's retained state value of this run, read by one clean subscriber to
-/// [`STATE_FILTER`], until `expected` devices have one or nothing more comes.
-async fn retained(ctx: &Ctx, expected: usize) -> Result<Vec<Option<u32>>> {
+/// [`STATE_FILTER`], until every `wanted` device (one with an acknowledged state) has one or
+/// nothing more comes.
+async fn retained(ctx: &Ctx, wanted: &[bool]) -> Result<Vec<Option<u32>>> {
+    let expected = wanted.iter().filter(|w| **w).count();
     let index: HashMap<String, usize> = (0..ctx.count).map(|i| (ctx.client_id(i), i)).collect();
     let mut values = vec![None; ctx.count];
     let dial = ctx.dial(
@@ -646,7 +648,11 @@ async fn retained(ctx: &Ctx, expected: usize) -> Result<Vec<Option<u32>>> {
             ctx.lost(&dial.address, &e);
             continue;
         }
-        let mut have = values.iter().filter(|v| v.is_some()).count();
+        let mut have = values
+            .iter()
+            .zip(wanted)
+            .filter(|(v, w)| v.is_some() && **w)
+            .count();
         while have < expected {
             let publish = match tokio::time::timeout(RETAINED_WAIT, conn.recv()).await {
                 Err(_) => break,
@@ -672,7 +678,7 @@ async fn retained(ctx: &Ctx, expected: usize) -> Result<Vec<Option<u32>>> {
                 continue;
             };
             if let Some(seq) = ctx.seq_of(&ctx.client_id(i), &publish.payload) {
-                if values[i].is_none() {
+                if values[i].is_none() && wanted[i] {
                     have += 1;
                 }
                 values[i] = values[i].max(Some(seq));
