@@ -202,7 +202,26 @@ pub struct RunArgs {
     /// storm: seconds between storms (one storm half-way when the run is shorter).
     #[arg(long, default_value_t = 30)]
     pub storm_every: u64,
-    /// Ground truth output: one JSON line per state change, then each device's final state.
+    /// durable: command messages per device (numbered from 1; keep it under the broker's
+    /// mqtt.max_queued_messages, 1000 by default, past which a session's queue drops them).
+    #[arg(long, help_heading = "Durable scenario", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub messages: u32,
+    /// durable: publisher connections; each sends every message of its share of the devices.
+    #[arg(long, help_heading = "Durable scenario", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub publishers: u32,
+    /// durable: PUBLISHes each publisher keeps in flight (sent, PUBACK not yet received).
+    #[arg(long, help_heading = "Durable scenario", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub window: u32,
+    /// durable: PUBLISHes per second over all publishers, command and state messages together
+    /// (0: as fast as the broker acknowledges).
+    #[arg(long, help_heading = "Durable scenario", default_value_t = 0.0)]
+    pub publish_rate: f64,
+    /// durable: seconds every connection keeps trying to reach an absent broker (restarted
+    /// or crashed) before the run gives up.
+    #[arg(long, help_heading = "Durable scenario", default_value_t = 60.0)]
+    pub broker_wait: f64,
+    /// Ground truth output: one JSON line per state change, then each device's final state
+    /// (durable: one line per device, its acknowledged and delivered messages).
     #[arg(long)]
     pub truth: Option<PathBuf>,
     /// At the end of --duration: `disconnect` every device cleanly, or `keep` the connected
@@ -280,6 +299,9 @@ impl RunArgs {
                 self.keepalive
             );
         }
+        if self.scenario == Scenario::Durable {
+            self.check_durable()?;
+        }
         if self.churn_mix.is_empty() {
             bail!("--churn-mix needs at least one kind");
         }
@@ -320,6 +342,31 @@ impl RunArgs {
         }
         self.transport()?;
         self.credentials()?;
+        Ok(())
+    }
+
+    /// The `durable` scenario's limits: one process, MQTT 3.1.1 over plain TCP.
+    fn check_durable(&self) -> Result<()> {
+        let unsupported = [
+            ("--workers", self.workers > 1),
+            ("--protocol 5", self.protocol == Protocol::V5),
+            ("--tls", self.tls),
+            ("--ws", self.ws),
+            ("--wss", self.wss),
+            ("--publish-interval", self.publish_interval.is_some()),
+        ];
+        if let Some((flag, _)) = unsupported.iter().find(|(_, set)| *set) {
+            bail!(
+                "--scenario durable runs MQTT 3.1.1 over plain TCP in one process; {flag} is not \
+                 supported with it"
+            );
+        }
+        if !(self.publish_rate.is_finite() && self.publish_rate >= 0.0) {
+            bail!("--publish-rate must be a non-negative number of PUBLISHes per second");
+        }
+        if !(self.broker_wait.is_finite() && self.broker_wait > 0.0) {
+            bail!("--broker-wait must be a positive number of seconds");
+        }
         Ok(())
     }
 

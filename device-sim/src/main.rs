@@ -16,6 +16,12 @@
 //! `--cafile`, `--cert`/`--key` or `--cert-dir`, `--tls-server-name`, `--ws-path`) choose the
 //! transport of every scenario (see [`transport`]).
 //!
+//! `--scenario durable` is different (see [`durable`]): persistent sessions subscribed and
+//! offline, QoS 1 command messages and retained states published to them while the broker may
+//! be restarted or killed, then every session drained and checked against the PUBACKs received:
+//! exit code 1 when an acknowledged message is missing or out of order, or a retained value is
+//! older than the last acknowledged one.
+//!
 //! Devices log in with `--username NAME` or `--username-from-client-id`, and `--password` or
 //! `--password-seed SEED` (a password per device, derived from the seed and its client id; see
 //! [`credentials`]). `device-sim provision` prints the `user:password` lines of a run's
@@ -40,6 +46,7 @@
 //!   ground truth they write. [`provision`]: `device-sim provision`, their accounts.
 //! - [`report`]: counters, CONNACK histogram and summary; [`progress`]: the per-second output;
 //!   [`metrics`]: the Prometheus endpoint.
+//! - [`durable`]: the `durable` scenario, its own phases, connections and check.
 //! - [`verify`]: `device-sim verify`; [`http`]: its API client; [`db`]: its database reads;
 //!   [`presence`]: a device's state as either reports it.
 
@@ -48,6 +55,7 @@ mod client;
 mod credentials;
 mod db;
 mod device;
+mod durable;
 mod fleet;
 mod http;
 mod metrics;
@@ -71,7 +79,7 @@ use crate::cli::{Cli, Command};
 use crate::run::Outcome;
 
 // The exit codes, as `--help` lists them (`cli`'s EXIT_CODES).
-/// `verify`: the broker disagrees with the truth.
+/// `verify`, or a `durable` run: the broker disagrees with the truth.
 const DISAGREES: u8 = 1;
 /// Any error: bad options, unreachable API or database, I/O.
 const ERROR: u8 = 2;
@@ -106,5 +114,6 @@ fn exit_code(outcome: Outcome) -> ExitCode {
     match outcome {
         Outcome::Completed => ExitCode::SUCCESS,
         Outcome::NoneConnected => ExitCode::from(NONE_CONNECTED),
+        Outcome::Disagrees => ExitCode::from(DISAGREES),
     }
 }

@@ -1,5 +1,6 @@
 //! `device-sim run`: checks the options, runs the devices in this process ([`fleet`]) or over
-//! `--workers` child processes ([`workers`]), and reports: the summary line, the first error of
+//! `--workers` child processes ([`workers`]), or the phases of `--scenario durable`
+//! ([`durable`]), and reports: the summary line, the first error of
 //! each kind on stderr, `--json FILE`; a worker prints its summary as a [`RESULT`] line for its
 //! parent instead. The run's [`TaskTracker`] holds every task spawned besides the devices
 //! (scheduler, spawner, ready file, metrics endpoint, worker output readers); the run cancels
@@ -13,8 +14,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::cli::RunArgs;
 use crate::report::Summary;
+use crate::scenario::Scenario;
 use crate::worker_protocol::RESULT;
-use crate::{fleet, workers};
+use crate::{durable, fleet, workers};
 
 /// Upper bound on waiting for the run's tasks once it is over (they all stop on `shutdown`).
 const TASKS_GRACE: Duration = Duration::from_secs(1);
@@ -26,6 +28,8 @@ pub enum Outcome {
     Completed,
     /// No device ever connected: the broker is unreachable or refuses everyone.
     NoneConnected,
+    /// `durable`: the broker lost, reordered or outdated something it had acknowledged.
+    Disagrees,
 }
 
 /// Runs `device-sim run`: one process, a worker, or the parent of `--workers`.
@@ -50,6 +54,9 @@ async fn run_and_report(
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<Outcome> {
+    if args.scenario == Scenario::Durable {
+        return run_durable(args, shutdown).await;
+    }
     let summary = if args.worker_id.is_none() && args.workers > 1 {
         workers::run(args, tasks, shutdown).await?
     } else {
@@ -74,6 +81,30 @@ async fn run_and_report(
         return Ok(Outcome::NoneConnected);
     }
     Ok(Outcome::Completed)
+}
+
+/// The `durable` scenario: its status lines, then its summary line, its first problems and
+/// its first connection error on stderr, `--json`.
+async fn run_durable(args: &RunArgs, shutdown: &CancellationToken) -> Result<Outcome> {
+    let summary = durable::run(args, shutdown).await?;
+    println!("{}", summary.line());
+    for line in &summary.verdict.examples {
+        eprintln!("device-sim: {line}");
+    }
+    if let Some(error) = &summary.first_error {
+        eprintln!("device-sim: first connection error: {error}");
+    }
+    if let Some(path) = &args.json {
+        let body = serde_json::to_string_pretty(&summary)?;
+        std::fs::write(path, body + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if summary.ok {
+        println!("durable: OK, every acknowledged message delivered in order and every retained state current");
+        Ok(Outcome::Completed)
+    } else {
+        println!("durable: FAILED (missing, out of order or stale retained state; see above)");
+        Ok(Outcome::Disagrees)
+    }
 }
 
 /// Prints the summary line and the first errors, and writes `--json`.

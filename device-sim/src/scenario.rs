@@ -12,6 +12,9 @@
 //!   device closes abruptly and reconnects after a jittered backoff.
 //! - `takeover`: `--churn-percent` of the devices per minute are replaced by a second
 //!   connection with their client id.
+//!
+//! `durable` is no schedule over a connected fleet but phases of its own, in
+//! [`crate::durable`].
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +45,9 @@ pub enum Scenario {
     Storm,
     /// Second connections replace first ones.
     Takeover,
+    /// Persistent sessions offline, QoS 1 messages queued for them, then drained and checked
+    /// against what the broker acknowledged (see [`crate::durable`]).
+    Durable,
 }
 
 /// A leave kind as written on the command line.
@@ -180,7 +186,8 @@ pub async fn drive(plan: Plan, fleet: Fleet, end: CancellationToken) {
             Err(poisoned) => poisoned.into_inner(),
         };
         match plan.scenario {
-            Scenario::Steady => {}
+            // `durable` runs its own phases (crate::durable), never this scheduler.
+            Scenario::Steady | Scenario::Durable => {}
             Scenario::Churn | Scenario::Takeover => {
                 owed += per_tick;
                 while owed >= 1.0 {

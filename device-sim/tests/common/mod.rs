@@ -5,6 +5,8 @@
 //! comes from `testkit`.
 #![allow(dead_code)]
 
+pub mod broker_process;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{ExitStatus, Output, Stdio};
