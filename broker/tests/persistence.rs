@@ -414,3 +414,121 @@ async fn a_restored_session_obeys_its_clients_access_rules_while_it_is_away() {
         "only what the ACL lets her read was queued"
     );
 }
+
+/// Reads one packet's fixed-header byte and body from `stream`.
+async fn read_raw(stream: &mut tokio::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let byte1 = stream.read_u8().await.ok()?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let b = stream.read_u8().await.ok()?;
+        len |= usize::from(b & 0x7f) << shift;
+        shift += 7;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0; len];
+    stream.read_exact(&mut body).await.ok()?;
+    Some((byte1, body))
+}
+
+/// Past `persistence.max_disk`, new state is refused: an MQTT 5 publisher gets PUBACK 0x97,
+/// an MQTT 3.1.1 publisher gets no PUBACK until compaction has freed space (here: once the
+/// persistent session's client took its queue).
+#[tokio::test]
+async fn past_the_disk_budget_mqtt5_gets_0x97_and_mqtt311_waits_until_space_is_freed() {
+    use tokio::io::AsyncWriteExt;
+    let data = testkit::temp_dir("persistence-budget");
+    let env = [
+        ("BROKER_PERSISTENCE__SEGMENT_BYTES", "1048576"),
+        ("BROKER_PERSISTENCE__MAX_DISK", "2097152"),
+        // The session's queue holds more than the budget.
+        ("BROKER_MQTT__MAX_QUEUED_BYTES", "16777216"),
+    ];
+    let broker = BrokerProcess::start(BROKER, data.path(), &env).await;
+    let mut opts = ConnectOpts::new("budget-sub");
+    opts.clean_session = false;
+    let (mut sub, _) = RawClient::connect(broker.mqtt, opts).await;
+    sub.subscribe("full/#", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+
+    // MQTT 5: 16 KiB messages until the budget refuses one.
+    let mut v5 = tokio::net::TcpStream::connect(broker.mqtt)
+        .await
+        .expect("connect");
+    v5.write_all(&testkit::fuzz5::connect())
+        .await
+        .expect("write");
+    let (connack, _) = read_raw(&mut v5).await.expect("CONNACK");
+    assert_eq!(connack, 0x20);
+    let payload = vec![b'x'; 16 * 1024];
+    let mut refused = None;
+    for pkid in 1..=600u16 {
+        let mut body = Vec::new();
+        testkit::fuzz5::string(&mut body, b"full/v5");
+        body.extend_from_slice(&pkid.to_be_bytes());
+        body.push(0); // no properties
+        body.extend_from_slice(&payload);
+        v5.write_all(&testkit::fuzz5::packet(0x32, &body))
+            .await
+            .expect("write");
+        let (kind, ack) = read_raw(&mut v5).await.expect("PUBACK");
+        assert_eq!(kind, 0x40);
+        assert_eq!(u16::from_be_bytes([ack[0], ack[1]]), pkid);
+        if ack.get(2) == Some(&0x97) {
+            refused = Some(pkid);
+            break;
+        }
+    }
+    let refused = refused.expect("PUBACK 0x97 once past persistence.max_disk");
+    assert!(
+        refused > 100,
+        "refused only past 2 MiB: at message {refused}"
+    );
+
+    // MQTT 3.1.1: held without a PUBACK.
+    let (mut pub311, _) = RawClient::connect(broker.mqtt, ConnectOpts::new("budget-pub")).await;
+    pub311
+        .publish("full/311", QoS::AtLeastOnce, false, &payload, 1)
+        .await;
+    let early = tokio::time::timeout(Duration::from_millis(500), pub311.recv_untimed()).await;
+    assert!(early.is_err(), "no PUBACK while over the budget: {early:?}");
+
+    // The session's client takes its queue: compaction frees the space, the held PUBLISH
+    // goes through and is acknowledged.
+    let mut opts = ConnectOpts::new("budget-sub");
+    opts.clean_session = false;
+    let (mut sub, present) = RawClient::connect(broker.mqtt, opts).await;
+    assert!(present);
+    let mut delivered = 0;
+    loop {
+        tokio::select! {
+            packet = sub.recv() => match packet {
+                Some(Packet::Publish(p)) => {
+                    delivered += 1;
+                    sub.send(&Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(p.pkid))).await;
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            ack = pub311.recv() => {
+                assert!(matches!(ack, Some(Packet::PubAck(_))), "{ack:?}");
+                break;
+            }
+        }
+    }
+    assert!(
+        delivered >= usize::from(refused) - 1,
+        "{delivered} of {refused}"
+    );
+    let metrics = testkit::http_get(broker.http, "/metrics")
+        .await
+        .expect("metrics");
+    let full = metrics
+        .lines()
+        .find(|l| l.starts_with("heartwire_state_disk_full_total"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("heartwire_state_disk_full_total");
+    assert!(full >= 2.0, "both refusals counted: {full}");
+}
