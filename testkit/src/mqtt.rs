@@ -11,6 +11,7 @@ use broker::config::{AuthConfig, MqttConfig};
 use broker::event::{self, ConnectionEvent, EventReceiver};
 use broker::labels::DisconnectReason;
 use broker::mqtt;
+use broker::state::StateStore;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +58,20 @@ impl TestBroker {
 
     /// As [`start_with`](Self::start_with), checking credentials as `auth` says.
     pub async fn start_with_auth(adjust: impl FnOnce(&mut MqttConfig), auth: AuthConfig) -> Self {
+        Self::start_full(adjust, auth, None).await
+    }
+
+    /// The MQTT layer with the default [`MqttConfig`], keeping its state durable in `store`
+    /// (a test's own [`StateStore`], such as one that decides when records are durable).
+    pub async fn start_with_state(store: Arc<dyn StateStore>) -> Self {
+        Self::start_full(|_| {}, AuthConfig::default(), Some(store)).await
+    }
+
+    async fn start_full(
+        adjust: impl FnOnce(&mut MqttConfig),
+        auth: AuthConfig,
+        store: Option<Arc<dyn StateStore>>,
+    ) -> Self {
         let mut config = MqttConfig::default();
         adjust(&mut config);
         let acl = Arc::new(Acl::new(auth.acl_file.as_deref()).expect("the ACL file loads"));
@@ -77,11 +92,13 @@ impl TestBroker {
             .expect("the TLS configuration loads");
         let (tx, events) = event::channel(1024);
         let shutdown = CancellationToken::new();
-        let broker = Arc::new(
-            mqtt::Broker::new(config, tx)
-                .with_auth(Arc::clone(&auth))
-                .with_acl(acl),
-        );
+        let mut broker = mqtt::Broker::new(config, tx)
+            .with_auth(Arc::clone(&auth))
+            .with_acl(acl);
+        if let Some(store) = store {
+            broker.set_state(store);
+        }
+        let broker = Arc::new(broker);
         let handle = tokio::spawn(mqtt::serve(
             endpoints,
             Arc::clone(&broker),
