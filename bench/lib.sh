@@ -75,3 +75,22 @@ heartwire_binary() {
   HEARTWIRE="$(cd "$(dirname "$HEARTWIRE")" && pwd)/$(basename "$HEARTWIRE")"
   [[ -x "$HEARTWIRE" ]] || die "broker binary $HEARTWIRE is missing or not executable"
 }
+
+# loadgen TAG BOUND ARGS...: runs bench/loadgen ($LOADGEN, pinned by the LOADGEN_PIN array)
+# against the broker at BROKER_PORT (pid BROKER_PID) for at most BOUND, its JSON in
+# $WORK/TAG.json and its errors in $WORK/TAG.loadgen.err; prints its summary line, or
+# "failed (exit N)" (logged) when it fails.
+loadgen() {
+  local tag="$1" bound="$2" line rc=0
+  shift 2
+  line="$(timeout -k 5 "$bound" "${LOADGEN_PIN[@]}" "$LOADGEN" \
+      --host 127.0.0.1 --port "$BROKER_PORT" --broker-pid "$BROKER_PID" --json "$WORK/$tag.json" \
+      "$@" 2>"$WORK/$tag.loadgen.err")" || rc=$?
+  if (( rc != 0 )) || [[ -z "$line" ]]; then
+    log "  loadgen failed (exit $rc): $(tail -n 3 "$WORK/$tag.loadgen.err")"
+    line="failed (exit $rc)"
+  else
+    log "  $line"
+  fi
+  printf '%s' "$line"
+}

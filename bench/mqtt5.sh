@@ -92,23 +92,6 @@ ulimit -n "$NOFILE_HARD"
 
 declare -A RESULT
 
-# loadgen TAG SCENARIO-ARGS...: runs bench/loadgen against the running broker; prints its
-# summary line, or "failed ..." (logged) when it fails.
-loadgen() {
-  local tag="$1" bound="$2" line rc=0
-  shift 2
-  line="$(timeout -k 5 "$bound" "${LOADGEN_PIN[@]}" "$LOADGEN" \
-      --host 127.0.0.1 --port "$BROKER_PORT" --broker-pid "$BROKER_PID" --json "$WORK/$tag.json" \
-      "$@" 2>"$WORK/$tag.loadgen.err")" || rc=$?
-  if (( rc != 0 )) || [[ -z "$line" ]]; then
-    log "  loadgen failed (exit $rc): $(tail -n 3 "$WORK/$tag.loadgen.err")"
-    line="failed (exit $rc)"
-  else
-    log "  $line"
-  fi
-  printf '%s' "$line"
-}
-
 # measure RUN BROKER PROTOCOL: idle, then fan-in at each QoS, each on a fresh broker.
 measure() {
   local run="$1" name="$2" proto="$3" tag q

@@ -205,23 +205,6 @@ per() {
 }
 sub() { awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/) printf "%d", a - b; else printf "-" }'; }
 
-# loadgen TAG BOUND ARGS...: runs bench/loadgen against BROKER_PORT and BROKER_PID; prints its
-# summary line or "failed (exit N)".
-loadgen() {
-  local tag="$1" bound="$2" line rc=0
-  shift 2
-  line="$(timeout -k 5 "$bound" "${LOADGEN_PIN[@]}" "$LOADGEN" \
-      --host 127.0.0.1 --port "$BROKER_PORT" --broker-pid "$BROKER_PID" --json "$WORK/$tag.json" \
-      "$@" 2>"$WORK/$tag.loadgen.err")" || rc=$?
-  if (( rc != 0 )) || [[ -z "$line" ]]; then
-    log "  loadgen failed (exit $rc): $(tail -n 3 "$WORK/$tag.loadgen.err")"
-    line="failed (exit $rc)"
-  else
-    log "  $line"
-  fi
-  printf '%s' "$line"
-}
-
 MOSQUITTO_VERSION="$("$MOSQUITTO" -h 2>/dev/null | head -n 1 | awk '{ print $3 }' || true)"
 label() { if [[ "$1" == heartwire ]]; then echo Heartwire; else echo "Mosquitto ${MOSQUITTO_VERSION}"; fi; }
 

@@ -99,14 +99,7 @@ async fn verify_accepts_sessions_ended_by_a_broker_crash() {
     // Crash while those devices are silent and not yet timed out, then start again.
     first.kill().await;
     let second = BrokerProcess::start(&setup, "second").await;
-    let drained = tokio::spawn(async move {
-        let mut rest = String::new();
-        while let Ok(Some(line)) = lines.next_line().await {
-            rest.push_str(&line);
-            rest.push('\n');
-        }
-        rest
-    });
+    let drained = common::rest_of(lines);
     let status = tokio::time::timeout(SIM_WAIT, run.wait())
         .await
         .expect("device-sim ends in time")

@@ -101,14 +101,7 @@ async fn durable_scenario_survives_kill_9() {
     first.kill().await;
     let second = BrokerProcess::start(&setup, "second").await;
 
-    let rest = tokio::spawn(async move {
-        let mut rest = String::new();
-        while let Ok(Some(line)) = lines.next_line().await {
-            rest.push_str(&line);
-            rest.push('\n');
-        }
-        rest
-    });
+    let rest = common::rest_of(lines);
     let out = tokio::time::timeout(SIM_WAIT, run.wait_with_output())
         .await
         .expect("device-sim ends in time")

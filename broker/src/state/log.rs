@@ -112,7 +112,7 @@ impl LogStore {
         if lock_file.try_lock().is_err() {
             return Err(StateError::Locked(dir));
         }
-        let mut read = read_dir_state(&dir, true)?;
+        let mut read = read_files(&dir, None, true)?;
         // Whatever the stopped broker was routing is over.
         read.image.end_routing();
         let generation = read.next_generation;
@@ -316,8 +316,6 @@ struct Writer {
     written: u64,
     /// Bytes of closed logs not folded into the snapshot yet.
     closed_bytes: u64,
-    /// Bytes of the snapshot when last looked at.
-    snapshot_bytes: u64,
     last_sync: Option<Instant>,
     /// When the last commit (a batch written) started.
     last_commit: Option<Instant>,
@@ -338,14 +336,12 @@ impl Writer {
         compact: mpsc::Sender<u64>,
     ) -> Self {
         let written = file.metadata().map_or(0, |m| m.len());
-        let snapshot_bytes = std::fs::metadata(shared.dir.join(SNAPSHOT)).map_or(0, |m| m.len());
         Self {
             shared,
             file,
             generation,
             written,
             closed_bytes,
-            snapshot_bytes,
             last_sync: None,
             last_commit: None,
             compact,
@@ -537,9 +533,9 @@ impl Writer {
                 return self.generation;
             }
         }
-        self.snapshot_bytes =
+        let snapshot_bytes =
             std::fs::metadata(self.shared.dir.join(SNAPSHOT)).map_or(0, |m| m.len());
-        let due = self.closed_bytes >= self.snapshot_bytes.max(self.shared.config.segment_bytes)
+        let due = self.closed_bytes >= snapshot_bytes.max(self.shared.config.segment_bytes)
             || self.shared.over_budget.load(Ordering::Relaxed);
         if due && self.compact.send(self.generation).is_ok() {
             self.closed_bytes = 0;
@@ -626,10 +622,6 @@ struct Read {
     read_bytes: u64,
     /// Bytes cut off the end of the newest log (a torn write).
     truncated_bytes: u64,
-}
-
-fn read_dir_state(dir: &Path, repair: bool) -> Result<Read, StateError> {
-    read_files(dir, None, repair)
 }
 
 /// Reads the snapshot, then the logs from its generation on (before `upto` if given). With

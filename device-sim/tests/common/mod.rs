@@ -22,6 +22,22 @@ use testkit::{http_get, sqlite_url, temp_dir, FullBroker, TempDir, TestPki};
 /// what a test waits for meanwhile. Longer than `testkit::WAIT`: a run itself takes seconds.
 pub const SIM_WAIT: Duration = Duration::from_secs(30);
 
+/// Reads what is left of `lines` on a task of its own (so that the process never blocks on a
+/// full pipe); its result is that text, a line each.
+pub fn rest_of<R>(mut lines: Lines<R>) -> tokio::task::JoinHandle<String>
+where
+    R: tokio::io::AsyncBufRead + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut rest = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        rest
+    })
+}
+
 /// A `device-sim` command, killed if the test drops it.
 pub fn sim() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_device-sim"));
