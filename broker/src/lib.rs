@@ -441,6 +441,8 @@ async fn open_state(config: &Config, broker: &mut mqtt::Broker) -> Result<Opened
     m.state_load_seconds.set(elapsed.as_secs_f64());
     m.state_sessions_loaded.set(restored.sessions as i64);
     m.state_messages_loaded.set(restored.messages as i64);
+    // Expired while the broker was down; the presence recovery marks their rows expired.
+    m.sessions_expired.inc_by(restored.expired as u64);
     if loaded.truncated_bytes > 0 {
         tracing::warn!(
             bytes = loaded.truncated_bytes,

@@ -524,10 +524,19 @@ async fn node_boots() {
         uuid::Uuid::now_v7(),
     );
     let at = |secs: i64| chrono::DateTime::from_timestamp(1_700_000_000 + secs, 0).expect("time");
-    store.begin_boot("n1", crashed, at(0)).await.expect("boot");
+    store
+        .begin_boot("n1", crashed, at(0), &[])
+        .await
+        .expect("boot");
     store.heartbeat(crashed, at(30)).await.expect("heartbeat");
-    store.begin_boot("n2", other, at(10)).await.expect("boot");
-    store.begin_boot("n1", current, at(60)).await.expect("boot");
+    store
+        .begin_boot("n2", other, at(10), &[])
+        .await
+        .expect("boot");
+    store
+        .begin_boot("n1", current, at(60), &[])
+        .await
+        .expect("boot");
 
     let (status, body) = api.get("/api/v1/nodes").await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -165,6 +165,71 @@ async fn held_in_presence(broker: &BrokerProcess, client_id: &str) {
     .await;
 }
 
+/// A persistent session whose expiry passes while the broker is down ends at the restart:
+/// counted as expired, and its presence row is marked expired at its expiry (the device no
+/// longer shown as holding it).
+#[tokio::test]
+async fn a_session_that_expires_while_the_broker_is_down_is_recorded_expired() {
+    let data = testkit::temp_dir("persistence-expired-down");
+    let env = [("BROKER_MQTT__PERSISTENT_SESSION_EXPIRY", "3s")];
+    let broker = BrokerProcess::start(BROKER, data.path(), &env).await;
+    let mut opts = ConnectOpts::new("gone-while-down");
+    opts.clean_session = false;
+    let (mut c, _) = RawClient::connect(broker.mqtt, opts).await;
+    c.subscribe("gone/#", QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    // Held in presence (so that the restart has something to end), then killed well before
+    // the session expires.
+    let expires_at = testkit::eventually("the session held in presence", || async {
+        let body = testkit::http_get(broker.http, "/api/v1/devices/gone-while-down").await?;
+        let device: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let at = device["session_expires_at"].as_str()?;
+        chrono::DateTime::parse_from_rfc3339(at).ok()
+    })
+    .await;
+    broker.kill().await;
+    let left = (expires_at.to_utc() - chrono::Utc::now()).to_std();
+    assert!(
+        left.is_ok(),
+        "the session expired before the broker was killed"
+    );
+    // Down until the session's expiry has passed.
+    tokio::time::sleep(left.unwrap_or_default() + Duration::from_millis(100)).await;
+
+    let broker = BrokerProcess::start(BROKER, data.path(), &env).await;
+    let metrics = testkit::http_get(broker.http, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "heartwire_sessions_expired_total 1"),
+        "the restart counts the session expired"
+    );
+    let path = "/api/v1/devices/gone-while-down/sessions";
+    let session = testkit::eventually("the session marked expired in presence", || async {
+        let body = testkit::http_get(broker.http, path).await?;
+        let body: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let session = body["sessions"][0].clone();
+        (!session["expired_at"].is_null()).then_some(session)
+    })
+    .await;
+    let expired_at = session["expired_at"].as_str().expect("expired_at");
+    let expired_at = chrono::DateTime::parse_from_rfc3339(expired_at).expect("a time");
+    assert_eq!(expired_at, expires_at, "expired at its expiry");
+    let body = testkit::http_get(broker.http, "/api/v1/devices/gone-while-down")
+        .await
+        .expect("device");
+    let device: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(device["session_expires_at"].is_null(), "no longer held");
+    // Its client finds no session.
+    let mut opts = ConnectOpts::new("gone-while-down");
+    opts.clean_session = false;
+    let (_c, session_present) = RawClient::connect(broker.mqtt, opts).await;
+    assert!(!session_present);
+    broker.terminate().await;
+}
+
 /// Checks one round: every acknowledged message came, first deliveries in publish order, and
 /// the retained value is the last acknowledged one or later.
 fn check(round: &str, acked: &[u64], got: &[u64], retained: Option<u64>) {

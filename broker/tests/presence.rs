@@ -397,14 +397,9 @@ impl broker::store::PresenceStore for StallFirstWrite {
         node_id: &str,
         boot_id: uuid::Uuid,
         now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<broker::store::Recovery, broker::store::StoreError> {
-        self.inner.begin_boot(node_id, boot_id, now).await
-    }
-    async fn hold_sessions(
-        &self,
         held: &[(String, chrono::DateTime<chrono::Utc>)],
-    ) -> Result<u64, broker::store::StoreError> {
-        self.inner.hold_sessions(held).await
+    ) -> Result<broker::store::Recovery, broker::store::StoreError> {
+        self.inner.begin_boot(node_id, boot_id, now, held).await
     }
     async fn heartbeat(
         &self,

@@ -425,11 +425,11 @@ async fn crash_recovery_closes_sessions_of_earlier_boots<S: PresenceStore>(store
     let boot1 = Node::new("node-a");
     let other = Node::new("node-b");
     store
-        .begin_boot("node-a", boot1.boot_id, ts(0))
+        .begin_boot("node-a", boot1.boot_id, ts(0), &[])
         .await
         .expect("boot");
     store
-        .begin_boot("node-b", other.boot_id, ts(0))
+        .begin_boot("node-b", other.boot_id, ts(0), &[])
         .await
         .expect("boot");
     let (a, b, c) = (SessionId::new(), SessionId::new(), SessionId::new());
@@ -450,7 +450,7 @@ async fn crash_recovery_closes_sessions_of_earlier_boots<S: PresenceStore>(store
     // node-a restarts after a crash.
     let boot2 = Node::new("node-a");
     let recovery = store
-        .begin_boot("node-a", boot2.boot_id, ts(100))
+        .begin_boot("node-a", boot2.boot_id, ts(100), &[])
         .await
         .expect("boot");
     assert_eq!(
@@ -474,7 +474,7 @@ async fn crash_recovery_closes_sessions_of_earlier_boots<S: PresenceStore>(store
     // Recovery is done once per boot.
     let boot3 = Node::new("node-a");
     let again = store
-        .begin_boot("node-a", boot3.boot_id, ts(200))
+        .begin_boot("node-a", boot3.boot_id, ts(200), &[])
         .await
         .expect("boot");
     assert_eq!((again.boots, again.sessions_closed), (1, 0));
@@ -585,7 +585,7 @@ async fn boots_known_only_from_their_events_are_recovered<S: PresenceStore>(stor
         .expect("apply");
     let next = Node::new("node-j");
     let recovery = store
-        .begin_boot("node-j", next.boot_id, ts(100))
+        .begin_boot("node-j", next.boot_id, ts(100), &[])
         .await
         .expect("boot");
     assert_eq!((recovery.boots, recovery.sessions_closed), (1, 1));
@@ -763,7 +763,7 @@ async fn node_boots_are_listed_newest_first<S: PresenceStore>(store: S) {
     let first = Node::new("node-a");
     let other = Node::new("node-b");
     store
-        .begin_boot("node-a", first.boot_id, ts(0))
+        .begin_boot("node-a", first.boot_id, ts(0), &[])
         .await
         .expect("boot");
     store
@@ -771,13 +771,13 @@ async fn node_boots_are_listed_newest_first<S: PresenceStore>(store: S) {
         .await
         .expect("heartbeat");
     store
-        .begin_boot("node-b", other.boot_id, ts(10))
+        .begin_boot("node-b", other.boot_id, ts(10), &[])
         .await
         .expect("boot");
     // node-a crashed and starts again: its first boot is recovered.
     let second = Node::new("node-a");
     store
-        .begin_boot("node-a", second.boot_id, ts(100))
+        .begin_boot("node-a", second.boot_id, ts(100), &[])
         .await
         .expect("boot");
 
@@ -946,9 +946,13 @@ async fn mqtt5_codes_protocol_and_held_sessions_are_recorded<S: PresenceStore>(s
     assert_eq!(d.session_expires_at, None);
 }
 
-async fn held_sessions_of_earlier_boots_are_dropped_at_start<S: PresenceStore>(store: S) {
+/// At a new boot, of the persistent sessions the node's earlier boots held for offline
+/// devices, the ones the broker state restored are held until their new expiry and the others
+/// are marked expired: at their expiry when it passed while the node was down, else at the
+/// start (lost with the broker's memory). One transaction.
+async fn held_sessions_of_earlier_boots_are_restored_or_ended_at_start<S: PresenceStore>(store: S) {
     let (n1, n2) = (Node::new("n1"), Node::new("n2"));
-    let (a, b, c) = (SessionId::new(), SessionId::new(), SessionId::new());
+    let [a, b, c, d, e] = std::array::from_fn(|_| SessionId::new());
     store
         .apply(&[
             n1.connected5("a", a, 10),
@@ -956,25 +960,57 @@ async fn held_sessions_of_earlier_boots_are_dropped_at_start<S: PresenceStore>(s
             n2.connected5("b", b, 12),
             n2.disconnected5("b", b, 0, 13, Some(1000)),
             n1.connected5("c", c, 14),
+            n1.connected5("d", d, 15),
+            n1.disconnected5("d", d, 0, 16, Some(18)),
+            n1.connected5("e", e, 17),
+            n1.disconnected5("e", e, 0, 18, Some(1000)),
         ])
         .await
         .expect("apply");
+    // The broker state restored e's session (and one of a client presence never saw).
+    let restored = [("e".to_string(), ts(2000)), ("ghost".to_string(), ts(2000))];
     let recovery = store
-        .begin_boot("n1", Uuid::now_v7(), ts(20))
+        .begin_boot("n1", Uuid::now_v7(), ts(20), &restored)
         .await
         .expect("boot");
     assert_eq!(
-        (recovery.devices_offline, recovery.held_sessions_dropped),
-        (1, 1)
+        (
+            recovery.devices_offline,
+            recovery.held_sessions_ended,
+            recovery.held_sessions_restored
+        ),
+        (1, 2, 1)
     );
     let held = |d: Option<broker::store::Device>| d.expect("device").session_expires_at;
+    let expired = |mut rows: Vec<broker::store::Session>| rows.remove(0).expired_at;
+    // Lost with the broker's memory: expired at the start.
     assert_eq!(held(store.device("a").await.expect("query")), None);
+    assert_eq!(
+        expired(store.sessions("a", 1).await.expect("rows")),
+        Some(ts(20))
+    );
+    // Expired while the node was down: at its expiry.
+    assert_eq!(held(store.device("d").await.expect("query")), None);
+    assert_eq!(
+        expired(store.sessions("d", 1).await.expect("rows")),
+        Some(ts(18))
+    );
+    // Restored: held until its new expiry.
+    assert_eq!(
+        held(store.device("e").await.expect("query")),
+        Some(ts(2000))
+    );
+    assert_eq!(expired(store.sessions("e", 1).await.expect("rows")), None);
+    assert_eq!(store.device("ghost").await.expect("query"), None);
     // Another node's held session is its own.
     assert_eq!(
         held(store.device("b").await.expect("query")),
         Some(ts(1000))
     );
+    assert_eq!(expired(store.sessions("b", 1).await.expect("rows")), None);
+    // An open session closed by the recovery held nothing.
     assert_eq!(held(store.device("c").await.expect("query")), None);
+    assert_eq!(expired(store.sessions("c", 1).await.expect("rows")), None);
 }
 
 /// A migrator of `backend`'s migrations before `before` (the schema an earlier version
@@ -1343,7 +1379,7 @@ store_tests!(
     username_and_auth_method_are_recorded_on_sessions_and_devices,
     an_expired_persistent_session_is_recorded_on_its_last_connection,
     mqtt5_codes_protocol_and_held_sessions_are_recorded,
-    held_sessions_of_earlier_boots_are_dropped_at_start,
+    held_sessions_of_earlier_boots_are_restored_or_ended_at_start,
     late_events_of_an_old_session_never_win,
     retried_and_replayed_batches_change_nothing,
     whole_session_in_one_batch_and_reconnect_keeps_last_disconnect,

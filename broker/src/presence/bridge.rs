@@ -104,20 +104,19 @@ async fn ended(call: &mut Option<StoreCall>) -> Ended {
     }
 }
 
-/// Crash recovery of the node's earlier boots, logged when it closed anything; then the
-/// persistent sessions the broker state restored are recorded as held again.
+/// Crash recovery of the node's earlier boots, with the persistent sessions the broker state
+/// restored held again; logged when it changed anything.
 async fn recover<S: PresenceStore>(
     store: &S,
     node_id: &str,
     boot_id: Uuid,
     held: &[(String, DateTime<Utc>)],
 ) -> Result<(), StoreError> {
-    let recovery = store.begin_boot(node_id, boot_id, Utc::now()).await?;
+    let recovery = store.begin_boot(node_id, boot_id, Utc::now(), held).await?;
     if !held.is_empty() {
-        let devices = store.hold_sessions(held).await?;
         tracing::info!(
             sessions = held.len(),
-            devices,
+            devices = recovery.held_sessions_restored,
             "Persistent sessions restored from the broker state are held again."
         );
     }
@@ -129,10 +128,11 @@ async fn recover<S: PresenceStore>(
             "Closed sessions left open by earlier boots of this node (broker_restart)."
         );
     }
-    if recovery.held_sessions_dropped > 0 {
+    if recovery.held_sessions_ended > 0 {
         tracing::info!(
-            devices = recovery.held_sessions_dropped,
-            "Persistent sessions held by earlier boots of this node are gone."
+            devices = recovery.held_sessions_ended,
+            "Persistent sessions held by earlier boots of this node ended while it was down \
+             (expired, or not kept by the broker state)."
         );
     }
     Ok(())
@@ -671,10 +671,8 @@ mod tests {
             _: &str,
             _: Uuid,
             _: DateTime<Utc>,
+            _: &[(String, DateTime<Utc>)],
         ) -> Result<Recovery, StoreError> {
-            std::future::pending().await
-        }
-        async fn hold_sessions(&self, _: &[(String, DateTime<Utc>)]) -> Result<u64, StoreError> {
             std::future::pending().await
         }
         async fn heartbeat(&self, _: Uuid, _: DateTime<Utc>) -> Result<(), StoreError> {

@@ -101,21 +101,18 @@ pub trait PresenceStore: Clone + Send + Sync + 'static {
     /// Checks that the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Records a new boot of `node_id` and closes the sessions that earlier boots of the node
-    /// left open, with reason broker_restart at that boot's last heartbeat.
+    /// left open, with reason broker_restart at that boot's last heartbeat. Of the persistent
+    /// sessions the earlier boots held for offline devices, those in `held` (client id, when
+    /// each expires unless its client connects: what the broker state restored) are held by
+    /// this boot; the others ended while the node was down and are marked expired. One
+    /// transaction: no reader sees a restored session as gone.
     fn begin_boot(
         &self,
         node_id: &str,
         boot_id: Uuid,
         now: DateTime<Utc>,
-    ) -> impl Future<Output = Result<Recovery, StoreError>> + Send;
-    /// Records that this node holds the persistent sessions of `held` (client id, when each
-    /// expires unless its client connects) for devices that are offline: the broker state
-    /// restored them at start, after [`PresenceStore::begin_boot`] cleared what earlier boots
-    /// held. Returns how many devices it updated.
-    fn hold_sessions(
-        &self,
         held: &[(String, DateTime<Utc>)],
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Recovery, StoreError>> + Send;
     /// Marks the boot alive at `now`.
     fn heartbeat(
         &self,

@@ -143,9 +143,13 @@ pub struct Recovery {
     pub sessions_closed: u64,
     /// Devices turned offline by it.
     pub devices_offline: u64,
-    /// Offline devices of the node whose held persistent session was lost with its earlier
-    /// boots (sessions live in the broker's memory): no longer shown as held.
-    pub held_sessions_dropped: u64,
+    /// Offline devices of the node whose held persistent session ended while the node was
+    /// down: it expired, or the broker state did not keep it (`persistence.mode = "off"`).
+    /// The session row gets `expired_at`: the earlier of its expiry and this start.
+    pub held_sessions_ended: u64,
+    /// Offline devices whose persistent session the broker state restored: held again, until
+    /// their new expiry.
+    pub held_sessions_restored: u64,
 }
 
 /// A device credential (a row of the `credentials` table) as the API lists it: never its

@@ -144,6 +144,7 @@ impl PresenceStore for PgStore {
         node_id: &str,
         boot_id: Uuid,
         now: DateTime<Utc>,
+        held: &[(String, DateTime<Utc>)],
     ) -> Result<Recovery, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -196,30 +197,41 @@ impl PresenceStore for PgStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        // The persistent sessions the earlier boots held for offline devices went with them.
-        let dropped = sqlx::query(
-            "UPDATE devices SET session_expires_at = NULL, updated_at = now() \
-             WHERE node_id = $1 AND session_expires_at IS NOT NULL AND NOT online",
+        // The sessions the broker state restored are held by this boot, until their new
+        // expiry; the other sessions the earlier boots held for offline devices ended: they
+        // expired while the node was down, or the broker state did not keep them.
+        let held_ids: Vec<&str> = held.iter().map(|(id, _)| id.as_str()).collect();
+        let held_until: Vec<DateTime<Utc>> = held.iter().map(|(_, at)| *at).collect();
+        let settled = sqlx::query(
+            "WITH restored AS ( \
+               SELECT * FROM UNNEST($2::text[], $3::timestamptz[]) AS u(device_id, expires_at)) \
+             , gone AS ( \
+               SELECT d.device_id, d.session_id, LEAST(d.session_expires_at, $4) AS at \
+               FROM devices d \
+               WHERE d.node_id = $1 AND d.session_expires_at IS NOT NULL AND NOT d.online \
+                 AND NOT EXISTS (SELECT 1 FROM restored r WHERE r.device_id = d.device_id) \
+               FOR UPDATE OF d) \
+             , expired AS ( \
+               UPDATE sessions s SET expired_at = g.at FROM gone g \
+               WHERE s.session_id = g.session_id AND s.expired_at IS NULL) \
+             , dropped AS ( \
+               UPDATE devices d SET session_expires_at = NULL, updated_at = now() FROM gone g \
+               WHERE d.device_id = g.device_id RETURNING 1) \
+             , held AS ( \
+               UPDATE devices d SET session_expires_at = r.expires_at, updated_at = now() \
+               FROM restored r WHERE d.device_id = r.device_id AND NOT d.online RETURNING 1) \
+             SELECT (SELECT count(*) FROM dropped) AS ended, (SELECT count(*) FROM held) AS held",
         )
         .bind(node_id)
-        .execute(&mut *tx)
+        .bind(held_ids)
+        .bind(held_until)
+        .bind(now)
+        .fetch_one(&mut *tx)
         .await?;
-        recovery.held_sessions_dropped = dropped.rows_affected();
+        recovery.held_sessions_ended = settled.try_get::<i64, _>("ended")? as u64;
+        recovery.held_sessions_restored = settled.try_get::<i64, _>("held")? as u64;
         tx.commit().await?;
         Ok(recovery)
-    }
-
-    async fn hold_sessions(&self, held: &[(String, DateTime<Utc>)]) -> Result<u64, StoreError> {
-        let updated = sqlx::query(
-            "UPDATE devices d SET session_expires_at = u.expires_at, updated_at = now() \
-             FROM UNNEST($1::text[], $2::timestamptz[]) AS u(device_id, expires_at) \
-             WHERE d.device_id = u.device_id AND NOT d.online",
-        )
-        .bind(held.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
-        .bind(held.iter().map(|(_, at)| *at).collect::<Vec<_>>())
-        .execute(&self.pool)
-        .await?;
-        Ok(updated.rows_affected())
     }
 
     async fn heartbeat(&self, boot_id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError> {

@@ -216,6 +216,7 @@ impl PresenceStore for SqliteStore {
         node_id: &str,
         boot_id: Uuid,
         now: DateTime<Utc>,
+        held: &[(String, DateTime<Utc>)],
     ) -> Result<Recovery, StoreError> {
         let now_us = micros(now);
         let mut tx = self.pool.begin().await?;
@@ -272,41 +273,57 @@ impl PresenceStore for SqliteStore {
             recovery.sessions_closed += sessions.rows_affected();
             recovery.devices_offline += devices.rows_affected();
         }
-        // The persistent sessions the earlier boots held for offline devices went with them.
-        let dropped = sqlx::query(
-            "UPDATE devices SET session_expires_at = NULL, updated_at = ?2 \
-             WHERE node_id = ?1 AND session_expires_at IS NOT NULL AND NOT online",
+        // The sessions the broker state restored, in a table of this connection for the
+        // statements below (dropped again before the commit).
+        sqlx::query(
+            "CREATE TEMP TABLE restored (device_id TEXT PRIMARY KEY, expires_at INTEGER NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        for chunk in held.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT OR REPLACE INTO temp.restored (device_id, expires_at) ");
+            q.push_values(chunk, |mut b, (client_id, at)| {
+                b.push_bind(client_id).push_bind(micros(*at));
+            });
+            q.build().persistent(false).execute(&mut *tx).await?;
+        }
+        // The other sessions the earlier boots held for offline devices ended: they expired
+        // while the node was down, or the broker state did not keep them.
+        sqlx::query(
+            "UPDATE sessions SET expired_at = min(d.session_expires_at, ?2) FROM devices AS d \
+             WHERE d.node_id = ?1 AND d.session_expires_at IS NOT NULL AND NOT d.online \
+               AND d.device_id NOT IN (SELECT device_id FROM temp.restored) \
+               AND sessions.session_id = d.session_id AND sessions.expired_at IS NULL",
         )
         .bind(node_id)
         .bind(now_us)
         .execute(&mut *tx)
         .await?;
-        recovery.held_sessions_dropped = dropped.rows_affected();
+        let ended = sqlx::query(
+            "UPDATE devices SET session_expires_at = NULL, updated_at = ?2 \
+             WHERE node_id = ?1 AND session_expires_at IS NOT NULL AND NOT online \
+               AND device_id NOT IN (SELECT device_id FROM temp.restored)",
+        )
+        .bind(node_id)
+        .bind(now_us)
+        .execute(&mut *tx)
+        .await?;
+        recovery.held_sessions_ended = ended.rows_affected();
+        // The restored ones are held by this boot, until their new expiry.
+        let restored = sqlx::query(
+            "UPDATE devices SET session_expires_at = r.expires_at, updated_at = ?1 \
+             FROM temp.restored AS r WHERE devices.device_id = r.device_id AND NOT devices.online",
+        )
+        .bind(now_us)
+        .execute(&mut *tx)
+        .await?;
+        recovery.held_sessions_restored = restored.rows_affected();
+        sqlx::query("DROP TABLE temp.restored")
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(recovery)
-    }
-
-    async fn hold_sessions(&self, held: &[(String, DateTime<Utc>)]) -> Result<u64, StoreError> {
-        let now = micros(Utc::now());
-        let mut tx = self.pool.begin().await?;
-        let mut updated = 0;
-        for chunk in held.chunks(ROWS_PER_STATEMENT) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "UPDATE devices SET session_expires_at = v.column2, updated_at = v.column3 FROM (",
-            );
-            q.push_values(chunk, |mut b, (client_id, at)| {
-                b.push_bind(client_id).push_bind(micros(*at)).push_bind(now);
-            });
-            q.push(") AS v WHERE devices.device_id = v.column1 AND NOT devices.online");
-            updated += q
-                .build()
-                .persistent(false)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        }
-        tx.commit().await?;
-        Ok(updated)
     }
 
     async fn heartbeat(&self, boot_id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError> {
