@@ -871,6 +871,23 @@ pub struct PersistenceConfig {
     /// A log is closed and a new one started once it holds this many bytes; compaction folds
     /// closed logs into the snapshot once they outweigh it.
     pub segment_bytes: u64,
+    /// Where backups are written (`None`: `backups` in `dir`). Best on another disk.
+    pub backup_dir: Option<PathBuf>,
+    /// A backup is written this often (0 = only on request, through the admin API).
+    #[serde(with = "humantime_serde")]
+    pub backup_interval: Duration,
+    /// Scheduled backups kept: older ones are deleted after each new one (backups taken on
+    /// request are kept).
+    pub backup_keep: u64,
+}
+
+impl PersistenceConfig {
+    /// The directory backups go to.
+    pub fn backup_dir(&self) -> PathBuf {
+        self.backup_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.join("backups"))
+    }
 }
 
 impl Default for PersistenceConfig {
@@ -882,6 +899,9 @@ impl Default for PersistenceConfig {
             sync_interval: Duration::from_secs(1),
             max_disk: 10 * 1024 * 1024 * 1024,
             segment_bytes: 64 * 1024 * 1024,
+            backup_dir: None,
+            backup_interval: Duration::ZERO,
+            backup_keep: 7,
         }
     }
 }
@@ -1135,6 +1155,9 @@ pub const ACCEPTS: &[(&str, Accepts)] = &[
         "persistence.segment_bytes",
         Accepts::Whole(1024 * 1024, 1024 * 1024 * 1024),
     ),
+    ("persistence.backup_dir", Accepts::Text("a directory path")),
+    ("persistence.backup_interval", Accepts::Duration),
+    ("persistence.backup_keep", Accepts::Whole(1, 100_000)),
     ("shutdown.grace_period", Accepts::Duration),
     ("log.format", Accepts::OneOf(&["pretty", "json"])),
     (
@@ -1705,6 +1728,21 @@ impl Config {
                 "must be between 1048576 (1 MiB) and 1073741824 (1 GiB)",
             );
         }
+        if p.backup_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return invalid("persistence.backup_dir", "must be a directory path");
+        }
+        if !p.backup_interval.is_zero() && p.backup_interval < Duration::from_secs(1) {
+            return invalid(
+                "persistence.backup_interval",
+                "must be 0 (backups on request only) or at least 1s",
+            );
+        }
+        if !(1..=100_000).contains(&p.backup_keep) {
+            return invalid("persistence.backup_keep", "must be between 1 and 100000");
+        }
         if p.max_disk != 0 && p.max_disk < 2 * p.segment_bytes {
             return invalid(
                 "persistence.max_disk",
@@ -2141,6 +2179,35 @@ mod tests {
             let err = Config::load_from(None, env(&[(&var, value)])).expect_err(key);
             assert!(err.to_string().contains(key), "{key}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn persistence_settings_are_checked() {
+        refused(&[
+            ("persistence.mode", "always"),
+            ("persistence.dir", ""),
+            ("persistence.commit_window", "2s"),
+            ("persistence.sync_interval", "0s"),
+            ("persistence.segment_bytes", "1000"),
+            ("persistence.max_disk", "1000"),
+            ("persistence.backup_dir", ""),
+            ("persistence.backup_interval", "300ms"),
+            ("persistence.backup_interval", "daily"),
+            ("persistence.backup_keep", "0"),
+        ]);
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("BROKER_PERSISTENCE__DIR", "/var/lib/heartwire"),
+                ("BROKER_PERSISTENCE__BACKUP_INTERVAL", "1h"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.persistence.backup_dir(),
+            std::path::Path::new("/var/lib/heartwire/backups")
+        );
+        assert_eq!(c.persistence.backup_interval, Duration::from_secs(3600));
     }
 
     #[test]

@@ -318,6 +318,16 @@ label_enum! {
 }
 
 label_enum! {
+    /// How a backup of the broker state ended (`outcome` of `heartwire_state_backups_total`).
+    BackupOutcome {
+        /// The file is whole in the backup directory.
+        Written => "written",
+        /// Exporting, writing or syncing failed; no file was left.
+        Failed => "failed",
+    }
+}
+
+label_enum! {
     /// Why a message was not queued for a subscriber (`reason` of
     /// `heartwire_messages_dropped_total`).
     DropReason {

@@ -357,7 +357,17 @@ async fn serve<S: PresenceStore>(
     .with_bans(Arc::clone(&mqtt_broker.flapping))
     .with_credentials(store.clone(), Arc::clone(&auth));
     if let Some(store) = &state_store {
-        state = state.with_state(Arc::clone(store), config.persistence.dir.join("backups"));
+        let backups = config.persistence.backup_dir();
+        state = state.with_state(Arc::clone(store), backups.clone());
+        if !config.persistence.backup_interval.is_zero() {
+            tracker.spawn(state::backup::schedule(
+                Arc::clone(store),
+                backups,
+                config.persistence.backup_interval,
+                config.persistence.backup_keep as usize,
+                shutdown.child_token(),
+            ));
+        }
     }
     tracing::info!(
         listen = %http_listener.local_addr().unwrap_or(config.http.listen),

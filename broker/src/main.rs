@@ -79,8 +79,9 @@ enum Command {
     Token(token::TokenArgs),
     /// Restore a backup of the broker state into an empty state directory.
     ///
-    /// BACKUP is a file written by POST /api/v1/admin/state/backup (retained messages and
-    /// persistent sessions with their queues, consistent as of that request). With the broker
+    /// BACKUP is a file written by POST /api/v1/admin/state/backup or every
+    /// persistence.backup_interval (retained messages and persistent sessions with their
+    /// queues, consistent as of the moment it began). With the broker
     /// stopped, move the state directory (persistence.dir) away, run `broker restore BACKUP
     /// --dir DIR`, and start the broker: it loads the restored state. A directory that already
     /// holds state, or a backup that does not read whole, exits with code 1 and writes nothing.

@@ -16,10 +16,10 @@ use prometheus::{
 };
 
 use crate::labels::{
-    AclDenial, ApiRefusal, DisconnectReason, DropReason, HandshakeFailure, HttpRoute, HttpTimeout,
-    Label, Listener, PacketType, PublishLimit, RefusalReason, ReloadOutcome, RetainRefusal,
-    RetentionPolicy, StatusClass, StoreOperation, SubscriptionRefusal, TransitionKind,
-    VerifyOutcome,
+    AclDenial, ApiRefusal, BackupOutcome, DisconnectReason, DropReason, HandshakeFailure,
+    HttpRoute, HttpTimeout, Label, Listener, PacketType, PublishLimit, RefusalReason,
+    ReloadOutcome, RetainRefusal, RetentionPolicy, StatusClass, StoreOperation,
+    SubscriptionRefusal, TransitionKind, VerifyOutcome,
 };
 
 /// All broker metrics.
@@ -136,6 +136,10 @@ pub struct Metrics {
     /// QoS 1/2 PUBLISHes held back (3.1.1) or refused (MQTT 5: 0x97) because the broker state
     /// is over `persistence.max_disk`.
     pub state_disk_full: IntCounter,
+    /// Backups of the broker state (on request or scheduled), by outcome.
+    pub state_backups: Counters<BackupOutcome>,
+    /// Unix time of the last backup written.
+    pub state_last_backup: Gauge,
     /// Accept attempts that failed because the process ran out of file descriptors.
     pub accept_fd_exhausted: IntCounter,
     /// Presence transitions received by the bridge, by kind (connected, disconnected).
@@ -680,6 +684,18 @@ impl Metrics {
                 "QoS 1/2 PUBLISHes held back (MQTT 3.1.1: no PUBACK until space is freed) or \
                  refused (MQTT 5: PUBACK 0x97) because the broker state is over \
                  persistence.max_disk.",
+            ),
+            state_backups: Counters::new(
+                &r,
+                "heartwire_state_backups_total",
+                "Backups of the broker state (the admin API's and persistence.backup_interval's), \
+                 by outcome.",
+                "outcome",
+            ),
+            state_last_backup: float_gauge(
+                &r,
+                "heartwire_state_last_backup_timestamp_seconds",
+                "Unix time of the last backup of the broker state written (0: none since start).",
             ),
             accept_fd_exhausted: counter(
                 &r,

@@ -1,5 +1,6 @@
 //! `broker restore`: makes a backup of the broker state (written by
-//! `POST /api/v1/admin/state/backup`) the state of a directory, with the broker stopped.
+//! `POST /api/v1/admin/state/backup` or every `persistence.backup_interval`) the state of a
+//! directory, with the broker stopped.
 
 use std::path::PathBuf;
 
@@ -8,7 +9,8 @@ use anyhow::Context;
 /// `broker restore BACKUP [--dir DIR]`.
 #[derive(Debug, clap::Args)]
 pub struct RestoreArgs {
-    /// The backup file (`state-*.hwstate` in `persistence.dir`/backups).
+    /// The backup file (`state-*.hwstate` in `persistence.backup_dir`, by default
+    /// `persistence.dir`/backups).
     backup: PathBuf,
     /// The state directory to restore into (`persistence.dir`); it must hold no state: move
     /// the old one away first.

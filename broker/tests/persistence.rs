@@ -406,6 +406,72 @@ async fn a_backup_taken_while_running_restores_with_broker_restore() {
     assert_eq!(retained(broker.mqtt).await, before.last().copied());
 }
 
+/// The files in `dir` whose names end with `suffix`, sorted (oldest first).
+fn backups(dir: &std::path::Path, suffix: &str) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(|e| Some(e.ok()?.path())).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.to_string_lossy().ends_with(suffix));
+    files.sort();
+    files
+}
+
+/// With `persistence.backup_interval`, backups are written on schedule into
+/// `persistence.backup_dir` and the scheduled ones are pruned to `persistence.backup_keep`;
+/// a backup taken on request is kept; the newest scheduled one restores what was acknowledged
+/// before it.
+#[tokio::test]
+async fn scheduled_backups_are_written_pruned_and_restore() {
+    let data = testkit::temp_dir("persistence-scheduled-backup");
+    let dir = data.path().join("elsewhere");
+    let dir_env = dir.to_string_lossy().into_owned();
+    let env = [
+        ("BROKER_PERSISTENCE__BACKUP_DIR", dir_env.as_str()),
+        ("BROKER_PERSISTENCE__BACKUP_INTERVAL", "1s"),
+        ("BROKER_PERSISTENCE__BACKUP_KEEP", "2"),
+    ];
+    let broker = BrokerProcess::start(BROKER, data.path(), &env).await;
+    let mut next = 1;
+    let acked = publish_until_gone(broker.mqtt, &mut next, WINDOW as u64).await;
+    assert_eq!(acked.len(), WINDOW);
+    let answer =
+        testkit::http_request(broker.http, "POST", "/api/v1/admin/state/backup", &[], None)
+            .await
+            .expect("an answer");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    // Three scheduled backups written (the counter includes the requested one), two kept.
+    testkit::eventually("three scheduled backups, two kept", || async {
+        let metrics = testkit::http_get(broker.http, "/metrics").await?;
+        let written: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("heartwire_state_backups_total{outcome=\"written\"} "))?
+            .parse()
+            .ok()?;
+        (written >= 4 && backups(&dir, "-scheduled.hwstate").len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        backups(&dir, "Z.hwstate").len(),
+        1,
+        "the requested one is kept"
+    );
+    broker.terminate().await;
+
+    // The newest scheduled backup holds every message acknowledged before it.
+    let newest = backups(&dir, "-scheduled.hwstate").pop().expect("a backup");
+    let out = tokio::process::Command::new(BROKER)
+        .arg("restore")
+        .arg(&newest)
+        .arg("--dir")
+        .arg(data.path().join("restored"))
+        .output()
+        .await
+        .expect("run broker restore");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("1 retained messages"), "{stdout}");
+}
+
 /// A persistent session restored at start obeys its client's access rules before the client
 /// is back: a subscription the ACL lets it read only part of gets only that part queued.
 #[tokio::test]

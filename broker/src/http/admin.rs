@@ -13,6 +13,7 @@ use super::access::Caller;
 use super::error::ApiError;
 use super::{endpoint, AppState, Guard};
 use crate::labels::{DisconnectReason, HttpRoute};
+use crate::state::backup;
 use crate::store::PresenceStore;
 
 /// The admin routes, each behind the admin-role check.
@@ -38,7 +39,7 @@ pub fn routes<S: PresenceStore>() -> Router<AppState<S>> {
 
 /// `POST /api/v1/admin/state/backup`: writes a consistent copy of the broker state (retained
 /// messages, persistent sessions and their queues, as of the request) to a new file in the
-/// backup directory (`persistence.dir`/backups), written aside, fsynced and renamed. 200 with
+/// backup directory (`persistence.backup_dir`), written aside, fsynced and renamed. 200 with
 /// its path and size; 409 when persistence is off. Restore it with `broker restore`.
 pub async fn backup<S: PresenceStore>(
     State(state): State<AppState<S>>,
@@ -50,17 +51,23 @@ pub async fn backup<S: PresenceStore>(
                 .to_owned(),
         ));
     };
-    let started = std::time::Instant::now();
-    let written = tokio::task::spawn_blocking(move || write_backup(&*store, &dir))
-        .await
-        .map_err(|e| ApiError::Failed(format!("backup task failed: {e}")))?;
+    let written =
+        tokio::task::spawn_blocking(move || backup::write(&*store, &dir, backup::Trigger::Request))
+            .await
+            .map_err(|e| ApiError::Failed(format!("backup task failed: {e}")))?;
     match written {
-        Ok((path, bytes)) => {
-            let elapsed_ms = started.elapsed().as_millis() as u64;
-            tracing::info!(path = %path.display(), bytes, elapsed_ms, by = by(&caller), "Broker state backed up.");
+        Ok(written) => {
+            let elapsed_ms = written.elapsed.as_millis() as u64;
+            tracing::info!(
+                path = %written.path.display(),
+                bytes = written.bytes,
+                elapsed_ms,
+                by = by(&caller),
+                "Broker state backed up."
+            );
             Ok(Json(json!({
-                "path": path.display().to_string(),
-                "bytes": bytes,
+                "path": written.path.display().to_string(),
+                "bytes": written.bytes,
                 "elapsed_ms": elapsed_ms,
             })))
         }
@@ -69,31 +76,6 @@ pub async fn backup<S: PresenceStore>(
             Err(ApiError::Failed(format!("backup failed: {error}")))
         }
     }
-}
-
-/// Writes `store`'s export to a new file in `dir`: `state-<UTC time>.hwstate`, written aside,
-/// fsynced, renamed.
-fn write_backup(
-    store: &dyn crate::state::StateStore,
-    dir: &std::path::Path,
-) -> std::io::Result<(std::path::PathBuf, u64)> {
-    use std::io::Write;
-    std::fs::create_dir_all(dir)?;
-    let name = chrono::Utc::now().format("state-%Y%m%dT%H%M%S%.3fZ.hwstate");
-    let path = dir.join(name.to_string());
-    let tmp = path.with_extension("tmp");
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-    let bytes = store
-        .export(&mut file)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    file.flush()?;
-    file.get_ref().sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, &path)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok((path, bytes))
 }
 
 /// The name of the token behind an admin request, for logs (`None`: no tokens file).

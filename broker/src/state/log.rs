@@ -721,7 +721,7 @@ fn sync_dir(dir: &Path) {
 }
 
 /// Writes an export (a stream of records, as [`StateStore::export`] writes) as the state of
-/// `dir`, which must hold no state: `broker state import`.
+/// `dir`, which must hold no state: `broker restore`.
 pub fn import(dir: &Path, export: &[u8]) -> Result<Image, StateError> {
     std::fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
     if std::fs::read_dir(dir)

@@ -13,6 +13,7 @@
 //! distributed engine. Separate from the presence store ([`crate::store`]), which records
 //! connections, not devices' data.
 
+pub mod backup;
 pub mod image;
 pub mod log;
 pub mod record;
@@ -55,7 +56,7 @@ pub trait StateStore: Send + Sync + 'static {
     fn next_message_id(&self) -> u64;
 
     /// Writes a consistent copy of the state, as of the call, to `out` as a stream of records
-    /// (the import format of `broker state import`). Blocking. Returns the bytes written.
+    /// (a backup, which `broker restore` imports). Blocking. Returns the bytes written.
     fn export(&self, out: &mut dyn Write) -> Result<u64, StateError>;
 
     /// Makes everything appended durable and stops. Blocking.
@@ -92,7 +93,7 @@ pub enum StateError {
     /// A file holds a record that is not a torn write at the end of the newest log.
     #[error(
         "{path}: corrupt record at byte {offset} ({error}); restore a backup \
-             (`broker state import`) or move the directory away to start empty"
+             (`broker restore`) or move the directory away to start empty"
     )]
     Corrupt {
         /// The file.
