@@ -459,6 +459,8 @@ label_enum! {
         Bans => "bans",
         /// `POST /api/v1/admin/state/backup`.
         StateBackup => "state_backup",
+        /// `GET /api/v1/admin/state/backups` and `GET /api/v1/admin/state/backups/{name}`.
+        StateBackups => "state_backups",
         /// `/api/v1/admin/credentials` and below: managing database credentials.
         AdminCredentials => "admin_credentials",
         /// A request head refused before routing (too long, too many fields, malformed).

@@ -141,6 +141,9 @@ async fn tokens_and_roles_decide_who_uses_which_endpoint() {
         ("POST", "/api/v1/admin/clients/x/kick"),
         ("GET", "/api/v1/admin/bans"),
         ("DELETE", "/api/v1/admin/bans/x"),
+        ("POST", "/api/v1/admin/state/backup"),
+        ("GET", "/api/v1/admin/state/backups"),
+        ("GET", "/api/v1/admin/state/backups/x"),
     ] {
         let response = api.call(method, path, read).await;
         assert_eq!(response.status, 403, "{path}");
@@ -153,7 +156,7 @@ async fn tokens_and_roles_decide_who_uses_which_endpoint() {
             "{error}"
         );
     }
-    assert_eq!(refused(ApiRefusal::Forbidden), forbidden + 4);
+    assert_eq!(refused(ApiRefusal::Forbidden), forbidden + 7);
     assert_eq!(
         api.call("POST", "/api/v1/admin/reload", admin).await.status,
         200

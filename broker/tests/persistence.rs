@@ -418,10 +418,10 @@ fn backups(dir: &std::path::Path, suffix: &str) -> Vec<std::path::PathBuf> {
 
 /// With `persistence.backup_interval`, backups are written on schedule into
 /// `persistence.backup_dir` and the scheduled ones are pruned to `persistence.backup_keep`;
-/// a backup taken on request is kept; the newest scheduled one restores what was acknowledged
-/// before it.
+/// a backup taken on request is kept; the API lists them and downloads one, which restores
+/// what was acknowledged before it.
 #[tokio::test]
-async fn scheduled_backups_are_written_pruned_and_restore() {
+async fn scheduled_backups_are_written_pruned_listed_downloaded_and_restore() {
     let data = testkit::temp_dir("persistence-scheduled-backup");
     let dir = data.path().join("elsewhere");
     let dir_env = dir.to_string_lossy().into_owned();
@@ -455,13 +455,54 @@ async fn scheduled_backups_are_written_pruned_and_restore() {
         1,
         "the requested one is kept"
     );
+
+    // The API lists them newest first and downloads one, byte for byte.
+    let list = testkit::http_get(broker.http, "/api/v1/admin/state/backups")
+        .await
+        .expect("list");
+    let list: serde_json::Value = serde_json::from_str(&list).expect("JSON");
+    let listed: Vec<(&str, bool)> = list["backups"]
+        .as_array()
+        .expect("backups")
+        .iter()
+        .map(|b| (b["name"].as_str().expect("name"), b["scheduled"] == true))
+        .collect();
+    assert!(listed.windows(2).all(|w| w[0].0 > w[1].0), "{list}");
+    assert_eq!(
+        listed.iter().filter(|(_, scheduled)| !*scheduled).count(),
+        1
+    );
+    // Three only between a new scheduled backup and its pruning.
+    let scheduled = listed.iter().filter(|(_, scheduled)| *scheduled).count();
+    assert!((2..=3).contains(&scheduled), "{list}");
+    let newest = backups(&dir, "-scheduled.hwstate").pop().expect("a backup");
+    let name = newest.file_name().and_then(|n| n.to_str()).expect("name");
+    let downloaded = testkit::http_download(
+        broker.http,
+        &format!("/api/v1/admin/state/backups/{name}"),
+        &[],
+    )
+    .await
+    .expect("downloaded");
+    assert_eq!(downloaded, std::fs::read(&newest).expect("read"));
+    for (path, status) in [
+        ("state-..%2F..%2Fstate%2FLOCK.hwstate", 400),
+        ("state-20000101T000000.000Z.hwstate", 404),
+    ] {
+        let path = format!("/api/v1/admin/state/backups/{path}");
+        let answer = testkit::http_response(broker.http, &path)
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, status, "{path}: {}", answer.body);
+    }
     broker.terminate().await;
 
-    // The newest scheduled backup holds every message acknowledged before it.
-    let newest = backups(&dir, "-scheduled.hwstate").pop().expect("a backup");
+    // The downloaded backup holds every message acknowledged before it.
+    let saved = data.path().join("downloaded.hwstate");
+    std::fs::write(&saved, downloaded).expect("save");
     let out = tokio::process::Command::new(BROKER)
         .arg("restore")
-        .arg(&newest)
+        .arg(&saved)
         .arg("--dir")
         .arg(data.path().join("restored"))
         .output()

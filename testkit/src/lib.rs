@@ -39,7 +39,7 @@ mod wait;
 
 pub use client::{connect_packet, encode, Client, ConnectOpts, RawClient};
 pub use full::{sqlite_url, FullBroker};
-pub use http::{http_get, http_request, http_response, Response};
+pub use http::{http_download, http_get, http_request, http_response, Response};
 pub use mosquitto::{mosquitto_bin, mosquitto_passwd, Mosquitto};
 pub use mqtt::TestBroker;
 pub use net::free_port;

@@ -2,10 +2,11 @@
 //! More admin endpoints join them in [`routes`] (the bans of [`super::bans`] have a state of
 //! their own and are merged into [`super::app`] beside them, behind the same guard).
 
+use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::post;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde_json::{json, Map, Value};
 
@@ -35,6 +36,104 @@ pub fn routes<S: PresenceStore>() -> Router<AppState<S>> {
                 post(backup::<S>),
             ),
         )
+        .route(
+            "/api/v1/admin/state/backups",
+            endpoint(
+                Guard::Admin,
+                Some(HttpRoute::StateBackups),
+                get(backups::<S>),
+            ),
+        )
+        .route(
+            "/api/v1/admin/state/backups/{name}",
+            endpoint(
+                Guard::Admin,
+                Some(HttpRoute::StateBackups),
+                get(download::<S>),
+            ),
+        )
+}
+
+/// The backup directory, or 409 when persistence is off.
+fn backup_dir<S: PresenceStore>(state: &AppState<S>) -> Result<std::path::PathBuf, ApiError> {
+    match &state.state {
+        Some((_, dir)) => Ok(dir.clone()),
+        None => Err(ApiError::Conflict(
+            "persistence is off (persistence.mode = \"off\"): there are no broker state backups"
+                .to_owned(),
+        )),
+    }
+}
+
+/// `GET /api/v1/admin/state/backups`: the backups in the backup directory
+/// (`persistence.backup_dir`), newest first: `name`, `bytes`, `scheduled`. 409 when
+/// persistence is off.
+pub async fn backups<S: PresenceStore>(
+    State(state): State<AppState<S>>,
+) -> Result<Json<Value>, ApiError> {
+    let dir = backup_dir(&state)?;
+    let listed = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || backup::list(&dir))
+            .await
+            .map_err(|e| ApiError::Failed(format!("listing task failed: {e}")))?
+            .map_err(|e| ApiError::Failed(format!("listing the backups failed: {e}")))?
+    };
+    Ok(Json(json!({
+        "dir": dir.display().to_string(),
+        "backups": listed,
+    })))
+}
+
+/// `GET /api/v1/admin/state/backups/{name}`: the backup file `name`, streamed
+/// (`application/octet-stream`, with its length), to keep it off the broker's machine and
+/// restore it with `broker restore`. 400 for a name that is not a backup's, 404 when there is
+/// none of that name, 409 when persistence is off.
+pub async fn download<S: PresenceStore>(
+    State(state): State<AppState<S>>,
+    caller: Option<Extension<Caller>>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Response, ApiError> {
+    let dir = backup_dir(&state)?;
+    let Path(name) = path.map_err(|rejection| {
+        ApiError::BadRequest(format!("bad backup name: {}", rejection.body_text()))
+    })?;
+    if !backup::is_backup_name(&name) {
+        return Err(ApiError::BadRequest(format!(
+            "{name:?} is not the name of a backup (state-<UTC time>[-scheduled].hwstate)"
+        )));
+    }
+    let file = match tokio::fs::File::open(dir.join(&name)).await {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::NoBackup(name));
+        }
+        Err(e) => return Err(ApiError::Failed(format!("opening backup {name:?}: {e}"))),
+    };
+    let bytes = file
+        .metadata()
+        .await
+        .map_err(|e| ApiError::Failed(format!("reading backup {name:?}: {e}")))?
+        .len();
+    tracing::info!(
+        backup = name.as_str(),
+        bytes,
+        by = by(&caller),
+        "Backup downloaded."
+    );
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, bytes.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 /// `POST /api/v1/admin/state/backup`: writes a consistent copy of the broker state (retained

@@ -28,6 +28,9 @@ pub enum ApiError {
     /// 404: no credential of this user name (or only a revoked one).
     #[error("no credential for user name {0:?}")]
     NoCredential(String),
+    /// 404: no backup of this name in the backup directory.
+    #[error("no backup {0:?} in the backup directory")]
+    NoBackup(String),
     /// 409: the request conflicts with what is stored.
     #[error("{0}")]
     Conflict(String),
@@ -56,7 +59,8 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_)
             | ApiError::NotConnected(_)
             | ApiError::NotBanned(_)
-            | ApiError::NoCredential(_) => StatusCode::NOT_FOUND,
+            | ApiError::NoCredential(_)
+            | ApiError::NoBackup(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,

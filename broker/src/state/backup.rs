@@ -105,6 +105,57 @@ fn write_file(
     Ok((path, bytes))
 }
 
+/// Whether `name` is the file name of a backup (and nothing else: no path).
+pub fn is_backup_name(name: &str) -> bool {
+    name.starts_with(PREFIX)
+        && name.ends_with(&format!(".{EXTENSION}"))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'))
+        && !name.contains("..")
+}
+
+/// A backup in the backup directory.
+#[derive(Debug, serde::Serialize)]
+pub struct Listed {
+    /// Its file name.
+    pub name: String,
+    /// Its size.
+    pub bytes: u64,
+    /// Written by `persistence.backup_interval` (pruned to `persistence.backup_keep`).
+    pub scheduled: bool,
+}
+
+/// The backups in `dir`, newest first (none when it does not exist yet). Blocking.
+pub fn list(dir: &Path) -> Result<Vec<Listed>, StateError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StateError::io(dir, e)),
+    };
+    let mut listed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| StateError::io(dir, e))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if !is_backup_name(&name) {
+            continue;
+        }
+        let meta = entry
+            .metadata()
+            .map_err(|e| StateError::io(&entry.path(), e))?;
+        listed.push(Listed {
+            scheduled: name.ends_with(&format!("{SCHEDULED}.{EXTENSION}")),
+            name,
+            bytes: meta.len(),
+        });
+    }
+    // The names sort in time order.
+    listed.sort_by(|a, b| b.name.cmp(&a.name));
+    Ok(listed)
+}
+
 /// Deletes the scheduled backups in `dir` older than the newest `keep`; backups taken on
 /// request are the operator's to delete. Returns the files deleted. Blocking.
 pub fn prune(dir: &Path, keep: usize) -> Result<Vec<PathBuf>, StateError> {
@@ -176,6 +227,26 @@ pub async fn schedule(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backup_names_are_file_names_only() {
+        for good in [
+            "state-20261130T100000.000Z.hwstate",
+            "state-20261130T100000.000Z-scheduled.hwstate",
+        ] {
+            assert!(is_backup_name(good), "{good}");
+        }
+        for bad in [
+            "state-../../etc/passwd.hwstate",
+            "state-x/y.hwstate",
+            "state-x.tmp",
+            "other.hwstate",
+            "state-..hwstate",
+            "state-a b.hwstate",
+        ] {
+            assert!(!is_backup_name(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn only_the_oldest_scheduled_backups_are_pruned() {
