@@ -173,11 +173,7 @@ async fn a_session_that_expires_while_the_broker_is_down_is_recorded_expired() {
     let data = testkit::temp_dir("persistence-expired-down");
     let env = [("BROKER_MQTT__PERSISTENT_SESSION_EXPIRY", "3s")];
     let broker = BrokerProcess::start(BROKER, data.path(), &env).await;
-    let mut opts = ConnectOpts::new("gone-while-down");
-    opts.clean_session = false;
-    let (mut c, _) = RawClient::connect(broker.mqtt, opts).await;
-    c.subscribe("gone/#", QoS::AtLeastOnce).await;
-    c.disconnect().await;
+    subscribe_and_leave(broker.mqtt, "gone-while-down", "gone/#").await;
     // Held in presence (so that the restart has something to end), then killed well before
     // the session expires.
     let expires_at = testkit::eventually("the session held in presence", || async {
@@ -259,11 +255,7 @@ async fn acknowledged_messages_and_retained_values_survive_kill_9_and_clean_shut
 
     let mut broker = start(&data).await;
     // The persistent subscriber: subscribed, then away while messages are published.
-    let mut opts = ConnectOpts::new(SUBSCRIBER);
-    opts.clean_session = false;
-    let (mut sub, _) = RawClient::connect(broker.mqtt, opts).await;
-    sub.subscribe("crash/#", QoS::AtLeastOnce).await;
-    sub.disconnect().await;
+    subscribe_and_leave(broker.mqtt, SUBSCRIBER, "crash/#").await;
     // A persistent client connected when the broker is first killed.
     let mut opts = ConnectOpts::new("crash-online");
     opts.clean_session = false;
@@ -340,11 +332,7 @@ async fn acknowledged_messages_and_retained_values_survive_kill_9_and_clean_shut
 async fn a_backup_taken_while_running_restores_with_broker_restore() {
     let data = testkit::temp_dir("persistence-backup");
     let broker = start(&data).await;
-    let mut opts = ConnectOpts::new(SUBSCRIBER);
-    opts.clean_session = false;
-    let (mut sub, _) = RawClient::connect(broker.mqtt, opts).await;
-    sub.subscribe("crash/#", QoS::AtLeastOnce).await;
-    sub.disconnect().await;
+    subscribe_and_leave(broker.mqtt, SUBSCRIBER, "crash/#").await;
     let mut next = 1;
     let before = publish_until_gone(broker.mqtt, &mut next, 2 * WINDOW as u64).await;
     assert_eq!(before.len(), 2 * WINDOW);
@@ -367,14 +355,7 @@ async fn a_backup_taken_while_running_restores_with_broker_restore() {
     let saved = data.path().join("backup.hwstate");
     std::fs::rename(&backup, &saved).expect("keep the backup");
     std::fs::rename(data.path().join("state"), data.path().join("state-old")).expect("move");
-    let out = tokio::process::Command::new(BROKER)
-        .arg("restore")
-        .arg(&saved)
-        .arg("--dir")
-        .arg(data.path().join("state"))
-        .output()
-        .await
-        .expect("run broker restore");
+    let out = restore(&saved, data.path().join("state")).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -386,14 +367,7 @@ async fn a_backup_taken_while_running_restores_with_broker_restore() {
         "{stdout}"
     );
     // A second restore into the same directory is refused.
-    let again = tokio::process::Command::new(BROKER)
-        .arg("restore")
-        .arg(&saved)
-        .arg("--dir")
-        .arg(data.path().join("state"))
-        .output()
-        .await
-        .expect("run broker restore");
+    let again = restore(&saved, data.path().join("state")).await;
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds broker state"));
 
@@ -404,6 +378,31 @@ async fn a_backup_taken_while_running_restores_with_broker_restore() {
         "exactly what was acknowledged before the backup"
     );
     assert_eq!(retained(broker.mqtt).await, before.last().copied());
+}
+
+/// Connects `client_id` with a persistent session, subscribes it to `filter` at QoS 1 and
+/// leaves: its session queues what comes meanwhile.
+async fn subscribe_and_leave(addr: std::net::SocketAddr, client_id: &str, filter: &str) {
+    let mut opts = ConnectOpts::new(client_id);
+    opts.clean_session = false;
+    let (mut c, _) = RawClient::connect(addr, opts).await;
+    c.subscribe(filter, QoS::AtLeastOnce).await;
+    c.disconnect().await;
+}
+
+/// Runs `broker restore BACKUP --dir DIR`.
+async fn restore(
+    backup: &std::path::Path,
+    dir: impl AsRef<std::path::Path>,
+) -> std::process::Output {
+    tokio::process::Command::new(BROKER)
+        .arg("restore")
+        .arg(backup)
+        .arg("--dir")
+        .arg(dir.as_ref())
+        .output()
+        .await
+        .expect("run broker restore")
 }
 
 /// The files in `dir` whose names end with `suffix`, sorted (oldest first).
@@ -500,14 +499,7 @@ async fn scheduled_backups_are_written_pruned_listed_downloaded_and_restore() {
     // The downloaded backup holds every message acknowledged before it.
     let saved = data.path().join("downloaded.hwstate");
     std::fs::write(&saved, downloaded).expect("save");
-    let out = tokio::process::Command::new(BROKER)
-        .arg("restore")
-        .arg(&saved)
-        .arg("--dir")
-        .arg(data.path().join("restored"))
-        .output()
-        .await
-        .expect("run broker restore");
+    let out = restore(&saved, data.path().join("restored")).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("1 retained messages"), "{stdout}");
@@ -619,11 +611,7 @@ async fn past_the_disk_budget_mqtt5_gets_0x97_and_mqtt311_waits_until_space_is_f
         ("BROKER_MQTT__MAX_QUEUED_BYTES", "16777216"),
     ];
     let broker = BrokerProcess::start(BROKER, data.path(), &env).await;
-    let mut opts = ConnectOpts::new("budget-sub");
-    opts.clean_session = false;
-    let (mut sub, _) = RawClient::connect(broker.mqtt, opts).await;
-    sub.subscribe("full/#", QoS::AtLeastOnce).await;
-    sub.disconnect().await;
+    subscribe_and_leave(broker.mqtt, "budget-sub", "full/#").await;
 
     // MQTT 5: 16 KiB messages until the budget refuses one.
     let mut v5 = tokio::net::TcpStream::connect(broker.mqtt)
