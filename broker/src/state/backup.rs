@@ -227,6 +227,75 @@ pub async fn schedule(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::{Record, Ticket};
+    use std::task::{Poll, Waker};
+
+    /// A store whose export writes `good` bytes and then fails (`fail`) or ends.
+    struct Exporting {
+        good: usize,
+        fail: bool,
+    }
+
+    impl StateStore for Exporting {
+        fn append(&self, _: Record) -> Ticket {
+            0
+        }
+        fn poll_durable(&self, _: Ticket, _: &Waker) -> Poll<()> {
+            Poll::Ready(())
+        }
+        fn acks_wait(&self) -> bool {
+            false
+        }
+        fn over_budget(&self) -> bool {
+            false
+        }
+        fn next_message_id(&self) -> u64 {
+            1
+        }
+        fn export(&self, out: &mut dyn Write) -> Result<u64, StateError> {
+            out.write_all(&vec![7; self.good])
+                .map_err(StateError::Export)?;
+            if self.fail {
+                return Err(StateError::Export(std::io::Error::other("disk gone")));
+            }
+            Ok(self.good as u64)
+        }
+        fn close(&self) {}
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hw-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn a_failed_backup_leaves_no_file_and_is_counted() {
+        let dir = temp("backup-fail");
+        let failed = || metrics().state_backups.get(BackupOutcome::Failed);
+        let written = || metrics().state_backups.get(BackupOutcome::Written);
+        let (failed_before, written_before) = (failed(), written());
+        let store = Exporting {
+            good: 3 << 20,
+            fail: true,
+        };
+        let error = write(&store, &dir, Trigger::Schedule).expect_err("the export fails");
+        assert!(error.to_string().contains("disk gone"), "{error}");
+        assert_eq!(std::fs::read_dir(&dir).expect("dir").count(), 0);
+        assert_eq!((failed(), written()), (failed_before + 1, written_before));
+
+        let store = Exporting {
+            good: 1000,
+            fail: false,
+        };
+        let done = write(&store, &dir, Trigger::Request).expect("written");
+        assert_eq!(done.bytes, 1000);
+        assert_eq!(std::fs::metadata(&done.path).expect("file").len(), 1000);
+        assert_eq!(list(&dir).expect("list").len(), 1);
+        assert_eq!(written(), written_before + 1);
+        assert!(metrics().state_last_backup.get() > 0.0);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 
     #[test]
     fn backup_names_are_file_names_only() {
@@ -250,7 +319,7 @@ mod tests {
 
     #[test]
     fn only_the_oldest_scheduled_backups_are_pruned() {
-        let dir = std::env::temp_dir().join(format!("hw-prune-{}", std::process::id()));
+        let dir = temp("prune");
         std::fs::create_dir_all(&dir).expect("dir");
         let names = [
             "state-20261130T100000.000Z-scheduled.hwstate",
