@@ -4,7 +4,9 @@
 //! 3.1.1 subscriber), message and session expiry, the will on DISCONNECT 0x04, inbound topic
 //! aliases, and the client's maximum packet size and receive maximum honoured on delivery.
 //! Through a full broker's REST API: the DISCONNECT reason codes and reason string on the
-//! session rows, and a held persistent session on the device row until it expires.
+//! session rows, and a held persistent session on the device row until it expires. With the
+//! broker binary: an MQTT 5 persistent session, its options and its queued message's
+//! properties survive `kill -9`.
 //! Debian's mosquitto_pub/mosquitto_sub and MQTT.js (broker/tests/js/mqttjs5-client.mjs) pass
 //! properties through at protocol level 5.
 //!
@@ -1680,4 +1682,119 @@ async fn the_api_shows_the_takeover_code_on_the_old_session() {
         "{device}"
     );
     broker.stop().await;
+}
+
+/// An MQTT 5 persistent session survives `kill -9` of the broker process with what MQTT 5
+/// adds: its session expiry interval, its subscription's options (no local, retain as
+/// published) and identifier, and a queued message's properties (user properties in order,
+/// content type, response topic, correlation data, payload format indicator), the message
+/// expiry counting on from where it was. A delivery not acknowledged before the next kill
+/// comes again; the retained message keeps its properties too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_session_survives_kill_9_with_its_options_and_message_properties() {
+    const BROKER: &str = env!("CARGO_BIN_EXE_broker");
+    let data = temp_dir("mqtt5-durable");
+    let start = || testkit::BrokerProcess::start(BROKER, data.path(), &[]);
+    let resume = |addr| V5::connect_with(addr, connect("durable5", false, expiry(3600)), None);
+    let broker = start().await;
+    let (mut sub, _) =
+        V5::connect_with(broker.mqtt, connect("durable5", true, expiry(3600)), None).await;
+    let mut subscribe = Subscribe::new_many(
+        [Filter {
+            nolocal: true,
+            preserve_retain: true,
+            ..Filter::new("dur5/#", QoS::AtLeastOnce)
+        }],
+        Some(rumqttc::v5::mqttbytes::v5::SubscribeProperties {
+            id: Some(42),
+            user_properties: Vec::new(),
+        }),
+    );
+    subscribe.pkid = 1;
+    sub.send(&Packet::Subscribe(subscribe)).await;
+    assert!(matches!(sub.recv().await, Some(Packet::SubAck(_))));
+    sub.disconnect(DisconnectReasonCode::NormalDisconnection, None)
+        .await;
+    let sent = PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(3600),
+        content_type: Some("text/plain".to_owned()),
+        response_topic: Some("replies/here".to_owned()),
+        correlation_data: Some(Bytes::from_static(b"\x00\x01corr")),
+        user_properties: user_properties(),
+        ..PublishProperties::default()
+    };
+    let mut publisher = V5::connect(broker.mqtt, "durable5-pub").await;
+    let mut p = Publish::new(
+        "dur5/a",
+        QoS::AtLeastOnce,
+        b"kept".to_vec(),
+        Some(sent.clone()),
+    );
+    p.pkid = 1;
+    p.retain = true;
+    publisher.send(&Packet::Publish(p)).await;
+    match publisher.recv().await {
+        Some(Packet::PubAck(ack)) => assert_eq!(ack.reason, PubAckReason::Success),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    broker.kill().await;
+
+    // What the session sees: the message as queued, with every property and its identifier.
+    let check = |got: Publish| {
+        assert_eq!(
+            (&got.topic[..], &got.payload[..]),
+            (&b"dur5/a"[..], &b"kept"[..])
+        );
+        assert!(got.retain, "retain as published");
+        let props = got.properties.expect("properties");
+        assert_eq!(props.subscription_identifiers, vec![42]);
+        let expiry = props.message_expiry_interval.expect("message expiry");
+        assert!((3000..=3600).contains(&expiry), "remaining expiry {expiry}");
+        assert_eq!(
+            PublishProperties {
+                message_expiry_interval: Some(3600),
+                subscription_identifiers: Vec::new(),
+                ..props
+            },
+            sent
+        );
+    };
+    let broker = start().await;
+    let (mut sub, ack) = resume(broker.mqtt).await;
+    assert!(ack.session_present, "the session outlived the kill");
+    check(sub.publish_received().await);
+    // Not acknowledged: it comes again after the next kill.
+    broker.kill().await;
+    let broker = start().await;
+    let (mut sub, ack) = resume(broker.mqtt).await;
+    assert!(ack.session_present);
+    let again = sub.publish_received().await;
+    let pkid = again.pkid;
+    check(again);
+    sub.send(&Packet::PubAck(PubAck::new(pkid, None))).await;
+    // No local outlived the kills: its own message does not come back.
+    assert_eq!(
+        sub.publish("dur5/own", QoS::AtLeastOnce, b"own", 9, None)
+            .await,
+        Some(PubAckReason::Success)
+    );
+    assert!(
+        sub.recv_within(Duration::from_millis(300)).await.is_err(),
+        "no local: nothing comes back"
+    );
+    // The retained message kept its properties.
+    let mut reader = V5::connect(broker.mqtt, "durable5-reader").await;
+    reader.subscribe(&[("dur5/a", QoS::AtLeastOnce)]).await;
+    let retained = reader.publish_received().await;
+    assert!(retained.retain);
+    let props = retained.properties.expect("properties");
+    assert_eq!(
+        PublishProperties {
+            message_expiry_interval: Some(3600),
+            ..props
+        },
+        sent
+    );
+    broker.terminate().await;
 }
