@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use rumqttc::mqttbytes::v4::Packet;
+use rumqttc::mqttbytes::v4::{Packet, PubComp, PubRec, PubRel};
 use rumqttc::mqttbytes::QoS;
 use testkit::{BrokerProcess, ConnectOpts, RawClient, WAIT};
 
@@ -223,6 +223,80 @@ async fn a_session_that_expires_while_the_broker_is_down_is_recorded_expired() {
     opts.clean_session = false;
     let (_c, session_present) = RawClient::connect(broker.mqtt, opts).await;
     assert!(!session_present);
+    broker.terminate().await;
+}
+
+/// QoS 2 across `kill -9`, exactly once both ways. Inbound: a publisher's PUBLISH answered
+/// with PUBREC is not routed again when the publisher, back after the kill, sends it once more
+/// (DUP), and its PUBREL is completed. Outbound: a subscriber that sent PUBREC for a delivery
+/// gets the broker's PUBREL again after the kill, with the same packet id, and never the
+/// message a second time.
+#[tokio::test]
+async fn qos2_exchanges_survive_kill_9_exactly_once_both_ways() {
+    let data = testkit::temp_dir("persistence-qos2");
+    let broker = start(&data).await;
+    let persistent = |id| {
+        let mut opts = ConnectOpts::new(id);
+        opts.clean_session = false;
+        opts
+    };
+    let (mut sub, _) = RawClient::connect(broker.mqtt, persistent("q2-sub")).await;
+    sub.subscribe("q2/#", QoS::ExactlyOnce).await;
+    let (mut publisher, _) = RawClient::connect(broker.mqtt, persistent("q2-pub")).await;
+    publisher
+        .publish("q2/a", QoS::ExactlyOnce, false, b"once", 5)
+        .await;
+    match publisher.recv().await {
+        Some(Packet::PubRec(rec)) => assert_eq!(rec.pkid, 5),
+        other => panic!("expected PUBREC, got {other:?}"),
+    }
+    let delivered = match sub.recv().await {
+        Some(Packet::Publish(p)) => p,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    assert_eq!(
+        (delivered.qos, &delivered.payload[..]),
+        (QoS::ExactlyOnce, &b"once"[..])
+    );
+    sub.send(&Packet::PubRec(PubRec::new(delivered.pkid))).await;
+    match sub.recv().await {
+        Some(Packet::PubRel(rel)) => assert_eq!(rel.pkid, delivered.pkid),
+        other => panic!("expected PUBREL, got {other:?}"),
+    }
+    // A SUBACK waits until what came before it is durable: the PUBREL's state included.
+    sub.subscribe("q2-flush", QoS::AtMostOnce).await;
+    broker.kill().await;
+
+    let broker = start(&data).await;
+    // The publisher did not see its PUBREC (as far as the broker knows): it sends the PUBLISH
+    // again, which is acknowledged and not routed a second time, then releases it.
+    let (mut publisher, present) = RawClient::connect(broker.mqtt, persistent("q2-pub")).await;
+    assert!(present, "the publisher's session outlived the kill");
+    let mut again =
+        rumqttc::mqttbytes::v4::Publish::new("q2/a", QoS::ExactlyOnce, b"once".to_vec());
+    again.pkid = 5;
+    again.dup = true;
+    publisher.send(&Packet::Publish(again)).await;
+    match publisher.recv().await {
+        Some(Packet::PubRec(rec)) => assert_eq!(rec.pkid, 5),
+        other => panic!("expected PUBREC, got {other:?}"),
+    }
+    publisher.send(&Packet::PubRel(PubRel::new(5))).await;
+    match publisher.recv().await {
+        Some(Packet::PubComp(comp)) => assert_eq!(comp.pkid, 5),
+        other => panic!("expected PUBCOMP, got {other:?}"),
+    }
+    // The subscriber gets the PUBREL again, not the message.
+    let (mut sub, present) = RawClient::connect(broker.mqtt, persistent("q2-sub")).await;
+    assert!(present, "the subscriber's session outlived the kill");
+    match sub.recv().await {
+        Some(Packet::PubRel(rel)) => assert_eq!(rel.pkid, delivered.pkid),
+        other => panic!("expected the PUBREL again, got {other:?}"),
+    }
+    sub.send(&Packet::PubComp(PubComp::new(delivered.pkid)))
+        .await;
+    let more = tokio::time::timeout(Duration::from_millis(300), sub.recv_untimed()).await;
+    assert!(more.is_err(), "exactly once: {more:?}");
     broker.terminate().await;
 }
 
