@@ -3,16 +3,21 @@
 //!
 //! Files in `persistence.dir`: `snapshot` (the state of every log before the generation its
 //! header names), `log-NNNNNNNNNNNNNNNNNNNN` (one per generation, records appended in commit
-//! order) and `LOCK` (held while a broker uses the directory).
+//! order), `spare` (the next log, grown ahead) and `LOCK` (held while a broker uses the
+//! directory).
 //!
 //! - **Group commit.** Connections append records to a queue in memory (a push under a mutex:
 //!   no I/O, no encoding) and get a ticket. One writer thread takes everything queued, encodes
 //!   it, writes it with one `write` and makes it durable with one `fdatasync`, then wakes the
 //!   connections whose tickets it covered. `persistence.commit_window` spaces fsyncs at least
 //!   that far apart, so that under load each one carries more records.
+//! - **Logs grown ahead.** A spare thread keeps the next log ready: `persistence.segment_bytes`
+//!   of zeros, written and synced. Writing records over them changes no file size, so an
+//!   `fdatasync` has no metadata to commit: on ext4 about twice as many per second as when
+//!   appending. Reading stops at a log's zero tail; a closed log is cut to what it holds.
 //! - **Crash.** A record is acknowledged to nobody before its fsync; a crash leaves at most a
 //!   torn frame at the end of the newest log, which the next start cuts off (its checksum or
-//!   length does not hold).
+//!   length does not hold, or its header is zeros with bytes after it).
 //! - **Compaction.** When the closed logs outweigh the snapshot (or the disk budget is
 //!   passed), the writer starts a new log and a compactor thread folds the snapshot and the
 //!   closed logs into a new snapshot (written aside, fsynced, renamed over the old one), then
@@ -21,6 +26,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
@@ -30,7 +36,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 
 use super::image::Image;
-use super::record::{DecodeError, Record};
+use super::record::{DecodeError, Record, FRAME_HEADER};
 use super::{Loaded, StateError, StateStore, Ticket};
 use crate::config::{PersistenceConfig, PersistenceMode};
 use crate::metrics::metrics;
@@ -39,6 +45,8 @@ use crate::telemetry::LogLimiter;
 const SNAPSHOT: &str = "snapshot";
 const SNAPSHOT_TMP: &str = "snapshot.tmp";
 const LOCK: &str = "LOCK";
+const SPARE: &str = "spare";
+const SPARE_TMP: &str = "spare.tmp";
 
 fn log_name(generation: u64) -> String {
     format!("log-{generation:020}")
@@ -71,8 +79,12 @@ struct Shared {
     durable: AtomicU64,
     /// Connections waiting for a ticket to be durable: all are woken at every commit.
     waiters: Mutex<Vec<Waker>>,
-    /// Bytes of the directory's snapshot and logs.
+    /// Bytes of the directory's snapshot and logs (of the log being written, the bytes it
+    /// holds, not its zeros).
     disk: AtomicU64,
+    /// The generation of the log being written, and the bytes written to it.
+    current: AtomicU64,
+    current_bytes: AtomicU64,
     over_budget: AtomicBool,
     message_ids: AtomicU64,
     /// Held by whoever folds the files (compaction, export), so that they never delete what
@@ -115,15 +127,12 @@ impl LogStore {
         let mut read = read_files(&dir, None, true)?;
         // Whatever the stopped broker was routing is over.
         read.image.end_routing();
+        let _ = std::fs::remove_file(dir.join(SPARE_TMP));
         let generation = read.next_generation;
-        let log_path = dir.join(log_name(generation));
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| StateError::io(&log_path, e))?;
-        sync_dir(&dir);
+        let log = new_log(&dir, generation)?;
         let (compact_tx, compact_rx) = mpsc::channel();
+        let (spare_tx, spare_rx) = mpsc::channel();
+        let _ = spare_tx.send(());
         let shared = Arc::new(Shared {
             dir: dir.clone(),
             config: config.clone(),
@@ -135,6 +144,8 @@ impl LogStore {
             over_budget: AtomicBool::new(false),
             message_ids: AtomicU64::new(read.image.message_ids),
             folding: Mutex::new(()),
+            current: AtomicU64::new(generation),
+            current_bytes: AtomicU64::new(0),
         });
         shared.recount_disk();
         let writer = {
@@ -142,7 +153,16 @@ impl LogStore {
             let closed_bytes = read.log_bytes;
             std::thread::Builder::new()
                 .name("state-writer".into())
-                .spawn(move || Writer::new(shared, log, generation, closed_bytes, compact_tx).run())
+                .spawn(move || {
+                    Writer::new(shared, log, generation, closed_bytes, compact_tx, spare_tx).run()
+                })
+                .map_err(|e| StateError::io(&dir, e))?
+        };
+        let spare = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("state-spare".into())
+                .spawn(move || spare_maker(&shared, spare_rx))
                 .map_err(|e| StateError::io(&dir, e))?
         };
         let compactor = {
@@ -154,7 +174,7 @@ impl LogStore {
         };
         let store = Arc::new(LogStore {
             shared,
-            threads: Mutex::new(vec![writer, compactor]),
+            threads: Mutex::new(vec![writer, compactor, spare]),
             _lock: lock_file,
         });
         let loaded = Loaded {
@@ -173,13 +193,18 @@ impl Shared {
             .map(|entries| {
                 entries
                     .flatten()
-                    .filter(|e| {
+                    .filter_map(|e| {
                         let name = e.file_name();
                         let name = name.to_string_lossy();
-                        name == SNAPSHOT || log_generation(&name).is_some()
+                        match log_generation(&name) {
+                            Some(g) if g == self.current.load(Ordering::Relaxed) => {
+                                Some(self.current_bytes.load(Ordering::Relaxed))
+                            }
+                            Some(_) => Some(e.metadata().ok()?.len()),
+                            None if name == SNAPSHOT => Some(e.metadata().ok()?.len()),
+                            None => None,
+                        }
                     })
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
                     .sum()
             })
             .unwrap_or(0);
@@ -322,6 +347,8 @@ struct Writer {
     /// Compaction requests: fold every log before this generation. Dropped with the writer,
     /// which stops the compactor.
     compact: mpsc::Sender<u64>,
+    /// Asks the spare thread for the next log grown ahead. Dropped with the writer.
+    spare: mpsc::Sender<()>,
     /// The ticket of the last record written (durable once synced).
     committed: Ticket,
     buf: BytesMut,
@@ -334,17 +361,18 @@ impl Writer {
         generation: u64,
         closed_bytes: u64,
         compact: mpsc::Sender<u64>,
+        spare: mpsc::Sender<()>,
     ) -> Self {
-        let written = file.metadata().map_or(0, |m| m.len());
         Self {
             shared,
             file,
             generation,
-            written,
+            written: 0,
             closed_bytes,
             last_sync: None,
             last_commit: None,
             compact,
+            spare,
             committed: 0,
             buf: BytesMut::new(),
         }
@@ -453,6 +481,9 @@ impl Writer {
         }
         self.shared.add_disk(self.buf.len() as u64);
         self.written += self.buf.len() as u64;
+        self.shared
+            .current_bytes
+            .store(self.written, Ordering::Relaxed);
         self.committed = upto;
         match self.shared.config.mode {
             PersistenceMode::Sync => self.mark_durable(upto),
@@ -470,15 +501,20 @@ impl Writer {
     }
 
     fn write_out(&mut self) -> std::io::Result<()> {
-        let result = self.file.write_all(&self.buf).and_then(|()| {
-            if self.shared.config.mode == PersistenceMode::Sync {
-                self.sync()
-            } else {
-                Ok(())
-            }
-        });
+        // Over the zeros of a log grown ahead, or past its end.
+        let result = self
+            .file
+            .write_all_at(&self.buf, self.written)
+            .and_then(|()| {
+                if self.shared.config.mode == PersistenceMode::Sync {
+                    self.sync()
+                } else {
+                    Ok(())
+                }
+            });
         if result.is_err() {
-            // What reached the file of this attempt is not trusted: cut back and write again.
+            // What reached the file of this attempt is not trusted: cut back (the zeros ahead
+            // with it) and write again.
             let _ = self.file.set_len(self.written);
         }
         result
@@ -518,18 +554,24 @@ impl Writer {
     fn rotate(&mut self) -> u64 {
         self.sync_if_needed(self.committed);
         let next = self.generation + 1;
-        let path = self.shared.dir.join(log_name(next));
-        match OpenOptions::new().create(true).append(true).open(&path) {
+        match new_log(&self.shared.dir, next) {
             Ok(file) => {
-                sync_dir(&self.shared.dir);
+                // The closed log keeps what it holds, not the zeros it was grown with (a cut
+                // lost in a crash leaves zeros, which reading skips).
+                if self.file.metadata().is_ok_and(|m| m.len() > self.written) {
+                    let _ = self.file.set_len(self.written);
+                }
                 self.file = file;
                 self.generation = next;
                 self.closed_bytes += self.written;
                 self.written = 0;
+                self.shared.current.store(next, Ordering::Relaxed);
+                self.shared.current_bytes.store(0, Ordering::Relaxed);
+                let _ = self.spare.send(());
             }
             Err(error) => {
                 metrics().state_write_errors.inc();
-                tracing::error!(%error, path = %path.display(), "Could not start a new state log; keeping the current one.");
+                tracing::error!(%error, "Could not start a new state log; keeping the current one.");
                 return self.generation;
             }
         }
@@ -541,6 +583,62 @@ impl Writer {
             self.closed_bytes = 0;
         }
         self.generation
+    }
+}
+
+/// Starts the log of `generation`: the spare grown ahead, renamed, when there is one, else a
+/// new empty file.
+fn new_log(dir: &Path, generation: u64) -> Result<File, StateError> {
+    let path = dir.join(log_name(generation));
+    let _ = std::fs::rename(dir.join(SPARE), &path);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StateError::io(&path, e))?;
+    sync_dir(dir);
+    Ok(file)
+}
+
+/// The spare thread: at each request, makes the next log ahead of time (`spare`: zeros of
+/// `persistence.segment_bytes`, synced, renamed into place) unless there is one. Gives up a
+/// spare half made when the store closes.
+fn spare_maker(shared: &Shared, requests: mpsc::Receiver<()>) {
+    let zeros = vec![0u8; 1 << 20];
+    while requests.recv().is_ok() {
+        let spare = shared.dir.join(SPARE);
+        if spare.exists() {
+            continue;
+        }
+        let tmp = shared.dir.join(SPARE_TMP);
+        let made = (|| {
+            let mut file = File::create(&tmp)?;
+            let mut left = shared.config.segment_bytes;
+            while left > 0 {
+                if lock(&shared.queue).closing {
+                    return Err(std::io::Error::other("closing"));
+                }
+                let n = left.min(zeros.len() as u64) as usize;
+                file.write_all(&zeros[..n])?;
+                left -= n as u64;
+            }
+            file.sync_data()?;
+            std::fs::rename(&tmp, &spare)?;
+            sync_dir(&shared.dir);
+            Ok(())
+        })();
+        if let Err(error) = made {
+            let _ = std::fs::remove_file(&tmp);
+            if lock(&shared.queue).closing {
+                return;
+            }
+            // The next log is then made empty and grows as it is written.
+            metrics().state_write_errors.inc();
+            if let Some(suppressed) = WRITE_FAILED_LOG.check() {
+                tracing::error!(%error, path = %tmp.display(), suppressed, "Growing the next state log ahead failed.");
+            }
+        }
     }
 }
 
@@ -673,17 +771,24 @@ fn read_files(dir: &Path, upto: Option<u64>, repair: bool) -> Result<Read, State
                     image.apply(record);
                     at += len;
                 }
-                Err(DecodeError::Truncated | DecodeError::Checksum) if newest && upto.is_none() => {
+                // The zeros a log was grown with, past its last record: cut off when
+                // repairing (the log is closed from now on).
+                Err(_) if bytes[at..].iter().all(|&b| b == 0) => {
+                    if repair {
+                        cut(&path, at as u64)?;
+                    }
+                    break;
+                }
+                Err(e)
+                    if newest
+                        && upto.is_none()
+                        && (matches!(e, DecodeError::Truncated | DecodeError::Checksum)
+                            || zero_header(&bytes[at..])) =>
+                {
                     // A write the crash tore: never acknowledged, cut off.
                     truncated_bytes = (bytes.len() - at) as u64;
                     if repair {
-                        let file = OpenOptions::new()
-                            .write(true)
-                            .open(&path)
-                            .map_err(|e| StateError::io(&path, e))?;
-                        file.set_len(at as u64)
-                            .and_then(|()| file.sync_all())
-                            .map_err(|e| StateError::io(&path, e))?;
+                        cut(&path, at as u64)?;
                     }
                     break;
                 }
@@ -700,6 +805,23 @@ fn read_files(dir: &Path, upto: Option<u64>, repair: bool) -> Result<Read, State
         read_bytes,
         truncated_bytes,
     })
+}
+
+/// Cuts the log at `path` to its first `len` bytes, durably.
+fn cut(path: &Path, len: u64) -> Result<(), StateError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| StateError::io(path, e))?;
+    file.set_len(len)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| StateError::io(path, e))
+}
+
+/// Whether a frame starts with a header of zeros: where a log grown ahead was not written, or
+/// a torn write left its first bytes out.
+fn zero_header(frame: &[u8]) -> bool {
+    frame.iter().take(FRAME_HEADER).all(|&b| b == 0)
 }
 
 /// The logs in `dir`, oldest first.
@@ -913,6 +1035,91 @@ mod tests {
         drop(store);
         let (_store, loaded) = LogStore::open(&config(dir.path(), 1 << 20)).expect("again");
         assert_eq!(loaded.truncated_bytes, 0, "cut off for good");
+    }
+
+    /// Waits until the spare log grown ahead is ready.
+    fn spare_ready(dir: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !dir.join(SPARE).exists() {
+            assert!(Instant::now() < deadline, "no spare log made");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn logs_grown_ahead_are_written_over_cut_when_closed_and_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let segment = 64 * 1024;
+        let cfg = PersistenceConfig {
+            // No compaction in this test: the snapshot would have to outweigh every log.
+            max_disk: 0,
+            ..config(dir.path(), segment)
+        };
+        let (store, _) = LogStore::open(&cfg).expect("open");
+        spare_ready(dir.path());
+        assert_eq!(
+            std::fs::metadata(dir.path().join(SPARE))
+                .expect("spare")
+                .len(),
+            segment
+        );
+        // Past one segment: the writer moves on to the spare.
+        let mut all = Vec::new();
+        for key in 1..=5 {
+            let r = records(key, 100);
+            all.extend(r.clone());
+            append_durably(&store, r);
+        }
+        let files = logs(dir.path()).expect("logs");
+        assert!(files.len() >= 2, "rotated: {files:?}");
+        let (_, newest) = files.last().expect("newest");
+        let newest_len = std::fs::metadata(newest).expect("newest").len();
+        let current = store.shared.current_bytes.load(Ordering::Relaxed);
+        assert!(
+            current < segment && newest_len == segment,
+            "written over the zeros of a spare: {current} of {newest_len}"
+        );
+        // Closed logs hold their records and no zeros.
+        for (_, path) in &files[..files.len() - 1] {
+            let bytes = std::fs::read(path).expect("log");
+            let mut at = 0;
+            while at < bytes.len() {
+                at += Record::read_frame(&bytes[at..]).expect("a whole record").1;
+            }
+        }
+        // The state on disk counts records, not zeros.
+        let disk = store.shared.disk.load(Ordering::Relaxed);
+        let on_disk: u64 = files
+            .iter()
+            .map(|(_, p)| std::fs::metadata(p).expect("log").len())
+            .sum();
+        assert_eq!(disk, on_disk - (newest_len - current));
+        drop(store);
+
+        // Read back; the zeros at the end of the newest log are cut off.
+        let (store, loaded) = LogStore::open(&cfg).expect("reopen");
+        assert_eq!(loaded.image.sessions, expected(&all).sessions);
+        assert_eq!(loaded.truncated_bytes, 0, "zeros are not a torn write");
+        assert_eq!(std::fs::metadata(newest).expect("newest").len(), current);
+        // Records written over a spare after the reopen, then a write torn over its zeros:
+        // the header never landed, bytes after it did.
+        spare_ready(dir.path());
+        let more = records(6, 10);
+        all.extend(more.clone());
+        drop(store);
+        let (store, _) = LogStore::open(&cfg).expect("open a log grown ahead");
+        append_durably(&store, more);
+        let written = store.shared.current_bytes.load(Ordering::Relaxed);
+        drop(store);
+        let (_, grown) = logs(dir.path()).expect("logs").pop().expect("a log");
+        let file = OpenOptions::new().write(true).open(&grown).expect("log");
+        assert_eq!(file.metadata().expect("len").len(), segment, "grown ahead");
+        file.write_all_at(b"torn", written + 100).expect("write");
+        drop(file);
+        let (_store, loaded) = LogStore::open(&cfg).expect("reopen after a torn write");
+        assert_eq!(loaded.truncated_bytes, segment - written);
+        assert_eq!(loaded.image.sessions, expected(&all).sessions);
+        assert_eq!(std::fs::metadata(&grown).expect("log").len(), written);
     }
 
     #[test]
