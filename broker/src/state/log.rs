@@ -85,6 +85,8 @@ struct Shared {
     /// The generation of the log being written, and the bytes written to it.
     current: AtomicU64,
     current_bytes: AtomicU64,
+    /// A spare log grown ahead is ready.
+    spare_ready: AtomicBool,
     over_budget: AtomicBool,
     message_ids: AtomicU64,
     /// Held by whoever folds the files (compaction, export), so that they never delete what
@@ -129,7 +131,7 @@ impl LogStore {
         read.image.end_routing();
         let _ = std::fs::remove_file(dir.join(SPARE_TMP));
         let generation = read.next_generation;
-        let log = new_log(&dir, generation)?;
+        let (log, grown) = new_log(&dir, generation)?;
         let (compact_tx, compact_rx) = mpsc::channel();
         let (spare_tx, spare_rx) = mpsc::channel();
         let _ = spare_tx.send(());
@@ -146,6 +148,7 @@ impl LogStore {
             folding: Mutex::new(()),
             current: AtomicU64::new(generation),
             current_bytes: AtomicU64::new(0),
+            spare_ready: AtomicBool::new(false),
         });
         shared.recount_disk();
         let writer = {
@@ -154,7 +157,10 @@ impl LogStore {
             std::thread::Builder::new()
                 .name("state-writer".into())
                 .spawn(move || {
-                    Writer::new(shared, log, generation, closed_bytes, compact_tx, spare_tx).run()
+                    let mut writer =
+                        Writer::new(shared, log, generation, closed_bytes, compact_tx, spare_tx);
+                    writer.grown = grown;
+                    writer.run()
                 })
                 .map_err(|e| StateError::io(&dir, e))?
         };
@@ -349,6 +355,8 @@ struct Writer {
     compact: mpsc::Sender<u64>,
     /// Asks the spare thread for the next log grown ahead. Dropped with the writer.
     spare: mpsc::Sender<()>,
+    /// The log being written was grown ahead.
+    grown: bool,
     /// The ticket of the last record written (durable once synced).
     committed: Ticket,
     buf: BytesMut,
@@ -373,6 +381,7 @@ impl Writer {
             last_commit: None,
             compact,
             spare,
+            grown: false,
             committed: 0,
             buf: BytesMut::new(),
         }
@@ -392,6 +401,9 @@ impl Writer {
                 }
             } else if self.written >= self.shared.config.segment_bytes
                 || (self.shared.over_budget.load(Ordering::Relaxed) && self.written > 0)
+                // A log that was not grown ahead (the first one in a new directory) gives way
+                // to the spare as soon as it is ready.
+                || (!self.grown && self.shared.spare_ready.load(Ordering::Relaxed))
             {
                 self.rotate();
             }
@@ -554,14 +566,16 @@ impl Writer {
     fn rotate(&mut self) -> u64 {
         self.sync_if_needed(self.committed);
         let next = self.generation + 1;
+        self.shared.spare_ready.store(false, Ordering::Relaxed);
         match new_log(&self.shared.dir, next) {
-            Ok(file) => {
+            Ok((file, grown)) => {
                 // The closed log keeps what it holds, not the zeros it was grown with (a cut
                 // lost in a crash leaves zeros, which reading skips).
                 if self.file.metadata().is_ok_and(|m| m.len() > self.written) {
                     let _ = self.file.set_len(self.written);
                 }
                 self.file = file;
+                self.grown = grown;
                 self.generation = next;
                 self.closed_bytes += self.written;
                 self.written = 0;
@@ -586,11 +600,11 @@ impl Writer {
     }
 }
 
-/// Starts the log of `generation`: the spare grown ahead, renamed, when there is one, else a
-/// new empty file.
-fn new_log(dir: &Path, generation: u64) -> Result<File, StateError> {
+/// Starts the log of `generation`: the spare grown ahead, renamed, when there is one (then
+/// `true`), else a new empty file.
+fn new_log(dir: &Path, generation: u64) -> Result<(File, bool), StateError> {
     let path = dir.join(log_name(generation));
-    let _ = std::fs::rename(dir.join(SPARE), &path);
+    let grown = std::fs::rename(dir.join(SPARE), &path).is_ok();
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -598,7 +612,7 @@ fn new_log(dir: &Path, generation: u64) -> Result<File, StateError> {
         .open(&path)
         .map_err(|e| StateError::io(&path, e))?;
     sync_dir(dir);
-    Ok(file)
+    Ok((file, grown))
 }
 
 /// The spare thread: at each request, makes the next log ahead of time (`spare`: zeros of
@@ -609,6 +623,7 @@ fn spare_maker(shared: &Shared, requests: mpsc::Receiver<()>) {
     while requests.recv().is_ok() {
         let spare = shared.dir.join(SPARE);
         if spare.exists() {
+            shared.spare_ready.store(true, Ordering::Relaxed);
             continue;
         }
         let tmp = shared.dir.join(SPARE_TMP);
@@ -626,6 +641,7 @@ fn spare_maker(shared: &Shared, requests: mpsc::Receiver<()>) {
             file.sync_data()?;
             std::fs::rename(&tmp, &spare)?;
             sync_dir(&shared.dir);
+            shared.spare_ready.store(true, Ordering::Relaxed);
             Ok(())
         })();
         if let Err(error) = made {
@@ -1022,15 +1038,29 @@ mod tests {
         let (store, _) = LogStore::open(&config(dir.path(), 1 << 20)).expect("open");
         append_durably(&store, all.clone());
         drop(store);
-        // Half a frame, as a crash in the middle of a write leaves it.
+        // Half a frame after the last record, as a crash in the middle of a write leaves it
+        // (over the zeros of a log grown ahead, if the writer was on the spare by then).
         let (_, newest) = logs(dir.path()).expect("logs").pop().expect("a log");
+        let bytes = std::fs::read(&newest).expect("log");
+        let mut written = 0;
+        while let Ok((_, len)) = Record::read_frame(&bytes[written..]) {
+            written += len;
+        }
+        let written = written as u64;
         let mut frame = BytesMut::new();
-        Record::SessionEnd { key: 1 }.write_frame(&mut frame);
-        let mut file = OpenOptions::new().append(true).open(&newest).expect("log");
-        file.write_all(&frame[..frame.len() - 3]).expect("write");
+        // A key whose last bytes are not zeros: over zeros, the frame would be whole.
+        Record::SessionEnd {
+            key: u64::from_le_bytes([1; 8]),
+        }
+        .write_frame(&mut frame);
+        let file = OpenOptions::new().write(true).open(&newest).expect("log");
+        file.write_all_at(&frame[..frame.len() - 3], written)
+            .expect("write");
+        let len = file.metadata().expect("len").len();
         drop(file);
         let (store, loaded) = LogStore::open(&config(dir.path(), 1 << 20)).expect("reopen");
-        assert_eq!(loaded.truncated_bytes, frame.len() as u64 - 3);
+        assert_eq!(loaded.truncated_bytes, len - written);
+        assert_eq!(std::fs::metadata(&newest).expect("log").len(), written);
         assert_eq!(loaded.image.sessions, expected(&all).sessions);
         drop(store);
         let (_store, loaded) = LogStore::open(&config(dir.path(), 1 << 20)).expect("again");
@@ -1050,11 +1080,8 @@ mod tests {
     fn logs_grown_ahead_are_written_over_cut_when_closed_and_read_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let segment = 64 * 1024;
-        let cfg = PersistenceConfig {
-            // No compaction in this test: the snapshot would have to outweigh every log.
-            max_disk: 0,
-            ..config(dir.path(), segment)
-        };
+        // Below one segment of closed logs: no compaction in this test.
+        let cfg = config(dir.path(), segment);
         let (store, _) = LogStore::open(&cfg).expect("open");
         spare_ready(dir.path());
         assert_eq!(
@@ -1063,44 +1090,37 @@ mod tests {
                 .len(),
             segment
         );
-        // Past one segment: the writer moves on to the spare.
-        let mut all = Vec::new();
-        for key in 1..=5 {
-            let r = records(key, 100);
-            all.extend(r.clone());
-            append_durably(&store, r);
-        }
+        // The first log, not grown ahead, gives way to the spare at the first commit.
+        let mut all = records(1, 50);
+        append_durably(&store, all.clone());
+        spare_ready(dir.path());
+        let more = records(2, 50);
+        all.extend(more.clone());
+        append_durably(&store, more);
         let files = logs(dir.path()).expect("logs");
-        assert!(files.len() >= 2, "rotated: {files:?}");
-        let (_, newest) = files.last().expect("newest");
-        let newest_len = std::fs::metadata(newest).expect("newest").len();
+        assert_eq!(files.len(), 2, "rotated once: {files:?}");
+        let (_, grown) = files.last().expect("newest").clone();
         let current = store.shared.current_bytes.load(Ordering::Relaxed);
-        assert!(
-            current < segment && newest_len == segment,
-            "written over the zeros of a spare: {current} of {newest_len}"
+        assert!(current > 0 && current < segment, "{current}");
+        assert_eq!(
+            std::fs::metadata(&grown).expect("log").len(),
+            segment,
+            "written over the zeros of the spare"
         );
-        // Closed logs hold their records and no zeros.
-        for (_, path) in &files[..files.len() - 1] {
-            let bytes = std::fs::read(path).expect("log");
-            let mut at = 0;
-            while at < bytes.len() {
-                at += Record::read_frame(&bytes[at..]).expect("a whole record").1;
-            }
-        }
         // The state on disk counts records, not zeros.
-        let disk = store.shared.disk.load(Ordering::Relaxed);
-        let on_disk: u64 = files
-            .iter()
-            .map(|(_, p)| std::fs::metadata(p).expect("log").len())
-            .sum();
-        assert_eq!(disk, on_disk - (newest_len - current));
+        let first = std::fs::metadata(&files[0].1).expect("log").len();
+        assert_eq!(store.shared.disk.load(Ordering::Relaxed), first + current);
+        // Closed (here by an export's rotation), the grown log keeps its records only.
+        store.export(&mut Vec::new()).expect("export");
+        assert_eq!(std::fs::metadata(&grown).expect("log").len(), current);
+        let newest = logs(dir.path()).expect("logs").pop().expect("a log").1;
         drop(store);
 
-        // Read back; the zeros at the end of the newest log are cut off.
+        // Read back; the newest log, which holds no record, is cut to nothing.
         let (store, loaded) = LogStore::open(&cfg).expect("reopen");
         assert_eq!(loaded.image.sessions, expected(&all).sessions);
         assert_eq!(loaded.truncated_bytes, 0, "zeros are not a torn write");
-        assert_eq!(std::fs::metadata(newest).expect("newest").len(), current);
+        assert_eq!(std::fs::metadata(newest).expect("newest").len(), 0);
         // Records written over a spare after the reopen, then a write torn over its zeros:
         // the header never landed, bytes after it did.
         spare_ready(dir.path());
