@@ -161,8 +161,10 @@ fn restart(dir: &std::path::Path) {
         store.close();
     }
     println!(
-        "  written and durable in {:.2} s; {:.0} MiB on disk",
+        "  written and durable in {:.2} s; {:.0} MiB of state, {:.0} MiB of files (with the \
+         spare log and the zeros of the log grown ahead)",
         started.elapsed().as_secs_f64(),
+        metrics().state_disk_bytes.get() as f64 / 1048576.0,
         disk_bytes(dir) as f64 / 1048576.0
     );
 

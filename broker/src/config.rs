@@ -869,7 +869,8 @@ pub struct PersistenceConfig {
     /// limit).
     pub max_disk: u64,
     /// A log is closed and a new one started once it holds this many bytes; compaction folds
-    /// closed logs into the snapshot once they outweigh it.
+    /// closed logs into the snapshot once they outweigh it. The next log is grown ahead to
+    /// this size.
     pub segment_bytes: u64,
     /// Where backups are written (`None`: `backups` in `dir`). Best on another disk.
     pub backup_dir: Option<PathBuf>,
