@@ -46,6 +46,7 @@ fn spawn(
         .env("BROKER_HTTP__LISTEN", "127.0.0.1:0")
         .env("BROKER_DATABASE__URL", testkit::sqlite_url(data))
         .env("BROKER_PERSISTENCE__DIR", data.path().join("state"))
+        .env("BROKER_PERSISTENCE__SEGMENT_BYTES", "1048576")
         .env(
             "BROKER_BRIDGE__JOURNAL_PATH",
             data.path().join("presence.journal"),
@@ -612,6 +613,8 @@ async fn a_malformed_tokens_file_line_stops_the_start() {
             .env("BROKER_HTTP__LISTEN", "127.0.0.1:0")
             .env("BROKER_DATABASE__URL", testkit::sqlite_url(&data))
             .env("BROKER_PERSISTENCE__DIR", data.path().join("state"))
+            .env("BROKER_PERSISTENCE__SEGMENT_BYTES", "1048576")
+            .env("BROKER_PERSISTENCE__SEGMENT_BYTES", "1048576")
             .env(
                 "BROKER_BRIDGE__JOURNAL_PATH",
                 data.path().join("presence.journal"),

@@ -60,6 +60,8 @@ impl FullBroker {
         config.database.url = database_url.to_owned();
         config.bridge.journal_path = data.as_ref().join("presence.journal");
         config.persistence.dir = data.as_ref().join("state");
+        // Small logs: a test broker grows 1 MiB of log ahead, not 64.
+        config.persistence.segment_bytes = 1 << 20;
         config.bridge.batch_interval = Duration::from_millis(20);
         config.bridge.retry_backoff_max = Duration::from_millis(500);
         config.node.id = node_id.to_owned();

@@ -33,6 +33,8 @@ impl BrokerProcess {
             .env("BROKER_HTTP__LISTEN", "127.0.0.1:0")
             .env("BROKER_DATABASE__URL", crate::sqlite_url(data))
             .env("BROKER_PERSISTENCE__DIR", data.join("state"))
+            // Small logs: a test broker grows 1 MiB of log ahead, not 64.
+            .env("BROKER_PERSISTENCE__SEGMENT_BYTES", "1048576")
             .env("BROKER_BRIDGE__JOURNAL_PATH", data.join("presence.journal"))
             .env("BROKER_LOG__FORMAT", "json")
             .env("RUST_LOG", "info")

@@ -88,6 +88,8 @@ impl BrokerProcess {
             )
             .env("BROKER_BRIDGE__JOURNAL_PATH", dir.join("presence.journal"))
             .env("BROKER_PERSISTENCE__DIR", dir.join("state"))
+            // Small logs: a test broker grows 1 MiB of log ahead, not 64.
+            .env("BROKER_PERSISTENCE__SEGMENT_BYTES", "1048576")
             .env("BROKER_BRIDGE__BATCH_INTERVAL", "20ms")
             .env("BROKER_NODE__ID", setup.node)
             .env("BROKER_NODE__HEARTBEAT_INTERVAL", "200ms")
