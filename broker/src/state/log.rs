@@ -410,6 +410,10 @@ impl Writer {
             if closing {
                 // Interval mode leaves the last records unsynced: sync them now.
                 self.sync_if_needed(self.committed);
+                // The next start reads the log's records, not the zeros it was grown with.
+                if self.grown {
+                    let _ = self.file.set_len(self.written);
+                }
                 return;
             }
         }
@@ -1133,7 +1137,13 @@ mod tests {
         drop(store);
         let (_, grown) = logs(dir.path()).expect("logs").pop().expect("a log");
         let file = OpenOptions::new().write(true).open(&grown).expect("log");
-        assert_eq!(file.metadata().expect("len").len(), segment, "grown ahead");
+        assert_eq!(
+            file.metadata().expect("len").len(),
+            written,
+            "a clean close cuts the zeros off"
+        );
+        // As a crash leaves it: the zeros still there.
+        file.set_len(segment).expect("grow");
         file.write_all_at(b"torn", written + 100).expect("write");
         drop(file);
         let (_store, loaded) = LogStore::open(&cfg).expect("reopen after a torn write");
