@@ -403,7 +403,7 @@ impl Writer {
                 || (self.shared.over_budget.load(Ordering::Relaxed) && self.written > 0)
                 // A log that was not grown ahead (the first one in a new directory) gives way
                 // to the spare as soon as it is ready.
-                || (!self.grown && self.shared.spare_ready.load(Ordering::Relaxed))
+                || (!closing && !self.grown && self.shared.spare_ready.load(Ordering::Relaxed))
             {
                 self.rotate();
             }
