@@ -357,6 +357,8 @@ struct Writer {
     spare: mpsc::Sender<()>,
     /// The log being written was grown ahead.
     grown: bool,
+    /// A ready spare could not be taken: no more moving to it early (see [`Writer::run`]).
+    spare_failed: bool,
     /// The ticket of the last record written (durable once synced).
     committed: Ticket,
     buf: BytesMut,
@@ -382,6 +384,7 @@ impl Writer {
             compact,
             spare,
             grown: false,
+            spare_failed: false,
             committed: 0,
             buf: BytesMut::new(),
         }
@@ -403,7 +406,10 @@ impl Writer {
                 || (self.shared.over_budget.load(Ordering::Relaxed) && self.written > 0)
                 // A log that was not grown ahead (the first one in a new directory) gives way
                 // to the spare as soon as it is ready.
-                || (!closing && !self.grown && self.shared.spare_ready.load(Ordering::Relaxed))
+                || (!closing
+                    && !self.grown
+                    && !self.spare_failed
+                    && self.shared.spare_ready.load(Ordering::Relaxed))
             {
                 self.rotate();
             }
@@ -570,9 +576,19 @@ impl Writer {
     fn rotate(&mut self) -> u64 {
         self.sync_if_needed(self.committed);
         let next = self.generation + 1;
-        self.shared.spare_ready.store(false, Ordering::Relaxed);
+        let ready = self.shared.spare_ready.swap(false, Ordering::Relaxed);
         match new_log(&self.shared.dir, next) {
             Ok((file, grown)) => {
+                if ready && !grown && !self.spare_failed {
+                    // Logs still work, growing as they are written; the spare is not chased.
+                    self.spare_failed = true;
+                    metrics().state_write_errors.inc();
+                    tracing::error!(
+                        dir = %self.shared.dir.display(),
+                        "The spare state log could not be taken as the next log; logs grow as \
+                         they are written."
+                    );
+                }
                 // The closed log keeps what it holds, not the zeros it was grown with (a cut
                 // lost in a crash leaves zeros, which reading skips).
                 if self.file.metadata().is_ok_and(|m| m.len() > self.written) {
