@@ -482,7 +482,7 @@ impl Router {
         metrics().messages_published.inc();
         let mut ticket = None;
         if message.retain {
-            ticket = self.retain(&message);
+            ticket = self.retain(&message, true);
         }
         // The message's body in the durable state, written with its first stored delivery.
         let mut stored = 0;
@@ -510,14 +510,7 @@ impl Router {
 
     /// Puts back a retained message read from the durable state (not recorded again).
     pub fn restore_retained(&self, message: &Arc<Message>) {
-        let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
-        let (change, result) = retained.set(message);
-        drop(retained);
-        metrics().retained_messages.add(change.count as i64);
-        metrics().retained_bytes.add(change.bytes as i64);
-        if let Err(refusal) = result {
-            metrics().retained_refused.inc(refusal);
-        }
+        self.retain(message, false);
     }
 
     /// Records that the message stored as `id` (0: not stored) is routed: no queue gets it
@@ -573,13 +566,14 @@ impl Router {
     }
 
     /// Sets (or clears) the retained message of `message`'s topic, durably when persistence
-    /// is on: returns the ticket the publisher's acknowledgement waits for.
-    fn retain(&self, message: &Arc<Message>) -> Option<Ticket> {
+    /// is on and `record`: returns the ticket the publisher's acknowledgement waits for.
+    fn retain(&self, message: &Arc<Message>, record: bool) -> Option<Ticket> {
         let (change, result, held, ticket) = {
             let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
             let (change, result) = retained.set(message);
             // Appended under the lock, so that the stored order is the order of the sets.
-            let ticket = self.limits.store.as_ref().and_then(|store| {
+            let store = self.limits.store.as_ref().filter(|_| record);
+            let ticket = store.and_then(|store| {
                 let stored =
                     (result.is_ok() && !message.payload.is_empty()).then(|| message.to_stored());
                 let ticket = store.append(Record::Retain {

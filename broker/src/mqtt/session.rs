@@ -1237,18 +1237,17 @@ mod tests {
         s
     }
 
+    /// Queues a one-byte message at `qos` for `s`, as its subscription asked.
+    fn put(s: &Session, qos: QoS, l: &QueueLimits) -> Result<Option<Ticket>, DropReason> {
+        s.enqueue(msg(qos), Delivery::qos(qos), l, &mut 0)
+    }
+
     #[test]
     fn inflight_window_and_acks() {
         let l = limits(100, 1000, 1000);
         let s = online();
         for _ in 0..5 {
-            s.enqueue(
-                msg(QoS::AtLeastOnce),
-                Delivery::qos(QoS::AtLeastOnce),
-                &l,
-                &mut 0,
-            )
-            .expect("room");
+            put(&s, QoS::AtLeastOnce, &l).expect("room");
         }
         let mut st = s.state();
         let mut buf = BytesMut::new();
@@ -1277,13 +1276,7 @@ mod tests {
     fn qos2_stages() {
         let l = limits(100, 1000, 1000);
         let s = online();
-        s.enqueue(
-            msg(QoS::ExactlyOnce),
-            Delivery::qos(QoS::ExactlyOnce),
-            &l,
-            &mut 0,
-        )
-        .expect("room");
+        put(&s, QoS::ExactlyOnce, &l).expect("room");
         let mut st = s.state();
         let mut buf = BytesMut::new();
         st.write_pending(&mut buf, 1 << 20, 10, &l);
@@ -1301,33 +1294,11 @@ mod tests {
     fn offline_qos0_is_not_queued_and_queue_is_bounded() {
         let l = limits(3, 1000, 1000);
         let s = Session::new("c".into(), 1);
-        assert_eq!(
-            s.enqueue(
-                msg(QoS::AtMostOnce),
-                Delivery::qos(QoS::AtMostOnce),
-                &l,
-                &mut 0
-            ),
-            Err(DropReason::Qos0Offline)
-        );
+        assert_eq!(put(&s, QoS::AtMostOnce, &l), Err(DropReason::Qos0Offline));
         for _ in 0..3 {
-            s.enqueue(
-                msg(QoS::AtLeastOnce),
-                Delivery::qos(QoS::AtLeastOnce),
-                &l,
-                &mut 0,
-            )
-            .expect("room");
+            put(&s, QoS::AtLeastOnce, &l).expect("room");
         }
-        assert_eq!(
-            s.enqueue(
-                msg(QoS::AtLeastOnce),
-                Delivery::qos(QoS::AtLeastOnce),
-                &l,
-                &mut 0
-            ),
-            Err(DropReason::QueueFull)
-        );
+        assert_eq!(put(&s, QoS::AtLeastOnce, &l), Err(DropReason::QueueFull));
     }
 
     #[test]
@@ -1382,22 +1353,10 @@ mod tests {
         let s = online();
         assert!(!s.set_online(true));
         for _ in 0..3 {
-            s.enqueue(
-                msg(QoS::AtMostOnce),
-                Delivery::qos(QoS::AtMostOnce),
-                &l,
-                &mut 0,
-            )
-            .expect("room");
+            put(&s, QoS::AtMostOnce, &l).expect("room");
         }
         assert!(!s.holds_back_publishers(), "below half the queue");
-        s.enqueue(
-            msg(QoS::AtMostOnce),
-            Delivery::qos(QoS::AtMostOnce),
-            &l,
-            &mut 0,
-        )
-        .expect("room");
+        put(&s, QoS::AtMostOnce, &l).expect("room");
         assert!(s.holds_back_publishers(), "half the queue: congested");
         // Drained to a quarter: relieved, and waiting publishers are to be told.
         let mut st = s.state();
@@ -1409,13 +1368,7 @@ mod tests {
         assert!(!s.holds_back_publishers());
         // Congested again while the client is behind: held back only for a grace period.
         for _ in 0..2 {
-            s.enqueue(
-                msg(QoS::AtMostOnce),
-                Delivery::qos(QoS::AtMostOnce),
-                &l,
-                &mut 0,
-            )
-            .expect("room");
+            put(&s, QoS::AtMostOnce, &l).expect("room");
         }
         s.client_behind();
         assert!(s.holds_back_publishers());
@@ -1427,13 +1380,7 @@ mod tests {
         // Nobody holds back for a session whose client is away.
         let t = online();
         for _ in 0..4 {
-            t.enqueue(
-                msg(QoS::AtLeastOnce),
-                Delivery::qos(QoS::AtLeastOnce),
-                &l,
-                &mut 0,
-            )
-            .expect("room");
+            put(&t, QoS::AtLeastOnce, &l).expect("room");
         }
         assert!(!t.holds_back_publishers(), "offline until attached");
         t.set_online(true);
